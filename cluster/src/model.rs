@@ -1,0 +1,663 @@
+//! The configuration a keel node serves: listeners, their routes, pools and their servers.
+//!
+//! This is data, not behaviour: the same structs are read from a TOML file today and will be
+//! replicated through Raft, so every field is plain serde and every invariant that spans fields
+//! lives in [`Config::validate`], which reports *all* problems at once, each with the
+//! [`KeyPath`] of the offending key so a caller holding the source text can name the line.
+//!
+//! Field names are what a HAProxy or nginx operator would guess; every struct denies unknown
+//! fields so a typo is an error, never a silently ignored setting.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::duration::HumanDuration;
+
+/// Highest server weight accepted, as in HAProxy (1–256).
+pub const MAX_WEIGHT: u32 = 256;
+
+/// Highest retry count accepted: more only multiplies load on a failing pool.
+pub const MAX_RETRIES: u32 = 10;
+
+/// The replicated part of a node's configuration: what it listens on and where traffic goes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listeners by name.
+    #[serde(default)]
+    pub listeners: BTreeMap<String, Listener>,
+    /// Server pools by name.
+    #[serde(default)]
+    pub pools: BTreeMap<String, Pool>,
+}
+
+/// Protocol spoken by a listener's clients.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// HTTP/1.1, and HTTP/2 with prior knowledge (h2c), on plain TCP.
+    #[default]
+    Http,
+}
+
+/// One listening socket and how its requests are routed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    /// Address to bind, e.g. "0.0.0.0:80".
+    pub bind: SocketAddr,
+    /// Client-side protocol.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Pool for requests no route matches; without it they get 404.
+    #[serde(default)]
+    pub default_pool: Option<String>,
+    /// Routing rules, tried in order: the first match wins.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+}
+
+/// A routing rule: every condition given must hold.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Host the request names (port ignored, case-insensitive). A leading "*." matches
+    /// any subdomain.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Path prefix, e.g. "/api/".
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// A header that must be present, with an exact value when one is given.
+    #[serde(default)]
+    pub header: Option<HeaderMatch>,
+    /// Pool that serves matching requests.
+    pub pool: String,
+}
+
+/// A header condition of a [`Route`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatch {
+    /// Header name (case-insensitive).
+    pub name: String,
+    /// Exact value; without it the header's presence is enough.
+    #[serde(default)]
+    pub value: Option<String>,
+}
+
+/// How a pool picks a server for a request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// Each server in turn.
+    #[default]
+    RoundRobin,
+    /// nginx's smooth weighted round robin: weights 5,1,1 give a,a,b,a,c,a,a.
+    WeightedRoundRobin,
+    /// Fewest in-flight requests (relative to weight).
+    LeastConnections,
+    /// Power of two random choices, the less loaded wins (Envoy's default).
+    LeastRequestP2c,
+    /// Client address on a consistent-hash ring: removing one of N servers remaps ~1/N clients.
+    IpHash,
+    /// Uniformly random, weighted.
+    Random,
+}
+
+impl Algorithm {
+    /// Every algorithm, in documentation order.
+    pub const ALL: [Algorithm; 6] = [
+        Algorithm::RoundRobin,
+        Algorithm::WeightedRoundRobin,
+        Algorithm::LeastConnections,
+        Algorithm::LeastRequestP2c,
+        Algorithm::IpHash,
+        Algorithm::Random,
+    ];
+
+    /// The name used in config files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::RoundRobin => "round_robin",
+            Algorithm::WeightedRoundRobin => "weighted_round_robin",
+            Algorithm::LeastConnections => "least_connections",
+            Algorithm::LeastRequestP2c => "least_request_p2c",
+            Algorithm::IpHash => "ip_hash",
+            Algorithm::Random => "random",
+        }
+    }
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A set of interchangeable servers and how to use them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pool {
+    /// Balancing algorithm.
+    #[serde(default)]
+    pub algorithm: Algorithm,
+    /// The servers.
+    pub servers: Vec<Server>,
+    /// Active health check; without it only passive outlier detection judges servers.
+    #[serde(default)]
+    pub health: Option<HealthCheck>,
+    /// Passive outlier detection.
+    #[serde(default)]
+    pub outlier: Outlier,
+    /// Time allowed to open a TCP connection to a server.
+    #[serde(default = "defaults::connect_timeout")]
+    pub connect_timeout: HumanDuration,
+    /// Time allowed from sending a request to receiving the response head.
+    #[serde(default = "defaults::request_timeout")]
+    pub request_timeout: HumanDuration,
+    /// How long an unused pooled connection to a server is kept.
+    #[serde(default = "defaults::idle_timeout")]
+    pub idle_timeout: HumanDuration,
+    /// How many other servers to try after a connect failure.
+    #[serde(default = "defaults::retries")]
+    pub retries: u32,
+}
+
+/// One backend server.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    /// Name unique within the pool; it appears in logs, metrics and the admin API.
+    pub name: String,
+    /// Address, e.g. "10.0.1.1:8080".
+    pub address: SocketAddr,
+    /// Relative share of traffic, 1–256.
+    #[serde(default = "defaults::weight")]
+    pub weight: u32,
+}
+
+/// Kind of active health check.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckKind {
+    /// An HTTP request whose status must fall in `expect_status`.
+    #[default]
+    Http,
+    /// A TCP connect.
+    Tcp,
+}
+
+/// Active health check, with HAProxy's hysteresis: `fall` consecutive failures mark a server
+/// down, `rise` consecutive successes mark it up again.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// "http" or "tcp".
+    #[serde(rename = "type", default)]
+    pub kind: CheckKind,
+    /// HTTP method (http checks).
+    #[serde(default = "defaults::check_method")]
+    pub method: String,
+    /// HTTP path (http checks).
+    #[serde(default = "defaults::check_path")]
+    pub path: String,
+    /// Host header to send (http checks); the server's address when absent.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Accepted statuses: "200", or an inclusive range such as "200-399".
+    #[serde(default = "defaults::expect_status")]
+    pub expect_status: StatusRange,
+    /// Time between two checks of one server.
+    #[serde(default = "defaults::check_interval")]
+    pub interval: HumanDuration,
+    /// Time one check may take.
+    #[serde(default = "defaults::check_timeout")]
+    pub timeout: HumanDuration,
+    /// Consecutive successes that bring a down server up.
+    #[serde(default = "defaults::rise")]
+    pub rise: u32,
+    /// Consecutive failures that take an up server down.
+    #[serde(default = "defaults::fall")]
+    pub fall: u32,
+}
+
+/// Passive outlier detection: errors seen on real traffic eject a server for a while.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outlier {
+    /// Consecutive connect errors or 5xx responses that eject a server; 0 turns detection off.
+    #[serde(default = "defaults::consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// Base ejection time; it doubles for each consecutive ejection, up to 8 times the base.
+    #[serde(default = "defaults::ejection")]
+    pub ejection: HumanDuration,
+}
+
+impl Default for Outlier {
+    fn default() -> Self {
+        Self { consecutive_failures: defaults::consecutive_failures(), ejection: defaults::ejection() }
+    }
+}
+
+/// An inclusive range of HTTP status codes, written "200" or "200-399".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatusRange {
+    /// Lowest accepted status.
+    pub min: u16,
+    /// Highest accepted status.
+    pub max: u16,
+}
+
+impl StatusRange {
+    /// Whether `status` falls in the range.
+    pub fn contains(&self, status: u16) -> bool {
+        (self.min..=self.max).contains(&status)
+    }
+}
+
+impl fmt::Display for StatusRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.min == self.max {
+            write!(f, "{}", self.min)
+        } else {
+            write!(f, "{}-{}", self.min, self.max)
+        }
+    }
+}
+
+impl std::str::FromStr for StatusRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("invalid status range {s:?}; write \"200\" or \"200-399\"");
+        let parse = |p: &str| -> Result<u16, String> {
+            let v: u16 = p.trim().parse().map_err(|_| bad())?;
+            if (100..=599).contains(&v) {
+                Ok(v)
+            } else {
+                Err(bad())
+            }
+        };
+        let (min, max) = match s.split_once('-') {
+            Some((a, b)) => (parse(a)?, parse(b)?),
+            None => {
+                let v = parse(s)?;
+                (v, v)
+            }
+        };
+        if min > max {
+            return Err(bad());
+        }
+        Ok(StatusRange { min, max })
+    }
+}
+
+impl Serialize for StatusRange {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for StatusRange {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u16),
+            Str(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Int(v) => v.to_string().parse().map_err(serde::de::Error::custom),
+            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Defaults, in one place so the docs and the code agree.
+pub mod defaults {
+    use super::*;
+
+    /// 2s: a LAN connect that takes longer is a dead or overloaded server.
+    pub fn connect_timeout() -> HumanDuration {
+        HumanDuration::from_secs(2)
+    }
+    /// 30s, HAProxy's customary `timeout server`.
+    pub fn request_timeout() -> HumanDuration {
+        HumanDuration::from_secs(30)
+    }
+    /// 60s.
+    pub fn idle_timeout() -> HumanDuration {
+        HumanDuration::from_secs(60)
+    }
+    /// 2 other servers after a connect failure.
+    pub fn retries() -> u32 {
+        2
+    }
+    /// Weight 1.
+    pub fn weight() -> u32 {
+        1
+    }
+    /// GET.
+    pub fn check_method() -> String {
+        "GET".to_owned()
+    }
+    /// "/".
+    pub fn check_path() -> String {
+        "/".to_owned()
+    }
+    /// 200-399, as HAProxy's `http-check expect` default.
+    pub fn expect_status() -> StatusRange {
+        StatusRange { min: 200, max: 399 }
+    }
+    /// 2s, HAProxy's `inter`.
+    pub fn check_interval() -> HumanDuration {
+        HumanDuration::from_secs(2)
+    }
+    /// 1s.
+    pub fn check_timeout() -> HumanDuration {
+        HumanDuration::from_secs(1)
+    }
+    /// 2, HAProxy's `rise`.
+    pub fn rise() -> u32 {
+        2
+    }
+    /// 3, HAProxy's `fall`.
+    pub fn fall() -> u32 {
+        3
+    }
+    /// 5, Envoy's `consecutive_5xx`.
+    pub fn consecutive_failures() -> u32 {
+        5
+    }
+    /// 10s.
+    pub fn ejection() -> HumanDuration {
+        HumanDuration::from_secs(10)
+    }
+}
+
+/// One step of a [`KeyPath`]: a table key or an array index.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathSegment {
+    /// A table key.
+    Key(String),
+    /// An array index.
+    Index(usize),
+}
+
+/// Where a value sits in the config document, e.g. `pools.web.servers[2].weight`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyPath(pub Vec<PathSegment>);
+
+impl KeyPath {
+    fn key(&self, k: &str) -> KeyPath {
+        let mut p = self.0.clone();
+        p.push(PathSegment::Key(k.to_owned()));
+        KeyPath(p)
+    }
+
+    fn index(&self, i: usize) -> KeyPath {
+        let mut p = self.0.clone();
+        p.push(PathSegment::Index(i));
+        KeyPath(p)
+    }
+
+    /// A path from table keys alone.
+    pub fn of(keys: &[&str]) -> KeyPath {
+        KeyPath(keys.iter().map(|k| PathSegment::Key((*k).to_owned())).collect())
+    }
+}
+
+impl fmt::Display for KeyPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, seg) in self.0.iter().enumerate() {
+            match seg {
+                PathSegment::Key(k) if i == 0 => write!(f, "{k}")?,
+                PathSegment::Key(k) => write!(f, ".{k}")?,
+                PathSegment::Index(n) => write!(f, "[{n}]")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A violated invariant: which key, and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {reason}")]
+pub struct ConfigProblem {
+    /// The offending key.
+    pub path: KeyPath,
+    /// What is wrong with it, in words an operator can act on.
+    pub reason: String,
+}
+
+impl Config {
+    /// Checks every invariant that spans fields. Returns all problems found, in document order.
+    pub fn validate(&self) -> Result<(), Vec<ConfigProblem>> {
+        let mut problems = Vec::new();
+        let mut report = |path: KeyPath, reason: String| problems.push(ConfigProblem { path, reason });
+        let root = KeyPath::default();
+
+        if self.listeners.is_empty() {
+            report(KeyPath::of(&["listeners"]), "no listener is defined; add a [listeners.NAME] table".into());
+        }
+        let mut binds = HashSet::new();
+        for (name, listener) in &self.listeners {
+            let at = root.key("listeners").key(name);
+            if !binds.insert(listener.bind) {
+                report(at.key("bind"), format!("address {} is already bound by another listener", listener.bind));
+            }
+            if let Some(pool) = &listener.default_pool {
+                if !self.pools.contains_key(pool) {
+                    report(at.key("default_pool"), self.unknown_pool(pool));
+                }
+            }
+            for (i, route) in listener.routes.iter().enumerate() {
+                let at = at.key("routes").index(i);
+                if !self.pools.contains_key(&route.pool) {
+                    report(at.key("pool"), self.unknown_pool(&route.pool));
+                }
+                if let Some(prefix) = &route.path_prefix {
+                    if !prefix.starts_with('/') {
+                        report(at.key("path_prefix"), format!("path prefix {prefix:?} must start with '/'"));
+                    }
+                }
+                if let Some(h) = &route.header {
+                    if http_token(&h.name).is_err() {
+                        report(at.key("header").key("name"), format!("{:?} is not a valid header name", h.name));
+                    }
+                }
+                if let Some(host) = &route.host {
+                    if host.is_empty() || host.contains(['/', ' ']) {
+                        report(at.key("host"), format!("{host:?} is not a host name"));
+                    }
+                }
+            }
+        }
+
+        for (name, pool) in &self.pools {
+            let at = root.key("pools").key(name);
+            if pool.servers.is_empty() {
+                report(at.key("servers"), "a pool needs at least one server".into());
+            }
+            let mut names = HashSet::new();
+            let mut addrs = HashSet::new();
+            for (i, server) in pool.servers.iter().enumerate() {
+                let at = at.key("servers").index(i);
+                if server.name.is_empty() {
+                    report(at.key("name"), "server name is empty".into());
+                } else if !names.insert(server.name.as_str()) {
+                    report(at.key("name"), format!("duplicate server name {:?} in pool {name:?}", server.name));
+                }
+                if !addrs.insert(server.address) {
+                    report(at.key("address"), format!("duplicate server address {} in pool {name:?}", server.address));
+                }
+                if server.weight == 0 || server.weight > MAX_WEIGHT {
+                    report(
+                        at.key("weight"),
+                        format!("weight {} is out of range 1-{MAX_WEIGHT} (drain a server instead of weighting it 0)", server.weight),
+                    );
+                }
+            }
+            if pool.retries > MAX_RETRIES {
+                report(at.key("retries"), format!("retries {} is above the maximum of {MAX_RETRIES}", pool.retries));
+            }
+            for (key, d) in [
+                ("connect_timeout", pool.connect_timeout),
+                ("request_timeout", pool.request_timeout),
+                ("idle_timeout", pool.idle_timeout),
+            ] {
+                if d.get().is_zero() {
+                    report(at.key(key), "must be greater than zero".into());
+                }
+            }
+            if pool.outlier.consecutive_failures > 0 && pool.outlier.ejection.get().is_zero() {
+                report(at.key("outlier").key("ejection"), "must be greater than zero".into());
+            }
+            if let Some(hc) = &pool.health {
+                let at = at.key("health");
+                if hc.interval.get().is_zero() {
+                    report(at.key("interval"), "must be greater than zero".into());
+                }
+                if hc.timeout.get().is_zero() {
+                    report(at.key("timeout"), "must be greater than zero".into());
+                } else if hc.timeout > hc.interval {
+                    report(at.key("timeout"), format!("timeout {} exceeds interval {}", hc.timeout, hc.interval));
+                }
+                if hc.rise == 0 {
+                    report(at.key("rise"), "must be at least 1".into());
+                }
+                if hc.fall == 0 {
+                    report(at.key("fall"), "must be at least 1".into());
+                }
+                if hc.kind == CheckKind::Http {
+                    if !hc.path.starts_with('/') {
+                        report(at.key("path"), format!("check path {:?} must start with '/'", hc.path));
+                    }
+                    if http_token(&hc.method).is_err() {
+                        report(at.key("method"), format!("{:?} is not an HTTP method", hc.method));
+                    }
+                }
+            }
+        }
+
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    fn unknown_pool(&self, pool: &str) -> String {
+        let known: Vec<&str> = self.pools.keys().map(String::as_str).collect();
+        if known.is_empty() {
+            format!("pool {pool:?} is not defined (no pools are defined)")
+        } else {
+            format!("pool {pool:?} is not defined (defined: {})", known.join(", "))
+        }
+    }
+}
+
+/// RFC 9110 token: what header names and methods are made of.
+fn http_token(s: &str) -> Result<(), ()> {
+    let ok = !s.is_empty()
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Config {
+        toml::from_str(s).expect("test config parses")
+    }
+
+    const GOOD: &str = r#"
+        [listeners.web]
+        bind = "127.0.0.1:8080"
+        default_pool = "app"
+        [[listeners.web.routes]]
+        path_prefix = "/api"
+        pool = "app"
+        [pools.app]
+        algorithm = "weighted_round_robin"
+        [[pools.app.servers]]
+        name = "a"
+        address = "127.0.0.1:9001"
+        weight = 5
+        [pools.app.health]
+        type = "http"
+        path = "/healthz"
+        expect_status = "200-299"
+        interval = "1s"
+        timeout = "500ms"
+    "#;
+
+    #[test]
+    fn a_complete_config_validates() {
+        let c = parse(GOOD);
+        assert_eq!(c.validate(), Ok(()));
+        let app = &c.pools["app"];
+        assert_eq!(app.algorithm, Algorithm::WeightedRoundRobin);
+        assert_eq!(app.retries, 2);
+        let hc = app.health.as_ref().expect("health");
+        assert_eq!(hc.expect_status, StatusRange { min: 200, max: 299 });
+        assert_eq!(hc.rise, 2);
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_path() {
+        let c = parse(
+            r#"
+            [listeners.web]
+            bind = "127.0.0.1:8080"
+            default_pool = "nope"
+            [pools.app]
+            [[pools.app.servers]]
+            name = "a"
+            address = "127.0.0.1:9001"
+            weight = 0
+            [[pools.app.servers]]
+            name = "a"
+            address = "127.0.0.1:9002"
+        "#,
+        );
+        let problems = c.validate().unwrap_err();
+        let paths: Vec<String> = problems.iter().map(|p| p.path.to_string()).collect();
+        assert_eq!(
+            paths,
+            ["listeners.web.default_pool", "pools.app.servers[0].weight", "pools.app.servers[1].name"]
+        );
+        assert!(problems[0].reason.contains("defined: app"), "{}", problems[0]);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let r: Result<Config, _> = toml::from_str("[pools.app]\nservers = []\nalgoritm = \"random\"\n");
+        let msg = r.unwrap_err().to_string();
+        assert!(msg.contains("algoritm"), "{msg}");
+    }
+
+    #[test]
+    fn status_ranges_parse_and_reject() {
+        assert_eq!("204".parse::<StatusRange>(), Ok(StatusRange { min: 204, max: 204 }));
+        assert!("399-200".parse::<StatusRange>().is_err());
+        assert!("2xx".parse::<StatusRange>().is_err());
+        assert!("700".parse::<StatusRange>().is_err());
+    }
+
+    #[test]
+    fn config_round_trips_through_toml() {
+        let c = parse(GOOD);
+        let text = toml::to_string(&c).expect("serializes");
+        assert_eq!(parse(&text), c);
+    }
+}

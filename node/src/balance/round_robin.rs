@@ -1,0 +1,11 @@
+//! PLACEHOLDER: to be replaced by the real algorithm.
+use super::{Member, Pick, Selector};
+/// Placeholder.
+pub struct RoundRobinSelector(Vec<Member>);
+impl RoundRobinSelector {
+    /// Placeholder.
+    pub fn new(members: &[Member]) -> Self { Self(members.to_vec()) }
+}
+impl Selector for RoundRobinSelector {
+    fn select(&self, pick: &Pick<'_>) -> Option<usize> { self.0.iter().map(|m| m.index).find(|&i| (pick.accept)(i)) }
+}

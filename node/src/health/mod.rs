@@ -1,0 +1,2 @@
+//! PLACEHOLDER health module.
+pub mod outlier;

@@ -1,0 +1,31 @@
+//! keel's data plane and daemon: everything a node runs besides the replicated state and the VIP.
+//!
+//! # Layout
+//!
+//! - [`config`]: the node's TOML file → its own settings plus a validated
+//!   [`keel_cluster::Config`]; errors name the file, line and key.
+//! - [`balance`]: the [`balance::Selector`] trait and one file per algorithm.
+//! - [`pool`]: a pool at run time — its servers' live state (health, drain, ejection,
+//!   in-flight count, counters), its selector, its connection pool to the servers.
+//! - [`snapshot`]: the routing table built from a config; the proxy reads it with one atomic
+//!   load per request, and a reload swaps it without touching open connections.
+//! - [`routing`]: first-match routing by host, path prefix and header.
+//! - [`health`]: active checks (HTTP, TCP) with rise/fall hysteresis, and passive outlier
+//!   detection.
+//! - [`proxy`]: listeners, the HTTP/1.1 + h2c front end, forwarding, retries, upgrades.
+//! - [`admin`]: the admin HTTP API (`/status`, `/metrics`, drain/enable).
+//! - [`demo`]: the self-contained demo: three named backends and a balancer.
+//! - [`daemon`]: wiring for `keel run`: load config, start everything, shut down gracefully.
+//!
+//! The binary (`main.rs`) parses argv and installs the tracing subscriber; nothing else does.
+
+pub mod admin;
+pub mod balance;
+pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod health;
+pub mod pool;
+pub mod proxy;
+pub mod routing;
+pub mod snapshot;

@@ -1,0 +1,293 @@
+//! A pool at run time: its servers' live state, its selector, its connections to the servers.
+//!
+//! Server state is atomics only, so the request path, the health checkers and the admin API
+//! read and write it without locks. Whether a server may receive new requests ("eligible") is
+//! the conjunction of three independent verdicts — active checks say up, the operator has not
+//! drained it, passive outlier detection has not ejected it — and every change of any of them
+//! calls [`Pool::refresh`], which rebuilds the selector over the eligible set and swaps it in.
+//! Ejections end by time, so ejecting also schedules the refresh that readmits the server.
+//!
+//! `ServerState` survives config reloads when a server keeps its pool, name and address (see
+//! [`crate::snapshot`]): counters and verdicts are not reset by an unrelated change.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Weak};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::{Either, Empty};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use keel_cluster::model;
+
+use crate::balance::{self, Member, Pick, Selector};
+use crate::health::outlier::OutlierState;
+
+/// Body of a request sent to a server: the client's streamed body, or nothing (which is what
+/// lets a body-less request be retried on another server).
+pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+
+/// The pooled HTTP client a pool uses to reach its servers.
+pub type UpstreamClient = Client<HttpConnector, UpstreamBody>;
+
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// Milliseconds since the process's time base: how ejection deadlines are stored in an atomic.
+pub fn now_millis() -> u64 {
+    u64::try_from(EPOCH.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Response counters by status class, 1xx … 5xx.
+pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Request and error counters of one server.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Requests sent to the server (retries count once per attempt).
+    pub requests: AtomicU64,
+    /// Responses received, by status class (index 0 = 1xx).
+    pub responses: [AtomicU64; 5],
+    /// Connections the server refused or that timed out while connecting.
+    pub connect_errors: AtomicU64,
+    /// Requests whose response head did not arrive within the request timeout.
+    pub timeouts: AtomicU64,
+    /// Other failures: the server closed or broke the connection mid-exchange.
+    pub broken: AtomicU64,
+}
+
+impl ServerStats {
+    /// Counts a response with `status`.
+    pub fn count_status(&self, status: u16) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.responses[class].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The live state of one backend server.
+#[derive(Debug)]
+pub struct ServerState {
+    /// Name unique within the pool.
+    pub name: String,
+    /// Where it listens.
+    pub address: SocketAddr,
+    weight: AtomicU32,
+    checked_up: AtomicBool,
+    draining: AtomicBool,
+    /// Passive outlier detection's bookkeeping, including the ejection deadline.
+    pub outlier: OutlierState,
+    /// Requests in flight (sent, response body not yet finished).
+    pub active: AtomicUsize,
+    /// Counters.
+    pub stats: ServerStats,
+}
+
+impl ServerState {
+    /// A server as configured: up, not drained, not ejected.
+    pub fn new(server: &model::Server) -> Self {
+        Self {
+            name: server.name.clone(),
+            address: server.address,
+            weight: AtomicU32::new(server.weight),
+            checked_up: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+            outlier: OutlierState::default(),
+            active: AtomicUsize::new(0),
+            stats: ServerStats::default(),
+        }
+    }
+
+    /// Current weight.
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// Whether active health checks consider it up (always true without checks).
+    pub fn is_checked_up(&self) -> bool {
+        self.checked_up.load(Ordering::Acquire)
+    }
+
+    /// Whether the operator drained it.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Whether outlier detection has it ejected right now.
+    pub fn is_ejected(&self) -> bool {
+        self.outlier.is_ejected(now_millis())
+    }
+
+    /// Whether it may receive new requests.
+    pub fn is_eligible(&self) -> bool {
+        self.is_checked_up() && !self.is_draining() && !self.is_ejected()
+    }
+
+    /// A one-word state for humans and the admin API.
+    pub fn state_name(&self) -> &'static str {
+        if self.is_draining() {
+            "drain"
+        } else if !self.is_checked_up() {
+            "down"
+        } else if self.is_ejected() {
+            "ejected"
+        } else {
+            "up"
+        }
+    }
+}
+
+/// Why a drain/enable/weight request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// No server by that name.
+    #[error("pool {pool:?} has no server named {server:?}")]
+    UnknownServer {
+        /// The pool.
+        pool: String,
+        /// The name asked for.
+        server: String,
+    },
+    /// Weight outside 1–256.
+    #[error("weight {0} is out of range 1-{max}", max = model::MAX_WEIGHT)]
+    BadWeight(u32),
+}
+
+/// A pool of servers at run time.
+pub struct Pool {
+    /// Pool name.
+    pub name: String,
+    /// Its configuration.
+    pub config: model::Pool,
+    /// Its servers, in config order; selectors return indices into this list.
+    pub servers: Vec<Arc<ServerState>>,
+    selector: ArcSwap<Box<dyn Selector>>,
+    /// Pooled keep-alive connections to the servers.
+    pub client: UpstreamClient,
+    /// Self-reference handed to timers, so a pool dropped by a reload is not kept alive by them.
+    this: Weak<Pool>,
+}
+
+impl Pool {
+    /// Builds a pool, reusing `existing` server states where the same name and address remain.
+    pub fn new(name: &str, config: &model::Pool, existing: impl Fn(&model::Server) -> Option<Arc<ServerState>>) -> Arc<Self> {
+        let servers: Vec<Arc<ServerState>> = config
+            .servers
+            .iter()
+            .map(|s| {
+                let state = existing(s).unwrap_or_else(|| Arc::new(ServerState::new(s)));
+                state.weight.store(s.weight, Ordering::Relaxed);
+                state
+            })
+            .collect();
+
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout.get()));
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(config.idle_timeout.get())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
+
+        let pool = Arc::new_cyclic(|this| Pool {
+            name: name.to_owned(),
+            config: config.clone(),
+            servers,
+            selector: ArcSwap::from_pointee(balance::build(config.algorithm, &[])),
+            client,
+            this: this.clone(),
+        });
+        pool.refresh();
+        pool
+    }
+
+    /// Rebuilds the selector over the servers eligible now. Call after any verdict change.
+    pub fn refresh(&self) {
+        let members: Vec<Member> = self
+            .servers
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.is_eligible())
+            .map(|(index, s)| Member { index, weight: s.weight() })
+            .collect();
+        self.selector.store(Arc::new(balance::build(self.config.algorithm, &members)));
+    }
+
+    /// Picks a server for a request from a client whose key hashes to `hash`, skipping the
+    /// servers `skip` names (already tried). `None` means no server can take it: 503.
+    pub fn select(&self, hash: u64, skip: &[usize]) -> Option<usize> {
+        let selector = self.selector.load();
+        let load = |i: usize| self.servers.get(i).map_or(usize::MAX, |s| s.active.load(Ordering::Relaxed));
+        let accept = |i: usize| !skip.contains(&i) && self.servers.get(i).is_some_and(|s| s.is_eligible());
+        selector.select(&Pick { hash, load: &load, accept: &accept })
+    }
+
+    /// The index of the server named `name`.
+    pub fn server_index(&self, name: &str) -> Result<usize, PoolError> {
+        self.servers.iter().position(|s| s.name == name).ok_or_else(|| PoolError::UnknownServer {
+            pool: self.name.clone(),
+            server: name.to_owned(),
+        })
+    }
+
+    /// Records an active-check verdict; refreshes the selector when it changed.
+    pub fn set_checked_up(&self, index: usize, up: bool) -> bool {
+        let Some(server) = self.servers.get(index) else { return false };
+        let changed = server.checked_up.swap(up, Ordering::AcqRel) != up;
+        if changed {
+            self.refresh();
+        }
+        changed
+    }
+
+    /// Drains (no new requests, in-flight ones finish) or re-enables a server.
+    pub fn set_draining(&self, name: &str, draining: bool) -> Result<(), PoolError> {
+        let i = self.server_index(name)?;
+        if self.servers[i].draining.swap(draining, Ordering::AcqRel) != draining {
+            tracing::info!(target: "keel::admin", pool = %self.name, server = %name,
+                "server {}", if draining { "drained" } else { "enabled" });
+            self.refresh();
+        }
+        Ok(())
+    }
+
+    /// Changes a server's weight.
+    pub fn set_weight(&self, name: &str, weight: u32) -> Result<(), PoolError> {
+        if weight == 0 || weight > model::MAX_WEIGHT {
+            return Err(PoolError::BadWeight(weight));
+        }
+        let i = self.server_index(name)?;
+        self.servers[i].weight.store(weight, Ordering::Relaxed);
+        self.refresh();
+        Ok(())
+    }
+
+    /// Feeds a request outcome to passive outlier detection. `ok` is false for a connect
+    /// error, a broken exchange or a 5xx response.
+    pub fn observe(&self, index: usize, ok: bool) {
+        let Some(server) = self.servers.get(index) else { return };
+        let outlier = &self.config.outlier;
+        if outlier.consecutive_failures == 0 {
+            return;
+        }
+        let Some(ejected_for) = server.outlier.observe(ok, now_millis(), outlier.consecutive_failures, outlier.ejection.get())
+        else {
+            return;
+        };
+        tracing::warn!(target: "keel::health", pool = %self.name, server = %server.name,
+            failures = outlier.consecutive_failures, ejected_for = ?ejected_for,
+            "server ejected (consecutive failures on live traffic)");
+        self.refresh();
+        let this = self.this.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ejected_for + Duration::from_millis(1)).await;
+            if let Some(pool) = this.upgrade() {
+                pool.refresh();
+            }
+        });
+    }
+}
