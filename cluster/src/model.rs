@@ -498,7 +498,10 @@ impl Config {
                 if server.weight == 0 || server.weight > MAX_WEIGHT {
                     report(
                         at.key("weight"),
-                        format!("weight {} is out of range 1-{MAX_WEIGHT} (drain a server instead of weighting it 0)", server.weight),
+                        format!(
+                            "weight {} is out of range 1-{MAX_WEIGHT} (drain a server instead of weighting it 0)",
+                            server.weight
+                        ),
                     );
                 }
             }
@@ -563,8 +566,7 @@ impl Config {
 
 /// RFC 9110 token: what header names and methods are made of.
 fn http_token(s: &str) -> Result<(), ()> {
-    let ok = !s.is_empty()
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    let ok = !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
     if ok {
         Ok(())
     } else {
@@ -632,10 +634,7 @@ mod tests {
         );
         let problems = c.validate().unwrap_err();
         let paths: Vec<String> = problems.iter().map(|p| p.path.to_string()).collect();
-        assert_eq!(
-            paths,
-            ["listeners.web.default_pool", "pools.app.servers[0].weight", "pools.app.servers[1].name"]
-        );
+        assert_eq!(paths, ["listeners.web.default_pool", "pools.app.servers[0].weight", "pools.app.servers[1].name"]);
         assert!(problems[0].reason.contains("defined: app"), "{}", problems[0]);
     }
 

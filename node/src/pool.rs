@@ -172,7 +172,11 @@ pub struct Pool {
 
 impl Pool {
     /// Builds a pool, reusing `existing` server states where the same name and address remain.
-    pub fn new(name: &str, config: &model::Pool, existing: impl Fn(&model::Server) -> Option<Arc<ServerState>>) -> Arc<Self> {
+    pub fn new(
+        name: &str,
+        config: &model::Pool,
+        existing: impl Fn(&model::Server) -> Option<Arc<ServerState>>,
+    ) -> Arc<Self> {
         let servers: Vec<Arc<ServerState>> = config
             .servers
             .iter()
@@ -228,10 +232,10 @@ impl Pool {
 
     /// The index of the server named `name`.
     pub fn server_index(&self, name: &str) -> Result<usize, PoolError> {
-        self.servers.iter().position(|s| s.name == name).ok_or_else(|| PoolError::UnknownServer {
-            pool: self.name.clone(),
-            server: name.to_owned(),
-        })
+        self.servers
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| PoolError::UnknownServer { pool: self.name.clone(), server: name.to_owned() })
     }
 
     /// Records an active-check verdict; refreshes the selector when it changed.
@@ -274,7 +278,8 @@ impl Pool {
         if outlier.consecutive_failures == 0 {
             return;
         }
-        let Some(ejected_for) = server.outlier.observe(ok, now_millis(), outlier.consecutive_failures, outlier.ejection.get())
+        let Some(ejected_for) =
+            server.outlier.observe(ok, now_millis(), outlier.consecutive_failures, outlier.ejection.get())
         else {
             return;
         };

@@ -4,8 +4,12 @@ use super::{Member, Pick, Selector};
 pub struct RandomSelector(Vec<Member>);
 impl RandomSelector {
     /// Placeholder.
-    pub fn new(members: &[Member]) -> Self { Self(members.to_vec()) }
+    pub fn new(members: &[Member]) -> Self {
+        Self(members.to_vec())
+    }
 }
 impl Selector for RandomSelector {
-    fn select(&self, pick: &Pick<'_>) -> Option<usize> { self.0.iter().map(|m| m.index).find(|&i| (pick.accept)(i)) }
+    fn select(&self, pick: &Pick<'_>) -> Option<usize> {
+        self.0.iter().map(|m| m.index).find(|&i| (pick.accept)(i))
+    }
 }
