@@ -144,8 +144,7 @@ impl Problem {
 
 /// Reads and validates a node file.
 pub fn load(path: &Path) -> Result<NodeFile, ConfigError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
     parse(&text, &path.display().to_string())
 }
 

@@ -26,6 +26,7 @@ use keel_cluster::model;
 
 use crate::balance::{self, Member, Pick, Selector};
 use crate::health::outlier::OutlierState;
+use crate::metrics::Histogram;
 
 /// Body of a request sent to a server: the client's streamed body, or nothing (which is what
 /// lets a body-less request be retried on another server).
@@ -166,6 +167,8 @@ pub struct Pool {
     selector: ArcSwap<Box<dyn Selector>>,
     /// Pooled keep-alive connections to the servers.
     pub client: UpstreamClient,
+    /// Time to response head of requests served by this pool.
+    pub latency: Histogram,
     /// Self-reference handed to timers, so a pool dropped by a reload is not kept alive by them.
     this: Weak<Pool>,
 }
@@ -203,6 +206,7 @@ impl Pool {
             servers,
             selector: ArcSwap::from_pointee(balance::build(config.algorithm, &[])),
             client,
+            latency: Histogram::default(),
             this: this.clone(),
         });
         pool.refresh();
