@@ -75,6 +75,9 @@ pub struct Rejections {
     pub no_server: AtomicU64,
 }
 
+/// A per-server metric: name, type, help, and how to read it.
+type PerServer = (&'static str, &'static str, &'static str, fn(&crate::pool::ServerState) -> u64);
+
 /// Escapes a label value for the text format.
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
@@ -101,7 +104,7 @@ pub fn render(snapshot: &Snapshot, rejections: &Rejections) -> String {
             }
         }
     }
-    let per_server: [(&str, &str, &str, fn(&crate::pool::ServerState) -> u64); 5] = [
+    let per_server: [PerServer; 5] = [
         (CONNECT_ERRORS_TOTAL, "counter", "Connect failures towards the server.", |s| {
             s.stats.connect_errors.load(Ordering::Relaxed)
         }),
