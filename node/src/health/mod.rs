@@ -165,10 +165,13 @@ impl<C: HealthCheck> Checker<C> {
                 return;
             }
             // The pool is not held across the check, so a reload can free it meanwhile.
-            let result = match tokio::time::timeout(self.timeout + GUARD_SLACK, self.check.check(self.address)).await {
-                Ok(result) => result,
-                Err(_) => Err(CheckError::Timeout(self.timeout)),
-            };
+            let result =
+                match tokio::time::timeout(self.timeout.saturating_add(GUARD_SLACK), self.check.check(self.address))
+                    .await
+                {
+                    Ok(result) => result,
+                    Err(_) => Err(CheckError::Timeout(self.timeout)),
+                };
             let Some(pool) = self.pool.upgrade() else { return };
             if let Some(up) = self.hysteresis.observe(result.is_ok()) {
                 self.flip(&pool, up, result.err());
