@@ -57,8 +57,8 @@ pub struct IpHashSelector {
 }
 
 impl IpHashSelector {
-    /// Builds the Maglev table over `members`. At most [`TABLE_SIZE`] members take part (the
-    /// lowest pool indices); Maglev cannot give more members a slot each.
+    /// Builds the Maglev table over `members`. At most 65 537 members (one per table slot)
+    /// take part, those with the lowest pool indices.
     pub fn new(members: &[Member]) -> Self {
         let mut members: Vec<Member> = members.to_vec();
         members.sort_by_key(|m| m.index);
@@ -144,7 +144,7 @@ mod tests {
     use super::*;
 
     fn lookup(selector: &IpHashSelector, hash: u64) -> usize {
-        select_with(selector, hash, |_| 0, |_| true).unwrap()
+        select_with(selector, hash, |_| 0, |_| true).expect("a member is accepted")
     }
 
     fn keys(n: usize, seed: u64) -> Vec<u64> {
@@ -255,7 +255,7 @@ mod tests {
         let mut spread = HashMap::new();
         for k in keys(50_000, 5) {
             let home = lookup(&selector, k);
-            let fallback = select_with(&selector, k, |_| 0, |i| i != rejected).unwrap();
+            let fallback = select_with(&selector, k, |_| 0, |i| i != rejected).expect("a member is accepted");
             if home == rejected {
                 assert_ne!(fallback, rejected);
                 assert_eq!(select_with(&selector, k, |_| 0, |i| i != rejected), Some(fallback), "not deterministic");

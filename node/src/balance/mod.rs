@@ -162,8 +162,11 @@ mod tests {
         }
     }
 
-    fn pool() -> impl Strategy<Value = (Vec<(usize, u32, usize, bool)>, Vec<u64>)> {
-        // (pool index, weight, load, accepted) per member, with distinct pool indices, plus hashes.
+    /// A generated member: (pool index, weight, load, accepted).
+    type Generated = (usize, u32, usize, bool);
+
+    /// Members with distinct pool indices, and the hashes to select with.
+    fn pool() -> impl Strategy<Value = (Vec<Generated>, Vec<u64>)> {
         let member = (1u32..=256, prop_oneof![Just(0usize), 0usize..5, 0usize..1000], any::<bool>());
         (proptest::collection::btree_set(0usize..64, 0..12), proptest::collection::vec(member, 12))
             .prop_map(|(indices, attrs)| {

@@ -60,7 +60,7 @@ mod tests {
     fn round_robin_cycles_in_order() {
         let selector = RoundRobinSelector::new(&members(&[1, 1, 1]));
         let (a, b, c) = (index_of(0), index_of(1), index_of(2));
-        let seq: Vec<_> = (0..9).map(|_| select(&selector).unwrap()).collect();
+        let seq: Vec<_> = (0..9).map(|_| select(&selector).expect("a member is accepted")).collect();
         assert_eq!(seq, [a, b, c, a, b, c, a, b, c]);
     }
 
@@ -75,7 +75,8 @@ mod tests {
     fn round_robin_skips_rejected_member_and_stays_fair() {
         let selector = RoundRobinSelector::new(&members(&[1, 1, 1]));
         let (a, b, c) = (index_of(0), index_of(1), index_of(2));
-        let seq: Vec<_> = (0..6).map(|_| select_with(&selector, 0, |_| 0, |i| i != b).unwrap()).collect();
+        let seq: Vec<_> =
+            (0..6).map(|_| select_with(&selector, 0, |_| 0, |i| i != b).expect("a member is accepted")).collect();
         assert_eq!(seq, [a, c, a, c, a, c]);
 
         let selector = RoundRobinSelector::new(&members(&[1, 1, 1, 1]));
@@ -108,7 +109,7 @@ mod tests {
             let handles: Vec<_> = (0..4).map(|_| s.spawn(|| tally(&selector, 10_000, |_| true))).collect();
             let mut total = std::collections::HashMap::new();
             for h in handles {
-                for (k, v) in h.join().unwrap() {
+                for (k, v) in h.join().expect("tally thread") {
                     *total.entry(k).or_insert(0) += v;
                 }
             }

@@ -78,7 +78,7 @@ impl Selector for WeightedRoundRobinSelector {
 /// Per step every member's current weight grows by its weight, the largest (first on ties)
 /// is chosen and loses the total. After `total` steps every current weight is back to zero, so
 /// the sequence repeats; it is computed over the gcd-reduced weights (same sequence, shorter).
-pub(super) fn smooth_cycle(weights: &[u32]) -> Vec<u32> {
+fn smooth_cycle(weights: &[u32]) -> Vec<u32> {
     let divisor = weights.iter().copied().fold(0, gcd).max(1);
     let reduced: Vec<i64> = weights.iter().map(|&w| i64::from(w / divisor)).collect();
     let total: i64 = reduced.iter().sum();
@@ -126,7 +126,7 @@ mod tests {
                         best = Some(i);
                     }
                 }
-                let best = best.unwrap();
+                let best = best.expect("weights are not empty");
                 current[best] -= total;
                 index_of(best)
             })
@@ -139,7 +139,7 @@ mod tests {
         let (a, b, c) = (index_of(0), index_of(1), index_of(2));
         let cycle = [a, a, b, a, c, a, a];
         for round in 0..5 {
-            let seq: Vec<_> = (0..7).map(|_| select(&selector).unwrap()).collect();
+            let seq: Vec<_> = (0..7).map(|_| select(&selector).expect("a member is accepted")).collect();
             assert_eq!(seq, cycle, "cycle {round}");
         }
     }
@@ -150,7 +150,7 @@ mod tests {
             let selector = WeightedRoundRobinSelector::new(&members(weights));
             let total: u32 = weights.iter().sum();
             let picks = 3 * total as usize;
-            let seq: Vec<_> = (0..picks).map(|_| select(&selector).unwrap()).collect();
+            let seq: Vec<_> = (0..picks).map(|_| select(&selector).expect("a member is accepted")).collect();
             assert_eq!(seq, nginx_reference(weights, picks), "weights {weights:?}");
         }
     }
@@ -168,7 +168,7 @@ mod tests {
     fn wrr_equal_weights_is_plain_rotation() {
         let selector = WeightedRoundRobinSelector::new(&members(&[7, 7, 7]));
         assert_eq!(selector.cycle.len(), 3);
-        let seq: Vec<_> = (0..6).map(|_| select(&selector).unwrap()).collect();
+        let seq: Vec<_> = (0..6).map(|_| select(&selector).expect("a member is accepted")).collect();
         assert_eq!(seq, [index_of(0), index_of(1), index_of(2), index_of(0), index_of(1), index_of(2)]);
     }
 
