@@ -42,6 +42,9 @@ pub fn now_millis() -> u64 {
     u64::try_from(EPOCH.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Fixed seed of server identities, the same on every node so all map a client alike.
+pub const SERVER_ID_SEED: u64 = 0x6b65_656c_5f73_7276; // "keel_srv"
+
 /// Response counters by status class, 1xx … 5xx.
 pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
@@ -75,6 +78,8 @@ pub struct ServerState {
     pub name: String,
     /// Where it listens.
     pub address: SocketAddr,
+    /// Stable identity for consistent hashing: a fixed-seed hash of the name.
+    pub id: u64,
     weight: AtomicU32,
     checked_up: AtomicBool,
     draining: AtomicBool,
@@ -92,6 +97,7 @@ impl ServerState {
         Self {
             name: server.name.clone(),
             address: server.address,
+            id: xxhash_rust::xxh3::xxh3_64_with_seed(server.name.as_bytes(), SERVER_ID_SEED),
             weight: AtomicU32::new(server.weight),
             checked_up: AtomicBool::new(true),
             draining: AtomicBool::new(false),
@@ -220,7 +226,7 @@ impl Pool {
             .iter()
             .enumerate()
             .filter(|(_, s)| s.is_eligible())
-            .map(|(index, s)| Member { index, weight: s.weight() })
+            .map(|(index, s)| Member { index, weight: s.weight(), id: s.id })
             .collect();
         self.selector.store(Arc::new(balance::build(self.config.algorithm, &members)));
     }

@@ -9,15 +9,16 @@
 //! Construction, as in the paper: each member gets a permutation of the table's slots from two
 //! hashes of its identity, `offset = h1 % M` and `skip = h2 % (M − 1) + 1` (M is prime, so every
 //! skip visits every slot); members take turns claiming the next still-empty slot of their own
-//! permutation until the table is full. Members are taken in pool-index order so the table is a
+//! permutation until the table is full. Members are taken in identity order so the table is a
 //! function of the member *set*, not of the order the caller listed them in.
 //!
-//! Identity: a member is its pool index, hashed with xxh3-64 under the fixed seeds
-//! [`OFFSET_SEED`] and [`SKIP_SEED`] (the index as 8 little-endian bytes). Nothing depends on
-//! the process, so every keel instance with the same server list builds the same table and sends
-//! a given client to the same server, and a server that leaves and comes back gets its old slots
-//! back. (Consequence: reordering the servers in the config reshuffles clients, because the index
-//! is the identity.) Changing the seeds or the table size remaps every client; they are part of
+//! Identity: a member is its [`Member::id`] (a fixed-seed hash of the server's name, computed by
+//! the pool), hashed again with xxh3-64 under the fixed seeds [`OFFSET_SEED`] and [`SKIP_SEED`]
+//! (the id as 8 little-endian bytes). Nothing depends on the process or on the server's position
+//! in the config, so every keel instance with the same servers builds the same table and sends a
+//! given client to the same server; a server that leaves and comes back gets its old slots back,
+//! and reordering or removing other servers in the config moves only their clients. Changing the
+//! seeds or the table size remaps every client; they are part of
 //! the behaviour, pinned by a test.
 //!
 //! Weights: each round the heaviest members claim one slot and a member of weight `w` claims
@@ -61,7 +62,7 @@ impl IpHashSelector {
     /// take part, those with the lowest pool indices.
     pub fn new(members: &[Member]) -> Self {
         let mut members: Vec<Member> = members.to_vec();
-        members.sort_by_key(|m| m.index);
+        members.sort_by_key(|m| (m.id, m.index));
         members.dedup_by_key(|m| m.index);
         members.truncate(TABLE_SIZE);
         let table = build_table(&members);
@@ -89,15 +90,15 @@ impl Selector for IpHashSelector {
 }
 
 /// A member's permutation of the table: first slot and stride.
-fn permutation(index: usize) -> (usize, usize) {
-    let key = (index as u64).to_le_bytes();
+fn permutation(id: u64) -> (usize, usize) {
+    let key = id.to_le_bytes();
     let m = TABLE_SIZE as u64;
     let offset = xxh3_64_with_seed(&key, OFFSET_SEED) % m;
     let skip = xxh3_64_with_seed(&key, SKIP_SEED) % (m - 1) + 1;
     (offset as usize, skip as usize)
 }
 
-/// Maglev population with weighted turns; `members` sorted by pool index, at most `TABLE_SIZE`.
+/// Maglev population with weighted turns; `members` sorted by identity, at most `TABLE_SIZE`.
 fn build_table(members: &[Member]) -> Box<[u32]> {
     const EMPTY: u32 = u32::MAX;
     if members.is_empty() {
@@ -106,7 +107,7 @@ fn build_table(members: &[Member]) -> Box<[u32]> {
     let weights: Vec<u32> = members.iter().map(weight_of).collect();
     let max_weight = weights.iter().copied().max().unwrap_or(1);
     // Per member: (next slot of its permutation, skip).
-    let mut cursors: Vec<(usize, usize)> = members.iter().map(|m| permutation(m.index)).collect();
+    let mut cursors: Vec<(usize, usize)> = members.iter().map(|m| permutation(m.id)).collect();
     let mut credit = vec![0u32; members.len()];
     let mut table = vec![EMPTY; TABLE_SIZE];
     let mut filled = 0;
@@ -182,7 +183,7 @@ mod tests {
     fn ip_hash_mapping_is_pinned_across_instances() {
         // Seeds, table size and identity hashing are the cross-instance contract: if this
         // test has to change, every deployed client is remapped.
-        let selector = IpHashSelector::new(&[0, 1, 2, 3, 4].map(|index| Member { index, weight: 1 }));
+        let selector = IpHashSelector::new(&[0, 1, 2, 3, 4].map(|index| Member { index, weight: 1, id: index as u64 }));
         let got: Vec<usize> = [0u64, 1, 2, 0xdead_beef, u64::MAX].iter().map(|&h| lookup(&selector, h)).collect();
         assert_eq!(got, PINNED);
     }

@@ -33,7 +33,7 @@ pub struct LeastConnectionsSelector {
 impl LeastConnectionsSelector {
     /// A least-connections selector over `members`.
     pub fn new(members: &[Member]) -> Self {
-        let members = members.iter().map(|m| Member { index: m.index, weight: weight_of(m) }).collect();
+        let members = members.iter().map(|m| Member { weight: weight_of(m), ..*m }).collect();
         Self { members, cursor: AtomicUsize::new(0) }
     }
 

@@ -44,6 +44,10 @@ pub struct Member {
     pub index: usize,
     /// Relative share of traffic, 1–256.
     pub weight: u32,
+    /// Stable identity of the server (a fixed-seed hash of its name). Consistent hashing keys
+    /// on it rather than on `index`, so adding, removing or reordering servers in the config
+    /// moves only the clients of the servers concerned.
+    pub id: u64,
 }
 
 /// What a selection may look at besides the selector's own state.
@@ -90,7 +94,11 @@ pub(crate) mod testing {
     /// Members with the given weights. Pool indices deliberately differ from positions
     /// (10, 13, 16, ...) so a selector returning a position instead of an index is caught.
     pub(crate) fn members(weights: &[u32]) -> Vec<Member> {
-        weights.iter().enumerate().map(|(i, &weight)| Member { index: index_of(i), weight }).collect()
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, &weight)| Member { index: index_of(i), weight, id: index_of(i) as u64 })
+            .collect()
     }
 
     /// The pool index [`members`] gives the member at `position`.
@@ -153,7 +161,7 @@ mod tests {
 
     #[test]
     fn every_algorithm_tolerates_out_of_range_weights() {
-        let odd = [Member { index: 0, weight: 0 }, Member { index: 1, weight: u32::MAX }];
+        let odd = [Member { index: 0, weight: 0, id: 0 }, Member { index: 1, weight: u32::MAX, id: 1 }];
         for algorithm in Algorithm::ALL {
             let selector = build(algorithm, &odd);
             for hash in 0..20 {
@@ -182,7 +190,7 @@ mod tests {
 
         #[test]
         fn every_algorithm_returns_an_accepted_member_whenever_there_is_one((pool, hashes) in pool()) {
-            let ms: Vec<Member> = pool.iter().map(|&(index, weight, _, _)| Member { index, weight }).collect();
+            let ms: Vec<Member> = pool.iter().map(|&(index, weight, _, _)| Member { index, weight, id: index as u64 }).collect();
             let load = |i: usize| pool.iter().find(|m| m.0 == i).map_or(usize::MAX, |m| m.2);
             let accept = |i: usize| pool.iter().any(|m| m.0 == i && m.3);
             let any_accepted = pool.iter().any(|m| m.3);
