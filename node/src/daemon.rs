@@ -29,6 +29,14 @@ pub enum DaemonError {
     /// A data-plane listener could not bind.
     #[error(transparent)]
     Bind(#[from] BindError),
+    /// A listener asks for a protocol this build does not serve yet.
+    #[error("listener {name:?}: protocol {protocol} is not served by this build yet")]
+    Unsupported {
+        /// Listener name.
+        name: String,
+        /// Its protocol.
+        protocol: &'static str,
+    },
     /// The admin API could not bind.
     #[error("cannot bind the admin API on {addr}: {source}")]
     AdminBind {
@@ -56,6 +64,9 @@ impl Daemon {
             .map_err(|source| DaemonError::AdminBind { addr: file.node.admin, source })?;
         let mut listeners = Vec::new();
         for (name, l) in &file.config.listeners {
+            if l.protocol != keel_cluster::model::Protocol::Http {
+                return Err(DaemonError::Unsupported { name: name.clone(), protocol: l.protocol.as_str() });
+            }
             listeners.push((name.clone(), proxy::bind(name, l.bind).await?));
         }
         let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::build(file.config.clone(), None)));
@@ -83,11 +94,13 @@ impl Daemon {
         }
 
         let mut accept_loops = Vec::new();
-        for (name, listener) in listeners {
-            let addr = listener.local_addr().ok();
-            let proxy = Arc::new(HttpProxy::new(snapshot.clone(), &name, "http", rejections.clone()));
-            tracing::info!(target: "keel::proxy", listener = %name, addr = ?addr, "listening");
-            accept_loops.push(tokio::spawn(proxy::serve(listener, proxy, graceful.clone(), stop_rx.clone())));
+        for (name, socket) in listeners {
+            let Some(config) = file.config.listeners.get(&name) else { continue };
+            let addr = socket.local_addr().ok();
+            let proxy = Arc::new(HttpProxy::new(snapshot.clone(), &name, "http", &config.limits, rejections.clone()));
+            tracing::info!(target: "keel::proxy", listener = %name, addr = ?addr, protocol = config.protocol.as_str(), "listening");
+            let listener = proxy::HttpListener { socket, proxy, limits: config.limits.clone() };
+            accept_loops.push(tokio::spawn(proxy::serve(listener, graceful.clone(), stop_rx.clone())));
         }
         tracing::info!(target: "keel::admin", addr = %file.node.admin, "admin API listening");
         let admin_loop =

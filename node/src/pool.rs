@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{Either, Empty};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -27,10 +26,11 @@ use keel_cluster::model;
 use crate::balance::{self, Member, Pick, Selector};
 use crate::health::outlier::OutlierState;
 use crate::metrics::Histogram;
+use crate::proxy::body::ClientBody;
 
 /// Body of a request sent to a server: the client's streamed body, or nothing (which is what
 /// lets a body-less request be retried on another server).
-pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+pub type UpstreamBody = Either<ClientBody, Empty<Bytes>>;
 
 /// The pooled HTTP client a pool uses to reach its servers.
 pub type UpstreamClient = Client<HttpConnector, UpstreamBody>;

@@ -34,6 +34,12 @@ pub enum ErrorKind {
     Timeout,
     /// The server closed or broke the exchange.
     Broken,
+    /// The request body is larger than the listener allows.
+    PayloadTooLarge,
+    /// The client paused too long, or uploaded too slowly.
+    RequestTimeout,
+    /// The client's request was malformed (e.g. invalid chunked framing).
+    BadRequest,
 }
 
 /// A failed request, ready to be turned into a response.
@@ -60,6 +66,7 @@ impl ProxyError {
             ErrorKind::Connect => (Side::Backend, true),
             // The server may have acted on the request: only the client can decide to resend.
             ErrorKind::Timeout | ErrorKind::Broken => (Side::Backend, false),
+            ErrorKind::PayloadTooLarge | ErrorKind::RequestTimeout | ErrorKind::BadRequest => (Side::Client, false),
         };
         ProxyError { kind, side, retryable, pool: pool.map(str::to_owned), server: server.map(str::to_owned) }
     }
@@ -71,12 +78,20 @@ impl ProxyError {
             ErrorKind::NoServer | ErrorKind::Connect => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::Broken => StatusCode::BAD_GATEWAY,
+            ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
         }
     }
 
     /// A plain-text response saying what happened.
     pub fn to_response(&self) -> Response<Full<Bytes>> {
-        plain_response(self.status(), self.to_string())
+        let mut resp = plain_response(self.status(), self.to_string());
+        if self.side == Side::Client {
+            // The rest of the connection's input cannot be trusted to be framed right.
+            resp.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+        }
+        resp
     }
 }
 
@@ -90,6 +105,9 @@ impl fmt::Display for ProxyError {
             ErrorKind::Connect => write!(f, "no server of pool {pool:?} accepted a connection (last tried: {server})"),
             ErrorKind::Timeout => write!(f, "server {server} of pool {pool:?} did not answer in time"),
             ErrorKind::Broken => write!(f, "server {server} of pool {pool:?} broke the connection"),
+            ErrorKind::PayloadTooLarge => write!(f, "request body too large"),
+            ErrorKind::RequestTimeout => write!(f, "request body not received in time"),
+            ErrorKind::BadRequest => write!(f, "malformed request body"),
         }
     }
 }

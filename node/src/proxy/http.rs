@@ -21,8 +21,9 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use keel_cluster::model::{Algorithm, MAX_RETRIES};
+use keel_cluster::model::{Algorithm, Limits, MAX_RETRIES};
 
+use super::body::{BodyFault, BodyLimits, BodyVerdict, ClientBody};
 use super::error::{ErrorKind, ProxyError};
 use super::headers;
 use crate::metrics::Rejections;
@@ -35,7 +36,7 @@ use crate::snapshot::SharedSnapshot;
 pub const CLIENT_HASH_SEED: u64 = 0x6b65_656c_5f69_7068; // "keel_iph"
 
 /// The body keel answers with: a server's streamed body, or a short one keel wrote.
-pub type ProxyBody = Either<Tracked<Incoming>, Full<Bytes>>;
+pub type ProxyBody = Either<Tracked<Incoming, InFlight>, Full<Bytes>>;
 
 /// Serves the requests of one listener.
 pub struct HttpProxy {
@@ -43,12 +44,24 @@ pub struct HttpProxy {
     listener: Arc<str>,
     proto: &'static str,
     rejections: Arc<Rejections>,
+    body_limits: BodyLimits,
 }
 
 impl HttpProxy {
     /// A proxy for the listener named `listener`, speaking `proto` ("http") to clients.
-    pub fn new(snapshot: SharedSnapshot, listener: &str, proto: &'static str, rejections: Arc<Rejections>) -> Self {
-        HttpProxy { snapshot, listener: listener.into(), proto, rejections }
+    pub fn new(
+        snapshot: SharedSnapshot,
+        listener: &str,
+        proto: &'static str,
+        limits: &Limits,
+        rejections: Arc<Rejections>,
+    ) -> Self {
+        let body_limits = BodyLimits {
+            max_bytes: limits.max_body_bytes,
+            timeout: limits.body_timeout.get(),
+            min_rate: limits.min_body_rate,
+        };
+        HttpProxy { snapshot, listener: listener.into(), proto, rejections, body_limits }
     }
 
     /// Answers one request from `peer`.
@@ -100,8 +113,13 @@ impl HttpProxy {
         }
         let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_owned();
 
+        if body.size_hint().lower() > self.body_limits.max_bytes {
+            return Err(ProxyError::new(ErrorKind::PayloadTooLarge, Some(&pool.name), None));
+        }
         // Only an empty body can be sent again.
-        let mut body = if body.is_end_stream() { None } else { Some(body) };
+        let verdict = Arc::new(BodyVerdict::default());
+        let mut body =
+            if body.is_end_stream() { None } else { Some(ClientBody::new(body, self.body_limits, verdict.clone())) };
         let replayable = body.is_none();
         let hash = if pool.config.algorithm == Algorithm::IpHash { client_hash(peer) } else { 0 };
 
@@ -151,6 +169,15 @@ impl HttpProxy {
                     }
                     return Err(last_error);
                 }
+                Ok(Err(_)) if verdict.fault().is_some() => {
+                    // The client's body broke the exchange, not the server.
+                    let kind = match verdict.fault() {
+                        Some(BodyFault::TooLarge) => ErrorKind::PayloadTooLarge,
+                        Some(BodyFault::TooSlow) => ErrorKind::RequestTimeout,
+                        _ => ErrorKind::BadRequest,
+                    };
+                    return Err(ProxyError::new(kind, Some(&pool.name), Some(&server.name)));
+                }
                 Ok(Err(e)) => {
                     server.stats.broken.fetch_add(1, Ordering::Relaxed);
                     pool.observe(index, false);
@@ -178,7 +205,7 @@ impl HttpProxy {
             }
             let (mut head, body) = resp.into_parts();
             headers::strip_hop_by_hop(&mut head.headers, false);
-            return Ok(Response::from_parts(head, Either::Left(Tracked { inner: body, _in_flight: in_flight })));
+            return Ok(Response::from_parts(head, Either::Left(Tracked::new(body, in_flight))));
         }
         Err(last_error)
     }
@@ -224,15 +251,23 @@ impl Drop for InFlight {
 }
 
 pin_project_lite::pin_project! {
-    /// A server's response body that keeps its request counted as in flight until it ends.
-    pub struct Tracked<B> {
+    /// A body that holds `G` until it ends or is dropped: how in-flight counts (per server, per
+    /// connection) last exactly as long as the response is being sent.
+    pub struct Tracked<B, G> {
         #[pin]
         inner: B,
-        _in_flight: InFlight,
+        guard: G,
     }
 }
 
-impl<B: Body> Body for Tracked<B> {
+impl<B, G> Tracked<B, G> {
+    /// Attaches `guard` to `inner`.
+    pub fn new(inner: B, guard: G) -> Self {
+        Tracked { inner, guard }
+    }
+}
+
+impl<B: Body, G> Body for Tracked<B, G> {
     type Data = B::Data;
     type Error = B::Error;
 

@@ -10,7 +10,10 @@
 //! - [`headers`]: hop-by-hop stripping and `X-Forwarded-*`.
 //! - [`error`]: what failed, which side, whether a retry is allowed, and the status it maps to.
 
+pub mod body;
 pub mod error;
+pub mod guard;
+pub mod h1scan;
 pub mod headers;
 pub mod http;
 
@@ -18,21 +21,20 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ::http::header::{self, HeaderValue};
+use ::http::{Request, Version};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use keel_cluster::model::Limits;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use self::guard::{ConnActivity, Deadlines, GuardedIo};
 pub use self::http::HttpProxy;
-
-/// Time a client has to send a complete request head (slowloris guard).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest request head accepted, in bytes (request line + headers); larger gets 431.
-pub const MAX_HEAD_BYTES: usize = 64 * 1024;
-/// Most headers accepted in one request.
-pub const MAX_HEADERS: usize = 100;
+use self::http::Tracked;
 
 /// Why a listener could not start.
 #[derive(Debug, thiserror::Error)]
@@ -51,35 +53,43 @@ pub async fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, BindError
     TcpListener::bind(addr).await.map_err(|source| BindError { name: name.to_owned(), addr, source })
 }
 
-/// The hyper connection builder every listener uses: HTTP/1.1 with keep-alive and bounded
-/// heads, HTTP/2 by prior knowledge.
-pub fn connection_builder() -> auto::Builder<TokioExecutor> {
+/// The hyper connection builder of a listener: HTTP/1.1 with keep-alive and bounded heads,
+/// HTTP/2 by prior knowledge. Time limits are enforced by [`guard::GuardedIo`], not by hyper.
+pub fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .keep_alive(true)
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEAD_BYTES)
-        .max_headers(MAX_HEADERS);
-    builder.http2().timer(TokioTimer::new()).max_header_list_size(MAX_HEAD_BYTES as u32);
+        .max_buf_size(limits.max_header_bytes as usize)
+        .max_headers(limits.max_headers as usize);
+    builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes);
     builder
 }
 
-/// Accepts connections on `listener` until `stop` turns true, serving each with `proxy`.
+/// Everything an accept loop needs to serve one HTTP listener.
+pub struct HttpListener {
+    /// The bound socket.
+    pub socket: TcpListener,
+    /// The request handler.
+    pub proxy: Arc<HttpProxy>,
+    /// The listener's protection limits.
+    pub limits: Limits,
+}
+
+/// Accepts connections until `stop` turns true, serving each with the listener's proxy.
 /// Returning drops the socket, so new connections are refused from then on.
-pub async fn serve(
-    listener: TcpListener,
-    proxy: Arc<HttpProxy>,
-    graceful: Arc<GracefulShutdown>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let builder = connection_builder();
+pub async fn serve(listener: HttpListener, graceful: Arc<GracefulShutdown>, mut stop: watch::Receiver<bool>) {
+    let HttpListener { socket, proxy, limits } = listener;
+    let builder = connection_builder(&limits);
+    let deadlines = Deadlines { header_timeout: limits.header_timeout.get(), idle_timeout: limits.idle_timeout.get() };
+    let max_requests = limits.max_requests_per_connection;
+    let max_head = limits.max_header_bytes as usize;
     loop {
         let (stream, peer) = tokio::select! {
             biased;
             _ = stop.changed() => break,
-            accepted = listener.accept() => match accepted {
+            accepted = socket.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning on the error.
@@ -90,12 +100,22 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
+        let activity = ConnActivity::new();
+        let io = GuardedIo::new(stream, activity.clone(), deadlines, true, max_head);
         let proxy = proxy.clone();
-        let service = service_fn(move |req| {
+        let service = service_fn(move |req: Request<Incoming>| {
             let proxy = proxy.clone();
-            async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, peer).await) }
+            let (guard, count) = activity.start_request();
+            let last = max_requests != 0 && count >= max_requests && req.version() < Version::HTTP_2;
+            async move {
+                let mut resp = proxy.handle(req, peer).await;
+                if last {
+                    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked::new(body, guard)))
+            }
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {

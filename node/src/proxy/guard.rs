@@ -1,0 +1,335 @@
+//! The client connection's byte stream, guarded: strict HTTP/1 framing and connection deadlines.
+//!
+//! Every client connection's I/O passes through [`GuardedIo`] before hyper sees it. It does two
+//! things hyper cannot do from inside its parser:
+//!
+//! - feeds each byte of an HTTP/1 connection to the [`H1Scanner`]; a message the scanner
+//!   refuses is answered with `400` and the connection is closed, so hyper — and the server
+//!   behind it — never see an ambiguous request;
+//! - enforces the deadlines of a connection between requests: a started request head must be
+//!   complete within `header_timeout` (slowloris; answered with `408`), a connection that never
+//!   sends a request is closed after `header_timeout`, and a keep-alive connection with nothing
+//!   in flight is closed after `idle_timeout`. hyper's own header timeout starts when it begins
+//!   waiting for a head, so it would also cut idle keep-alive connections at the header timeout;
+//!   tracking "is a request in flight" here keeps the two timeouts apart, as HAProxy's
+//!   `timeout http-request` and `timeout http-keep-alive` are.
+//!
+//! What is in flight is known from [`ConnActivity`], which the service updates per request (a
+//! [`RequestGuard`] lives until the response body has been sent).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures_util::task::AtomicWaker;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::h1scan::H1Scanner;
+use crate::pool::now_millis;
+
+const BAD_REQUEST: &[u8] =
+    b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: 32\r\nconnection: close\r\n\r\nbad request: ambiguous framing\r\n";
+const REQUEST_TIMEOUT: &[u8] =
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\ncontent-length: 37\r\nconnection: close\r\n\r\nrequest head not received in time\r\n\r\n";
+
+/// What the service tells the I/O layer about one connection's requests.
+#[derive(Debug, Default)]
+pub struct ConnActivity {
+    in_flight: AtomicUsize,
+    requests: AtomicU32,
+    idle_since_ms: AtomicU64,
+    reader: AtomicWaker,
+}
+
+impl ConnActivity {
+    /// A fresh connection.
+    pub fn new() -> Arc<Self> {
+        Arc::new(ConnActivity { idle_since_ms: AtomicU64::new(now_millis()), ..Default::default() })
+    }
+
+    /// Marks a request as started; returns how many this connection has started, this one included.
+    pub fn start_request(self: &Arc<Self>) -> (RequestGuard, u32) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let n = self.requests.fetch_add(1, Ordering::AcqRel).saturating_add(1);
+        (RequestGuard(self.clone()), n)
+    }
+}
+
+/// Keeps a request counted as in flight on its connection until dropped.
+#[derive(Debug)]
+pub struct RequestGuard(Arc<ConnActivity>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.idle_since_ms.store(now_millis(), Ordering::Release);
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The reader may be parked with no deadline (one is only armed while idle): wake it
+            // so the idle timeout starts now.
+            self.0.reader.wake();
+        }
+    }
+}
+
+/// Deadlines of a connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Deadlines {
+    /// Time to send a complete request head once it started, and to send a first request.
+    pub header_timeout: Duration,
+    /// Time an idle keep-alive connection is kept.
+    pub idle_timeout: Duration,
+}
+
+/// A client stream with strict HTTP/1 framing checks and connection deadlines.
+pub struct GuardedIo<T> {
+    inner: T,
+    activity: Arc<ConnActivity>,
+    scanner: Option<H1Scanner>,
+    deadlines: Deadlines,
+    opened: Instant,
+    head_started: Option<Instant>,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    /// A response to write before closing, and how much of it is written.
+    closing: Option<(&'static [u8], usize)>,
+    closed: bool,
+}
+
+impl<T> GuardedIo<T> {
+    /// Wraps `inner`. `scan_h1` is false when the connection is known not to be HTTP/1
+    /// (TLS with ALPN `h2`); `max_head` is the head size beyond which hyper answers 431.
+    pub fn new(inner: T, activity: Arc<ConnActivity>, deadlines: Deadlines, scan_h1: bool, max_head: usize) -> Self {
+        let now = Instant::now();
+        GuardedIo {
+            inner,
+            activity,
+            scanner: scan_h1.then(|| H1Scanner::new(max_head)),
+            deadlines,
+            opened: now,
+            head_started: None,
+            timer: Box::pin(tokio::time::sleep_until((now + deadlines.header_timeout).into())),
+            closing: None,
+            closed: false,
+        }
+    }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
+    /// When the connection must have made progress by, or `None` while a request is in flight.
+    fn deadline(&self) -> Option<(Instant, &'static [u8])> {
+        if let Some(t) = self.head_started {
+            return Some((t + self.deadlines.header_timeout, REQUEST_TIMEOUT));
+        }
+        if self.activity.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        if self.activity.requests.load(Ordering::Acquire) == 0 {
+            return Some((self.opened + self.deadlines.header_timeout, b""));
+        }
+        let idle_for = now_millis().saturating_sub(self.activity.idle_since_ms.load(Ordering::Acquire));
+        let left = self.deadlines.idle_timeout.saturating_sub(Duration::from_millis(idle_for));
+        Some((Instant::now() + left, b""))
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> GuardedIo<T> {
+    /// Writes the pending closing response, if any; returns Ready once done (or abandoned).
+    fn poll_closing(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        while let Some((bytes, written)) = &mut self.closing {
+            if *written >= bytes.len() {
+                let _ = Pin::new(&mut self.inner).poll_flush(cx);
+                self.closing = None;
+                break;
+            }
+            match Pin::new(&mut self.inner).poll_write(cx, &bytes[*written..]) {
+                Poll::Ready(Ok(n)) if n > 0 => *written += n,
+                Poll::Ready(_) => self.closing = None,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.closed = true;
+        Poll::Ready(())
+    }
+
+    fn close_with(&mut self, cx: &mut Context<'_>, response: &'static [u8]) -> Poll<io::Result<()>> {
+        self.scanner = None;
+        self.closing = (!response.is_empty()).then_some((response, 0));
+        match self.poll_closing(cx) {
+            // End of stream: hyper closes the connection without answering again.
+            Poll::Ready(()) => Poll::Ready(Ok(())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedIo<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.closing.is_some() {
+            return match this.poll_closing(cx) {
+                Poll::Ready(()) => Poll::Ready(Ok(())),
+                Poll::Pending => Poll::Pending,
+            };
+        }
+        if this.closed {
+            return Poll::Ready(Ok(()));
+        }
+        this.activity.reader.register(cx.waker());
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let fresh = &buf.filled()[before..];
+                if fresh.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                if let Some(scanner) = &mut this.scanner {
+                    let was_partial = scanner.in_partial_head();
+                    match scanner.feed(fresh) {
+                        Ok(_) => {
+                            this.head_started = match (scanner.in_partial_head(), was_partial) {
+                                (false, _) => None,
+                                (true, true) => this.head_started.or(Some(Instant::now())),
+                                (true, false) => Some(Instant::now()),
+                            };
+                        }
+                        Err(reason) => {
+                            tracing::debug!(target: "keel::proxy", reason, "refused an ambiguous request");
+                            buf.set_filled(before);
+                            this.head_started = None;
+                            return this.close_with(cx, BAD_REQUEST);
+                        }
+                    }
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                let Some((deadline, response)) = this.deadline() else { return Poll::Pending };
+                if Instant::now() >= deadline {
+                    return this.close_with(cx, response);
+                }
+                this.timer.as_mut().reset(deadline.into());
+                if this.timer.as_mut().poll(cx).is_ready() {
+                    return this.close_with(cx, response);
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Paused time advances in whole timer ticks (1 ms).
+    fn assert_near(got: Duration, want: Duration) {
+        assert!(got >= want && got <= want + Duration::from_millis(5), "{got:?} vs {want:?}");
+    }
+
+    const DL: Deadlines = Deadlines { header_timeout: Duration::from_secs(10), idle_timeout: Duration::from_secs(60) };
+
+    #[tokio::test]
+    async fn valid_bytes_pass_through() {
+        let (client, server) = tokio::io::duplex(1024);
+        let mut io = GuardedIo::new(server, ConnActivity::new(), DL, true, 4096);
+        let mut client = client;
+        client.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.expect("write");
+        let mut buf = [0u8; 64];
+        let n = io.read(&mut buf).await.expect("read");
+        assert_eq!(&buf[..n], b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn an_ambiguous_request_gets_400_and_end_of_stream() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut io = GuardedIo::new(server, ConnActivity::new(), DL, true, 4096);
+        client
+            .write_all(
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            )
+            .await
+            .expect("write");
+        let mut buf = [0u8; 1024];
+        assert_eq!(io.read(&mut buf).await.expect("read"), 0, "hyper must see nothing");
+        drop(io);
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.expect("read answer");
+        assert!(answer.starts_with(b"HTTP/1.1 400 "), "{}", String::from_utf8_lossy(&answer));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slowloris_heads_get_408_after_the_header_timeout() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut io = GuardedIo::new(server, ConnActivity::new(), DL, true, 4096);
+        client.write_all(b"GET / HTTP/1.1\r\n").await.expect("write");
+        let mut buf = [0u8; 64];
+        assert!(io.read(&mut buf).await.expect("read") > 0);
+        let started = tokio::time::Instant::now();
+        assert_eq!(io.read(&mut buf).await.expect("read"), 0);
+        assert_near(started.elapsed(), DL.header_timeout);
+        drop(io);
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.expect("read answer");
+        assert!(answer.starts_with(b"HTTP/1.1 408 "), "{}", String::from_utf8_lossy(&answer));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_keep_alive_uses_the_idle_timeout_not_the_header_timeout() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let activity = ConnActivity::new();
+        let mut io = GuardedIo::new(server, activity.clone(), DL, true, 4096);
+        client.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.expect("write");
+        let mut buf = [0u8; 64];
+        assert!(io.read(&mut buf).await.expect("read") > 0);
+        let (guard, n) = activity.start_request();
+        assert_eq!(n, 1);
+        drop(guard);
+        let started = tokio::time::Instant::now();
+        assert_eq!(io.read(&mut buf).await.expect("read"), 0);
+        assert_near(started.elapsed(), DL.idle_timeout);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_deadline_while_a_request_is_in_flight() {
+        let (_client, server) = tokio::io::duplex(1024);
+        let activity = ConnActivity::new();
+        let mut io = GuardedIo::new(server, activity.clone(), DL, true, 4096);
+        let (_guard, _) = activity.start_request();
+        let mut buf = [0u8; 8];
+        let waited = tokio::time::timeout(Duration::from_secs(600), io.read(&mut buf)).await;
+        assert!(waited.is_err(), "the connection must stay open while its request is in flight");
+    }
+}

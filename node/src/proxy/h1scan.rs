@@ -1,0 +1,468 @@
+//! A strict HTTP/1.x framing scanner that runs beside hyper and refuses ambiguous requests.
+//!
+//! hyper parses leniently where the RFCs allow it: it accepts bare LF line endings, merges
+//! identical duplicate `Content-Length` headers, and silently drops `Content-Length` when
+//! `Transfer-Encoding` is present. That is safe for hyper itself, and keel re-frames every
+//! request it forwards, but a front proxy that *accepts* an ambiguous message has already
+//! disagreed with somebody about where it ends. HAProxy's stance — reject, answer 400, close —
+//! is what operators expect, so every byte a client sends on an HTTP/1 connection is fed
+//! through this scanner first, and a message it refuses never reaches hyper.
+//!
+//! The scanner tracks message boundaries itself (head, `Content-Length` body, chunked body with
+//! trailers) so that pipelined and keep-alive requests are each checked, and it stops looking
+//! once the connection is no longer HTTP/1 request framing: HTTP/2 (the `PRI` preface), an
+//! upgrade or `CONNECT`, or a head too large to buffer (hyper then answers 431 on its own).
+//!
+//! Refused: bare LF or bare CR, NUL and other control bytes, obsolete line folding, whitespace
+//! before a header's colon, invalid header names, `Content-Length` together with
+//! `Transfer-Encoding`, more than one `Content-Length` (even identical), a `Content-Length`
+//! that is not plain digits, any `Transfer-Encoding` other than exactly `chunked`,
+//! `Transfer-Encoding` on HTTP/1.0, more than one `Host`, and invalid chunk framing.
+
+/// Longest chunk-size line accepted (size, extensions, CRLF).
+const MAX_CHUNK_LINE: usize = 256;
+/// Longest trailer section accepted.
+const MAX_TRAILERS: usize = 8 * 1024;
+
+/// Why a message was refused, for the log line and the 400 body.
+pub type Refusal = &'static str;
+
+/// How a request's body is framed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BodyKind {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+#[derive(Debug)]
+enum ChunkState {
+    /// Reading a chunk-size line.
+    Size(Vec<u8>),
+    /// Inside chunk data: bytes left.
+    Data(u64),
+    /// After chunk data: expecting CR then LF (how many of the two seen).
+    DataEnd(u8),
+    /// After the last chunk: trailer section, bytes so far and whether the current line is empty.
+    Trailers { seen: usize, line: Vec<u8> },
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Accumulating a request head.
+    Head(Vec<u8>),
+    /// Inside a body of known length: bytes left.
+    Body(u64),
+    /// Inside a chunked body.
+    Chunked(ChunkState),
+    /// No longer scanning (HTTP/2, upgrade, CONNECT, oversized head).
+    Opaque,
+}
+
+/// Scanner state of one client connection.
+#[derive(Debug)]
+pub struct H1Scanner {
+    phase: Phase,
+    max_head: usize,
+}
+
+/// What feeding bytes revealed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Heads completed in this feed.
+    pub heads: usize,
+}
+
+impl H1Scanner {
+    /// A scanner for a fresh connection; heads longer than `max_head` are left to hyper.
+    pub fn new(max_head: usize) -> Self {
+        H1Scanner { phase: Phase::Head(Vec::new()), max_head }
+    }
+
+    /// Whether a request head has started but not completed (the slowloris window).
+    pub fn in_partial_head(&self) -> bool {
+        matches!(&self.phase, Phase::Head(buf) if !buf.is_empty())
+    }
+
+    /// Whether the scanner has stopped looking at this connection.
+    pub fn is_opaque(&self) -> bool {
+        matches!(self.phase, Phase::Opaque)
+    }
+
+    /// Feeds the next bytes the client sent. An error means the connection must be refused.
+    pub fn feed(&mut self, mut data: &[u8]) -> Result<Progress, Refusal> {
+        let mut progress = Progress::default();
+        while !data.is_empty() {
+            match &mut self.phase {
+                Phase::Opaque => return Ok(progress),
+                Phase::Head(buf) => {
+                    // Find the end of the head across the boundary of the previous feed.
+                    let start = buf.len().saturating_sub(3);
+                    let take = data.len().min(self.max_head.saturating_sub(buf.len()) + 1);
+                    buf.extend_from_slice(&data[..take]);
+                    if buf.starts_with(b"PRI * HTTP/2.0") {
+                        self.phase = Phase::Opaque;
+                        continue;
+                    }
+                    match find_head_end(&buf[start..]) {
+                        Some(end) => {
+                            let end = start + end;
+                            let consumed_here = end - (buf.len() - take);
+                            let head = std::mem::take(buf);
+                            let kind = validate_head(&head[..end])?;
+                            progress.heads += 1;
+                            data = &data[consumed_here..];
+                            self.phase = match kind {
+                                HeadKind::Opaque => Phase::Opaque,
+                                HeadKind::Body(BodyKind::None) | HeadKind::Body(BodyKind::Length(0)) => {
+                                    Phase::Head(Vec::new())
+                                }
+                                HeadKind::Body(BodyKind::Length(n)) => Phase::Body(n),
+                                HeadKind::Body(BodyKind::Chunked) => Phase::Chunked(ChunkState::Size(Vec::new())),
+                            };
+                        }
+                        None => {
+                            check_partial_head(buf)?;
+                            if buf.len() > self.max_head {
+                                // hyper answers 431 for this one; nothing more to check.
+                                self.phase = Phase::Opaque;
+                            }
+                            data = &data[take..];
+                        }
+                    }
+                }
+                Phase::Body(left) => {
+                    let n = (*left).min(data.len() as u64);
+                    *left -= n;
+                    data = &data[n as usize..];
+                    if *left == 0 {
+                        self.phase = Phase::Head(Vec::new());
+                    }
+                }
+                Phase::Chunked(state) => {
+                    let (used, done) = feed_chunked(state, data)?;
+                    data = &data[used..];
+                    if done {
+                        self.phase = Phase::Head(Vec::new());
+                    }
+                }
+            }
+        }
+        Ok(progress)
+    }
+}
+
+/// Position just past the CRLFCRLF ending a head, if present. A bare-LF ending is found by
+/// validation (as a bare LF), not here.
+fn find_head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+}
+
+/// Early refusal of what can never become a valid head, so a client cannot park garbage in a
+/// buffer until the header timeout.
+fn check_partial_head(buf: &[u8]) -> Result<(), Refusal> {
+    for (i, &b) in buf.iter().enumerate() {
+        match b {
+            b'\n' if i == 0 || buf[i - 1] != b'\r' => return Err("bare LF in request head"),
+            b'\r' if i + 1 < buf.len() && buf[i + 1] != b'\n' => return Err("bare CR in request head"),
+            0 => return Err("NUL byte in request head"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+enum HeadKind {
+    Body(BodyKind),
+    Opaque,
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Validates a complete head (ending in CRLFCRLF) and tells how its body is framed.
+fn validate_head(head: &[u8]) -> Result<HeadKind, Refusal> {
+    check_partial_head(head)?;
+    let body = &head[..head.len() - 4];
+    let mut lines = body.split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+
+    let request_line = lines.next().ok_or("empty request")?;
+    let mut parts = request_line.split(|&b| b == b' ');
+    let method = parts.next().filter(|m| !m.is_empty() && m.iter().all(|&b| is_tchar(b))).ok_or("invalid method")?;
+    let target = parts.next().filter(|t| !t.is_empty()).ok_or("missing request target")?;
+    let version = parts.next().ok_or("missing HTTP version")?;
+    if parts.next().is_some() {
+        return Err("malformed request line");
+    }
+    if target.iter().any(|&b| b <= b' ' || b == 0x7f) {
+        return Err("invalid byte in request target");
+    }
+    let http10 = match version {
+        b"HTTP/1.1" => false,
+        b"HTTP/1.0" => true,
+        _ => return Err("unsupported HTTP version"),
+    };
+
+    let mut content_length: Option<u64> = None;
+    let mut chunked = false;
+    let mut transfer_encoding = false;
+    let mut hosts = 0;
+    let mut upgrade = false;
+    for line in lines {
+        if line.first().is_some_and(|&b| b == b' ' || b == b'\t') {
+            return Err("obsolete line folding");
+        }
+        let colon = line.iter().position(|&b| b == b':').ok_or("header line without colon")?;
+        let (name, value) = (&line[..colon], &line[colon + 1..]);
+        if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
+            return Err("invalid header name (or whitespace before the colon)");
+        }
+        if value.iter().any(|&b| (b < b' ' && b != b'\t') || b == 0x7f) {
+            return Err("control byte in header value");
+        }
+        let value = value.trim_ascii();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            if content_length.is_some() {
+                return Err("more than one Content-Length");
+            }
+            if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
+                return Err("Content-Length is not a plain number");
+            }
+            let n = std::str::from_utf8(value).ok().and_then(|s| s.parse().ok()).ok_or("Content-Length too large")?;
+            content_length = Some(n);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            if transfer_encoding {
+                return Err("more than one Transfer-Encoding");
+            }
+            transfer_encoding = true;
+            if !value.eq_ignore_ascii_case(b"chunked") {
+                return Err("Transfer-Encoding other than chunked");
+            }
+            chunked = true;
+        } else if name.eq_ignore_ascii_case(b"host") {
+            hosts += 1;
+        } else if name.eq_ignore_ascii_case(b"upgrade") {
+            upgrade = true;
+        }
+    }
+    if transfer_encoding && content_length.is_some() {
+        return Err("both Content-Length and Transfer-Encoding");
+    }
+    if transfer_encoding && http10 {
+        return Err("Transfer-Encoding on HTTP/1.0");
+    }
+    if hosts > 1 {
+        return Err("more than one Host");
+    }
+    if !http10 && hosts == 0 {
+        return Err("HTTP/1.1 request without Host");
+    }
+    if method == b"CONNECT" || upgrade {
+        return Ok(HeadKind::Opaque);
+    }
+    Ok(HeadKind::Body(match (chunked, content_length) {
+        (true, _) => BodyKind::Chunked,
+        (false, Some(n)) => BodyKind::Length(n),
+        (false, None) => BodyKind::None,
+    }))
+}
+
+/// Advances through chunked framing; returns bytes used and whether the body ended.
+fn feed_chunked(state: &mut ChunkState, data: &[u8]) -> Result<(usize, bool), Refusal> {
+    let mut i = 0;
+    while i < data.len() {
+        match state {
+            ChunkState::Size(line) => {
+                let b = data[i];
+                i += 1;
+                line.push(b);
+                if line.len() > MAX_CHUNK_LINE {
+                    return Err("chunk-size line too long");
+                }
+                if b == b'\n' {
+                    let size = parse_chunk_size(line)?;
+                    *state = if size == 0 {
+                        ChunkState::Trailers { seen: 0, line: Vec::new() }
+                    } else {
+                        ChunkState::Data(size)
+                    };
+                }
+            }
+            ChunkState::Data(left) => {
+                let n = (*left).min((data.len() - i) as u64);
+                *left -= n;
+                i += n as usize;
+                if *left == 0 {
+                    *state = ChunkState::DataEnd(0);
+                }
+            }
+            ChunkState::DataEnd(seen) => {
+                let want = if *seen == 0 { b'\r' } else { b'\n' };
+                if data[i] != want {
+                    return Err("chunk data not followed by CRLF");
+                }
+                i += 1;
+                *seen += 1;
+                if *seen == 2 {
+                    *state = ChunkState::Size(Vec::new());
+                }
+            }
+            ChunkState::Trailers { seen, line } => {
+                let b = data[i];
+                i += 1;
+                *seen += 1;
+                if *seen > MAX_TRAILERS {
+                    return Err("trailer section too long");
+                }
+                line.push(b);
+                if b == b'\n' {
+                    if line.len() < 2 || line[line.len() - 2] != b'\r' {
+                        return Err("bare LF in chunked trailers");
+                    }
+                    if line.len() == 2 {
+                        return Ok((i, true));
+                    }
+                    let content = &line[..line.len() - 2];
+                    if content.first().is_some_and(|&b| b == b' ' || b == b'\t') || !content.contains(&b':') {
+                        return Err("malformed trailer");
+                    }
+                    line.clear();
+                }
+            }
+        }
+    }
+    Ok((i, false))
+}
+
+/// Parses "1a;ext=v\r\n": hex digits only (no sign, no whitespace, no "0x"), at most 15 of
+/// them, optional extensions of token characters.
+fn parse_chunk_size(line: &[u8]) -> Result<u64, Refusal> {
+    let line = line.strip_suffix(b"\r\n").ok_or("bare LF in chunk-size line")?;
+    let (size, ext) = match line.iter().position(|&b| b == b';') {
+        Some(p) => (&line[..p], Some(&line[p + 1..])),
+        None => (line, None),
+    };
+    if size.is_empty() || size.len() > 15 || !size.iter().all(u8::is_ascii_hexdigit) {
+        return Err("invalid chunk size");
+    }
+    if let Some(ext) = ext {
+        if ext.iter().any(|&b| !(is_tchar(b) || b == b'=' || b == b';' || b == b'"')) {
+            return Err("invalid chunk extension");
+        }
+    }
+    let text = std::str::from_utf8(size).map_err(|_| "invalid chunk size")?;
+    u64::from_str_radix(text, 16).map_err(|_| "invalid chunk size")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(bytes: &[u8]) -> Result<Progress, Refusal> {
+        H1Scanner::new(64 * 1024).feed(bytes)
+    }
+
+    #[test]
+    fn plain_requests_pass_and_are_counted() {
+        let two = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc";
+        assert_eq!(scan(two), Ok(Progress { heads: 2 }));
+        let chunked = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n0\r\nX-T: 1\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert_eq!(scan(chunked), Ok(Progress { heads: 2 }));
+        assert_eq!(scan(b"GET / HTTP/1.0\r\n\r\n"), Ok(Progress { heads: 1 }));
+    }
+
+    #[test]
+    fn byte_at_a_time_gives_the_same_verdict() {
+        let msg = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n";
+        let mut s = H1Scanner::new(1024);
+        let heads: usize = msg.iter().map(|b| s.feed(std::slice::from_ref(b)).expect("valid").heads).sum();
+        assert_eq!(heads, 2);
+        assert!(!s.in_partial_head());
+    }
+
+    #[test]
+    fn smuggling_shapes_are_refused() {
+        let cases: &[&[u8]] = &[
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 4\r\n\r\nabcd",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcd",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +4\r\n\r\nabcd",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\x0bchunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n",
+            b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"GET / HTTP/1.1\nHost: a\n\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nX-Folded: a\r\n b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            b"GET / HTTP/1.1\r\n\r\n",
+            b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\n Transfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nz\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n-3\r\nabc\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0x3\r\nabc\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffff\r\n",
+        ];
+        for case in cases {
+            assert!(scan(case).is_err(), "accepted: {:?}", String::from_utf8_lossy(case));
+        }
+    }
+
+    #[test]
+    fn second_request_after_a_body_is_checked_too() {
+        let msg = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx";
+        assert!(scan(msg).is_err());
+    }
+
+    #[test]
+    fn upgrades_and_h2_stop_the_scan() {
+        let mut s = H1Scanner::new(1024);
+        s.feed(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n").expect("valid");
+        assert!(s.is_opaque());
+        assert!(s.feed(b"\x81\x05hello\n\n\r").is_ok());
+        let mut s = H1Scanner::new(1024);
+        s.feed(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").expect("preface");
+        assert!(s.is_opaque());
+        let mut s = H1Scanner::new(1024);
+        s.feed(b"PRI * H").expect("preface start");
+        s.feed(b"TTP/2.0\r\n\r\nSM\r\n\r\n").expect("preface end");
+        assert!(s.is_opaque());
+    }
+
+    #[test]
+    fn oversized_heads_are_left_to_hyper() {
+        let mut s = H1Scanner::new(16);
+        assert!(s.feed(b"GET / HTTP/1.1\r\nX-Long: aaaaaaaaaaaaaaaaaaaaaa").is_ok());
+        assert!(s.is_opaque());
+    }
+
+    #[test]
+    fn partial_head_tracking() {
+        let mut s = H1Scanner::new(1024);
+        assert!(!s.in_partial_head());
+        s.feed(b"GET / HT").expect("partial");
+        assert!(s.in_partial_head());
+        s.feed(b"TP/1.1\r\nHost: a\r\n\r\n").expect("rest");
+        assert!(!s.in_partial_head());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics_and_splitting_does_not_change_the_verdict(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300), cut in 0usize..300) {
+            let whole = H1Scanner::new(256).feed(&data).map(|p| p.heads);
+            let cut = cut.min(data.len());
+            let mut s = H1Scanner::new(256);
+            let split = s.feed(&data[..cut]).and_then(|a| s.feed(&data[cut..]).map(|b| a.heads + b.heads));
+            proptest::prop_assert_eq!(whole.is_ok(), split.is_ok());
+        }
+    }
+}
