@@ -12,6 +12,7 @@
 //! - [`routing`]: first-match routing by host, path prefix and header.
 //! - [`health`]: active checks (HTTP, TCP) with rise/fall hysteresis, and passive outlier
 //!   detection.
+//! - [`ratelimit`]: per-client token buckets (GCRA) in a fixed-size table, for `rate_limit`.
 //! - [`proxy`]: listeners, the HTTP/1.1 + h2c front end, forwarding, retries, upgrades.
 //! - [`metrics`]: metric names and the Prometheus rendering of the atomics the data plane bumps.
 //! - [`admin`]: the admin HTTP API (`/status`, `/metrics`, drain/enable).
@@ -29,5 +30,6 @@ pub mod health;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
+pub mod ratelimit;
 pub mod routing;
 pub mod snapshot;
