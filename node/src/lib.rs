@@ -12,6 +12,8 @@
 //! - [`routing`]: first-match routing by host, path prefix and header.
 //! - [`health`]: active checks (HTTP, TCP) with rise/fall hysteresis, and passive outlier
 //!   detection.
+//! - [`ratelimit`]: per-client token buckets (GCRA) in a fixed-size table, for `rate_limit`.
+//! - [`connlimit`]: a listener's connection caps, total and per client IP, as RAII permits.
 //! - [`proxy`]: listeners, the HTTP/1.1 + h2c front end, forwarding, retries, upgrades.
 //! - [`metrics`]: metric names and the Prometheus rendering of the atomics the data plane bumps.
 //! - [`admin`]: the admin HTTP API (`/status`, `/metrics`, drain/enable).
@@ -23,11 +25,13 @@
 pub mod admin;
 pub mod balance;
 pub mod config;
+pub mod connlimit;
 pub mod daemon;
 pub mod demo;
 pub mod health;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
+pub mod ratelimit;
 pub mod routing;
 pub mod snapshot;
