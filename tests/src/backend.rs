@@ -65,6 +65,7 @@ struct State {
     delay_ms: AtomicU64,
     requests: AtomicU64,
     health_checks: AtomicU64,
+    unhealthy_answers: AtomicU64,
     in_flight: AtomicU64,
     accepted: AtomicU64,
     open: AtomicU64,
@@ -183,6 +184,7 @@ impl Backend {
             delay_ms: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             health_checks: AtomicU64::new(0),
+            unhealthy_answers: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
             open: AtomicU64::new(0),
@@ -242,6 +244,11 @@ impl Backend {
     /// `/healthz` requests received.
     pub fn health_checks(&self) -> u64 {
         self.state.health_checks.load(Ordering::SeqCst)
+    }
+
+    /// `/healthz` requests answered 503.
+    pub fn unhealthy_answers(&self) -> u64 {
+        self.state.unhealthy_answers.load(Ordering::SeqCst)
     }
 
     /// Requests currently being answered (received, response head not yet returned).
@@ -342,6 +349,7 @@ async fn handle(mut req: Request<Incoming>, _peer: SocketAddr, state: &State) ->
         return if state.healthy.load(Ordering::SeqCst) {
             respond(StatusCode::OK, full("ok"))
         } else {
+            state.unhealthy_answers.fetch_add(1, Ordering::SeqCst);
             respond(StatusCode::SERVICE_UNAVAILABLE, full("unhealthy"))
         };
     }

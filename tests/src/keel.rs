@@ -5,8 +5,8 @@
 //! [`TempDir`], spawns `keel run --config FILE` with `RUST_LOG=info` and stdout/stderr captured
 //! to files there, and waits until `GET /healthz` on the admin address answers 200 and the
 //! proxy port accepts connections. If keel exits or the deadline passes first, the error carries
-//! its log. [`Keel`] kills the process on drop, and when the test is failing prints the config
-//! and the log tail.
+//! its log. [`Keel`] kills the process on drop and prints its config and log tail (test runners
+//! show that output only for failing tests).
 //!
 //! The binary is `$KEEL_BIN` if set, else `<workspace>/target/debug/keel`; this crate does not
 //! build it (`cargo build -p keel-node`).
@@ -374,12 +374,13 @@ impl Drop for Proc {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        if std::thread::panicking() {
-            let log = self.log();
-            let lines: Vec<&str> = log.lines().collect();
-            let tail = lines[lines.len().saturating_sub(80)..].join("\n");
-            eprintln!("--- {} log (last 80 lines) ---\n{tail}\n--- end of log ---", self.what);
-        }
+        // Printed for every test, not only panicking ones: tests that fail by returning an
+        // error do not panic, and both nextest and libtest show a test's output only when it
+        // fails.
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(80)..].join("\n");
+        eprintln!("--- {} log (last 80 lines) ---\n{tail}\n--- end of log ---", self.what);
     }
 }
 
@@ -390,6 +391,12 @@ pub struct Keel {
     admin: SocketAddr,
     config: String,
     client: Client,
+}
+
+impl Drop for Keel {
+    fn drop(&mut self) {
+        eprintln!("--- keel config ---\n{}--- end of config ---", self.config);
+    }
 }
 
 impl Keel {
