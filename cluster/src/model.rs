@@ -15,6 +15,9 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::duration::HumanDuration;
+pub use crate::edge::{
+    BackendTls, CertificateFiles, Limits, ListenerTls, ProxyProtocol, RateLimit, TlsVersion, MIN_HEADER_BYTES,
+};
 
 /// Highest server weight accepted, as in HAProxy (1–256).
 pub const MAX_WEIGHT: u32 = 256;
@@ -41,6 +44,21 @@ pub enum Protocol {
     /// HTTP/1.1, and HTTP/2 with prior knowledge (h2c), on plain TCP.
     #[default]
     Http,
+    /// HTTP/1.1 and HTTP/2 (chosen by ALPN) over TLS terminated by keel.
+    Https,
+    /// Layer 4: bytes spliced between the client and one server of the default pool.
+    Tcp,
+}
+
+impl Protocol {
+    /// The name used in config files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Https => "https",
+            Protocol::Tcp => "tcp",
+        }
+    }
 }
 
 /// One listening socket and how its requests are routed.
@@ -58,6 +76,21 @@ pub struct Listener {
     /// Routing rules, tried in order: the first match wins.
     #[serde(default)]
     pub routes: Vec<Route>,
+    /// TLS termination; required for `https`, refused otherwise.
+    #[serde(default)]
+    pub tls: Option<ListenerTls>,
+    /// Answer every request with a 308 redirect to the same URL over https (http listeners).
+    #[serde(default)]
+    pub redirect_to_https: bool,
+    /// Port named in those redirects.
+    #[serde(default = "defaults::https_port")]
+    pub https_port: u16,
+    /// Per-client rate limit for every request on this listener; routes may override it.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
+    /// Protection limits (connections, timeouts, sizes).
+    #[serde(default)]
+    pub limits: Limits,
 }
 
 /// A routing rule: every condition given must hold.
@@ -76,6 +109,9 @@ pub struct Route {
     pub header: Option<HeaderMatch>,
     /// Pool that serves matching requests.
     pub pool: String,
+    /// Rate limit for requests of this route, replacing the listener's.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// A header condition of a [`Route`].
@@ -165,6 +201,12 @@ pub struct Pool {
     /// How many other servers to try after a connect failure.
     #[serde(default = "defaults::retries")]
     pub retries: u32,
+    /// Speak TLS to the servers.
+    #[serde(default)]
+    pub tls: Option<BackendTls>,
+    /// Send a PROXY protocol header to the servers (TCP listeners only).
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyProtocol>,
 }
 
 /// One backend server.
@@ -377,6 +419,10 @@ pub mod defaults {
     pub fn ejection() -> HumanDuration {
         HumanDuration::from_secs(10)
     }
+    /// 443.
+    pub fn https_port() -> u16 {
+        443
+    }
 }
 
 /// One step of a [`KeyPath`]: a table key or an array index.
@@ -455,8 +501,44 @@ impl Config {
                     report(at.key("default_pool"), self.unknown_pool(pool));
                 }
             }
+            match (listener.protocol, &listener.tls) {
+                (Protocol::Https, None) => {
+                    report(at.key("protocol"), "an https listener needs a [listeners.NAME.tls] table".into())
+                }
+                (Protocol::Https, Some(tls)) if tls.certificates.is_empty() => {
+                    report(at.key("tls").key("certificates"), "at least one certificate is needed".into())
+                }
+                (Protocol::Http | Protocol::Tcp, Some(_)) => report(
+                    at.key("tls"),
+                    format!("tls settings need protocol = \"https\" (this listener is {})", listener.protocol.as_str()),
+                ),
+                _ => {}
+            }
+            if listener.redirect_to_https && listener.protocol != Protocol::Http {
+                report(at.key("redirect_to_https"), "only an http listener can redirect to https".into());
+            }
+            if listener.protocol == Protocol::Tcp {
+                if !listener.routes.is_empty() {
+                    report(at.key("routes"), "a tcp listener cannot route (it sees bytes, not requests)".into());
+                }
+                if listener.default_pool.is_none() {
+                    report(at.key("default_pool"), "a tcp listener needs a default_pool".into());
+                }
+                if listener.rate_limit.is_some() {
+                    report(at.key("rate_limit"), "rate limits apply to HTTP requests; a tcp listener has none".into());
+                }
+            } else if listener.default_pool.is_none() && listener.routes.is_empty() && !listener.redirect_to_https {
+                report(at.key("default_pool"), "the listener serves nothing: give it a default_pool or routes".into());
+            }
+            if let Some(rl) = &listener.rate_limit {
+                check_rate_limit(rl, &at.key("rate_limit"), &mut report);
+            }
+            check_limits(&listener.limits, &at.key("limits"), &mut report);
             for (i, route) in listener.routes.iter().enumerate() {
                 let at = at.key("routes").index(i);
+                if let Some(rl) = &route.rate_limit {
+                    check_rate_limit(rl, &at.key("rate_limit"), &mut report);
+                }
                 if !self.pools.contains_key(&route.pool) {
                     report(at.key("pool"), self.unknown_pool(&route.pool));
                 }
@@ -503,6 +585,28 @@ impl Config {
                             server.weight
                         ),
                     );
+                }
+            }
+            if pool.proxy_protocol.is_some() {
+                let http_users: Vec<&str> = self
+                    .listeners
+                    .iter()
+                    .filter(|(_, l)| l.protocol != Protocol::Tcp && l.uses_pool(name))
+                    .map(|(n, _)| n.as_str())
+                    .collect();
+                if !http_users.is_empty() {
+                    report(
+                        at.key("proxy_protocol"),
+                        format!(
+                            "PROXY protocol is for tcp listeners; HTTP listener(s) {} use this pool",
+                            http_users.join(", ")
+                        ),
+                    );
+                }
+            }
+            if let Some(tls) = &pool.tls {
+                if tls.server_name.as_deref().is_some_and(|n| n.is_empty() || n.contains(['/', ' ', ':'])) {
+                    report(at.key("tls").key("server_name"), "not a DNS name".into());
                 }
             }
             if pool.retries > MAX_RETRIES {
@@ -554,12 +658,66 @@ impl Config {
         }
     }
 
+    /// Whether any listener or route refers to `pool`.
+    pub fn pool_is_used(&self, pool: &str) -> bool {
+        self.listeners.values().any(|l| l.uses_pool(pool))
+    }
+
     fn unknown_pool(&self, pool: &str) -> String {
         let known: Vec<&str> = self.pools.keys().map(String::as_str).collect();
         if known.is_empty() {
             format!("pool {pool:?} is not defined (no pools are defined)")
         } else {
             format!("pool {pool:?} is not defined (defined: {})", known.join(", "))
+        }
+    }
+}
+
+impl Listener {
+    /// Whether this listener sends traffic to `pool`.
+    pub fn uses_pool(&self, pool: &str) -> bool {
+        self.default_pool.as_deref() == Some(pool) || self.routes.iter().any(|r| r.pool == pool)
+    }
+}
+
+fn check_rate_limit(rl: &RateLimit, at: &KeyPath, report: &mut impl FnMut(KeyPath, String)) {
+    if rl.rate == 0 {
+        report(at.key("rate"), "must be at least 1 (remove the rate_limit table to turn it off)".into());
+    }
+    if rl.per.get().is_zero() {
+        report(at.key("per"), "must be greater than zero".into());
+    }
+    if rl.burst == Some(0) {
+        report(at.key("burst"), "must be at least 1".into());
+    }
+    if rl.max_clients == 0 {
+        report(at.key("max_clients"), "must be at least 1".into());
+    }
+    if let Some(h) = &rl.header {
+        if http_token(h).is_err() {
+            report(at.key("header"), format!("{h:?} is not a valid header name"));
+        }
+    }
+}
+
+fn check_limits(l: &Limits, at: &KeyPath, report: &mut impl FnMut(KeyPath, String)) {
+    for (key, v) in [
+        ("max_connections", l.max_connections),
+        ("max_connections_per_client", l.max_connections_per_client),
+        ("max_headers", l.max_headers),
+    ] {
+        if v == 0 {
+            report(at.key(key), "must be at least 1".into());
+        }
+    }
+    if l.max_header_bytes < MIN_HEADER_BYTES {
+        report(at.key("max_header_bytes"), format!("must be at least {MIN_HEADER_BYTES}"));
+    }
+    for (key, d) in
+        [("header_timeout", l.header_timeout), ("body_timeout", l.body_timeout), ("idle_timeout", l.idle_timeout)]
+    {
+        if d.get().is_zero() {
+            report(at.key(key), "must be greater than zero".into());
         }
     }
 }

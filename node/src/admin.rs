@@ -1,1 +1,306 @@
-//! PLACEHOLDER admin
+//! The admin API: JSON status, Prometheus metrics, a human stats page, and server operations.
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | `/healthz` | 200 while the process serves |
+//! | GET | `/status` | listeners, pools, servers with state, weight, in-flight and counters (JSON) |
+//! | GET | `/metrics` | Prometheus text format |
+//! | GET | `/` | the same status as an HTML table, for a person |
+//! | POST | `/pools/{pool}/servers/{server}/drain` | no new requests; in-flight ones finish |
+//! | POST | `/pools/{pool}/servers/{server}/enable` | undo a drain |
+//! | POST | `/pools/{pool}/servers/{server}/weight` | body `{"weight": N}` |
+//!
+//! It listens on its own address (loopback by default) and is never served on a data-plane
+//! listener. Request bodies are capped at [`MAX_BODY`] bytes.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::metrics::{self, Rejections};
+use crate::pool::{Pool, PoolError, ServerState, STATUS_CLASSES};
+use crate::snapshot::{SharedSnapshot, Snapshot};
+
+/// Largest request body the admin API reads.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// What the admin API serves from.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The live routing snapshot.
+    pub snapshot: SharedSnapshot,
+    /// Requests keel answered itself.
+    pub rejections: Arc<Rejections>,
+}
+
+/// `/status` document.
+#[derive(Serialize)]
+pub struct Status {
+    /// Listeners.
+    pub listeners: Vec<ListenerStatus>,
+    /// Pools.
+    pub pools: Vec<PoolStatus>,
+}
+
+/// One listener in `/status`.
+#[derive(Serialize)]
+pub struct ListenerStatus {
+    /// Name.
+    pub name: String,
+    /// Bound address.
+    pub bind: SocketAddr,
+    /// Client protocol.
+    pub protocol: keel_cluster::model::Protocol,
+}
+
+/// One pool in `/status`.
+#[derive(Serialize)]
+pub struct PoolStatus {
+    /// Name.
+    pub name: String,
+    /// Balancing algorithm.
+    pub algorithm: String,
+    /// Servers able to take requests now.
+    pub available: usize,
+    /// Servers.
+    pub servers: Vec<ServerStatus>,
+}
+
+/// One server in `/status`.
+#[derive(Serialize)]
+pub struct ServerStatus {
+    /// Name.
+    pub name: String,
+    /// Address.
+    pub address: SocketAddr,
+    /// Weight.
+    pub weight: u32,
+    /// "up", "down", "drain" or "ejected".
+    pub state: &'static str,
+    /// Requests in flight.
+    pub active: usize,
+    /// Requests sent.
+    pub requests: u64,
+    /// Responses by status class.
+    pub responses: std::collections::BTreeMap<&'static str, u64>,
+    /// Connect failures.
+    pub connect_errors: u64,
+    /// Response-head timeouts.
+    pub timeouts: u64,
+    /// Exchanges the server broke.
+    pub broken: u64,
+}
+
+impl ServerStatus {
+    fn of(s: &ServerState) -> Self {
+        ServerStatus {
+            name: s.name.clone(),
+            address: s.address,
+            weight: s.weight(),
+            state: s.state_name(),
+            active: s.active.load(Ordering::Relaxed),
+            requests: s.stats.requests.load(Ordering::Relaxed),
+            responses: STATUS_CLASSES
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (*c, s.stats.responses[i].load(Ordering::Relaxed)))
+                .collect(),
+            connect_errors: s.stats.connect_errors.load(Ordering::Relaxed),
+            timeouts: s.stats.timeouts.load(Ordering::Relaxed),
+            broken: s.stats.broken.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Builds the `/status` document from a snapshot.
+pub fn status(snapshot: &Snapshot) -> Status {
+    Status {
+        listeners: snapshot
+            .config
+            .listeners
+            .iter()
+            .map(|(name, l)| ListenerStatus { name: name.clone(), bind: l.bind, protocol: l.protocol })
+            .collect(),
+        pools: snapshot
+            .pools
+            .values()
+            .map(|p| PoolStatus {
+                name: p.name.clone(),
+                algorithm: p.config.algorithm.to_string(),
+                available: p.servers.iter().filter(|s| s.is_eligible()).count(),
+                servers: p.servers.iter().map(|s| ServerStatus::of(s)).collect(),
+            })
+            .collect(),
+    }
+}
+
+/// Serves the admin API on `listener` until `stop` turns true.
+pub async fn serve(listener: TcpListener, state: AdminState, mut stop: watch::Receiver<bool>) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(target: "keel::admin", error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(&state, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_else(|_| b"{}".to_vec());
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>> {
+    json(status, &serde_json::json!({ "error": message.into() }))
+}
+
+async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (req.method(), segments.as_slice()) {
+        (&Method::GET, ["healthz"]) => Response::new(Full::new(Bytes::from_static(b"ok\n"))),
+        (&Method::GET, ["status"]) => json(StatusCode::OK, &status(&state.snapshot.load())),
+        (&Method::GET, ["metrics"]) => {
+            let text = metrics::render(&state.snapshot.load(), &state.rejections);
+            let mut resp = Response::new(Full::new(Bytes::from(text)));
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4"));
+            resp
+        }
+        (&Method::GET, [""]) => {
+            let mut resp = Response::new(Full::new(Bytes::from(stats_page(&status(&state.snapshot.load())))));
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/html; charset=utf-8"));
+            resp
+        }
+        (&Method::POST, ["pools", pool, "servers", server, action]) => {
+            let (pool, server, action) = ((*pool).to_owned(), (*server).to_owned(), (*action).to_owned());
+            let Some(p) = state.snapshot.load().pool(&pool).cloned() else {
+                return error(StatusCode::NOT_FOUND, format!("no pool named {pool:?}"));
+            };
+            server_action(&p, &server, &action, req).await
+        }
+        (_, ["healthz" | "status" | "metrics" | ""]) => error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+        _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {} {path}", req.method())),
+    }
+}
+
+async fn server_action(pool: &Pool, server: &str, action: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let result = match action {
+        "drain" => pool.set_draining(server, true),
+        "enable" => pool.set_draining(server, false),
+        "weight" => {
+            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return error(StatusCode::BAD_REQUEST, format!("cannot read body: {e}")),
+            };
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct WeightBody {
+                weight: u32,
+            }
+            match serde_json::from_slice::<WeightBody>(&body) {
+                Ok(w) => pool.set_weight(server, w.weight),
+                Err(e) => return error(StatusCode::BAD_REQUEST, format!("expected {{\"weight\": N}}: {e}")),
+            }
+        }
+        other => return error(StatusCode::NOT_FOUND, format!("unknown action {other:?}; use drain, enable or weight")),
+    };
+    match result {
+        Ok(()) => {
+            let s = pool.servers.iter().find(|s| s.name == server);
+            match s {
+                Some(s) => json(StatusCode::OK, &ServerStatus::of(s)),
+                None => error(StatusCode::NOT_FOUND, "server vanished"),
+            }
+        }
+        Err(e @ PoolError::UnknownServer { .. }) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e @ PoolError::BadWeight(_)) => error(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// A stats page a person can read at a glance, in the spirit of HAProxy's.
+fn stats_page(status: &Status) -> String {
+    let mut html = String::from(
+        "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=5><title>keel stats</title>\
+         <style>body{font:14px system-ui,sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:2em}\
+         td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}th{background:#eee}td:first-child{text-align:left}\
+         .up{background:#c8f7c5}.down{background:#f7c5c5}.drain{background:#f7e9c5}.ejected{background:#f7d6c5}</style>\
+         </head><body><h1>keel</h1>",
+    );
+    html.push_str("<h2>Listeners</h2><table><tr><th>name</th><th>bind</th><th>protocol</th></tr>");
+    for l in &status.listeners {
+        html.push_str(&format!("<tr><td>{}</td><td>{}</td><td>{:?}</td></tr>", escape(&l.name), l.bind, l.protocol));
+    }
+    html.push_str("</table>");
+    for p in &status.pools {
+        html.push_str(&format!(
+            "<h2>Pool {} <small>({}, {}/{} available)</small></h2>",
+            escape(&p.name),
+            escape(&p.algorithm),
+            p.available,
+            p.servers.len()
+        ));
+        html.push_str(
+            "<table><tr><th>server</th><th>address</th><th>state</th><th>weight</th><th>active</th>\
+             <th>requests</th><th>2xx</th><th>4xx</th><th>5xx</th><th>connect errors</th><th>timeouts</th></tr>",
+        );
+        for s in &p.servers {
+            let class = |c: &str| s.responses.get(c).copied().unwrap_or(0);
+            html.push_str(&format!(
+                "<tr class={st}><td>{}</td><td>{}</td><td>{st}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
+                 <td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                escape(&s.name),
+                s.address,
+                s.weight,
+                s.active,
+                s.requests,
+                class("2xx"),
+                class("4xx"),
+                class("5xx"),
+                s.connect_errors,
+                s.timeouts,
+                st = s.state,
+            ));
+        }
+        html.push_str("</table>");
+    }
+    html.push_str("</body></html>");
+    html
+}

@@ -1,1 +1,284 @@
-//! PLACEHOLDER config
+//! A node's TOML file → the node's own settings plus a validated [`Config`].
+//!
+//! The file holds two kinds of settings: `[node]` belongs to this process alone (admin address,
+//! drain deadline, worker threads), everything else (`[listeners.*]`, `[pools.*]`) is the
+//! [`Config`] that the cluster will replicate. Both are read in one pass.
+//!
+//! Errors name the file, the line and the key. serde stops at the first syntax or type error,
+//! so those come one at a time; the invariants that span fields ([`Config::validate`]) are all
+//! reported together. Line numbers for the latter come from re-walking the spanned document
+//! (`toml::de::DeTable`) along each problem's [`KeyPath`], so the model stays free of spans.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use keel_cluster::model::{Listener, Pool};
+use keel_cluster::{Config, HumanDuration, KeyPath, PathSegment};
+use serde::{Deserialize, Serialize};
+use toml::de::{DeTable, DeValue};
+
+/// Upper bound on `node.workers`: more threads than this is a typo, not a machine.
+pub const MAX_WORKERS: usize = 1024;
+
+/// Settings that belong to this node alone and are never replicated.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSettings {
+    /// Address of the admin API. Keep it on loopback or a management network.
+    #[serde(default = "default_admin")]
+    pub admin: SocketAddr,
+    /// How long a graceful shutdown waits for in-flight requests.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: HumanDuration,
+    /// Tokio worker threads for the data plane; 0 = one per CPU core.
+    #[serde(default)]
+    pub workers: usize,
+}
+
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+
+fn default_drain_timeout() -> HumanDuration {
+    HumanDuration::from_secs(10)
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        Self { admin: default_admin(), drain_timeout: default_drain_timeout(), workers: 0 }
+    }
+}
+
+impl NodeSettings {
+    /// The drain deadline as a [`Duration`].
+    pub fn drain_timeout(&self) -> Duration {
+        self.drain_timeout.get()
+    }
+}
+
+/// Everything a node's file says.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NodeFile {
+    /// This node's own settings.
+    pub node: NodeSettings,
+    /// The served configuration, validated.
+    pub config: Config,
+}
+
+/// The on-disk shape: `[node]` beside the replicated tables.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    node: NodeSettings,
+    #[serde(default)]
+    listeners: std::collections::BTreeMap<String, Listener>,
+    #[serde(default)]
+    pools: std::collections::BTreeMap<String, Pool>,
+}
+
+/// One problem found in a file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line, when the problem can be placed.
+    pub line: Option<usize>,
+    /// Dotted key path, when the problem is about one key.
+    pub key: Option<String>,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// Why a config file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file was read but is not a valid config.
+    #[error("{}", render(origin, problems))]
+    Invalid {
+        /// The file (or a label such as "<demo>").
+        origin: String,
+        /// Every problem found.
+        problems: Vec<Problem>,
+    },
+}
+
+fn render(origin: &str, problems: &[Problem]) -> String {
+    let mut out = String::new();
+    for (i, p) in problems.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        out.push_str(&p.display_with(origin).to_string());
+    }
+    out
+}
+
+impl Problem {
+    /// `FILE:LINE: KEY: REASON`, leaving out what is unknown.
+    pub fn display_with<'a>(&'a self, origin: &'a str) -> impl fmt::Display + 'a {
+        struct Shown<'a>(&'a Problem, &'a str);
+        impl fmt::Display for Shown<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}", self.1)?;
+                if let Some(line) = self.0.line {
+                    write!(f, ":{line}")?;
+                }
+                if let Some(key) = &self.0.key {
+                    write!(f, ": {key}")?;
+                }
+                write!(f, ": {}", self.0.reason)
+            }
+        }
+        Shown(self, origin)
+    }
+}
+
+/// Reads and validates a node file.
+pub fn load(path: &Path) -> Result<NodeFile, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    parse(&text, &path.display().to_string())
+}
+
+/// Parses and validates node-file text; `origin` names it in errors.
+pub fn parse(text: &str, origin: &str) -> Result<NodeFile, ConfigError> {
+    let invalid = |problems| ConfigError::Invalid { origin: origin.to_owned(), problems };
+    let document = DeTable::parse(text).map_err(|e| invalid(vec![toml_problem(text, &e)]))?;
+    let raw = RawFile::deserialize(toml::de::Deserializer::from(document.clone()))
+        .map_err(|e| invalid(vec![toml_problem(text, &e)]))?;
+
+    let mut problems = Vec::new();
+    if raw.node.workers > MAX_WORKERS {
+        problems.push(Problem {
+            line: locate(text, document.get_ref(), &KeyPath::of(&["node", "workers"])),
+            key: Some("node.workers".into()),
+            reason: format!("{} worker threads is above the maximum of {MAX_WORKERS}", raw.node.workers),
+        });
+    }
+    let config = Config { listeners: raw.listeners, pools: raw.pools };
+    if let Err(found) = config.validate() {
+        problems.extend(found.into_iter().map(|p| Problem {
+            line: locate(text, document.get_ref(), &p.path),
+            key: Some(p.path.to_string()),
+            reason: p.reason,
+        }));
+    }
+    if problems.is_empty() {
+        Ok(NodeFile { node: raw.node, config })
+    } else {
+        Err(invalid(problems))
+    }
+}
+
+fn toml_problem(text: &str, e: &toml::de::Error) -> Problem {
+    Problem {
+        line: e.span().map(|s| line_of(text, s.start)),
+        key: None,
+        reason: e.message().trim_end().replace('\n', "; "),
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+/// The line where `path` is written, or the nearest enclosing key that is written (a missing
+/// key is best shown at the table that lacks it).
+fn locate(text: &str, root: &DeTable<'_>, path: &KeyPath) -> Option<usize> {
+    let mut table = Some(root);
+    let mut array: Option<&[toml::Spanned<DeValue<'_>>]> = None;
+    let mut found = None;
+    for seg in &path.0 {
+        let (span, value) = match seg {
+            PathSegment::Key(k) => {
+                let (key, value) = table?.iter().find(|(key, _)| key.get_ref().as_ref() == &k[..])?;
+                (key.span(), value)
+            }
+            PathSegment::Index(i) => {
+                let value = array?.get(*i)?;
+                (value.span(), value)
+            }
+        };
+        found = Some(line_of(text, span.start));
+        table = None;
+        array = None;
+        match value.get_ref() {
+            DeValue::Table(t) => table = Some(t),
+            DeValue::Array(a) => array = Some(&a[..]),
+            _ => {}
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        match parse(text, "k.toml") {
+            Ok(_) => vec![],
+            Err(ConfigError::Invalid { problems, origin }) => {
+                problems.iter().map(|p| p.display_with(&origin).to_string()).collect()
+            }
+            Err(e) => vec![e.to_string()],
+        }
+    }
+
+    const BASE: &str = "[listeners.web]\nbind = \"127.0.0.1:8080\"\ndefault_pool = \"app\"\n\n[pools.app]\n\n[[pools.app.servers]]\nname = \"a\"\naddress = \"127.0.0.1:9001\"\n";
+
+    #[test]
+    fn a_valid_file_parses_with_node_defaults() {
+        let file = parse(BASE, "k.toml").expect("valid");
+        assert_eq!(file.node, NodeSettings::default());
+        assert_eq!(file.config.pools["app"].servers.len(), 1);
+    }
+
+    #[test]
+    fn validation_problems_carry_line_and_key() {
+        let text = BASE.replace("default_pool = \"app\"", "default_pool = \"nope\"");
+        assert_eq!(
+            problems(&text),
+            ["k.toml:3: listeners.web.default_pool: pool \"nope\" is not defined (defined: app)"]
+        );
+    }
+
+    #[test]
+    fn array_elements_are_located() {
+        let text = format!("{BASE}weight = 0\n\n[[pools.app.servers]]\nname = \"a\"\naddress = \"127.0.0.1:9002\"\n");
+        let found = problems(&text);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found[0].starts_with("k.toml:10: pools.app.servers[0].weight: weight 0"), "{found:?}");
+        assert!(found[1].starts_with("k.toml:13: pools.app.servers[1].name: duplicate"), "{found:?}");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_their_line() {
+        let found = problems(&BASE.replace("[pools.app]\n", "[pools.app]\nalgoritm = \"random\"\n"));
+        assert!(found[0].starts_with("k.toml:6: unknown field `algoritm`"), "{found:?}");
+        let found = problems(&BASE.replace("127.0.0.1:9001", "127.0.0.1"));
+        assert!(found[0].starts_with("k.toml:9: invalid socket address"), "{found:?}");
+        let found = problems(&format!("{BASE}[pools.app.health]\ninterval = \"5\"\n"));
+        assert!(found[0].starts_with("k.toml:11: invalid duration \"5\""), "{found:?}");
+    }
+
+    #[test]
+    fn syntax_errors_name_their_line() {
+        let found = problems("[node]\nadmin = \n");
+        assert!(found[0].starts_with("k.toml:2: "), "{found:?}");
+    }
+
+    #[test]
+    fn missing_key_is_shown_at_its_table() {
+        let found = problems("[listeners.web]\nbind = \"127.0.0.1:1\"\n[pools.app]\n");
+        assert!(found[0].starts_with("k.toml:3: missing field `servers`"), "{found:?}");
+    }
+}

@@ -13,6 +13,7 @@
 //! - [`health`]: active checks (HTTP, TCP) with rise/fall hysteresis, and passive outlier
 //!   detection.
 //! - [`proxy`]: listeners, the HTTP/1.1 + h2c front end, forwarding, retries, upgrades.
+//! - [`metrics`]: metric names and the Prometheus rendering of the atomics the data plane bumps.
 //! - [`admin`]: the admin HTTP API (`/status`, `/metrics`, drain/enable).
 //! - [`demo`]: the self-contained demo: three named backends and a balancer.
 //! - [`daemon`]: wiring for `keel run`: load config, start everything, shut down gracefully.
@@ -25,6 +26,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod health;
+pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod routing;

@@ -26,6 +26,7 @@ use keel_cluster::model;
 
 use crate::balance::{self, Member, Pick, Selector};
 use crate::health::outlier::OutlierState;
+use crate::metrics::Histogram;
 
 /// Body of a request sent to a server: the client's streamed body, or nothing (which is what
 /// lets a body-less request be retried on another server).
@@ -40,6 +41,9 @@ static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 pub fn now_millis() -> u64 {
     u64::try_from(EPOCH.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
+
+/// Fixed seed of server identities, the same on every node so all map a client alike.
+pub const SERVER_ID_SEED: u64 = 0x6b65_656c_5f73_7276; // "keel_srv"
 
 /// Response counters by status class, 1xx … 5xx.
 pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -74,6 +78,8 @@ pub struct ServerState {
     pub name: String,
     /// Where it listens.
     pub address: SocketAddr,
+    /// Stable identity for consistent hashing: a fixed-seed hash of the name.
+    pub id: u64,
     weight: AtomicU32,
     checked_up: AtomicBool,
     draining: AtomicBool,
@@ -91,6 +97,7 @@ impl ServerState {
         Self {
             name: server.name.clone(),
             address: server.address,
+            id: xxhash_rust::xxh3::xxh3_64_with_seed(server.name.as_bytes(), SERVER_ID_SEED),
             weight: AtomicU32::new(server.weight),
             checked_up: AtomicBool::new(true),
             draining: AtomicBool::new(false),
@@ -166,6 +173,8 @@ pub struct Pool {
     selector: ArcSwap<Box<dyn Selector>>,
     /// Pooled keep-alive connections to the servers.
     pub client: UpstreamClient,
+    /// Time to response head of requests served by this pool.
+    pub latency: Histogram,
     /// Self-reference handed to timers, so a pool dropped by a reload is not kept alive by them.
     this: Weak<Pool>,
 }
@@ -203,6 +212,7 @@ impl Pool {
             servers,
             selector: ArcSwap::from_pointee(balance::build(config.algorithm, &[])),
             client,
+            latency: Histogram::default(),
             this: this.clone(),
         });
         pool.refresh();
@@ -216,7 +226,7 @@ impl Pool {
             .iter()
             .enumerate()
             .filter(|(_, s)| s.is_eligible())
-            .map(|(index, s)| Member { index, weight: s.weight() })
+            .map(|(index, s)| Member { index, weight: s.weight(), id: s.id })
             .collect();
         self.selector.store(Arc::new(balance::build(self.config.algorithm, &members)));
     }

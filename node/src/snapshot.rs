@@ -1,1 +1,60 @@
-//! PLACEHOLDER snapshot
+//! The routing table the data plane reads: built from a [`Config`], published with `ArcSwap`.
+//!
+//! A request does one atomic load of the current [`Snapshot`], finds its listener's router and
+//! takes an `Arc` of the chosen pool; a reload (today a restart with a new file, with the
+//! cluster a committed `ApplyConfig`) builds a new snapshot next to the old one and swaps the
+//! pointer. Requests already in flight keep the pool they took; nothing is locked or dropped.
+//!
+//! Servers that keep their pool, name and address carry their live state (verdicts, in-flight
+//! count, counters) into the new snapshot, so an unrelated config change does not readmit an
+//! ejected server or zero the metrics.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use keel_cluster::Config;
+
+use crate::pool::Pool;
+use crate::routing::Router;
+
+/// One immutable view of the served configuration and its run-time objects.
+pub struct Snapshot {
+    /// The config it was built from.
+    pub config: Arc<Config>,
+    /// Pools by name.
+    pub pools: BTreeMap<String, Arc<Pool>>,
+    /// Each listener's router, by listener name.
+    pub routers: HashMap<String, Router>,
+}
+
+/// The published snapshot: one atomic load per request.
+pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
+
+impl Snapshot {
+    /// Builds the run-time objects for `config`, carrying over server state from `previous`.
+    pub fn build(config: Config, previous: Option<&Snapshot>) -> Snapshot {
+        let pools: BTreeMap<String, Arc<Pool>> = config
+            .pools
+            .iter()
+            .map(|(name, cfg)| {
+                let old = previous.and_then(|p| p.pools.get(name));
+                let pool = Pool::new(name, cfg, |server| {
+                    old?.servers.iter().find(|s| s.name == server.name && s.address == server.address).cloned()
+                });
+                (name.clone(), pool)
+            })
+            .collect();
+        let routers = config
+            .listeners
+            .iter()
+            .map(|(name, l)| (name.clone(), Router::new(l, |pool| pools.get(pool).cloned())))
+            .collect();
+        Snapshot { config: Arc::new(config), pools, routers }
+    }
+
+    /// The pool named `name`.
+    pub fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
+        self.pools.get(name)
+    }
+}

@@ -1,0 +1,162 @@
+//! Metric names and the Prometheus text rendering of the node's counters.
+//!
+//! The counters themselves live beside what they count (`pool::ServerStats`, one
+//! [`Histogram`] per pool) as plain atomics, so the request path never takes a lock or looks up
+//! a label set; this module turns them into the Prometheus text format at scrape time.
+//! prometheus-client's registry was considered: its label families hash a label set on every
+//! increment, and its histogram takes a lock per observation, both on the hot path, while the
+//! labels here are fixed by the config and known in advance. The exposition format is small and
+//! stable, so rendering it here costs less than adapting the registry.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::pool::STATUS_CLASSES;
+use crate::snapshot::Snapshot;
+
+/// Requests answered, by pool, server and status class.
+pub const REQUESTS_TOTAL: &str = "keel_requests_total";
+/// Time from receiving a request to sending the response head, by pool.
+pub const REQUEST_DURATION: &str = "keel_request_duration_seconds";
+/// Connect failures towards a server.
+pub const CONNECT_ERRORS_TOTAL: &str = "keel_server_connect_errors_total";
+/// Response heads that did not arrive within the pool's request timeout.
+pub const TIMEOUTS_TOTAL: &str = "keel_server_timeouts_total";
+/// Exchanges the server broke (closed or reset mid-exchange).
+pub const BROKEN_TOTAL: &str = "keel_server_broken_total";
+/// Requests in flight per server.
+pub const ACTIVE: &str = "keel_server_active_requests";
+/// 1 when the server may receive requests, else 0.
+pub const SERVER_UP: &str = "keel_server_up";
+/// Requests refused before reaching a pool, by reason (no route, no server).
+pub const REJECTED_TOTAL: &str = "keel_requests_rejected_total";
+
+/// Upper bounds of the latency buckets, in seconds.
+pub const BUCKETS: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// A latency histogram of atomics: one increment per observation, no lock.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Non-cumulative counts per bucket; the last slot is +Inf.
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one duration.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let slot = BUCKETS.iter().position(|&b| secs <= b).unwrap_or(BUCKETS.len());
+        self.buckets[slot].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (i, bound) in BUCKETS.iter().map(|b| b.to_string()).chain(["+Inf".to_owned()]).enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+        }
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count.load(Ordering::Relaxed));
+    }
+}
+
+/// Counters of requests that never reached a server.
+#[derive(Debug, Default)]
+pub struct Rejections {
+    /// No route matched and the listener has no default pool (404).
+    pub no_route: AtomicU64,
+    /// The pool had no server to offer (503).
+    pub no_server: AtomicU64,
+}
+
+/// A per-server metric: name, type, help, and how to read it.
+type PerServer = (&'static str, &'static str, &'static str, fn(&crate::pool::ServerState) -> u64);
+
+/// Escapes a label value for the text format.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Renders every metric of `snapshot` in the Prometheus text format (version 0.0.4).
+pub fn render(snapshot: &Snapshot, rejections: &Rejections) -> String {
+    let mut out = String::with_capacity(4096);
+    let header = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+
+    header(&mut out, REQUESTS_TOTAL, "counter", "Responses received from servers, by status class.");
+    for pool in snapshot.pools.values() {
+        for s in &pool.servers {
+            for (i, class) in STATUS_CLASSES.iter().enumerate() {
+                let n = s.stats.responses[i].load(Ordering::Relaxed);
+                let _ = writeln!(
+                    out,
+                    "{REQUESTS_TOTAL}{{pool=\"{}\",server=\"{}\",code=\"{class}\"}} {n}",
+                    label(&pool.name),
+                    label(&s.name)
+                );
+            }
+        }
+    }
+    let per_server: [PerServer; 5] = [
+        (CONNECT_ERRORS_TOTAL, "counter", "Connect failures towards the server.", |s| {
+            s.stats.connect_errors.load(Ordering::Relaxed)
+        }),
+        (TIMEOUTS_TOTAL, "counter", "Response heads not received within the request timeout.", |s| {
+            s.stats.timeouts.load(Ordering::Relaxed)
+        }),
+        (BROKEN_TOTAL, "counter", "Exchanges the server closed or reset before completing.", |s| {
+            s.stats.broken.load(Ordering::Relaxed)
+        }),
+        (ACTIVE, "gauge", "Requests in flight.", |s| s.active.load(Ordering::Relaxed) as u64),
+        (SERVER_UP, "gauge", "1 when the server may receive new requests.", |s| u64::from(s.is_eligible())),
+    ];
+    for (name, kind, help, get) in per_server {
+        header(&mut out, name, kind, help);
+        for pool in snapshot.pools.values() {
+            for s in &pool.servers {
+                let _ =
+                    writeln!(out, "{name}{{pool=\"{}\",server=\"{}\"}} {}", label(&pool.name), label(&s.name), get(s));
+            }
+        }
+    }
+    header(&mut out, REQUEST_DURATION, "histogram", "Time from request to response head, by pool.");
+    for pool in snapshot.pools.values() {
+        pool.latency.render(&mut out, REQUEST_DURATION, &format!("pool=\"{}\"", label(&pool.name)));
+    }
+    header(&mut out, REJECTED_TOTAL, "counter", "Requests answered by keel itself without reaching a server.");
+    let _ = writeln!(out, "{REJECTED_TOTAL}{{reason=\"no_route\"}} {}", rejections.no_route.load(Ordering::Relaxed));
+    let _ = writeln!(out, "{REJECTED_TOTAL}{{reason=\"no_server\"}} {}", rejections.no_server.load(Ordering::Relaxed));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(300));
+        h.observe(Duration::from_millis(30));
+        h.observe(Duration::from_secs(60));
+        let mut out = String::new();
+        h.render(&mut out, "x", "pool=\"p\"");
+        assert!(out.contains("x_bucket{pool=\"p\",le=\"0.0005\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{pool=\"p\",le=\"0.05\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{pool=\"p\",le=\"10\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{pool=\"p\",le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_count{pool=\"p\"} 3\n"), "{out}");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label("a\"b\\c\n"), "a\\\"b\\\\c\\n");
+    }
+}

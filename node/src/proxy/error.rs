@@ -1,0 +1,124 @@
+//! What can go wrong between receiving a request and sending its response head, and what the
+//! client is told.
+//!
+//! Each error records which side failed and whether trying another server is allowed (pingora's
+//! shape); the retry loop reads those fields, never message strings.
+
+use std::fmt;
+
+use bytes::Bytes;
+use http::{header, Response, StatusCode};
+use http_body_util::Full;
+
+/// Which side of the proxy an error came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The client sent something unusable.
+    Client,
+    /// A backend server failed.
+    Backend,
+    /// keel itself has nothing to offer (no route, no server).
+    Internal,
+}
+
+/// Kinds of failure, each with its own status code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// No route matched and the listener has no default pool.
+    NoRoute,
+    /// The pool has no eligible server.
+    NoServer,
+    /// No server of the pool accepted a connection (after retries).
+    Connect,
+    /// The response head did not arrive in time.
+    Timeout,
+    /// The server closed or broke the exchange.
+    Broken,
+}
+
+/// A failed request, ready to be turned into a response.
+#[derive(Clone, Debug)]
+pub struct ProxyError {
+    /// What failed.
+    pub kind: ErrorKind,
+    /// Who failed.
+    pub side: Side,
+    /// Whether another server may be tried.
+    pub retryable: bool,
+    /// The pool concerned, if routing got that far.
+    pub pool: Option<String>,
+    /// The server concerned, if one was chosen.
+    pub server: Option<String>,
+}
+
+impl ProxyError {
+    /// An error of `kind` about `pool`, with side and retryability implied by the kind.
+    pub fn new(kind: ErrorKind, pool: Option<&str>, server: Option<&str>) -> Self {
+        let (side, retryable) = match kind {
+            ErrorKind::NoRoute | ErrorKind::NoServer => (Side::Internal, false),
+            // A refused connect never reached the application: safe to try elsewhere.
+            ErrorKind::Connect => (Side::Backend, true),
+            // The server may have acted on the request: only the client can decide to resend.
+            ErrorKind::Timeout | ErrorKind::Broken => (Side::Backend, false),
+        };
+        ProxyError { kind, side, retryable, pool: pool.map(str::to_owned), server: server.map(str::to_owned) }
+    }
+
+    /// The status code the client gets.
+    pub fn status(&self) -> StatusCode {
+        match self.kind {
+            ErrorKind::NoRoute => StatusCode::NOT_FOUND,
+            ErrorKind::NoServer | ErrorKind::Connect => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::Broken => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// A plain-text response saying what happened.
+    pub fn to_response(&self) -> Response<Full<Bytes>> {
+        plain_response(self.status(), self.to_string())
+    }
+}
+
+impl fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let pool = self.pool.as_deref().unwrap_or("?");
+        let server = self.server.as_deref().unwrap_or("?");
+        match self.kind {
+            ErrorKind::NoRoute => write!(f, "no route matches this request and the listener has no default pool"),
+            ErrorKind::NoServer => write!(f, "no server available in pool {pool:?}"),
+            ErrorKind::Connect => write!(f, "no server of pool {pool:?} accepted a connection (last tried: {server})"),
+            ErrorKind::Timeout => write!(f, "server {server} of pool {pool:?} did not answer in time"),
+            ErrorKind::Broken => write!(f, "server {server} of pool {pool:?} broke the connection"),
+        }
+    }
+}
+
+/// A response with a one-line text body.
+pub fn plain_response(status: StatusCode, text: String) -> Response<Full<Bytes>> {
+    let mut body = text;
+    body.push('\n');
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_and_retry_rules() {
+        let e = ProxyError::new(ErrorKind::Connect, Some("app"), Some("a"));
+        assert!(e.retryable);
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let e = ProxyError::new(ErrorKind::Timeout, Some("app"), Some("a"));
+        assert!(!e.retryable);
+        assert_eq!(e.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(ProxyError::new(ErrorKind::Broken, None, None).status(), StatusCode::BAD_GATEWAY);
+        let e = ProxyError::new(ErrorKind::NoServer, Some("app"), None);
+        assert!(e.to_string().contains("\"app\""));
+    }
+}

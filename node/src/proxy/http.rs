@@ -1,0 +1,250 @@
+//! One HTTP request's trip through keel: route → pick a server → forward → stream back.
+//!
+//! The phases are kept apart so the features that hook into them have a place: request
+//! filters (rate limits, protections) run after routing and before a server is chosen; sticky
+//! lookup replaces the plain `select` when a pool has a sticky mode. Bodies are streamed both
+//! ways, never buffered. A request without a body can be retried on another server after a
+//! connect failure, because nothing of it has been consumed; a request whose body is being
+//! streamed gets one attempt (the body cannot be replayed).
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use keel_cluster::model::{Algorithm, MAX_RETRIES};
+
+use super::error::{ErrorKind, ProxyError};
+use super::headers;
+use crate::metrics::Rejections;
+use crate::pool::{Pool, ServerState};
+use crate::routing::{request_host, RequestView};
+use crate::snapshot::SharedSnapshot;
+
+/// Fixed seed for hashing client addresses, so every keel node maps a client to the same
+/// position on the consistent-hash ring.
+pub const CLIENT_HASH_SEED: u64 = 0x6b65_656c_5f69_7068; // "keel_iph"
+
+/// The body keel answers with: a server's streamed body, or a short one keel wrote.
+pub type ProxyBody = Either<Tracked<Incoming>, Full<Bytes>>;
+
+/// Serves the requests of one listener.
+pub struct HttpProxy {
+    snapshot: SharedSnapshot,
+    listener: Arc<str>,
+    proto: &'static str,
+    rejections: Arc<Rejections>,
+}
+
+impl HttpProxy {
+    /// A proxy for the listener named `listener`, speaking `proto` ("http") to clients.
+    pub fn new(snapshot: SharedSnapshot, listener: &str, proto: &'static str, rejections: Arc<Rejections>) -> Self {
+        HttpProxy { snapshot, listener: listener.into(), proto, rejections }
+    }
+
+    /// Answers one request from `peer`.
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let pool = {
+            let snapshot = self.snapshot.load();
+            let host = request_host(req.uri(), req.headers());
+            let view = RequestView { host, path: req.uri().path(), headers: req.headers() };
+            snapshot.routers.get(&*self.listener).and_then(|r| r.route(&view)).cloned()
+        };
+        let Some(pool) = pool else {
+            self.rejections.no_route.fetch_add(1, Ordering::Relaxed);
+            return ProxyError::new(ErrorKind::NoRoute, None, None).to_response().map(Either::Right);
+        };
+        match self.forward(&pool, req, peer, started).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                if e.kind == ErrorKind::NoServer {
+                    self.rejections.no_server.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::debug!(target: "keel::proxy", pool = %pool.name, error = %e, "request failed");
+                e.to_response().map(Either::Right)
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        pool: &Arc<Pool>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        started: Instant,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
+        let (mut parts, body) = req.into_parts();
+        let client_upgrade = if upgrade { parts.extensions.remove::<hyper::upgrade::OnUpgrade>() } else { None };
+
+        // HTTP/2 clients name the host in the URI, not in a Host header; servers behind us
+        // speak HTTP/1.1 and need the header.
+        let host = match parts.headers.get(header::HOST) {
+            Some(h) => Some(h.clone()),
+            None => parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        };
+        headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+        headers::add_forwarded(&mut parts.headers, peer.ip(), self.proto, host.as_ref());
+        if let Some(h) = &host {
+            parts.headers.insert(header::HOST, h.clone());
+        }
+        let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_owned();
+
+        // Only an empty body can be sent again.
+        let mut body = if body.is_end_stream() { None } else { Some(body) };
+        let replayable = body.is_none();
+        let hash = if pool.config.algorithm == Algorithm::IpHash { client_hash(peer) } else { 0 };
+
+        let attempts = pool.config.retries.min(MAX_RETRIES) as usize + 1;
+        let mut tried = [usize::MAX; MAX_RETRIES as usize + 1];
+        let mut last_error = ProxyError::new(ErrorKind::NoServer, Some(&pool.name), None);
+        for attempt in 0..attempts {
+            let Some(index) = pool.select(hash, &tried[..attempt]) else { break };
+            tried[attempt] = index;
+            let server = &pool.servers[index];
+
+            let uri = Uri::builder()
+                .scheme("http")
+                .authority(server.address.to_string())
+                .path_and_query(path_and_query.as_str())
+                .build()
+                .map_err(|_| ProxyError::new(ErrorKind::Broken, Some(&pool.name), Some(&server.name)))?;
+            let last_try = attempt + 1 == attempts || !replayable;
+            let headers = if last_try { std::mem::take(&mut parts.headers) } else { parts.headers.clone() };
+            let upstream_body = match body.take() {
+                Some(b) => Either::Left(b),
+                None => Either::Right(Empty::new()),
+            };
+            let mut upstream = Request::new(upstream_body);
+            *upstream.method_mut() = parts.method.clone();
+            *upstream.uri_mut() = uri;
+            *upstream.version_mut() = Version::HTTP_11;
+            *upstream.headers_mut() = headers;
+
+            let in_flight = InFlight::start(server);
+            server.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let sent = tokio::time::timeout(pool.config.request_timeout.get(), pool.client.request(upstream)).await;
+            let mut resp = match sent {
+                Err(_elapsed) => {
+                    server.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                    pool.observe(index, false);
+                    return Err(ProxyError::new(ErrorKind::Timeout, Some(&pool.name), Some(&server.name)));
+                }
+                Ok(Err(e)) if e.is_connect() => {
+                    server.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
+                    pool.observe(index, false);
+                    tracing::debug!(target: "keel::proxy", pool = %pool.name, server = %server.name, error = %e,
+                        "connect failed");
+                    last_error = ProxyError::new(ErrorKind::Connect, Some(&pool.name), Some(&server.name));
+                    if last_error.retryable && replayable {
+                        continue;
+                    }
+                    return Err(last_error);
+                }
+                Ok(Err(e)) => {
+                    server.stats.broken.fetch_add(1, Ordering::Relaxed);
+                    pool.observe(index, false);
+                    tracing::debug!(target: "keel::proxy", pool = %pool.name, server = %server.name, error = %e,
+                        "exchange failed");
+                    return Err(ProxyError::new(ErrorKind::Broken, Some(&pool.name), Some(&server.name)));
+                }
+                Ok(Ok(resp)) => resp,
+            };
+
+            let status = resp.status();
+            server.stats.count_status(status.as_u16());
+            pool.observe(index, !status.is_server_error());
+            pool.latency.observe(started.elapsed());
+
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                if let (Some(client_side), Some(server_side)) =
+                    (client_upgrade, resp.extensions_mut().remove::<hyper::upgrade::OnUpgrade>())
+                {
+                    tokio::spawn(tunnel(client_side, server_side, in_flight));
+                    let (mut head, _) = resp.into_parts();
+                    headers::strip_hop_by_hop(&mut head.headers, true);
+                    return Ok(Response::from_parts(head, Either::Right(Full::new(Bytes::new()))));
+                }
+            }
+            let (mut head, body) = resp.into_parts();
+            headers::strip_hop_by_hop(&mut head.headers, false);
+            return Ok(Response::from_parts(head, Either::Left(Tracked { inner: body, _in_flight: in_flight })));
+        }
+        Err(last_error)
+    }
+}
+
+/// Hash of the client address for `ip_hash`.
+pub fn client_hash(peer: SocketAddr) -> u64 {
+    match peer.ip() {
+        std::net::IpAddr::V4(v4) => xxhash_rust::xxh3::xxh3_64_with_seed(&v4.octets(), CLIENT_HASH_SEED),
+        std::net::IpAddr::V6(v6) => xxhash_rust::xxh3::xxh3_64_with_seed(&v6.octets(), CLIENT_HASH_SEED),
+    }
+}
+
+/// Splices an upgraded connection (WebSocket) between client and server until either closes.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::OnUpgrade, in_flight: InFlight) {
+    let _in_flight = in_flight;
+    match tokio::try_join!(client, server) {
+        Ok((client, server)) => {
+            let mut client = TokioIo::new(client);
+            let mut server = TokioIo::new(server);
+            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
+                tracing::debug!(target: "keel::proxy", error = %e, "upgraded connection ended with an error");
+            }
+        }
+        Err(e) => tracing::debug!(target: "keel::proxy", error = %e, "upgrade failed"),
+    }
+}
+
+/// Counts a request as in flight on a server until dropped (when its response body ends).
+pub struct InFlight(Arc<ServerState>);
+
+impl InFlight {
+    fn start(server: &Arc<ServerState>) -> Self {
+        server.active.fetch_add(1, Ordering::Relaxed);
+        InFlight(server.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A server's response body that keeps its request counted as in flight until it ends.
+    pub struct Tracked<B> {
+        #[pin]
+        inner: B,
+        _in_flight: InFlight,
+    }
+}
+
+impl<B: Body> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
