@@ -213,6 +213,37 @@ pub async fn raw_exchange(addr: SocketAddr, bytes: Vec<u8>, deadline: Duration) 
     Ok(outcome)
 }
 
+/// Writes `bytes` on a new connection to `addr` and reads everything until the peer closes;
+/// fails if it has not closed within `deadline` (the error shows what arrived).
+pub async fn raw_transcript(addr: SocketAddr, bytes: Vec<u8>, deadline: Duration) -> Result<Vec<u8>> {
+    let mut stream = TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+    // A server that closes early makes the write fail: what it sent is still read below.
+    let _ = stream.write_all(&bytes).await;
+    let start = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_sub(start.elapsed());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Err(_) => anyhow::bail!(
+                "the connection was still open after {deadline:?}; received: {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+            Ok(Ok(0)) | Ok(Err(_)) => return Ok(got),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// The status codes of every HTTP/1 status line at the start of a line in `transcript`.
+pub fn status_codes(transcript: &[u8]) -> Vec<u16> {
+    String::from_utf8_lossy(transcript)
+        .split("\r\n")
+        .filter(|l| l.starts_with("HTTP/1."))
+        .filter_map(|l| l.split(' ').nth(1)?.parse().ok())
+        .collect()
+}
+
 fn classify(got: &[u8]) -> RawOutcome {
     let text = String::from_utf8_lossy(got);
     let line = text.lines().next().unwrap_or_default();

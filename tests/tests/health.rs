@@ -18,6 +18,13 @@ async fn checked(bs: &[Backend]) -> Result<Keel> {
     for b in bs {
         keel.wait_state("app", b.name(), "up", HEALTH_CHANGE).await?;
     }
+    // keel (like HAProxy) starts a server "up but unconfirmed": a failure before its first
+    // success takes it down at once. Wait for two passed checks, so that keel has processed at
+    // least one and rise/fall apply from here on.
+    wait_until(HEALTH_CHANGE, "two passed health checks on every backend", || async {
+        bs.iter().all(|b| b.health_checks() - b.unhealthy_answers() >= 2)
+    })
+    .await?;
     Ok(keel)
 }
 
