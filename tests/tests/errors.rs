@@ -136,3 +136,34 @@ async fn backend_error_statuses_pass_through_untouched() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn client_aborts_do_not_count_against_the_server() -> Result<()> {
+    // A client that hangs up mid-upload is the client's failure, not the server's (HAProxy logs
+    // it as a client-side abort). If passive detection counted it, any client could eject every
+    // server of a pool with a few aborted uploads.
+    let bs = Backend::start_many("", 1)?;
+    let pool = PoolSpec::new("app", "round_robin").backends(&bs).outlier(3, "60s");
+    let keel = Keel::builder().default_pool("app").pool(pool).start().await?;
+
+    for i in 0..6 {
+        let mut s = tokio::net::TcpStream::connect(keel.proxy_addr()).await?;
+        let head = "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nonly a little";
+        tokio::io::AsyncWriteExt::write_all(&mut s, head.as_bytes()).await?;
+        // Hang up only once the upload is being streamed to the backend.
+        let want = i + 1;
+        keel_tests::wait_until(ADMIN_CHANGE, "the upload to reach the backend", || async {
+            bs[0].requests() >= want && bs[0].in_flight() == 1
+        })
+        .await?;
+        drop(s);
+        keel_tests::wait_until(ADMIN_CHANGE, "the backend to see the abort", || async { bs[0].in_flight() == 0 })
+            .await?;
+        let state = keel.server_state("app", "a").await?;
+        ensure!(state == "up", "{want} client aborts (consecutive_failures = 3) made the server {state:?}");
+    }
+
+    let r = keel.get("/").await?;
+    ensure!(r.status == 200, "after 6 client aborts: {} {:?}", r.status, r.text());
+    Ok(())
+}
