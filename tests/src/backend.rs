@@ -10,6 +10,7 @@
 //! | `/status/NNN` | status NNN, the name as body |
 //! | `/headers` | JSON `{"method", "uri", "version", "headers": {name: [values]}}` of the request as received |
 //! | `/big?bytes=N` | N bytes of `x`, streamed in 16 KiB chunks |
+//! | `/drip?chunks=N&ms=M` | N chunks `chunk I\n`, the first at once, then one every M ms |
 //! | `/ws` | a WebSocket upgrade that echoes text and binary messages |
 //!
 //! [`Backend::set_delay`] delays every counted request, whatever its path, which makes one
@@ -398,6 +399,20 @@ async fn handle(mut req: Request<Incoming>, _peer: SocketAddr, state: &State) ->
             Ok::<_, Infallible>(Frame::data(Bytes::from(vec![b'x'; len])))
         });
         return respond(StatusCode::OK, BodyExt::boxed(StreamBody::new(futures_util::stream::iter(chunks))));
+    }
+    if path == "/drip" {
+        let chunks = query_u64(query.as_deref(), "chunks").unwrap_or(5);
+        let every = Duration::from_millis(query_u64(query.as_deref(), "ms").unwrap_or(200));
+        let stream = futures_util::stream::unfold(0u64, move |i| async move {
+            if i >= chunks {
+                return None;
+            }
+            if i > 0 {
+                tokio::time::sleep(every).await;
+            }
+            Some((Ok::<_, Infallible>(Frame::data(Bytes::from(format!("chunk {i}\n")))), i + 1))
+        });
+        return respond(StatusCode::OK, BodyExt::boxed(StreamBody::new(stream)));
     }
     if path == "/ws" {
         let is_ws = req

@@ -127,6 +127,16 @@ impl Client {
         tokio::time::timeout(REQUEST, fut).await.map_err(|_| anyhow!("{what}: no complete response in {REQUEST:?}"))?
     }
 
+    /// Sends `req` and returns the response as soon as its head arrives (within [`REQUEST`]),
+    /// with the body still streaming.
+    pub async fn send_streaming(&self, req: Request<Full<Bytes>>) -> Result<http::Response<hyper::body::Incoming>> {
+        let what = format!("{} {}", req.method(), req.uri());
+        tokio::time::timeout(REQUEST, self.inner.request(req))
+            .await
+            .map_err(|_| anyhow!("{what}: no response head in {REQUEST:?}"))?
+            .with_context(|| format!("{what} failed"))
+    }
+
     /// GETs `path` `n` times in sequence and returns who answered each (the `x-backend`
     /// header); fails on the first transport error or non-2xx status, naming the request.
     pub async fn backends(&self, addr: SocketAddr, path: &str, n: usize) -> Result<Vec<String>> {
@@ -235,13 +245,82 @@ pub async fn raw_transcript(addr: SocketAddr, bytes: Vec<u8>, deadline: Duration
     }
 }
 
-/// The status codes of every HTTP/1 status line at the start of a line in `transcript`.
+/// One HTTP/1 response parsed out of a raw transcript.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawResponse {
+    /// Status code.
+    pub status: u16,
+    /// Header lines, names lower-cased.
+    pub headers: Vec<(String, String)>,
+    /// The body, de-chunked.
+    pub body: Vec<u8>,
+}
+
+/// Splits a transcript into the responses it holds, in order: each head, then a body framed
+/// by Content-Length, chunked encoding, or the end of the transcript; 1xx, 204 and 304 have
+/// none. Stops at the first thing that does not parse.
+pub fn parse_responses(transcript: &[u8]) -> Vec<RawResponse> {
+    let mut out = Vec::new();
+    let mut rest = transcript;
+    while let Some(end) = rest.windows(4).position(|w| w == b"\r\n\r\n") {
+        let head = String::from_utf8_lossy(&rest[..end]).into_owned();
+        rest = &rest[end + 4..];
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let Some(status) =
+            status_line.strip_prefix("HTTP/1.").and_then(|l| l.split(' ').nth(1)).and_then(|c| c.parse::<u16>().ok())
+        else {
+            break;
+        };
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        let get = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        let mut body = Vec::new();
+        if (100..200).contains(&status) || status == 204 || status == 304 {
+            // no body
+        } else if get("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
+            loop {
+                let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else { return out };
+                let size_text = String::from_utf8_lossy(&rest[..eol]).into_owned();
+                let Ok(size) = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16) else {
+                    return out;
+                };
+                rest = &rest[eol + 2..];
+                if size == 0 {
+                    // Skip trailers up to the blank line.
+                    match rest.windows(2).position(|w| w == b"\r\n") {
+                        Some(0) => rest = &rest[2..],
+                        _ => match rest.windows(4).position(|w| w == b"\r\n\r\n") {
+                            Some(p) => rest = &rest[p + 4..],
+                            None => rest = &[],
+                        },
+                    }
+                    break;
+                }
+                if rest.len() < size + 2 {
+                    return out;
+                }
+                body.extend_from_slice(&rest[..size]);
+                rest = &rest[size + 2..];
+            }
+        } else if let Some(len) = get("content-length").and_then(|v| v.parse::<usize>().ok()) {
+            let len = len.min(rest.len());
+            body.extend_from_slice(&rest[..len]);
+            rest = &rest[len..];
+        } else {
+            body.extend_from_slice(rest);
+            rest = &[];
+        }
+        out.push(RawResponse { status, headers, body });
+    }
+    out
+}
+
+/// The status codes of the responses in a raw transcript, in order (see [`parse_responses`]).
 pub fn status_codes(transcript: &[u8]) -> Vec<u16> {
-    String::from_utf8_lossy(transcript)
-        .split("\r\n")
-        .filter(|l| l.starts_with("HTTP/1."))
-        .filter_map(|l| l.split(' ').nth(1)?.parse().ok())
-        .collect()
+    parse_responses(transcript).iter().map(|r| r.status).collect()
 }
 
 fn classify(got: &[u8]) -> RawOutcome {
@@ -263,5 +342,18 @@ mod tests {
         assert_eq!(classify(b"HTTP/1.1 400 Bad Request\r\n"), RawOutcome::Status(400));
         assert_eq!(classify(b"HTTP/1.0 431 x\r\n"), RawOutcome::Status(431));
         assert!(matches!(classify(b"\x00\x01\r\n"), RawOutcome::Garbage(_)));
+    }
+
+    #[test]
+    fn transcripts_split_into_responses() {
+        let t = b"HTTP/1.1 100 Continue\r\n\r\n\
+                  HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na\
+                  HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n\
+                  HTTP/1.1 404 Not Found\r\nConnection: close\r\n\r\ngone";
+        let rs = parse_responses(t);
+        assert_eq!(rs.iter().map(|r| r.status).collect::<Vec<_>>(), [100, 200, 200, 404]);
+        assert_eq!(rs[1].body, b"a");
+        assert_eq!(rs[2].body, b"abcde");
+        assert_eq!(rs[3].body, b"gone");
     }
 }

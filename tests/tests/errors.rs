@@ -84,6 +84,9 @@ async fn a_slow_response_head_gives_504_at_request_timeout() -> Result<()> {
     ensure!(took >= Duration::from_millis(250), "504 after only {took:?}: before the timeout");
     ensure!(took < Duration::from_millis(1500), "504 after {took:?}: not at the 300ms timeout");
 
+    let a = keel.server_status("app", "a").await?;
+    ensure!(a["timeouts"].as_u64().unwrap_or(0) >= 1, "the timeout is not counted in /status: {a}");
+
     // A request that fits the timeout still works on the same pool.
     let r = keel.get("/slow?ms=10").await?;
     ensure!(r.status == 200, "{}", r.status);
@@ -165,5 +168,24 @@ async fn client_aborts_do_not_count_against_the_server() -> Result<()> {
 
     let r = keel.get("/").await?;
     ensure!(r.status == 200, "after 6 client aborts: {} {:?}", r.status, r.text());
+    Ok(())
+}
+
+#[tokio::test]
+async fn ejected_servers_come_back_after_the_ejection_time() -> Result<()> {
+    let mut bs = Backend::start_many("", 2)?;
+    let pool = PoolSpec::new("app", "round_robin").backends(&bs).set("retries = 1").outlier(2, "1s");
+    let keel = Keel::builder().default_pool("app").pool(pool).start().await?;
+    let proxy = keel.proxy_addr();
+
+    bs[1].stop();
+    keel.client().backends(proxy, "/", 10).await?;
+    keel.wait_state("app", "b", "ejected", ADMIN_CHANGE).await?;
+    bs[1].restart()?;
+
+    // After the 1 s ejection b is tried again and, answering, stays in rotation.
+    keel.wait_state("app", "b", "up", Duration::from_secs(1) + HEALTH_CHANGE).await?;
+    let who = keel.client().backends(proxy, "/", 10).await?;
+    ensure!(who.iter().filter(|w| *w == "b").count() == 5, "b is back but not in rotation: {who:?}");
     Ok(())
 }

@@ -158,3 +158,21 @@ async fn raw_exchange_reads_a_status_line() -> Result<()> {
     ensure!(matches!(out, RawOutcome::Status(400) | RawOutcome::Closed), "{out:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn drip_streams_chunks_over_time() -> Result<()> {
+    use http_body_util::BodyExt;
+    let a = Backend::start("a")?;
+    let start = Instant::now();
+    let resp = Client::new()
+        .send_streaming(keel_tests::client::empty(keel_tests::client::get(a.addr(), "/drip?chunks=3&ms=300"))?)
+        .await?;
+    let mut body = resp.into_body();
+    let first = body.frame().await.expect("a frame")?.into_data().expect("data");
+    assert_eq!(first, "chunk 0\n");
+    assert!(start.elapsed() < Duration::from_millis(300), "first chunk after {:?}", start.elapsed());
+    let rest = body.collect().await?.to_bytes();
+    assert_eq!(rest, "chunk 1\nchunk 2\n");
+    assert!(start.elapsed() >= Duration::from_millis(600));
+    Ok(())
+}

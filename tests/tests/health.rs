@@ -137,3 +137,43 @@ async fn tcp_checks_follow_the_listener() -> Result<()> {
     keel.wait_state("app", "a", "up", HEALTH_CHANGE).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn expect_status_and_path_are_honoured() -> Result<()> {
+    // The check path answers 302: "200-399" accepts it, "200-299" does not.
+    let bs = Backend::start_many("", 2)?;
+    let check = |expect: &str| {
+        [
+            "type = \"http\"".to_owned(),
+            "path = \"/status/302\"".to_owned(),
+            format!("expect_status = \"{expect}\""),
+            "interval = \"100ms\"".to_owned(),
+            "timeout = \"100ms\"".to_owned(),
+            "rise = 2".to_owned(),
+            "fall = 2".to_owned(),
+        ]
+    };
+    let lenient = check("200-399");
+    let strict = check("200-299");
+    let keel = Keel::builder()
+        .default_pool("lenient")
+        .pool(
+            PoolSpec::new("lenient", "round_robin")
+                .backends([&bs[0]])
+                .health(&lenient.iter().map(String::as_str).collect::<Vec<_>>())
+                .no_outlier(),
+        )
+        .pool(
+            PoolSpec::new("strict", "round_robin")
+                .backends([&bs[1]])
+                .health(&strict.iter().map(String::as_str).collect::<Vec<_>>())
+                .no_outlier(),
+        )
+        .start()
+        .await?;
+    keel.wait_state("strict", "b", "down", HEALTH_CHANGE).await?;
+    wait_until(HEALTH_CHANGE, "several checks of the lenient pool", || async { bs[0].requests() >= 4 }).await?;
+    ensure!(keel.server_state("lenient", "a").await? == "up", "302 is within 200-399");
+    ensure!(bs[0].paths().iter().all(|p| p == "/status/302"), "checks used {:?}", bs[0].paths());
+    Ok(())
+}

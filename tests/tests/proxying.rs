@@ -221,3 +221,143 @@ async fn h2c_requests_get_forwarding_headers_too() -> Result<()> {
     ensure!(joined(&doc, "x-forwarded-for") == "127.0.0.1", "{doc}");
     Ok(())
 }
+
+#[tokio::test]
+async fn responses_are_streamed_not_buffered() -> Result<()> {
+    use http_body_util::BodyExt;
+    let (_a, keel) = one_backend_keel().await?;
+    let start = std::time::Instant::now();
+    let resp = keel.client().send_streaming(empty(get(keel.proxy_addr(), "/drip?chunks=4&ms=500"))?).await?;
+    ensure!(resp.status() == 200, "{}", resp.status());
+    let mut body = resp.into_body();
+    let first = tokio::time::timeout(REQUEST, body.frame()).await?.context("no body")??;
+    let first_at = start.elapsed();
+    ensure!(first.data_ref().is_some_and(|d| d.starts_with(b"chunk 0")), "first frame: {first:?}");
+    // The backend sends the first chunk at once and the last after 1.5 s: a buffering proxy
+    // would deliver the first one at 1.5 s.
+    ensure!(first_at < std::time::Duration::from_millis(1000), "first chunk after {first_at:?}: buffered");
+    let rest = tokio::time::timeout(REQUEST, body.collect()).await??.to_bytes();
+    ensure!(rest == "chunk 1\nchunk 2\nchunk 3\n", "{rest:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn backend_connections_are_reused() -> Result<()> {
+    // idle_timeout keeps pooled connections to servers: sequential requests must not each pay
+    // for a new connection (HAProxy's http-reuse, nginx's upstream keepalive).
+    let (a, keel) = one_backend_keel().await?;
+    for i in 0..50 {
+        let r = keel.get("/").await?;
+        ensure!(r.status == 200, "request {i}: {}", r.status);
+    }
+    ensure!(
+        a.connections_accepted() <= 5,
+        "50 sequential requests opened {} backend connections",
+        a.connections_accepted()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_client_supplied_x_forwarded_proto_is_replaced() -> Result<()> {
+    // The contract says keel adds "X-Forwarded-Proto: http". A client must not be able to make a
+    // plain-HTTP request look like HTTPS to the backend, so keel sets it rather than appending
+    // (HAProxy: http-request set-header; nginx: proxy_set_header).
+    let (_a, keel) = one_backend_keel().await?;
+    let req = get(keel.proxy_addr(), "/headers").header("x-forwarded-proto", "https");
+    let doc = keel.client().send(empty(req)?).await?.json()?;
+    ensure!(
+        values(&doc, "x-forwarded-proto") == ["http"],
+        "x-forwarded-proto: {:?}",
+        values(&doc, "x-forwarded-proto")
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn http_1_0_clients_are_served() -> Result<()> {
+    let (_a, keel) = one_backend_keel().await?;
+    // No Host header, no keep-alive: the default pool answers and the connection closes.
+    let t = keel_tests::client::raw_transcript(
+        keel.proxy_addr(),
+        b"GET / HTTP/1.0\r\n\r\n".to_vec(),
+        keel_tests::wait::HOSTILE,
+    )
+    .await?;
+    let text = String::from_utf8_lossy(&t);
+    ensure!(keel_tests::client::status_codes(&t) == [200], "{text}");
+    ensure!(text.ends_with("\r\n\r\na"), "body is not the backend's name: {text:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() -> Result<()> {
+    let (a, keel) = one_backend_keel().await?;
+    let reqs = b"GET /one HTTP/1.1\r\nHost: x\r\n\r\nGET /two HTTP/1.1\r\nHost: x\r\n\r\n\
+                 GET /three HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let t = keel_tests::client::raw_transcript(keel.proxy_addr(), reqs.to_vec(), keel_tests::wait::HOSTILE).await?;
+    ensure!(keel_tests::client::status_codes(&t) == [200, 200, 200], "{}", String::from_utf8_lossy(&t));
+    ensure!(a.paths() == ["/one", "/two", "/three"], "{:?}", a.paths());
+    Ok(())
+}
+
+#[tokio::test]
+async fn expect_100_continue_uploads_work() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_a, keel) = one_backend_keel().await?;
+    let mut s = tokio::net::TcpStream::connect(keel.proxy_addr()).await?;
+    s.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    // curl waits up to 1 s for the 100 before sending anyway; wait for it here.
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(REQUEST, s.read(&mut buf)).await.context("no 100 Continue")??;
+    let interim = String::from_utf8_lossy(&buf[..n]).into_owned();
+    ensure!(interim.starts_with("HTTP/1.1 100"), "expected 100 Continue, got {interim:?}");
+    s.write_all(b"hello").await?;
+    let mut rest = Vec::new();
+    tokio::time::timeout(REQUEST, s.read_to_end(&mut rest)).await??;
+    let all = format!("{interim}{}", String::from_utf8_lossy(&rest));
+    ensure!(all.contains("HTTP/1.1 200"), "{all}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn head_requests_get_no_body() -> Result<()> {
+    let (_a, keel) = one_backend_keel().await?;
+    let req = Request::builder().method(Method::HEAD).uri(keel.url("/")).body(Full::new(Bytes::new()))?;
+    let r = keel.client().send(req).await?;
+    ensure!(r.status == 200 && r.body.is_empty() && r.backend() == Some("a"), "{} {:?}", r.status, r.text());
+    // And the keep-alive connection is still in a sane state for the next request.
+    let r = keel.get("/").await?;
+    ensure!(r.status == 200 && r.text() == "a", "{} {:?}", r.status, r.text());
+    Ok(())
+}
+
+#[tokio::test]
+async fn many_concurrent_clients_all_succeed() -> Result<()> {
+    let bs = Backend::start_many("", 3)?;
+    let keel =
+        Keel::builder().default_pool("app").pool(PoolSpec::new("app", "round_robin").backends(&bs)).start().await?;
+    let proxy = keel.proxy_addr();
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        tasks.push(tokio::spawn(async move {
+            let client = Client::new();
+            let mut statuses = Vec::new();
+            for _ in 0..10 {
+                statuses.push(client.get(proxy, "/slow?ms=5").await.map(|r| r.status.as_u16()).unwrap_or(0));
+            }
+            statuses
+        }));
+    }
+    let mut bad = Vec::new();
+    for t in tasks {
+        bad.extend(t.await?.into_iter().filter(|&s| s != 200));
+    }
+    ensure!(bad.is_empty(), "{} of 500 concurrent requests failed: {bad:?}", bad.len());
+    let total: u64 = bs.iter().map(Backend::requests).sum();
+    ensure!(total == 500, "backends saw {total} requests");
+    Ok(())
+}
