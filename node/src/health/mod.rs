@@ -243,6 +243,8 @@ mod tests {
             request_timeout: HumanDuration::from_secs(1),
             idle_timeout: HumanDuration::from_secs(1),
             retries: 0,
+            tls: None,
+            proxy_protocol: None,
         }
     }
 
