@@ -187,6 +187,9 @@ fn toml_str(s: &str) -> String {
     serde_json::Value::String(s.to_owned()).to_string()
 }
 
+/// How many times [`KeelBuilder::start`] tries fresh ports when one was taken under it.
+pub const BIND_ATTEMPTS: u32 = 3;
+
 /// A config for one keel node with one listener, `web`, and the pools given.
 #[derive(Clone, Debug)]
 pub struct KeelBuilder {
@@ -277,12 +280,25 @@ impl KeelBuilder {
         s
     }
 
-    /// Starts keel with this config and waits until it is ready.
+    /// Starts keel with this config on free ports and waits until it is ready.
+    ///
+    /// If keel cannot bind because another process took one of the ports in the moment between
+    /// [`free_addr`] and keel's bind (see [`ports`](crate::ports)), it is started again on new
+    /// ports, up to [`BIND_ATTEMPTS`] times.
     pub async fn start(self) -> Result<Keel> {
-        let proxy = free_addr();
-        let admin = free_addr();
-        let config = self.render(proxy, admin);
-        Keel::start_config(config, proxy, admin).await
+        let mut attempt = 1;
+        loop {
+            let proxy = free_addr();
+            let admin = free_addr();
+            let config = self.render(proxy, admin);
+            match Keel::start_config(config, proxy, admin).await {
+                Err(e) if attempt < BIND_ATTEMPTS && format!("{e:#}").contains("Address already in use") => {
+                    eprintln!("port taken between allocation and bind (attempt {attempt}); retrying on new ports");
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
     }
 }
 
