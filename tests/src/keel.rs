@@ -591,6 +591,18 @@ impl Demo {
     /// Runs `keel demo --listen L --admin A` on free ports and waits until the balancer answers
     /// 200 on `/`.
     pub async fn start() -> Result<Demo> {
+        let mut attempt = 1;
+        loop {
+            match Demo::start_once().await {
+                Err(e) if attempt < BIND_ATTEMPTS && format!("{e:#}").contains("Address already in use") => {
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn start_once() -> Result<Demo> {
         let (listen, admin) = (free_addr(), free_addr());
         let dir = TempDir::new("keel-demo")?;
         let (l, a) = (listen.to_string(), admin.to_string());

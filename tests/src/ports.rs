@@ -5,9 +5,10 @@
 //! 127.0.0.1:0, reading the port the kernel chose, and closing the socket.
 //!
 //! The tiny race: between that close and keel's bind, another process may take the port. The
-//! kernel hands out ephemeral ports in sequence, so this takes a collision within milliseconds
-//! on a busy machine; when it happens keel fails to start and the test fails with keel's
-//! "address in use" log, which names the cause.
+//! window is milliseconds, but with many tests starting backends on port 0 at once it does
+//! happen now and then; keel then exits with "Address already in use", and
+//! [`KeelBuilder::start`](crate::KeelBuilder::start) and [`Demo::start`](crate::keel::Demo::start)
+//! start it again on new ports.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 
