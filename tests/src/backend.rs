@@ -10,6 +10,7 @@
 //! | `/status/NNN` | status NNN, the name as body |
 //! | `/headers` | JSON `{"method", "uri", "version", "headers": {name: [values]}}` of the request as received |
 //! | `/big?bytes=N` | N bytes of `x`, streamed in 16 KiB chunks |
+//! | `/hop` | the name, with response headers `Connection: x-internal`, `X-Internal: 1`, `Keep-Alive: timeout=5` |
 //! | `/drip?chunks=N&ms=M` | N chunks `chunk I\n`, the first at once, then one every M ms |
 //! | `/ws` | a WebSocket upgrade that echoes text and binary messages |
 //!
@@ -399,6 +400,13 @@ async fn handle(mut req: Request<Incoming>, _peer: SocketAddr, state: &State) ->
             Ok::<_, Infallible>(Frame::data(Bytes::from(vec![b'x'; len])))
         });
         return respond(StatusCode::OK, BodyExt::boxed(StreamBody::new(futures_util::stream::iter(chunks))));
+    }
+    if path == "/hop" {
+        let mut r = respond(StatusCode::OK, full(name.clone()));
+        r.headers_mut().insert(CONNECTION, HeaderValue::from_static("x-internal"));
+        r.headers_mut().insert("x-internal", HeaderValue::from_static("1"));
+        r.headers_mut().insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        return r;
     }
     if path == "/drip" {
         let chunks = query_u64(query.as_deref(), "chunks").unwrap_or(5);

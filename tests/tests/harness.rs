@@ -176,3 +176,12 @@ async fn drip_streams_chunks_over_time() -> Result<()> {
     assert!(start.elapsed() >= Duration::from_millis(600));
     Ok(())
 }
+
+#[tokio::test]
+async fn hop_sends_hop_by_hop_response_headers() -> Result<()> {
+    let a = Backend::start("a")?;
+    let r = Client::new().get(a.addr(), "/hop").await?;
+    assert_eq!(r.header("x-internal"), Some("1"));
+    assert_eq!(r.header("connection"), Some("x-internal"));
+    Ok(())
+}

@@ -123,3 +123,22 @@ async fn run_fails_when_the_listen_port_is_taken() -> Result<()> {
     ensure!(stderr.contains(&proxy.to_string()), "the error does not name the address:\n{stderr}");
     Ok(())
 }
+
+#[tokio::test]
+async fn open_websockets_do_not_hold_shutdown_past_the_drain_timeout() -> Result<()> {
+    use futures_util::SinkExt;
+    let (_a, mut keel) = one_backend_keel("1s").await?;
+    let (mut ws, _) =
+        tokio::time::timeout(REQUEST, tokio_tungstenite::connect_async(keel.url("/ws").replace("http", "ws")))
+            .await
+            .context("websocket handshake timed out")??;
+    ws.send(tokio_tungstenite::tungstenite::Message::text("hi")).await?;
+
+    let start = Instant::now();
+    keel.sigterm()?;
+    let status = keel.wait_exit(EXIT).await?;
+    let took = start.elapsed();
+    ensure!(status.success(), "exit status {status}; log:\n{}", keel.log());
+    ensure!(took < Duration::from_secs(5), "an open WebSocket held shutdown for {took:?} (drain timeout 1s)");
+    Ok(())
+}

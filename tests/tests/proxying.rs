@@ -361,3 +361,19 @@ async fn many_concurrent_clients_all_succeed() -> Result<()> {
     ensure!(total == 500, "backends saw {total} requests");
     Ok(())
 }
+
+#[tokio::test]
+async fn hop_by_hop_response_headers_are_removed() -> Result<()> {
+    let (_a, keel) = one_backend_keel().await?;
+    let r = keel.get("/hop").await?;
+    ensure!(r.status == 200 && r.text() == "a", "{} {:?}", r.status, r.text());
+    ensure!(
+        r.header("x-internal").is_none(),
+        "a header the backend named in Connection reached the client: {:?}",
+        r.headers
+    );
+    ensure!(r.header("keep-alive").is_none(), "the backend's keep-alive reached the client: {:?}", r.headers);
+    ensure!(!r.header("connection").unwrap_or("").contains("x-internal"), "{:?}", r.headers);
+    ensure!(r.backend() == Some("a"), "end-to-end response headers must pass: {:?}", r.headers);
+    Ok(())
+}

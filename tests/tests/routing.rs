@@ -103,3 +103,29 @@ async fn the_first_matching_route_wins() -> Result<()> {
     ensure!(r.pool_for("img.example.com", "/static/x", &[("x-debug", "1")]).await? == "static");
     Ok(())
 }
+
+#[tokio::test]
+async fn h2c_requests_are_routed_by_authority() -> Result<()> {
+    // HTTP/2 carries the host in :authority, not in a Host header; host rules must still apply.
+    let r = routed().await?;
+    let port = r.keel.proxy_addr().port();
+    // img.example.com + /static matches the wildcard route.
+    for (authority, want) in [("api.example.com", "api"), ("img.example.com", "static")] {
+        let req = http::Request::builder()
+            .uri(format!("http://{authority}:{port}/static/x"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))?;
+        // Connect to keel whatever the URI names.
+        let stream = tokio::net::TcpStream::connect(r.keel.proxy_addr()).await?;
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await?;
+        let conn = tokio::spawn(conn);
+        let resp = tokio::time::timeout(keel_tests::wait::REQUEST, send.send_request(req)).await??;
+        conn.abort();
+        let got = resp.headers().get("x-backend").and_then(|v| v.to_str().ok()).unwrap_or("?").to_owned();
+        ensure!(got == want, ":authority {authority}: routed to {got}, want {want}");
+    }
+    Ok(())
+}
