@@ -129,6 +129,9 @@ async fn half_sent_requests_and_abrupt_closes() -> Result<()> {
         drop(s);
     }
     let r = keel.get("/").await?;
-    ensure!(r.status == 200, "after 50 abandoned connections: {}", r.status);
+    if r.status != 200 {
+        let a = keel.server_status("app", "a").await?;
+        bail!("after 50 abandoned connections: {} {:?}; server a in /status: {a}", r.status, r.text());
+    }
     Ok(())
 }
