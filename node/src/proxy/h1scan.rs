@@ -255,7 +255,9 @@ fn validate_head(head: &[u8]) -> Result<HeadKind, Refusal> {
     if hosts > 1 {
         return Err("more than one Host");
     }
-    if !http10 && hosts == 0 {
+    // An absolute-form target names its host itself (RFC 9112 §3.2.2).
+    let absolute = target.starts_with(b"http://") || target.starts_with(b"https://");
+    if !http10 && hosts == 0 && !absolute {
         return Err("HTTP/1.1 request without Host");
     }
     if method == b"CONNECT" || upgrade {
@@ -370,6 +372,7 @@ mod tests {
         let chunked = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n0\r\nX-T: 1\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n";
         assert_eq!(scan(chunked), Ok(Progress { heads: 2 }));
         assert_eq!(scan(b"GET / HTTP/1.0\r\n\r\n"), Ok(Progress { heads: 1 }));
+        assert_eq!(scan(b"GET http://a/ HTTP/1.1\r\n\r\n"), Ok(Progress { heads: 1 }));
     }
 
     #[test]
