@@ -12,6 +12,7 @@
 //! - [`routing`]: first-match routing by host, path prefix and header.
 //! - [`health`]: active checks (HTTP, TCP) with rise/fall hysteresis, and passive outlier
 //!   detection.
+//! - [`tls`]: certificate store and SNI resolver of `https` listeners; TLS connector to servers.
 //! - [`proxy`]: listeners, the HTTP/1.1 + h2c front end, forwarding, retries, upgrades.
 //! - [`metrics`]: metric names and the Prometheus rendering of the atomics the data plane bumps.
 //! - [`admin`]: the admin HTTP API (`/status`, `/metrics`, drain/enable).
@@ -31,3 +32,4 @@ pub mod pool;
 pub mod proxy;
 pub mod routing;
 pub mod snapshot;
+pub mod tls;
