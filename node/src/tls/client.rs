@@ -113,3 +113,137 @@ fn system_roots() -> Result<RootCertStore, TlsError> {
     debug!(target: "keel::tls", added, ignored, errors = found.errors.len(), "loaded system root certificates");
     Ok(ROOTS.get_or_init(|| roots).clone())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    use keel_cluster::edge::{ListenerTls, TlsVersion};
+
+    use super::*;
+    use crate::tls::server_config;
+    use crate::tls::testutil::{chain, http_server, Ca, Leaf, TempDir};
+
+    const TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// An HTTPS server presenting `leaf` (and offering h2 too, so the client's ALPN decides).
+    async fn backend(dir: &TempDir, leaf: &Leaf) -> (String, std::sync::Arc<std::sync::Mutex<Vec<Option<Vec<u8>>>>>) {
+        let tls =
+            ListenerTls { certificates: vec![dir.pair("backend", leaf)], min_version: TlsVersion::Tls12, http2: true };
+        let (config, _) = server_config(&tls).unwrap();
+        let (addr, alpn) = http_server(Some(config)).await;
+        (format!("https://{addr}/"), alpn)
+    }
+
+    fn backend_tls(ca: Option<PathBuf>, server_name: Option<&str>) -> BackendTls {
+        BackendTls { ca, server_name: server_name.map(str::to_owned) }
+    }
+
+    /// GETs `uri` through the connector, returning the body or the whole error chain.
+    async fn get(connector: UpstreamConnector, uri: &str) -> Result<String, String> {
+        let client = Client::builder(TokioExecutor::new()).build::<_, Empty<Bytes>>(connector);
+        let response = client.get(uri.parse().unwrap()).await.map_err(|e| chain(&e))?;
+        let body = response.into_body().collect().await.map_err(|e| chain(&e))?.to_bytes();
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn verifies_against_the_configured_ca_and_server_name_over_an_ip_uri() {
+        let (ca, dir) = (Ca::new(), TempDir::new());
+        let (uri, alpn) = backend(&dir, &ca.leaf(&["backend.internal"])).await;
+        let tls = backend_tls(Some(dir.write("ca.pem", &ca.pem())), Some("backend.internal"));
+
+        assert_eq!(get(backend_connector(Some(&tls), TIMEOUT).unwrap(), &uri).await.unwrap(), "ok");
+        assert_eq!(*alpn.lock().unwrap(), [Some(b"http/1.1".to_vec())], "HTTP/1.1 only towards servers");
+    }
+
+    #[tokio::test]
+    async fn a_certificate_from_another_ca_is_refused() {
+        let (ca, other, dir) = (Ca::new(), Ca::new(), TempDir::new());
+        let (uri, _) = backend(&dir, &ca.leaf(&["backend.internal"])).await;
+        let tls = backend_tls(Some(dir.write("other.pem", &other.pem())), Some("backend.internal"));
+
+        let error = get(backend_connector(Some(&tls), TIMEOUT).unwrap(), &uri).await.unwrap_err();
+        assert!(error.contains("UnknownIssuer"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_certificate_for_another_name_is_refused() {
+        let (ca, dir) = (Ca::new(), TempDir::new());
+        let (uri, _) = backend(&dir, &ca.leaf(&["backend.internal"])).await;
+        let tls = backend_tls(Some(dir.write("ca.pem", &ca.pem())), Some("other.internal"));
+
+        let error = get(backend_connector(Some(&tls), TIMEOUT).unwrap(), &uri).await.unwrap_err();
+        assert!(error.contains("not valid for name"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn without_server_name_the_ip_address_is_verified() {
+        let (ca, dir) = (Ca::new(), TempDir::new());
+        let ca_pem = dir.write("ca.pem", &ca.pem());
+        let tls = backend_tls(Some(ca_pem), None);
+
+        let (uri, _) = backend(&dir, &ca.leaf(&["127.0.0.1"])).await;
+        assert_eq!(get(backend_connector(Some(&tls), TIMEOUT).unwrap(), &uri).await.unwrap(), "ok");
+
+        let (uri, _) = backend(&dir, &ca.leaf(&["backend.internal"])).await;
+        let error = get(backend_connector(Some(&tls), TIMEOUT).unwrap(), &uri).await.unwrap_err();
+        assert!(error.contains("not valid for name"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_plain_pool_speaks_http_and_a_tls_pool_refuses_it() {
+        let (ca, dir) = (Ca::new(), TempDir::new());
+        let (addr, _) = http_server(None).await;
+        let uri = format!("http://{addr}/");
+
+        assert_eq!(get(backend_connector(None, TIMEOUT).unwrap(), &uri).await.unwrap(), "ok");
+
+        let tls = backend_tls(Some(dir.write("ca.pem", &ca.pem())), Some("backend.internal"));
+        let error = get(backend_connector(Some(&tls), TIMEOUT).unwrap(), &uri).await.unwrap_err();
+        assert!(error.contains("unsupported scheme http"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_plain_pool_never_trusts_a_tls_server() {
+        let (ca, dir) = (Ca::new(), TempDir::new());
+        let (uri, _) = backend(&dir, &ca.leaf(&["127.0.0.1"])).await;
+
+        let error = get(backend_connector(None, TIMEOUT).unwrap(), &uri).await.unwrap_err();
+        assert!(error.contains("UnknownIssuer"), "{error}");
+    }
+
+    #[test]
+    fn bad_settings_are_reported_with_the_file_or_name() {
+        let (ca, dir) = (Ca::new(), TempDir::new());
+        let ca_pem = dir.write("ca.pem", &ca.pem());
+
+        let error =
+            backend_connector(Some(&backend_tls(Some(ca_pem.clone()), Some("not a name"))), TIMEOUT).unwrap_err();
+        assert!(matches!(&error, TlsError::BadServerName { name, .. } if name == "not a name"), "{error:?}");
+
+        let missing = dir.path("missing-ca.pem");
+        let error = backend_connector(Some(&backend_tls(Some(missing.clone()), None)), TIMEOUT).unwrap_err();
+        assert!(matches!(&error, TlsError::Read { path, .. } if *path == missing), "{error:?}");
+
+        let empty = dir.write("empty.pem", "no certificates here\n");
+        let error = backend_connector(Some(&backend_tls(Some(empty.clone()), None)), TIMEOUT).unwrap_err();
+        assert!(matches!(&error, TlsError::NoCertificate { path } if *path == empty), "{error:?}");
+
+        for name in ["backend.internal", "10.0.0.5", "[::1]", "::1"] {
+            backend_connector(Some(&backend_tls(Some(ca_pem.clone()), Some(name))), TIMEOUT).unwrap();
+        }
+    }
+
+    #[test]
+    fn system_roots_load_or_say_why_not() {
+        match backend_connector(Some(&backend_tls(None, Some("example.com"))), TIMEOUT) {
+            Ok(_) | Err(TlsError::NoSystemRoots { .. }) => {}
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+}

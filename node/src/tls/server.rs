@@ -516,7 +516,8 @@ mod tests {
         let (b_cert, b_key) = (dir.path("b.crt"), dir.path("b.key"));
 
         let garbage = "-----BEGIN CERTIFICATE-----\n!!!! not base64 !!!!\n-----END CERTIFICATE-----\n";
-        let broken: Vec<(&str, &str, Box<dyn Fn(&TlsError) -> bool>)> = vec![
+        type Expected<'a> = Box<dyn Fn(&TlsError) -> bool + 'a>;
+        let broken: Vec<(&str, &str, Expected<'_>)> = vec![
             ("b.crt", garbage, Box::new(|e| matches!(e, TlsError::Pem { path, .. } if *path == b_cert))),
             ("b.crt", "hello\n", Box::new(|e| matches!(e, TlsError::NoCertificate { path } if *path == b_cert))),
             ("b.key", &b.cert_pem, Box::new(|e| matches!(e, TlsError::NoPrivateKey { path } if *path == b_key))),

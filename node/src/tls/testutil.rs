@@ -17,7 +17,7 @@ use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use keel_cluster::edge::CertificateFiles;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SignatureAlgorithm};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, SignatureAlgorithm};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme, SupportedProtocolVersion};
@@ -84,7 +84,13 @@ pub struct Ca {
 
 impl Ca {
     pub fn new() -> Ca {
+        // A distinct subject per CA, so a certificate from another test CA is an unknown issuer
+        // rather than a bad signature from a same-named one.
+        static NEXT: AtomicU32 = AtomicU32::new(0);
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("keel test CA {}", NEXT.fetch_add(1, Ordering::Relaxed)));
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         Ca { issuer: CertifiedIssuer::self_signed(params, key).unwrap() }
