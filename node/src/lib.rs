@@ -14,6 +14,7 @@
 //!   detection.
 //! - [`ratelimit`]: per-client token buckets (GCRA) in a fixed-size table, for `rate_limit`.
 //! - [`connlimit`]: a listener's connection caps, total and per client IP, as RAII permits.
+//! - [`tls`]: certificate store and SNI resolver of `https` listeners; TLS connector to servers.
 //! - [`proxy`]: listeners, the HTTP/1.1 + h2c front end, forwarding, retries, upgrades.
 //! - [`metrics`]: metric names and the Prometheus rendering of the atomics the data plane bumps.
 //! - [`admin`]: the admin HTTP API (`/status`, `/metrics`, drain/enable).
@@ -35,3 +36,4 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod routing;
 pub mod snapshot;
+pub mod tls;
