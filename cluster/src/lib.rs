@@ -1,4 +1,4 @@
-//! keel's shared vocabulary and, as the cluster lands, its replicated state.
+//! keel's shared vocabulary and its replicated state.
 //!
 //! # Layout
 //!
@@ -6,13 +6,22 @@
 //!   health-check and outlier settings — as plain serde data, with [`model::Config::validate`]
 //!   checking the invariants that span fields ("a route names a pool that exists").
 //! - [`duration`]: the human duration strings ("500ms", "2s") config files use.
+//! - [`command`]: what a node may propose to Raft ([`Command`]) and what applying it answered
+//!   ([`Outcome`]).
+//! - [`state`]: [`ClusterState`] (config, overrides, health verdicts, sticky table) and its pure,
+//!   deterministic `apply`.
+//! - [`codec`]: the bincode encoding shared by the log store, snapshots and the wire.
 //!
-//! The Raft pieces (commands, state machine, log store, network, admin client) join this crate
-//! with the cluster work; the data plane in `keel-node` only ever reads a validated
-//! [`model::Config`], whether it came from a file or, later, from the replicated log.
+//! The data plane in `keel-node` only ever reads a validated [`model::Config`], whether it came
+//! from a file or from the replicated log.
 
+pub mod codec;
+pub mod command;
 pub mod duration;
 pub mod model;
+pub mod state;
 
+pub use command::{Command, NodeId, Outcome, Proposal, StickyEntry};
 pub use duration::HumanDuration;
 pub use model::{Config, ConfigProblem, KeyPath, PathSegment};
+pub use state::ClusterState;
