@@ -10,6 +10,8 @@
 //!   ([`Outcome`]).
 //! - [`state`]: [`ClusterState`] (config, overrides, health verdicts, sticky table) and its pure,
 //!   deterministic `apply`.
+//! - [`types`]: the openraft type configuration and [`types::NodeInfo`], the membership record.
+//! - [`store`]: the durable Raft log and state machine on redb.
 //! - [`codec`]: the bincode encoding shared by the log store, snapshots and the wire.
 //!
 //! The data plane in `keel-node` only ever reads a validated [`model::Config`], whether it came
@@ -20,6 +22,8 @@ pub mod command;
 pub mod duration;
 pub mod model;
 pub mod state;
+pub mod store;
+pub mod types;
 
 pub use command::{Command, NodeId, Outcome, Proposal, StickyEntry};
 pub use duration::HumanDuration;
