@@ -12,6 +12,7 @@
 //!   deterministic `apply`.
 //! - [`types`]: the openraft type configuration and [`types::NodeInfo`], the membership record.
 //! - [`store`]: the durable Raft log and state machine on redb.
+//! - [`network`]: Raft RPC over TCP (length-prefixed bincode frames, cluster-id handshake).
 //! - [`codec`]: the bincode encoding shared by the log store, snapshots and the wire.
 //!
 //! The data plane in `keel-node` only ever reads a validated [`model::Config`], whether it came
@@ -25,6 +26,7 @@ pub mod codec;
 pub mod command;
 pub mod duration;
 pub mod model;
+pub mod network;
 pub mod state;
 pub mod store;
 pub mod types;
