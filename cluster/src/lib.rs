@@ -13,6 +13,8 @@
 //! - [`types`]: the openraft type configuration and [`types::NodeInfo`], the membership record.
 //! - [`store`]: the durable Raft log and state machine on redb.
 //! - [`network`]: Raft RPC over TCP (length-prefixed bincode frames, cluster-id handshake).
+//! - [`node`]: [`ClusterNode::start`] and the [`ClusterHandle`] the rest of keel uses: propose,
+//!   watch the state, watch leadership (for the VIP), status, membership.
 //! - [`codec`]: the bincode encoding shared by the log store, snapshots and the wire.
 //!
 //! The data plane in `keel-node` only ever reads a validated [`model::Config`], whether it came
@@ -27,6 +29,7 @@ pub mod command;
 pub mod duration;
 pub mod model;
 pub mod network;
+pub mod node;
 pub mod state;
 pub mod store;
 pub mod types;
@@ -34,4 +37,6 @@ pub mod types;
 pub use command::{Command, NodeId, Outcome, Proposal, StickyEntry};
 pub use duration::HumanDuration;
 pub use model::{Config, ConfigProblem, KeyPath, PathSegment};
+pub use node::{ClusterError, ClusterHandle, ClusterNode, ClusterSettings, ClusterStatus, ProposeError, Role};
 pub use state::ClusterState;
+pub use types::NodeInfo;
