@@ -2,6 +2,8 @@
 //! init, join, propose through a follower, leader failover (timed), catch-up after restart,
 //! and a full-cluster restart that must lose nothing committed.
 
+#![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed assertion
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
