@@ -15,6 +15,8 @@
 //! - [`network`]: Raft RPC over TCP (length-prefixed bincode frames, cluster-id handshake).
 //! - [`node`]: [`ClusterNode::start`] and the [`ClusterHandle`] the rest of keel uses: propose,
 //!   watch the state, watch leadership (for the VIP), status, membership.
+//! - [`api`]: the `/cluster/…` admin HTTP endpoints ([`api::handle`]) and their client
+//!   ([`api::client::ClusterClient`]).
 //! - [`codec`]: the bincode encoding shared by the log store, snapshots and the wire.
 //!
 //! The data plane in `keel-node` only ever reads a validated [`model::Config`], whether it came
@@ -24,6 +26,7 @@
 // traits; boxing them at every internal helper would only add noise.
 #![allow(clippy::result_large_err)]
 
+pub mod api;
 pub mod codec;
 pub mod command;
 pub mod duration;
