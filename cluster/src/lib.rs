@@ -1,4 +1,4 @@
-//! keel's shared vocabulary and, as the cluster lands, its replicated state.
+//! keel's shared vocabulary and its replicated state.
 //!
 //! # Layout
 //!
@@ -7,14 +7,41 @@
 //!   checking the invariants that span fields ("a route names a pool that exists").
 //! - [`edge`]: TLS, rate-limit and protection settings of listeners and pools.
 //! - [`duration`]: the human duration strings ("500ms", "2s") config files use.
+//! - [`command`]: what a node may propose to Raft ([`Command`]) and what applying it answered
+//!   ([`Outcome`]).
+//! - [`state`]: [`ClusterState`] (config, overrides, health verdicts, sticky table) and its pure,
+//!   deterministic `apply`.
+//! - [`types`]: the openraft type configuration and [`types::NodeInfo`], the membership record.
+//! - [`store`]: the durable Raft log and state machine on redb.
+//! - [`network`]: Raft RPC over TCP (length-prefixed bincode frames, cluster-id handshake).
+//! - [`node`]: [`ClusterNode::start`] and the [`ClusterHandle`] the rest of keel uses: propose,
+//!   watch the state, watch leadership (for the VIP), status, membership.
+//! - [`api`]: the `/cluster/…` admin HTTP endpoints ([`api::handle`]) and their client
+//!   ([`api::client::ClusterClient`]).
+//! - [`codec`]: the bincode encoding shared by the log store, snapshots and the wire.
 //!
-//! The Raft pieces (commands, state machine, log store, network, admin client) join this crate
-//! with the cluster work; the data plane in `keel-node` only ever reads a validated
-//! [`model::Config`], whether it came from a file or, later, from the replicated log.
+//! The data plane in `keel-node` only ever reads a validated [`model::Config`], whether it came
+//! from a file or from the replicated log.
 
+// openraft's error types (StorageError, RPCError, RaftError) are >200 bytes and dictated by its
+// traits; boxing them at every internal helper would only add noise.
+#![allow(clippy::result_large_err)]
+
+pub mod api;
+pub mod codec;
+pub mod command;
 pub mod duration;
 pub mod edge;
 pub mod model;
+pub mod network;
+pub mod node;
+pub mod state;
+pub mod store;
+pub mod types;
 
+pub use command::{Command, NodeId, Outcome, Proposal, StickyEntry};
 pub use duration::HumanDuration;
 pub use model::{Config, ConfigProblem, KeyPath, PathSegment};
+pub use node::{ClusterError, ClusterHandle, ClusterNode, ClusterSettings, ClusterStatus, ProposeError, Role};
+pub use state::ClusterState;
+pub use types::NodeInfo;

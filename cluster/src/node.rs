@@ -1,0 +1,602 @@
+//! One running cluster member: [`ClusterNode::start`] opens the store, binds the Raft port,
+//! starts openraft and returns the [`ClusterHandle`] the rest of keel talks to.
+//!
+//! # Timing defaults (LAN)
+//!
+//! | setting | default | why |
+//! |---|---|---|
+//! | heartbeat | 25 ms | a follower hears from the leader ~40×/s |
+//! | election timeout | 100–200 ms | ≥ 4 heartbeats: one lost packet does not start an election |
+//! | leader lease | = election max (200 ms) | openraft: followers refuse votes for that long after a heartbeat |
+//!
+//! DEPENDENCIES.md measured 20 ms / 80–160 ms → ≈ 250 ms to a new leader after a kill; these
+//! slightly wider defaults target ≈ 300 ms (under the 400 ms failover goal) while tolerating a
+//! busy 2-core box. The 3-node test prints the figure it measures.
+//!
+//! # Leadership and the VIP
+//!
+//! openraft 0.9 never demotes a partitioned leader by itself. [`ClusterHandle::leadership`] is
+//! therefore *not* "state == Leader": it is true only while this node is leader **and** a quorum
+//! acknowledged it within the lease (`millis_since_quorum_ack` < election max). The value from
+//! the metrics is aged locally by the time since it was reported and re-evaluated every
+//! heartbeat, so a leader whose core stalls or whose quorum vanishes turns `false` within one
+//! lease — before any other node can have been elected. The VIP logic follows this channel.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::{ServerState, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::command::{Command, Outcome, Proposal};
+use crate::model::Config;
+use crate::network::{dispatch_to, NetworkFactory, RaftServer};
+use crate::state::ClusterState;
+use crate::store;
+use crate::types::{NodeInfo, Raft};
+
+/// Default heartbeat interval.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(25);
+/// Default lower bound of the randomized election timeout.
+pub const DEFAULT_ELECTION_MIN: Duration = Duration::from_millis(100);
+/// Default upper bound of the randomized election timeout (and the leader lease).
+pub const DEFAULT_ELECTION_MAX: Duration = Duration::from_millis(200);
+/// How long [`ClusterHandle::propose`] waits for a commit before answering
+/// [`ProposeError::NoQuorum`].
+pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a membership change (including a learner's catch-up) may take.
+pub const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long [`ClusterHandle::initialize`] waits to become leader of the fresh cluster.
+pub const INIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything a node needs to join the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterSettings {
+    /// This node's id: stable for the life of its data dir, unique in the cluster, not 0.
+    pub node_id: u64,
+    /// Address to bind for Raft RPC (port 0 picks one; the bound address is what peers learn).
+    pub raft_addr: SocketAddr,
+    /// Address of this node's admin HTTP API (served by the caller), recorded in membership so
+    /// followers can point clients at the leader.
+    pub admin_addr: SocketAddr,
+    /// Where the Raft database lives.
+    pub data_dir: PathBuf,
+    /// Cluster id: peers with another id are refused.
+    pub cluster_id: String,
+    /// Leader heartbeat interval.
+    pub heartbeat: Duration,
+    /// Election timeout, lower bound.
+    pub election_min: Duration,
+    /// Election timeout, upper bound; also the leader lease.
+    pub election_max: Duration,
+    /// A witness votes and stores the log but runs no data plane and never holds the VIP.
+    pub witness: bool,
+}
+
+impl ClusterSettings {
+    /// Settings with the default timings (see the module doc).
+    pub fn new(
+        node_id: u64,
+        raft_addr: SocketAddr,
+        admin_addr: SocketAddr,
+        data_dir: PathBuf,
+        cluster_id: &str,
+    ) -> Self {
+        ClusterSettings {
+            node_id,
+            raft_addr,
+            admin_addr,
+            data_dir,
+            cluster_id: cluster_id.to_owned(),
+            heartbeat: DEFAULT_HEARTBEAT,
+            election_min: DEFAULT_ELECTION_MIN,
+            election_max: DEFAULT_ELECTION_MAX,
+            witness: false,
+        }
+    }
+
+    /// Checks invariants that span fields.
+    pub fn validate(&self) -> Result<(), ClusterError> {
+        let bad = |m: String| Err(ClusterError::InvalidSettings(m));
+        if self.node_id == 0 {
+            return bad("node_id must be at least 1".into());
+        }
+        if self.cluster_id.is_empty() {
+            return bad("cluster_id must not be empty".into());
+        }
+        if self.heartbeat.is_zero() {
+            return bad("heartbeat must be greater than zero".into());
+        }
+        if self.election_min < self.heartbeat * 3 {
+            return bad(format!(
+                "election_min {:?} must be at least 3 heartbeats ({:?}) or followers elect on one lost packet",
+                self.election_min,
+                self.heartbeat * 3
+            ));
+        }
+        if self.election_max <= self.election_min {
+            return bad(format!(
+                "election_max {:?} must exceed election_min {:?}",
+                self.election_max, self.election_min
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Why a node could not start or a management call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The settings are inconsistent.
+    #[error("invalid cluster settings: {0}")]
+    InvalidSettings(String),
+    /// Opening or reading the data dir failed.
+    #[error("raft storage: {0}")]
+    Storage(String),
+    /// Binding the raft address failed.
+    #[error("cannot bind raft address {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The cluster was already initialized (this node has a log or a membership).
+    #[error("cluster already initialized")]
+    AlreadyInitialized,
+    /// This node is not the leader; ask that one.
+    #[error("not the leader; leader is {leader_id:?} (admin {leader_admin_addr:?})")]
+    NotLeader {
+        /// Current leader, if known.
+        leader_id: Option<u64>,
+        /// Its admin address, if known.
+        leader_admin_addr: Option<SocketAddr>,
+    },
+    /// A deadline passed.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// Proposing the seed config failed.
+    #[error("seed config: {0}")]
+    Propose(#[from] ProposeError),
+    /// Any other Raft failure.
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// Why a proposal did not produce an [`Outcome`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(rename_all = "snake_case", tag = "error")]
+pub enum ProposeError {
+    /// This node is not the leader. Retry on the leader (its admin address, when known).
+    #[error("not the leader; forward to node {leader_id:?} at {leader_admin_addr:?}")]
+    ForwardToLeader {
+        /// Current leader, if known.
+        leader_id: Option<u64>,
+        /// Its admin address, if known.
+        leader_admin_addr: Option<SocketAddr>,
+    },
+    /// No commit within the bounded wait: no quorum reachable (or an election is running). The
+    /// command may still commit later.
+    #[error("no quorum within {waited_ms} ms; the command may still commit")]
+    NoQuorum {
+        /// How long we waited.
+        waited_ms: u64,
+    },
+    /// The command is invalid (before proposing) or was rejected at apply; nothing changed.
+    #[error("rejected: {reason}")]
+    Rejected {
+        /// Why.
+        reason: String,
+    },
+    /// Raft stopped on this node.
+    #[error("raft stopped: {0}")]
+    Fatal(String),
+}
+
+/// Role of a node as its Raft state says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Leader (see `quorum_acked_within_lease` before acting on it).
+    Leader,
+    /// Voter following a leader.
+    Follower,
+    /// Voter running an election.
+    Candidate,
+    /// Non-voting member catching up.
+    Learner,
+    /// Raft stopped.
+    Shutdown,
+}
+
+/// One member as seen from this node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    /// Node id.
+    pub id: u64,
+    /// Its membership record.
+    pub node: NodeInfo,
+    /// Whether it votes.
+    pub voter: bool,
+    /// Leader only: highest log index known replicated to it.
+    pub matched_index: Option<u64>,
+    /// Leader only: entries it is behind the leader's last log index.
+    pub lag: Option<u64>,
+}
+
+/// A node's view of the cluster ([`ClusterHandle::status`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// This node.
+    pub id: u64,
+    /// This node's role.
+    pub role: Role,
+    /// Current leader, if known.
+    pub leader_id: Option<u64>,
+    /// The leader's admin address, if known.
+    pub leader_admin_addr: Option<SocketAddr>,
+    /// Current term.
+    pub term: u64,
+    /// Last log index on this node.
+    pub last_log_index: Option<u64>,
+    /// Commit index: computed from replication progress on the leader; elsewhere the applied
+    /// index (a lower bound — openraft 0.9 does not publish a follower's commit index).
+    pub commit_index: Option<u64>,
+    /// Last applied log index.
+    pub applied_index: Option<u64>,
+    /// Last snapshot's log index.
+    pub snapshot_index: Option<u64>,
+    /// Members with voter/learner flags (and replication progress on the leader).
+    pub members: Vec<MemberStatus>,
+    /// Leader only: milliseconds since a quorum last acknowledged this leader.
+    pub millis_since_quorum_ack: Option<u64>,
+    /// The lease: election max, in ms.
+    pub lease_ms: u64,
+    /// Leader and acknowledged by a quorum within the lease: safe to hold the VIP.
+    pub quorum_acked_within_lease: bool,
+}
+
+struct Inner {
+    id: u64,
+    info: NodeInfo,
+    raft: Raft,
+    server: RaftServer,
+    state: watch::Receiver<Arc<ClusterState>>,
+    leadership: watch::Receiver<bool>,
+    leadership_task: JoinHandle<()>,
+    lease: Duration,
+}
+
+/// The handle to a running node; cheap to clone.
+#[derive(Clone)]
+pub struct ClusterHandle {
+    inner: Arc<Inner>,
+}
+
+/// Namespace for starting a node.
+pub struct ClusterNode;
+
+impl ClusterNode {
+    /// Opens `data_dir`, binds `raft_addr`, starts Raft (restoring the latest snapshot and log)
+    /// and the Raft RPC server.
+    pub async fn start(settings: ClusterSettings) -> Result<ClusterHandle, ClusterError> {
+        settings.validate()?;
+        let (log, sm) = store::open(&settings.data_dir).map_err(|e| ClusterError::Storage(e.to_string()))?;
+        let state = sm.subscribe();
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let config = openraft::Config {
+            cluster_name: settings.cluster_id.clone(),
+            heartbeat_interval: ms(settings.heartbeat),
+            election_timeout_min: ms(settings.election_min),
+            election_timeout_max: ms(settings.election_max),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(store::SNAPSHOT_EVERY),
+            max_in_snapshot_log_to_keep: 1_000,
+            install_snapshot_timeout: 30_000,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| ClusterError::InvalidSettings(e.to_string()))?;
+        let listener = TcpListener::bind(settings.raft_addr)
+            .await
+            .map_err(|source| ClusterError::Bind { addr: settings.raft_addr, source })?;
+        let raft_addr =
+            listener.local_addr().map_err(|source| ClusterError::Bind { addr: settings.raft_addr, source })?;
+        let network = NetworkFactory::new(settings.cluster_id.clone(), settings.node_id, Duration::from_secs(30));
+        let raft = Raft::new(settings.node_id, Arc::new(config), network, log, sm)
+            .await
+            .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        let server =
+            RaftServer::start(listener, settings.node_id, settings.cluster_id.clone(), dispatch_to(raft.clone()))
+                .map_err(|source| ClusterError::Bind { addr: raft_addr, source })?;
+        let (lead_tx, leadership) = watch::channel(false);
+        let leadership_task =
+            tokio::spawn(watch_leadership(raft.clone(), lead_tx, settings.election_max, settings.heartbeat));
+        tracing::info!(target: "keel::raft", node = settings.node_id, %raft_addr, admin = %settings.admin_addr, "raft node started");
+        let info = NodeInfo { raft_addr, admin_addr: settings.admin_addr, witness: settings.witness };
+        Ok(ClusterHandle {
+            inner: Arc::new(Inner {
+                id: settings.node_id,
+                info,
+                raft,
+                server,
+                state,
+                leadership,
+                leadership_task,
+                lease: settings.election_max,
+            }),
+        })
+    }
+}
+
+/// Publishes "leader with a quorum ack within the lease", re-evaluated on every metrics change
+/// and at least once per heartbeat.
+async fn watch_leadership(raft: Raft, tx: watch::Sender<bool>, lease: Duration, tick: Duration) {
+    let mut metrics = raft.metrics();
+    let mut seen = tokio::time::Instant::now();
+    loop {
+        let (leader, ack) = {
+            let m = metrics.borrow_and_update();
+            (m.state == ServerState::Leader, m.millis_since_quorum_ack)
+        };
+        let aged = ack.map(|ms| Duration::from_millis(ms) + seen.elapsed());
+        let holds = leader && aged.is_some_and(|a| a < lease);
+        tx.send_if_modified(|v| {
+            if *v != holds {
+                tracing::info!(target: "keel::raft", leader, quorum_ack_age = ?aged, holds, "leadership changed");
+                *v = holds;
+                true
+            } else {
+                false
+            }
+        });
+        tokio::select! {
+            changed = metrics.changed() => {
+                if changed.is_err() {
+                    tx.send_replace(false);
+                    return;
+                }
+                seen = tokio::time::Instant::now();
+            }
+            _ = tokio::time::sleep(tick) => {}
+        }
+    }
+}
+
+/// Wall clock in unix ms (the proposer's time carried by proposals).
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).unwrap_or(0)
+}
+
+fn leader_hint(raft: &Raft, leader_id: Option<u64>) -> Option<SocketAddr> {
+    let id = leader_id?;
+    raft.metrics().borrow().membership_config.membership().get_node(&id).map(|n| n.admin_addr)
+}
+
+impl ClusterHandle {
+    /// This node's id.
+    pub fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    /// This node's membership record (with the bound raft address).
+    pub fn node_info(&self) -> NodeInfo {
+        self.inner.info.clone()
+    }
+
+    /// The underlying openraft instance, for metrics and tests.
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    /// Makes this node the sole voter of a new cluster and proposes `seed` as its first config.
+    pub async fn initialize(&self, seed: Config) -> Result<Outcome, ClusterError> {
+        Command::ApplyConfig(seed.clone())
+            .precheck()
+            .map_err(|reason| ClusterError::Propose(ProposeError::Rejected { reason }))?;
+        let members = BTreeMap::from([(self.inner.id, self.inner.info.clone())]);
+        match self.inner.raft.initialize(members).await {
+            Ok(()) => {}
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => return Err(ClusterError::AlreadyInitialized),
+            Err(e) => return Err(ClusterError::Raft(e.to_string())),
+        }
+        self.inner
+            .raft
+            .wait(Some(INIT_TIMEOUT))
+            .state(ServerState::Leader, "initialized node becomes leader")
+            .await
+            .map_err(|e| ClusterError::Timeout(e.to_string()))?;
+        tracing::info!(target: "keel::raft", node = self.inner.id, "cluster initialized");
+        Ok(self.propose(Command::ApplyConfig(seed)).await?)
+    }
+
+    fn membership_error(&self, e: RaftError<u64, ClientWriteError<u64, NodeInfo>>) -> ClusterError {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ClusterError::NotLeader {
+                leader_id: f.leader_id,
+                leader_admin_addr: f.leader_node.map(|n| n.admin_addr),
+            },
+            other => ClusterError::Raft(other.to_string()),
+        }
+    }
+
+    /// Adds `id` as a learner and waits until it caught up with the leader's log.
+    pub async fn add_learner(&self, id: u64, node: NodeInfo) -> Result<(), ClusterError> {
+        let fut = self.inner.raft.add_learner(id, node, true);
+        match tokio::time::timeout(MEMBERSHIP_TIMEOUT, fut).await {
+            Err(_) => {
+                Err(ClusterError::Timeout(format!("learner {id} did not catch up within {MEMBERSHIP_TIMEOUT:?}")))
+            }
+            Ok(Err(e)) => Err(self.membership_error(e)),
+            Ok(Ok(_)) => {
+                tracing::info!(target: "keel::raft", node = id, "learner added");
+                Ok(())
+            }
+        }
+    }
+
+    /// Makes exactly `voters` the voting members (learners not listed stay learners).
+    pub async fn change_membership(&self, voters: BTreeSet<u64>) -> Result<(), ClusterError> {
+        let fut = self.inner.raft.change_membership(voters.clone(), true);
+        match tokio::time::timeout(MEMBERSHIP_TIMEOUT, fut).await {
+            Err(_) => {
+                Err(ClusterError::Timeout(format!("membership change did not commit within {MEMBERSHIP_TIMEOUT:?}")))
+            }
+            Ok(Err(e)) => Err(self.membership_error(e)),
+            Ok(Ok(_)) => {
+                tracing::info!(target: "keel::raft", ?voters, "membership changed");
+                Ok(())
+            }
+        }
+    }
+
+    /// Adds a learner, waits for catch-up, then promotes it to voter (witnesses vote too).
+    pub async fn add_voter(&self, id: u64, node: NodeInfo) -> Result<(), ClusterError> {
+        self.add_learner(id, node).await?;
+        let mut voters: BTreeSet<u64> = self.inner.raft.metrics().borrow().membership_config.voter_ids().collect();
+        voters.insert(id);
+        self.change_membership(voters).await
+    }
+
+    /// Removes `id` from the cluster entirely (voter or learner).
+    pub async fn remove(&self, id: u64) -> Result<(), ClusterError> {
+        let membership = self.inner.raft.metrics().borrow().membership_config.clone();
+        let voters: BTreeSet<u64> = membership.voter_ids().filter(|v| *v != id).collect();
+        if voters.is_empty() {
+            return Err(ClusterError::InvalidSettings("cannot remove the last voter".into()));
+        }
+        let fut = self.inner.raft.change_membership(voters, false);
+        match tokio::time::timeout(MEMBERSHIP_TIMEOUT, fut).await {
+            Err(_) => Err(ClusterError::Timeout(format!("removal did not commit within {MEMBERSHIP_TIMEOUT:?}"))),
+            Ok(Err(e)) => Err(self.membership_error(e)),
+            Ok(Ok(_)) => {
+                tracing::info!(target: "keel::raft", node = id, "node removed");
+                Ok(())
+            }
+        }
+    }
+
+    /// Proposes `command` on this node, which must be the leader; waits at most
+    /// [`PROPOSE_TIMEOUT`] for it to commit and apply.
+    pub async fn propose(&self, command: Command) -> Result<Outcome, ProposeError> {
+        command.precheck().map_err(|reason| ProposeError::Rejected { reason })?;
+        let name = command.name();
+        let proposal = Proposal { command, proposed_at_ms: now_ms() };
+        let raft = &self.inner.raft;
+        match tokio::time::timeout(PROPOSE_TIMEOUT, raft.client_write(proposal)).await {
+            Err(_) => {
+                Err(ProposeError::NoQuorum { waited_ms: u64::try_from(PROPOSE_TIMEOUT.as_millis()).unwrap_or(0) })
+            }
+            Ok(Ok(resp)) => match resp.data {
+                Outcome::Rejected { reason } => Err(ProposeError::Rejected { reason }),
+                outcome => {
+                    tracing::debug!(target: "keel::raft", command = name, index = resp.log_id.index, "command applied");
+                    Ok(outcome)
+                }
+            },
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                let leader_admin_addr = f.leader_node.map(|n| n.admin_addr).or_else(|| leader_hint(raft, f.leader_id));
+                Err(ProposeError::ForwardToLeader { leader_id: f.leader_id, leader_admin_addr })
+            }
+            Ok(Err(e)) => Err(ProposeError::Fatal(e.to_string())),
+        }
+    }
+
+    /// The applied state; a new `Arc` is published only when it changed.
+    pub fn state(&self) -> watch::Receiver<Arc<ClusterState>> {
+        self.inner.state.clone()
+    }
+
+    /// True only while this node is leader and a quorum acknowledged it within the lease.
+    pub fn leadership(&self) -> watch::Receiver<bool> {
+        self.inner.leadership.clone()
+    }
+
+    /// The current leader's id and admin address, if known.
+    pub fn leader(&self) -> (Option<u64>, Option<SocketAddr>) {
+        let m = self.inner.raft.metrics().borrow().clone();
+        let addr = m.current_leader.and_then(|id| m.membership_config.membership().get_node(&id).map(|n| n.admin_addr));
+        (m.current_leader, addr)
+    }
+
+    /// This node's view of the cluster.
+    pub fn status(&self) -> ClusterStatus {
+        let m = self.inner.raft.metrics().borrow().clone();
+        let role = match m.state {
+            ServerState::Leader => Role::Leader,
+            ServerState::Follower => Role::Follower,
+            ServerState::Candidate => Role::Candidate,
+            ServerState::Learner => Role::Learner,
+            ServerState::Shutdown => Role::Shutdown,
+        };
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let last = m.last_log_index;
+        let matched = |id: u64| -> Option<u64> {
+            if id == m.id {
+                return last;
+            }
+            m.replication.as_ref()?.get(&id).cloned().flatten().map(|l| l.index)
+        };
+        let members = membership
+            .nodes()
+            .map(|(id, node)| {
+                let matched_index = if m.replication.is_some() { matched(*id) } else { None };
+                MemberStatus {
+                    id: *id,
+                    node: node.clone(),
+                    voter: voters.contains(id),
+                    matched_index,
+                    lag: if m.replication.is_some() {
+                        Some(last.unwrap_or(0).saturating_sub(matched_index.unwrap_or(0)))
+                    } else {
+                        None
+                    },
+                }
+            })
+            .collect();
+        let applied_index = m.last_applied.map(|l| l.index);
+        let commit_index = if m.replication.is_some() && !voters.is_empty() {
+            // The highest index a majority of voters have: sort descending, take the quorum-th.
+            let mut idx: Vec<u64> = voters.iter().map(|v| matched(*v).unwrap_or(0)).collect();
+            idx.sort_unstable_by(|a, b| b.cmp(a));
+            idx.get(voters.len() / 2).copied()
+        } else {
+            applied_index
+        };
+        let lease_ms = u64::try_from(self.inner.lease.as_millis()).unwrap_or(u64::MAX);
+        let quorum_acked_within_lease =
+            m.state == ServerState::Leader && m.millis_since_quorum_ack.is_some_and(|ms| ms < lease_ms);
+        ClusterStatus {
+            id: m.id,
+            role,
+            leader_id: m.current_leader,
+            leader_admin_addr: m.current_leader.and_then(|id| membership.get_node(&id).map(|n| n.admin_addr)),
+            term: m.current_term,
+            last_log_index: last,
+            commit_index,
+            applied_index,
+            snapshot_index: m.snapshot.map(|l| l.index),
+            members,
+            millis_since_quorum_ack: m.millis_since_quorum_ack,
+            lease_ms,
+            quorum_acked_within_lease,
+        }
+    }
+
+    /// Stops Raft and the RPC server. Other clones of the handle see a stopped node.
+    pub async fn shutdown(&self) {
+        self.inner.server.shutdown();
+        if let Err(e) = self.inner.raft.shutdown().await {
+            tracing::warn!(target: "keel::raft", error = %e, "raft shutdown failed");
+        }
+        self.inner.leadership_task.abort();
+        tracing::info!(target: "keel::raft", node = self.inner.id, "raft node stopped");
+    }
+}

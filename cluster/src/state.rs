@@ -1,0 +1,595 @@
+//! The replicated state machine's data: [`ClusterState`] and its pure, deterministic
+//! [`ClusterState::apply`].
+//!
+//! What it holds:
+//! - the served [`Config`];
+//! - per-server operator overrides (drain, weight) — dropped when a server leaves the config;
+//! - health verdicts per (pool, server);
+//! - the sticky table ([`StickyTable`]).
+//!
+//! # Determinism
+//!
+//! `apply` reads no clock, no randomness and no environment: the time is the proposer's
+//! `proposed_at_ms` carried in the log entry, and the log index is openraft's. Two replicas that
+//! apply the same entries hold equal states (a proptest checks snapshot round trips and that a
+//! rejected command changes nothing).
+//!
+//! # Health verdict authority: majority of voting observers
+//!
+//! Every node runs its own checker and reports *its* observation with
+//! [`Command::SetServerHealth`] (`reporter` = its node id), typically only on transitions. The
+//! state keeps the latest report of each voter per server, and the verdict is **down only while
+//! a majority of the current voters report it down**. Why not "the leader's checker decides":
+//! one node with a broken NIC or a bad route would eject every healthy backend for the whole
+//! cluster, and after a failover the verdicts would flip to the new leader's view. With a
+//! majority, one sick observer is outvoted, and a backend that really is down is seen down by
+//! everyone within a check interval. Reports from non-voters (learners) are recorded but do not
+//! count. When the voter set changes (membership entries), verdicts are recomputed from the
+//! remaining voters' reports. With no known voters (unit tests, a state before the first
+//! membership entry) the latest single report decides.
+//!
+//! # Sticky table bound
+//!
+//! At most [`STICKY_CAPACITY`] entries (1,000,000 ≈ 100–150 MB worst case with short keys):
+//! enough for a large site's live sessions, small enough that a flood of new clients cannot
+//! exhaust memory. Each [`Command::PutStickyBatch`] first prunes entries that expired at the
+//! proposer's time, then inserts, then — if still over the bound — evicts the entries that
+//! expire soonest. Reads ([`StickyTable::get`]) ignore expired entries even before pruning.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::command::{Command, NodeId, Outcome, StickyEntry};
+use crate::model::{Config, MAX_WEIGHT};
+
+/// Default bound on sticky entries (see the module doc).
+pub const STICKY_CAPACITY: usize = 1_000_000;
+
+/// Operator overrides for one server.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerOverride {
+    /// Draining: no new requests or sessions.
+    pub drain: bool,
+    /// Weight replacing the configured one.
+    pub weight: Option<u32>,
+}
+
+impl ServerOverride {
+    fn is_default(&self) -> bool {
+        !self.drain && self.weight.is_none()
+    }
+}
+
+/// The health verdict for one server and the reports it was derived from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthVerdict {
+    /// Whether the server is in rotation.
+    pub up: bool,
+    /// Log index at which the verdict last flipped (or was first recorded).
+    pub since: u64,
+    /// The reporter whose report (or whose departure) produced the current verdict.
+    pub reporter: NodeId,
+    /// Latest observation per reporting node: `true` = up.
+    pub reports: BTreeMap<NodeId, bool>,
+}
+
+/// Where one sticky key goes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StickyBinding {
+    /// Server name.
+    pub server: String,
+    /// Expiry, unix ms.
+    pub expires_at_ms: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StickyRepr {
+    capacity: usize,
+    entries: BTreeMap<String, BTreeMap<String, StickyBinding>>,
+}
+
+/// The sticky-session table: pool → key → binding, with a TTL per entry and a size bound.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "StickyRepr", into = "StickyRepr")]
+pub struct StickyTable {
+    capacity: usize,
+    entries: BTreeMap<String, BTreeMap<String, StickyBinding>>,
+    /// (expires_at_ms, pool, key): the order in which entries are pruned and evicted.
+    by_expiry: BTreeSet<(u64, String, String)>,
+}
+
+impl From<StickyRepr> for StickyTable {
+    fn from(r: StickyRepr) -> Self {
+        let by_expiry = r
+            .entries
+            .iter()
+            .flat_map(|(pool, keys)| keys.iter().map(move |(k, b)| (b.expires_at_ms, pool.clone(), k.clone())))
+            .collect();
+        StickyTable { capacity: r.capacity, entries: r.entries, by_expiry }
+    }
+}
+
+impl From<StickyTable> for StickyRepr {
+    fn from(t: StickyTable) -> Self {
+        StickyRepr { capacity: t.capacity, entries: t.entries }
+    }
+}
+
+impl Default for StickyTable {
+    fn default() -> Self {
+        Self::with_capacity(STICKY_CAPACITY)
+    }
+}
+
+impl StickyTable {
+    /// An empty table holding at most `capacity` entries.
+    pub fn with_capacity(capacity: usize) -> Self {
+        StickyTable { capacity, entries: BTreeMap::new(), by_expiry: BTreeSet::new() }
+    }
+
+    /// Number of entries (expired ones not yet pruned included).
+    pub fn len(&self) -> usize {
+        self.by_expiry.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.by_expiry.is_empty()
+    }
+
+    /// The bound on entries.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The server `key` is bound to in `pool`, unless the binding expired at `now_ms`.
+    pub fn get(&self, pool: &str, key: &str, now_ms: u64) -> Option<&StickyBinding> {
+        self.entries.get(pool)?.get(key).filter(|b| b.expires_at_ms > now_ms)
+    }
+
+    /// Every entry: (pool, key, binding).
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str, &StickyBinding)> {
+        self.entries.iter().flat_map(|(p, keys)| keys.iter().map(move |(k, b)| (p.as_str(), k.as_str(), b)))
+    }
+
+    fn remove(&mut self, pool: &str, key: &str) {
+        if let Some(keys) = self.entries.get_mut(pool) {
+            if let Some(old) = keys.remove(key) {
+                self.by_expiry.remove(&(old.expires_at_ms, pool.to_owned(), key.to_owned()));
+            }
+            if keys.is_empty() {
+                self.entries.remove(pool);
+            }
+        }
+    }
+
+    fn insert(&mut self, pool: &str, key: &str, binding: StickyBinding) {
+        self.remove(pool, key);
+        self.by_expiry.insert((binding.expires_at_ms, pool.to_owned(), key.to_owned()));
+        self.entries.entry(pool.to_owned()).or_default().insert(key.to_owned(), binding);
+    }
+
+    /// Removes entries expired at `now_ms`; returns how many.
+    fn prune(&mut self, now_ms: u64) -> usize {
+        let mut n = 0;
+        while let Some((exp, _, _)) = self.by_expiry.first() {
+            if *exp > now_ms {
+                break;
+            }
+            if let Some((_, pool, key)) = self.by_expiry.pop_first() {
+                self.remove(&pool, &key);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Evicts the soonest-expiring entries until within capacity; returns how many.
+    fn shrink_to_capacity(&mut self) -> usize {
+        let mut n = 0;
+        while self.by_expiry.len() > self.capacity {
+            match self.by_expiry.pop_first() {
+                Some((_, pool, key)) => {
+                    self.remove(&pool, &key);
+                    n += 1;
+                }
+                None => break,
+            }
+        }
+        n
+    }
+
+    /// Drops entries for which `keep(pool, server)` is false.
+    fn retain_servers(&mut self, keep: impl Fn(&str, &str) -> bool) {
+        let doomed: Vec<(String, String)> =
+            self.iter().filter(|(p, _, b)| !keep(p, &b.server)).map(|(p, k, _)| (p.to_owned(), k.to_owned())).collect();
+        for (p, k) in doomed {
+            self.remove(&p, &k);
+        }
+    }
+}
+
+/// Everything Raft replicates, as the data plane reads it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// The served configuration (empty until the cluster is initialized).
+    #[serde(with = "crate::codec::config_field")]
+    pub config: Config,
+    /// Operator overrides: pool → server → override. Only non-default overrides are stored.
+    pub overrides: BTreeMap<String, BTreeMap<String, ServerOverride>>,
+    /// Health verdicts: pool → server → verdict. A server without one is up.
+    pub health: BTreeMap<String, BTreeMap<String, HealthVerdict>>,
+    /// The sticky-session table.
+    pub sticky: StickyTable,
+    /// Current voters, from the last applied membership: the electorate for health verdicts.
+    pub voters: BTreeSet<NodeId>,
+}
+
+impl ClusterState {
+    /// An empty state whose sticky table holds at most `capacity` entries.
+    pub fn with_sticky_capacity(capacity: usize) -> Self {
+        ClusterState { sticky: StickyTable::with_capacity(capacity), ..Default::default() }
+    }
+
+    /// Whether `pool` has a server named `server` in the config.
+    pub fn has_server(&self, pool: &str, server: &str) -> bool {
+        self.config.pools.get(pool).is_some_and(|p| p.servers.iter().any(|s| s.name == server))
+    }
+
+    /// Whether the server is in rotation by health (no verdict = up).
+    pub fn is_up(&self, pool: &str, server: &str) -> bool {
+        self.health.get(pool).and_then(|m| m.get(server)).is_none_or(|v| v.up)
+    }
+
+    /// Whether an operator drains the server.
+    pub fn is_draining(&self, pool: &str, server: &str) -> bool {
+        self.overrides.get(pool).and_then(|m| m.get(server)).is_some_and(|o| o.drain)
+    }
+
+    /// The weight to balance with: the override if any, else the configured weight.
+    pub fn effective_weight(&self, pool: &str, server: &str) -> Option<u32> {
+        let configured = self.config.pools.get(pool)?.servers.iter().find(|s| s.name == server)?.weight;
+        Some(self.overrides.get(pool).and_then(|m| m.get(server)).and_then(|o| o.weight).unwrap_or(configured))
+    }
+
+    /// Applies one command proposed at `now_ms`, committed at log `index`. Pure and
+    /// deterministic; a rejected command leaves `self` unchanged.
+    pub fn apply(&mut self, cmd: &Command, index: u64, now_ms: u64) -> Outcome {
+        match cmd {
+            Command::ApplyConfig(config) => self.apply_config(config),
+            Command::SetServerHealth { pool, server, up, reporter } => {
+                self.set_health(pool, server, *up, *reporter, index)
+            }
+            Command::DrainServer { pool, server, drain } => {
+                self.set_override(pool, server, |o| std::mem::replace(&mut o.drain, *drain) != *drain)
+            }
+            Command::SetServerWeight { pool, server, weight } => {
+                if *weight == 0 || *weight > MAX_WEIGHT {
+                    return rejected(format!("weight {weight} is out of range 1-{MAX_WEIGHT}"));
+                }
+                let w = Some(*weight);
+                self.set_override(pool, server, |o| std::mem::replace(&mut o.weight, w) != w)
+            }
+            Command::PutStickyBatch(entries) => self.put_sticky(entries, now_ms),
+            Command::Noop => Outcome::Applied { changed: false },
+        }
+    }
+
+    fn apply_config(&mut self, config: &Config) -> Outcome {
+        if let Err(reason) = Command::ApplyConfig(config.clone()).precheck() {
+            return rejected(reason);
+        }
+        if *config == self.config {
+            return Outcome::Applied { changed: false };
+        }
+        self.config = config.clone();
+        let cfg = &self.config;
+        let exists =
+            |pool: &str, server: &str| cfg.pools.get(pool).is_some_and(|p| p.servers.iter().any(|s| s.name == server));
+        for (pool, servers) in self.overrides.iter_mut() {
+            servers.retain(|s, _| exists(pool, s));
+        }
+        self.overrides.retain(|_, m| !m.is_empty());
+        for (pool, servers) in self.health.iter_mut() {
+            servers.retain(|s, _| exists(pool, s));
+        }
+        self.health.retain(|_, m| !m.is_empty());
+        self.sticky.retain_servers(exists);
+        Outcome::Applied { changed: true }
+    }
+
+    fn unknown(&self, pool: &str, server: &str) -> Option<Outcome> {
+        if self.has_server(pool, server) {
+            None
+        } else if !self.config.pools.contains_key(pool) {
+            Some(rejected(format!("pool {pool:?} is not in the config")))
+        } else {
+            Some(rejected(format!("server {server:?} is not in pool {pool:?}")))
+        }
+    }
+
+    fn set_override(&mut self, pool: &str, server: &str, change: impl FnOnce(&mut ServerOverride) -> bool) -> Outcome {
+        if let Some(r) = self.unknown(pool, server) {
+            return r;
+        }
+        let servers = self.overrides.entry(pool.to_owned()).or_default();
+        let o = servers.entry(server.to_owned()).or_default();
+        let changed = change(o);
+        if o.is_default() {
+            servers.remove(server);
+        }
+        if servers.is_empty() {
+            self.overrides.remove(pool);
+        }
+        Outcome::Applied { changed }
+    }
+
+    fn set_health(&mut self, pool: &str, server: &str, up: bool, reporter: NodeId, index: u64) -> Outcome {
+        if let Some(r) = self.unknown(pool, server) {
+            return r;
+        }
+        let voters = &self.voters;
+        let servers = self.health.entry(pool.to_owned()).or_default();
+        let v = servers.entry(server.to_owned()).or_insert_with(|| HealthVerdict {
+            up: true,
+            since: index,
+            reporter,
+            reports: BTreeMap::new(),
+        });
+        let before = v.clone();
+        v.reports.insert(reporter, up);
+        let verdict = verdict_of(&v.reports, voters, up);
+        if verdict != v.up {
+            v.up = verdict;
+            v.since = index;
+            v.reporter = reporter;
+        }
+        Outcome::Applied { changed: *v != before }
+    }
+
+    /// Records the voter set of a newly applied membership and recomputes verdicts with it.
+    /// Returns whether anything changed.
+    pub fn set_voters(&mut self, voters: BTreeSet<NodeId>, index: u64) -> bool {
+        if voters == self.voters {
+            return false;
+        }
+        self.voters = voters;
+        for servers in self.health.values_mut() {
+            for v in servers.values_mut() {
+                let verdict = verdict_of(&v.reports, &self.voters, v.up);
+                if verdict != v.up {
+                    v.up = verdict;
+                    v.since = index;
+                }
+            }
+        }
+        true
+    }
+
+    fn put_sticky(&mut self, entries: &[StickyEntry], now_ms: u64) -> Outcome {
+        if entries.len() > crate::command::MAX_STICKY_BATCH {
+            return rejected(format!("sticky batch of {} entries is too large", entries.len()));
+        }
+        let mut evicted = self.sticky.prune(now_ms);
+        let (mut stored, mut skipped) = (0, 0);
+        for e in entries {
+            if e.expires_at_ms <= now_ms || !self.has_server(&e.pool, &e.server) {
+                skipped += 1;
+                continue;
+            }
+            self.sticky.insert(
+                &e.pool,
+                &e.key,
+                StickyBinding { server: e.server.clone(), expires_at_ms: e.expires_at_ms },
+            );
+            stored += 1;
+        }
+        evicted += self.sticky.shrink_to_capacity();
+        Outcome::StickyStored { stored, skipped, evicted }
+    }
+}
+
+/// Down only while a majority of voters report down; with no voters known, the latest report
+/// (`latest`) decides.
+fn verdict_of(reports: &BTreeMap<NodeId, bool>, voters: &BTreeSet<NodeId>, latest: bool) -> bool {
+    if voters.is_empty() {
+        return latest;
+    }
+    let down = voters.iter().filter(|id| reports.get(id) == Some(&false)).count();
+    down <= voters.len() / 2
+}
+
+fn rejected(reason: String) -> Outcome {
+    Outcome::Rejected { reason }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn config(servers: &[&str]) -> Config {
+        let list: Vec<String> = servers
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!(r#"{{"name":"{s}","address":"127.0.0.1:{}"}}"#, 9000 + i))
+            .collect();
+        serde_json::from_str(&format!(
+            r#"{{"listeners":{{"web":{{"bind":"127.0.0.1:8080","default_pool":"app"}}}},
+                "pools":{{"app":{{"servers":[{}]}}}}}}"#,
+            list.join(",")
+        ))
+        .unwrap()
+    }
+
+    fn with(servers: &[&str]) -> ClusterState {
+        let mut s = ClusterState::default();
+        assert_eq!(s.apply(&Command::ApplyConfig(config(servers)), 1, 0), Outcome::Applied { changed: true });
+        s
+    }
+
+    fn health(server: &str, up: bool, reporter: NodeId) -> Command {
+        Command::SetServerHealth { pool: "app".into(), server: server.into(), up, reporter }
+    }
+
+    fn sticky(key: &str, server: &str, exp: u64) -> StickyEntry {
+        StickyEntry { pool: "app".into(), key: key.into(), server: server.into(), expires_at_ms: exp }
+    }
+
+    #[test]
+    fn invalid_config_is_rejected_and_changes_nothing() {
+        let mut s = with(&["a"]);
+        let before = s.clone();
+        let out = s.apply(&Command::ApplyConfig(Config::default()), 2, 0);
+        assert!(out.is_rejected(), "{out:?}");
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn removed_servers_lose_verdicts_overrides_and_sessions() {
+        let mut s = with(&["a", "b"]);
+        s.apply(&health("b", false, 1), 2, 0);
+        s.apply(&Command::DrainServer { pool: "app".into(), server: "b".into(), drain: true }, 3, 0);
+        s.apply(&Command::PutStickyBatch(vec![sticky("k1", "a", 100), sticky("k2", "b", 100)]), 4, 0);
+        assert!(!s.is_up("app", "b"));
+        s.apply(&Command::ApplyConfig(config(&["a"])), 5, 0);
+        assert!(s.health.is_empty() && s.overrides.is_empty());
+        assert_eq!(s.sticky.len(), 1);
+        assert!(s.sticky.get("app", "k1", 0).is_some());
+    }
+
+    #[test]
+    fn majority_of_voters_decides_health() {
+        let mut s = with(&["a"]);
+        s.set_voters([1, 2, 3].into(), 1);
+        s.apply(&health("a", false, 1), 2, 0);
+        assert!(s.is_up("app", "a"), "one broken observer out of three must not eject");
+        s.apply(&health("a", false, 9), 3, 0);
+        assert!(s.is_up("app", "a"), "a learner does not count");
+        s.apply(&health("a", false, 2), 4, 0);
+        assert!(!s.is_up("app", "a"));
+        let v = &s.health["app"]["a"];
+        assert_eq!((v.since, v.reporter), (4, 2));
+        s.apply(&health("a", true, 2), 5, 0);
+        assert!(s.is_up("app", "a"));
+        // Node 3 leaves the cluster: 1 of 2 down is not a majority.
+        s.apply(&health("a", false, 2), 6, 0);
+        assert!(!s.is_up("app", "a"));
+        s.set_voters([1, 3, 4].into(), 7);
+        assert!(s.is_up("app", "a"));
+    }
+
+    #[test]
+    fn unknown_servers_are_rejected() {
+        let mut s = with(&["a"]);
+        assert!(s.apply(&health("zz", false, 1), 2, 0).is_rejected());
+        let w = Command::SetServerWeight { pool: "nope".into(), server: "a".into(), weight: 3 };
+        assert!(s.apply(&w, 3, 0).is_rejected());
+    }
+
+    #[test]
+    fn weight_and_drain_overrides() {
+        let mut s = with(&["a"]);
+        let w = Command::SetServerWeight { pool: "app".into(), server: "a".into(), weight: 7 };
+        assert_eq!(s.apply(&w, 2, 0), Outcome::Applied { changed: true });
+        assert_eq!(s.apply(&w, 3, 0), Outcome::Applied { changed: false });
+        assert_eq!(s.effective_weight("app", "a"), Some(7));
+        let bad = Command::SetServerWeight { pool: "app".into(), server: "a".into(), weight: 1000 };
+        assert!(s.apply(&bad, 4, 0).is_rejected());
+        let d = |drain| Command::DrainServer { pool: "app".into(), server: "a".into(), drain };
+        s.apply(&d(true), 5, 0);
+        assert!(s.is_draining("app", "a"));
+        s.apply(&d(false), 6, 0);
+        assert!(!s.is_draining("app", "a"));
+    }
+
+    #[test]
+    fn sticky_ttl_prunes_and_evicts_soonest_expiring() {
+        let mut s = with(&["a"]);
+        s.sticky = StickyTable::with_capacity(2);
+        s.apply(&Command::PutStickyBatch(vec![sticky("x", "a", 50), sticky("y", "a", 300)]), 2, 10);
+        assert_eq!(s.sticky.len(), 2);
+        assert!(s.sticky.get("app", "x", 60).is_none(), "expired entries are not served");
+        let out = s.apply(&Command::PutStickyBatch(vec![sticky("z", "a", 200), sticky("w", "a", 250)]), 3, 100);
+        // x pruned (expired at 100), then z evicted as the soonest to expire.
+        assert_eq!(out, Outcome::StickyStored { stored: 2, skipped: 0, evicted: 2 });
+        let keys: Vec<&str> = s.sticky.iter().map(|(_, k, _)| k).collect();
+        assert_eq!(keys, ["w", "y"]);
+    }
+
+    #[test]
+    fn state_round_trips_through_bincode_and_json() {
+        let mut s = with(&["a", "b"]);
+        s.set_voters([1, 2].into(), 1);
+        s.apply(&health("a", false, 1), 2, 0);
+        s.apply(&Command::PutStickyBatch(vec![sticky("k", "b", 99)]), 3, 0);
+        let bin = crate::codec::encode(&s).unwrap();
+        assert_eq!(crate::codec::decode::<ClusterState>(&bin).unwrap(), s);
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<ClusterState>(&json).unwrap(), s);
+    }
+
+    fn arb_command() -> impl Strategy<Value = Command> {
+        let server = prop::sample::select(vec!["a", "b", "c", "zz"]).prop_map(String::from);
+        prop_oneof![
+            (server.clone(), any::<bool>(), 0u64..4).prop_map(|(server, up, reporter)| Command::SetServerHealth {
+                pool: "app".into(),
+                server,
+                up,
+                reporter
+            }),
+            (server.clone(), any::<bool>()).prop_map(|(server, drain)| Command::DrainServer {
+                pool: "app".into(),
+                server,
+                drain
+            }),
+            (server.clone(), 0u32..300).prop_map(|(server, weight)| Command::SetServerWeight {
+                pool: "app".into(),
+                server,
+                weight
+            }),
+            prop::collection::vec((0u32..40, server, 0u64..400), 0..30).prop_map(|v| Command::PutStickyBatch(
+                v.into_iter().map(|(k, s, e)| sticky(&format!("k{k}"), &s, e)).collect()
+            )),
+            prop::sample::select(vec![vec!["a"], vec!["a", "b"], vec!["a", "b", "c"], vec![]])
+                .prop_map(|s| Command::ApplyConfig(if s.is_empty() { Config::default() } else { config(&s) })),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn sticky_table_never_exceeds_its_bound(cap in 1usize..20, cmds in prop::collection::vec(arb_command(), 1..40)) {
+            let mut s = with(&["a", "b", "c"]);
+            s.sticky = StickyTable::with_capacity(cap);
+            for (i, c) in cmds.iter().enumerate() {
+                s.apply(c, i as u64 + 2, i as u64 * 10);
+                prop_assert!(s.sticky.len() <= cap);
+                prop_assert_eq!(s.sticky.len(), s.sticky.iter().count());
+            }
+        }
+
+        #[test]
+        fn rejected_commands_change_nothing_and_replicas_agree(cmds in prop::collection::vec(arb_command(), 1..40)) {
+            let mut s = with(&["a", "b"]);
+            s.set_voters([1, 2, 3].into(), 1);
+            let mut replica = s.clone();
+            for (i, c) in cmds.iter().enumerate() {
+                let before = s.clone();
+                let out = s.apply(c, i as u64 + 2, i as u64 * 10);
+                if out.is_rejected() {
+                    prop_assert_eq!(&s, &before);
+                }
+                replica.apply(c, i as u64 + 2, i as u64 * 10);
+                // Every server with a verdict or override exists in the config.
+                for (pool, m) in s.health.iter() {
+                    for server in m.keys() { prop_assert!(s.has_server(pool, server)); }
+                }
+            }
+            prop_assert_eq!(&s, &replica);
+            let decoded: ClusterState = crate::codec::decode(&crate::codec::encode(&s).unwrap()).unwrap();
+            prop_assert_eq!(decoded, s);
+        }
+    }
+}
