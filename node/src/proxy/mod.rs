@@ -9,6 +9,7 @@
 //! - [`http`]: the per-request path (route, select, forward, stream back).
 //! - [`headers`]: hop-by-hop stripping and `X-Forwarded-*`.
 //! - [`error`]: what failed, which side, whether a retry is allowed, and the status it maps to.
+//! - [`proxy_protocol`]: the PROXY protocol v1/v2 header sent first to servers of a TCP pool.
 
 pub mod body;
 pub mod error;
@@ -16,6 +17,7 @@ pub mod guard;
 pub mod h1scan;
 pub mod headers;
 pub mod http;
+pub mod proxy_protocol;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
