@@ -9,6 +9,9 @@
 //! - [`http`]: the per-request path (route, select, forward, stream back).
 //! - [`headers`]: hop-by-hop stripping and `X-Forwarded-*`.
 //! - [`error`]: what failed, which side, whether a retry is allowed, and the status it maps to.
+//! - [`tcp`]: `tcp` listeners (layer 4): one server of the default pool per client connection,
+//!   bytes spliced both ways with half-close, idle timeout and graceful drain.
+//! - [`proxy_protocol`]: the PROXY protocol v1/v2 header sent first to servers of a TCP pool.
 
 pub mod body;
 pub mod error;
@@ -16,6 +19,8 @@ pub mod guard;
 pub mod h1scan;
 pub mod headers;
 pub mod http;
+pub mod proxy_protocol;
+pub mod tcp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
