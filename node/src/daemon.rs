@@ -24,6 +24,7 @@ use crate::admin::{self, AdminState};
 use crate::config::NodeFile;
 use crate::connlimit::ConnectionLimiter;
 use crate::metrics::{ListenerMetrics, Rejections};
+use crate::proxy::tcp::{serve_tcp, ConnTracker};
 use crate::proxy::{self, BindError, HttpProxy};
 use crate::snapshot::{BuildError, SharedSnapshot, Snapshot};
 use crate::tls::{self, CertStore, ReloadSummary, TlsError};
@@ -98,6 +99,7 @@ impl CertReloader {
 struct BoundListener {
     name: String,
     socket: TcpListener,
+    protocol: Protocol,
     tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
@@ -130,13 +132,13 @@ impl Daemon {
                     certs.stores.push((name.clone(), store));
                     Some(tls::acceptor(config))
                 }
-                (Protocol::Http, _) => None,
+                (Protocol::Http | Protocol::Tcp, _) => None,
                 (protocol, _) => {
                     return Err(DaemonError::Unsupported { name: name.clone(), protocol: protocol.as_str() })
                 }
             };
             let socket = proxy::bind(name, l.bind).await?;
-            listeners.push(BoundListener { name: name.clone(), socket, tls });
+            listeners.push(BoundListener { name: name.clone(), socket, protocol: l.protocol, tls });
         }
         Ok(Daemon { file, snapshot, rejections: Arc::default(), admin, admin_token, listeners, certs: Arc::new(certs) })
     }
@@ -163,10 +165,25 @@ impl Daemon {
 
         let mut accept_loops = Vec::new();
         let mut metrics = Vec::new();
-        for BoundListener { name, socket, tls } in listeners {
+        let tcp_conns = ConnTracker::new();
+        for BoundListener { name, socket, protocol, tls } in listeners {
             let Some(config) = file.config.listeners.get(&name) else { continue };
-            let proto = if tls.is_some() { "https" } else { "http" };
             let listener_metrics = ListenerMetrics::new(&name, ConnectionLimiter::new(&config.limits));
+            if protocol == Protocol::Tcp {
+                tracing::info!(target: "keel::proxy", listener = %name, addr = ?socket.local_addr().ok(), protocol = "tcp", "listening");
+                accept_loops.push(tokio::spawn(serve_tcp(
+                    socket,
+                    name.clone(),
+                    snapshot.clone(),
+                    listener_metrics.connections.clone(),
+                    rejections.clone(),
+                    stop_rx.clone(),
+                    tcp_conns.clone(),
+                )));
+                metrics.push(listener_metrics);
+                continue;
+            }
+            let proto = if tls.is_some() { "https" } else { "http" };
             let proxy = Arc::new(HttpProxy::new(
                 snapshot.clone(),
                 &name,
@@ -210,17 +227,20 @@ impl Daemon {
         }
         let _ = admin_loop.await;
 
+        let deadline = file.node.drain_timeout();
+        let tcp_drain = tokio::spawn(async move { tcp_conns.drain(deadline).await });
         let Ok(graceful) = Arc::try_unwrap(graceful) else {
             tracing::error!(target: "keel::proxy", "connection tracker still shared at shutdown; exiting without drain");
             return;
         };
         let open = graceful.count();
-        let deadline = file.node.drain_timeout();
         tracing::info!(target: "keel::proxy", connections = open, deadline = ?deadline, "draining in-flight requests");
-        if tokio::time::timeout(deadline, graceful.shutdown()).await.is_err() {
-            tracing::warn!(target: "keel::proxy", deadline = ?deadline, "drain deadline passed; closing remaining connections");
-        } else {
+        let http_drained = tokio::time::timeout(deadline, graceful.shutdown()).await.is_ok();
+        let tcp_forced = tcp_drain.await.unwrap_or(0);
+        if http_drained && tcp_forced == 0 {
             tracing::info!(target: "keel::proxy", "drained; exiting");
+        } else {
+            tracing::warn!(target: "keel::proxy", deadline = ?deadline, tcp_forced, "drain deadline passed; closing remaining connections");
         }
     }
 }
