@@ -25,7 +25,7 @@ pub enum VipError {
         reason: String,
     },
     /// No interface by that name exists in this network namespace.
-    #[error("interface {interface:?} does not exist (check `ip link`; the VIP interface is `vip.interface`)")]
+    #[error("interface {interface:?} does not exist in this network namespace (see `ip link`)")]
     InterfaceNotFound {
         /// The interface that was asked for.
         interface: String,
