@@ -81,17 +81,14 @@ impl NetlinkAnnouncer {
 
     /// The VIP's address entries on the interface (normally zero or one).
     async fn query(&self) -> Result<Vec<AddressMessage>, VipError> {
-        let link = match find_link(&self.config.interface) {
-            Ok(link) => link,
-            // Gone interface, gone address.
-            Err(VipError::InterfaceNotFound { .. }) => return Ok(Vec::new()),
-            Err(e) => return Err(e),
-        };
+        // Any state of the link will do (a down interface still carries addresses); a gone
+        // interface carries none.
+        let Ok(iface) = find_interface(&self.config.interface) else { return Ok(Vec::new()) };
         let mut request = self
             .handle
             .address()
             .get()
-            .set_link_index_filter(link.iface.index)
+            .set_link_index_filter(iface.index)
             .set_address_filter(IpAddr::V4(self.config.address));
         request.message_mut().header.family = AddressFamily::Inet;
         request.execute().try_collect().await.map_err(|e| self.netlink_error("query", e))
@@ -104,15 +101,17 @@ impl NetlinkAnnouncer {
     }
 
     async fn do_claim(&self) -> Result<(), VipError> {
-        let link = find_link(&self.config.interface)?;
+        // The address goes on even if the link is down right now, so that announcing is all
+        // that is left to retry once it comes up.
+        let iface = find_interface(&self.config.interface)?;
         self.handle
             .address()
-            .add(link.iface.index, IpAddr::V4(self.config.address), 32)
+            .add(iface.index, IpAddr::V4(self.config.address), 32)
             .replace()
             .execute()
             .await
             .map_err(|e| self.netlink_error("add", e))?;
-        self.burst(&link).await
+        self.do_announce().await
     }
 
     async fn do_release(&self) -> Result<(), VipError> {
@@ -192,12 +191,17 @@ impl VipAnnouncer for NetlinkAnnouncer {
     }
 }
 
-/// Finds `name` among this namespace's interfaces and checks it can carry an announced VIP.
-fn find_link(name: &str) -> Result<Link, VipError> {
-    let iface = pnet_datalink::interfaces()
+/// Finds `name` among this namespace's interfaces, in whatever state it is.
+fn find_interface(name: &str) -> Result<NetworkInterface, VipError> {
+    pnet_datalink::interfaces()
         .into_iter()
         .find(|i| i.name == name)
-        .ok_or_else(|| VipError::InterfaceNotFound { interface: name.to_string() })?;
+        .ok_or_else(|| VipError::InterfaceNotFound { interface: name.to_string() })
+}
+
+/// Finds `name` and checks it can send an announcement: it has a MAC and is up.
+fn find_link(name: &str) -> Result<Link, VipError> {
+    let iface = find_interface(name)?;
     let mac = match iface.mac {
         Some(mac) if !mac.is_zero() => mac.octets(),
         _ => return Err(VipError::NoMac { interface: name.to_string() }),
