@@ -2,7 +2,8 @@
 //!
 //! | method | path | what |
 //! |---|---|---|
-//! | GET | `/healthz` | 200 while the process serves |
+//! | GET | `/healthz` | 200 while the process serves (never needs the token) |
+//! | POST | `/reload-certs` | re-read every https listener's certificate files |
 //! | GET | `/status` | listeners, pools, servers with state, weight, in-flight and counters (JSON) |
 //! | GET | `/metrics` | Prometheus text format |
 //! | GET | `/` | the same status as an HTML table, for a person |
@@ -11,7 +12,8 @@
 //! | POST | `/pools/{pool}/servers/{server}/weight` | body `{"weight": N}` |
 //!
 //! It listens on its own address (loopback by default) and is never served on a data-plane
-//! listener. Request bodies are capped at [`MAX_BODY`] bytes.
+//! listener. With `node.admin_token_file`/`admin_token_env` set, every endpoint but `/healthz`
+//! needs `Authorization: Bearer <token>`. Request bodies are capped at [`MAX_BODY`] bytes.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -28,7 +30,8 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::metrics::{self, Rejections};
+use crate::daemon::CertReloader;
+use crate::metrics::{self, ListenerMetrics, Rejections};
 use crate::pool::{Pool, PoolError, ServerState, STATUS_CLASSES};
 use crate::snapshot::{SharedSnapshot, Snapshot};
 
@@ -42,6 +45,12 @@ pub struct AdminState {
     pub snapshot: SharedSnapshot,
     /// Requests keel answered itself.
     pub rejections: Arc<Rejections>,
+    /// Per-listener counters.
+    pub listeners: Arc<Vec<ListenerMetrics>>,
+    /// The https listeners' certificates.
+    pub certs: Arc<CertReloader>,
+    /// Bearer token every endpoint but `/healthz` requires, when set.
+    pub token: Option<Arc<str>>,
 }
 
 /// `/status` document.
@@ -186,14 +195,33 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>
     json(status, &serde_json::json!({ "error": message.into() }))
 }
 
+/// Whether the request carries the admin token. Compared in constant time so the token cannot be
+/// guessed byte by byte from response timing.
+fn authorized(state: &AdminState, req: &Request<Incoming>) -> bool {
+    let Some(token) = &state.token else { return true };
+    let Some(given) =
+        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let (a, b) = (token.as_bytes(), given.trim().as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if segments != ["healthz"] && !authorized(state, &req) {
+        let mut resp = error(StatusCode::UNAUTHORIZED, "this endpoint needs Authorization: Bearer <admin token>");
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        return resp;
+    }
     match (req.method(), segments.as_slice()) {
         (&Method::GET, ["healthz"]) => Response::new(Full::new(Bytes::from_static(b"ok\n"))),
+        (&Method::POST, ["reload-certs"]) => reload_certs(&state.certs),
         (&Method::GET, ["status"]) => json(StatusCode::OK, &status(&state.snapshot.load())),
         (&Method::GET, ["metrics"]) => {
-            let text = metrics::render(&state.snapshot.load(), &state.rejections);
+            let text = metrics::render(&state.snapshot.load(), &state.rejections, &state.listeners);
             let mut resp = Response::new(Full::new(Bytes::from(text)));
             resp.headers_mut()
                 .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4"));
@@ -249,6 +277,35 @@ async fn server_action(pool: &Pool, server: &str, action: &str, req: Request<Inc
         Err(e @ PoolError::UnknownServer { .. }) => error(StatusCode::NOT_FOUND, e.to_string()),
         Err(e @ PoolError::BadWeight(_)) => error(StatusCode::BAD_REQUEST, e.to_string()),
     }
+}
+
+/// Reloads every https listener's certificates; 200 when all succeeded, 422 naming the files
+/// otherwise (listeners that failed keep their previous certificates).
+fn reload_certs(certs: &CertReloader) -> Response<Full<Bytes>> {
+    let mut ok = true;
+    let listeners: serde_json::Map<String, serde_json::Value> = certs
+        .reload_all()
+        .into_iter()
+        .map(|(name, result)| {
+            let value = match result {
+                Ok(summary) => serde_json::json!({
+                    "reloaded": true,
+                    "certificates": summary.certificates.iter().map(|c| serde_json::json!({
+                        "cert": c.cert, "names": c.names, "not_after": c.not_after,
+                    })).collect::<Vec<_>>(),
+                }),
+                Err(e) => {
+                    ok = false;
+                    tracing::error!(target: "keel::tls", listener = %name, error = %e,
+                        "certificate reload refused; the previous certificates stay in use");
+                    serde_json::json!({ "reloaded": false, "error": e.to_string() })
+                }
+            };
+            (name, value)
+        })
+        .collect();
+    let status = if ok { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY };
+    json(status, &serde_json::json!({ "listeners": listeners }))
 }
 
 fn escape(s: &str) -> String {

@@ -35,6 +35,12 @@ pub struct NodeSettings {
     /// Tokio worker threads for the data plane; 0 = one per CPU core.
     #[serde(default)]
     pub workers: usize,
+    /// File holding the bearer token the admin API requires (whitespace trimmed).
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
+    /// Environment variable holding the bearer token the admin API requires.
+    #[serde(default)]
+    pub admin_token_env: Option<String>,
 }
 
 fn default_admin() -> SocketAddr {
@@ -47,7 +53,13 @@ fn default_drain_timeout() -> HumanDuration {
 
 impl Default for NodeSettings {
     fn default() -> Self {
-        Self { admin: default_admin(), drain_timeout: default_drain_timeout(), workers: 0 }
+        Self {
+            admin: default_admin(),
+            drain_timeout: default_drain_timeout(),
+            workers: 0,
+            admin_token_file: None,
+            admin_token_env: None,
+        }
     }
 }
 
@@ -55,6 +67,23 @@ impl NodeSettings {
     /// The drain deadline as a [`Duration`].
     pub fn drain_timeout(&self) -> Duration {
         self.drain_timeout.get()
+    }
+
+    /// The admin API's bearer token, read from its file or variable; `None` when none is set.
+    /// The token itself never appears in an error or a log line.
+    pub fn admin_token(&self) -> Result<Option<String>, String> {
+        let token = match (&self.admin_token_file, &self.admin_token_env) {
+            (Some(path), _) => std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+                .trim()
+                .to_owned(),
+            (None, Some(var)) => std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))?,
+            (None, None) => return Ok(None),
+        };
+        if token.len() < 16 {
+            return Err("the admin token must be at least 16 characters".into());
+        }
+        Ok(Some(token))
     }
 }
 
@@ -161,6 +190,24 @@ pub fn parse(text: &str, origin: &str) -> Result<NodeFile, ConfigError> {
             line: locate(text, document.get_ref(), &KeyPath::of(&["node", "workers"])),
             key: Some("node.workers".into()),
             reason: format!("{} worker threads is above the maximum of {MAX_WORKERS}", raw.node.workers),
+        });
+    }
+    if !raw.node.admin.ip().is_loopback() && raw.node.admin_token_file.is_none() && raw.node.admin_token_env.is_none() {
+        problems.push(Problem {
+            line: locate(text, document.get_ref(), &KeyPath::of(&["node", "admin"])),
+            key: Some("node.admin".into()),
+            reason: format!(
+                "the admin API on {} is reachable from other hosts; set node.admin_token_file or node.admin_token_env, \
+                 or keep it on loopback",
+                raw.node.admin
+            ),
+        });
+    }
+    if raw.node.admin_token_file.is_some() && raw.node.admin_token_env.is_some() {
+        problems.push(Problem {
+            line: locate(text, document.get_ref(), &KeyPath::of(&["node", "admin_token_env"])),
+            key: Some("node.admin_token_env".into()),
+            reason: "set admin_token_file or admin_token_env, not both".into(),
         });
     }
     let config = Config { listeners: raw.listeners, pools: raw.pools };

@@ -10,8 +10,10 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::connlimit::ConnectionLimiter;
 use crate::pool::STATUS_CLASSES;
 use crate::snapshot::Snapshot;
 
@@ -31,6 +33,17 @@ pub const ACTIVE: &str = "keel_server_active_requests";
 pub const SERVER_UP: &str = "keel_server_up";
 /// Requests refused before reaching a pool, by reason (no route, no server).
 pub const REJECTED_TOTAL: &str = "keel_requests_rejected_total";
+
+/// Client connections open, by listener.
+pub const CONNECTIONS_OPEN: &str = "keel_connections_open";
+/// Client connections refused by a cap, by listener and reason.
+pub const CONNECTIONS_REFUSED_TOTAL: &str = "keel_connections_refused_total";
+/// Requests answered 429, by listener.
+pub const RATELIMIT_LIMITED_TOTAL: &str = "keel_ratelimit_limited_total";
+/// Rate-limit entries evicted while still holding state, by listener.
+pub const RATELIMIT_EVICTIONS_TOTAL: &str = "keel_ratelimit_evictions_total";
+/// Clients tracked by rate limits, by listener.
+pub const RATELIMIT_TRACKED: &str = "keel_ratelimit_tracked_clients";
 
 /// Upper bounds of the latency buckets, in seconds.
 pub const BUCKETS: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -73,18 +86,38 @@ pub struct Rejections {
     pub no_route: AtomicU64,
     /// The pool had no server to offer (503).
     pub no_server: AtomicU64,
+    /// Over a client's rate limit (429).
+    pub rate_limited: AtomicU64,
 }
 
 /// A per-server metric: name, type, help, and how to read it.
 type PerServer = (&'static str, &'static str, &'static str, fn(&crate::pool::ServerState) -> u64);
+
+/// Counters of one listener that live as long as the listener's socket (not a snapshot).
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    /// Listener name.
+    pub name: String,
+    /// Its connection caps, whose counters are read here.
+    pub connections: ConnectionLimiter,
+    /// Requests answered 429.
+    pub rate_limited: Arc<AtomicU64>,
+}
+
+impl ListenerMetrics {
+    /// Metrics for the listener `name` using `connections`.
+    pub fn new(name: &str, connections: ConnectionLimiter) -> Self {
+        ListenerMetrics { name: name.to_owned(), connections, rate_limited: Arc::default() }
+    }
+}
 
 /// Escapes a label value for the text format.
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
-/// Renders every metric of `snapshot` in the Prometheus text format (version 0.0.4).
-pub fn render(snapshot: &Snapshot, rejections: &Rejections) -> String {
+/// Renders every metric in the Prometheus text format (version 0.0.4).
+pub fn render(snapshot: &Snapshot, rejections: &Rejections, listeners: &[ListenerMetrics]) -> String {
     let mut out = String::with_capacity(4096);
     let header = |out: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -133,7 +166,60 @@ pub fn render(snapshot: &Snapshot, rejections: &Rejections) -> String {
     header(&mut out, REJECTED_TOTAL, "counter", "Requests answered by keel itself without reaching a server.");
     let _ = writeln!(out, "{REJECTED_TOTAL}{{reason=\"no_route\"}} {}", rejections.no_route.load(Ordering::Relaxed));
     let _ = writeln!(out, "{REJECTED_TOTAL}{{reason=\"no_server\"}} {}", rejections.no_server.load(Ordering::Relaxed));
+    let _ = writeln!(
+        out,
+        "{REJECTED_TOTAL}{{reason=\"rate_limited\"}} {}",
+        rejections.rate_limited.load(Ordering::Relaxed)
+    );
+    render_listeners(&mut out, snapshot, listeners);
     out
+}
+
+fn render_listeners(out: &mut String, snapshot: &Snapshot, listeners: &[ListenerMetrics]) {
+    let header = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    header(out, CONNECTIONS_OPEN, "gauge", "Client connections open.");
+    for l in listeners {
+        let _ = writeln!(out, "{CONNECTIONS_OPEN}{{listener=\"{}\"}} {}", label(&l.name), l.connections.open());
+    }
+    header(out, CONNECTIONS_REFUSED_TOTAL, "counter", "Client connections closed at once by a connection cap.");
+    for l in listeners {
+        let name = label(&l.name);
+        let _ = writeln!(
+            out,
+            "{CONNECTIONS_REFUSED_TOTAL}{{listener=\"{name}\",reason=\"total\"}} {}",
+            l.connections.refused_total()
+        );
+        let _ = writeln!(
+            out,
+            "{CONNECTIONS_REFUSED_TOTAL}{{listener=\"{name}\",reason=\"per_client\"}} {}",
+            l.connections.refused_per_client()
+        );
+    }
+    header(out, RATELIMIT_LIMITED_TOTAL, "counter", "Requests answered 429 by a rate limit.");
+    for l in listeners {
+        let _ = writeln!(
+            out,
+            "{RATELIMIT_LIMITED_TOTAL}{{listener=\"{}\"}} {}",
+            label(&l.name),
+            l.rate_limited.load(Ordering::Relaxed)
+        );
+    }
+    header(
+        out,
+        RATELIMIT_EVICTIONS_TOTAL,
+        "counter",
+        "Rate-limit table entries forgotten while their bucket was not full.",
+    );
+    header(out, RATELIMIT_TRACKED, "gauge", "Clients tracked by rate limits.");
+    for (name, router) in &snapshot.routers {
+        let (evictions, tracked) =
+            router.limiters().fold((0, 0), |(e, t), l| (e + l.evictions(), t + l.tracked() as u64));
+        let name = label(name);
+        let _ = writeln!(out, "{RATELIMIT_EVICTIONS_TOTAL}{{listener=\"{name}\"}} {evictions}");
+        let _ = writeln!(out, "{RATELIMIT_TRACKED}{{listener=\"{name}\"}} {tracked}");
+    }
 }
 
 #[cfg(test)]

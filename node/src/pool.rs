@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{Either, Empty};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use keel_cluster::model;
@@ -27,13 +26,14 @@ use crate::balance::{self, Member, Pick, Selector};
 use crate::health::outlier::OutlierState;
 use crate::metrics::Histogram;
 use crate::proxy::body::ClientBody;
+use crate::tls::{backend_connector, TlsError, UpstreamConnector};
 
 /// Body of a request sent to a server: the client's streamed body, or nothing (which is what
 /// lets a body-less request be retried on another server).
 pub type UpstreamBody = Either<ClientBody, Empty<Bytes>>;
 
 /// The pooled HTTP client a pool uses to reach its servers.
-pub type UpstreamClient = Client<HttpConnector, UpstreamBody>;
+pub type UpstreamClient = Client<UpstreamConnector, UpstreamBody>;
 
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 
@@ -181,11 +181,12 @@ pub struct Pool {
 
 impl Pool {
     /// Builds a pool, reusing `existing` server states where the same name and address remain.
+    /// Fails when the pool's TLS settings (CA bundle) cannot be loaded.
     pub fn new(
         name: &str,
         config: &model::Pool,
         existing: impl Fn(&model::Server) -> Option<Arc<ServerState>>,
-    ) -> Arc<Self> {
+    ) -> Result<Arc<Self>, TlsError> {
         let servers: Vec<Arc<ServerState>> = config
             .servers
             .iter()
@@ -196,10 +197,7 @@ impl Pool {
             })
             .collect();
 
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout.get()));
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
+        let connector = backend_connector(config.tls.as_ref(), config.connect_timeout.get())?;
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(config.idle_timeout.get())
             .pool_timer(TokioTimer::new())
@@ -216,7 +214,16 @@ impl Pool {
             this: this.clone(),
         });
         pool.refresh();
-        pool
+        Ok(pool)
+    }
+
+    /// The URI scheme towards this pool's servers.
+    pub fn scheme(&self) -> &'static str {
+        if self.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     /// Rebuilds the selector over the servers eligible now. Call after any verdict change.

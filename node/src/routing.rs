@@ -7,7 +7,11 @@ use std::sync::Arc;
 
 use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
-use keel_cluster::model;
+use std::time::Instant;
+
+use keel_cluster::model::{self, RateLimit};
+
+use crate::ratelimit::RateLimiter;
 
 use crate::pool::Pool;
 
@@ -48,12 +52,36 @@ pub struct Route {
     header: Option<(HeaderName, Option<HeaderValue>)>,
     /// The pool that serves matching requests.
     pub pool: Arc<Pool>,
+    /// The route's own rate limit, replacing the listener's.
+    pub rate_limit: Option<Arc<RateLimiter>>,
 }
 
 /// A listener's routing table.
 pub struct Router {
     routes: Vec<Route>,
     default_pool: Option<Arc<Pool>>,
+    /// The listener's rate limit.
+    pub rate_limit: Option<Arc<RateLimiter>>,
+    /// Answer everything with a redirect to https on this port.
+    pub redirect_https_port: Option<u16>,
+}
+
+/// Where a request goes.
+pub struct Decision<'a> {
+    /// The pool.
+    pub pool: &'a Arc<Pool>,
+    /// The rate limit that applies, if any.
+    pub rate_limit: Option<&'a Arc<RateLimiter>>,
+}
+
+/// The limiter for `config`: the previous one when its settings did not change (so clients keep
+/// their buckets across a reload), else a new one.
+fn limiter(config: Option<&RateLimit>, previous: Option<&Arc<RateLimiter>>) -> Option<Arc<RateLimiter>> {
+    let config = config?;
+    match previous {
+        Some(old) if old.config() == config => Some(old.clone()),
+        _ => Some(Arc::new(RateLimiter::new(config, Instant::now()))),
+    }
 }
 
 /// What a request is matched on.
@@ -67,12 +95,18 @@ pub struct RequestView<'a> {
 }
 
 impl Router {
-    /// Compiles a listener's routes; `pool` resolves a pool name (validation guarantees it exists).
-    pub fn new(listener: &model::Listener, pool: impl Fn(&str) -> Option<Arc<Pool>>) -> Self {
+    /// Compiles a listener's routes; `pool` resolves a pool name (validation guarantees it
+    /// exists); rate-limit tables are taken over from `previous` where their settings held.
+    pub fn new(
+        listener: &model::Listener,
+        pool: impl Fn(&str) -> Option<Arc<Pool>>,
+        previous: Option<&Router>,
+    ) -> Self {
         let routes = listener
             .routes
             .iter()
-            .filter_map(|r| {
+            .enumerate()
+            .filter_map(|(i, r)| {
                 let header = match &r.header {
                     Some(h) => {
                         let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
@@ -89,15 +123,37 @@ impl Router {
                     path_prefix: r.path_prefix.clone(),
                     header,
                     pool: pool(&r.pool)?,
+                    rate_limit: limiter(
+                        r.rate_limit.as_ref(),
+                        previous.and_then(|p| p.routes.get(i)).and_then(|old| old.rate_limit.as_ref()),
+                    ),
                 })
             })
             .collect();
-        Router { routes, default_pool: listener.default_pool.as_deref().and_then(pool) }
+        Router {
+            routes,
+            default_pool: listener.default_pool.as_deref().and_then(pool),
+            rate_limit: limiter(listener.rate_limit.as_ref(), previous.and_then(|p| p.rate_limit.as_ref())),
+            redirect_https_port: listener.redirect_to_https.then_some(listener.https_port),
+        }
     }
 
     /// The pool for a request: the first route whose every condition holds, else the default.
     pub fn route(&self, req: &RequestView<'_>) -> Option<&Arc<Pool>> {
-        self.routes.iter().find(|r| r.matches(req)).map(|r| &r.pool).or(self.default_pool.as_ref())
+        self.decide(req).map(|d| d.pool)
+    }
+
+    /// The pool for a request and the rate limit that applies to it.
+    pub fn decide(&self, req: &RequestView<'_>) -> Option<Decision<'_>> {
+        match self.routes.iter().find(|r| r.matches(req)) {
+            Some(r) => Some(Decision { pool: &r.pool, rate_limit: r.rate_limit.as_ref().or(self.rate_limit.as_ref()) }),
+            None => self.default_pool.as_ref().map(|pool| Decision { pool, rate_limit: self.rate_limit.as_ref() }),
+        }
+    }
+
+    /// Every rate limiter of this listener (listener-wide and per route), for metrics.
+    pub fn limiters(&self) -> impl Iterator<Item = &Arc<RateLimiter>> {
+        self.rate_limit.iter().chain(self.routes.iter().filter_map(|r| r.rate_limit.as_ref()))
     }
 }
 
@@ -168,7 +224,7 @@ mod tests {
     fn pool(name: &str) -> Arc<Pool> {
         let cfg: model::Pool = toml::from_str(&format!("[[servers]]\nname = \"{name}\"\naddress = \"127.0.0.1:1\"\n"))
             .expect("pool config");
-        Pool::new(name, &cfg, |_| None)
+        Pool::new(name, &cfg, |_| None).expect("plain pool")
     }
 
     #[tokio::test]
@@ -194,7 +250,7 @@ mod tests {
         )
         .expect("listener config");
         let pools: Vec<_> = ["api", "v1", "canary", "beta", "fallback"].into_iter().map(pool).collect();
-        let router = Router::new(&listener, |n| pools.iter().find(|p| p.name == n).cloned());
+        let router = Router::new(&listener, |n| pools.iter().find(|p| p.name == n).cloned(), None);
         let mut headers = HeaderMap::new();
         let pick = |host: Option<&str>, path: &str, headers: &HeaderMap| {
             router.route(&RequestView { host, path, headers }).map(|p| p.name.clone())

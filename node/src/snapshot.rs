@@ -18,6 +18,16 @@ use keel_cluster::Config;
 use crate::pool::Pool;
 use crate::routing::Router;
 
+/// A pool whose TLS settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("pool {pool:?}: {source}")]
+pub struct BuildError {
+    /// The pool.
+    pub pool: String,
+    /// What failed.
+    pub source: crate::tls::TlsError,
+}
+
 /// One immutable view of the served configuration and its run-time objects.
 pub struct Snapshot {
     /// The config it was built from.
@@ -32,25 +42,27 @@ pub struct Snapshot {
 pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
 
 impl Snapshot {
-    /// Builds the run-time objects for `config`, carrying over server state from `previous`.
-    pub fn build(config: Config, previous: Option<&Snapshot>) -> Snapshot {
-        let pools: BTreeMap<String, Arc<Pool>> = config
-            .pools
-            .iter()
-            .map(|(name, cfg)| {
-                let old = previous.and_then(|p| p.pools.get(name));
-                let pool = Pool::new(name, cfg, |server| {
-                    old?.servers.iter().find(|s| s.name == server.name && s.address == server.address).cloned()
-                });
-                (name.clone(), pool)
+    /// Builds the run-time objects for `config`, carrying over server state and rate-limit
+    /// tables from `previous`. Fails only when a pool's TLS settings cannot be loaded.
+    pub fn build(config: Config, previous: Option<&Snapshot>) -> Result<Snapshot, BuildError> {
+        let mut pools = BTreeMap::new();
+        for (name, cfg) in &config.pools {
+            let old = previous.and_then(|p| p.pools.get(name));
+            let pool = Pool::new(name, cfg, |server| {
+                old?.servers.iter().find(|s| s.name == server.name && s.address == server.address).cloned()
             })
-            .collect();
+            .map_err(|source| BuildError { pool: name.clone(), source })?;
+            pools.insert(name.clone(), pool);
+        }
         let routers = config
             .listeners
             .iter()
-            .map(|(name, l)| (name.clone(), Router::new(l, |pool| pools.get(pool).cloned())))
+            .map(|(name, l)| {
+                let old = previous.and_then(|p| p.routers.get(name));
+                (name.clone(), Router::new(l, |pool| pools.get(pool).cloned(), old))
+            })
             .collect();
-        Snapshot { config: Arc::new(config), pools, routers }
+        Ok(Snapshot { config: Arc::new(config), pools, routers })
     }
 
     /// The pool named `name`.

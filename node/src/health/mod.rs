@@ -300,7 +300,7 @@ mod tests {
         let address = closed_port().await;
         let answered = Arc::new(AtomicUsize::new(0));
         let backend = start_backend(address, Arc::clone(&answered));
-        let pool = Pool::new("app", &pool_config(address, 2, 2), |_| None);
+        let pool = Pool::new("app", &pool_config(address, 2, 2), |_| None).expect("plain pool");
         let _tasks = spawn_tasks(&pool);
         let server = Arc::clone(&pool.servers[0]);
 
@@ -324,7 +324,7 @@ mod tests {
     #[tokio::test]
     async fn a_server_dead_at_boot_goes_down_on_the_first_failed_check() {
         // With fall = 1000 only the start-up rule can take it down within the deadline.
-        let pool = Pool::new("app", &pool_config(closed_port().await, 2, 1000), |_| None);
+        let pool = Pool::new("app", &pool_config(closed_port().await, 2, 1000), |_| None).expect("plain pool");
         let _tasks = spawn_tasks(&pool);
         wait_until("marked down", || !pool.servers[0].is_checked_up()).await;
     }
@@ -333,7 +333,7 @@ mod tests {
     async fn a_server_down_before_a_reload_comes_up_under_the_new_pool() {
         let address = closed_port().await;
         let config = pool_config(address, 2, 2);
-        let old = Pool::new("app", &config, |_| None);
+        let old = Pool::new("app", &config, |_| None).expect("plain pool");
         let old_tasks = spawn_tasks(&old);
         wait_until("marked down", || !old.servers[0].is_checked_up()).await;
 
@@ -342,7 +342,7 @@ mod tests {
         for task in old_tasks {
             tokio::time::timeout(DEADLINE, task).await.expect("old checker ends").expect("no panic");
         }
-        let new = Pool::new("app", &config, |_| Some(Arc::clone(&state)));
+        let new = Pool::new("app", &config, |_| Some(Arc::clone(&state))).expect("plain pool");
         assert!(!new.servers[0].is_checked_up(), "the verdict survives the reload");
         let _tasks = spawn_tasks(&new);
         let backend = start_backend(address, Arc::new(AtomicUsize::new(0)));
@@ -353,7 +353,7 @@ mod tests {
 
     #[tokio::test]
     async fn checkers_end_when_their_pool_is_dropped() {
-        let pool = Pool::new("app", &pool_config(closed_port().await, 2, 2), |_| None);
+        let pool = Pool::new("app", &pool_config(closed_port().await, 2, 2), |_| None).expect("plain pool");
         let tasks = spawn_tasks(&pool);
         assert_eq!(tasks.len(), 1);
         let weak = Arc::downgrade(&pool);
@@ -368,7 +368,7 @@ mod tests {
     async fn without_health_config_nothing_runs_and_servers_are_up() {
         let mut config = pool_config(closed_port().await, 2, 2);
         config.health = None;
-        let pool = Pool::new("app", &config, |_| None);
+        let pool = Pool::new("app", &config, |_| None).expect("plain pool");
         pool.set_checked_up(0, false);
         assert!(spawn_tasks(&pool).is_empty());
         assert!(pool.servers[0].is_checked_up());
@@ -380,7 +380,7 @@ mod tests {
         if let Some(health) = config.health.as_mut() {
             health.method = "NOT A METHOD".into();
         }
-        let pool = Pool::new("app", &config, |_| None);
+        let pool = Pool::new("app", &config, |_| None).expect("plain pool");
         assert!(spawn_tasks(&pool).is_empty());
         assert!(pool.servers[0].is_checked_up());
     }

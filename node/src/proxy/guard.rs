@@ -120,6 +120,11 @@ impl<T> GuardedIo<T> {
         &self.inner
     }
 
+    /// The connection's activity record, which the service updates per request.
+    pub fn activity(&self) -> Arc<ConnActivity> {
+        self.activity.clone()
+    }
+
     /// When the connection must have made progress by, or `None` while a request is in flight.
     fn deadline(&self) -> Option<(Instant, &'static [u8])> {
         if let Some(t) = self.head_started {

@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -28,6 +28,7 @@ use super::error::{ErrorKind, ProxyError};
 use super::headers;
 use crate::metrics::Rejections;
 use crate::pool::{Pool, ServerState};
+use crate::ratelimit::{retry_after_secs, ClientKey, Decision as RateDecision};
 use crate::routing::{request_host, RequestView};
 use crate::snapshot::SharedSnapshot;
 
@@ -44,6 +45,7 @@ pub struct HttpProxy {
     listener: Arc<str>,
     proto: &'static str,
     rejections: Arc<Rejections>,
+    rate_limited: Arc<AtomicU64>,
     body_limits: BodyLimits,
 }
 
@@ -55,13 +57,14 @@ impl HttpProxy {
         proto: &'static str,
         limits: &Limits,
         rejections: Arc<Rejections>,
+        rate_limited: Arc<AtomicU64>,
     ) -> Self {
         let body_limits = BodyLimits {
             max_bytes: limits.max_body_bytes,
             timeout: limits.body_timeout.get(),
             min_rate: limits.min_body_rate,
         };
-        HttpProxy { snapshot, listener: listener.into(), proto, rejections, body_limits }
+        HttpProxy { snapshot, listener: listener.into(), proto, rejections, rate_limited, body_limits }
     }
 
     /// Answers one request from `peer`.
@@ -69,13 +72,29 @@ impl HttpProxy {
         let started = Instant::now();
         let pool = {
             let snapshot = self.snapshot.load();
+            let Some(router) = snapshot.routers.get(&*self.listener) else {
+                return ProxyError::new(ErrorKind::NoRoute, None, None).to_response().map(Either::Right);
+            };
+            if let Some(port) = router.redirect_https_port {
+                return redirect_to_https(&req, port).map(Either::Right);
+            }
             let host = request_host(req.uri(), req.headers());
             let view = RequestView { host, path: req.uri().path(), headers: req.headers() };
-            snapshot.routers.get(&*self.listener).and_then(|r| r.route(&view)).cloned()
-        };
-        let Some(pool) = pool else {
-            self.rejections.no_route.fetch_add(1, Ordering::Relaxed);
-            return ProxyError::new(ErrorKind::NoRoute, None, None).to_response().map(Either::Right);
+            let Some(decision) = router.decide(&view) else {
+                self.rejections.no_route.fetch_add(1, Ordering::Relaxed);
+                return ProxyError::new(ErrorKind::NoRoute, None, None).to_response().map(Either::Right);
+            };
+            // Request filters: the rate limit is decided before a server is chosen, so a
+            // limited request costs the servers nothing.
+            if let Some(limiter) = decision.rate_limit {
+                let key = ClientKey::from_request(limiter.config(), req.headers(), peer.ip());
+                if let RateDecision::Limit { retry_after } = limiter.check(&key, started) {
+                    self.rejections.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    self.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    return too_many_requests(retry_after).map(Either::Right);
+                }
+            }
+            decision.pool.clone()
         };
         match self.forward(&pool, req, peer, started).await {
             Ok(resp) => resp,
@@ -132,7 +151,7 @@ impl HttpProxy {
             let server = &pool.servers[index];
 
             let uri = Uri::builder()
-                .scheme("http")
+                .scheme(pool.scheme())
                 .authority(server.address.to_string())
                 .path_and_query(path_and_query.as_str())
                 .build()
@@ -209,6 +228,29 @@ impl HttpProxy {
         }
         Err(last_error)
     }
+}
+
+/// 308 to the same URL over https, for `redirect_to_https` listeners.
+fn redirect_to_https<B>(req: &Request<B>, port: u16) -> Response<Full<Bytes>> {
+    let host = request_host(req.uri(), req.headers()).unwrap_or("localhost");
+    let path = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let location = if port == 443 { format!("https://{host}{path}") } else { format!("https://{host}:{port}{path}") };
+    let mut resp = Response::new(Full::new(Bytes::from_static(b"moved to https\n")));
+    *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    match HeaderValue::from_str(&location) {
+        Ok(v) => {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+        Err(_) => *resp.status_mut() = StatusCode::BAD_REQUEST,
+    }
+    resp
+}
+
+/// 429 with `Retry-After` in whole seconds.
+fn too_many_requests(retry_after: std::time::Duration) -> Response<Full<Bytes>> {
+    let mut resp = super::error::plain_response(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded".to_owned());
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(retry_after)));
+    resp
 }
 
 /// Hash of the client address for `ip_hash`.

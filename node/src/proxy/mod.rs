@@ -9,6 +9,9 @@
 //! - [`http`]: the per-request path (route, select, forward, stream back).
 //! - [`headers`]: hop-by-hop stripping and `X-Forwarded-*`.
 //! - [`error`]: what failed, which side, whether a retry is allowed, and the status it maps to.
+//! - [`tcp`]: `tcp` listeners (layer 4): one server of the default pool per client connection,
+//!   bytes spliced both ways with half-close, idle timeout and graceful drain.
+//! - [`proxy_protocol`]: the PROXY protocol v1/v2 header sent first to servers of a TCP pool.
 
 pub mod body;
 pub mod error;
@@ -16,6 +19,8 @@ pub mod guard;
 pub mod h1scan;
 pub mod headers;
 pub mod http;
+pub mod proxy_protocol;
+pub mod tcp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,6 +34,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use keel_cluster::model::Limits;
+use tokio_rustls::TlsAcceptor;
+
+use crate::connlimit::{ConnectionLimiter, ConnectionPermit};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -67,24 +75,44 @@ pub fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Everything an accept loop needs to serve one HTTP listener.
+/// Everything an accept loop needs to serve one HTTP or HTTPS listener.
 pub struct HttpListener {
+    /// Listener name, for logs.
+    pub name: String,
     /// The bound socket.
     pub socket: TcpListener,
     /// The request handler.
     pub proxy: Arc<HttpProxy>,
     /// The listener's protection limits.
     pub limits: Limits,
+    /// Connection caps, shared with the metrics.
+    pub connections: ConnectionLimiter,
+    /// TLS termination, for https listeners.
+    pub tls: Option<TlsAcceptor>,
+}
+
+/// What every connection of a listener shares.
+struct ConnContext {
+    builder: auto::Builder<TokioExecutor>,
+    proxy: Arc<HttpProxy>,
+    deadlines: Deadlines,
+    max_requests: u32,
+    max_head: usize,
+    graceful: Arc<GracefulShutdown>,
 }
 
 /// Accepts connections until `stop` turns true, serving each with the listener's proxy.
 /// Returning drops the socket, so new connections are refused from then on.
 pub async fn serve(listener: HttpListener, graceful: Arc<GracefulShutdown>, mut stop: watch::Receiver<bool>) {
-    let HttpListener { socket, proxy, limits } = listener;
-    let builder = connection_builder(&limits);
-    let deadlines = Deadlines { header_timeout: limits.header_timeout.get(), idle_timeout: limits.idle_timeout.get() };
-    let max_requests = limits.max_requests_per_connection;
-    let max_head = limits.max_header_bytes as usize;
+    let HttpListener { name, socket, proxy, limits, connections, tls } = listener;
+    let ctx = Arc::new(ConnContext {
+        builder: connection_builder(&limits),
+        proxy,
+        deadlines: Deadlines { header_timeout: limits.header_timeout.get(), idle_timeout: limits.idle_timeout.get() },
+        max_requests: limits.max_requests_per_connection,
+        max_head: limits.max_header_bytes as usize,
+        graceful,
+    });
     loop {
         let (stream, peer) = tokio::select! {
             biased;
@@ -93,34 +121,77 @@ pub async fn serve(listener: HttpListener, graceful: Arc<GracefulShutdown>, mut 
                 Ok(a) => a,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning on the error.
-                    tracing::warn!(target: "keel::proxy", error = %e, "accept failed");
+                    tracing::warn!(target: "keel::proxy", listener = %name, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
+        let permit = match connections.try_acquire(peer.ip()) {
+            Ok(p) => p,
+            Err(refused) => {
+                tracing::debug!(target: "keel::proxy", listener = %name, client = %peer, reason = %refused, "connection refused");
+                continue; // dropping the stream closes it
+            }
+        };
         let _ = stream.set_nodelay(true);
-        let activity = ConnActivity::new();
-        let io = GuardedIo::new(stream, activity.clone(), deadlines, true, max_head);
-        let proxy = proxy.clone();
-        let service = service_fn(move |req: Request<Incoming>| {
-            let proxy = proxy.clone();
-            let (guard, count) = activity.start_request();
-            let last = max_requests != 0 && count >= max_requests && req.version() < Version::HTTP_2;
-            async move {
-                let mut resp = proxy.handle(req, peer).await;
-                if last {
-                    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-                }
-                Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked::new(body, guard)))
+        let ctx = ctx.clone();
+        match &tls {
+            None => {
+                let io = GuardedIo::new(stream, ConnActivity::new(), ctx.deadlines, true, ctx.max_head);
+                serve_connection(&ctx, io, peer, permit);
             }
-        });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(target: "keel::proxy", client = %peer, error = %e, "client connection ended with an error");
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    // The handshake is bounded like a request head: a client that connects and
+                    // never finishes it must not hold the connection.
+                    let tls = match tokio::time::timeout(ctx.deadlines.header_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::debug!(target: "keel::tls", client = %peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(target: "keel::tls", client = %peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let h2 = crate::tls::negotiated_h2(&tls);
+                    let io = GuardedIo::new(tls, ConnActivity::new(), ctx.deadlines, !h2, ctx.max_head);
+                    serve_connection(&ctx, io, peer, permit);
+                });
             }
-        });
+        }
     }
+}
+
+/// Serves one client connection's requests on a task of its own.
+fn serve_connection<T>(ctx: &Arc<ConnContext>, io: GuardedIo<T>, peer: SocketAddr, permit: ConnectionPermit)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = io.activity();
+    let proxy = ctx.proxy.clone();
+    let max_requests = ctx.max_requests;
+    let service = service_fn(move |req: Request<Incoming>| {
+        let proxy = proxy.clone();
+        let (guard, count) = activity.start_request();
+        let last = max_requests != 0 && count >= max_requests && req.version() < Version::HTTP_2;
+        async move {
+            let mut resp = proxy.handle(req, peer).await;
+            if last {
+                resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked::new(body, guard)))
+        }
+    });
+    let conn = ctx.builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
+    let conn = ctx.graceful.watch(conn);
+    tokio::spawn(async move {
+        let _permit = permit;
+        if let Err(e) = conn.await {
+            tracing::debug!(target: "keel::proxy", client = %peer, error = %e, "client connection ended with an error");
+        }
+    });
 }

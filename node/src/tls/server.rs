@@ -27,7 +27,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{InconsistentKeys, ServerConfig, SignatureScheme, SupportedProtocolVersion};
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::{provider, TlsError};
 
@@ -164,7 +164,7 @@ impl CertStore {
         let table = Table::load(files, &self.provider)?;
         let summary = ReloadSummary { certificates: table.loaded.clone() };
         self.table.store(Arc::new(table));
-        info!(target: "keel::tls", certificates = summary.certificates.len(), "certificates reloaded");
+        // The caller logs the outcome with the listener's name.
         Ok(summary)
     }
 
