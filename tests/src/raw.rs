@@ -49,6 +49,7 @@ pub struct TcpServer {
     addr: SocketAddr,
     mode: TcpMode,
     accepted: Arc<AtomicU64>,
+    served: Arc<AtomicU64>,
     received: Arc<Mutex<Vec<Vec<u8>>>>,
     running: Option<Running>,
 }
@@ -73,6 +74,7 @@ impl TcpServer {
             addr,
             mode,
             accepted: Arc::new(AtomicU64::new(0)),
+            served: Arc::new(AtomicU64::new(0)),
             received: Arc::new(Mutex::new(Vec::new())),
             running: None,
         };
@@ -82,14 +84,16 @@ impl TcpServer {
 
     fn serve(&mut self, listener: std::net::TcpListener) -> Result<()> {
         let accepted = self.accepted.clone();
+        let served = self.served.clone();
         let received = self.received.clone();
         let mode = self.mode;
         let running = Running::spawn(listener, format!("tcp-{}", self.name), move |stream, _| {
             accepted.fetch_add(1, Ordering::SeqCst);
             let received = received.clone();
+            let served = served.clone();
             async move {
                 let _ = match mode {
-                    TcpMode::Echo => echo(stream).await,
+                    TcpMode::Echo => echo(stream, &served).await,
                     TcpMode::RecordThenAck => record_then_ack(stream, &received).await,
                 };
             }
@@ -111,6 +115,12 @@ impl TcpServer {
     /// Connections accepted since start.
     pub fn accepted(&self) -> u64 {
         self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections that carried at least one byte (unlike health checks, which only connect).
+    /// Counted when the first byte arrives, before it is echoed.
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::SeqCst)
     }
 
     /// For [`TcpMode::RecordThenAck`]: the bytes of each finished connection, in order.
@@ -141,10 +151,11 @@ impl Drop for TcpServer {
     }
 }
 
-async fn echo(stream: TcpStream) -> std::io::Result<()> {
+async fn echo(stream: TcpStream, served: &AtomicU64) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
     let mut buf = vec![0u8; 64 * 1024];
+    let mut first = true;
     loop {
         let n = match tokio::time::timeout(SERVER_IDLE, rd.read(&mut buf)).await {
             Ok(r) => r?,
@@ -153,6 +164,9 @@ async fn echo(stream: TcpStream) -> std::io::Result<()> {
         if n == 0 {
             wr.shutdown().await?;
             return Ok(());
+        }
+        if std::mem::take(&mut first) {
+            served.fetch_add(1, Ordering::SeqCst);
         }
         wr.write_all(&buf[..n]).await?;
     }
