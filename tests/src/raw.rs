@@ -501,6 +501,31 @@ impl RawConn {
         }
     }
 
+    /// Reads until one response *head* is buffered (for a HEAD request, whose response has no
+    /// body whatever its Content-Length says) or the peer closes; fails after `deadline`. The
+    /// returned response has an empty body.
+    pub async fn read_head(&mut self, deadline: Duration) -> Result<ReadOutcome> {
+        let start = Instant::now();
+        loop {
+            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                let head: Vec<u8> = self.buf.drain(..end + 4).collect();
+                let r = parse_head(&head)
+                    .ok_or_else(|| anyhow!("unparsable response head {:?}", String::from_utf8_lossy(&head)))?;
+                return Ok(ReadOutcome::Response(r));
+            }
+            let left = deadline.saturating_sub(start.elapsed());
+            let mut chunk = [0u8; 16 * 1024];
+            match tokio::time::timeout(left, self.stream.read(&mut chunk)).await {
+                Err(_) => bail!(
+                    "no response head and no close within {deadline:?}; buffered: {:?}",
+                    String::from_utf8_lossy(&self.buf)
+                ),
+                Ok(Ok(0)) | Ok(Err(_)) => return Ok(ReadOutcome::Closed(std::mem::take(&mut self.buf))),
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
     /// Waits up to `deadline` for the peer to close; returns whatever arrived meanwhile, or
     /// fails if the connection is still open at the deadline.
     pub async fn expect_close(&mut self, deadline: Duration) -> Result<Vec<u8>> {
@@ -587,6 +612,18 @@ fn complete_response(buf: &[u8]) -> Option<(RawResponse, usize)> {
     Some((resp, used))
 }
 
+/// A response head alone (status line and headers, up to the blank line), with an empty body.
+fn parse_head(head: &[u8]) -> Option<RawResponse> {
+    let text = String::from_utf8_lossy(head);
+    let mut lines = text.split("\r\n");
+    let status = lines.next()?.strip_prefix("HTTP/1.")?.split(' ').nth(1)?.parse().ok()?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Some(RawResponse { status, headers, body: Vec::new() })
+}
+
 /// The first value of header `name` in a raw response.
 pub fn header<'a>(resp: &'a RawResponse, name: &str) -> Option<&'a str> {
     resp.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
@@ -604,6 +641,9 @@ mod tests {
         let (r2, _) = complete_response(&t[used..]).expect("second");
         assert_eq!(r2.status, 408);
         assert!(complete_response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nok").is_none());
+        let h = parse_head(b"HTTP/1.1 308 Permanent Redirect\r\nLocation: https://x/\r\nContent-Length: 9\r\n\r\n")
+            .expect("head");
+        assert_eq!((h.status, header(&h, "location")), (308, Some("https://x/")));
         let c = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n";
         let (r, used) = complete_response(c).expect("chunked");
         assert_eq!((r.body.as_slice(), used), (&b"ok"[..], c.len()));

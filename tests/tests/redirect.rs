@@ -9,7 +9,8 @@ use keel_tests::Keel;
 async fn ask(addr: std::net::SocketAddr, request: &str) -> Result<(u16, Option<String>)> {
     let mut c = RawConn::connect(addr).await?;
     c.write(request.as_bytes()).await?;
-    match c.read_response(REQUEST).await? {
+    // The head is all that matters, and a HEAD response has no body whatever its length says.
+    match c.read_head(REQUEST).await? {
         ReadOutcome::Response(r) => Ok((r.status, header(&r, "location").map(str::to_owned))),
         ReadOutcome::Closed(got) => {
             anyhow::bail!("{request:?}: closed without a response ({:?})", String::from_utf8_lossy(&got))
