@@ -372,3 +372,40 @@ async fn max_requests_per_connection_closes_after_the_last() -> Result<()> {
     ensure!(app.requests() == 3, "backend saw {} requests", app.requests());
     Ok(())
 }
+
+#[tokio::test]
+async fn a_slow_second_request_on_a_keepalive_connection_gets_408() -> Result<()> {
+    let (_app, keel) = keel_with_limits("header_timeout = \"1s\"\nidle_timeout = \"30s\"").await?;
+    let mut c = RawConn::connect(keel.proxy_addr()).await?;
+    c.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+    ensure!(matches!(c.read_response(REQUEST).await?, ReadOutcome::Response(r) if r.status == 200), "first request");
+    // The second head starts and then trickles: header_timeout, not idle_timeout, applies.
+    c.write(b"GET /second HTTP/1.1\r\nHost: x\r\n").await?;
+    let start = Instant::now();
+    let got = c.expect_close(Duration::from_secs(1) + MARGIN + MARGIN).await?;
+    let took = start.elapsed();
+    let codes = status_codes(&got);
+    ensure!(codes.is_empty() || codes == [408], "the slow second request got {:?}", String::from_utf8_lossy(&got));
+    ensure!(took <= Duration::from_secs(1) + MARGIN, "the slow second request was cut after {took:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_paused_chunked_body_gets_408() -> Result<()> {
+    let (_app, keel) = keel_with_limits("body_timeout = \"1s\"\nheader_timeout = \"10s\"").await?;
+    let stream = TcpStream::connect(keel.proxy_addr()).await?;
+    let (rd, mut wr) = stream.into_split();
+    wr.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n0123456789abcdef\r\n")
+        .await?;
+    let paused_at = Instant::now();
+    let (got, closed_at) = read_until_close(rd, Duration::from_secs(1) + MARGIN + MARGIN).await?;
+    ensure!(
+        status_codes(&got) == [408],
+        "a chunked body paused past body_timeout got {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    let took = closed_at - paused_at;
+    ensure!(took <= Duration::from_secs(1) + MARGIN, "the paused chunked body was cut after {took:?}");
+    drop(wr);
+    Ok(())
+}

@@ -245,3 +245,31 @@ async fn run_keys(keel: &Arc<Keel>, prefix: &str, n: usize) -> Result<Counts> {
     }
     Ok(total)
 }
+
+#[tokio::test]
+async fn without_a_header_clients_are_keyed_by_address_and_h2_streams_count() -> Result<()> {
+    let app = Backend::start("app")?;
+    let keel = Keel::builder()
+        .default_pool("app")
+        .pool(PoolSpec::new("app", "round_robin").backends([&app]))
+        .raw("[listeners.web.rate_limit]\nrate = 1\nper = \"10s\"\nburst = 3")
+        .start()
+        .await?;
+    // Six h2c streams on one connection from 127.0.0.1: three served, three limited.
+    let h2 = Client::h2c();
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        statuses.push(h2.get(keel.proxy_addr(), &format!("/h2/{i}")).await?.status.as_u16());
+    }
+    ensure!(statuses == [200, 200, 200, 429, 429, 429], "h2c streams from one client, burst 3: {statuses:?}");
+    let seen = app.paths().iter().filter(|p| p.starts_with("/h2/")).count();
+    ensure!(seen == 3, "the backend saw {seen} of the h2 requests, expected 3");
+    // Another address has its own bucket.
+    let mut c = RawConn::connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2), keel.proxy_addr()).await?;
+    c.write(b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+    match c.read_response(REQUEST).await? {
+        ReadOutcome::Response(r) => ensure!(r.status == 200, "127.0.0.2 while 127.0.0.1 is limited: {}", r.status),
+        ReadOutcome::Closed(_) => bail!("127.0.0.2's request: closed"),
+    }
+    Ok(())
+}

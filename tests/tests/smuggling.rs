@@ -10,7 +10,7 @@
 
 use anyhow::{bail, ensure, Result};
 use keel_tests::client::{raw_transcript, status_codes};
-use keel_tests::raw::RawHttpBackend;
+use keel_tests::raw::{RawConn, RawHttpBackend, ReadOutcome};
 use keel_tests::wait::HOSTILE;
 use keel_tests::{Keel, PoolSpec};
 
@@ -92,6 +92,7 @@ async fn check_variant(keel: &Keel, backend: &RawHttpBackend, name: &str, level:
     let transcript = raw_transcript(keel.proxy_addr(), bytes, HOSTILE).await?;
     let codes = status_codes(&transcript);
     let text = String::from_utf8_lossy(&transcript);
+    eprintln!("{name}: answered {codes:?}, backend saw {} requests", backend.requests().len());
     ensure!(
         (codes.is_empty() && transcript.is_empty()) || codes == [400],
         "expected 400 or a bare close, got {codes:?} ({:?})",
@@ -142,5 +143,49 @@ async fn valid_framing_is_forwarded_normalised() -> Result<()> {
         let hosts = r.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case("host")).count();
         ensure!(hosts == 1, "{path}: forwarded with {hosts} Host headers");
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn smuggling_after_a_valid_request_on_a_keepalive_connection() -> Result<()> {
+    let backend = RawHttpBackend::start()?;
+    let keel = Keel::builder()
+        .default_pool("app")
+        .pool(PoolSpec::new("app", "round_robin").server("raw", backend.addr(), None).set("retries = 0"))
+        .start()
+        .await?;
+    let mut failures = Vec::new();
+    for (name, _, bad) in variants() {
+        backend.clear();
+        if let Err(e) = after_a_valid_request(&keel, &backend, &bad).await {
+            failures.push(format!("{name}: {e:#}"));
+        }
+    }
+    if !failures.is_empty() {
+        bail!("{} keep-alive variants misbehaved:\n  {}", failures.len(), failures.join("\n  "));
+    }
+    Ok(())
+}
+
+/// One valid request answered 200, then `bad` on the same connection: 400 or a close, and
+/// the connection closes; the backend saw the first request and never the smuggled one.
+async fn after_a_valid_request(keel: &Keel, backend: &RawHttpBackend, bad: &[u8]) -> Result<()> {
+    let mut c = RawConn::connect(keel.proxy_addr()).await?;
+    c.write(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+    match c.read_response(HOSTILE).await? {
+        ReadOutcome::Response(r) if r.status == 200 => {}
+        other => bail!("the valid first request: {other:?}"),
+    }
+    let _ = c.write(bad).await;
+    let rest = c.expect_close(HOSTILE).await?;
+    let codes = status_codes(&rest);
+    ensure!(
+        (codes.is_empty() && rest.is_empty()) || codes == [400],
+        "the bad second request got {codes:?} ({:?})",
+        String::from_utf8_lossy(&rest).chars().take(200).collect::<String>()
+    );
+    let reqs = backend.requests();
+    ensure!(!reqs.iter().any(|r| r.target().contains("smuggled")), "the smuggled request reached the backend");
+    ensure!(reqs.first().is_some_and(|r| r.target() == "/first"), "the backend saw {:?}", reqs);
     Ok(())
 }

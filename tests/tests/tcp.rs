@@ -232,3 +232,28 @@ async fn proxy_protocol_v2_header_comes_first() -> Result<()> {
     ensure!(&got[16 + len..] == payload, "bytes after the header: {:?}", String::from_utf8_lossy(&got[16 + len..]));
     Ok(())
 }
+
+#[tokio::test]
+async fn tcp_listener_caps_connections_per_client() -> Result<()> {
+    let a = TcpServer::start("a", TcpMode::Echo)?;
+    let keel = tcp_keel(pool(&[&a])).raw("[listeners.web.limits]\nmax_connections_per_client = 2").start().await?;
+    let addr = keel.proxy_addr();
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let mut c = keel_tests::raw::RawConn::connect(addr).await?;
+        c.write(b"held").await?;
+        let mut buf = [0u8; 4];
+        tokio::time::timeout(ECHO, c.stream().read_exact(&mut buf)).await.with_context(|| format!("held {i}"))??;
+        held.push(c);
+    }
+    let mut third = keel_tests::raw::RawConn::connect(addr).await?;
+    let _ = third.write(b"third").await;
+    let got = third.expect_close(ECHO).await.context("the 3rd connection from 127.0.0.1")?;
+    ensure!(got.is_empty(), "the 3rd connection got {:?}", String::from_utf8_lossy(&got));
+    let mut other = keel_tests::raw::RawConn::connect_from(std::net::Ipv4Addr::new(127, 0, 0, 2), addr).await?;
+    other.write(b"other").await?;
+    let mut buf = [0u8; 5];
+    tokio::time::timeout(ECHO, other.stream().read_exact(&mut buf)).await.context("127.0.0.2")??;
+    ensure!(&buf == b"other", "127.0.0.2 echoed {buf:?}");
+    Ok(())
+}

@@ -341,3 +341,68 @@ async fn backend_tls_with_the_wrong_name_fails() -> Result<()> {
     ensure!(backend.requests() == 0, "the misnamed backend received {} requests", backend.requests());
     Ok(())
 }
+
+#[tokio::test]
+async fn a_spoofed_x_forwarded_proto_is_replaced_with_https() -> Result<()> {
+    let certs = Certs::new()?;
+    let backend = Backend::start("app")?;
+    let keel = https_keel(&certs, &backend, "1.2").start().await?;
+    let hs = TlsClient::verified(&certs.ca)?.alpn(&[b"http/1.1"]).connect(keel.proxy_addr(), "a.test").await?;
+    let mut conn = HttpConn::http1(hs.stream).await?;
+    let req = http::Request::get("/headers")
+        .header("host", "a.test")
+        .header("x-forwarded-proto", "http")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))?;
+    let r = conn.send(req).await?;
+    ensure!(r.status == 200, "{}", r.status);
+    let doc = r.json()?;
+    let proto = &doc["headers"]["x-forwarded-proto"];
+    ensure!(
+        proto == &serde_json::json!(["https"]),
+        "a client-sent X-Forwarded-Proto: http reached the backend as {proto}"
+    );
+    Ok(())
+}
+
+/// How late past header_timeout keel may close a stalled TLS connection.
+const TLS_STALL_MARGIN: Duration = Duration::from_millis(1500);
+
+#[tokio::test]
+async fn a_stalled_tls_handshake_is_closed_after_header_timeout() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let certs = Certs::new()?;
+    let backend = Backend::start("app")?;
+    let keel =
+        https_keel(&certs, &backend, "1.2").raw("[listeners.web.limits]\nheader_timeout = \"1s\"").start().await?;
+    // Silent: connected, not a byte sent.
+    let mut silent = keel_tests::raw::RawConn::connect(keel.proxy_addr()).await?;
+    // Half a ClientHello: a record header announcing 512 bytes, then 5 of them.
+    let mut partial = keel_tests::raw::RawConn::connect(keel.proxy_addr()).await?;
+    partial.stream().write_all(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03").await?;
+    let limit = Duration::from_secs(1) + TLS_STALL_MARGIN;
+    let (a, b) = tokio::join!(silent.expect_close(limit), partial.expect_close(limit));
+    a.context("a silent connection to the https listener")?;
+    b.context("a half-sent ClientHello")?;
+    // Meanwhile the listener works.
+    let r = https_get(&TlsClient::verified(&certs.ca)?, keel.proxy_addr(), "a.test", "/").await?;
+    ensure!(r.status == 200, "{}", r.status);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_h2_connection_opened_before_a_reload_keeps_serving() -> Result<()> {
+    let certs = Certs::new()?;
+    let backend = Backend::start("app")?;
+    let keel = https_keel(&certs, &backend, "1.2").start().await?;
+    let hs = TlsClient::verified(&certs.ca)?.alpn(&[b"h2"]).connect(keel.proxy_addr(), "a.test").await?;
+    ensure!(hs.alpn.as_deref() == Some(&b"h2"[..]), "ALPN {:?}", hs.alpn);
+    let mut conn = HttpConn::http2(hs.stream).await?;
+    ensure!(conn.get("a.test", "/").await?.status == 200, "h2 before the reload");
+    certs.ca.leaf(&["a.test"])?.write(&certs.dir, "a")?;
+    reload(&keel, Reload::Admin).await?;
+    for i in 0..3 {
+        let r = conn.get("a.test", "/").await.with_context(|| format!("h2 request {i} after the reload"))?;
+        ensure!(r.status == 200, "h2 request {i} after the reload: {}", r.status);
+    }
+    Ok(())
+}
