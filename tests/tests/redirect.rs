@@ -46,3 +46,29 @@ async fn plain_http_is_redirected_to_https_with_308() -> Result<()> {
     }
     Ok(())
 }
+
+/// A Host that is not a valid `host[:port]` must not be turned into a Location: RFC 9112 §3.2
+/// requires 400 for an invalid Host, and reflecting it lets a request steer the redirect to
+/// another site (`a.test@evil.test` is userinfo + evil.test; `evil.test/x` puts `:8443` into the
+/// path).
+#[tokio::test]
+async fn an_invalid_host_is_refused_not_reflected_into_location() -> Result<()> {
+    let keel =
+        Keel::builder().listener_line("redirect_to_https = true").listener_line("https_port = 8443").start().await?;
+    let mut failures = Vec::new();
+    for host in ["evil.test/x", "a.test@evil.test", "a test", "evil.test#frag", "a.test?x", "a.test:99999x"] {
+        let req = format!("GET /p?q HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        match ask(keel.proxy_addr(), &req).await {
+            Ok((400, _)) => {}
+            Ok((status, location)) => failures.push(format!("Host {host:?}: {status}, Location {location:?}")),
+            Err(e) => {
+                // A close without an answer is also a refusal.
+                if !format!("{e:#}").contains("closed without a response") {
+                    failures.push(format!("Host {host:?}: {e:#}"));
+                }
+            }
+        }
+    }
+    ensure!(failures.is_empty(), "invalid Host headers were redirected:\n  {}", failures.join("\n  "));
+    Ok(())
+}
