@@ -14,6 +14,10 @@
 //! | `/drip?chunks=N&ms=M` | N chunks `chunk I\n`, the first at once, then one every M ms |
 //! | `/ws` | a WebSocket upgrade that echoes text and binary messages |
 //!
+//! [`Backend::start_tls`] starts one that speaks TLS (rustls, ALPN `h2` and `http/1.1`) with a
+//! [`Leaf`](crate::tls::Leaf) certificate and otherwise answers the same;
+//! [`Backend::tls_handshakes`] counts the handshakes that completed.
+//!
 //! [`Backend::set_delay`] delays every counted request, whatever its path, which makes one
 //! backend of a pool slow while the others stay fast.
 //!
