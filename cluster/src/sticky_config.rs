@@ -409,6 +409,24 @@ mod tests {
     }
 
     #[test]
+    fn sticky_tables_round_trip_through_toml_json_and_the_log_codec() {
+        let text = "[listeners.web]\nbind = \"127.0.0.1:8080\"\ndefault_pool = \"app\"\n\
+                    [pools.app]\n[[pools.app.servers]]\nname = \"a\"\naddress = \"127.0.0.1:9001\"\n\
+                    [pools.app.sticky]\nmode = \"cookie\"\ncookie_secret = \"0123456789abcdef\"\n\
+                    cookie_max_age = \"2h\"\ncookie_same_site = \"strict\"\n";
+        let c: Config = toml::from_str(text).expect("parses");
+        let back: Config = toml::from_str(&toml::to_string(&c).expect("toml")).expect("reparses");
+        assert_eq!(back, c);
+        let json: Config = serde_json::from_str(&serde_json::to_string(&c).expect("json")).expect("json back");
+        assert_eq!(json, c);
+        let cmd = crate::Command::ApplyConfig(c.clone());
+        let decoded: crate::Command = crate::codec::decode(&crate::codec::encode(&cmd).expect("enc")).expect("dec");
+        assert_eq!(decoded, cmd, "the secret is replicated with the config");
+        let s = c.pools["app"].sticky.as_ref().expect("sticky");
+        assert_eq!((s.same_site(), s.http_only(), s.cookie_name()), (SameSite::Strict, true, "KEELID"));
+    }
+
+    #[test]
     fn debug_redacts_the_secret() {
         let s: Sticky = toml::from_str("mode = \"cookie\"\ncookie_secret = \"supersecretvalue123\"").expect("parses");
         let d = format!("{s:?}");

@@ -133,9 +133,11 @@ impl StickyPolicy {
     /// After the response head from server `chosen` arrived: in cookie mode, sets the cookie
     /// unless the client already holds the right one or the response sets that cookie itself;
     /// in source_ip mode, binds the client address to `chosen` (refreshing it on a hit); in learn
-    /// mode, binds the session value the response hands out (and the one the request carried,
-    /// so a session that moved stays on its new server). `was_sticky_hit` is whether `lookup`
-    /// answered `Some(chosen)`. Never blocks.
+    /// mode, binds the session value the response hands out, and on a hit refreshes the binding
+    /// of the value the request carried. A value only a client sent never creates a binding: the
+    /// server must have handed it out, so random ids cannot flood the store (or the Raft log).
+    /// `was_sticky_hit` must be `lookup(..) == Some(chosen)` (false after a retry moved the
+    /// request elsewhere). Never blocks.
     pub fn on_response(
         &self,
         chosen: usize,
@@ -170,16 +172,20 @@ impl StickyPolicy {
                 if let Some(v) = cookie::response_cookie(resp_headers, name).filter(|v| valid_key(v)) {
                     self.put(v, &server.name, true);
                 }
-                if let Some(v) = cookie::request_cookie(req_headers, name).filter(|v| valid_key(v)) {
-                    self.put(v, &server.name, false);
+                if was_sticky_hit {
+                    if let Some(v) = cookie::request_cookie(req_headers, name).filter(|v| valid_key(v)) {
+                        self.put(v, &server.name, false);
+                    }
                 }
             }
             Mode::LearnHeader(name) => {
                 if let Some(v) = resp_headers.get(name).and_then(|v| v.to_str().ok()).filter(|v| valid_key(v)) {
                     self.put(v, &server.name, true);
                 }
-                if let Some(v) = req_headers.get(name).and_then(|v| v.to_str().ok()).filter(|v| valid_key(v)) {
-                    self.put(v, &server.name, false);
+                if was_sticky_hit {
+                    if let Some(v) = req_headers.get(name).and_then(|v| v.to_str().ok()).filter(|v| valid_key(v)) {
+                        self.put(v, &server.name, false);
+                    }
                 }
             }
         }
@@ -405,8 +411,23 @@ mod tests {
         let other_ip: IpAddr = "192.0.2.1".parse().unwrap();
         let back = req(COOKIE, "a=1; JSESSIONID=s3ss10n");
         assert_eq!(p.lookup(&back, other_ip, &srv).await, Some(1), "the session follows the cookie, not the address");
-        assert_eq!(p.lookup(&req(COOKIE, "JSESSIONID=other"), IP, &srv).await, None);
+        let forged = req(COOKIE, "JSESSIONID=made-up");
+        assert_eq!(p.lookup(&forged, IP, &srv).await, None);
+        p.on_response(0, false, &forged, IP, &mut HeaderMap::new(), &srv);
+        assert_eq!(p.lookup(&forged, IP, &srv).await, None, "a value only the client sent is not stored");
         assert_eq!(p.learned(), 1);
+    }
+
+    fn assert_send<T: Send>(_: &T) {}
+
+    #[test]
+    fn lookup_is_send_for_hyper_services() {
+        let cfg = pool_config("mode = \"source_ip\"");
+        let (clock, _) = manual(0);
+        let p = StickyPolicy::new("app", &cfg, Some(Arc::new(MemorySessionStore::new(clock))), Arc::default()).unwrap();
+        let srv = servers(&cfg);
+        let h = HeaderMap::new();
+        assert_send(&p.lookup(&h, IP, &srv));
     }
 
     #[tokio::test]
