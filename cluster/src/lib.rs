@@ -6,6 +6,8 @@
 //!   health-check and outlier settings — as plain serde data, with [`model::Config::validate`]
 //!   checking the invariants that span fields ("a route names a pool that exists").
 //! - [`edge`]: TLS, rate-limit and protection settings of listeners and pools.
+//! - [`sticky_config`]: a pool's `[pools.NAME.sticky]` table (cookie, source_ip or learned
+//!   session stickiness, and where bindings are stored) and its validation.
 //! - [`duration`]: the human duration strings ("500ms", "2s") config files use.
 //! - [`command`]: what a node may propose to Raft ([`Command`]) and what applying it answered
 //!   ([`Outcome`]).
@@ -36,6 +38,7 @@ pub mod model;
 pub mod network;
 pub mod node;
 pub mod state;
+pub mod sticky_config;
 pub mod store;
 pub mod types;
 

@@ -18,6 +18,7 @@ use crate::duration::HumanDuration;
 pub use crate::edge::{
     BackendTls, CertificateFiles, Limits, ListenerTls, ProxyProtocol, RateLimit, TlsVersion, MIN_HEADER_BYTES,
 };
+pub use crate::sticky_config::{SameSite, Sticky, StickyMode, StickyStore};
 
 /// Highest server weight accepted, as in HAProxy (1–256).
 pub const MAX_WEIGHT: u32 = 256;
@@ -207,6 +208,9 @@ pub struct Pool {
     /// Send a PROXY protocol header to the servers (TCP listeners only).
     #[serde(default)]
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// Sticky sessions: keep a client on the server that served it before.
+    #[serde(default)]
+    pub sticky: Option<Sticky>,
 }
 
 /// One backend server.
@@ -603,6 +607,15 @@ impl Config {
                         ),
                     );
                 }
+            }
+            if let Some(sticky) = &pool.sticky {
+                let tcp_users: Vec<&str> = self
+                    .listeners
+                    .iter()
+                    .filter(|(_, l)| l.protocol == Protocol::Tcp && l.uses_pool(name))
+                    .map(|(n, _)| n.as_str())
+                    .collect();
+                crate::sticky_config::check(sticky, &at.key("sticky"), &tcp_users, &mut report);
             }
             if let Some(tls) = &pool.tls {
                 if tls.server_name.as_deref().is_some_and(|n| n.is_empty() || n.contains(['/', ' ', ':'])) {

@@ -12,6 +12,8 @@
 //! - [`routing`]: first-match routing by host, path prefix and header.
 //! - [`health`]: active checks (HTTP, TCP) with rise/fall hysteresis, and passive outlier
 //!   detection.
+//! - [`sticky`]: sticky sessions — inserted cookie, source IP or learned session id — and the
+//!   stores their bindings live in (local memory, the Raft table through a batcher, Redis).
 //! - [`ratelimit`]: per-client token buckets (GCRA) in a fixed-size table, for `rate_limit`.
 //! - [`connlimit`]: a listener's connection caps, total and per client IP, as RAII permits.
 //! - [`tls`]: certificate store and SNI resolver of `https` listeners; TLS connector to servers.
@@ -38,4 +40,5 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod routing;
 pub mod snapshot;
+pub mod sticky;
 pub mod tls;

@@ -255,6 +255,7 @@ mod tests {
             retries: 0,
             tls: None,
             proxy_protocol: None,
+            sticky: None,
         }
     }
 
