@@ -59,6 +59,8 @@ pub struct AdminState {
     pub cluster: Option<ClusterHandle>,
     /// The VIP controller's status, when this node manages a VIP.
     pub vip: Option<watch::Receiver<VipStatus>>,
+    /// A witness serves only `/healthz` and `/cluster/*`: it has no data plane to report on.
+    pub witness: bool,
 }
 
 /// `/status` document.
@@ -223,6 +225,9 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
         let mut resp = error(StatusCode::UNAUTHORIZED, "this endpoint needs Authorization: Bearer <admin token>");
         resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
         return resp;
+    }
+    if state.witness && !matches!(segments.as_slice(), ["healthz"] | ["cluster", ..]) {
+        return error(StatusCode::NOT_FOUND, "this node is a witness: only /healthz and /cluster/* are served");
     }
     match (req.method(), segments.as_slice()) {
         (&Method::GET, ["healthz"]) => Response::new(Full::new(Bytes::from_static(b"ok\n"))),

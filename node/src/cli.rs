@@ -43,6 +43,17 @@ impl From<ClientError> for CliError {
     }
 }
 
+/// A write that could not reach a leader: say what that most likely means.
+fn no_leader(e: ClientError) -> CliError {
+    if e.is_application() && !matches!(e, ClientError::NoLeader { .. }) {
+        return e.into();
+    }
+    CliError::Other(format!(
+        "{e}\nno leader could commit the change: the cluster may have lost quorum (a majority of voters must be up); \
+         nothing was changed"
+    ))
+}
+
 /// Where and how to reach the admin API.
 #[derive(Clone, Debug)]
 pub struct Target {
@@ -205,7 +216,7 @@ fn render_status(s: &ClusterStatus) -> String {
 pub async fn config_apply(target: &Target, path: &Path) -> Result<(), CliError> {
     let file = config::load(path)?;
     let started = Instant::now();
-    match target.client().propose(&Command::ApplyConfig(file.config.clone())).await? {
+    match target.client().propose(&Command::ApplyConfig(file.config.clone())).await.map_err(no_leader)? {
         Outcome::Rejected { reason } => Err(CliError::Other(format!("the cluster rejected the config: {reason}"))),
         _ => {
             println!(
@@ -239,7 +250,7 @@ pub async fn backend(
         Some(w) => serde_json::json!({ "weight": w }),
         None => serde_json::json!({}),
     };
-    target.client().post_json(&path, &body).await?;
+    target.client().post_json(&path, &body).await.map_err(no_leader)?;
     match action {
         "drain" => println!("{pool}/{server} drained: no new requests; in-flight ones finish"),
         "enable" => println!("{pool}/{server} enabled"),

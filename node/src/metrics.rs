@@ -45,6 +45,15 @@ pub const RATELIMIT_EVICTIONS_TOTAL: &str = "keel_ratelimit_evictions_total";
 /// Clients tracked by rate limits, by listener.
 pub const RATELIMIT_TRACKED: &str = "keel_ratelimit_tracked_clients";
 
+/// Sticky hits, by pool.
+pub const STICKY_HITS_TOTAL: &str = "keel_sticky_hits_total";
+/// Sticky misses, by pool.
+pub const STICKY_MISSES_TOTAL: &str = "keel_sticky_misses_total";
+/// Session-store errors, by pool.
+pub const STICKY_STORE_ERRORS_TOTAL: &str = "keel_sticky_store_errors_total";
+/// Dropped session writes, by pool.
+pub const STICKY_DROPPED_WRITES_TOTAL: &str = "keel_sticky_dropped_writes_total";
+
 /// 1 while this node holds the VIP.
 pub const VIP_HOLDING: &str = "keel_vip_holding";
 /// VIP claims.
@@ -204,7 +213,33 @@ pub fn render(snapshot: &Snapshot, rejections: &Rejections, listeners: &[Listene
         rejections.rate_limited.load(Ordering::Relaxed)
     );
     render_listeners(&mut out, snapshot, listeners);
+    render_sticky(&mut out, snapshot);
     out
+}
+
+fn render_sticky(out: &mut String, snapshot: &Snapshot) {
+    if snapshot.sticky.is_empty() {
+        return;
+    }
+    let mut policies: Vec<_> = snapshot.sticky.iter().collect();
+    policies.sort_by(|a, b| a.0.cmp(b.0));
+    type Read = fn(&crate::sticky::StickyPolicy) -> u64;
+    let rows: [(&str, &str, Read); 4] = [
+        (STICKY_HITS_TOTAL, "Requests sent to the server their session is bound to.", |p| p.hits()),
+        (STICKY_MISSES_TOTAL, "Requests with no usable binding (balanced by the algorithm).", |p| p.misses()),
+        (STICKY_STORE_ERRORS_TOTAL, "Lookups that failed because the session store was unreachable.", |p| {
+            p.store_errors()
+        }),
+        (STICKY_DROPPED_WRITES_TOTAL, "Session bindings dropped because the store's queue was full.", |p| {
+            p.dropped_writes()
+        }),
+    ];
+    for (name, help, read) in rows {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (pool, policy) in &policies {
+            let _ = writeln!(out, "{name}{{pool=\"{}\"}} {}", label(pool), read(policy));
+        }
+    }
 }
 
 fn render_listeners(out: &mut String, snapshot: &Snapshot, listeners: &[ListenerMetrics]) {

@@ -17,6 +17,7 @@ use keel_cluster::Config;
 
 use crate::pool::Pool;
 use crate::routing::Router;
+use crate::sticky::{StickyError, StickyPolicy, StickyRuntime};
 
 /// A pool whose TLS settings could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,8 @@ pub struct Snapshot {
     pub pools: BTreeMap<String, Arc<Pool>>,
     /// Each listener's router, by listener name.
     pub routers: HashMap<String, Router>,
+    /// Sticky-session policies, by pool name (pools without a `sticky` table have none).
+    pub sticky: HashMap<String, Arc<StickyPolicy>>,
 }
 
 /// The published snapshot: one atomic load per request.
@@ -62,7 +65,19 @@ impl Snapshot {
                 (name.clone(), Router::new(l, |pool| pools.get(pool).cloned(), old))
             })
             .collect();
-        Ok(Snapshot { config: Arc::new(config), pools, routers })
+        Ok(Snapshot { config: Arc::new(config), pools, routers, sticky: HashMap::new() })
+    }
+
+    /// Attaches the sticky-session policy of every pool that has one; stores and counters are
+    /// the runtime's, so they outlive this snapshot.
+    pub fn attach_sticky(&mut self, runtime: &StickyRuntime) -> Result<(), StickyError> {
+        for (name, pool) in &self.config.pools {
+            if let Some(policy) = runtime.policy(name, pool)? {
+                self.sticky.insert(name.clone(), policy);
+            }
+        }
+        runtime.retain(&self.config);
+        Ok(())
     }
 
     /// The pool named `name`.

@@ -26,6 +26,7 @@ use super::DaemonError;
 use crate::config::{ClusterSection, NodeSettings};
 use crate::pool::VerdictReporter;
 use crate::snapshot::{SharedSnapshot, Snapshot};
+use crate::sticky::StickyRuntime;
 
 /// How often a failed verdict report is retried, and how long between tries.
 const REPORT_ATTEMPTS: u32 = 5;
@@ -76,19 +77,29 @@ pub fn reporter(handle: &ClusterHandle, admin: SocketAddr, token: Option<String>
     Arc::new(RaftReporter { client: ClusterClient::new(admin).with_token(token), node_id: handle.id() })
 }
 
+/// What following the replicated state updates.
+pub struct Follower {
+    /// The published routing snapshot.
+    pub snapshot: SharedSnapshot,
+    /// Where this node's health observations go.
+    pub reporter: Arc<dyn VerdictReporter>,
+    /// This node's own settings (listener address overrides).
+    pub node: NodeSettings,
+    /// Sticky-session stores, shared across snapshots.
+    pub sticky: Arc<StickyRuntime>,
+}
+
 /// Follows the replicated state until `stop`, then hands the listener set back for draining.
 pub async fn follow(
     handle: ClusterHandle,
-    snapshot: SharedSnapshot,
+    follower: Follower,
     mut listeners: ListenerSet,
-    reporter: Arc<dyn VerdictReporter>,
-    node: NodeSettings,
     mut stop: watch::Receiver<bool>,
 ) -> ListenerSet {
     let mut state_rx = handle.state();
     loop {
         let state = state_rx.borrow_and_update().clone();
-        apply(&state, &snapshot, &mut listeners, &reporter, &node).await;
+        apply(&state, &follower, &mut listeners).await;
         tokio::select! {
             changed = state_rx.changed() => if changed.is_err() { break },
             _ = stop.changed() => break,
@@ -97,16 +108,16 @@ pub async fn follow(
     listeners
 }
 
-async fn apply(
-    state: &ClusterState,
-    snapshot: &SharedSnapshot,
-    listeners: &mut ListenerSet,
-    reporter: &Arc<dyn VerdictReporter>,
-    node: &NodeSettings,
-) {
+async fn apply(state: &ClusterState, follower: &Follower, listeners: &mut ListenerSet) {
+    let Follower { snapshot, reporter, node, sticky } = follower;
     let current = snapshot.load_full();
     if *current.config != state.config {
-        match Snapshot::build(state.config.clone(), Some(&current)) {
+        let built =
+            Snapshot::build(state.config.clone(), Some(&current)).map_err(|e| e.to_string()).and_then(|mut s| {
+                s.attach_sticky(sticky).map_err(|e| e.to_string())?;
+                Ok(s)
+            });
+        match built {
             Ok(next) => {
                 for pool in next.pools.values() {
                     pool.set_reporter(reporter.clone());

@@ -37,6 +37,7 @@ use crate::config::NodeFile;
 use crate::metrics::Rejections;
 use crate::proxy::BindError;
 use crate::snapshot::{BuildError, SharedSnapshot, Snapshot};
+use crate::sticky::{StickyDeps, StickyRuntime};
 use crate::tls::{CertStore, ReloadSummary, TlsError};
 
 /// Why the node could not start.
@@ -67,6 +68,9 @@ pub enum DaemonError {
     /// The admin token could not be read.
     #[error("admin token: {0}")]
     AdminToken(String),
+    /// A pool's sticky-session store cannot be set up.
+    #[error("sticky sessions: {0}")]
+    Sticky(String),
     /// The VIP cannot be managed on this host (interface, capabilities).
     #[error("vip: {0}")]
     Vip(String),
@@ -133,6 +137,7 @@ pub struct Daemon {
     certs: Arc<CertReloader>,
     cluster: Option<ClusterHandle>,
     vip: Option<Arc<dyn VipAnnouncer>>,
+    sticky: Arc<StickyRuntime>,
 }
 
 impl Daemon {
@@ -141,23 +146,29 @@ impl Daemon {
     /// replicated config once there is one.
     pub async fn bind(file: NodeFile) -> Result<Daemon, DaemonError> {
         let admin_token = file.node.admin_token().map_err(DaemonError::AdminToken)?;
-        let seed = if file.cluster.is_some() { Config::default() } else { file.config.clone() };
-        let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::build(seed, None)?));
         let admin = TcpListener::bind(file.node.admin)
             .await
             .map_err(|source| DaemonError::AdminBind { addr: file.node.admin, source })?;
+        let cluster = match &file.cluster {
+            Some(section) => Some(cluster::start(section, &file.node).await?),
+            None => None,
+        };
+        let sticky = Arc::new(StickyRuntime::new(match &cluster {
+            Some(handle) => StickyDeps::from_cluster(handle),
+            None => StickyDeps::standalone(),
+        }));
+        let seed = if file.cluster.is_some() { Config::default() } else { file.config.clone() };
+        let mut first = Snapshot::build(seed, None)?;
+        first.attach_sticky(&sticky).map_err(|e| DaemonError::Sticky(e.to_string()))?;
+        let snapshot = Arc::new(ArcSwap::from_pointee(first));
         let rejections = Arc::new(Rejections::default());
         let certs = Arc::new(CertReloader::default());
         let mut listeners = ListenerSet::new(snapshot.clone(), rejections.clone(), certs.clone());
-        let cluster = match &file.cluster {
-            None => {
-                if let Some(e) = listeners.reconcile(&file.node.local_view(&file.config)).await.into_iter().next() {
-                    return Err(e);
-                }
-                None
+        if cluster.is_none() {
+            if let Some(e) = listeners.reconcile(&file.node.local_view(&file.config)).await.into_iter().next() {
+                return Err(e);
             }
-            Some(section) => Some(cluster::start(section, &file.node).await?),
-        };
+        }
         // The VIP's interface and capabilities are checked now, once, not at every election.
         let vip = match (&file.vip, file.cluster.as_ref().is_some_and(|c| c.witness)) {
             (Some(_), true) => {
@@ -176,7 +187,7 @@ impl Daemon {
             }
             (None, _) => None,
         };
-        Ok(Daemon { file, snapshot, rejections, admin, admin_token, listeners, certs, cluster, vip })
+        Ok(Daemon { file, snapshot, rejections, admin, admin_token, listeners, certs, cluster, vip, sticky })
     }
 
     /// The admin API's bound address.
@@ -186,7 +197,7 @@ impl Daemon {
 
     /// Serves until `shutdown` completes, then drains and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let Daemon { file, snapshot, rejections, admin, admin_token, listeners, certs, cluster, vip } = self;
+        let Daemon { file, snapshot, rejections, admin, admin_token, listeners, certs, cluster, vip, sticky } = self;
         let mut listeners = Some(listeners);
         let (stop_tx, stop_rx) = watch::channel(false);
         let witness = file.cluster.as_ref().is_some_and(|c| c.witness);
@@ -202,16 +213,10 @@ impl Daemon {
             Some(handle) if !witness => {
                 let reporter = cluster::reporter(handle, file.node.admin, admin_token.clone());
                 let node = file.node.clone();
-                listeners.take().map(|set| {
-                    tokio::spawn(cluster::follow(
-                        handle.clone(),
-                        snapshot.clone(),
-                        set,
-                        reporter,
-                        node,
-                        stop_rx.clone(),
-                    ))
-                })
+                let follower = cluster::Follower { snapshot: snapshot.clone(), reporter, node, sticky: sticky.clone() };
+                listeners
+                    .take()
+                    .map(|set| tokio::spawn(cluster::follow(handle.clone(), follower, set, stop_rx.clone())))
             }
             Some(_) => {
                 tracing::info!(target: "keel::raft", "witness: voting and storing the log; no data plane");
@@ -246,6 +251,7 @@ impl Daemon {
             token: admin_token.map(Arc::from),
             cluster: cluster.clone(),
             vip: vip_status,
+            witness,
         };
         let admin_loop = tokio::spawn(admin::serve(admin, admin_state, stop_rx));
 

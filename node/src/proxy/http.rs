@@ -31,6 +31,7 @@ use crate::pool::{Pool, ServerState};
 use crate::ratelimit::{retry_after_secs, ClientKey, Decision as RateDecision};
 use crate::routing::{request_host, RequestView};
 use crate::snapshot::SharedSnapshot;
+use crate::sticky::StickyPolicy;
 
 /// Fixed seed for hashing client addresses, so every keel node maps a client to the same
 /// position on the consistent-hash ring.
@@ -94,9 +95,10 @@ impl HttpProxy {
                     return too_many_requests(retry_after).map(Either::Right);
                 }
             }
-            decision.pool.clone()
+            (decision.pool.clone(), snapshot.sticky.get(&decision.pool.name).cloned())
         };
-        match self.forward(&pool, req, peer, started).await {
+        let (pool, sticky) = pool;
+        match self.forward(&pool, sticky.as_deref(), req, peer, started).await {
             Ok(resp) => resp,
             Err(e) => {
                 if e.kind == ErrorKind::NoServer {
@@ -111,6 +113,7 @@ impl HttpProxy {
     async fn forward(
         &self,
         pool: &Arc<Pool>,
+        sticky: Option<&StickyPolicy>,
         req: Request<Incoming>,
         peer: SocketAddr,
         started: Instant,
@@ -142,11 +145,23 @@ impl HttpProxy {
         let replayable = body.is_none();
         let hash = if pool.config.algorithm == Algorithm::IpHash { client_hash(peer) } else { 0 };
 
+        // Sticky lookup replaces the algorithm for the first attempt; the request headers are
+        // kept for learning from the response.
+        let (bound, sticky_headers) = match sticky {
+            Some(policy) => {
+                (policy.lookup(&parts.headers, peer.ip(), &pool.servers).await, Some(parts.headers.clone()))
+            }
+            None => (None, None),
+        };
         let attempts = pool.config.retries.min(MAX_RETRIES) as usize + 1;
         let mut tried = [usize::MAX; MAX_RETRIES as usize + 1];
         let mut last_error = ProxyError::new(ErrorKind::NoServer, Some(&pool.name), None);
         for attempt in 0..attempts {
-            let Some(index) = pool.select(hash, &tried[..attempt]) else { break };
+            let chosen = match bound {
+                Some(i) if attempt == 0 => Some(i),
+                _ => pool.select(hash, &tried[..attempt]),
+            };
+            let Some(index) = chosen else { break };
             tried[attempt] = index;
             let server = &pool.servers[index];
 
@@ -224,6 +239,16 @@ impl HttpProxy {
             }
             let (mut head, body) = resp.into_parts();
             headers::strip_hop_by_hop(&mut head.headers, false);
+            if let (Some(policy), Some(req_headers)) = (sticky, &sticky_headers) {
+                policy.on_response(
+                    index,
+                    bound == Some(index),
+                    req_headers,
+                    peer.ip(),
+                    &mut head.headers,
+                    &pool.servers,
+                );
+            }
             return Ok(Response::from_parts(head, Either::Left(Tracked::new(body, in_flight))));
         }
         Err(last_error)
@@ -236,12 +261,7 @@ fn redirect_to_https<B>(req: &Request<B>, port: u16) -> Response<Full<Bytes>> {
     // hostile Host header would redirect the client elsewhere (RFC 9112 §3.2: answer 400).
     let host = match request_host(req.uri(), req.headers()) {
         Some(h) if is_plain_host(h) => h,
-        _ => {
-            return super::error::plain_response(
-                StatusCode::BAD_REQUEST,
-                "missing or invalid Host header".to_owned(),
-            )
-        }
+        _ => return super::error::plain_response(StatusCode::BAD_REQUEST, "missing or invalid Host header".to_owned()),
     };
     let path = match req.uri().path_and_query().map(|pq| pq.as_str()) {
         Some(p) if p.starts_with('/') => p,
