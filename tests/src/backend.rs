@@ -13,6 +13,7 @@
 //! | `/hop` | the name, with response headers `Connection: x-internal`, `X-Internal: 1`, `Keep-Alive: timeout=5` |
 //! | `/drip?chunks=N&ms=M` | N chunks `chunk I\n`, the first at once, then one every M ms |
 //! | `/ws` | a WebSocket upgrade that echoes text and binary messages |
+//! | `/login` | the name, with `Set-Cookie: JSESSIONID=NAME-N; Path=/` (N counts logins from 1): an application session a sticky `learn` pool can learn |
 //!
 //! [`Backend::set_delay`] delays every counted request, whatever its path, which makes one
 //! backend of a pool slow while the others stay fast.
@@ -71,6 +72,7 @@ struct State {
     in_flight: AtomicU64,
     accepted: AtomicU64,
     open: AtomicU64,
+    logins: AtomicU64,
     paths: Mutex<Vec<String>>,
 }
 
@@ -190,6 +192,7 @@ impl Backend {
             in_flight: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
             open: AtomicU64::new(0),
+            logins: AtomicU64::new(0),
             paths: Mutex::new(Vec::new()),
         });
         let listener = bind(addr)?;
@@ -241,6 +244,11 @@ impl Backend {
     /// Requests received, `/healthz` excluded.
     pub fn requests(&self) -> u64 {
         self.state.requests.load(Ordering::SeqCst)
+    }
+
+    /// `/login` requests answered (sessions handed out).
+    pub fn logins(&self) -> u64 {
+        self.state.logins.load(Ordering::SeqCst)
     }
 
     /// `/healthz` requests received.
@@ -400,6 +408,14 @@ async fn handle(mut req: Request<Incoming>, _peer: SocketAddr, state: &State) ->
             Ok::<_, Infallible>(Frame::data(Bytes::from(vec![b'x'; len])))
         });
         return respond(StatusCode::OK, BodyExt::boxed(StreamBody::new(futures_util::stream::iter(chunks))));
+    }
+    if path == "/login" {
+        let n = state.logins.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut r = respond(StatusCode::OK, full(name.clone()));
+        if let Ok(v) = HeaderValue::from_str(&format!("JSESSIONID={name}-{n}; Path=/")) {
+            r.headers_mut().insert(http::header::SET_COOKIE, v);
+        }
+        return r;
     }
     if path == "/hop" {
         let mut r = respond(StatusCode::OK, full(name.clone()));

@@ -259,12 +259,22 @@ impl KeelBuilder {
 
     /// The config text for a node whose proxy listens on `proxy` and admin API on `admin`.
     pub fn render(&self, proxy: SocketAddr, admin: SocketAddr) -> String {
-        let mut s = format!(
-            "[node]\nadmin = \"{admin}\"\ndrain_timeout = {}\nworkers = {}\n\n\
-             [listeners.web]\nbind = \"{proxy}\"\nprotocol = \"http\"\n",
+        format!("{}\n{}", self.render_node(admin), self.render_config(proxy))
+    }
+
+    /// The `[node]` table alone: this node's admin address, drain deadline and workers.
+    pub fn render_node(&self, admin: SocketAddr) -> String {
+        format!(
+            "[node]\nadmin = \"{admin}\"\ndrain_timeout = {}\nworkers = {}\n",
             toml_str(&self.drain_timeout),
             self.workers
-        );
+        )
+    }
+
+    /// The served configuration alone (the `web` listener on `proxy`, routes, pools and raw
+    /// tables), without `[node]`: what `keel config apply` replicates to a cluster.
+    pub fn render_config(&self, proxy: SocketAddr) -> String {
+        let mut s = format!("[listeners.web]\nbind = \"{proxy}\"\nprotocol = \"http\"\n");
         for l in &self.listener_lines {
             let _ = writeln!(s, "{l}");
         }
