@@ -9,6 +9,7 @@
 //! ```toml
 //! [node]
 //! admin = "127.0.0.1:A"
+//! listen = { web = "127.0.0.1:P" }   # this node's own address for the replicated `web`
 //! [cluster]
 //! node_id = 1
 //! raft = "127.0.0.1:R"
@@ -84,8 +85,8 @@ pub const DEFAULT_SLOTS: usize = 2;
 pub const SLOT_WAIT: Duration = Duration::from_secs(20 * 60);
 
 /// The `[node]` key naming the address this node binds for a replicated listener, instead of
-/// the one in the replicated config: `listen_override = { web = "127.0.0.1:P" }`.
-pub const LISTEN_OVERRIDE_KEY: &str = "listener_binds";
+/// the one in the replicated config: `listen = { web = "127.0.0.1:P" }`.
+pub const LISTEN_OVERRIDE_KEY: &str = "listen";
 
 /// A machine-wide slot among [`DEFAULT_SLOTS`]: an abstract Unix socket bound under a fixed
 /// name, released by the kernel when the test process ends (even on SIGKILL), so no stale
