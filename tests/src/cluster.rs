@@ -51,8 +51,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::Value;
 
-use crate::client::Client;
-use crate::keel::{find_server, keel_command, run_keel, KeelBuilder};
+use crate::client::{Client, Reply};
+use crate::keel::{find_server, keel_command, run_keel, run_keel_env, KeelBuilder};
 use crate::ports::free_addr;
 use crate::tempdir::TempDir;
 use crate::wait::{wait_for, wait_until, POLL, STARTUP};
@@ -144,6 +144,7 @@ pub struct ClusterBuilder {
     data: usize,
     witnesses: usize,
     timing: Option<Timing>,
+    token: Option<String>,
 }
 
 /// One member's addresses and files.
@@ -202,12 +203,20 @@ pub type ServedConfig = KeelBuilder;
 impl ClusterBuilder {
     /// `data` data nodes (ids 1..=data), no witness, seeded with `seed`'s listener and pools.
     pub fn new(seed: KeelBuilder, data: usize) -> ClusterBuilder {
-        ClusterBuilder { seed, data, witnesses: 0, timing: None }
+        ClusterBuilder { seed, data, witnesses: 0, timing: None, token: None }
     }
 
     /// Adds `n` witnesses (ids after the data nodes).
     pub fn witnesses(mut self, n: usize) -> ClusterBuilder {
         self.witnesses = n;
+        self
+    }
+
+    /// Protects every node's admin API with bearer `token` (`[node] admin_token_file`). The
+    /// harness then sends it on every admin call and passes `--token` to every CLI run made
+    /// through [`Cluster::cli`], [`Cluster::init`] and [`Cluster::join`].
+    pub fn admin_token(mut self, token: &str) -> ClusterBuilder {
+        self.token = Some(token.to_owned());
         self
     }
 
@@ -225,6 +234,10 @@ impl ClusterBuilder {
     /// listener binds `listen`, the shared address, while this node binds `spec.proxy`).
     pub fn render_node_file(&self, spec: &NodeSpec, listen: SocketAddr, cluster_id: &str) -> String {
         let mut s = self.seed.render_node(spec.admin);
+        if self.token.is_some() {
+            let file = spec.data_dir.with_extension("token");
+            s.push_str(&format!("admin_token_file = {}\n", toml_path(&file)));
+        }
         if !spec.witness {
             s.push_str(&format!("{LISTEN_OVERRIDE_KEY} = {{ web = \"{}\" }}\n", spec.proxy));
         }
@@ -272,9 +285,13 @@ impl ClusterBuilder {
                 file: dir.path().join(format!("n{id}.toml")),
             };
             std::fs::write(&spec.file, self.render_node_file(&spec, listen, &cluster_id))?;
+            if let Some(t) = &self.token {
+                std::fs::write(spec.data_dir.with_extension("token"), t)?;
+            }
             members.push(Member { spec, child: None, runs: 0, logs: dir.path().to_owned() });
         }
-        let mut cluster = Cluster { members, dir, listen, client: Client::new(), applies: 0, _slot: slot };
+        let token = self.token.clone();
+        let mut cluster = Cluster { members, dir, listen, client: Client::new(), applies: 0, token, _slot: slot };
         for id in cluster.ids() {
             cluster.spawn(id)?;
         }
@@ -317,6 +334,7 @@ pub struct Cluster {
     listen: SocketAddr,
     client: Client,
     applies: u32,
+    token: Option<String>,
     _slot: ClusterSlot,
 }
 
@@ -442,6 +460,15 @@ impl Cluster {
         Ok(())
     }
 
+    /// GET `path` on node `id`'s admin API (with the bearer token, if the cluster has one).
+    pub async fn admin_get(&self, id: u64, path: &str) -> Result<Reply> {
+        let mut b = crate::client::get(self.admin(id), path);
+        if let Some(t) = &self.token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        self.client.send(crate::client::empty(b)?).await
+    }
+
     /// Waits until node `id` answers 200 on `/healthz`, failing with its log if it exits.
     pub async fn wait_admin(&mut self, id: u64) -> Result<()> {
         let start = Instant::now();
@@ -480,13 +507,30 @@ impl Cluster {
         let admin = self.admin(via).to_string();
         let mut all: Vec<&str> = args.to_vec();
         all.extend(["--admin", &admin]);
+        self.run(&all)
+    }
+
+    /// Runs `keel ARGS`, plus `--token` when the cluster has one.
+    fn run(&self, args: &[&str]) -> Result<Output> {
+        let mut all: Vec<&str> = args.to_vec();
+        if let Some(t) = &self.token {
+            all.extend(["--token", t]);
+        }
         run_keel(&all, CLI)
+    }
+
+    /// Runs `keel ARGS --admin ADMIN(via)` with extra environment and no `--token`.
+    pub fn cli_env(&self, via: u64, args: &[&str], env: &[(&str, &str)]) -> Result<Output> {
+        let admin = self.admin(via).to_string();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--admin", &admin]);
+        run_keel_env(&all, env, CLI)
     }
 
     /// `keel cluster init --config FILE(id)`.
     pub fn init(&self, id: u64) -> Result<Output> {
         let file = path_str(&self.spec(id).file)?;
-        run_keel(&["cluster", "init", "--config", &file], CLI)
+        self.run(&["cluster", "init", "--config", &file])
     }
 
     /// `keel cluster join --via ADMIN(via) --config FILE(id)` (plus `--witness` for witnesses).
@@ -497,7 +541,7 @@ impl Cluster {
         if self.spec(id).witness {
             args.push("--witness");
         }
-        run_keel(&args, CLI)
+        self.run(&args)
     }
 
     /// Init on node 1, join every other node via node 1 (each must exit 0 and print a verdict),
@@ -524,14 +568,14 @@ impl Cluster {
 
     /// `GET /cluster/status` of node `id`.
     pub async fn cluster_status(&self, id: u64) -> Result<Value> {
-        let r = self.client.get(self.admin(id), "/cluster/status").await?;
+        let r = self.admin_get(id, "/cluster/status").await?;
         ensure!(r.status == 200, "node {id}: GET /cluster/status answered {}: {}", r.status, r.text());
         r.json()
     }
 
     /// `GET /cluster/state` of node `id`.
     pub async fn cluster_state(&self, id: u64) -> Result<Value> {
-        let r = self.client.get(self.admin(id), "/cluster/state").await?;
+        let r = self.admin_get(id, "/cluster/state").await?;
         ensure!(r.status == 200, "node {id}: GET /cluster/state answered {}: {}", r.status, r.text());
         r.json()
     }
@@ -612,14 +656,14 @@ impl Cluster {
 
     /// `GET /status` of node `id`, parsed.
     pub async fn status(&self, id: u64) -> Result<Value> {
-        let r = self.client.get(self.admin(id), "/status").await?;
+        let r = self.admin_get(id, "/status").await?;
         ensure!(r.status == 200, "node {id}: GET /status answered {}: {}", r.status, r.text());
         r.json()
     }
 
     /// `GET /metrics` of node `id`.
     pub async fn metrics(&self, id: u64) -> Result<String> {
-        let r = self.client.get(self.admin(id), "/metrics").await?;
+        let r = self.admin_get(id, "/metrics").await?;
         ensure!(r.status == 200, "node {id}: GET /metrics answered {}: {}", r.status, r.text());
         Ok(r.text())
     }

@@ -47,8 +47,13 @@ pub fn keel_command() -> Result<Command> {
 
 /// Runs `keel ARGS` to completion, killing it if it takes longer than `deadline`.
 pub fn run_keel(args: &[&str], deadline: Duration) -> Result<Output> {
+    run_keel_env(args, &[], deadline)
+}
+
+/// [`run_keel`] with extra environment variables.
+pub fn run_keel_env(args: &[&str], env: &[(&str, &str)], deadline: Duration) -> Result<Output> {
     let mut cmd = keel_command()?;
-    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.args(args).envs(env.iter().copied()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let child = cmd.spawn().context("spawning keel")?;
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -199,6 +204,7 @@ pub struct KeelBuilder {
     routes: Vec<String>,
     pools: Vec<PoolSpec>,
     raw: Vec<String>,
+    node_lines: Vec<String>,
 }
 
 impl Default for KeelBuilder {
@@ -210,6 +216,7 @@ impl Default for KeelBuilder {
             routes: Vec::new(),
             pools: Vec::new(),
             raw: Vec::new(),
+            node_lines: Vec::new(),
         }
     }
 }
@@ -251,6 +258,12 @@ impl KeelBuilder {
         self
     }
 
+    /// A raw TOML line in the `[node]` table, e.g. `admin_token_file = "/path"`.
+    pub fn node_line(mut self, line: &str) -> KeelBuilder {
+        self.node_lines.push(line.to_owned());
+        self
+    }
+
     /// Raw TOML appended at the end.
     pub fn raw(mut self, toml: &str) -> KeelBuilder {
         self.raw.push(toml.to_owned());
@@ -264,11 +277,15 @@ impl KeelBuilder {
 
     /// The `[node]` table alone: this node's admin address, drain deadline and workers.
     pub fn render_node(&self, admin: SocketAddr) -> String {
-        format!(
+        let mut s = format!(
             "[node]\nadmin = \"{admin}\"\ndrain_timeout = {}\nworkers = {}\n",
             toml_str(&self.drain_timeout),
             self.workers
-        )
+        );
+        for l in &self.node_lines {
+            let _ = writeln!(s, "{l}");
+        }
+        s
     }
 
     /// The served configuration alone (the `web` listener on `proxy`, routes, pools and raw

@@ -15,6 +15,7 @@ use keel_tests::cluster::{
     describe, ensure_success, keel, output_text, voters_of, Cluster, CATCH_UP, FAILOVER, GARBAGE_CLOSE, LEADER,
     REPLICATION,
 };
+use keel_tests::keel::find_server;
 use keel_tests::redis::Redis;
 use keel_tests::wait::{wait_until, HEALTH_CHANGE};
 use keel_tests::{tally, Backend, Keel, KeelBuilder, PoolSpec, Reply};
@@ -153,6 +154,16 @@ async fn three_nodes_replicate_fail_over_and_survive_a_full_restart() -> Result<
         ensure!(t.len() == 2, "node {id}: /api/x should round-robin over both api backends: {t:?}");
     }
 
+    // `keel config show` prints the live config, new pool included, from any node.
+    let out = c.cli(3, &["config", "show"])?;
+    ensure_success("keel config show", &out)?;
+    let shown = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        shown.contains("[pools.api]") && shown.contains(&api[1].addr().to_string()),
+        "config show lacks the applied pool: {}",
+        describe(&out)
+    );
+
     // SIGKILL the leader → a new leader within the failover bound.
     let (old, new, took) = kill_leader(&mut c).await?;
     eprintln!("FAILOVER: leader {old} SIGKILLed, node {new} leads after {took:?} (bound {FAILOVER:?})");
@@ -167,7 +178,12 @@ async fn three_nodes_replicate_fail_over_and_survive_a_full_restart() -> Result<
         .pool(PoolSpec::new("v3", "round_robin").backends(&app[..1]));
     ensure_success("keel config apply v3 after failover", &c.apply(other, &v3)?)?;
     ensure_success("keel backend drain after failover", &c.cli(other, &["backend", "drain", "app", "app-b"])?)?;
+    ensure_success("keel backend weight after failover", &c.cli(new, &["backend", "weight", "app", "app-a", "7"])?)?;
     for &id in &survivors {
+        wait_until(REPLICATION, &format!("node {id}: app-a weight 7"), || async {
+            c.status(id).await.is_ok_and(|st| find_server(&st, "app", "app-a").is_ok_and(|s| s["weight"] == 7))
+        })
+        .await?;
         c.wait_pool(id, "v3", REPLICATION).await?;
         c.wait_state(id, "app", "app-b", "drain", REPLICATION).await?;
         let w = who(&c, id, "/", 10).await?;
@@ -197,6 +213,8 @@ async fn three_nodes_replicate_fail_over_and_survive_a_full_restart() -> Result<
         c.wait_state(id, "app", "app-b", "drain", CATCH_UP).await?;
         c.wait_serving(id, CATCH_UP).await?;
         wait_routed(&c, id, "/api/x", &names(&api)).await?;
+        let st = c.status(id).await?;
+        ensure!(find_server(&st, "app", "app-a")?["weight"] == 7, "node {id} lost the weight override: {st}");
     }
     // And it still commits.
     ensure_success("keel backend enable after the cold restart", &c.cli(1, &["backend", "enable", "app", "app-b"])?)?;
@@ -339,8 +357,6 @@ async fn a_witness_keeps_a_pair_of_data_nodes_available() -> Result<()> {
         witness["node"]["witness"] == true && witness["voter"] == true,
         "node 3 should be a voting witness: {witness}"
     );
-    let r = c.client().get(c.admin(3), "/status").await?;
-    ensure!(r.status != 200, "a witness serves no data plane, yet /status answered 200: {}", r.text());
     for id in [1, 2] {
         wait_routed(&c, id, "/", &names(&app)).await?;
     }
@@ -377,6 +393,28 @@ async fn a_witness_keeps_a_pair_of_data_nodes_available() -> Result<()> {
     for id in [1, 2] {
         c.wait_pool(id, "after_witness", REPLICATION).await?;
     }
+    Ok(())
+}
+
+/// A witness (`keel run --witness`) runs a Raft voter only: no data-plane listener, and an
+/// admin API with `/healthz` and `/cluster/*` only.
+#[tokio::test]
+async fn a_witness_serves_no_data_plane() -> Result<()> {
+    let app = Backend::start_many("app-", 2)?;
+    let mut c = Cluster::builder(seed(&app), 2).witnesses(1).start().await?;
+    c.form().await?;
+    let r = c.client().get(c.admin(3), "/healthz").await?;
+    ensure!(r.status == 200, "witness /healthz answered {}", r.status);
+    let st = c.cluster_status(3).await?;
+    ensure!(st["id"] == 3, "witness /cluster/status: {st}");
+    // The seed's listener is served by the data nodes on their own addresses; a witness has
+    // none, and its admin API has no data-plane endpoints.
+    for path in ["/status", "/metrics", "/"] {
+        let r = c.client().get(c.admin(3), path).await?;
+        ensure!(r.status == 404, "a witness serves no data plane, yet GET {path} answered {}: {}", r.status, r.text());
+    }
+    let r = c.client().post(c.admin(3), "/pools/app/servers/app-a/drain", "").await?;
+    ensure!(r.status == 404, "a witness has no pools, yet a drain answered {}: {}", r.status, r.text());
     Ok(())
 }
 
@@ -658,5 +696,77 @@ async fn cli_errors_are_clear_bounded_and_change_nothing() -> Result<()> {
         describe(&out)
     );
     ensure!(!c.pools(survivor).await?.contains("never"), "the survivor serves a config that never committed");
+    Ok(())
+}
+
+/// `keel cluster add-node` adds a running, uninitialized node by id and addresses; it then
+/// serves the cluster's config. `keel cluster remove` takes it out again; the rest keeps
+/// committing.
+#[tokio::test]
+async fn add_node_and_remove_change_the_membership() -> Result<()> {
+    let bs = Backend::start_many("", 2)?;
+    let extra = Backend::start_many("x-", 1)?;
+    let mut c = Cluster::builder(seed(&bs), 3).start().await?;
+    ensure_success("keel cluster init", &c.init(1)?)?;
+    ensure_success("keel cluster join (node 2)", &c.join(2, 1)?)?;
+    let (raft, admin) = (c.raft(3).to_string(), c.admin(3).to_string());
+    let out = c.cli(2, &["cluster", "add-node", "3", &raft, &admin])?;
+    ensure_success("keel cluster add-node 3", &out)?;
+    c.wait_voters(&[1, 2, 3], CATCH_UP).await?;
+    c.wait_serving(3, CATCH_UP).await?;
+    wait_routed(&c, 3, "/", &names(&bs)).await?;
+
+    let out = c.cli(3, &["cluster", "remove", "3"])?;
+    ensure_success("keel cluster remove 3", &out)?;
+    let voters = c.voters(1).await?;
+    ensure!(voters == BTreeSet::from([1, 2]), "after remove 3 node 1 lists voters {voters:?}");
+    c.leader_among(&[1, 2], LEADER).await?;
+    let v2 = seed(&bs).pool(PoolSpec::new("later", "round_robin").backends(&extra));
+    ensure_success("config apply after remove", &c.apply(1, &v2)?)?;
+    for id in [1, 2] {
+        c.wait_pool(id, "later", REPLICATION).await?;
+    }
+    // Two voters now: losing node 3 for good costs nothing.
+    c.kill(3)?;
+    ensure_success("backend drain without node 3", &c.cli(2, &["backend", "drain", "app", "a"])?)?;
+    for id in [1, 2] {
+        c.wait_state(id, "app", "a", "drain", REPLICATION).await?;
+    }
+    Ok(())
+}
+
+/// With an admin token, the CLI needs `--token` or `KEEL_ADMIN_TOKEN`, and `/cluster/*` refuses
+/// requests without it (a proposal without the token changes nothing).
+#[tokio::test]
+async fn the_admin_token_guards_the_cluster_api_and_cli() -> Result<()> {
+    let bs = Backend::start_many("", 2)?;
+    let token = "cluster-test-token-0123456789";
+    let mut c = Cluster::builder(seed(&bs), 3).admin_token(token).start().await?;
+    c.form().await?;
+
+    let out = c.cli_env(2, &["cluster", "status", "--json"], &[])?;
+    ensure!(!out.status.success(), "cluster status without a token succeeded: {}", describe(&out));
+    ensure!(!output_text(&out).contains(token), "the token leaked into the output");
+    let out = c.cli_env(2, &["cluster", "status", "--json"], &[("KEEL_ADMIN_TOKEN", token)])?;
+    ensure_success("cluster status with KEEL_ADMIN_TOKEN", &out)?;
+    let out = c.cli_env(2, &["backend", "drain", "app", "a"], &[("KEEL_ADMIN_TOKEN", "wrong")])?;
+    ensure!(!out.status.success(), "drain with a wrong token succeeded: {}", describe(&out));
+
+    let leader = c.leader(LEADER).await?;
+    for (path, body) in [
+        ("/cluster/propose", r#"{"drain_server": {"pool": "app", "server": "a", "drain": true}}"#),
+        ("/cluster/remove", r#"{"id": 2}"#),
+    ] {
+        let r = c.client().post(c.admin(leader), path, body).await?;
+        ensure!(r.status == 401, "POST {path} without a token answered {} {}", r.status, r.text());
+    }
+    let r = c.client().get(c.admin(leader), "/cluster/state").await?;
+    ensure!(r.status == 401, "GET /cluster/state without a token answered {}", r.status);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for id in c.data_ids() {
+        let state = c.server_state(id, "app", "a").await?;
+        ensure!(state == "up", "node {id}: an unauthenticated proposal drained a ({state})");
+    }
+    c.wait_voters(&[1, 2, 3], REPLICATION).await?;
     Ok(())
 }
