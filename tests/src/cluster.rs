@@ -52,8 +52,8 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::Value;
 
 use crate::client::{Client, Reply};
-use crate::keel::{find_server, keel_command, run_keel, run_keel_env, KeelBuilder};
-use crate::ports::free_addr;
+use crate::keel::{find_server, keel_command, run_keel, run_keel_env, KeelBuilder, BIND_ATTEMPTS};
+use crate::ports::stable_addr;
 use crate::tempdir::TempDir;
 use crate::wait::{wait_for, wait_until, POLL, STARTUP};
 
@@ -268,7 +268,7 @@ impl ClusterBuilder {
         let slot = ClusterSlot::acquire().await?;
         let dir = TempDir::new("keel-cluster")?;
         let cluster_id = format!("test-{}-{}", std::process::id(), slot.index());
-        let listen = free_addr();
+        let listen = stable_addr();
         let mut members = Vec::new();
         for i in 0..(self.data + self.witnesses) {
             let id = i as u64 + 1;
@@ -277,9 +277,9 @@ impl ClusterBuilder {
             std::fs::create_dir_all(&data_dir)?;
             let spec = NodeSpec {
                 id,
-                admin: free_addr(),
-                raft: free_addr(),
-                proxy: free_addr(),
+                admin: stable_addr(),
+                raft: stable_addr(),
+                proxy: stable_addr(),
                 witness,
                 data_dir,
                 file: dir.path().join(format!("n{id}.toml")),
@@ -296,7 +296,24 @@ impl ClusterBuilder {
             cluster.spawn(id)?;
         }
         for id in cluster.ids() {
-            cluster.wait_admin(id).await?;
+            let mut attempt = 1;
+            loop {
+                match cluster.wait_admin(id).await {
+                    Err(e) if attempt < BIND_ATTEMPTS && format!("{e:#}").contains("Address already in use") => {
+                        // Taken between allocation and bind (see `ports`): new addresses, once
+                        // more. Nothing references them yet; the cluster is not formed.
+                        eprintln!("node {id}: an address was taken before keel bound it; retrying on new ports");
+                        attempt += 1;
+                        let m = cluster.member_mut(id);
+                        m.spec.admin = stable_addr();
+                        m.spec.raft = stable_addr();
+                        m.spec.proxy = stable_addr();
+                        std::fs::write(&m.spec.file, self.render_node_file(&m.spec, listen, &cluster_id))?;
+                        cluster.spawn(id)?;
+                    }
+                    other => break other?,
+                }
+            }
         }
         Ok(cluster)
     }

@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::ports::free_addr;
+use crate::ports::stable_addr;
 use crate::tempdir::TempDir;
 use crate::wait::POLL;
 
@@ -42,7 +42,7 @@ pub fn redis_server_bin() -> Option<PathBuf> {
 impl Redis {
     /// Starts `redis-server` on a free loopback port and waits for PING.
     pub async fn start() -> Result<Redis> {
-        let mut r = Redis { addr: free_addr(), dir: TempDir::new("keel-redis")?, child: None, runs: 0 };
+        let mut r = Redis { addr: stable_addr(), dir: TempDir::new("keel-redis")?, child: None, runs: 0 };
         r.spawn().await?;
         Ok(r)
     }
