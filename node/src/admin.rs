@@ -30,6 +30,9 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use arc_swap::ArcSwap;
+use keel_cluster::{ClusterHandle, Command, Outcome, ProposeError};
+
 use crate::daemon::CertReloader;
 use crate::metrics::{self, ListenerMetrics, Rejections};
 use crate::pool::{Pool, PoolError, ServerState, STATUS_CLASSES};
@@ -45,12 +48,14 @@ pub struct AdminState {
     pub snapshot: SharedSnapshot,
     /// Requests keel answered itself.
     pub rejections: Arc<Rejections>,
-    /// Per-listener counters.
-    pub listeners: Arc<Vec<ListenerMetrics>>,
+    /// Per-listener counters of the running listeners.
+    pub listeners: Arc<ArcSwap<Vec<ListenerMetrics>>>,
     /// The https listeners' certificates.
     pub certs: Arc<CertReloader>,
     /// Bearer token every endpoint but `/healthz` requires, when set.
     pub token: Option<Arc<str>>,
+    /// The Raft member, in cluster mode.
+    pub cluster: Option<ClusterHandle>,
 }
 
 /// `/status` document.
@@ -219,9 +224,27 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
     match (req.method(), segments.as_slice()) {
         (&Method::GET, ["healthz"]) => Response::new(Full::new(Bytes::from_static(b"ok\n"))),
         (&Method::POST, ["reload-certs"]) => reload_certs(&state.certs),
+        (_, ["cluster", ..]) => match &state.cluster {
+            Some(cluster) => keel_cluster::api::handle(cluster, req)
+                .await
+                .unwrap_or_else(|| error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}"))),
+            None => error(StatusCode::NOT_FOUND, "this node is not in cluster mode (no [cluster] section)"),
+        },
+        (&Method::GET, ["config"]) => {
+            let config = state.snapshot.load().config.clone();
+            match toml::to_string(&*config) {
+                Ok(text) => {
+                    let mut resp = Response::new(Full::new(Bytes::from(text)));
+                    resp.headers_mut()
+                        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/toml"));
+                    resp
+                }
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot render the config: {e}")),
+            }
+        }
         (&Method::GET, ["status"]) => json(StatusCode::OK, &status(&state.snapshot.load())),
         (&Method::GET, ["metrics"]) => {
-            let text = metrics::render(&state.snapshot.load(), &state.rejections, &state.listeners);
+            let text = metrics::render(&state.snapshot.load(), &state.rejections, &state.listeners.load());
             let mut resp = Response::new(Full::new(Bytes::from(text)));
             resp.headers_mut()
                 .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4"));
@@ -238,10 +261,75 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
             let Some(p) = state.snapshot.load().pool(&pool).cloned() else {
                 return error(StatusCode::NOT_FOUND, format!("no pool named {pool:?}"));
             };
-            server_action(&p, &server, &action, req).await
+            match &state.cluster {
+                Some(cluster) => replicated_action(cluster, &p, &server, &action, req).await,
+                None => server_action(&p, &server, &action, req).await,
+            }
         }
         (_, ["healthz" | "status" | "metrics" | ""]) => error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {} {path}", req.method())),
+    }
+}
+
+/// Reads a `{"weight": N}` body.
+async fn weight_body(req: Request<Incoming>) -> Result<u32, Response<Full<Bytes>>> {
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return Err(error(StatusCode::BAD_REQUEST, format!("cannot read body: {e}"))),
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct WeightBody {
+        weight: u32,
+    }
+    serde_json::from_slice::<WeightBody>(&body)
+        .map(|w| w.weight)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("expected {{\"weight\": N}}: {e}")))
+}
+
+/// Drain/enable/weight in cluster mode: proposed through Raft so every node applies it, and
+/// it survives a failover.
+async fn replicated_action(
+    cluster: &ClusterHandle,
+    pool: &Pool,
+    server: &str,
+    action: &str,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    if let Err(e) = pool.server_index(server) {
+        return error(StatusCode::NOT_FOUND, e.to_string());
+    }
+    let (pool_name, server_name) = (pool.name.clone(), server.to_owned());
+    let command = match action {
+        "drain" | "enable" => Command::DrainServer { pool: pool_name, server: server_name, drain: action == "drain" },
+        "weight" => match weight_body(req).await {
+            Ok(weight) if weight == 0 || weight > keel_cluster::model::MAX_WEIGHT => {
+                return error(StatusCode::BAD_REQUEST, PoolError::BadWeight(weight).to_string())
+            }
+            Ok(weight) => Command::SetServerWeight { pool: pool_name, server: server_name, weight },
+            Err(resp) => return resp,
+        },
+        other => return error(StatusCode::NOT_FOUND, format!("unknown action {other:?}; use drain, enable or weight")),
+    };
+    match cluster.propose(command).await {
+        Ok(Outcome::Rejected { reason }) => error(StatusCode::BAD_REQUEST, reason),
+        Ok(outcome) => json(StatusCode::OK, &serde_json::json!({ "outcome": outcome })),
+        Err(ProposeError::ForwardToLeader { leader_id, leader_admin_addr }) => {
+            let mut resp = json(
+                StatusCode::MISDIRECTED_REQUEST,
+                &serde_json::json!({
+                    "error": "forward_to_leader", "message": "this node is not the leader",
+                    "leader_id": leader_id, "leader_admin_addr": leader_admin_addr,
+                }),
+            );
+            if let Some(addr) = leader_admin_addr {
+                if let Ok(v) = header::HeaderValue::from_str(&format!("http://{addr}{}", "/")) {
+                    resp.headers_mut().insert(header::LOCATION, v);
+                }
+            }
+            resp
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 
@@ -249,21 +337,10 @@ async fn server_action(pool: &Pool, server: &str, action: &str, req: Request<Inc
     let result = match action {
         "drain" => pool.set_draining(server, true),
         "enable" => pool.set_draining(server, false),
-        "weight" => {
-            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(e) => return error(StatusCode::BAD_REQUEST, format!("cannot read body: {e}")),
-            };
-            #[derive(serde::Deserialize)]
-            #[serde(deny_unknown_fields)]
-            struct WeightBody {
-                weight: u32,
-            }
-            match serde_json::from_slice::<WeightBody>(&body) {
-                Ok(w) => pool.set_weight(server, w.weight),
-                Err(e) => return error(StatusCode::BAD_REQUEST, format!("expected {{\"weight\": N}}: {e}")),
-            }
-        }
+        "weight" => match weight_body(req).await {
+            Ok(weight) => pool.set_weight(server, weight),
+            Err(resp) => return resp,
+        },
         other => return error(StatusCode::NOT_FOUND, format!("unknown action {other:?}; use drain, enable or weight")),
     };
     match result {

@@ -41,6 +41,10 @@ pub struct NodeSettings {
     /// Environment variable holding the bearer token the admin API requires.
     #[serde(default)]
     pub admin_token_env: Option<String>,
+    /// Per-node bind addresses, by listener name, replacing the replicated `bind`: for nodes
+    /// that share a host (a lab, a test) or bind per-node addresses.
+    #[serde(default)]
+    pub listen: std::collections::BTreeMap<String, SocketAddr>,
 }
 
 fn default_admin() -> SocketAddr {
@@ -59,6 +63,7 @@ impl Default for NodeSettings {
             workers: 0,
             admin_token_file: None,
             admin_token_env: None,
+            listen: Default::default(),
         }
     }
 }
@@ -67,6 +72,17 @@ impl NodeSettings {
     /// The drain deadline as a [`Duration`].
     pub fn drain_timeout(&self) -> Duration {
         self.drain_timeout.get()
+    }
+
+    /// `config` with this node's `listen` overrides applied to its listeners' addresses.
+    pub fn local_view(&self, config: &Config) -> Config {
+        let mut local = config.clone();
+        for (name, listener) in &mut local.listeners {
+            if let Some(addr) = self.listen.get(name) {
+                listener.bind = *addr;
+            }
+        }
+        local
     }
 
     /// The admin API's bearer token, read from its file or variable; `None` when none is set.
@@ -87,12 +103,55 @@ impl NodeSettings {
     }
 }
 
+/// `[cluster]`: this node's place in a Raft cluster. Without it the node runs standalone.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Unique, stable id of this node (not 0).
+    pub node_id: u64,
+    /// Address for Raft RPC between nodes.
+    pub raft: SocketAddr,
+    /// Where the Raft log, vote and snapshots are kept.
+    pub data_dir: PathBuf,
+    /// Nodes with another cluster id are refused.
+    #[serde(default = "default_cluster_id")]
+    pub cluster_id: String,
+    /// Leader heartbeat interval.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat: HumanDuration,
+    /// Election timeout, lower bound.
+    #[serde(default = "default_election_min")]
+    pub election_min: HumanDuration,
+    /// Election timeout, upper bound (also the leader lease that guards the VIP).
+    #[serde(default = "default_election_max")]
+    pub election_max: HumanDuration,
+    /// A witness votes and stores the log but serves no traffic and never holds the VIP.
+    #[serde(default)]
+    pub witness: bool,
+}
+
+fn default_cluster_id() -> String {
+    "keel".to_owned()
+}
+fn default_heartbeat() -> HumanDuration {
+    HumanDuration(keel_cluster::node::DEFAULT_HEARTBEAT)
+}
+fn default_election_min() -> HumanDuration {
+    HumanDuration(keel_cluster::node::DEFAULT_ELECTION_MIN)
+}
+fn default_election_max() -> HumanDuration {
+    HumanDuration(keel_cluster::node::DEFAULT_ELECTION_MAX)
+}
+
 /// Everything a node's file says.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct NodeFile {
     /// This node's own settings.
     pub node: NodeSettings,
-    /// The served configuration, validated.
+    /// Cluster membership, when the node is part of one.
+    pub cluster: Option<ClusterSection>,
+    /// The served configuration, validated. In cluster mode this is only the seed that
+    /// `keel cluster init` proposes; afterwards the replicated config is the truth.
     pub config: Config,
 }
 
@@ -102,6 +161,8 @@ pub struct NodeFile {
 struct RawFile {
     #[serde(default)]
     node: NodeSettings,
+    #[serde(default)]
+    cluster: Option<ClusterSection>,
     #[serde(default)]
     listeners: std::collections::BTreeMap<String, Listener>,
     #[serde(default)]
@@ -210,8 +271,31 @@ pub fn parse(text: &str, origin: &str) -> Result<NodeFile, ConfigError> {
             reason: "set admin_token_file or admin_token_env, not both".into(),
         });
     }
+    if let Some(c) = &raw.cluster {
+        let mut cluster_problem = |key: &str, reason: String| {
+            problems.push(Problem {
+                line: locate(text, document.get_ref(), &KeyPath::of(&["cluster", key])),
+                key: Some(format!("cluster.{key}")),
+                reason,
+            })
+        };
+        if c.node_id == 0 {
+            cluster_problem("node_id", "must be at least 1".into());
+        }
+        if c.heartbeat.get().is_zero() || c.heartbeat >= c.election_min {
+            cluster_problem("heartbeat", format!("must be above zero and below election_min ({})", c.election_min));
+        }
+        if c.election_min >= c.election_max {
+            cluster_problem("election_min", format!("must be below election_max ({})", c.election_max));
+        }
+        if c.cluster_id.is_empty() {
+            cluster_problem("cluster_id", "must not be empty".into());
+        }
+    }
     let config = Config { listeners: raw.listeners, pools: raw.pools };
-    if let Err(found) = config.validate() {
+    // In cluster mode the file's listeners and pools are an optional seed: an empty one is fine.
+    let seedless = raw.cluster.is_some() && config.listeners.is_empty() && config.pools.is_empty();
+    if let Err(found) = config.validate().map_err(|p| if seedless { Vec::new() } else { p }) {
         problems.extend(found.into_iter().map(|p| Problem {
             line: locate(text, document.get_ref(), &p.path),
             key: Some(p.path.to_string()),
@@ -219,7 +303,7 @@ pub fn parse(text: &str, origin: &str) -> Result<NodeFile, ConfigError> {
         }));
     }
     if problems.is_empty() {
-        Ok(NodeFile { node: raw.node, config })
+        Ok(NodeFile { node: raw.node, cluster: raw.cluster, config })
     } else {
         Err(invalid(problems))
     }

@@ -19,12 +19,14 @@
 //! - [`metrics`]: metric names and the Prometheus rendering of the atomics the data plane bumps.
 //! - [`admin`]: the admin HTTP API (`/status`, `/metrics`, drain/enable).
 //! - [`demo`]: the self-contained demo: three named backends and a balancer.
+//! - [`cli`]: the operations commands (`keel cluster …`, `keel config apply`, `keel backend …`).
 //! - [`daemon`]: wiring for `keel run`: load config, start everything, shut down gracefully.
 //!
 //! The binary (`main.rs`) parses argv and installs the tracing subscriber; nothing else does.
 
 pub mod admin;
 pub mod balance;
+pub mod cli;
 pub mod config;
 pub mod connlimit;
 pub mod daemon;

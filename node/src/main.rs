@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use keel_cluster::api::AddNode;
+use keel_node::cli;
 use keel_node::config::{self, ConfigError};
 use keel_node::daemon::{self, Daemon};
 use keel_node::demo;
@@ -19,6 +21,23 @@ struct Cli {
     command: Command,
 }
 
+/// How to reach a node's admin API.
+#[derive(clap::Args, Clone)]
+struct AdminArgs {
+    /// Admin API address of any cluster member.
+    #[arg(long, default_value = "127.0.0.1:9090", global = true)]
+    admin: SocketAddr,
+    /// Bearer token of the admin API.
+    #[arg(long, env = "KEEL_ADMIN_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+}
+
+impl AdminArgs {
+    fn target(&self) -> cli::Target {
+        cli::Target { admin: self.admin, token: self.token.clone() }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run a node from a config file.
@@ -26,6 +45,23 @@ enum Command {
         /// The node's TOML config.
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
+        /// Run as a witness: vote and store the Raft log, serve no traffic, never hold the VIP.
+        #[arg(long)]
+        witness: bool,
+    },
+    /// Manage cluster membership.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Drain, enable or re-weight a backend server.
+    Backend {
+        #[command(subcommand)]
+        command: BackendCommand,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Run three demo backends behind a balancer on loopback.
     Demo {
@@ -36,10 +72,84 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin: SocketAddr,
     },
-    /// Work with config files.
+    /// Work with config files and the live config.
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Make this node (from its config file) the first member, seeding the cluster's config.
+    Init {
+        /// The node's TOML config ([node], [cluster], and the seed listeners/pools).
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Join this node (from its config file) to a cluster through any member.
+    Join {
+        /// Admin address of a current member.
+        #[arg(long, value_name = "ADDR")]
+        via: SocketAddr,
+        /// The joining node's TOML config.
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Join as a witness (votes, serves no traffic).
+        #[arg(long)]
+        witness: bool,
+    },
+    /// Add a node by id and addresses (run against any member).
+    AddNode {
+        /// The new node's id.
+        id: u64,
+        /// Its Raft address.
+        raft: SocketAddr,
+        /// Its admin address.
+        admin_addr: SocketAddr,
+        /// Add it as a witness.
+        #[arg(long)]
+        witness: bool,
+    },
+    /// Remove a node from the cluster.
+    Remove {
+        /// The node's id.
+        id: u64,
+    },
+    /// Members, leader, term, log indexes and replication lag.
+    Status {
+        /// Print the status document as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BackendCommand {
+    /// Stop sending new requests to a server; in-flight ones finish.
+    Drain {
+        /// Pool name.
+        pool: String,
+        /// Server name.
+        server: String,
+    },
+    /// Send requests to a drained server again.
+    Enable {
+        /// Pool name.
+        pool: String,
+        /// Server name.
+        server: String,
+    },
+    /// Change a server's weight (1-256).
+    Weight {
+        /// Pool name.
+        pool: String,
+        /// Server name.
+        server: String,
+        /// New weight.
+        weight: u32,
     },
 }
 
@@ -51,6 +161,13 @@ enum ConfigCommand {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
+    /// Validate a config file and make it the cluster's config.
+    Apply {
+        /// The new config (its [node]/[cluster] sections are ignored).
+        file: PathBuf,
+    },
+    /// Print the live config as TOML.
+    Show,
 }
 
 fn main() -> ExitCode {
@@ -61,9 +178,48 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Command::Config { command: ConfigCommand::Check { files } } => check(&files),
-        Command::Run { config } => match config::load(&config) {
-            Ok(file) => {
+        Command::Config { command: ConfigCommand::Check { files }, .. } => check(&files),
+        Command::Config { command: ConfigCommand::Apply { file }, admin } => {
+            operate(async move { cli::config_apply(&admin.target(), &file).await })
+        }
+        Command::Config { command: ConfigCommand::Show, admin } => {
+            operate(async move { cli::config_show(&admin.target()).await })
+        }
+        Command::Cluster { command, admin } => operate(async move {
+            let target = admin.target();
+            match command {
+                ClusterCommand::Init { config } => cli::cluster_init(&config, admin.token).await,
+                ClusterCommand::Join { via, config, witness } => {
+                    cli::cluster_join(via, &config, witness, admin.token).await
+                }
+                ClusterCommand::AddNode { id, raft, admin_addr, witness } => {
+                    cli::cluster_add(&target, AddNode { id, raft_addr: raft, admin_addr, witness }).await
+                }
+                ClusterCommand::Remove { id } => cli::cluster_remove(&target, id).await,
+                ClusterCommand::Status { json } => cli::cluster_status(&target, json).await,
+            }
+        }),
+        Command::Backend { command, admin } => operate(async move {
+            let target = admin.target();
+            match command {
+                BackendCommand::Drain { pool, server } => cli::backend(&target, "drain", &pool, &server, None).await,
+                BackendCommand::Enable { pool, server } => cli::backend(&target, "enable", &pool, &server, None).await,
+                BackendCommand::Weight { pool, server, weight } => {
+                    cli::backend(&target, "weight", &pool, &server, Some(weight)).await
+                }
+            }
+        }),
+        Command::Run { config, witness } => match config::load(&config) {
+            Ok(mut file) => {
+                if witness {
+                    match file.cluster.as_mut() {
+                        Some(c) => c.witness = true,
+                        None => {
+                            eprintln!("{}: --witness needs a [cluster] section", config.display());
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                }
                 let workers = file.node.workers;
                 serve(workers, async move { Ok(file) }, None)
             }
@@ -81,6 +237,24 @@ fn main() -> ExitCode {
             },
             Some(demo::banner(listen, admin)),
         ),
+    }
+}
+
+/// Runs one CLI operation on a small runtime; prints its error and fails on error.
+fn operate(op: impl std::future::Future<Output = Result<(), cli::CliError>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(op) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

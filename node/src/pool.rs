@@ -12,7 +12,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock, Weak};
+use std::sync::{Arc, LazyLock, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -146,6 +146,13 @@ impl ServerState {
     }
 }
 
+/// Where a pool's active-check flips go instead of straight into its servers' state: in
+/// cluster mode they are one node's vote, proposed to the cluster.
+pub trait VerdictReporter: Send + Sync {
+    /// This node's checks now consider `server` of `pool` up (or down).
+    fn report(&self, pool: &str, server: &str, up: bool);
+}
+
 /// Why a drain/enable/weight request was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -177,6 +184,8 @@ pub struct Pool {
     pub latency: Histogram,
     /// Self-reference handed to timers, so a pool dropped by a reload is not kept alive by them.
     this: Weak<Pool>,
+    /// Set in cluster mode.
+    reporter: OnceLock<Arc<dyn VerdictReporter>>,
 }
 
 impl Pool {
@@ -212,9 +221,20 @@ impl Pool {
             client,
             latency: Histogram::default(),
             this: this.clone(),
+            reporter: OnceLock::new(),
         });
         pool.refresh();
         Ok(pool)
+    }
+
+    /// Routes this pool's active-check flips to `reporter` instead of its servers' state.
+    pub fn set_reporter(&self, reporter: Arc<dyn VerdictReporter>) {
+        let _ = self.reporter.set(reporter);
+    }
+
+    /// Where active-check flips go, in cluster mode.
+    pub fn reporter(&self) -> Option<&Arc<dyn VerdictReporter>> {
+        self.reporter.get()
     }
 
     /// The URI scheme towards this pool's servers.
@@ -282,8 +302,9 @@ impl Pool {
             return Err(PoolError::BadWeight(weight));
         }
         let i = self.server_index(name)?;
-        self.servers[i].weight.store(weight, Ordering::Relaxed);
-        self.refresh();
+        if self.servers[i].weight.swap(weight, Ordering::Relaxed) != weight {
+            self.refresh();
+        }
         Ok(())
     }
 

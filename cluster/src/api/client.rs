@@ -86,6 +86,7 @@ impl ClientError {
 pub struct ClusterClient {
     addr: SocketAddr,
     http: Client<HttpConnector, Full<Bytes>>,
+    token: Option<String>,
 }
 
 impl ClusterClient {
@@ -94,7 +95,28 @@ impl ClusterClient {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
         connector.set_nodelay(true);
-        ClusterClient { addr, http: Client::builder(TokioExecutor::new()).build(connector) }
+        ClusterClient { addr, http: Client::builder(TokioExecutor::new()).build(connector), token: None }
+    }
+
+    /// Sends `Authorization: Bearer <token>` with every call (admin APIs that require one).
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
+    }
+
+    /// The address calls start at.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `GET path` on the node this client points at, as JSON.
+    pub async fn get_json(&self, path: &str) -> Result<serde_json::Value, ClientError> {
+        self.call(Method::GET, path, None::<&()>, REQUEST_TIMEOUT, false).await
+    }
+
+    /// `POST path` with a JSON body on the node this client points at.
+    pub async fn post_json<B: Serialize>(&self, path: &str, body: &B) -> Result<serde_json::Value, ClientError> {
+        self.call(Method::POST, path, Some(body), REQUEST_TIMEOUT, true).await
     }
 
     /// `GET /cluster/status` of the node this client points at.
@@ -143,10 +165,14 @@ impl ClusterClient {
         };
         let mut addr = self.addr;
         for _ in 0..=MAX_HOPS {
-            let req = Request::builder()
+            let mut builder = Request::builder()
                 .method(method.clone())
                 .uri(format!("http://{addr}{path}"))
-                .header(http::header::CONTENT_TYPE, "application/json")
+                .header(http::header::CONTENT_TYPE, "application/json");
+            if let Some(token) = &self.token {
+                builder = builder.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+            }
+            let req = builder
                 .body(Full::new(payload.clone()))
                 .map_err(|e| ClientError::Transport { addr, message: e.to_string() })?;
             let exchange = async {

@@ -180,6 +180,16 @@ impl<C: HealthCheck> Checker<C> {
     }
 
     fn flip(&self, pool: &Pool, up: bool, err: Option<CheckError>) {
+        if let Some(reporter) = pool.reporter() {
+            // Cluster mode: this node's observation is one vote; the verdict comes back through
+            // the replicated state once a majority agrees.
+            let what = if up { "UP" } else { "DOWN" };
+            let reason = err.map_or_else(String::new, |e| e.to_string());
+            tracing::info!(target: "keel::health", pool = %self.pool_name, server = %self.server,
+                address = %self.address, reason = %reason, "server looks {what} from this node; reporting to the cluster");
+            reporter.report(&self.pool_name, &self.server, up);
+            return;
+        }
         if !pool.set_checked_up(self.index, up) {
             // The shared server state already says so: the previous pool's checker, still
             // running just after a reload, flipped it first and refreshed only its own pool.

@@ -32,11 +32,11 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use keel_cluster::model::Limits;
 use tokio_rustls::TlsAcceptor;
 
 use crate::connlimit::{ConnectionLimiter, ConnectionPermit};
+use crate::daemon::drain::Drainer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -98,12 +98,12 @@ struct ConnContext {
     deadlines: Deadlines,
     max_requests: u32,
     max_head: usize,
-    graceful: Arc<GracefulShutdown>,
+    graceful: Arc<Drainer>,
 }
 
 /// Accepts connections until `stop` turns true, serving each with the listener's proxy.
 /// Returning drops the socket, so new connections are refused from then on.
-pub async fn serve(listener: HttpListener, graceful: Arc<GracefulShutdown>, mut stop: watch::Receiver<bool>) {
+pub async fn serve(listener: HttpListener, graceful: Arc<Drainer>, mut stop: watch::Receiver<bool>) {
     let HttpListener { name, socket, proxy, limits, connections, tls } = listener;
     let ctx = Arc::new(ConnContext {
         builder: connection_builder(&limits),

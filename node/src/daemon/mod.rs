@@ -6,28 +6,36 @@
 //! cannot take one of its addresses or read one of its files fails at start naming it, instead
 //! of running half-configured.
 //!
+//! In cluster mode ([`cluster`]) the config comes from Raft instead of the file, so listeners
+//! are reconciled at run time ([`listeners`]) whenever the replicated config changes, and a
+//! listener that cannot start is logged rather than fatal (the rest of the cluster serves it).
+//!
 //! Shutdown order: stop accepting (listening sockets close, new connections are refused), ask
 //! open connections to finish (HTTP/1.1 closes after the in-flight response, HTTP/2 sends
-//! GOAWAY), wait for them up to the drain deadline, then return.
+//! GOAWAY; [`drain`]), wait for them up to the drain deadline, leave the cluster's Raft
+//! cleanly, then return.
 
+pub mod cluster;
+pub mod drain;
+pub mod listeners;
+
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use hyper_util::server::graceful::GracefulShutdown;
-use keel_cluster::model::Protocol;
+use keel_cluster::{ClusterHandle, Config};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use self::listeners::ListenerSet;
 use crate::admin::{self, AdminState};
 use crate::config::NodeFile;
-use crate::connlimit::ConnectionLimiter;
-use crate::metrics::{ListenerMetrics, Rejections};
-use crate::proxy::tcp::{serve_tcp, ConnTracker};
-use crate::proxy::{self, BindError, HttpProxy};
+use crate::metrics::Rejections;
+use crate::proxy::BindError;
 use crate::snapshot::{BuildError, SharedSnapshot, Snapshot};
-use crate::tls::{self, CertStore, ReloadSummary, TlsError};
+use crate::tls::{CertStore, ReloadSummary, TlsError};
 
 /// Why the node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +65,9 @@ pub enum DaemonError {
     /// The admin token could not be read.
     #[error("admin token: {0}")]
     AdminToken(String),
+    /// The Raft node could not start.
+    #[error("cluster: {0}")]
+    Cluster(String),
     /// The admin API could not bind.
     #[error("cannot bind the admin API on {addr}: {source}")]
     AdminBind {
@@ -67,20 +78,30 @@ pub enum DaemonError {
     },
 }
 
-/// The certificate stores of every https listener, reloadable as one.
+/// The certificate stores of every running https listener, reloadable as one.
 #[derive(Default)]
 pub struct CertReloader {
-    stores: Vec<(String, Arc<CertStore>)>,
+    stores: Mutex<BTreeMap<String, Arc<CertStore>>>,
 }
 
 /// Outcome of reloading one listener's certificates.
 pub type ListenerReload = (String, Result<ReloadSummary, TlsError>);
 
 impl CertReloader {
+    fn insert(&self, listener: &str, store: Arc<CertStore>) {
+        self.stores.lock().unwrap_or_else(|p| p.into_inner()).insert(listener.to_owned(), store);
+    }
+
+    fn remove(&self, listener: &str) {
+        self.stores.lock().unwrap_or_else(|p| p.into_inner()).remove(listener);
+    }
+
     /// Re-reads every https listener's files. Each listener's reload is all-or-nothing: a
     /// listener with a bad file keeps all of its old certificates.
     pub fn reload_all(&self) -> Vec<ListenerReload> {
-        self.stores.iter().map(|(name, store)| (name.clone(), store.reload())).collect()
+        let stores: Vec<(String, Arc<CertStore>)> =
+            self.stores.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(n, s)| (n.clone(), s.clone())).collect();
+        stores.into_iter().map(|(name, store)| (name, store.reload())).collect()
     }
 
     /// Reloads and logs the outcome; what SIGHUP does.
@@ -96,51 +117,42 @@ impl CertReloader {
     }
 }
 
-struct BoundListener {
-    name: String,
-    socket: TcpListener,
-    protocol: Protocol,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-}
-
-/// A node whose sockets are bound and files loaded, ready to serve.
+/// A node that has bound its sockets and loaded its files, ready to serve.
 pub struct Daemon {
     file: NodeFile,
     snapshot: SharedSnapshot,
     rejections: Arc<Rejections>,
     admin: TcpListener,
     admin_token: Option<String>,
-    listeners: Vec<BoundListener>,
+    listeners: ListenerSet,
     certs: Arc<CertReloader>,
+    cluster: Option<ClusterHandle>,
 }
 
 impl Daemon {
-    /// Builds the routing snapshot, loads certificates and binds every socket.
+    /// Standalone: builds the routing snapshot, loads certificates and binds every socket.
+    /// Cluster mode: opens the Raft store and joins the cluster; listeners follow the
+    /// replicated config once there is one.
     pub async fn bind(file: NodeFile) -> Result<Daemon, DaemonError> {
         let admin_token = file.node.admin_token().map_err(DaemonError::AdminToken)?;
-        let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::build(file.config.clone(), None)?));
+        let seed = if file.cluster.is_some() { Config::default() } else { file.config.clone() };
+        let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::build(seed, None)?));
         let admin = TcpListener::bind(file.node.admin)
             .await
             .map_err(|source| DaemonError::AdminBind { addr: file.node.admin, source })?;
-        let mut listeners = Vec::new();
-        let mut certs = CertReloader::default();
-        for (name, l) in &file.config.listeners {
-            let tls = match (l.protocol, &l.tls) {
-                (Protocol::Https, Some(settings)) => {
-                    let (config, store) = tls::server_config(settings)
-                        .map_err(|source| DaemonError::Certificates { name: name.clone(), source })?;
-                    certs.stores.push((name.clone(), store));
-                    Some(tls::acceptor(config))
+        let rejections = Arc::new(Rejections::default());
+        let certs = Arc::new(CertReloader::default());
+        let mut listeners = ListenerSet::new(snapshot.clone(), rejections.clone(), certs.clone());
+        let cluster = match &file.cluster {
+            None => {
+                if let Some(e) = listeners.reconcile(&file.node.local_view(&file.config)).await.into_iter().next() {
+                    return Err(e);
                 }
-                (Protocol::Http | Protocol::Tcp, _) => None,
-                (protocol, _) => {
-                    return Err(DaemonError::Unsupported { name: name.clone(), protocol: protocol.as_str() })
-                }
-            };
-            let socket = proxy::bind(name, l.bind).await?;
-            listeners.push(BoundListener { name: name.clone(), socket, protocol: l.protocol, tls });
-        }
-        Ok(Daemon { file, snapshot, rejections: Arc::default(), admin, admin_token, listeners, certs: Arc::new(certs) })
+                None
+            }
+            Some(section) => Some(cluster::start(section, &file.node).await?),
+        };
+        Ok(Daemon { file, snapshot, rejections, admin, admin_token, listeners, certs, cluster })
     }
 
     /// The admin API's bound address.
@@ -148,62 +160,40 @@ impl Daemon {
         self.admin.local_addr().ok()
     }
 
-    /// Each listener's name and bound address.
-    pub fn listener_addrs(&self) -> Vec<(String, SocketAddr)> {
-        self.listeners.iter().filter_map(|l| Some((l.name.clone(), l.socket.local_addr().ok()?))).collect()
-    }
-
     /// Serves until `shutdown` completes, then drains and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let Daemon { file, snapshot, rejections, admin, admin_token, listeners, certs } = self;
+        let Daemon { file, snapshot, rejections, admin, admin_token, listeners, certs, cluster } = self;
+        let mut listeners = Some(listeners);
         let (stop_tx, stop_rx) = watch::channel(false);
-        let graceful = Arc::new(GracefulShutdown::new());
+        let witness = file.cluster.as_ref().is_some_and(|c| c.witness);
 
-        for pool in snapshot.load().pools.values() {
-            crate::health::spawn(pool);
-        }
-
-        let mut accept_loops = Vec::new();
-        let mut metrics = Vec::new();
-        let tcp_conns = ConnTracker::new();
-        for BoundListener { name, socket, protocol, tls } in listeners {
-            let Some(config) = file.config.listeners.get(&name) else { continue };
-            let listener_metrics = ListenerMetrics::new(&name, ConnectionLimiter::new(&config.limits));
-            if protocol == Protocol::Tcp {
-                tracing::info!(target: "keel::proxy", listener = %name, addr = ?socket.local_addr().ok(), protocol = "tcp", "listening");
-                accept_loops.push(tokio::spawn(serve_tcp(
-                    socket,
-                    name.clone(),
-                    snapshot.clone(),
-                    listener_metrics.connections.clone(),
-                    rejections.clone(),
-                    stop_rx.clone(),
-                    tcp_conns.clone(),
-                )));
-                metrics.push(listener_metrics);
-                continue;
+        let listener_metrics = listeners.as_ref().map(ListenerSet::metrics).unwrap_or_default();
+        let follower = match &cluster {
+            None => {
+                for pool in snapshot.load().pools.values() {
+                    crate::health::spawn(pool);
+                }
+                None
             }
-            let proto = if tls.is_some() { "https" } else { "http" };
-            let proxy = Arc::new(HttpProxy::new(
-                snapshot.clone(),
-                &name,
-                proto,
-                &config.limits,
-                rejections.clone(),
-                listener_metrics.rate_limited.clone(),
-            ));
-            tracing::info!(target: "keel::proxy", listener = %name, addr = ?socket.local_addr().ok(), protocol = proto, "listening");
-            let listener = proxy::HttpListener {
-                name: name.clone(),
-                socket,
-                proxy,
-                limits: config.limits.clone(),
-                connections: listener_metrics.connections.clone(),
-                tls,
-            };
-            metrics.push(listener_metrics);
-            accept_loops.push(tokio::spawn(proxy::serve(listener, graceful.clone(), stop_rx.clone())));
-        }
+            Some(handle) if !witness => {
+                let reporter = cluster::reporter(handle, file.node.admin, admin_token.clone());
+                let node = file.node.clone();
+                listeners.take().map(|set| {
+                    tokio::spawn(cluster::follow(
+                        handle.clone(),
+                        snapshot.clone(),
+                        set,
+                        reporter,
+                        node,
+                        stop_rx.clone(),
+                    ))
+                })
+            }
+            Some(_) => {
+                tracing::info!(target: "keel::raft", "witness: voting and storing the log; no data plane");
+                None
+            }
+        };
 
         let reloader = certs.clone();
         let sighup = tokio::spawn(async move { reload_on_sighup(reloader).await });
@@ -212,9 +202,10 @@ impl Daemon {
         let admin_state = AdminState {
             snapshot: snapshot.clone(),
             rejections,
-            listeners: Arc::new(metrics),
+            listeners: listener_metrics,
             certs,
             token: admin_token.map(Arc::from),
+            cluster: cluster.clone(),
         };
         let admin_loop = tokio::spawn(admin::serve(admin, admin_state, stop_rx));
 
@@ -222,26 +213,21 @@ impl Daemon {
         tracing::info!(target: "keel::proxy", "shutting down: no longer accepting connections");
         sighup.abort();
         let _ = stop_tx.send(true);
-        for task in accept_loops {
-            let _ = task.await;
+        if let Some(task) = follower {
+            listeners = task.await.ok();
         }
         let _ = admin_loop.await;
-
-        let deadline = file.node.drain_timeout();
-        let tcp_drain = tokio::spawn(async move { tcp_conns.drain(deadline).await });
-        let Ok(graceful) = Arc::try_unwrap(graceful) else {
-            tracing::error!(target: "keel::proxy", "connection tracker still shared at shutdown; exiting without drain");
-            return;
-        };
-        let open = graceful.count();
-        tracing::info!(target: "keel::proxy", connections = open, deadline = ?deadline, "draining in-flight requests");
-        let http_drained = tokio::time::timeout(deadline, graceful.shutdown()).await.is_ok();
-        let tcp_forced = tcp_drain.await.unwrap_or(0);
-        if http_drained && tcp_forced == 0 {
-            tracing::info!(target: "keel::proxy", "drained; exiting");
-        } else {
-            tracing::warn!(target: "keel::proxy", deadline = ?deadline, tcp_forced, "drain deadline passed; closing remaining connections");
+        if let Some(mut set) = listeners {
+            if set.shutdown(file.node.drain_timeout()).await {
+                tracing::info!(target: "keel::proxy", "drained");
+            } else {
+                tracing::warn!(target: "keel::proxy", "drain deadline passed; closed the remaining connections");
+            }
         }
+        if let Some(handle) = cluster {
+            handle.shutdown().await;
+        }
+        tracing::info!("exiting");
     }
 }
 

@@ -1,0 +1,52 @@
+//! The `VipAnnouncer` role: the four things the controller needs from "the network" to own a
+//! VIP — put it on the interface and tell the LAN, take it off, re-announce, and ask whether it
+//! is there. One trait so the controller can be tested against [`RecordingAnnouncer`] with
+//! paused time, while [`NetlinkAnnouncer`] does the real work.
+//!
+//! Methods return boxed futures ([`VipFuture`]) rather than `async fn` so the trait stays
+//! object-safe: the daemon holds an `Arc<dyn VipAnnouncer>` and picks the implementation at
+//! run time (witness nodes hold none).
+
+mod arp;
+mod netlink;
+mod recording;
+
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::pin::Pin;
+
+pub use arp::{gratuitous_arp_frame, ArpForm, ARP_FRAME_LEN};
+pub use netlink::NetlinkAnnouncer;
+pub use recording::{RecordedCall, RecordingAnnouncer};
+
+use crate::VipError;
+
+/// The future every [`VipAnnouncer`] method returns.
+pub type VipFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, VipError>> + Send + 'a>>;
+
+/// Puts the VIP on this host's interface and takes it off again.
+///
+/// Every method is idempotent: claiming a held VIP re-announces it, releasing an absent one
+/// succeeds. The controller relies on that to retry blindly after an error or a cancellation.
+/// Dropping a returned future part-way is safe (the state is then simply unknown, and the
+/// controller reconciles it by calling again).
+pub trait VipAnnouncer: Send + Sync {
+    /// The VIP, for log lines.
+    fn address(&self) -> Ipv4Addr;
+
+    /// The interface carrying it, for log lines.
+    fn interface(&self) -> &str;
+
+    /// Adds the VIP (as a /32) to the interface if it is not there, then sends the
+    /// gratuitous-ARP burst so neighbours move their ARP entry to this host's MAC.
+    fn claim(&self) -> VipFuture<'_, ()>;
+
+    /// Removes the VIP from the interface. "Not present" is success.
+    fn release(&self) -> VipFuture<'_, ()>;
+
+    /// Sends the gratuitous-ARP burst again, without touching the address.
+    fn announce(&self) -> VipFuture<'_, ()>;
+
+    /// Whether the VIP is on the interface right now.
+    fn holds(&self) -> VipFuture<'_, bool>;
+}
