@@ -42,7 +42,7 @@
 //! processes per test times every test at once would turn heartbeats late and elections
 //! spurious.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Output};
@@ -145,6 +145,7 @@ pub struct ClusterBuilder {
     witnesses: usize,
     timing: Option<Timing>,
     token: Option<String>,
+    spare: Vec<String>,
 }
 
 /// One member's addresses and files.
@@ -158,6 +159,9 @@ pub struct NodeSpec {
     pub raft: SocketAddr,
     /// This node's data-plane address for the `web` listener (unused by witnesses).
     pub proxy: SocketAddr,
+    /// This node's addresses for the other listeners a test may add later
+    /// ([`ClusterBuilder::spare_listeners`]).
+    pub spare: BTreeMap<String, SocketAddr>,
     /// Runs `keel run --witness`.
     pub witness: bool,
     /// `[cluster] data_dir`.
@@ -203,7 +207,7 @@ pub type ServedConfig = KeelBuilder;
 impl ClusterBuilder {
     /// `data` data nodes (ids 1..=data), no witness, seeded with `seed`'s listener and pools.
     pub fn new(seed: KeelBuilder, data: usize) -> ClusterBuilder {
-        ClusterBuilder { seed, data, witnesses: 0, timing: None, token: None }
+        ClusterBuilder { seed, data, witnesses: 0, timing: None, token: None, spare: Vec::new() }
     }
 
     /// Adds `n` witnesses (ids after the data nodes).
@@ -217,6 +221,14 @@ impl ClusterBuilder {
     /// through [`Cluster::cli`], [`Cluster::init`] and [`Cluster::join`].
     pub fn admin_token(mut self, token: &str) -> ClusterBuilder {
         self.token = Some(token.to_owned());
+        self
+    }
+
+    /// Listener names a test may add with `keel config apply` later: every node gets its own
+    /// address for each in `[node] listen` from the start ([`Cluster::listener_addr`]), and
+    /// [`Cluster::shared_addr`] is the address to write in the replicated config.
+    pub fn spare_listeners(mut self, names: &[&str]) -> ClusterBuilder {
+        self.spare = names.iter().map(|n| (*n).to_owned()).collect();
         self
     }
 
@@ -239,7 +251,9 @@ impl ClusterBuilder {
             s.push_str(&format!("admin_token_file = {}\n", toml_path(&file)));
         }
         if !spec.witness {
-            s.push_str(&format!("{LISTEN_OVERRIDE_KEY} = {{ web = \"{}\" }}\n", spec.proxy));
+            let mut entries = vec![format!("web = \"{}\"", spec.proxy)];
+            entries.extend(spec.spare.iter().map(|(name, addr)| format!("{name} = \"{addr}\"")));
+            s.push_str(&format!("{LISTEN_OVERRIDE_KEY} = {{ {} }}\n", entries.join(", ")));
         }
         s.push_str(&format!(
             "\n[cluster]\nnode_id = {}\nraft = \"{}\"\ndata_dir = {}\ncluster_id = \"{cluster_id}\"\n",
@@ -269,6 +283,7 @@ impl ClusterBuilder {
         let dir = TempDir::new("keel-cluster")?;
         let cluster_id = format!("test-{}-{}", std::process::id(), slot.index());
         let listen = stable_addr();
+        let shared: BTreeMap<String, SocketAddr> = self.spare.iter().map(|n| (n.clone(), stable_addr())).collect();
         let mut members = Vec::new();
         for i in 0..(self.data + self.witnesses) {
             let id = i as u64 + 1;
@@ -280,6 +295,7 @@ impl ClusterBuilder {
                 admin: stable_addr(),
                 raft: stable_addr(),
                 proxy: stable_addr(),
+                spare: self.spare.iter().map(|n| (n.clone(), stable_addr())).collect(),
                 witness,
                 data_dir,
                 file: dir.path().join(format!("n{id}.toml")),
@@ -291,7 +307,8 @@ impl ClusterBuilder {
             members.push(Member { spec, child: None, runs: 0, logs: dir.path().to_owned() });
         }
         let token = self.token.clone();
-        let mut cluster = Cluster { members, dir, listen, client: Client::new(), applies: 0, token, _slot: slot };
+        let mut cluster =
+            Cluster { members, dir, listen, shared, client: Client::new(), applies: 0, token, _slot: slot };
         for id in cluster.ids() {
             cluster.spawn(id)?;
         }
@@ -308,6 +325,7 @@ impl ClusterBuilder {
                         m.spec.admin = stable_addr();
                         m.spec.raft = stable_addr();
                         m.spec.proxy = stable_addr();
+                        m.spec.spare = self.spare.iter().map(|n| (n.clone(), stable_addr())).collect();
                         std::fs::write(&m.spec.file, self.render_node_file(&m.spec, listen, &cluster_id))?;
                         cluster.spawn(id)?;
                     }
@@ -349,6 +367,7 @@ pub struct Cluster {
     members: Vec<Member>,
     dir: TempDir,
     listen: SocketAddr,
+    shared: BTreeMap<String, SocketAddr>,
     client: Client,
     applies: u32,
     token: Option<String>,
@@ -422,6 +441,16 @@ impl Cluster {
     /// Where node `id` serves the `web` listener.
     pub fn proxy(&self, id: u64) -> SocketAddr {
         self.member(id).spec.proxy
+    }
+
+    /// Where node `id` serves the spare listener `name`.
+    pub fn listener_addr(&self, id: u64, name: &str) -> Result<SocketAddr> {
+        self.member(id).spec.spare.get(name).copied().ok_or_else(|| anyhow!("no spare listener {name:?}"))
+    }
+
+    /// The address to write in the replicated config for the spare listener `name`.
+    pub fn shared_addr(&self, name: &str) -> Result<SocketAddr> {
+        self.shared.get(name).copied().ok_or_else(|| anyhow!("no spare listener {name:?}"))
     }
 
     /// The `web` listener's address in the replicated config.

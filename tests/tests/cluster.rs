@@ -273,6 +273,16 @@ async fn a_committed_down_verdict_holds_on_the_new_leader_at_once() -> Result<()
     let w = who(&c, old, "/", 10).await?;
     ensure!(first == "down", "restarted node {old} shows app/b {first:?} once it serves");
     ensure!(bs[1].requests() == 0 && w.iter().all(|b| b == "a"), "restarted node {old} sent requests to b: {w:?}");
+
+    // b recovers: up again everywhere, and in rotation.
+    bs[1].set_healthy(true);
+    for id in c.data_ids() {
+        c.wait_state(id, "app", "b", "up", HEALTH_CHANGE + REPLICATION).await?;
+        wait_until(REPLICATION, &format!("node {id} sending requests to b again"), || async {
+            who(&c, id, "/", 4).await.is_ok_and(|w| w.iter().any(|b| b == "b"))
+        })
+        .await?;
+    }
     Ok(())
 }
 
@@ -723,6 +733,37 @@ async fn without_quorum_a_follower_refuses_changes_in_bounded_time() -> Result<(
     let leader = c.leader(LEADER).await?;
     let survivor = c.ids().into_iter().find(|&i| i != leader).ok_or_else(|| anyhow!("no follower"))?;
     changes_without_quorum_fail(&mut c, survivor, &bs).await
+}
+
+/// `keel config apply` adds a listener (every node binds its address) and removes it again
+/// (every node closes it), while the `web` listener keeps serving.
+#[tokio::test]
+async fn applied_listeners_are_bound_and_closed_on_every_node() -> Result<()> {
+    let bs = Backend::start_many("", 2)?;
+    let mut c = Cluster::builder(seed(&bs), 3).spare_listeners(&["extra"]).start().await?;
+    c.form().await?;
+    let shared = c.shared_addr("extra")?;
+    let with_extra =
+        seed(&bs).raw(&format!("[listeners.extra]\nbind = \"{shared}\"\nprotocol = \"http\"\ndefault_pool = \"app\""));
+    ensure_success("config apply with a new listener", &c.apply(1, &with_extra)?)?;
+    let client = c.client();
+    for id in c.data_ids() {
+        let addr = c.listener_addr(id, "extra")?;
+        wait_until(REPLICATION, &format!("node {id} serving the new listener on {addr}"), || async move {
+            client.backends(addr, "/", 2).await.is_ok()
+        })
+        .await?;
+    }
+    ensure_success("config apply without the listener", &c.apply(2, &seed(&bs))?)?;
+    for id in c.data_ids() {
+        let addr = c.listener_addr(id, "extra")?;
+        wait_until(REPLICATION, &format!("node {id} closing {addr}"), || async move {
+            tokio::net::TcpStream::connect(addr).await.is_err()
+        })
+        .await?;
+        wait_routed(&c, id, "/", &names(&bs)).await?;
+    }
+    Ok(())
 }
 
 /// `keel cluster add-node` adds a running, uninitialized node by id and addresses; it then
