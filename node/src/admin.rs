@@ -32,6 +32,7 @@ use tokio::sync::watch;
 
 use arc_swap::ArcSwap;
 use keel_cluster::{ClusterHandle, Command, Outcome, ProposeError};
+use keel_vrrp::VipStatus;
 
 use crate::daemon::CertReloader;
 use crate::metrics::{self, ListenerMetrics, Rejections};
@@ -56,6 +57,8 @@ pub struct AdminState {
     pub token: Option<Arc<str>>,
     /// The Raft member, in cluster mode.
     pub cluster: Option<ClusterHandle>,
+    /// The VIP controller's status, when this node manages a VIP.
+    pub vip: Option<watch::Receiver<VipStatus>>,
 }
 
 /// `/status` document.
@@ -242,9 +245,30 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot render the config: {e}")),
             }
         }
-        (&Method::GET, ["status"]) => json(StatusCode::OK, &status(&state.snapshot.load())),
+        (&Method::GET, ["status"]) => {
+            let mut doc = serde_json::to_value(status(&state.snapshot.load())).unwrap_or_default();
+            if let (Some(vip), Some(obj)) = (&state.vip, doc.as_object_mut()) {
+                let v = vip.borrow().clone();
+                obj.insert(
+                    "vip".into(),
+                    serde_json::json!({
+                        "holding": v.holding, "claims": v.claims, "releases": v.releases,
+                        "failures": v.failures, "last_change_unix_ms": v.last_change_unix_ms,
+                    }),
+                );
+            }
+            if let (Some(cluster), Some(obj)) = (&state.cluster, doc.as_object_mut()) {
+                let (leader, _) = cluster.leader();
+                obj.insert("node_id".into(), serde_json::json!(cluster.id()));
+                obj.insert("leader_id".into(), serde_json::json!(leader));
+            }
+            json(StatusCode::OK, &doc)
+        }
         (&Method::GET, ["metrics"]) => {
-            let text = metrics::render(&state.snapshot.load(), &state.rejections, &state.listeners.load());
+            let mut text = metrics::render(&state.snapshot.load(), &state.rejections, &state.listeners.load());
+            if let Some(vip) = &state.vip {
+                metrics::render_vip(&mut text, &vip.borrow());
+            }
             let mut resp = Response::new(Full::new(Bytes::from(text)));
             resp.headers_mut()
                 .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4"));

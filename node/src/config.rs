@@ -143,6 +143,35 @@ fn default_election_max() -> HumanDuration {
     HumanDuration(keel_cluster::node::DEFAULT_ELECTION_MAX)
 }
 
+/// `[vip]`: the virtual IP this node claims while it is the cluster's leader.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipSection {
+    /// The address, IPv4, claimed as a /32.
+    pub address: std::net::Ipv4Addr,
+    /// Interface to add it on and announce it from.
+    pub interface: String,
+    /// Gratuitous ARPs of each form sent per announcement.
+    #[serde(default = "default_arp_count")]
+    pub arp_count: u32,
+    /// Time between them.
+    #[serde(default = "default_arp_interval")]
+    pub arp_interval: HumanDuration,
+    /// Re-announce (and re-check the address) this often while holding it.
+    #[serde(default = "default_reannounce")]
+    pub reannounce: HumanDuration,
+}
+
+fn default_arp_count() -> u32 {
+    5
+}
+fn default_arp_interval() -> HumanDuration {
+    HumanDuration::from_millis(100)
+}
+fn default_reannounce() -> HumanDuration {
+    HumanDuration::from_secs(2)
+}
+
 /// Everything a node's file says.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct NodeFile {
@@ -150,6 +179,8 @@ pub struct NodeFile {
     pub node: NodeSettings,
     /// Cluster membership, when the node is part of one.
     pub cluster: Option<ClusterSection>,
+    /// The virtual IP, claimed while this node leads the cluster.
+    pub vip: Option<VipSection>,
     /// The served configuration, validated. In cluster mode this is only the seed that
     /// `keel cluster init` proposes; afterwards the replicated config is the truth.
     pub config: Config,
@@ -163,6 +194,8 @@ struct RawFile {
     node: NodeSettings,
     #[serde(default)]
     cluster: Option<ClusterSection>,
+    #[serde(default)]
+    vip: Option<VipSection>,
     #[serde(default)]
     listeners: std::collections::BTreeMap<String, Listener>,
     #[serde(default)]
@@ -292,6 +325,27 @@ pub fn parse(text: &str, origin: &str) -> Result<NodeFile, ConfigError> {
             cluster_problem("cluster_id", "must not be empty".into());
         }
     }
+    if let Some(vip) = &raw.vip {
+        let at = |key: &str| locate(text, document.get_ref(), &KeyPath::of(&["vip", key]));
+        if raw.cluster.as_ref().is_none_or(|c| c.witness) {
+            problems.push(Problem {
+                line: at("address"),
+                key: Some("vip".into()),
+                reason: "a VIP follows cluster leadership: it needs a [cluster] section on a data node (not a witness)"
+                    .into(),
+            });
+        }
+        if vip.interface.is_empty() {
+            problems.push(Problem { line: at("interface"), key: Some("vip.interface".into()), reason: "empty".into() });
+        }
+        if vip.arp_count == 0 {
+            problems.push(Problem {
+                line: at("arp_count"),
+                key: Some("vip.arp_count".into()),
+                reason: "must be at least 1".into(),
+            });
+        }
+    }
     let config = Config { listeners: raw.listeners, pools: raw.pools };
     // In cluster mode the file's listeners and pools are an optional seed: an empty one is fine.
     let seedless = raw.cluster.is_some() && config.listeners.is_empty() && config.pools.is_empty();
@@ -303,7 +357,7 @@ pub fn parse(text: &str, origin: &str) -> Result<NodeFile, ConfigError> {
         }));
     }
     if problems.is_empty() {
-        Ok(NodeFile { node: raw.node, cluster: raw.cluster, config })
+        Ok(NodeFile { node: raw.node, cluster: raw.cluster, vip: raw.vip, config })
     } else {
         Err(invalid(problems))
     }

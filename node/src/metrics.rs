@@ -45,6 +45,17 @@ pub const RATELIMIT_EVICTIONS_TOTAL: &str = "keel_ratelimit_evictions_total";
 /// Clients tracked by rate limits, by listener.
 pub const RATELIMIT_TRACKED: &str = "keel_ratelimit_tracked_clients";
 
+/// 1 while this node holds the VIP.
+pub const VIP_HOLDING: &str = "keel_vip_holding";
+/// VIP claims.
+pub const VIP_CLAIMS_TOTAL: &str = "keel_vip_claims_total";
+/// VIP releases.
+pub const VIP_RELEASES_TOTAL: &str = "keel_vip_releases_total";
+/// Failed VIP operations.
+pub const VIP_FAILURES_TOTAL: &str = "keel_vip_failures_total";
+/// Unix time of the last VIP change on this node.
+pub const VIP_LAST_CHANGE: &str = "keel_vip_last_change_timestamp_seconds";
+
 /// Upper bounds of the latency buckets, in seconds.
 pub const BUCKETS: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
@@ -108,6 +119,27 @@ impl ListenerMetrics {
     /// Metrics for the listener `name` using `connections`.
     pub fn new(name: &str, connections: ConnectionLimiter) -> Self {
         ListenerMetrics { name: name.to_owned(), connections, rate_limited: Arc::default() }
+    }
+}
+
+/// Renders the VIP controller's counters.
+pub fn render_vip(out: &mut String, vip: &keel_vrrp::VipStatus) {
+    let rows: [(&str, &str, &str, u64); 4] = [
+        (VIP_HOLDING, "gauge", "1 while this node holds the VIP.", u64::from(vip.holding)),
+        (VIP_CLAIMS_TOTAL, "counter", "Times this node claimed the VIP.", vip.claims),
+        (VIP_RELEASES_TOTAL, "counter", "Times this node released the VIP.", vip.releases),
+        (VIP_FAILURES_TOTAL, "counter", "Failed VIP operations (retried).", vip.failures),
+    ];
+    for (name, kind, help, value) in rows {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    }
+    if let Some(ms) = vip.last_change_unix_ms {
+        let name = VIP_LAST_CHANGE;
+        let _ = writeln!(
+            out,
+            "# HELP {name} When the VIP last moved to or from this node.\n# TYPE {name} gauge\n{name} {}",
+            ms as f64 / 1000.0
+        );
     }
 }
 

@@ -15,6 +15,10 @@
 //! | `/ws` | a WebSocket upgrade that echoes text and binary messages |
 //! | `/login` | the name, with `Set-Cookie: JSESSIONID=NAME-N; Path=/` (N counts logins from 1): an application session a sticky `learn` pool can learn |
 //!
+//! [`Backend::start_tls`] starts one that speaks TLS (rustls, ALPN `h2` and `http/1.1`) with a
+//! [`Leaf`](crate::tls::Leaf) certificate and otherwise answers the same;
+//! [`Backend::tls_handshakes`] counts the handshakes that completed.
+//!
 //! [`Backend::set_delay`] delays every counted request, whatever its path, which makes one
 //! backend of a pool slow while the others stay fast.
 //!
@@ -57,6 +61,9 @@ type Body = BoxBody<Bytes, Infallible>;
 /// How long [`Backend::restart`] retries binding an address still held by the kernel.
 const REBIND: Duration = Duration::from_secs(2);
 
+/// Time a TLS backend gives a client to complete its handshake.
+const TLS_HANDSHAKE: Duration = Duration::from_secs(5);
+
 /// Size of one chunk of a `/big` response.
 const CHUNK: usize = 16 * 1024;
 
@@ -71,6 +78,7 @@ struct State {
     unhealthy_answers: AtomicU64,
     in_flight: AtomicU64,
     accepted: AtomicU64,
+    tls_handshakes: AtomicU64,
     open: AtomicU64,
     logins: AtomicU64,
     paths: Mutex<Vec<String>>,
@@ -93,14 +101,14 @@ impl Drop for Gauge<'_> {
 }
 
 /// A server thread and the signal that ends it.
-struct Running {
+pub(crate) struct Running {
     shutdown: oneshot::Sender<()>,
     thread: JoinHandle<()>,
 }
 
 impl Running {
     /// Serves `listener` on a new thread, handing each accepted connection to `on_conn`.
-    fn spawn<F, Fut>(listener: StdListener, thread_name: String, on_conn: F) -> Result<Running>
+    pub(crate) fn spawn<F, Fut>(listener: StdListener, thread_name: String, on_conn: F) -> Result<Running>
     where
         F: Fn(TcpStream, SocketAddr) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
@@ -122,6 +130,7 @@ impl Running {
                         _ = &mut stop => break,
                         accepted = listener.accept() => match accepted {
                             Ok((stream, peer)) => {
+                                let _ = stream.set_nodelay(true);
                                 tokio::spawn(on_conn(stream, peer));
                             }
                             // EMFILE and friends: back off instead of spinning.
@@ -137,14 +146,14 @@ impl Running {
     }
 
     /// Ends the thread; when this returns the listener and all connections are closed.
-    fn stop(self) {
+    pub(crate) fn stop(self) {
         let _ = self.shutdown.send(());
         let _ = self.thread.join();
     }
 }
 
 /// Binds `addr`, retrying for a moment when a just-closed socket still holds it.
-fn bind(addr: SocketAddr) -> Result<StdListener> {
+pub(crate) fn bind(addr: SocketAddr) -> Result<StdListener> {
     let start = Instant::now();
     loop {
         match StdListener::bind(addr) {
@@ -162,6 +171,7 @@ pub struct Backend {
     state: Arc<State>,
     addr: SocketAddr,
     running: Option<Running>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl std::fmt::Debug for Backend {
@@ -182,6 +192,23 @@ impl Backend {
 
     /// Starts a backend called `name` on `addr` (port 0 picks a free one).
     pub fn start_on(addr: SocketAddr, name: &str) -> Result<Backend> {
+        Backend::start_with(addr, name, None)
+    }
+
+    /// Starts a backend called `name` on a free 127.0.0.1 port that speaks TLS with `leaf` as
+    /// its certificate (ALPN `h2` and `http/1.1`), answering exactly like a plain one.
+    pub fn start_tls(name: &str, leaf: &crate::tls::Leaf) -> Result<Backend> {
+        let mut config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(vec![leaf.der.clone()], leaf.private_key())
+            .context("backend TLS config")?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        Backend::start_with(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), name, Some(acceptor))
+    }
+
+    fn start_with(addr: SocketAddr, name: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> Result<Backend> {
         let state = Arc::new(State {
             name: name.to_owned(),
             healthy: AtomicBool::new(true),
@@ -191,13 +218,14 @@ impl Backend {
             unhealthy_answers: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
+            tls_handshakes: AtomicU64::new(0),
             open: AtomicU64::new(0),
             logins: AtomicU64::new(0),
             paths: Mutex::new(Vec::new()),
         });
         let listener = bind(addr)?;
         let addr = listener.local_addr()?;
-        let mut b = Backend { state, addr, running: None };
+        let mut b = Backend { state, addr, running: None, tls };
         b.serve(listener)?;
         Ok(b)
     }
@@ -209,8 +237,23 @@ impl Backend {
 
     fn serve(&mut self, listener: StdListener) -> Result<()> {
         let state = self.state.clone();
+        let tls = self.tls.clone();
         let running = Running::spawn(listener, format!("backend-{}", self.state.name), move |stream, peer| {
-            serve_connection(stream, peer, state.clone())
+            let state = state.clone();
+            let tls = tls.clone();
+            async move {
+                state.accepted.fetch_add(1, Ordering::SeqCst);
+                match tls {
+                    None => serve_connection(stream, peer, state).await,
+                    Some(acceptor) => {
+                        // A failed handshake (say, a client that does not trust us) just ends.
+                        if let Ok(Ok(tls)) = tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream)).await {
+                            state.tls_handshakes.fetch_add(1, Ordering::SeqCst);
+                            serve_connection(tls, peer, state).await;
+                        }
+                    }
+                }
+            }
         })?;
         self.running = Some(running);
         Ok(())
@@ -271,6 +314,11 @@ impl Backend {
         self.state.accepted.load(Ordering::SeqCst)
     }
 
+    /// TLS handshakes completed (a TLS backend only).
+    pub fn tls_handshakes(&self) -> u64 {
+        self.state.tls_handshakes.load(Ordering::SeqCst)
+    }
+
     /// TCP connections currently open.
     pub fn open_connections(&self) -> u64 {
         self.state.open.load(Ordering::SeqCst)
@@ -318,10 +366,11 @@ impl Drop for Backend {
     }
 }
 
-async fn serve_connection(stream: TcpStream, peer: SocketAddr, state: Arc<State>) {
-    state.accepted.fetch_add(1, Ordering::SeqCst);
+async fn serve_connection<IO>(stream: IO, peer: SocketAddr, state: Arc<State>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let _open = Gauge::up(&state.open);
-    let _ = stream.set_nodelay(true);
     let svc = {
         let state = state.clone();
         service_fn(move |req| {

@@ -62,7 +62,8 @@ pub fn empty(b: http::request::Builder) -> Result<Request<Full<Bytes>>> {
     b.body(Full::new(Bytes::new())).context("building request")
 }
 
-async fn collect(resp: http::Response<hyper::body::Incoming>) -> Result<Reply> {
+/// Reads a whole response (head and body) into a [`Reply`].
+pub async fn collect_reply(resp: http::Response<hyper::body::Incoming>) -> Result<Reply> {
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.context("reading response body")?.to_bytes();
     Ok(Reply { status: parts.status, version: parts.version, headers: parts.headers, body })
@@ -122,7 +123,7 @@ impl Client {
         let what = format!("{} {}", req.method(), req.uri());
         let fut = async {
             let resp = self.inner.request(req).await.with_context(|| format!("{what} failed"))?;
-            collect(resp).await
+            collect_reply(resp).await
         };
         tokio::time::timeout(REQUEST, fut).await.map_err(|_| anyhow!("{what}: no complete response in {REQUEST:?}"))?
     }
@@ -160,7 +161,7 @@ pub async fn send_fresh(addr: SocketAddr, req: Request<Full<Bytes>>) -> Result<R
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         let conn = tokio::spawn(conn);
         let resp = send.send_request(req).await.with_context(|| format!("{what} failed"))?;
-        let reply = collect(resp).await;
+        let reply = collect_reply(resp).await;
         drop(send);
         conn.abort();
         reply

@@ -272,7 +272,7 @@ impl ClusterBuilder {
         }
         if !spec.witness {
             s.push('\n');
-            s.push_str(&self.seed.render_config(listen));
+            s.push_str(&self.seed.render_config(listen, &[]));
         }
         s
     }
@@ -758,7 +758,7 @@ impl Cluster {
     /// [`listen_addr`](Cluster::listen_addr)) to a fresh file and returns its path.
     pub fn write_config(&mut self, config: &ServedConfig) -> Result<PathBuf> {
         self.applies += 1;
-        self.write(&format!("apply-{}.toml", self.applies), &config.render_config(self.listen))
+        self.write(&format!("apply-{}.toml", self.applies), &config.render_config(self.listen, &[]))
     }
 
     /// `keel config apply FILE --admin ADMIN(via)` with `config` written to a fresh file.

@@ -200,11 +200,14 @@ pub const BIND_ATTEMPTS: u32 = 3;
 pub struct KeelBuilder {
     drain_timeout: String,
     workers: u32,
+    protocol: String,
+    node_lines: Vec<String>,
+    env: Vec<(String, String)>,
+    extra_listeners: Vec<(String, Vec<String>)>,
     listener_lines: Vec<String>,
     routes: Vec<String>,
     pools: Vec<PoolSpec>,
     raw: Vec<String>,
-    node_lines: Vec<String>,
 }
 
 impl Default for KeelBuilder {
@@ -212,11 +215,14 @@ impl Default for KeelBuilder {
         KeelBuilder {
             drain_timeout: "5s".into(),
             workers: 1,
+            protocol: "http".into(),
+            node_lines: Vec::new(),
+            env: Vec::new(),
+            extra_listeners: Vec::new(),
             listener_lines: Vec::new(),
             routes: Vec::new(),
             pools: Vec::new(),
             raw: Vec::new(),
-            node_lines: Vec::new(),
         }
     }
 }
@@ -231,6 +237,32 @@ impl KeelBuilder {
     /// `node.workers` (default 1: the suite runs several keels on 2 cores).
     pub fn workers(mut self, n: u32) -> KeelBuilder {
         self.workers = n;
+        self
+    }
+
+    /// `listeners.web.protocol` (default `"http"`): `"https"`, `"tcp"`...
+    pub fn protocol(mut self, protocol: &str) -> KeelBuilder {
+        self.protocol = protocol.to_owned();
+        self
+    }
+
+    /// A raw TOML line in the `[node]` table, e.g. `admin_token_file = "/x"`.
+    pub fn node_line(mut self, line: &str) -> KeelBuilder {
+        self.node_lines.push(line.to_owned());
+        self
+    }
+
+    /// An environment variable for the keel process.
+    pub fn env(mut self, key: &str, value: &str) -> KeelBuilder {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Another listener, `[listeners.NAME]`, on its own free address (see
+    /// [`Keel::listener_addr`]), with these raw TOML lines after its `bind`. Its sub-tables
+    /// (`[listeners.NAME.tls]`...) go in [`raw`](KeelBuilder::raw).
+    pub fn listener(mut self, name: &str, lines: &[&str]) -> KeelBuilder {
+        self.extra_listeners.push((name.to_owned(), lines.iter().map(|l| (*l).to_owned()).collect()));
         self
     }
 
@@ -258,24 +290,21 @@ impl KeelBuilder {
         self
     }
 
-    /// A raw TOML line in the `[node]` table, e.g. `admin_token_file = "/path"`.
-    pub fn node_line(mut self, line: &str) -> KeelBuilder {
-        self.node_lines.push(line.to_owned());
-        self
-    }
-
     /// Raw TOML appended at the end.
     pub fn raw(mut self, toml: &str) -> KeelBuilder {
         self.raw.push(toml.to_owned());
         self
     }
 
-    /// The config text for a node whose proxy listens on `proxy` and admin API on `admin`.
-    pub fn render(&self, proxy: SocketAddr, admin: SocketAddr) -> String {
-        format!("{}\n{}", self.render_node(admin), self.render_config(proxy))
+    /// The config text for a node whose proxy listens on `proxy` and admin API on `admin`;
+    /// the listeners added with [`listener`](KeelBuilder::listener) bind `extra` in order
+    /// (127.0.0.1:0 for any not given).
+    pub fn render(&self, proxy: SocketAddr, admin: SocketAddr, extra: &[SocketAddr]) -> String {
+        format!("{}\n{}", self.render_node(admin), self.render_config(proxy, extra))
     }
 
-    /// The `[node]` table alone: this node's admin address, drain deadline and workers.
+    /// The `[node]` table alone: this node's admin address, drain deadline, workers and the
+    /// lines added with [`node_line`](KeelBuilder::node_line).
     pub fn render_node(&self, admin: SocketAddr) -> String {
         let mut s = format!(
             "[node]\nadmin = \"{admin}\"\ndrain_timeout = {}\nworkers = {}\n",
@@ -288,12 +317,20 @@ impl KeelBuilder {
         s
     }
 
-    /// The served configuration alone (the `web` listener on `proxy`, routes, pools and raw
-    /// tables), without `[node]`: what `keel config apply` replicates to a cluster.
-    pub fn render_config(&self, proxy: SocketAddr) -> String {
-        let mut s = format!("[listeners.web]\nbind = \"{proxy}\"\nprotocol = \"http\"\n");
+    /// The served configuration alone (the `web` listener on `proxy`, the other listeners on
+    /// `extra`, routes, pools and raw tables), without `[node]`: what `keel config apply`
+    /// replicates to a cluster.
+    pub fn render_config(&self, proxy: SocketAddr, extra: &[SocketAddr]) -> String {
+        let mut s = format!("[listeners.web]\nbind = \"{proxy}\"\nprotocol = {}\n", toml_str(&self.protocol));
         for l in &self.listener_lines {
             let _ = writeln!(s, "{l}");
+        }
+        for (i, (name, lines)) in self.extra_listeners.iter().enumerate() {
+            let addr = extra.get(i).copied().unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+            let _ = writeln!(s, "\n[listeners.{name}]\nbind = \"{addr}\"");
+            for l in lines {
+                let _ = writeln!(s, "{l}");
+            }
         }
         for r in &self.routes {
             let _ = writeln!(s, "\n[[listeners.web.routes]]\n{r}");
@@ -317,8 +354,10 @@ impl KeelBuilder {
         loop {
             let proxy = free_addr();
             let admin = free_addr();
-            let config = self.render(proxy, admin);
-            match Keel::start_config(config, proxy, admin).await {
+            let extra: Vec<SocketAddr> = self.extra_listeners.iter().map(|_| free_addr()).collect();
+            let config = self.render(proxy, admin, &extra);
+            let named = self.extra_listeners.iter().map(|(n, _)| n.clone()).zip(extra.iter().copied()).collect();
+            match Keel::start_full(config, proxy, admin, named, &self.env).await {
                 Err(e) if attempt < BIND_ATTEMPTS && format!("{e:#}").contains("Address already in use") => {
                     eprintln!("port taken between allocation and bind (attempt {attempt}); retrying on new ports");
                     attempt += 1;
@@ -339,9 +378,14 @@ struct Proc {
 
 impl Proc {
     fn spawn(args: &[&str], dir: TempDir, what: String) -> Result<Proc> {
+        Proc::spawn_env(args, dir, what, &[])
+    }
+
+    fn spawn_env(args: &[&str], dir: TempDir, what: String, env: &[(String, String)]) -> Result<Proc> {
         let stdout = std::fs::File::create(dir.path().join("stdout.log"))?;
         let stderr = std::fs::File::create(dir.path().join("stderr.log"))?;
         let child = keel_command()?
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .args(args)
             .stdout(stdout)
             .stderr(stderr)
@@ -432,6 +476,7 @@ pub struct Keel {
     proc: Proc,
     proxy: SocketAddr,
     admin: SocketAddr,
+    listeners: Vec<(String, SocketAddr)>,
     config: String,
     client: Client,
 }
@@ -451,11 +496,24 @@ impl Keel {
     /// Starts keel on `config` (whose listener binds `proxy` and admin API binds `admin`) and
     /// waits until both answer.
     pub async fn start_config(config: String, proxy: SocketAddr, admin: SocketAddr) -> Result<Keel> {
+        Keel::start_full(config, proxy, admin, Vec::new(), &[]).await
+    }
+
+    /// [`start_config`](Keel::start_config) with named extra listeners (for
+    /// [`listener_addr`](Keel::listener_addr)) and environment variables for the process.
+    pub async fn start_full(
+        config: String,
+        proxy: SocketAddr,
+        admin: SocketAddr,
+        listeners: Vec<(String, SocketAddr)>,
+        env: &[(String, String)],
+    ) -> Result<Keel> {
         let dir = TempDir::new("keel-test")?;
         let path = dir.write("keel.toml", &config)?;
         let path = path.to_str().ok_or_else(|| anyhow!("non-UTF-8 temp path"))?.to_owned();
-        let proc = Proc::spawn(&["run", "--config", &path], dir, format!("keel (proxy {proxy}, admin {admin})"))?;
-        let mut keel = Keel { proc, proxy, admin, config, client: Client::new() };
+        let proc =
+            Proc::spawn_env(&["run", "--config", &path], dir, format!("keel (proxy {proxy}, admin {admin})"), env)?;
+        let mut keel = Keel { proc, proxy, admin, listeners, config, client: Client::new() };
         let client = keel.client.clone();
         let ready = keel
             .proc
@@ -476,6 +534,15 @@ impl Keel {
     /// Address of the `web` listener.
     pub fn proxy_addr(&self) -> SocketAddr {
         self.proxy
+    }
+
+    /// Address of the extra listener `name` (see [`KeelBuilder::listener`]).
+    pub fn listener_addr(&self, name: &str) -> Result<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+            .ok_or_else(|| anyhow!("no listener called {name:?} in this config"))
     }
 
     /// Address of the admin API.
@@ -587,6 +654,51 @@ impl Keel {
         self.proc.signal("INT")
     }
 
+    /// Sends SIGHUP (reload certificates).
+    pub fn sighup(&self) -> Result<()> {
+        self.proc.signal("HUP")
+    }
+
+    /// Sends `method path` to the admin API with `Authorization: Bearer TOKEN` when a token is
+    /// given, and a JSON `body` when given.
+    pub async fn admin_request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> Result<Reply> {
+        let mut b = http::Request::builder()
+            .method(http::Method::from_bytes(method.as_bytes())?)
+            .uri(format!("http://{}{path}", self.admin));
+        if let Some(t) = token {
+            b = b.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        if body.is_some() {
+            b = b.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        let req = b.body(http_body_util::Full::new(bytes::Bytes::from(body.unwrap_or_default().to_owned())))?;
+        crate::client::send_fresh(self.admin, req).await
+    }
+
+    /// The value of the first sample of `metric` whose labels contain every `label="value"`
+    /// pair in `labels` (e.g. `&["listener=\"web\""]`), from `GET /metrics` (with `token`).
+    pub async fn metric(&self, metric: &str, labels: &[&str], token: Option<&str>) -> Result<Option<f64>> {
+        let r = self.admin_request("GET", "/metrics", token, None).await?;
+        if r.status != 200 {
+            bail!("GET /metrics answered {}: {}", r.status, r.text());
+        }
+        Ok(metric_value(&r.text(), metric, labels))
+    }
+
+    /// Resident memory of the process (`VmRSS` in `/proc/PID/status`), in bytes.
+    pub fn rss_bytes(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).ok_or_else(|| anyhow!("no VmRSS line"))?;
+        let kb: u64 = line.split_whitespace().nth(1).ok_or_else(|| anyhow!("bad VmRSS line {line:?}"))?.parse()?;
+        Ok(kb * 1024)
+    }
+
     /// Whether the process has exited.
     pub fn has_exited(&mut self) -> bool {
         self.proc.exited().is_some()
@@ -596,6 +708,19 @@ impl Keel {
     pub async fn wait_exit(&mut self, deadline: Duration) -> Result<ExitStatus> {
         self.proc.wait_exit(deadline).await
     }
+}
+
+/// The value of the first sample of `metric` in Prometheus text whose labels contain every
+/// `label="value"` in `labels`.
+pub fn metric_value(text: &str, metric: &str, labels: &[&str]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name_labels, value) = l.rsplit_once(' ')?;
+        let (name, rest) = match name_labels.split_once('{') {
+            Some((n, r)) => (n, r),
+            None => (name_labels, ""),
+        };
+        (name == metric && labels.iter().all(|want| rest.contains(want))).then(|| value.trim().parse().ok()).flatten()
+    })
 }
 
 /// Finds `pools[name=pool].servers[name=server]` in a `/status` document.
@@ -672,11 +797,11 @@ mod tests {
             .set("retries = 2")
             .health_http("100ms", 2, 2)
             .outlier(3, "30s");
-        let text = Keel::builder()
-            .default_pool("app")
-            .route("path_prefix = \"/api\"\npool = \"app\"")
-            .pool(p)
-            .render("127.0.0.1:8080".parse().expect("addr"), "127.0.0.1:9090".parse().expect("addr"));
+        let text = Keel::builder().default_pool("app").route("path_prefix = \"/api\"\npool = \"app\"").pool(p).render(
+            "127.0.0.1:8080".parse().expect("addr"),
+            "127.0.0.1:9090".parse().expect("addr"),
+            &[],
+        );
         for needle in [
             "[node]\nadmin = \"127.0.0.1:9090\"",
             "[listeners.web]\nbind = \"127.0.0.1:8080\"\nprotocol = \"http\"\ndefault_pool = \"app\"",

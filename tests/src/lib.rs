@@ -13,6 +13,13 @@
 //!   one-shot subcommands (`config check`) and [`keel::Demo`] for `keel demo`.
 //! - [`client`]: an HTTP client returning status, headers and body ([`Reply`]), over keep-alive,
 //!   fresh per-request connections, or h2c; and raw TCP exchanges for hostile input.
+//! - [`tls`]: a test CA made at test time ([`tls::TestCa`]), leaf certificates written as PEM
+//!   files, rustls clients that show which certificate/ALPN/version a server chose, and
+//!   HTTP/1.1 or HTTP/2 over any stream ([`tls::HttpConn`]). [`Backend::start_tls`] is a TLS
+//!   backend.
+//! - [`raw`]: TCP echo/recording servers for TCP listeners ([`raw::TcpServer`]), a hand-written
+//!   HTTP/1.1 backend recording every byte it receives ([`raw::RawHttpBackend`]), and a raw
+//!   client connection with deadlines ([`raw::RawConn`]).
 //! - [`wait`]: [`wait_until`]/[`wait_for`] polling with a deadline, and the named deadlines
 //!   every test uses instead of bare sleeps.
 //! - [`tempdir`]: a scratch directory removed on drop (kept when a test fails).
@@ -31,8 +38,10 @@ pub mod client;
 pub mod cluster;
 pub mod keel;
 pub mod ports;
+pub mod raw;
 pub mod redis;
 pub mod tempdir;
+pub mod tls;
 pub mod wait;
 
 pub use backend::Backend;

@@ -116,7 +116,7 @@ async fn run_fails_when_the_listen_port_is_taken() -> Result<()> {
     let proxy = taken.local_addr()?;
     let dir = TempDir::new("keel-taken")?;
     let config = Keel::builder().default_pool("app").pool(PoolSpec::new("app", "round_robin").backends([&a]));
-    let path = dir.write("keel.toml", &config.render(proxy, free_addr()))?;
+    let path = dir.write("keel.toml", &config.render(proxy, free_addr(), &[]))?;
     let out = run_keel(&["run", "--config", path.to_str().context("utf-8 path")?], EXIT)?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(!out.status.success(), "keel run started without its listener; stderr:\n{stderr}");

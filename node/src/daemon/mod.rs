@@ -29,6 +29,8 @@ use keel_cluster::{ClusterHandle, Config};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use keel_vrrp::{ControllerSettings, NetlinkAnnouncer, VipAnnouncer, VipConfig, VipController};
+
 use self::listeners::ListenerSet;
 use crate::admin::{self, AdminState};
 use crate::config::NodeFile;
@@ -65,6 +67,9 @@ pub enum DaemonError {
     /// The admin token could not be read.
     #[error("admin token: {0}")]
     AdminToken(String),
+    /// The VIP cannot be managed on this host (interface, capabilities).
+    #[error("vip: {0}")]
+    Vip(String),
     /// The Raft node could not start.
     #[error("cluster: {0}")]
     Cluster(String),
@@ -127,6 +132,7 @@ pub struct Daemon {
     listeners: ListenerSet,
     certs: Arc<CertReloader>,
     cluster: Option<ClusterHandle>,
+    vip: Option<Arc<dyn VipAnnouncer>>,
 }
 
 impl Daemon {
@@ -152,7 +158,25 @@ impl Daemon {
             }
             Some(section) => Some(cluster::start(section, &file.node).await?),
         };
-        Ok(Daemon { file, snapshot, rejections, admin, admin_token, listeners, certs, cluster })
+        // The VIP's interface and capabilities are checked now, once, not at every election.
+        let vip = match (&file.vip, file.cluster.as_ref().is_some_and(|c| c.witness)) {
+            (Some(_), true) => {
+                tracing::warn!(target: "keel::vip", "witness mode: the [vip] section is ignored");
+                None
+            }
+            (Some(v), false) => {
+                let config = VipConfig {
+                    address: v.address,
+                    interface: v.interface.clone(),
+                    arp_count: v.arp_count,
+                    arp_interval: v.arp_interval.get(),
+                };
+                let announcer = NetlinkAnnouncer::new(config).await.map_err(|e| DaemonError::Vip(e.to_string()))?;
+                Some(Arc::new(announcer) as Arc<dyn VipAnnouncer>)
+            }
+            (None, _) => None,
+        };
+        Ok(Daemon { file, snapshot, rejections, admin, admin_token, listeners, certs, cluster, vip })
     }
 
     /// The admin API's bound address.
@@ -162,7 +186,7 @@ impl Daemon {
 
     /// Serves until `shutdown` completes, then drains and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let Daemon { file, snapshot, rejections, admin, admin_token, listeners, certs, cluster } = self;
+        let Daemon { file, snapshot, rejections, admin, admin_token, listeners, certs, cluster, vip } = self;
         let mut listeners = Some(listeners);
         let (stop_tx, stop_rx) = watch::channel(false);
         let witness = file.cluster.as_ref().is_some_and(|c| c.witness);
@@ -195,6 +219,21 @@ impl Daemon {
             }
         };
 
+        // The VIP follows leadership-with-a-live-lease, never plain "state == Leader".
+        let (vip_stop_tx, vip_stop_rx) = watch::channel(false);
+        let (vip_task, vip_status) = match (vip, &cluster) {
+            (Some(announcer), Some(handle)) => {
+                let settings = ControllerSettings {
+                    reannounce_every: file.vip.as_ref().map(|v| v.reannounce.get()),
+                    ..ControllerSettings::default()
+                };
+                let controller = VipController::new(announcer, settings);
+                let status = controller.status();
+                (Some(tokio::spawn(controller.run(handle.leadership(), vip_stop_rx))), Some(status))
+            }
+            _ => (None, None),
+        };
+
         let reloader = certs.clone();
         let sighup = tokio::spawn(async move { reload_on_sighup(reloader).await });
 
@@ -206,6 +245,7 @@ impl Daemon {
             certs,
             token: admin_token.map(Arc::from),
             cluster: cluster.clone(),
+            vip: vip_status,
         };
         let admin_loop = tokio::spawn(admin::serve(admin, admin_state, stop_rx));
 
@@ -223,6 +263,12 @@ impl Daemon {
             } else {
                 tracing::warn!(target: "keel::proxy", "drain deadline passed; closed the remaining connections");
             }
+        }
+        // The VIP goes after the drain (releasing it would cut the connections being drained)
+        // and before Raft stops (so it is gone before another node can be elected).
+        let _ = vip_stop_tx.send(true);
+        if let Some(task) = vip_task {
+            let _ = task.await;
         }
         if let Some(handle) = cluster {
             handle.shutdown().await;

@@ -232,8 +232,21 @@ impl HttpProxy {
 
 /// 308 to the same URL over https, for `redirect_to_https` listeners.
 fn redirect_to_https<B>(req: &Request<B>, port: u16) -> Response<Full<Bytes>> {
-    let host = request_host(req.uri(), req.headers()).unwrap_or("localhost");
-    let path = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    // The host is reflected into Location: only a plain host name or IP literal may be, or a
+    // hostile Host header would redirect the client elsewhere (RFC 9112 §3.2: answer 400).
+    let host = match request_host(req.uri(), req.headers()) {
+        Some(h) if is_plain_host(h) => h,
+        _ => {
+            return super::error::plain_response(
+                StatusCode::BAD_REQUEST,
+                "missing or invalid Host header".to_owned(),
+            )
+        }
+    };
+    let path = match req.uri().path_and_query().map(|pq| pq.as_str()) {
+        Some(p) if p.starts_with('/') => p,
+        _ => "/",
+    };
     let location = if port == 443 { format!("https://{host}{path}") } else { format!("https://{host}:{port}{path}") };
     let mut resp = Response::new(Full::new(Bytes::from_static(b"moved to https\n")));
     *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
@@ -244,6 +257,17 @@ fn redirect_to_https<B>(req: &Request<B>, port: u16) -> Response<Full<Bytes>> {
         Err(_) => *resp.status_mut() = StatusCode::BAD_REQUEST,
     }
     resp
+}
+
+/// A DNS name or an IP literal, nothing else: no userinfo, path, query, fragment or space.
+fn is_plain_host(host: &str) -> bool {
+    if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return v6.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    !host.is_empty()
+        && host.len() <= 253
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && !host.starts_with(['.', '-'])
 }
 
 /// 429 with `Retry-After` in whole seconds.
