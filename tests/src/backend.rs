@@ -13,6 +13,7 @@
 //! | `/hop` | the name, with response headers `Connection: x-internal`, `X-Internal: 1`, `Keep-Alive: timeout=5` |
 //! | `/drip?chunks=N&ms=M` | N chunks `chunk I\n`, the first at once, then one every M ms |
 //! | `/ws` | a WebSocket upgrade that echoes text and binary messages |
+//! | `/login` | the name, with `Set-Cookie: JSESSIONID=NAME-N; Path=/` (N counts logins from 1): an application session a sticky `learn` pool can learn |
 //!
 //! [`Backend::start_tls`] starts one that speaks TLS (rustls, ALPN `h2` and `http/1.1`) with a
 //! [`Leaf`](crate::tls::Leaf) certificate and otherwise answers the same;
@@ -79,6 +80,7 @@ struct State {
     accepted: AtomicU64,
     tls_handshakes: AtomicU64,
     open: AtomicU64,
+    logins: AtomicU64,
     paths: Mutex<Vec<String>>,
 }
 
@@ -218,6 +220,7 @@ impl Backend {
             accepted: AtomicU64::new(0),
             tls_handshakes: AtomicU64::new(0),
             open: AtomicU64::new(0),
+            logins: AtomicU64::new(0),
             paths: Mutex::new(Vec::new()),
         });
         let listener = bind(addr)?;
@@ -284,6 +287,11 @@ impl Backend {
     /// Requests received, `/healthz` excluded.
     pub fn requests(&self) -> u64 {
         self.state.requests.load(Ordering::SeqCst)
+    }
+
+    /// `/login` requests answered (sessions handed out).
+    pub fn logins(&self) -> u64 {
+        self.state.logins.load(Ordering::SeqCst)
     }
 
     /// `/healthz` requests received.
@@ -449,6 +457,14 @@ async fn handle(mut req: Request<Incoming>, _peer: SocketAddr, state: &State) ->
             Ok::<_, Infallible>(Frame::data(Bytes::from(vec![b'x'; len])))
         });
         return respond(StatusCode::OK, BodyExt::boxed(StreamBody::new(futures_util::stream::iter(chunks))));
+    }
+    if path == "/login" {
+        let n = state.logins.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut r = respond(StatusCode::OK, full(name.clone()));
+        if let Ok(v) = HeaderValue::from_str(&format!("JSESSIONID={name}-{n}; Path=/")) {
+            r.headers_mut().insert(http::header::SET_COOKIE, v);
+        }
+        return r;
     }
     if path == "/hop" {
         let mut r = respond(StatusCode::OK, full(name.clone()));

@@ -47,8 +47,13 @@ pub fn keel_command() -> Result<Command> {
 
 /// Runs `keel ARGS` to completion, killing it if it takes longer than `deadline`.
 pub fn run_keel(args: &[&str], deadline: Duration) -> Result<Output> {
+    run_keel_env(args, &[], deadline)
+}
+
+/// [`run_keel`] with extra environment variables.
+pub fn run_keel_env(args: &[&str], env: &[(&str, &str)], deadline: Duration) -> Result<Output> {
     let mut cmd = keel_command()?;
-    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.args(args).envs(env.iter().copied()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let child = cmd.spawn().context("spawning keel")?;
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -295,6 +300,12 @@ impl KeelBuilder {
     /// the listeners added with [`listener`](KeelBuilder::listener) bind `extra` in order
     /// (127.0.0.1:0 for any not given).
     pub fn render(&self, proxy: SocketAddr, admin: SocketAddr, extra: &[SocketAddr]) -> String {
+        format!("{}\n{}", self.render_node(admin), self.render_config(proxy, extra))
+    }
+
+    /// The `[node]` table alone: this node's admin address, drain deadline, workers and the
+    /// lines added with [`node_line`](KeelBuilder::node_line).
+    pub fn render_node(&self, admin: SocketAddr) -> String {
         let mut s = format!(
             "[node]\nadmin = \"{admin}\"\ndrain_timeout = {}\nworkers = {}\n",
             toml_str(&self.drain_timeout),
@@ -303,7 +314,14 @@ impl KeelBuilder {
         for l in &self.node_lines {
             let _ = writeln!(s, "{l}");
         }
-        let _ = write!(s, "\n[listeners.web]\nbind = \"{proxy}\"\nprotocol = {}\n", toml_str(&self.protocol));
+        s
+    }
+
+    /// The served configuration alone (the `web` listener on `proxy`, the other listeners on
+    /// `extra`, routes, pools and raw tables), without `[node]`: what `keel config apply`
+    /// replicates to a cluster.
+    pub fn render_config(&self, proxy: SocketAddr, extra: &[SocketAddr]) -> String {
+        let mut s = format!("[listeners.web]\nbind = \"{proxy}\"\nprotocol = {}\n", toml_str(&self.protocol));
         for l in &self.listener_lines {
             let _ = writeln!(s, "{l}");
         }

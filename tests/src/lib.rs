@@ -23,6 +23,9 @@
 //! - [`wait`]: [`wait_until`]/[`wait_for`] polling with a deadline, and the named deadlines
 //!   every test uses instead of bare sleeps.
 //! - [`tempdir`]: a scratch directory removed on drop (kept when a test fails).
+//! - [`cluster`]: [`Cluster`], N `keel` processes forming one Raft cluster (node files, data
+//!   dirs, SIGKILL and restart, the `keel cluster`/`keel config` CLI, `/cluster/*`).
+//! - [`redis`]: [`redis::Redis`], a real `redis-server` on a free port for the sticky store.
 //!
 //! Tests run in parallel (nextest runs each test as its own process): nothing here uses a fixed
 //! port. Loops are bounded by count and time.
@@ -32,15 +35,18 @@
 
 pub mod backend;
 pub mod client;
+pub mod cluster;
 pub mod keel;
 pub mod ports;
 pub mod raw;
+pub mod redis;
 pub mod tempdir;
 pub mod tls;
 pub mod wait;
 
 pub use backend::Backend;
 pub use client::{Client, Reply};
+pub use cluster::{Cluster, ClusterBuilder};
 pub use keel::{Keel, KeelBuilder, PoolSpec};
 pub use wait::{wait_for, wait_until};
 
