@@ -42,6 +42,33 @@ use crate::state::ClusterState;
 use crate::store;
 use crate::types::{NodeInfo, Raft};
 
+/// How much longer a witness waits before standing for election than a data node.
+pub const WITNESS_ELECTION_FACTOR: u64 = 4;
+
+/// How often a data node checks whether a witness leads (and then stands for election).
+const WITNESS_RECLAIM_EVERY: Duration = Duration::from_secs(1);
+
+/// On a data node: while a witness is the leader, stand for election so a node that can hold
+/// the VIP leads again. Bounded to one attempt per [`WITNESS_RECLAIM_EVERY`].
+async fn reclaim_from_witness(raft: Raft, id: u64) {
+    let mut tick = tokio::time::interval(WITNESS_RECLAIM_EVERY);
+    loop {
+        tick.tick().await;
+        let m = raft.metrics().borrow().clone();
+        if m.running_state.is_err() {
+            return;
+        }
+        let Some(leader) = m.current_leader else { continue };
+        let membership = m.membership_config.membership();
+        let leader_is_witness = membership.get_node(&leader).is_some_and(|n| n.witness);
+        let i_am_voter = membership.voter_ids().any(|v| v == id);
+        if leader_is_witness && leader != id && i_am_voter {
+            tracing::info!(target: "keel::raft", witness = leader, "a witness leads; standing for election to take over");
+            let _ = raft.trigger().elect().await;
+        }
+    }
+}
+
 /// Default heartbeat interval.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(25);
 /// Default lower bound of the randomized election timeout.
@@ -291,11 +318,17 @@ impl ClusterNode {
         let (log, sm) = store::open(&settings.data_dir).map_err(|e| ClusterError::Storage(e.to_string()))?;
         let state = sm.subscribe();
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        // A witness must not end up leading: it never holds the VIP, so a witness leader leaves
+        // the service without an address. openraft 0.9 cannot transfer leadership, so a witness
+        // waits WITNESS_ELECTION_FACTOR times longer before standing for election: every live
+        // data node times out and wins first. (If a witness still leads — only data nodes that
+        // were all down came back — `reclaim_from_witness` makes a data node stand.)
+        let factor = if settings.witness { WITNESS_ELECTION_FACTOR } else { 1 };
         let config = openraft::Config {
             cluster_name: settings.cluster_id.clone(),
             heartbeat_interval: ms(settings.heartbeat),
-            election_timeout_min: ms(settings.election_min),
-            election_timeout_max: ms(settings.election_max),
+            election_timeout_min: ms(settings.election_min) * factor,
+            election_timeout_max: ms(settings.election_max) * factor,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(store::SNAPSHOT_EVERY),
             max_in_snapshot_log_to_keep: 1_000,
             install_snapshot_timeout: 30_000,
@@ -318,6 +351,9 @@ impl ClusterNode {
         let (lead_tx, leadership) = watch::channel(false);
         let leadership_task =
             tokio::spawn(watch_leadership(raft.clone(), lead_tx, settings.election_max, settings.heartbeat));
+        if !settings.witness {
+            tokio::spawn(reclaim_from_witness(raft.clone(), settings.node_id));
+        }
         tracing::info!(target: "keel::raft", node = settings.node_id, %raft_addr, admin = %settings.admin_addr, "raft node started");
         let info = NodeInfo { raft_addr, admin_addr: settings.admin_addr, witness: settings.witness };
         Ok(ClusterHandle {

@@ -13,8 +13,10 @@
 //!   server on its own, and a node that takes over after a failover starts with the verdicts
 //!   already in force.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keel_cluster::api::client::ClusterClient;
@@ -46,20 +48,37 @@ pub async fn start(section: &ClusterSection, node: &NodeSettings) -> Result<Clus
     Ok(handle)
 }
 
+/// The latest observation per (pool, server), with a sequence number.
+type Latest = Arc<Mutex<HashMap<(String, String), (bool, u64)>>>;
+
 /// Proposes this node's health-check flips to the cluster through its own admin API, which
 /// forwards to the leader.
+///
+/// Reports are coalesced per server: a retry always proposes the *latest* observation and
+/// gives up once a newer one exists. Without that, a "down" queued during a network cut could
+/// commit after the "up" that followed it, and leave this node's vote wrong until the next flip.
 struct RaftReporter {
     client: ClusterClient,
     node_id: NodeId,
+    latest: Latest,
+    seq: AtomicU64,
 }
 
 impl VerdictReporter for RaftReporter {
     fn report(&self, pool: &str, server: &str, up: bool) {
-        let command =
-            Command::SetServerHealth { pool: pool.to_owned(), server: server.to_owned(), up, reporter: self.node_id };
-        let client = self.client.clone();
+        let key = (pool.to_owned(), server.to_owned());
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        self.latest.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), (up, seq));
+        let (client, latest, node_id) = (self.client.clone(), self.latest.clone(), self.node_id);
         tokio::spawn(async move {
             for attempt in 1..=REPORT_ATTEMPTS {
+                let current = latest.lock().unwrap_or_else(|p| p.into_inner()).get(&key).copied();
+                let Some((up, newest)) = current else { return };
+                if newest != seq {
+                    return; // a newer observation has its own task
+                }
+                let command =
+                    Command::SetServerHealth { pool: key.0.clone(), server: key.1.clone(), up, reporter: node_id };
                 match client.propose(&command).await {
                     Ok(_) => return,
                     Err(e) if attempt == REPORT_ATTEMPTS => {
@@ -74,7 +93,12 @@ impl VerdictReporter for RaftReporter {
 
 /// The reporter of this node's health observations.
 pub fn reporter(handle: &ClusterHandle, admin: SocketAddr, token: Option<String>) -> Arc<dyn VerdictReporter> {
-    Arc::new(RaftReporter { client: ClusterClient::new(admin).with_token(token), node_id: handle.id() })
+    Arc::new(RaftReporter {
+        client: ClusterClient::new(admin).with_token(token),
+        node_id: handle.id(),
+        latest: Arc::default(),
+        seq: AtomicU64::new(0),
+    })
 }
 
 /// What following the replicated state updates.

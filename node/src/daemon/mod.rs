@@ -154,7 +154,7 @@ impl Daemon {
             None => None,
         };
         let sticky = Arc::new(StickyRuntime::new(match &cluster {
-            Some(handle) => StickyDeps::from_cluster(handle),
+            Some(handle) => StickyDeps::from_cluster(handle, admin_token.clone()),
             None => StickyDeps::standalone(),
         }));
         let seed = if file.cluster.is_some() { Config::default() } else { file.config.clone() };

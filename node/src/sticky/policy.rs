@@ -391,7 +391,7 @@ mod tests {
         assert_eq!(p.lookup(&h, IP, &srv).await, None, "expired");
         // A pool built on the same pool with a drained server falls back.
         p.on_response(0, false, &h, IP, &mut HeaderMap::new(), &srv);
-        let pool = Pool::new("app", &cfg, |s| srv.iter().find(|x| x.name == s.name).cloned());
+        let pool = Pool::new("app", &cfg, |s| srv.iter().find(|x| x.name == s.name).cloned()).unwrap();
         pool.set_draining("a", true).unwrap();
         assert_eq!(p.lookup(&h, IP, &pool.servers).await, None, "a drained server is not sticky");
     }

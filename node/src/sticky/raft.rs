@@ -24,8 +24,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use keel_cluster::api::client::ClusterClient;
 use keel_cluster::command::MAX_STICKY_BATCH;
-use keel_cluster::{ClusterHandle, ClusterState, Command, StickyEntry};
+use keel_cluster::{ClusterHandle, ClusterState, Command, ProposeError, StickyEntry};
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use super::memory::TtlMap;
@@ -49,12 +50,27 @@ pub fn reader_from_watch(state: watch::Receiver<Arc<ClusterState>>) -> StickyRea
 /// writes are. A follower serving traffic gets `Err` (counted, throttled log) and keeps its
 /// bindings in its overlay; active-active clusters should use `store = "redis"`, or supply a
 /// proposer that forwards to the leader.
-pub fn proposer_from_handle(handle: ClusterHandle) -> StickyProposer {
+///
+/// On a follower the batch is forwarded to the leader's admin API (with `token` when the API
+/// needs one), so sessions learned on any node reach the replicated table: in active-active
+/// setups, or when a client reaches a follower directly.
+pub fn proposer_from_handle(handle: ClusterHandle, token: Option<String>) -> StickyProposer {
     Arc::new(move |batch| {
         let handle = handle.clone();
-        Box::pin(
-            async move { handle.propose(Command::PutStickyBatch(batch)).await.map(|_| ()).map_err(|e| e.to_string()) },
-        )
+        let token = token.clone();
+        Box::pin(async move {
+            let command = Command::PutStickyBatch(batch);
+            match handle.propose(command.clone()).await {
+                Ok(_) => Ok(()),
+                Err(ProposeError::ForwardToLeader { leader_admin_addr: Some(addr), .. }) => ClusterClient::new(addr)
+                    .with_token(token)
+                    .propose(&command)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        })
     })
 }
 

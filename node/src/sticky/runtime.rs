@@ -50,10 +50,10 @@ impl StickyDeps {
 
     /// Reads the cluster's applied state and proposes through `handle` (leader-only; see
     /// [`proposer_from_handle`]).
-    pub fn from_cluster(handle: &ClusterHandle) -> Self {
+    pub fn from_cluster(handle: &ClusterHandle, token: Option<String>) -> Self {
         StickyDeps {
             reader: Some(reader_from_watch(handle.state())),
-            proposer: Some(proposer_from_handle(handle.clone())),
+            proposer: Some(proposer_from_handle(handle.clone(), token)),
             ..Self::standalone()
         }
     }
