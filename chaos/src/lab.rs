@@ -275,11 +275,7 @@ raft = "{addr}:{RAFT_PORT}"
 data_dir = "{data}"
 witness = {witness}
 
-[vip]
-address = "{VIP}"
-interface = "eth0"
-
-[listeners.web]
+{vip}[listeners.web]
 bind = "0.0.0.0:{WEB_PORT}"
 default_pool = "app"
 
@@ -299,6 +295,12 @@ fall = 2
 {servers}"#,
                 token = self.dir.path().join("token").display(),
                 data = node_dir.join("data").display(),
+                // keel refuses a [vip] section on a witness.
+                vip = if witness {
+                    String::new()
+                } else {
+                    format!("[vip]\naddress = \"{VIP}\"\ninterface = \"eth0\"\n\n")
+                },
             );
             fs::write(&config, text).map_err(|e| e.to_string())?;
             let samples: Samples = Arc::new(Mutex::new(Vec::new()));

@@ -15,6 +15,9 @@ pub struct Run {
     pub leader_after: u64,
     /// Fault → end of the first successful response through the VIP (ms); `None` if none came.
     pub outage_ms: Option<u64>,
+    /// Fault → first monitor sample showing the VIP on the new leader (ms), when the leader
+    /// changed.
+    pub vip_ms: Option<u64>,
     /// Monitor samples during the run where two nodes certainly held the VIP.
     pub overlap: usize,
     /// Problems found (state lost, old leader still holding, …).
@@ -25,12 +28,13 @@ impl fmt::Display for Run {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{:<10} run {:>2}: leader {} -> {}, outage {:>6} ms, overlap samples {}{}",
+            "{:<10} run {:>2}: leader {} -> {}, outage {:>6} ms, VIP moved {:>6} ms, overlap samples {}{}",
             self.scenario,
             self.run,
             self.leader_before,
             self.leader_after,
             self.outage_ms.map_or("NONE".to_owned(), |o| o.to_string()),
+            self.vip_ms.map_or("-".to_owned(), |o| o.to_string()),
             self.overlap,
             if self.problems.is_empty() { String::new() } else { format!(", PROBLEMS: {}", self.problems.join("; ")) }
         )
@@ -95,22 +99,36 @@ pub fn overlap(samples: &[Vec<(u64, bool)>], from: u64, to: u64) -> Overlap {
     out
 }
 
-/// Summary lines: per run, then p50/p99/max of the outages.
+fn figures(values: &[u64]) -> String {
+    match (percentile(values, 0.5), percentile(values, 0.99), values.iter().max()) {
+        (Some(p50), Some(p99), Some(max)) => format!("p50 {p50} ms, p99 {p99} ms, max {max} ms"),
+        _ => "-".to_owned(),
+    }
+}
+
+/// Summary lines: per run, then per scenario p50/p99/max of the outages and VIP moves.
 pub fn summary(runs: &[Run]) -> String {
     let mut s = String::new();
     for r in runs {
         s.push_str(&format!("{r}\n"));
     }
-    let outages: Vec<u64> = runs.iter().filter_map(|r| r.outage_ms).collect();
-    let overlap: usize = runs.iter().map(|r| r.overlap).sum();
-    s.push_str(&format!(
-        "outage over {} run(s): p50 {} ms, p99 {} ms, max {} ms; overlap samples {overlap}; problems {}\n",
-        outages.len(),
-        percentile(&outages, 0.5).map_or("-".into(), |v| v.to_string()),
-        percentile(&outages, 0.99).map_or("-".into(), |v| v.to_string()),
-        outages.iter().max().map_or("-".into(), |v| v.to_string()),
-        runs.iter().map(|r| r.problems.len()).sum::<usize>(),
-    ));
+    let mut names: Vec<&str> = runs.iter().map(|r| r.scenario.as_str()).collect();
+    names.dedup();
+    names.sort_unstable();
+    names.dedup();
+    for name in names {
+        let these: Vec<&Run> = runs.iter().filter(|r| r.scenario == name).collect();
+        let outages: Vec<u64> = these.iter().filter_map(|r| r.outage_ms).collect();
+        let vip: Vec<u64> = these.iter().filter_map(|r| r.vip_ms).collect();
+        s.push_str(&format!(
+            "{name:<10} {} run(s): outage {}; VIP moved {}; overlap samples {}; problems {}\n",
+            these.len(),
+            figures(&outages),
+            figures(&vip),
+            these.iter().map(|r| r.overlap).sum::<usize>(),
+            these.iter().map(|r| r.problems.len()).sum::<usize>(),
+        ));
+    }
     s
 }
 

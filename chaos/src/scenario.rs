@@ -141,6 +141,12 @@ fn finish(lab: &Lab, run: &mut Run, t0: u64, c: &Committed) {
         run.problems.push(format!("split brain: {} overlap samples ({} possible)", o.certain, o.possible));
     }
     let leader = (run.leader_after as usize).saturating_sub(1);
+    if run.leader_after != run.leader_before {
+        run.vip_ms = lab
+            .samples()
+            .get(leader)
+            .and_then(|s| s.iter().find(|(t, held)| *t >= t0 && *held).map(|(t, _)| t.saturating_sub(t0)));
+    }
     run.problems.extend(check_state(lab, leader, c.commit));
 }
 
@@ -157,6 +163,7 @@ pub fn kill_leader(lab: &mut Lab, run_no: usize, rng: &mut fastrand::Rng, c: &Co
         leader_before: lab.nodes[l].id,
         leader_after: lab.nodes[after].id,
         outage_ms: end.map(|e| e.saturating_sub(t0)),
+        vip_ms: None,
         overlap: 0,
         problems: Vec::new(),
     };
@@ -205,6 +212,7 @@ pub fn partition(lab: &mut Lab, run_no: usize, rng: &mut fastrand::Rng, c: &Comm
         leader_before: lab.nodes[l].id,
         leader_after: new,
         outage_ms: end.map(|e| e.saturating_sub(t0)),
+        vip_ms: None,
         overlap: 0,
         problems,
     };
@@ -234,6 +242,7 @@ pub fn rolling_restart(lab: &mut Lab, run_no: usize, c: &Committed) -> Result<Ve
             leader_before: lab.nodes[l].id,
             leader_after: lab.nodes[now].id,
             outage_ms: Some(gap),
+            vip_ms: None,
             overlap: 0,
             problems: Vec::new(),
         };
@@ -255,6 +264,7 @@ pub fn rolling_restart(lab: &mut Lab, run_no: usize, c: &Committed) -> Result<Ve
         leader_before: lab.nodes[l].id,
         leader_after: lab.nodes[after].id,
         outage_ms: end.map(|e| e.saturating_sub(t0)),
+        vip_ms: None,
         overlap: 0,
         problems: Vec::new(),
     };
@@ -278,6 +288,7 @@ pub fn lose_witness(lab: &mut Lab, run_no: usize, c: &Committed) -> Result<Run, 
         leader_before: lab.nodes[l].id,
         leader_after: lab.nodes[after].id,
         outage_ms: Some(gap),
+        vip_ms: None,
         overlap: 0,
         problems: Vec::new(),
     };
