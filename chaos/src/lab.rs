@@ -521,7 +521,7 @@ fall = 2
         }
     }
 
-    /// Prober results so far.
+    /// Prober results so far, in completion order.
     pub fn probes(&self) -> Vec<Probe> {
         self.probes.lock().map(|v| v.clone()).unwrap_or_default()
     }
@@ -592,9 +592,9 @@ fall = 2
     pub fn first_ok_after(&self, t0: u64, within: Duration) -> Option<u64> {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
+            // Lines arrive in completion order: scan back over those that ended after t0.
             let found = self.with_probes(|v| {
-                let from = v.partition_point(|p| p.start < t0);
-                v[from..].iter().find(|p| p.ok).map(|p| p.end)
+                v.iter().rev().take_while(|p| p.end >= t0).filter(|p| p.ok && p.start >= t0).map(|p| p.end).min()
             });
             if found.is_some() {
                 return found;

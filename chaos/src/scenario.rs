@@ -98,7 +98,9 @@ pub fn served_by_excluded(lab: &Lab, c: &Committed) -> usize {
 pub fn longest_gap(lab: &Lab, from: u64, to: u64) -> u64 {
     let mut worst = 0;
     let mut streak: Option<u64> = None;
-    for p in lab.probes().iter().filter(|p| p.start >= from && p.start <= to) {
+    let mut probes: Vec<_> = lab.probes().into_iter().filter(|p| p.start >= from && p.start <= to).collect();
+    probes.sort_by_key(|p| p.start);
+    for p in &probes {
         match (p.ok, streak) {
             (false, None) => streak = Some(p.start),
             (true, Some(s)) => {
