@@ -506,11 +506,11 @@ fall = 2
         Ok(t)
     }
 
-    /// Sets node `i`'s `eth0` down (`up = false`) or up. Returns the Unix ms of the change.
+    /// Sets node `i`'s `eth0` down (`up = false`) or up. Returns the Unix ms at which the
+    /// change is in effect (after `ip` returned).
     pub fn link(&self, i: usize, up: bool) -> Result<u64, String> {
-        let t = now_ms();
         ip(&["-n", &self.nodes[i].ns, "link", "set", "eth0", if up { "up" } else { "down" }])?;
-        Ok(t)
+        Ok(now_ms())
     }
 
     /// Kills backend `i` (1-based) so health checks fail.
@@ -636,6 +636,16 @@ impl Drop for Lab {
             let _ = ip(&["netns", "del", ns]);
         }
         if std::env::var_os("KEEL_CHAOS_KEEP").is_some() {
+            let probes: String = self
+                .probes()
+                .iter()
+                .map(|p| format!("{} {} {} {}\n", p.start, p.end, if p.ok { "ok" } else { "err" }, p.detail))
+                .collect();
+            let _ = fs::write(self.dir.path().join("probes.log"), probes);
+            for (i, s) in self.samples().iter().enumerate() {
+                let text: String = s.iter().map(|(t, h)| format!("{t} {}\n", u8::from(*h))).collect();
+                let _ = fs::write(self.dir.path().join(format!("n{}/vip-samples.log", i + 1)), text);
+            }
             eprintln!("chaos: keeping {}", self.dir.path().display());
             self.dir.disable_cleanup(true);
         }

@@ -20,15 +20,18 @@ pub struct Run {
     pub vip_ms: Option<u64>,
     /// Monitor samples during the run where two nodes certainly held the VIP.
     pub overlap: usize,
-    /// Problems found (state lost, old leader still holding, …).
+    /// Problems found (state lost, old leader still holding, …): the run fails.
     pub problems: Vec<String>,
+    /// Oddities worth reporting that the pass does not fail on (requests failing after a
+    /// heal, …).
+    pub warnings: Vec<String>,
 }
 
 impl fmt::Display for Run {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{:<10} run {:>2}: leader {} -> {}, outage {:>6} ms, VIP moved {:>6} ms, overlap samples {}{}",
+            "{:<10} run {:>2}: leader {} -> {}, outage {:>6} ms, VIP moved {:>6} ms, overlap samples {}{}{}",
             self.scenario,
             self.run,
             self.leader_before,
@@ -36,7 +39,8 @@ impl fmt::Display for Run {
             self.outage_ms.map_or("NONE".to_owned(), |o| o.to_string()),
             self.vip_ms.map_or("-".to_owned(), |o| o.to_string()),
             self.overlap,
-            if self.problems.is_empty() { String::new() } else { format!(", PROBLEMS: {}", self.problems.join("; ")) }
+            if self.problems.is_empty() { String::new() } else { format!(", PROBLEMS: {}", self.problems.join("; ")) },
+            if self.warnings.is_empty() { String::new() } else { format!(", warnings: {}", self.warnings.join("; ")) }
         )
     }
 }
@@ -121,12 +125,13 @@ pub fn summary(runs: &[Run]) -> String {
         let outages: Vec<u64> = these.iter().filter_map(|r| r.outage_ms).collect();
         let vip: Vec<u64> = these.iter().filter_map(|r| r.vip_ms).collect();
         s.push_str(&format!(
-            "{name:<10} {} run(s): outage {}; VIP moved {}; overlap samples {}; problems {}\n",
+            "{name:<10} {} run(s): outage {}; VIP moved {}; overlap samples {}; problems {}; warnings {}\n",
             these.len(),
             figures(&outages),
             figures(&vip),
             these.iter().map(|r| r.overlap).sum::<usize>(),
             these.iter().map(|r| r.problems.len()).sum::<usize>(),
+            these.iter().map(|r| r.warnings.len()).sum::<usize>(),
         ));
     }
     s

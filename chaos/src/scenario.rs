@@ -168,6 +168,7 @@ pub fn kill_leader(lab: &mut Lab, run_no: usize, rng: &mut fastrand::Rng, c: &Co
         vip_ms: None,
         overlap: 0,
         problems: Vec::new(),
+        warnings: Vec::new(),
     };
     finish(lab, &mut run, t0, c);
     lab.start(l)?;
@@ -205,8 +206,9 @@ pub fn partition(lab: &mut Lab, run_no: usize, rng: &mut fastrand::Rng, c: &Comm
         problems.push(format!("healed old leader {} reports holding the VIP", l + 1));
     }
     let heal_gap = longest_gap(lab, heal, now_ms());
+    let mut warnings = Vec::new();
     if heal_gap > 0 {
-        problems.push(format!("{heal_gap} ms of failed requests after the heal"));
+        warnings.push(format!("{heal_gap} ms of failed requests after the heal (at {heal})"));
     }
     let mut run = Run {
         scenario: "partition".into(),
@@ -217,6 +219,7 @@ pub fn partition(lab: &mut Lab, run_no: usize, rng: &mut fastrand::Rng, c: &Comm
         vip_ms: None,
         overlap: 0,
         problems,
+        warnings,
     };
     if new == 0 {
         run.problems.push("no leader among the connected nodes".into());
@@ -247,30 +250,47 @@ pub fn rolling_restart(lab: &mut Lab, run_no: usize, c: &Committed) -> Result<Ve
             vip_ms: None,
             overlap: 0,
             problems: Vec::new(),
+            warnings: Vec::new(),
         };
         if gap > 0 {
-            run.problems.push(format!("restarting follower {} failed requests for {gap} ms", f + 1));
+            run.warnings.push(format!("restarting follower {} failed requests for {gap} ms", f + 1));
         }
         finish(lab, &mut run, t0, c);
         runs.push(run);
     }
+    // A graceful stop keeps serving while it drains, so the outage is the longest run of
+    // failed requests from the signal until the cluster is stable again without the node.
     let t0 = lab.stop(l)?;
-    let end = lab.first_ok_after(t0, FAILOVER_BOUND);
-    lab.start(l)?;
-    lab.wait_admin(l, Duration::from_secs(30))?;
-    wait_rejoin(lab, l, c.commit, SETTLE_BOUND)?;
-    let after = lab.wait_stable(SETTLE_BOUND)?;
+    let mid = lab.wait_stable(SETTLE_BOUND)?;
+    let outage = longest_gap(lab, t0, now_ms());
     let mut run = Run {
         scenario: "rolling".into(),
         run: run_no,
         leader_before: lab.nodes[l].id,
-        leader_after: lab.nodes[after].id,
-        outage_ms: end.map(|e| e.saturating_sub(t0)),
+        leader_after: lab.nodes[mid].id,
+        outage_ms: Some(outage),
         vip_ms: None,
         overlap: 0,
         problems: Vec::new(),
+        warnings: Vec::new(),
     };
     finish(lab, &mut run, t0, c);
+    let t1 = now_ms();
+    lab.start(l)?;
+    lab.wait_admin(l, Duration::from_secs(30))?;
+    wait_rejoin(lab, l, c.commit, SETTLE_BOUND)?;
+    let after = lab.wait_stable(SETTLE_BOUND)?;
+    if after != mid {
+        run.warnings.push(format!(
+            "the restarted node {} took leadership back from {} (a second failover)",
+            l + 1,
+            mid + 1
+        ));
+    }
+    let gap = longest_gap(lab, t1, now_ms());
+    if gap > 0 {
+        run.warnings.push(format!("{gap} ms of failed requests while the old leader rejoined"));
+    }
     runs.push(run);
     Ok(runs)
 }
@@ -293,9 +313,10 @@ pub fn lose_witness(lab: &mut Lab, run_no: usize, c: &Committed) -> Result<Run, 
         vip_ms: None,
         overlap: 0,
         problems: Vec::new(),
+        warnings: Vec::new(),
     };
     if gap > 0 {
-        run.problems.push(format!("losing the witness failed requests for {gap} ms"));
+        run.warnings.push(format!("losing the witness failed requests for {gap} ms"));
     }
     finish(lab, &mut run, t0, c);
     lab.start(w)?;
