@@ -579,7 +579,8 @@ fall = 2
                     if holding == Some(true) && holders == vec![li] && probing {
                         return Ok(li);
                     }
-                    last = format!("leader {l}, holding {holding:?}, monitor {holders:?}, probe ok {probing}");
+                    let witness = if self.nodes[li].witness { " (a witness: it never holds the VIP)" } else { "" };
+                    last = format!("leader {l}{witness}, holding {holding:?}, monitor {holders:?}, probe ok {probing}");
                 }
                 _ => last = format!("leaders {leaders:?}"),
             }
