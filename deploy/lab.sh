@@ -14,7 +14,8 @@
 #
 # Try:  ip netns exec keel-client curl -s http://10.77.0.101:8080/
 #       ip netns exec keel-n1 target/debug/examples/vipctl claim eth0 10.77.0.100
-#       ip netns exec keel-client curl -s --max-time 1 http://10.77.0.100:8080/ (once keel runs)
+#       ip netns exec keel-client curl -s --max-time 1 http://10.77.0.100:8080/   (through the VIP)
+#       ip netns exec keel-n1 target/debug/keel cluster status --admin 10.77.0.11:9090 --token "$(cat /run/keel-lab/token)"
 set -euo pipefail
 
 PREFIX=keel
