@@ -12,6 +12,9 @@ pub const FAILOVER_BOUND: Duration = Duration::from_secs(10);
 /// How long the cluster may take to settle (everyone agreeing, VIP held, probe succeeding).
 pub const SETTLE_BOUND: Duration = Duration::from_secs(20);
 
+/// How long a healed partition is watched for disruption.
+pub const HEAL_WATCH: Duration = Duration::from_millis(1500);
+
 /// Replicated state committed before the faults, checked after each of them.
 #[derive(Clone, Debug)]
 pub struct Committed {
@@ -204,6 +207,13 @@ pub fn partition(lab: &mut Lab, run_no: usize, rng: &mut fastrand::Rng, c: &Comm
     let view = lab.admin_json(l, "/status")?;
     if after != l && view["vip"]["holding"].as_bool() != Some(false) {
         problems.push(format!("healed old leader {} reports holding the VIP", l + 1));
+    }
+    // Watch the healed cluster a little longer: a disruption (lease lost, verdicts flipped)
+    // shows up within a second or two of the heal.
+    std::thread::sleep(HEAL_WATCH);
+    let settled = lab.wait_stable(SETTLE_BOUND)?;
+    if settled == l {
+        problems.push(format!("old leader {} took leadership back after the heal", l + 1));
     }
     let heal_gap = longest_gap(lab, heal, now_ms());
     let mut warnings = Vec::new();
