@@ -14,7 +14,8 @@
 #
 # Try:  ip netns exec keel-client curl -s http://10.77.0.101:8080/
 #       ip netns exec keel-n1 target/debug/examples/vipctl claim eth0 10.77.0.100
-#       ip netns exec keel-client curl -s --max-time 1 http://10.77.0.100:8080/ (once keel runs)
+#       ip netns exec keel-client curl -s --max-time 1 http://10.77.0.100:8080/   (through the VIP)
+#       ip netns exec keel-n1 target/debug/keel cluster status --admin 10.77.0.11:9090 --token "$(cat /run/keel-lab/token)"
 set -euo pipefail
 
 PREFIX=keel
@@ -67,16 +68,63 @@ wait_backend() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# start_nodes N — INTEGRATION POINT: start one `keel run` per node namespace.
-# Not wired yet: the daemon does not run the VIP controller yet. When it does, for each K:
-#   ip netns exec keel-nK keel run --config "$STATE_DIR/nK/keel.toml" >"$STATE_DIR/nK/keel.log" 2>&1 &
-#   echo $! >"$STATE_DIR/nK/pid"
-# with raft/admin on 10.77.0.1K, vip.address = 10.77.0.100, vip.interface = eth0, and backends
-# 10.77.0.101-103:8080; `down` already kills every process left in the lab's namespaces.
+# start_nodes N: one `keel run` per node namespace, then `keel cluster init` on n1 and
+# `keel cluster join` for the others. Each node's config is written to $STATE_DIR/nK/keel.toml
+# (see deploy/lab/node.toml.example for the shape): raft on 10.77.0.1K:7000, admin on
+# 10.77.0.1K:9090 with the token in $STATE_DIR/token, listener web on 0.0.0.0:8080, VIP
+# 10.77.0.100 on eth0, backends 10.77.0.101-103:8080. Skipped (with a message) when keel is not
+# built; set KEEL_BIN to use another binary. `down` kills every process left in the namespaces.
 # ---------------------------------------------------------------------------------------------
+KEEL=${KEEL_BIN:-$(cd "$(dirname "$0")/.." && pwd)/target/debug/keel}
+ADMIN_PORT=9090
+RAFT_PORT=7000
+
+node_config() {
+  local k=$1 addr=$SUBNET.$((10 + $1)) dir=$STATE_DIR/n$1 b
+  mkdir -p "$dir/data"
+  {
+    printf '[node]\nadmin = "%s:%s"\nadmin_token_file = "%s"\ndrain_timeout = "2s"\nworkers = 2\n\n' \
+      "$addr" "$ADMIN_PORT" "$STATE_DIR/token"
+    printf '[cluster]\nnode_id = %s\nraft = "%s:%s"\ndata_dir = "%s"\n\n' "$k" "$addr" "$RAFT_PORT" "$dir/data"
+    printf '[vip]\naddress = "%s"\ninterface = "eth0"\n\n' "$VIP"
+    printf '[listeners.web]\nbind = "0.0.0.0:%s"\ndefault_pool = "app"\n\n' "$BACKEND_PORT"
+    printf '[pools.app]\nalgorithm = "round_robin"\nconnect_timeout = "200ms"\n\n'
+    printf '[pools.app.health]\ntype = "http"\npath = "/"\ninterval = "500ms"\ntimeout = "200ms"\n'
+    for ((b = 1; b <= BACKENDS; b++)); do
+      printf '\n[[pools.app.servers]]\nname = "b%s"\naddress = "%s.%s:%s"\n' "$b" "$SUBNET" $((100 + b)) "$BACKEND_PORT"
+    done
+  } >"$dir/keel.toml"
+}
+
+wait_admin() {
+  local k=$1 tries=$((READY_DEADLINE_S * 10 * 4))
+  while ((tries-- > 0)); do
+    if ip netns exec "$PREFIX-n$k" bash -c "exec 3<>/dev/tcp/$SUBNET.$((10 + k))/$ADMIN_PORT" 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  die "keel node n$k did not open its admin API within $((READY_DEADLINE_S * 4))s (see $STATE_DIR/n$k/keel.log)"
+}
+
 start_nodes() {
-  local n=$1
-  say "keel nodes not started (start_nodes in deploy/lab.sh is the place); $n node namespaces are ready"
+  local n=$1 k
+  if [[ ! -x $KEEL ]]; then
+    say "keel is not built ($KEEL): $n node namespaces are ready, no node started (cargo build -p keel-node)"
+    return 0
+  fi
+  printf 'lab-token-%s\n' "$(od -An -N8 -tx8 /dev/urandom | tr -d ' ')" >"$STATE_DIR/token"
+  chmod 600 "$STATE_DIR/token"
+  for ((k = 1; k <= n; k++)); do
+    node_config "$k"
+    ip netns exec "$PREFIX-n$k" "$KEEL" run --config "$STATE_DIR/n$k/keel.toml" >"$STATE_DIR/n$k/keel.log" 2>&1 &
+    echo $! >"$STATE_DIR/n$k/pid"
+  done
+  for ((k = 1; k <= n; k++)); do wait_admin "$k"; done
+  ip netns exec "$PREFIX-n1" timeout 30 "$KEEL" cluster init --config "$STATE_DIR/n1/keel.toml" | sed 's/^/lab: /'
+  for ((k = 2; k <= n; k++)); do
+    ip netns exec "$PREFIX-n$k" timeout 60 "$KEEL" cluster join --via "$SUBNET.11:$ADMIN_PORT" \
+      --config "$STATE_DIR/n$k/keel.toml" | sed 's/^/lab: /'
+  done
+  say "keel nodes started; admin token in $STATE_DIR/token, logs in $STATE_DIR/nK/keel.log"
 }
 
 up() {
@@ -119,7 +167,7 @@ up() {
     say "  $PREFIX-b$k      eth0 $SUBNET.$((100 + k))/24  http://$SUBNET.$((100 + k)):$BACKEND_PORT/"
   done
   say "  $CLIENT  eth0 $SUBNET.200/24  client"
-  say "VIP $VIP (claimed by whichever keel node leads; none yet)"
+  say "VIP $VIP (claimed by whichever keel node leads)"
   say "try: ip netns exec $CLIENT curl -s http://$SUBNET.101:$BACKEND_PORT/"
 }
 

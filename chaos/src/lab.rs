@@ -1,0 +1,654 @@
+//! The lab: namespaces, a bridge, backends, keel nodes, a VIP prober and a VIP monitor, all
+//! torn down by [`Lab`]'s `Drop` (processes killed, namespaces deleted) even when a test panics.
+//!
+//! Layout, with a per-run unique namespace prefix `P` (so it never collides with
+//! `deploy/lab.sh`'s `keel-*` lab or another chaos run):
+//!
+//! | namespace | address | role |
+//! |---|---|---|
+//! | `P-sw` | — | bridge `br0`, one veth port per namespace below |
+//! | `P-nI` | `10.88.0.1I/24` on `eth0` | keel node I (raft `:7000`, admin `:9090`, web `0.0.0.0:8080`) |
+//! | `P-bI` | `10.88.0.10I/24` | backend `bI` on `:8080` |
+//! | `P-c` | `10.88.0.200/24` | the client: the prober, and every admin call |
+//!
+//! The VIP is `10.88.0.100/32` on `eth0` of whichever node leads.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::http::now_ms;
+
+/// The lab's subnet; everything lives in namespaces the lab creates.
+pub const SUBNET: &str = "10.88.0";
+/// The VIP.
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 100);
+/// Port of the keel listener and of the backends.
+pub const WEB_PORT: u16 = 8080;
+/// Port of the admin API.
+pub const ADMIN_PORT: u16 = 9090;
+/// Port of Raft.
+pub const RAFT_PORT: u16 = 7000;
+/// Upper bound on any single lab process's life; every helper loop stops by then.
+pub const MAX_LIFE_SECS: u64 = 3600;
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct LabSpec {
+    /// Keel nodes (1–9).
+    pub nodes: usize,
+    /// The last node is a witness (for a pair + witness).
+    pub witness_last: bool,
+    /// Backends (1–9).
+    pub backends: usize,
+}
+
+/// Paths of the binaries the lab runs.
+#[derive(Clone, Debug)]
+pub struct Bins {
+    /// `keel`.
+    pub keel: PathBuf,
+    /// `chaos-probe`.
+    pub probe: PathBuf,
+}
+
+impl Bins {
+    /// `KEEL_BIN` or the workspace's `target/debug/keel`, and the given `chaos-probe`.
+    pub fn new(probe: PathBuf) -> Self {
+        let keel = std::env::var_os("KEEL_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/keel"));
+        Bins { keel, probe }
+    }
+}
+
+/// One prober result.
+#[derive(Clone, Debug)]
+pub struct Probe {
+    /// When the request started (Unix ms).
+    pub start: u64,
+    /// When it ended.
+    pub end: u64,
+    /// 200 received.
+    pub ok: bool,
+    /// Body (on success) or error.
+    pub detail: String,
+}
+
+/// One keel node of the lab.
+#[derive(Debug)]
+pub struct Node {
+    /// Node id (1-based), also its index + 1.
+    pub id: u64,
+    /// Its namespace.
+    pub ns: String,
+    /// Its address.
+    pub addr: Ipv4Addr,
+    /// Its config file.
+    pub config: PathBuf,
+    /// Its log (stdout + stderr, appended across restarts).
+    pub log: PathBuf,
+    /// A witness (no data plane, never the VIP).
+    pub witness: bool,
+    child: Option<Child>,
+}
+
+impl Node {
+    /// True while its keel process runs.
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+    /// Its admin base URL.
+    pub fn admin(&self) -> String {
+        format!("http://{}:{ADMIN_PORT}", self.addr)
+    }
+}
+
+type Samples = Arc<Mutex<Vec<(u64, bool)>>>;
+
+/// A running lab. Dropping it removes everything it made.
+pub struct Lab {
+    /// The unique namespace prefix.
+    pub prefix: String,
+    /// The nodes.
+    pub nodes: Vec<Node>,
+    /// The admin token.
+    pub token: String,
+    bins: Bins,
+    dir: tempfile::TempDir,
+    namespaces: Vec<String>,
+    backends: Vec<Option<Child>>,
+    helpers: Vec<Child>,
+    watch: Vec<Samples>,
+    probes: Arc<Mutex<Vec<Probe>>>,
+}
+
+fn run(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd.stdin(Stdio::null()).output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> Result<String, String> {
+    run(Command::new("ip").args(args))
+}
+
+/// Reads `child`'s stdout lines on a thread, handing each to `f`.
+fn pump(child: &mut Child, mut f: impl FnMut(&str) + Send + 'static) {
+    if let Some(out) = child.stdout.take() {
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                match line {
+                    Ok(l) => f(&l),
+                    Err(_) => return,
+                }
+            }
+        });
+    }
+}
+
+impl Lab {
+    /// Builds the namespaces, starts backends, watchers and the prober, writes the node configs
+    /// (nodes are not started: see [`Lab::form_cluster`]).
+    pub fn build(spec: &LabSpec, bins: Bins) -> Result<Lab, String> {
+        if !(1..=9).contains(&spec.nodes) || !(1..=9).contains(&spec.backends) {
+            return Err("nodes and backends must be 1-9".into());
+        }
+        for (what, p) in [("keel", &bins.keel), ("chaos-probe", &bins.probe)] {
+            if !p.exists() {
+                return Err(format!("{what} binary not found at {} (build it, or set KEEL_BIN)", p.display()));
+            }
+        }
+        let unique = (u64::from(std::process::id()) << 16) ^ (now_ms() & 0xffff) ^ fastrand::u64(..0xffff);
+        let prefix = format!("kc{:x}", unique & 0xff_ffff);
+        let dir = tempfile::Builder::new().prefix("keel-chaos-").tempdir().map_err(|e| e.to_string())?;
+        let token = format!("chaos-token-{:016x}", fastrand::u64(..));
+        fs::write(dir.path().join("token"), &token).map_err(|e| e.to_string())?;
+        let mut lab = Lab {
+            prefix,
+            nodes: Vec::new(),
+            token,
+            bins,
+            dir,
+            namespaces: Vec::new(),
+            backends: Vec::new(),
+            helpers: Vec::new(),
+            watch: Vec::new(),
+            probes: Arc::new(Mutex::new(Vec::new())),
+        };
+        lab.build_inner(spec)?;
+        Ok(lab)
+    }
+
+    fn ns(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+
+    /// Directory holding configs, data and logs.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn add_ns(&mut self, ns: &str) -> Result<(), String> {
+        ip(&["netns", "add", ns])?;
+        self.namespaces.push(ns.to_owned());
+        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    fn plug(&mut self, name: &str, addr: &str) -> Result<String, String> {
+        let ns = self.ns(name);
+        let sw = self.ns("sw");
+        self.add_ns(&ns)?;
+        ip(&["-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", name, "netns", &sw])?;
+        ip(&["-n", &sw, "link", "set", name, "master", "br0", "up"])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        Ok(ns)
+    }
+
+    fn spawn_helper(&self, ns: &str, args: &[String]) -> Result<Child, String> {
+        Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(&self.bins.probe)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("spawn chaos-probe in {ns}: {e}"))
+    }
+
+    fn build_inner(&mut self, spec: &LabSpec) -> Result<(), String> {
+        let sw = self.ns("sw");
+        self.add_ns(&sw)?;
+        ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &sw, "link", "set", "br0", "up"])?;
+        let client = self.plug("c", &format!("{SUBNET}.200"))?;
+        for i in 1..=spec.backends {
+            let addr = format!("{SUBNET}.{}", 100 + i);
+            let ns = self.plug(&format!("b{i}"), &addr)?;
+            let child = self.spawn_helper(
+                &ns,
+                &["serve".into(), format!("{addr}:{WEB_PORT}"), format!("backend b{i}"), MAX_LIFE_SECS.to_string()],
+            )?;
+            self.backends.push(Some(child));
+        }
+        let mut servers = String::new();
+        for i in 1..=spec.backends {
+            servers.push_str(&format!(
+                "\n[[pools.app.servers]]\nname = \"b{i}\"\naddress = \"{SUBNET}.{}:{WEB_PORT}\"\n",
+                100 + i
+            ));
+        }
+        for i in 1..=spec.nodes {
+            let addr: Ipv4Addr = format!("{SUBNET}.{}", 10 + i).parse().map_err(|e| format!("{e}"))?;
+            let ns = self.plug(&format!("n{i}"), &addr.to_string())?;
+            // Never use the VIP as the sender of our own ARP requests (vrrp/LIFECYCLE.md).
+            run(Command::new("ip").args(["netns", "exec", &ns, "sysctl", "-qw", "net.ipv4.conf.all.arp_announce=2"]))?;
+            let witness = spec.witness_last && i == spec.nodes;
+            let node_dir = self.dir.path().join(format!("n{i}"));
+            fs::create_dir_all(node_dir.join("data")).map_err(|e| e.to_string())?;
+            let config = node_dir.join("keel.toml");
+            let text = format!(
+                r#"[node]
+admin = "{addr}:{ADMIN_PORT}"
+admin_token_file = "{token}"
+drain_timeout = "1s"
+workers = 2
+
+[cluster]
+node_id = {i}
+raft = "{addr}:{RAFT_PORT}"
+data_dir = "{data}"
+witness = {witness}
+
+{vip}[listeners.web]
+bind = "0.0.0.0:{WEB_PORT}"
+default_pool = "app"
+
+[pools.app]
+algorithm = "round_robin"
+connect_timeout = "200ms"
+request_timeout = "2s"
+retries = 2
+
+[pools.app.health]
+type = "http"
+path = "/"
+interval = "300ms"
+timeout = "200ms"
+rise = 2
+fall = 2
+{servers}"#,
+                token = self.dir.path().join("token").display(),
+                data = node_dir.join("data").display(),
+                // keel refuses a [vip] section on a witness.
+                vip = if witness {
+                    String::new()
+                } else {
+                    format!("[vip]\naddress = \"{VIP}\"\ninterface = \"eth0\"\n\n")
+                },
+            );
+            fs::write(&config, text).map_err(|e| e.to_string())?;
+            let samples: Samples = Arc::new(Mutex::new(Vec::new()));
+            let mut w =
+                self.spawn_helper(&ns, &["watch".into(), VIP.to_string(), "10".into(), MAX_LIFE_SECS.to_string()])?;
+            let s = samples.clone();
+            pump(&mut w, move |line| {
+                let mut it = line.split_whitespace().skip(1);
+                if let (Some(Ok(t)), Some(v)) = (it.next().map(str::parse::<u64>), it.next()) {
+                    if let Ok(mut s) = s.lock() {
+                        s.push((t, v == "1"));
+                    }
+                }
+            });
+            self.helpers.push(w);
+            self.watch.push(samples);
+            self.nodes.push(Node {
+                id: i as u64,
+                ns,
+                addr,
+                config,
+                log: node_dir.join("keel.log"),
+                witness,
+                child: None,
+            });
+        }
+        let mut p = self.spawn_helper(
+            &client,
+            &[
+                "probe".into(),
+                format!("http://{VIP}:{WEB_PORT}/"),
+                "10".into(),
+                "150".into(),
+                MAX_LIFE_SECS.to_string(),
+            ],
+        )?;
+        let probes = self.probes.clone();
+        pump(&mut p, move |line| {
+            let parts: Vec<&str> = line.splitn(5, ' ').collect();
+            if parts.len() >= 4 {
+                if let (Ok(start), Ok(end)) = (parts[1].parse(), parts[2].parse()) {
+                    let probe =
+                        Probe { start, end, ok: parts[3] == "ok", detail: parts.get(4).unwrap_or(&"").to_string() };
+                    if let Ok(mut v) = probes.lock() {
+                        v.push(probe);
+                    }
+                }
+            }
+        });
+        self.helpers.push(p);
+        // Backends must answer before keel's first health checks.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for i in 1..=spec.backends {
+            let url = format!("http://{SUBNET}.{}:{WEB_PORT}/", 100 + i);
+            while self.get(&url).is_err() {
+                if Instant::now() > deadline {
+                    return Err(format!("backend b{i} did not answer within 10 s"));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    /// One request from the client namespace (admin calls carry the token).
+    pub fn request(&self, method: &str, url: &str, body: Option<&str>) -> Result<(u16, String), String> {
+        let client = self.ns("c");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &client]).arg(&self.bins.probe).args([
+            if method == "GET" { "get" } else { "post" },
+            url,
+            "1000",
+            &self.token,
+        ]);
+        if let Some(b) = body {
+            cmd.arg(b);
+        }
+        let out = run(&mut cmd)?;
+        let (status, body) = out.split_once('\n').unwrap_or((&out, ""));
+        let status = status.trim().parse::<u16>().map_err(|_| format!("bad output {out:?}"))?;
+        Ok((status, body.to_owned()))
+    }
+
+    /// GET `url` from the client namespace; the JSON body on 200.
+    pub fn get(&self, url: &str) -> Result<String, String> {
+        match self.request("GET", url, None)? {
+            (200, body) => Ok(body),
+            (s, body) => Err(format!("GET {url}: {s} {body}")),
+        }
+    }
+
+    /// GET a node's admin `path` as JSON.
+    pub fn admin_json(&self, node: usize, path: &str) -> Result<serde_json::Value, String> {
+        let body = self.get(&format!("{}{path}", self.nodes[node].admin()))?;
+        serde_json::from_str(&body).map_err(|e| format!("bad JSON from node {}: {e}", node + 1))
+    }
+
+    /// POST to the leader's admin API (any node forwards with 421; we ask the leader directly).
+    pub fn admin_post(&self, node: usize, path: &str, body: &str) -> Result<String, String> {
+        match self.request("POST", &format!("{}{path}", self.nodes[node].admin()), Some(body))? {
+            (200, b) => Ok(b),
+            (s, b) => Err(format!("POST {path} on node {}: {s} {b}", node + 1)),
+        }
+    }
+
+    /// Starts node `i` (0-based) if it is not running.
+    pub fn start(&mut self, i: usize) -> Result<(), String> {
+        let node = &mut self.nodes[i];
+        if node.child.is_some() {
+            return Ok(());
+        }
+        let log = fs::OpenOptions::new().create(true).append(true).open(&node.log).map_err(|e| e.to_string())?;
+        let err = log.try_clone().map_err(|e| e.to_string())?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &node.ns])
+            .arg(&self.bins.keel)
+            .arg("run")
+            .arg("--config")
+            .arg(&node.config)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("start node {}: {e}", i + 1))?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    /// Waits until node `i`'s admin API answers `/cluster/status`.
+    pub fn wait_admin(&self, i: usize, within: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + within;
+        loop {
+            match self.admin_json(i, "/cluster/status") {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(format!("node {} admin not up within {within:?}: {e}", i + 1))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    fn keel_cli(&self, i: usize, args: &[&str]) -> Result<String, String> {
+        let node = &self.nodes[i];
+        run(Command::new("timeout").arg("60").args(["ip", "netns", "exec", &node.ns]).arg(&self.bins.keel).args(args))
+    }
+
+    /// Starts every node, initializes the cluster on node 1 and joins the others through it.
+    pub fn form_cluster(&mut self) -> Result<(), String> {
+        for i in 0..self.nodes.len() {
+            self.start(i)?;
+        }
+        for i in 0..self.nodes.len() {
+            self.wait_admin(i, Duration::from_secs(30))?;
+        }
+        let c0 = self.nodes[0].config.display().to_string();
+        self.keel_cli(0, &["cluster", "init", "--config", &c0])?;
+        let via = format!("{}:{ADMIN_PORT}", self.nodes[0].addr);
+        for i in 1..self.nodes.len() {
+            let c = self.nodes[i].config.display().to_string();
+            self.keel_cli(i, &["cluster", "join", "--via", &via, "--config", &c])?;
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs node `i`, reaps it, then deletes the VIP it may have left on its interface —
+    /// what the systemd unit's `ExecStopPost=-+ip addr del VIP/32 dev eth0` does in
+    /// production (vrrp/LIFECYCLE.md). Returns the Unix ms of the kill.
+    pub fn kill(&mut self, i: usize) -> Result<u64, String> {
+        let t = now_ms();
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.exec_stop_post(i);
+        Ok(t)
+    }
+
+    fn exec_stop_post(&self, i: usize) {
+        let _ = ip(&["-n", &self.nodes[i].ns, "addr", "del", &format!("{VIP}/32"), "dev", "eth0"]);
+    }
+
+    /// SIGTERMs node `i` and waits (at most 10 s, then SIGKILL). Returns the Unix ms of the
+    /// signal.
+    pub fn stop(&mut self, i: usize) -> Result<u64, String> {
+        let t = now_ms();
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = run(Command::new("kill").args(["-TERM", &child.id().to_string()]));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                    _ => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                }
+            }
+        }
+        self.exec_stop_post(i);
+        Ok(t)
+    }
+
+    /// Sets node `i`'s `eth0` down (`up = false`) or up. Returns the Unix ms at which the
+    /// change is in effect (after `ip` returned).
+    pub fn link(&self, i: usize, up: bool) -> Result<u64, String> {
+        ip(&["-n", &self.nodes[i].ns, "link", "set", "eth0", if up { "up" } else { "down" }])?;
+        Ok(now_ms())
+    }
+
+    /// Kills backend `i` (1-based) so health checks fail.
+    pub fn kill_backend(&mut self, i: usize) {
+        if let Some(Some(mut c)) = self.backends.get_mut(i - 1).map(Option::take) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Prober results so far, in completion order.
+    pub fn probes(&self) -> Vec<Probe> {
+        self.probes.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Watcher samples so far, per node: (Unix ms, holds the VIP).
+    pub fn samples(&self) -> Vec<Vec<(u64, bool)>> {
+        self.watch.iter().map(|s| s.lock().map(|v| v.clone()).unwrap_or_default()).collect()
+    }
+
+    /// Nodes (0-based) whose namespace holds the VIP according to the latest sample.
+    pub fn holders_now(&self) -> Vec<usize> {
+        self.watch
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.lock().ok().and_then(|v| v.last().map(|(_, h)| *h)).unwrap_or(false))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Runs `f` on the prober results so far, without copying them.
+    pub fn with_probes<T>(&self, f: impl FnOnce(&[Probe]) -> T) -> T {
+        match self.probes.lock() {
+            Ok(v) => f(&v),
+            Err(_) => f(&[]),
+        }
+    }
+
+    /// The leader id each running node reports (`None` if unreachable or no leader).
+    pub fn leaders(&self) -> BTreeMap<usize, Option<u64>> {
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].running())
+            .map(|i| {
+                let l = self.admin_json(i, "/cluster/status").ok().and_then(|v| v["leader_id"].as_u64());
+                (i, l)
+            })
+            .collect()
+    }
+
+    /// Waits until every running node names the same leader, that leader holds the VIP (its
+    /// `/status` and the monitor agree, nobody else holds it) and the prober succeeds through
+    /// the VIP. Returns the leader's index.
+    pub fn wait_stable(&self, within: Duration) -> Result<usize, String> {
+        let deadline = Instant::now() + within;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            let leaders = self.leaders();
+            let ids: Vec<Option<u64>> = leaders.values().copied().collect();
+            match ids.first().copied().flatten() {
+                Some(l) if ids.iter().all(|x| *x == Some(l)) => {
+                    let li = (l - 1) as usize;
+                    let holding = self.admin_json(li, "/status").ok().and_then(|v| v["vip"]["holding"].as_bool());
+                    let holders = self.holders_now();
+                    let since = now_ms().saturating_sub(300);
+                    let probing = self.with_probes(|v| v.iter().rev().take(5).any(|p| p.ok && p.start >= since));
+                    if holding == Some(true) && holders == vec![li] && probing {
+                        return Ok(li);
+                    }
+                    let witness = if self.nodes[li].witness { " (a witness: it never holds the VIP)" } else { "" };
+                    last = format!("leader {l}{witness}, holding {holding:?}, monitor {holders:?}, probe ok {probing}");
+                }
+                _ => last = format!("leaders {leaders:?}"),
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(format!("not stable within {within:?}: {last}"))
+    }
+
+    /// Waits for the first successful probe that started at or after `t0`; returns its end.
+    pub fn first_ok_after(&self, t0: u64, within: Duration) -> Option<u64> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            // Lines arrive in completion order: scan back over those that ended after t0.
+            let found = self.with_probes(|v| {
+                v.iter().rev().take_while(|p| p.end >= t0).filter(|p| p.ok && p.start >= t0).map(|p| p.end).min()
+            });
+            if found.is_some() {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    /// The tail of node `i`'s log, for failure messages.
+    pub fn log_tail(&self, i: usize, lines: usize) -> String {
+        let text = fs::read_to_string(&self.nodes[i].log).unwrap_or_default();
+        let v: Vec<&str> = text.lines().collect();
+        v[v.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut c) = node.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        for c in self.helpers.iter_mut().chain(self.backends.iter_mut().flatten()) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Anything else left in our namespaces (a CLI call cut short) goes too.
+        for ns in &self.namespaces {
+            if let Ok(pids) = ip(&["netns", "pids", ns]) {
+                for pid in pids.split_whitespace() {
+                    let _ = run(Command::new("kill").args(["-9", pid]));
+                }
+            }
+        }
+        for ns in self.namespaces.iter().rev() {
+            let _ = ip(&["netns", "del", ns]);
+        }
+        if std::env::var_os("KEEL_CHAOS_KEEP").is_some() {
+            let probes: String = self
+                .probes()
+                .iter()
+                .map(|p| format!("{} {} {} {}\n", p.start, p.end, if p.ok { "ok" } else { "err" }, p.detail))
+                .collect();
+            let _ = fs::write(self.dir.path().join("probes.log"), probes);
+            for (i, s) in self.samples().iter().enumerate() {
+                let text: String = s.iter().map(|(t, h)| format!("{t} {}\n", u8::from(*h))).collect();
+                let _ = fs::write(self.dir.path().join(format!("n{}/vip-samples.log", i + 1)), text);
+            }
+            eprintln!("chaos: keeping {}", self.dir.path().display());
+            self.dir.disable_cleanup(true);
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! Figures: outage percentiles and split-brain (overlap) analysis of the monitor's samples.
+
+use std::fmt;
+
+/// One fault and its outcome.
+#[derive(Clone, Debug)]
+pub struct Run {
+    /// Scenario name.
+    pub scenario: String,
+    /// Run number within the scenario.
+    pub run: usize,
+    /// Leader (node id) before the fault.
+    pub leader_before: u64,
+    /// Leader (node id) after it.
+    pub leader_after: u64,
+    /// Fault → end of the first successful response through the VIP (ms); `None` if none came.
+    pub outage_ms: Option<u64>,
+    /// Fault → first monitor sample showing the VIP on the new leader (ms), when the leader
+    /// changed.
+    pub vip_ms: Option<u64>,
+    /// Monitor samples during the run where two nodes certainly held the VIP.
+    pub overlap: usize,
+    /// Problems found (state lost, old leader still holding, …): the run fails.
+    pub problems: Vec<String>,
+    /// Oddities worth reporting that the pass does not fail on (requests failing after a
+    /// heal, …).
+    pub warnings: Vec<String>,
+}
+
+impl fmt::Display for Run {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:<10} run {:>2}: leader {} -> {}, outage {:>6} ms, VIP moved {:>6} ms, overlap samples {}{}{}",
+            self.scenario,
+            self.run,
+            self.leader_before,
+            self.leader_after,
+            self.outage_ms.map_or("NONE".to_owned(), |o| o.to_string()),
+            self.vip_ms.map_or("-".to_owned(), |o| o.to_string()),
+            self.overlap,
+            if self.problems.is_empty() { String::new() } else { format!(", PROBLEMS: {}", self.problems.join("; ")) },
+            if self.warnings.is_empty() { String::new() } else { format!(", warnings: {}", self.warnings.join("; ")) }
+        )
+    }
+}
+
+/// The value at quantile `q` (0–1) of `values` (nearest rank); `None` when empty.
+pub fn percentile(values: &[u64], q: f64) -> Option<u64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_unstable();
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    Some(v[rank - 1])
+}
+
+/// Split-brain analysis of per-node samples `(unix_ms, holding)` within `[from, to]`.
+///
+/// A node *certainly* holds the VIP at time t when its last sample at or before t and its next
+/// sample at or after t both say so. `certain` counts samples (of any node) that hold while
+/// another node certainly holds; `possible` counts samples that hold while another node's
+/// neighbouring sample holds (the sampling cannot rule overlap out).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Overlap {
+    /// Samples with two holders for certain.
+    pub certain: usize,
+    /// Samples where two holders cannot be ruled out.
+    pub possible: usize,
+    /// Samples examined.
+    pub samples: usize,
+}
+
+/// See [`Overlap`].
+pub fn overlap(samples: &[Vec<(u64, bool)>], from: u64, to: u64) -> Overlap {
+    let mut out = Overlap::default();
+    for (i, own) in samples.iter().enumerate() {
+        for &(t, held) in own.iter().filter(|(t, _)| *t >= from && *t <= to) {
+            out.samples += 1;
+            if !held {
+                continue;
+            }
+            let mut certain = false;
+            let mut possible = false;
+            for (j, other) in samples.iter().enumerate() {
+                if i == j {
+                    continue;
+                }
+                let idx = other.partition_point(|(u, _)| *u <= t);
+                let before = idx.checked_sub(1).map(|k| other[k].1);
+                let after = other.get(idx).map(|s| s.1);
+                match (before, after) {
+                    (Some(true), Some(true)) | (Some(true), None) => certain = true,
+                    (Some(true), _) | (_, Some(true)) => possible = true,
+                    _ => {}
+                }
+            }
+            out.certain += usize::from(certain);
+            out.possible += usize::from(certain || possible);
+        }
+    }
+    out
+}
+
+fn figures(values: &[u64]) -> String {
+    match (percentile(values, 0.5), percentile(values, 0.99), values.iter().max()) {
+        (Some(p50), Some(p99), Some(max)) => format!("p50 {p50} ms, p99 {p99} ms, max {max} ms"),
+        _ => "-".to_owned(),
+    }
+}
+
+/// Summary lines: per run, then per scenario p50/p99/max of the outages and VIP moves.
+pub fn summary(runs: &[Run]) -> String {
+    let mut s = String::new();
+    for r in runs {
+        s.push_str(&format!("{r}\n"));
+    }
+    let mut names: Vec<&str> = runs.iter().map(|r| r.scenario.as_str()).collect();
+    names.dedup();
+    names.sort_unstable();
+    names.dedup();
+    for name in names {
+        let these: Vec<&Run> = runs.iter().filter(|r| r.scenario == name).collect();
+        let outages: Vec<u64> = these.iter().filter_map(|r| r.outage_ms).collect();
+        let vip: Vec<u64> = these.iter().filter_map(|r| r.vip_ms).collect();
+        s.push_str(&format!(
+            "{name:<10} {} run(s): outage {}; VIP moved {}; overlap samples {}; problems {}; warnings {}\n",
+            these.len(),
+            figures(&outages),
+            figures(&vip),
+            these.iter().map(|r| r.overlap).sum::<usize>(),
+            these.iter().map(|r| r.problems.len()).sum::<usize>(),
+            these.iter().map(|r| r.warnings.len()).sum::<usize>(),
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        assert_eq!(percentile(&[], 0.5), None);
+        assert_eq!(percentile(&[5, 1, 3], 0.5), Some(3));
+        assert_eq!(percentile(&[5, 1, 3], 0.99), Some(5));
+    }
+
+    #[test]
+    fn overlap_detects_two_holders_and_ignores_handover() {
+        // Clean handover: a holds until 20, b from 30.
+        let a = vec![(0, true), (10, true), (20, true), (30, false), (40, false)];
+        let b = vec![(5, false), (15, false), (25, false), (35, true), (45, true)];
+        assert_eq!(overlap(&[a.clone(), b], 0, 100).certain, 0);
+        // Split brain: both hold from 10 to 30.
+        let c = vec![(5, false), (12, true), (22, true), (32, true)];
+        let o = overlap(&[a, c], 0, 100);
+        assert!(o.certain >= 2, "{o:?}");
+    }
+}

@@ -1,0 +1,336 @@
+//! The scenarios: each injects one kind of fault into a formed [`Lab`] and returns a [`Run`]
+//! per fault with the outage, the split-brain samples and any problem found.
+
+use std::time::Duration;
+
+use crate::http::now_ms;
+use crate::lab::Lab;
+use crate::report::{overlap, Run};
+
+/// How long a leader may take to appear after a fault before the run fails.
+pub const FAILOVER_BOUND: Duration = Duration::from_secs(10);
+/// How long the cluster may take to settle (everyone agreeing, VIP held, probe succeeding).
+pub const SETTLE_BOUND: Duration = Duration::from_secs(20);
+
+/// How long a healed partition is watched for disruption.
+pub const HEAL_WATCH: Duration = Duration::from_millis(1500);
+
+/// Replicated state committed before the faults, checked after each of them.
+#[derive(Clone, Debug)]
+pub struct Committed {
+    /// Commit index once it was all committed.
+    pub commit: u64,
+    /// Unix ms from which backend b2 is drained (no probe may be served by it).
+    pub since: u64,
+}
+
+fn cluster_u64(lab: &Lab, i: usize, key: &str) -> Option<u64> {
+    lab.admin_json(i, "/cluster/status").ok().and_then(|v| v[key].as_u64())
+}
+
+fn servers(lab: &Lab, i: usize) -> Result<Vec<serde_json::Value>, String> {
+    let status = lab.admin_json(i, "/status")?;
+    status["pools"]
+        .as_array()
+        .and_then(|pools| pools.iter().find(|p| p["name"] == "app"))
+        .and_then(|p| p["servers"].as_array().cloned())
+        .ok_or_else(|| "no pool app in /status".to_owned())
+}
+
+fn server_field(servers: &[serde_json::Value], name: &str, key: &str) -> serde_json::Value {
+    servers.iter().find(|s| s["name"] == name).map(|s| s[key].clone()).unwrap_or_default()
+}
+
+/// Commits state through the leader: b1 weight 3, b2 drained (config / drain), and b3 killed
+/// until every node's health verdict says it is down. Needs 3 backends.
+pub fn commit_state(lab: &mut Lab) -> Result<Committed, String> {
+    let l = lab.wait_stable(SETTLE_BOUND)?;
+    lab.admin_post(l, "/pools/app/servers/b1/weight", r#"{"weight":3}"#)?;
+    lab.admin_post(l, "/pools/app/servers/b2/drain", "{}")?;
+    let since = now_ms();
+    lab.kill_backend(3);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let problems = check_state(lab, l, 0);
+        if problems.is_empty() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("state not in force on the leader within 15 s: {problems:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let commit = cluster_u64(lab, l, "commit_index").ok_or("no commit index")?;
+    Ok(Committed { commit, since })
+}
+
+/// What is wrong with node `i`'s view of the committed state (empty when all is in force).
+pub fn check_state(lab: &Lab, i: usize, commit: u64) -> Vec<String> {
+    let mut problems = Vec::new();
+    match servers(lab, i) {
+        Err(e) => problems.push(format!("node {}: {e}", i + 1)),
+        Ok(s) => {
+            if server_field(&s, "b1", "weight") != 3 {
+                problems.push(format!("node {}: b1 weight {} != 3", i + 1, server_field(&s, "b1", "weight")));
+            }
+            if server_field(&s, "b2", "state") != "drain" {
+                problems.push(format!("node {}: b2 state {} != drain", i + 1, server_field(&s, "b2", "state")));
+            }
+            if server_field(&s, "b3", "state") != "down" {
+                problems.push(format!("node {}: b3 state {} != down", i + 1, server_field(&s, "b3", "state")));
+            }
+        }
+    }
+    match cluster_u64(lab, i, "commit_index") {
+        Some(c) if c >= commit => {}
+        other => problems.push(format!("node {}: commit index {other:?} < {commit} committed before", i + 1)),
+    }
+    problems
+}
+
+/// Probes served by a drained or dead backend since `c.since` (should be none).
+pub fn served_by_excluded(lab: &Lab, c: &Committed) -> usize {
+    lab.probes()
+        .iter()
+        .filter(|p| p.ok && p.start > c.since + 1000 && (p.detail.contains("b2") || p.detail.contains("b3")))
+        .count()
+}
+
+/// The longest run of failed probes in `[from, to]`, from the first failure's start to the
+/// next success's end (ms); 0 when nothing failed.
+pub fn longest_gap(lab: &Lab, from: u64, to: u64) -> u64 {
+    let mut worst = 0;
+    let mut streak: Option<u64> = None;
+    let mut probes: Vec<_> = lab.probes().into_iter().filter(|p| p.start >= from && p.start <= to).collect();
+    probes.sort_by_key(|p| p.start);
+    for p in &probes {
+        match (p.ok, streak) {
+            (false, None) => streak = Some(p.start),
+            (true, Some(s)) => {
+                worst = worst.max(p.end.saturating_sub(s));
+                streak = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = streak {
+        worst = worst.max(to.saturating_sub(s));
+    }
+    worst
+}
+
+/// Waits until node `i` follows a leader other than itself and has applied `commit`.
+pub fn wait_rejoin(lab: &Lab, i: usize, commit: u64, within: Duration) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let s = lab.admin_json(i, "/cluster/status").ok();
+        let leader = s.as_ref().and_then(|v| v["leader_id"].as_u64());
+        let applied = s.as_ref().and_then(|v| v["applied_index"].as_u64()).unwrap_or(0);
+        if leader.is_some() && applied >= commit {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "node {} did not rejoin within {within:?}: leader {leader:?}, applied {applied}",
+                i + 1
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn finish(lab: &Lab, run: &mut Run, t0: u64, c: &Committed) {
+    let o = overlap(&lab.samples(), t0.saturating_sub(2000), now_ms());
+    run.overlap = o.certain;
+    if o.certain > 0 {
+        run.problems.push(format!("split brain: {} overlap samples ({} possible)", o.certain, o.possible));
+    }
+    let leader = (run.leader_after as usize).saturating_sub(1);
+    if run.leader_after != run.leader_before {
+        run.vip_ms = lab
+            .samples()
+            .get(leader)
+            .and_then(|s| s.iter().find(|(t, held)| *t >= t0 && *held).map(|(t, _)| t.saturating_sub(t0)));
+    }
+    run.problems.extend(check_state(lab, leader, c.commit));
+}
+
+/// Scenario 1: SIGKILL the leader (after a seeded 0–300 ms jitter), measure, restart it.
+pub fn kill_leader(lab: &mut Lab, run_no: usize, rng: &mut fastrand::Rng, c: &Committed) -> Result<Run, String> {
+    let l = lab.wait_stable(SETTLE_BOUND)?;
+    std::thread::sleep(Duration::from_millis(rng.u64(0..300)));
+    let t0 = lab.kill(l)?;
+    let end = lab.first_ok_after(t0, FAILOVER_BOUND);
+    let after = lab.wait_stable(SETTLE_BOUND)?;
+    let mut run = Run {
+        scenario: "kill".into(),
+        run: run_no,
+        leader_before: lab.nodes[l].id,
+        leader_after: lab.nodes[after].id,
+        outage_ms: end.map(|e| e.saturating_sub(t0)),
+        vip_ms: None,
+        overlap: 0,
+        problems: Vec::new(),
+        warnings: Vec::new(),
+    };
+    finish(lab, &mut run, t0, c);
+    lab.start(l)?;
+    lab.wait_admin(l, Duration::from_secs(30))?;
+    wait_rejoin(lab, l, c.commit, SETTLE_BOUND)?;
+    lab.wait_stable(SETTLE_BOUND)?;
+    Ok(run)
+}
+
+/// Scenario 2: cut the leader off (its `eth0` down), measure, heal; the old leader must have
+/// released the VIP while cut off and must rejoin as a follower without it.
+pub fn partition(lab: &mut Lab, run_no: usize, rng: &mut fastrand::Rng, c: &Committed) -> Result<Run, String> {
+    let l = lab.wait_stable(SETTLE_BOUND)?;
+    std::thread::sleep(Duration::from_millis(rng.u64(0..300)));
+    let t0 = lab.link(l, false)?;
+    let end = lab.first_ok_after(t0, FAILOVER_BOUND);
+    // Give the cut-off node time to notice; then it must not hold the VIP.
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut problems = Vec::new();
+    if lab.holders_now().contains(&l) {
+        problems.push(format!("cut-off old leader {} still holds the VIP 1 s after the fault", l + 1));
+    }
+    let others: Vec<usize> = (0..lab.nodes.len()).filter(|&i| i != l).collect();
+    let leaders = lab.leaders();
+    let new = others.iter().find_map(|i| leaders.get(i).copied().flatten()).unwrap_or(0);
+    let heal = lab.link(l, true)?;
+    let after = lab.wait_stable(SETTLE_BOUND)?;
+    if after == l {
+        problems.push(format!("old leader {} became leader again after the heal", l + 1));
+    }
+    // Let the healed node settle, then it must follow and not hold the VIP.
+    wait_rejoin(lab, l, c.commit, SETTLE_BOUND)?;
+    let view = lab.admin_json(l, "/status")?;
+    if after != l && view["vip"]["holding"].as_bool() != Some(false) {
+        problems.push(format!("healed old leader {} reports holding the VIP", l + 1));
+    }
+    // Watch the healed cluster a little longer: a disruption (lease lost, verdicts flipped)
+    // shows up within a second or two of the heal.
+    std::thread::sleep(HEAL_WATCH);
+    let settled = lab.wait_stable(SETTLE_BOUND)?;
+    if settled == l {
+        problems.push(format!("old leader {} took leadership back after the heal", l + 1));
+    }
+    let heal_gap = longest_gap(lab, heal, now_ms());
+    let mut warnings = Vec::new();
+    if heal_gap > 0 {
+        warnings.push(format!("{heal_gap} ms of failed requests after the heal (at {heal})"));
+    }
+    let mut run = Run {
+        scenario: "partition".into(),
+        run: run_no,
+        leader_before: lab.nodes[l].id,
+        leader_after: new,
+        outage_ms: end.map(|e| e.saturating_sub(t0)),
+        vip_ms: None,
+        overlap: 0,
+        problems,
+        warnings,
+    };
+    if new == 0 {
+        run.problems.push("no leader among the connected nodes".into());
+        run.leader_after = lab.nodes[after].id;
+    }
+    finish(lab, &mut run, t0, c);
+    Ok(run)
+}
+
+/// Scenario 3: restart each follower in turn (SIGTERM, start, rejoin; no request may fail),
+/// then the leader last (a rolling restart), measuring its outage.
+pub fn rolling_restart(lab: &mut Lab, run_no: usize, c: &Committed) -> Result<Vec<Run>, String> {
+    let mut runs = Vec::new();
+    let l = lab.wait_stable(SETTLE_BOUND)?;
+    for f in (0..lab.nodes.len()).filter(|&i| i != l) {
+        let t0 = lab.stop(f)?;
+        lab.start(f)?;
+        lab.wait_admin(f, Duration::from_secs(30))?;
+        wait_rejoin(lab, f, c.commit, SETTLE_BOUND)?;
+        let now = lab.wait_stable(SETTLE_BOUND)?;
+        let gap = longest_gap(lab, t0, now_ms());
+        let mut run = Run {
+            scenario: "follower".into(),
+            run: run_no,
+            leader_before: lab.nodes[l].id,
+            leader_after: lab.nodes[now].id,
+            outage_ms: Some(gap),
+            vip_ms: None,
+            overlap: 0,
+            problems: Vec::new(),
+            warnings: Vec::new(),
+        };
+        if gap > 0 {
+            run.warnings.push(format!("restarting follower {} failed requests for {gap} ms", f + 1));
+        }
+        finish(lab, &mut run, t0, c);
+        runs.push(run);
+    }
+    // A graceful stop keeps serving while it drains, so the outage is the longest run of
+    // failed requests from the signal until the cluster is stable again without the node.
+    let t0 = lab.stop(l)?;
+    let mid = lab.wait_stable(SETTLE_BOUND)?;
+    let outage = longest_gap(lab, t0, now_ms());
+    let mut run = Run {
+        scenario: "rolling".into(),
+        run: run_no,
+        leader_before: lab.nodes[l].id,
+        leader_after: lab.nodes[mid].id,
+        outage_ms: Some(outage),
+        vip_ms: None,
+        overlap: 0,
+        problems: Vec::new(),
+        warnings: Vec::new(),
+    };
+    finish(lab, &mut run, t0, c);
+    let t1 = now_ms();
+    lab.start(l)?;
+    lab.wait_admin(l, Duration::from_secs(30))?;
+    wait_rejoin(lab, l, c.commit, SETTLE_BOUND)?;
+    let after = lab.wait_stable(SETTLE_BOUND)?;
+    if after != mid {
+        run.warnings.push(format!(
+            "the restarted node {} took leadership back from {} (a second failover)",
+            l + 1,
+            mid + 1
+        ));
+    }
+    let gap = longest_gap(lab, t1, now_ms());
+    if gap > 0 {
+        run.warnings.push(format!("{gap} ms of failed requests while the old leader rejoined"));
+    }
+    runs.push(run);
+    Ok(runs)
+}
+
+/// Scenario 4, second half: kill the witness of a pair; the active node must keep the VIP
+/// (quorum is 2 of 3) with no failed request. The witness is restarted afterwards.
+pub fn lose_witness(lab: &mut Lab, run_no: usize, c: &Committed) -> Result<Run, String> {
+    let l = lab.wait_stable(SETTLE_BOUND)?;
+    let w = lab.nodes.iter().position(|n| n.witness).ok_or("no witness in this lab")?;
+    let t0 = lab.kill(w)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let after = lab.wait_stable(SETTLE_BOUND)?;
+    let gap = longest_gap(lab, t0, now_ms());
+    let mut run = Run {
+        scenario: "witness".into(),
+        run: run_no,
+        leader_before: lab.nodes[l].id,
+        leader_after: lab.nodes[after].id,
+        outage_ms: Some(gap),
+        vip_ms: None,
+        overlap: 0,
+        problems: Vec::new(),
+        warnings: Vec::new(),
+    };
+    if gap > 0 {
+        run.warnings.push(format!("losing the witness failed requests for {gap} ms"));
+    }
+    finish(lab, &mut run, t0, c);
+    lab.start(w)?;
+    lab.wait_admin(w, Duration::from_secs(30))?;
+    wait_rejoin(lab, w, c.commit, SETTLE_BOUND)?;
+    Ok(run)
+}
