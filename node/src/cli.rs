@@ -171,15 +171,42 @@ pub async fn cluster_remove(target: &Target, id: NodeId) -> Result<(), CliError>
 /// `keel cluster status [--json]`.
 pub async fn cluster_status(target: &Target, json: bool) -> Result<(), CliError> {
     let status = target.client().status().await?;
+    // Who holds the VIP is each node's own fact: ask every member (bounded by the client's
+    // deadline; an unreachable member shows "?").
+    let mut vip = std::collections::BTreeMap::new();
+    for m in &status.members {
+        let client = ClusterClient::new(m.node.admin_addr).with_token(target.token.clone());
+        let holding = if m.node.witness {
+            Some("false".to_owned()) // a witness never holds it (and serves no /status)
+        } else {
+            match tokio::time::timeout(Duration::from_secs(2), client.get_json("/status")).await {
+                Ok(Ok(doc)) => Some(
+                    doc.get("vip")
+                        .and_then(|v| v.get("holding"))
+                        .and_then(|h| h.as_bool())
+                        .unwrap_or(false)
+                        .to_string(),
+                ),
+                _ => None,
+            }
+        };
+        vip.insert(m.id, holding);
+    }
     if json {
-        println!("{}", serde_json::to_string_pretty(&status).map_err(|e| CliError::Other(e.to_string()))?);
+        let mut doc = serde_json::to_value(&status).map_err(|e| CliError::Other(e.to_string()))?;
+        if let Some(obj) = doc.as_object_mut() {
+            let holders: Vec<NodeId> =
+                vip.iter().filter(|(_, h)| h.as_deref() == Some("true")).map(|(id, _)| *id).collect();
+            obj.insert("vip_holders".into(), serde_json::json!(holders));
+        }
+        println!("{}", serde_json::to_string_pretty(&doc).map_err(|e| CliError::Other(e.to_string()))?);
         return Ok(());
     }
-    print!("{}", render_status(&status));
+    print!("{}", render_status(&status, &vip));
     Ok(())
 }
 
-fn render_status(s: &ClusterStatus) -> String {
+fn render_status(s: &ClusterStatus, vip: &std::collections::BTreeMap<NodeId, Option<String>>) -> String {
     let mut out = format!(
         "node {} ({:?}), term {}, leader {}, last log {}, commit {}\n\n",
         s.id,
@@ -189,7 +216,10 @@ fn render_status(s: &ClusterStatus) -> String {
         s.last_log_index.map_or("-".to_owned(), |i| i.to_string()),
         s.commit_index.map_or("-".to_owned(), |i| i.to_string()),
     );
-    out.push_str(&format!("{:<6} {:<8} {:<8} {:<22} {:<22} {:>8}\n", "ID", "ROLE", "KIND", "RAFT", "ADMIN", "LAG"));
+    out.push_str(&format!(
+        "{:<6} {:<8} {:<8} {:<22} {:<22} {:>8}  {}\n",
+        "ID", "ROLE", "KIND", "RAFT", "ADMIN", "LAG", "VIP"
+    ));
     for m in &s.members {
         let role = if Some(m.id) == s.leader_id {
             "leader"
@@ -199,14 +229,20 @@ fn render_status(s: &ClusterStatus) -> String {
             "learner"
         };
         let kind = if m.node.witness { "witness" } else { "data" };
+        let holds = match vip.get(&m.id).cloned().flatten().as_deref() {
+            Some("true") => "holds",
+            Some(_) => "-",
+            None => "?",
+        };
         out.push_str(&format!(
-            "{:<6} {:<8} {:<8} {:<22} {:<22} {:>8}\n",
+            "{:<6} {:<8} {:<8} {:<22} {:<22} {:>8}  {}\n",
             m.id,
             role,
             kind,
             m.node.raft_addr.to_string(),
             m.node.admin_addr.to_string(),
-            m.lag.map_or("-".to_owned(), |l| l.to_string())
+            m.lag.map_or("-".to_owned(), |l| l.to_string()),
+            holds
         ));
     }
     out
