@@ -735,8 +735,8 @@ fn check_limits(l: &Limits, at: &KeyPath, report: &mut impl FnMut(KeyPath, Strin
     }
 }
 
-/// RFC 9110 token: what header names and methods are made of.
-fn http_token(s: &str) -> Result<(), ()> {
+/// RFC 9110 token: what header names, methods and cookie names are made of.
+pub(crate) fn http_token(s: &str) -> Result<(), ()> {
     let ok = !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
     if ok {
         Ok(())

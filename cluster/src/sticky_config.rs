@@ -332,15 +332,8 @@ fn check_redis_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// RFC 6265 cookie-name / RFC 9110 token.
-fn cookie_token(s: &str) -> Result<(), ()> {
-    let ok = !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(())
-    }
-}
+/// An RFC 6265 cookie-name is an RFC 9110 token.
+use crate::model::http_token as cookie_token;
 
 #[cfg(test)]
 mod tests {
