@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Empty, Full};
@@ -133,7 +134,10 @@ impl HttpProxy {
         if let Some(h) = &host {
             parts.headers.insert(header::HOST, h.clone());
         }
-        let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_owned();
+        // Both halves of the upstream URI are shared byte buffers: building it per attempt
+        // copies nothing.
+        let path_and_query = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let scheme = pool.scheme();
 
         if body.size_hint().lower() > self.body_limits.max_bytes {
             return Err(ProxyError::new(ErrorKind::PayloadTooLarge, Some(&pool.name), None));
@@ -166,9 +170,9 @@ impl HttpProxy {
             let server = &pool.servers[index];
 
             let uri = Uri::builder()
-                .scheme(pool.scheme())
-                .authority(server.address.to_string())
-                .path_and_query(path_and_query.as_str())
+                .scheme(scheme.clone())
+                .authority(server.authority.clone())
+                .path_and_query(path_and_query.clone())
                 .build()
                 .map_err(|_| ProxyError::new(ErrorKind::Broken, Some(&pool.name), Some(&server.name)))?;
             let last_try = attempt + 1 == attempts || !replayable;
