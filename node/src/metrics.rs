@@ -106,8 +106,6 @@ pub struct Rejections {
     pub no_route: AtomicU64,
     /// The pool had no server to offer (503).
     pub no_server: AtomicU64,
-    /// Over a client's rate limit (429).
-    pub rate_limited: AtomicU64,
 }
 
 /// A per-server metric: name, type, help, and how to read it.
@@ -210,7 +208,8 @@ pub fn render(snapshot: &Snapshot, rejections: &Rejections, listeners: &[Listene
     let _ = writeln!(
         out,
         "{REJECTED_TOTAL}{{reason=\"rate_limited\"}} {}",
-        rejections.rate_limited.load(Ordering::Relaxed)
+        // Counted once per request, per listener; the total is their sum.
+        listeners.iter().map(|l| l.rate_limited.load(Ordering::Relaxed)).sum::<u64>()
     );
     render_listeners(&mut out, snapshot, listeners);
     render_sticky(&mut out, snapshot);

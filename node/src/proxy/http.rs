@@ -91,7 +91,6 @@ impl HttpProxy {
             if let Some(limiter) = decision.rate_limit {
                 let key = ClientKey::from_request(limiter.config(), req.headers(), peer.ip());
                 if let RateDecision::Limit { retry_after } = limiter.check(&key, started) {
-                    self.rejections.rate_limited.fetch_add(1, Ordering::Relaxed);
                     self.rate_limited.fetch_add(1, Ordering::Relaxed);
                     return too_many_requests(retry_after).map(Either::Right);
                 }
