@@ -373,6 +373,9 @@ mod tests {
         assert_eq!(store.get("app", "10.0.0.1").await, Ok(None));
         store.put("app", "10.0.0.1", "b", Duration::from_secs(60));
         eventually("the write lands", async || store.get("app", "10.0.0.1").await == Ok(Some("b".into()))).await;
+        // The writer counts a batch after reading Redis's reply, which can come after another
+        // connection already sees the key: wait for the count rather than race it.
+        eventually("the write is counted", async || store.stats().written >= 1).await;
         assert_eq!(store.stats().written, 1);
         // The key is namespaced and has a TTL.
         let client = redis::Client::open(url.as_str()).unwrap();
