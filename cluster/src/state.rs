@@ -35,8 +35,19 @@
 //! exhaust memory. Each [`Command::PutStickyBatch`] first prunes entries that expired at the
 //! proposer's time, then inserts, then — if still over the bound — evicts the entries that
 //! expire soonest. Reads ([`StickyTable::get`]) ignore expired entries even before pruning.
+//!
+//! # Why persistent maps
+//!
+//! The state machine publishes an `Arc<ClusterState>` after every applied batch and mutates it
+//! with `Arc::make_mut`; readers hold the published copy, so every batch used to clone the whole
+//! state — a cost that grew with the sticky table (1M entries: hundreds of ms per batch, which
+//! also delayed every config change behind it). The sticky table is therefore kept in `imbl`'s
+//! B-tree maps, whose clones share structure: a clone is O(1) and an insert copies only the
+//! O(log n) nodes on its path.
 
 use std::collections::{BTreeMap, BTreeSet};
+
+use imbl::{OrdMap, OrdSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -86,7 +97,7 @@ pub struct StickyBinding {
 #[derive(Serialize, Deserialize)]
 struct StickyRepr {
     capacity: usize,
-    entries: BTreeMap<String, BTreeMap<String, StickyBinding>>,
+    entries: OrdMap<String, OrdMap<String, StickyBinding>>,
 }
 
 /// The sticky-session table: pool → key → binding, with a TTL per entry and a size bound.
@@ -94,9 +105,9 @@ struct StickyRepr {
 #[serde(from = "StickyRepr", into = "StickyRepr")]
 pub struct StickyTable {
     capacity: usize,
-    entries: BTreeMap<String, BTreeMap<String, StickyBinding>>,
+    entries: OrdMap<String, OrdMap<String, StickyBinding>>,
     /// (expires_at_ms, pool, key): the order in which entries are pruned and evicted.
-    by_expiry: BTreeSet<(u64, String, String)>,
+    by_expiry: OrdSet<(u64, String, String)>,
 }
 
 impl From<StickyRepr> for StickyTable {
@@ -125,7 +136,7 @@ impl Default for StickyTable {
 impl StickyTable {
     /// An empty table holding at most `capacity` entries.
     pub fn with_capacity(capacity: usize) -> Self {
-        StickyTable { capacity, entries: BTreeMap::new(), by_expiry: BTreeSet::new() }
+        StickyTable { capacity, entries: OrdMap::new(), by_expiry: OrdSet::new() }
     }
 
     /// Number of entries (expired ones not yet pruned included).
@@ -173,11 +184,11 @@ impl StickyTable {
     /// Removes entries expired at `now_ms`; returns how many.
     fn prune(&mut self, now_ms: u64) -> usize {
         let mut n = 0;
-        while let Some((exp, _, _)) = self.by_expiry.first() {
+        while let Some((exp, _, _)) = self.by_expiry.get_min() {
             if *exp > now_ms {
                 break;
             }
-            if let Some((_, pool, key)) = self.by_expiry.pop_first() {
+            if let Some((_, pool, key)) = self.by_expiry.remove_min() {
                 self.remove(&pool, &key);
                 n += 1;
             }
@@ -189,7 +200,7 @@ impl StickyTable {
     fn shrink_to_capacity(&mut self) -> usize {
         let mut n = 0;
         while self.by_expiry.len() > self.capacity {
-            match self.by_expiry.pop_first() {
+            match self.by_expiry.remove_min() {
                 Some((_, pool, key)) => {
                     self.remove(&pool, &key);
                     n += 1;
@@ -200,12 +211,13 @@ impl StickyTable {
         n
     }
 
-    /// Drops entries for which `keep(pool, server)` is false.
-    fn retain_servers(&mut self, keep: impl Fn(&str, &str) -> bool) {
-        let doomed: Vec<(String, String)> =
-            self.iter().filter(|(p, _, b)| !keep(p, &b.server)).map(|(p, k, _)| (p.to_owned(), k.to_owned())).collect();
-        for (p, k) in doomed {
-            self.remove(&p, &k);
+    /// Drops the entries of `pool` bound to a server for which `gone(server)` is true. Only
+    /// that pool's entries are scanned.
+    fn forget_servers(&mut self, pool: &str, gone: impl Fn(&str) -> bool) {
+        let Some(keys) = self.entries.get(pool) else { return };
+        let doomed: Vec<String> = keys.iter().filter(|(_, b)| gone(&b.server)).map(|(k, _)| k.clone()).collect();
+        for k in doomed {
+            self.remove(pool, &k);
         }
     }
 }
@@ -283,7 +295,7 @@ impl ClusterState {
         if *config == self.config {
             return Outcome::Applied { changed: false };
         }
-        self.config = config.clone();
+        let old = std::mem::replace(&mut self.config, config.clone());
         let cfg = &self.config;
         let exists =
             |pool: &str, server: &str| cfg.pools.get(pool).is_some_and(|p| p.servers.iter().any(|s| s.name == server));
@@ -295,7 +307,13 @@ impl ClusterState {
             servers.retain(|s, _| exists(pool, s));
         }
         self.health.retain(|_, m| !m.is_empty());
-        self.sticky.retain_servers(exists);
+        // Every binding names a server of the config it was stored under (`put_sticky` checks),
+        // so only pools that lost a server need a scan — not the whole table per config change.
+        for (name, pool) in &old.pools {
+            if pool.servers.iter().any(|s| !exists(name, &s.name)) {
+                self.sticky.forget_servers(name, |server| !exists(name, server));
+            }
+        }
         Outcome::Applied { changed: true }
     }
 
