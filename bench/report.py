@@ -16,11 +16,12 @@ CASES = {
     "6": "HTTP/2 front end (h2c), h2load",
     "7": "idle keep-alive connections: RSS per connection",
 }
-ORDER = ["direct", "haproxy", "nginx", "keel", "keel-2w"]
+ORDER = ["direct", "haproxy", "nginx", "keel", "keel-2w", "keel-cluster"]
 LABEL = {"direct": "direct", "haproxy": "HAProxy", "nginx": "nginx", "keel": "keel",
-         "keel-2w": "keel, 2 workers, unpinned"}
+         "keel-2w": "keel, 2 workers, unpinned",
+         "keel-cluster": "keel, active node of a 3-node cluster, sticky source_ip over Raft"}
 COLOR = {"direct": "#9e9e9e", "haproxy": "#1f77b4", "nginx": "#2ca02c", "keel": "#d62728",
-         "keel-2w": "#ff7f0e"}
+         "keel-2w": "#ff7f0e", "keel-cluster": "#9467bd"}
 
 raw, meta, out_md, out_svg = sys.argv[1:5]
 rows = defaultdict(list)
@@ -90,6 +91,11 @@ for case in cases:
         lines.append(f"| {case}. {CASES[case]} | {LABEL[who]} | {rate} | {fmt(a['p50'], 2)} | "
                      f"{fmt(a['p99'], 2)} | {fmt(a['cpu'], 2)} | {fmt(a['us'], 1)} | "
                      f"{fmt(a['rss'] / 1024 if a['rss'] else None, 1)} | {r_h} | {r_d} | {a['err']} |")
+# Relative to standalone keel in the same run: what the second worker and the cluster cost/buy.
+for who in ("keel-2w", "keel-cluster"):
+    m, k = key_metric("1", who), key_metric("1", "keel")
+    if m and k:
+        lines.append(f"\n{LABEL[who]}: {m / k:.2f}× standalone keel's req/s in case 1")
 table = "\n".join(lines)
 meta_text = open(meta).read().strip()
 notes = ("Ratios compare the median req/s (case 7: KiB per idle connection, lower is better, "
