@@ -21,14 +21,37 @@
 //! the metrics is aged locally by the time since it was reported and re-evaluated every
 //! heartbeat, so a leader whose core stalls or whose quorum vanishes turns `false` within one
 //! lease — before any other node can have been elected. The VIP logic follows this channel.
+//!
+//! # Witnesses
+//!
+//! A witness votes but must not lead while a data node could (it never holds the VIP). It runs
+//! the **same** heartbeat, election timeout and lease as the data nodes, with openraft's
+//! `enable_elect = false`: it never stands by timer. Why the same lease matters: a follower
+//! refuses votes until a lease has passed since it last heard from the leader, so in a pair the
+//! surviving data node's election (lease + its election timeout after the last heartbeat) finds
+//! the witness's vote already free, and a pair fails over as fast as a three-node cluster. (An
+//! earlier version gave the witness 4× longer timeouts instead; its 4× lease then held the
+//! survivor's vote back for ≈ 0.8 s.)
+//!
+//! Only the witness can lead when it holds entries the surviving data node lacks: it refuses
+//! that node its vote (log check), and nobody else votes. `witness_watchdog` covers this: when
+//! no AppendEntries from a leader arrived for [`WITNESS_STAND_AFTER`] × election max (800 ms
+//! by default — a live data node wins within lease + election max + a round trip ≈ 2 × election
+//! max, so the witness never races one), the witness triggers an election, wins with the data
+//! node's vote, replicates what it lacks, and `reclaim_from_witness` on the data node then
+//! takes leadership back.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::raft::AppendEntriesResponse;
 use openraft::{ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -37,16 +60,128 @@ use tokio::task::JoinHandle;
 
 use crate::command::{Command, Outcome, Proposal};
 use crate::model::Config;
-use crate::network::{dispatch_to, NetworkFactory, RaftServer};
+use crate::network::{dispatch_to, Dispatch, NetworkFactory, RaftServer, RpcRequest, RpcResponse};
 use crate::state::ClusterState;
 use crate::store;
 use crate::types::{NodeInfo, Raft};
 
-/// How much longer a witness waits before standing for election than a data node.
-pub const WITNESS_ELECTION_FACTOR: u64 = 4;
+/// A witness stands for election only after this many election-max periods without hearing
+/// from any leader (see [`witness_watchdog`]).
+pub const WITNESS_STAND_AFTER: u32 = 4;
+/// Once standing, a witness retries at most this many election-max periods apart.
+const WITNESS_RETRY_MAX: u32 = 8;
 
 /// How often a data node checks whether a witness leads (and then stands for election).
 const WITNESS_RECLAIM_EVERY: Duration = Duration::from_secs(1);
+
+/// What a witness saw of the others, for [`witness_watchdog`]: when it last accepted an
+/// AppendEntries (heartbeat or entries) from a leader, and when it last refused a candidate its
+/// vote because the witness's own log is longer. openraft 0.9's metrics keep naming a dead
+/// leader until a new vote, so they cannot tell "no leader for a while".
+struct LeaderContact {
+    /// Its start: a witness that just started has heard nothing yet, which counts as silence.
+    epoch: tokio::time::Instant,
+    last_append_ms: AtomicU64,
+    last_refused_by_log_ms: AtomicU64,
+}
+
+impl LeaderContact {
+    fn new() -> Self {
+        LeaderContact {
+            epoch: tokio::time::Instant::now(),
+            last_append_ms: AtomicU64::new(0),
+            last_refused_by_log_ms: AtomicU64::new(NEVER),
+        }
+    }
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+    /// Time since the event recorded in `at` (`Duration::MAX` if it never happened).
+    fn since(&self, at: &AtomicU64) -> Duration {
+        match at.load(Ordering::Relaxed) {
+            NEVER => Duration::MAX,
+            t => Duration::from_millis(self.now_ms().saturating_sub(t)),
+        }
+    }
+}
+
+/// "Never happened" in [`LeaderContact`]'s millisecond fields.
+const NEVER: u64 = u64::MAX;
+
+/// Wraps `inner` so that `contact` learns of every AppendEntries a current leader sent (any
+/// answer but "your vote is stale") and of every vote refused because this node's log is
+/// longer than the candidate's.
+fn noting_leader_contact(inner: Dispatch, contact: Arc<LeaderContact>) -> Dispatch {
+    Arc::new(move |req: RpcRequest| -> Pin<Box<dyn Future<Output = RpcResponse> + Send>> {
+        let candidate_log = match &req {
+            RpcRequest::Vote(v) => Some(v.last_log_id),
+            _ => None,
+        };
+        let append = matches!(req, RpcRequest::AppendEntries(_));
+        let fut = inner(req);
+        let contact = contact.clone();
+        Box::pin(async move {
+            let resp = fut.await;
+            match (&resp, candidate_log) {
+                (RpcResponse::AppendEntries(r), _) if append && !matches!(r, AppendEntriesResponse::HigherVote(_)) => {
+                    contact.last_append_ms.store(contact.now_ms(), Ordering::Relaxed);
+                }
+                (RpcResponse::Vote(v), Some(theirs)) if !v.vote_granted && v.last_log_id > theirs => {
+                    contact.last_refused_by_log_ms.store(contact.now_ms(), Ordering::Relaxed);
+                }
+                _ => {}
+            }
+            resp
+        })
+    })
+}
+
+/// On a witness (which runs with `enable_elect = false`): stand for election only when no
+/// leader has been heard from for [`WITNESS_STAND_AFTER`] × election max **and** the witness
+/// refused a candidate its vote for a shorter log within that time. That is the one case no
+/// data node can win — the surviving data node lacks entries the witness holds — so the
+/// witness must lead to bring it up to date (`reclaim_from_witness` then hands leadership
+/// back). Both conditions matter: a witness that just restarted hears nothing until the
+/// leader's replication reconnects, and standing then would depose a healthy leader (a leader
+/// grants a higher term its vote once its own election is a lease old). Retries back off from one to
+/// [`WITNESS_RETRY_MAX`] election-max periods: a retry soon after a lost attempt carries the
+/// higher term learned from it, so it beats a data node that keeps re-electing.
+async fn witness_watchdog(raft: Raft, contact: Arc<LeaderContact>, election_max: Duration) {
+    let stand_after = election_max * WITNESS_STAND_AFTER;
+    let mut retry = election_max;
+    let mut tick = tokio::time::interval(election_max);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_attempt = tokio::time::Instant::now();
+    loop {
+        tick.tick().await;
+        let (running, leader, voter) = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            (
+                m.running_state.is_ok(),
+                m.state == ServerState::Leader,
+                m.membership_config.voter_ids().any(|v| v == m.id),
+            )
+        };
+        if !running {
+            return;
+        }
+        let silent = contact.since(&contact.last_append_ms);
+        let refused = contact.since(&contact.last_refused_by_log_ms);
+        if leader || !voter || silent < stand_after || refused > stand_after {
+            retry = election_max;
+            continue;
+        }
+        let now = tokio::time::Instant::now();
+        if now < next_attempt {
+            continue;
+        }
+        tracing::info!(target: "keel::raft", silent_ms = silent.as_millis(), "a witness stands for election: no leader heard from");
+        let _ = raft.trigger().elect().await;
+        next_attempt = now + retry;
+        retry = (retry * 2).min(election_max * WITNESS_RETRY_MAX);
+    }
+}
 
 /// On a data node: while a witness is the leader, stand for election so a node that can hold
 /// the VIP leads again. Bounded to one attempt per [`WITNESS_RECLAIM_EVERY`].
@@ -75,6 +210,7 @@ pub const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(25);
 pub const DEFAULT_ELECTION_MIN: Duration = Duration::from_millis(100);
 /// Default upper bound of the randomized election timeout (and the leader lease).
 pub const DEFAULT_ELECTION_MAX: Duration = Duration::from_millis(200);
+
 /// How long [`ClusterHandle::propose`] waits for a commit before answering
 /// [`ProposeError::NoQuorum`].
 pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -318,17 +454,17 @@ impl ClusterNode {
         let (log, sm) = store::open(&settings.data_dir).map_err(|e| ClusterError::Storage(e.to_string()))?;
         let state = sm.subscribe();
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        // A witness must not end up leading: it never holds the VIP, so a witness leader leaves
-        // the service without an address. openraft 0.9 cannot transfer leadership, so a witness
-        // waits WITNESS_ELECTION_FACTOR times longer before standing for election: every live
-        // data node times out and wins first. (If a witness still leads — only data nodes that
-        // were all down came back — `reclaim_from_witness` makes a data node stand.)
-        let factor = if settings.witness { WITNESS_ELECTION_FACTOR } else { 1 };
+        // A witness must not end up leading while a data node could: it never holds the VIP, so
+        // a witness leader leaves the service without an address, and openraft 0.9 cannot
+        // transfer leadership. It runs the same timeouts (so the same lease: its vote is free as
+        // soon as a data node's is) but never starts an election by timer; `witness_watchdog`
+        // stands only when no leader has been heard from for a long time.
         let config = openraft::Config {
             cluster_name: settings.cluster_id.clone(),
             heartbeat_interval: ms(settings.heartbeat),
-            election_timeout_min: ms(settings.election_min) * factor,
-            election_timeout_max: ms(settings.election_max) * factor,
+            election_timeout_min: ms(settings.election_min),
+            election_timeout_max: ms(settings.election_max),
+            enable_elect: !settings.witness,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(store::SNAPSHOT_EVERY),
             max_in_snapshot_log_to_keep: 1_000,
             install_snapshot_timeout: 30_000,
@@ -345,9 +481,14 @@ impl ClusterNode {
         let raft = Raft::new(settings.node_id, Arc::new(config), network, log, sm)
             .await
             .map_err(|e| ClusterError::Raft(e.to_string()))?;
-        let server =
-            RaftServer::start(listener, settings.node_id, settings.cluster_id.clone(), dispatch_to(raft.clone()))
-                .map_err(|source| ClusterError::Bind { addr: raft_addr, source })?;
+        let mut dispatch = dispatch_to(raft.clone());
+        if settings.witness {
+            let contact = Arc::new(LeaderContact::new());
+            dispatch = noting_leader_contact(dispatch, contact.clone());
+            tokio::spawn(witness_watchdog(raft.clone(), contact, settings.election_max));
+        }
+        let server = RaftServer::start(listener, settings.node_id, settings.cluster_id.clone(), dispatch)
+            .map_err(|source| ClusterError::Bind { addr: raft_addr, source })?;
         let (lead_tx, leadership) = watch::channel(false);
         let leadership_task =
             tokio::spawn(watch_leadership(raft.clone(), lead_tx, settings.election_max, settings.heartbeat));
