@@ -282,11 +282,20 @@ fn serve(
     prepare: impl std::future::Future<Output = anyhow::Result<config::NodeFile>>,
     banner: Option<String>,
 ) -> ExitCode {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // One worker means one thread: a current-thread runtime runs every task on the thread that
+    // calls `block_on`. A one-worker multi-thread runtime would instead park the main thread in
+    // `block_on` and run the tasks on a second thread, and the two wake each other (futex,
+    // eventfd) all the time; measured here that costs CPU per request for nothing.
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if workers > 0 {
+            b.worker_threads(workers);
+        }
+        b
+    };
     builder.enable_all().thread_name("keel-worker");
-    if workers > 0 {
-        builder.worker_threads(workers);
-    }
     let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
