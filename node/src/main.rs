@@ -13,6 +13,15 @@ use keel_node::daemon::{self, Daemon};
 use keel_node::demo;
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc instead of glibc malloc, for memory more than for speed. glibc never gave back the
+/// heap grown by a burst of connections: after 3,000 idle keep-alive connections had come and
+/// gone, keel stayed at 84 MiB (and at ~250 MiB after 10,000, for the rest of the process);
+/// with mimalloc it is back to ~20 MiB as soon as traffic resumes, and an idle connection costs
+/// 19 KiB instead of 22.7. On the request path (many small short-lived allocations: header
+/// maps, futures, bodies) glibc's malloc/free took ~4.7 % of a keep-alive profile, mimalloc ~3 %.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// keel: a highly-available HTTP load balancer.
 #[derive(Parser)]
 #[command(name = "keel", version, about, propagate_version = true)]
