@@ -13,6 +13,15 @@ use keel_node::daemon::{self, Daemon};
 use keel_node::demo;
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc instead of glibc malloc, for memory more than for speed. glibc never gave back the
+/// heap grown by a burst of connections: after 3,000 idle keep-alive connections had come and
+/// gone, keel stayed at 84 MiB (and at ~250 MiB after 10,000, for the rest of the process);
+/// with mimalloc it is back to ~20 MiB as soon as traffic resumes, and an idle connection costs
+/// 19 KiB instead of 22.7. On the request path (many small short-lived allocations: header
+/// maps, futures, bodies) glibc's malloc/free took ~4.7 % of a keep-alive profile, mimalloc ~3 %.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// keel: a highly-available HTTP load balancer.
 #[derive(Parser)]
 #[command(name = "keel", version, about, propagate_version = true)]
@@ -282,11 +291,20 @@ fn serve(
     prepare: impl std::future::Future<Output = anyhow::Result<config::NodeFile>>,
     banner: Option<String>,
 ) -> ExitCode {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // One worker means one thread: a current-thread runtime runs every task on the thread that
+    // calls `block_on`. A one-worker multi-thread runtime would instead park the main thread in
+    // `block_on` and run the tasks on a second thread, and the two wake each other (futex,
+    // eventfd) all the time; measured here that costs CPU per request for nothing.
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if workers > 0 {
+            b.worker_threads(workers);
+        }
+        b
+    };
     builder.enable_all().thread_name("keel-worker");
-    if workers > 0 {
-        builder.worker_threads(workers);
-    }
     let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -37,6 +37,11 @@ pub type UpstreamClient = Client<UpstreamConnector, UpstreamBody>;
 
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 
+/// The process's time base, the zero of [`now_millis`].
+pub fn epoch() -> Instant {
+    *EPOCH
+}
+
 /// Milliseconds since the process's time base: how ejection deadlines are stored in an atomic.
 pub fn now_millis() -> u64 {
     u64::try_from(EPOCH.elapsed().as_millis()).unwrap_or(u64::MAX)

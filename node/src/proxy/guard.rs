@@ -29,7 +29,7 @@ use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::h1scan::H1Scanner;
-use crate::pool::now_millis;
+use crate::pool::{epoch, now_millis};
 
 const BAD_REQUEST: &[u8] =
     b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: 32\r\nconnection: close\r\n\r\nbad request: ambiguous framing\r\n";
@@ -92,6 +92,9 @@ pub struct GuardedIo<T> {
     opened: Instant,
     head_started: Option<Instant>,
     timer: Pin<Box<tokio::time::Sleep>>,
+    /// The instant `timer` is set to. It may be earlier than the current deadline (see
+    /// [`GuardedIo::poll_deadline`]), never later.
+    armed: Instant,
     /// A response to write before closing, and how much of it is written.
     closing: Option<(&'static [u8], usize)>,
     closed: bool,
@@ -102,6 +105,7 @@ impl<T> GuardedIo<T> {
     /// (TLS with ALPN `h2`); `max_head` is the head size beyond which hyper answers 431.
     pub fn new(inner: T, activity: Arc<ConnActivity>, deadlines: Deadlines, scan_h1: bool, max_head: usize) -> Self {
         let now = Instant::now();
+        let first = now + deadlines.header_timeout;
         GuardedIo {
             inner,
             activity,
@@ -109,7 +113,8 @@ impl<T> GuardedIo<T> {
             deadlines,
             opened: now,
             head_started: None,
-            timer: Box::pin(tokio::time::sleep_until((now + deadlines.header_timeout).into())),
+            timer: Box::pin(tokio::time::sleep_until(first.into())),
+            armed: first,
             closing: None,
             closed: false,
         }
@@ -136,9 +141,32 @@ impl<T> GuardedIo<T> {
         if self.activity.requests.load(Ordering::Acquire) == 0 {
             return Some((self.opened + self.deadlines.header_timeout, b""));
         }
-        let idle_for = now_millis().saturating_sub(self.activity.idle_since_ms.load(Ordering::Acquire));
-        let left = self.deadlines.idle_timeout.saturating_sub(Duration::from_millis(idle_for));
-        Some((Instant::now() + left, b""))
+        // Derived from the stored stamp alone, so the same idle period always yields the same
+        // instant: that is what lets `poll_deadline` tell a stale timer from a due one.
+        let idle_since = Duration::from_millis(self.activity.idle_since_ms.load(Ordering::Acquire));
+        Some((epoch() + idle_since + self.deadlines.idle_timeout, b""))
+    }
+
+    /// Enforces `deadline` with as few timer updates as possible. Each finished request moves
+    /// the idle deadline later; moving a tokio timer on every read would cost a timer update
+    /// per request, so the timer is only ever moved *earlier* (a partial head's deadline).
+    /// When it fires for an instant that has since moved on, it is re-armed once for the
+    /// current deadline: on a busy keep-alive connection that is one update per
+    /// `header_timeout`, not one per request.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>, deadline: Instant) -> Poll<()> {
+        if self.armed > deadline {
+            self.timer.as_mut().reset(deadline.into());
+            self.armed = deadline;
+        }
+        if self.timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        if self.armed == deadline {
+            return Poll::Ready(());
+        }
+        self.timer.as_mut().reset(deadline.into());
+        self.armed = deadline;
+        self.timer.as_mut().poll(cx)
     }
 }
 
@@ -215,14 +243,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedIo<T> {
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
                 let Some((deadline, response)) = this.deadline() else { return Poll::Pending };
-                if Instant::now() >= deadline {
-                    return this.close_with(cx, response);
+                match this.poll_deadline(cx, deadline) {
+                    Poll::Ready(()) => this.close_with(cx, response),
+                    Poll::Pending => Poll::Pending,
                 }
-                this.timer.as_mut().reset(deadline.into());
-                if this.timer.as_mut().poll(cx).is_ready() {
-                    return this.close_with(cx, response);
-                }
-                Poll::Pending
             }
         }
     }

@@ -7,6 +7,7 @@
 
 use std::net::IpAddr;
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Headers that are always hop-by-hop.
@@ -64,7 +65,8 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static st
         Some(prior) if !prior.trim().is_empty() => format!("{prior}, {client}"),
         _ => client.to_string(),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    // The string's buffer becomes the header value's: validated, not copied again.
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(xff)) {
         headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));

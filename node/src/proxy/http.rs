@@ -141,10 +141,15 @@ impl HttpProxy {
         if body.size_hint().lower() > self.body_limits.max_bytes {
             return Err(ProxyError::new(ErrorKind::PayloadTooLarge, Some(&pool.name), None));
         }
-        // Only an empty body can be sent again.
-        let verdict = Arc::new(BodyVerdict::default());
-        let mut body =
-            if body.is_end_stream() { None } else { Some(ClientBody::new(body, self.body_limits, verdict.clone())) };
+        // Only an empty body can be sent again. The verdict exists only where a body does: most
+        // requests have none and need not pay an allocation for it.
+        let (mut body, verdict) = if body.is_end_stream() {
+            (None, None)
+        } else {
+            let verdict = Arc::new(BodyVerdict::default());
+            (Some(ClientBody::new(body, self.body_limits, verdict.clone())), Some(verdict))
+        };
+        let body_fault = || verdict.as_deref().and_then(BodyVerdict::fault);
         let replayable = body.is_none();
         let hash = if pool.config.algorithm == Algorithm::IpHash { client_hash(peer) } else { 0 };
 
@@ -206,9 +211,9 @@ impl HttpProxy {
                     }
                     return Err(last_error);
                 }
-                Ok(Err(_)) if verdict.fault().is_some() => {
+                Ok(Err(_)) if body_fault().is_some() => {
                     // The client's body broke the exchange, not the server.
-                    let kind = match verdict.fault() {
+                    let kind = match body_fault() {
                         Some(BodyFault::TooLarge) => ErrorKind::PayloadTooLarge,
                         Some(BodyFault::TooSlow) => ErrorKind::RequestTimeout,
                         _ => ErrorKind::BadRequest,
