@@ -38,9 +38,7 @@ const REPORT_BACKOFF: Duration = Duration::from_millis(200);
 pub async fn start(section: &ClusterSection, node: &NodeSettings) -> Result<ClusterHandle, DaemonError> {
     let mut settings =
         ClusterSettings::new(section.node_id, section.raft, node.admin, section.data_dir.clone(), &section.cluster_id);
-    settings.heartbeat = section.heartbeat.get();
-    settings.election_min = section.election_min.get();
-    settings.election_max = section.election_max.get();
+    (settings.heartbeat, settings.election_min, settings.election_max) = section.timings();
     settings.witness = section.witness;
     let handle = ClusterNode::start(settings).await.map_err(|e| DaemonError::Cluster(e.to_string()))?;
     tracing::info!(target: "keel::raft", node = section.node_id, raft = %section.raft, witness = section.witness,
