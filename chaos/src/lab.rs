@@ -49,6 +49,9 @@ pub struct LabSpec {
     /// Extra `[cluster]` lines for every node (`profile = "fast"`, explicit timings); empty:
     /// keel's default timings.
     pub cluster_extra: String,
+    /// When not empty, the witness's extra `[cluster]` lines instead of `cluster_extra`: to
+    /// measure a witness with other timings than the data nodes.
+    pub witness_extra: String,
 }
 
 /// Paths of the binaries the lab runs.
@@ -307,7 +310,8 @@ fall = 2
 {servers}"#,
                 token = self.dir.path().join("token").display(),
                 data = node_dir.join("data").display(),
-                profile = spec.cluster_extra,
+                profile =
+                    if witness && !spec.witness_extra.is_empty() { &spec.witness_extra } else { &spec.cluster_extra },
                 // keel refuses a [vip] section on a witness.
                 vip = if witness {
                     String::new()

@@ -31,7 +31,13 @@ fn keepalived_pair_side_by_side() {
     let mut runs = Vec::new();
     for advert_ms in [1000, 100] {
         let bins = Bins::new(PathBuf::from(env!("CARGO_BIN_EXE_chaos-probe")));
-        let spec = LabSpec { nodes: 2, witness_last: false, backends: 1, cluster_extra: String::new() };
+        let spec = LabSpec {
+            nodes: 2,
+            witness_last: false,
+            backends: 1,
+            cluster_extra: String::new(),
+            witness_extra: String::new(),
+        };
         let mut lab = Lab::build(&spec, bins).unwrap();
         let pair = Pair { bin: bin.clone(), advert_ms };
         let dump = |lab: &Lab, e: String| -> ! {

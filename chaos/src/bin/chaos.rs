@@ -15,9 +15,10 @@
 //! kill and link-cut faults against a keepalived pair, advert 1 s and 100 ms, when keepalived
 //! is on PATH), `all` (everything but `load`; `keepalived` when available). `--profile` sets
 //! `[cluster] profile` on every node, `--timings 10ms,40ms,80ms` explicit heartbeat and
-//! election timeouts. Prints one line per fault, p50/p99/max of the outages,
-//! and keel next to keepalived; exits 1 on any split-brain sample or problem of keel's
-//! (keepalived's figures are a reference and never fail the run).
+//! election timeouts, `--witness-timings` other ones for the witness of the `pair` lab. Prints
+//! one line per fault, p50/p99/max of the outages, and keel next to keepalived; exits 1 on any
+//! split-brain sample or problem of keel's (keepalived's figures are a reference and never fail
+//! the run).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,6 +35,7 @@ struct Args {
     seed: u64,
     profile: Option<String>,
     timings: Option<String>,
+    witness_timings: Option<String>,
     keepalived_runs: usize,
     load_secs: u64,
 }
@@ -45,6 +47,7 @@ fn parse() -> Result<Args, String> {
         seed: 0x6b65_656c,
         profile: None,
         timings: None,
+        witness_timings: None,
         keepalived_runs: 5,
         load_secs: 30,
     };
@@ -57,13 +60,14 @@ fn parse() -> Result<Args, String> {
             "--seed" => args.seed = value()?.parse().map_err(|e| format!("--seed: {e}"))?,
             "--profile" => args.profile = Some(value()?),
             "--timings" => args.timings = Some(value()?),
+            "--witness-timings" => args.witness_timings = Some(value()?),
             "--keepalived-runs" => {
                 args.keepalived_runs = value()?.parse().map_err(|e| format!("--keepalived-runs: {e}"))?
             }
             "--load-secs" => args.load_secs = value()?.parse().map_err(|e| format!("--load-secs: {e}"))?,
             "-h" | "--help" => {
                 return Err("usage: chaos [--runs N] [--scenario kill|partition|rolling|pair|load|keepalived|all] \
-                     [--profile default|fast] [--timings HB,MIN,MAX] [--keepalived-runs N] [--load-secs N] [--seed N]"
+                     [--profile default|fast] [--timings HB,MIN,MAX] [--witness-timings HB,MIN,MAX] [--keepalived-runs N] [--load-secs N] [--seed N]"
                     .into())
             }
             other => return Err(format!("unknown argument {other}")),
@@ -78,6 +82,15 @@ fn parse() -> Result<Args, String> {
     Ok(args)
 }
 
+/// `heartbeat`, `election_min`, `election_max` lines from `HB,MIN,MAX`.
+fn timing_lines(flag: &str, t: &str) -> Result<String, String> {
+    let v: Vec<&str> = t.split(',').map(str::trim).collect();
+    let [hb, min, max] = v.as_slice() else {
+        return Err(format!("{flag} wants HEARTBEAT,ELECTION_MIN,ELECTION_MAX, got {t:?}"));
+    };
+    Ok(format!("heartbeat = \"{hb}\"\nelection_min = \"{min}\"\nelection_max = \"{max}\"\n"))
+}
+
 /// The `[cluster]` lines `--profile` and `--timings 10ms,40ms,80ms` ask for.
 fn cluster_extra(args: &Args) -> Result<String, String> {
     let mut s = String::new();
@@ -85,16 +98,18 @@ fn cluster_extra(args: &Args) -> Result<String, String> {
         s.push_str(&format!("profile = \"{p}\"\n"));
     }
     if let Some(t) = &args.timings {
-        let v: Vec<&str> = t.split(',').map(str::trim).collect();
-        let [hb, min, max] = v.as_slice() else {
-            return Err(format!("--timings wants HEARTBEAT,ELECTION_MIN,ELECTION_MAX, got {t:?}"));
-        };
-        s.push_str(&format!("heartbeat = \"{hb}\"\nelection_min = \"{min}\"\nelection_max = \"{max}\"\n"));
+        s.push_str(&timing_lines("--timings", t)?);
     }
     Ok(s)
 }
 
-fn lab(witness: bool, cluster_extra: String) -> Result<Lab, String> {
+/// The witness's own timing lines (`--witness-timings`, replacing `--profile`/`--timings` on
+/// the witness): measures a witness slower than the data nodes, as keel's witnesses used to be.
+fn witness_extra(args: &Args) -> Result<String, String> {
+    args.witness_timings.as_deref().map_or(Ok(String::new()), |t| timing_lines("--witness-timings", t))
+}
+
+fn lab(witness: bool, cluster_extra: String, witness_extra: String) -> Result<Lab, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let probe = exe.with_file_name("chaos-probe");
     let keel_default = exe.with_file_name("keel");
@@ -102,11 +117,11 @@ fn lab(witness: bool, cluster_extra: String) -> Result<Lab, String> {
     if std::env::var_os("KEEL_BIN").is_none() && keel_default.exists() {
         bins.keel = keel_default;
     }
-    Lab::build(&LabSpec { nodes: 3, witness_last: witness, backends: 3, cluster_extra }, bins)
+    Lab::build(&LabSpec { nodes: 3, witness_last: witness, backends: 3, cluster_extra, witness_extra }, bins)
 }
 
 fn run_three_node(args: &Args, which: &str, runs: &mut Vec<Run>) -> Result<(), String> {
-    let mut lab = lab(false, cluster_extra(args)?)?;
+    let mut lab = lab(false, cluster_extra(args)?, String::new())?;
     let t_start = now_ms();
     lab.form_cluster()?;
     let c = scenario::commit_state(&mut lab)?;
@@ -134,7 +149,7 @@ fn run_three_node(args: &Args, which: &str, runs: &mut Vec<Run>) -> Result<(), S
 }
 
 fn run_pair(args: &Args, runs: &mut Vec<Run>) -> Result<(), String> {
-    let mut lab = lab(true, cluster_extra(args)?)?;
+    let mut lab = lab(true, cluster_extra(args)?, witness_extra(args)?)?;
     lab.form_cluster()?;
     let c = scenario::commit_state(&mut lab)?;
     let mut rng = fastrand::Rng::with_seed(args.seed);
@@ -158,7 +173,7 @@ fn run_keepalived(args: &Args, reference: &mut Vec<Run>) -> Result<(), String> {
     println!("keepalived: {}", keepalived::describe(&bin));
     for advert_ms in [1000, 100] {
         // A fresh lab per advert interval: no keel node runs in it, only the pair.
-        let mut lab = lab(false, String::new())?;
+        let mut lab = lab(false, String::new(), String::new())?;
         let pair = keepalived::Pair { bin: bin.clone(), advert_ms };
         pair.start(&mut lab)?;
         let mut rng = fastrand::Rng::with_seed(args.seed);
@@ -178,7 +193,7 @@ fn run_keepalived(args: &Args, reference: &mut Vec<Run>) -> Result<(), String> {
 /// No fault: `wrk` through the VIP for `--load-secs` while every node's leader and term are
 /// polled. A profile whose leader loses its lease under load shows up as changes here.
 fn run_load(args: &Args, runs: &mut Vec<Run>) -> Result<(), String> {
-    let mut lab = lab(false, cluster_extra(args)?)?;
+    let mut lab = lab(false, cluster_extra(args)?, String::new())?;
     lab.form_cluster()?;
     let l = lab.wait_stable(scenario::SETTLE_BOUND)?;
     let r = scenario::under_load(&mut lab, l, std::time::Duration::from_secs(args.load_secs))?;
