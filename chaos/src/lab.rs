@@ -46,6 +46,12 @@ pub struct LabSpec {
     pub witness_last: bool,
     /// Backends (1–9).
     pub backends: usize,
+    /// Extra `[cluster]` lines for every node (`profile = "fast"`, explicit timings); empty:
+    /// keel's default timings.
+    pub cluster_extra: String,
+    /// When not empty, the witness's extra `[cluster]` lines instead of `cluster_extra`: to
+    /// measure a witness with other timings than the data nodes.
+    pub witness_extra: String,
 }
 
 /// Paths of the binaries the lab runs.
@@ -124,6 +130,9 @@ pub struct Lab {
     namespaces: Vec<String>,
     backends: Vec<Option<Child>>,
     helpers: Vec<Child>,
+    /// Other processes started inside node namespaces (keepalived and its stand-in web
+    /// server); killed on drop.
+    extra: Vec<Child>,
     watch: Vec<Samples>,
     probes: Arc<Mutex<Vec<Probe>>>,
 }
@@ -185,6 +194,7 @@ impl Lab {
             namespaces: Vec::new(),
             backends: Vec::new(),
             helpers: Vec::new(),
+            extra: Vec::new(),
             watch: Vec::new(),
             probes: Arc::new(Mutex::new(Vec::new())),
         };
@@ -194,6 +204,11 @@ impl Lab {
 
     fn ns(&self, name: &str) -> String {
         format!("{}-{name}", self.prefix)
+    }
+
+    /// The client namespace (prober, admin calls, load generators).
+    pub fn client_ns(&self) -> String {
+        self.ns("c")
     }
 
     /// Directory holding configs, data and logs.
@@ -274,7 +289,7 @@ node_id = {i}
 raft = "{addr}:{RAFT_PORT}"
 data_dir = "{data}"
 witness = {witness}
-
+{profile}
 {vip}[listeners.web]
 bind = "0.0.0.0:{WEB_PORT}"
 default_pool = "app"
@@ -295,6 +310,8 @@ fall = 2
 {servers}"#,
                 token = self.dir.path().join("token").display(),
                 data = node_dir.join("data").display(),
+                profile =
+                    if witness && !spec.witness_extra.is_empty() { &spec.witness_extra } else { &spec.cluster_extra },
                 // keel refuses a [vip] section on a witness.
                 vip = if witness {
                     String::new()
@@ -473,9 +490,75 @@ fall = 2
         let t = now_ms();
         if let Some(mut child) = self.nodes[i].child.take() {
             let _ = child.kill();
+            // Delete the VIP before reaping: on a starved box reaping a large process took
+            // ~0.4 s, longer than a failover, and the stale address then overlapped the new
+            // holder. systemd runs its stop hook as soon as it sees the death; so do we.
+            self.exec_stop_post(i);
             let _ = child.wait();
         }
         self.exec_stop_post(i);
+        Ok(t)
+    }
+
+    /// Deletes the VIP from node `i`'s interface (a stop hook; "not there" is fine).
+    pub fn remove_vip(&self, i: usize) {
+        self.exec_stop_post(i);
+    }
+
+    /// The `chaos-probe` binary (backends, stand-in servers).
+    pub fn probe_bin(&self) -> &Path {
+        &self.bins.probe
+    }
+
+    /// Starts `program args…` inside node `i`'s namespace, output appended to the node's log;
+    /// the process is killed when the lab is dropped.
+    pub fn spawn_in_node(&mut self, i: usize, program: &Path, args: &[String]) -> Result<(), String> {
+        let node = &self.nodes[i];
+        let log = fs::OpenOptions::new().create(true).append(true).open(&node.log).map_err(|e| e.to_string())?;
+        let err = log.try_clone().map_err(|e| e.to_string())?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &node.ns])
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("start {} in node {}: {e}", program.display(), i + 1))?;
+        self.extra.push(child);
+        Ok(())
+    }
+
+    /// SIGKILLs every process in node `i`'s namespace except the lab's own monitor (the whole
+    /// node dies, as with `kill -9` of keel; nothing cleans up after it). Returns the Unix ms
+    /// of the kill.
+    pub fn kill_node_processes(&mut self, i: usize) -> Result<u64, String> {
+        let ours: Vec<String> = self.helpers.iter().map(|c| c.id().to_string()).collect();
+        let pids = ip(&["netns", "pids", &self.nodes[i].ns])?;
+        let t = now_ms();
+        let victims: Vec<&str> = pids.split_whitespace().filter(|p| !ours.iter().any(|o| o == p)).collect();
+        if !victims.is_empty() {
+            // Stop them all first, then kill: killed one by one, keepalived's VRRP child got its
+            // parent's death signal first and shut down gracefully (a priority-0 advert and the
+            // VIP removed) — not what a crash does. One may have exited meanwhile; the others
+            // still die.
+            let _ = run(Command::new("kill").arg("-STOP").args(&victims));
+            let _ = run(Command::new("kill").arg("-KILL").args(&victims));
+        }
+        // Reap the ones we started: an unreaped zombie still "exists" for `kill -0`, and
+        // keepalived then refused to restart ("daemon is already running").
+        self.extra.retain_mut(|c| {
+            if victims.contains(&c.id().to_string().as_str()) {
+                let _ = c.wait();
+                false
+            } else {
+                !matches!(c.try_wait(), Ok(Some(_)))
+            }
+        });
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         Ok(t)
     }
 
@@ -621,7 +704,7 @@ impl Drop for Lab {
                 let _ = c.wait();
             }
         }
-        for c in self.helpers.iter_mut().chain(self.backends.iter_mut().flatten()) {
+        for c in self.helpers.iter_mut().chain(self.extra.iter_mut()).chain(self.backends.iter_mut().flatten()) {
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -8,6 +8,7 @@
 //! - [`scenario`]: the faults — [`scenario::kill_leader`], [`scenario::partition`],
 //!   [`scenario::rolling_restart`], [`scenario::lose_witness`].
 //! - [`report`]: outage percentiles and the split-brain analysis.
+//! - [`keepalived`]: the same faults against a keepalived pair, for figures side by side.
 //! - [`http`]: the tiny HTTP client/server the helper binary uses.
 //!
 //! Binaries: `chaos-probe` (runs inside namespaces: backend, prober, VIP watcher, admin calls)
@@ -15,6 +16,7 @@
 //! test `tests/ci.rs`, run only with `KEEL_NETNS_TESTS=1` as root.
 
 pub mod http;
+pub mod keepalived;
 pub mod lab;
 pub mod report;
 pub mod scenario;

@@ -137,6 +137,36 @@ pub fn summary(runs: &[Run]) -> String {
     s
 }
 
+/// One line per scenario — trials, outage p50/p99/max, overlap samples — under a heading, for
+/// putting keel and keepalived side by side.
+pub fn side_by_side(groups: &[(&str, &[Run])]) -> String {
+    let mut s = format!(
+        "{:<22} {:<16} {:>6} {:>8} {:>8} {:>8} {:>8}\n",
+        "who", "scenario", "trials", "p50 ms", "p99 ms", "max ms", "overlap"
+    );
+    for (who, runs) in groups {
+        let mut names: Vec<&str> = runs.iter().map(|r| r.scenario.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        for name in names {
+            let these: Vec<&Run> = runs.iter().filter(|r| r.scenario == name).collect();
+            let outages: Vec<u64> = these.iter().filter_map(|r| r.outage_ms).collect();
+            let cell = |v: Option<u64>| v.map_or("-".to_owned(), |x| x.to_string());
+            let missing = these.len() - outages.len();
+            s.push_str(&format!(
+                "{who:<22} {name:<16} {:>6} {:>8} {:>8} {:>8} {:>8}{}\n",
+                these.len(),
+                cell(percentile(&outages, 0.5)),
+                cell(percentile(&outages, 0.99)),
+                cell(outages.iter().max().copied()),
+                these.iter().map(|r| r.overlap).sum::<usize>(),
+                if missing > 0 { format!("  ({missing} never recovered)") } else { String::new() },
+            ));
+        }
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -334,3 +334,105 @@ pub fn lose_witness(lab: &mut Lab, run_no: usize, c: &Committed) -> Result<Run, 
     wait_rejoin(lab, w, c.commit, SETTLE_BOUND)?;
     Ok(run)
 }
+
+/// No fault: `wrk` (which must be on PATH) drives full HTTP load through the VIP from the client
+/// namespace for `secs`, while every node's leader and term are polled every 250 ms. Any
+/// leader or term change, or the VIP moving, is a problem: a timing profile that flaps under
+/// load is worse than a slower one. The outage is the longest run of failed probes.
+pub fn under_load(lab: &mut Lab, leader: usize, secs: Duration) -> Result<Run, String> {
+    let t0 = now_ms();
+    let before = cluster_u64(lab, leader, "term").ok_or("no term from the leader")?;
+    // A lease that lapses for a moment releases and re-claims the VIP on the same node, too
+    // fast for the 10 ms monitor: the controller's counters catch it.
+    let vip_counts = |lab: &Lab| {
+        lab.admin_json(leader, "/status").ok().map(|v| (v["vip"]["claims"].as_u64(), v["vip"]["releases"].as_u64()))
+    };
+    let counts_before = vip_counts(lab);
+    let mut wrk = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.client_ns(), "wrk", "-t2", "-c64", "--timeout", "2s"])
+        .arg(format!("-d{}s", secs.as_secs()))
+        .arg(format!("http://{}:{}/", crate::lab::VIP, crate::lab::WEB_PORT))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("wrk: {e} (apt-get install wrk)"))?;
+    let deadline = std::time::Instant::now() + secs + Duration::from_secs(15);
+    let mut seen: Vec<(usize, u64, u64)> = Vec::new(); // (node, leader, term) whenever it changes
+    let mut last: Vec<Option<(u64, u64)>> = vec![None; lab.nodes.len()];
+    let status = loop {
+        for (i, slot) in last.iter_mut().enumerate() {
+            let Ok(v) = lab.admin_json(i, "/cluster/status") else { continue };
+            if let (Some(l), Some(t)) = (v["leader_id"].as_u64(), v["term"].as_u64()) {
+                if *slot != Some((l, t)) {
+                    *slot = Some((l, t));
+                    seen.push((i, l, t));
+                }
+            }
+        }
+        match wrk.try_wait() {
+            Ok(Some(st)) => break Ok(st),
+            Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(250)),
+            Ok(None) => {
+                let _ = wrk.kill();
+                let _ = wrk.wait();
+                break Err("wrk ran past its deadline".to_owned());
+            }
+            Err(e) => break Err(format!("wrk: {e}")),
+        }
+    };
+    let mut out = String::new();
+    if let Some(mut o) = wrk.stdout.take() {
+        use std::io::Read;
+        let _ = o.read_to_string(&mut out);
+    }
+    let t1 = now_ms();
+    let after = cluster_u64(lab, leader, "term");
+    let mut problems = Vec::new();
+    if let Err(e) = status {
+        problems.push(e);
+    }
+    // The first poll of each node records its starting view; anything beyond is a change.
+    let changes = seen.len().saturating_sub(lab.nodes.len());
+    if changes > 0 || after != Some(before) {
+        problems.push(format!(
+            "leadership changed under load: term {before} -> {after:?}, {changes} change(s) seen: {seen:?}"
+        ));
+    }
+    let counts_after = vip_counts(lab);
+    if counts_before != counts_after {
+        problems.push(format!(
+            "the leader released and re-claimed the VIP under load: (claims, releases) {counts_before:?} -> {counts_after:?}"
+        ));
+    }
+    let samples = lab.samples();
+    let moves = samples
+        .iter()
+        .map(|s| s.windows(2).filter(|w| w[0].0 >= t0 && w[1].0 <= t1 && w[0].1 != w[1].1).count())
+        .sum::<usize>();
+    if moves > 0 {
+        problems.push(format!("the VIP changed hands {moves} time(s) under load"));
+    }
+    let gap = longest_gap(lab, t0, t1);
+    let failed = lab.with_probes(|v| v.iter().filter(|p| p.start >= t0 && p.start <= t1 && !p.ok).count());
+    let pick = |key: &str| out.lines().find(|l| l.trim_start().starts_with(key)).map(|l| l.trim().to_owned());
+    let mut warnings: Vec<String> =
+        ["Requests/sec:", "Socket errors:", "Non-2xx"].iter().filter_map(|k| pick(k)).collect();
+    if failed > 0 {
+        warnings.push(format!("{failed} probe(s) failed during the load"));
+    }
+    let mut run = Run {
+        scenario: "load".into(),
+        run: 1,
+        leader_before: lab.nodes[leader].id,
+        leader_after: lab.nodes[leader].id,
+        outage_ms: Some(gap),
+        vip_ms: None,
+        overlap: 0,
+        problems,
+        warnings,
+    };
+    let o = overlap(&samples, t0, t1);
+    run.overlap = o.certain;
+    Ok(run)
+}

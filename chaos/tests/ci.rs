@@ -33,7 +33,17 @@ fn chaos_ci_pass() {
     }
     let started = Instant::now();
     let bins = Bins::new(PathBuf::from(env!("CARGO_BIN_EXE_chaos-probe")));
-    let mut lab = Lab::build(&LabSpec { nodes: 3, witness_last: false, backends: 3 }, bins).unwrap();
+    let mut lab = Lab::build(
+        &LabSpec {
+            nodes: 3,
+            witness_last: false,
+            backends: 3,
+            cluster_extra: String::new(),
+            witness_extra: String::new(),
+        },
+        bins,
+    )
+    .unwrap();
     let t_start = keel_chaos::http::now_ms();
     if let Err(e) = lab.form_cluster() {
         dump_logs(&lab);

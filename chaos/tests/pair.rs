@@ -25,7 +25,17 @@ fn chaos_pair_with_witness() {
         return;
     }
     let bins = Bins::new(PathBuf::from(env!("CARGO_BIN_EXE_chaos-probe")));
-    let mut lab = Lab::build(&LabSpec { nodes: 3, witness_last: true, backends: 3 }, bins).unwrap();
+    let mut lab = Lab::build(
+        &LabSpec {
+            nodes: 3,
+            witness_last: true,
+            backends: 3,
+            cluster_extra: String::new(),
+            witness_extra: String::new(),
+        },
+        bins,
+    )
+    .unwrap();
     lab.form_cluster().unwrap();
     let committed = scenario::commit_state(&mut lab).unwrap();
     let mut rng = fastrand::Rng::with_seed(SEED);

@@ -45,6 +45,6 @@ pub mod types;
 pub use command::{Command, NodeId, Outcome, Proposal, StickyEntry};
 pub use duration::HumanDuration;
 pub use model::{Config, ConfigProblem, KeyPath, PathSegment};
-pub use node::{ClusterError, ClusterHandle, ClusterNode, ClusterSettings, ClusterStatus, ProposeError, Role};
+pub use node::{ClusterError, ClusterHandle, ClusterNode, ClusterSettings, ClusterStatus, Profile, ProposeError, Role};
 pub use state::ClusterState;
 pub use types::NodeInfo;

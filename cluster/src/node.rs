@@ -1,26 +1,32 @@
 //! One running cluster member: [`ClusterNode::start`] opens the store, binds the Raft port,
 //! starts openraft and returns the [`ClusterHandle`] the rest of keel talks to.
 //!
-//! # Timing defaults (LAN)
+//! # Timing profiles (LAN)
 //!
-//! | setting | default | why |
-//! |---|---|---|
-//! | heartbeat | 25 ms | a follower hears from the leader ~40×/s |
-//! | election timeout | 100–200 ms | ≥ 4 heartbeats: one lost packet does not start an election |
-//! | leader lease | = election max (200 ms) | openraft: followers refuse votes for that long after a heartbeat |
+//! | setting | `default` | `fast` | why |
+//! |---|---|---|---|
+//! | heartbeat | 20 ms | 10 ms | openraft ticks every 1.5 heartbeats; heartbeats and election checks run on that tick |
+//! | election timeout | 100–150 ms | 40–80 ms | ≥ 3 heartbeats (enforced): a lost packet starts no election; a range several ticks wide, so two followers rarely stand on the same tick and split the vote |
+//! | leader lease | = election max (150 / 80 ms) | | openraft: followers refuse votes for that long after a heartbeat |
 //!
-//! DEPENDENCIES.md measured 20 ms / 80–160 ms → ≈ 250 ms to a new leader after a kill; these
-//! slightly wider defaults target ≈ 300 ms (under the 400 ms failover goal) while tolerating a
-//! busy 2-core box. The 3-node test prints the figure it measures.
+//! A follower stands once it has heard nothing for lease + its election timeout (drawn once per
+//! process), checked every tick; the new leader claims after one more quorum round. So a kill
+//! costs ≈ lease + election timeout + a tick + the claim: 250–340 ms with `default`, 120–200 ms
+//! with `fast`. Measured in the netns lab (release build, 20 SIGKILLs of the leader on a busy
+//! 2-core box): `default` p50/p99 305/333 ms (the earlier 25 ms / 100–200 ms: 372/409 ms),
+//! `fast` 173/227 ms. A narrower `fast` range (10 ms / 30–45 ms) was *not* faster: both
+//! followers often stood on the same tick and split the vote (p50/p99 182/240 ms).
 //!
 //! # Leadership and the VIP
 //!
 //! openraft 0.9 never demotes a partitioned leader by itself. [`ClusterHandle::leadership`] is
 //! therefore *not* "state == Leader": it is true only while this node is leader **and** a quorum
-//! acknowledged it within the lease (`millis_since_quorum_ack` < election max). The value from
-//! the metrics is aged locally by the time since it was reported and re-evaluated every
-//! heartbeat, so a leader whose core stalls or whose quorum vanishes turns `false` within one
-//! lease — before any other node can have been elected. The VIP logic follows this channel.
+//! acknowledged it within the lease less one heartbeat (`millis_since_quorum_ack` + heartbeat <
+//! election max). The value from the metrics is aged locally by the time since it was reported
+//! and re-evaluated every heartbeat, so a leader whose core stalls or whose quorum vanishes turns
+//! `false` by the end of the lease even when the check comes a tick late — before any other node
+//! can have been elected (vrrp/LIFECYCLE.md has the whole argument). The VIP logic follows this
+//! channel.
 //!
 //! # Witnesses
 //!
@@ -35,7 +41,7 @@
 //!
 //! Only the witness can lead when it holds entries the surviving data node lacks: it refuses
 //! that node its vote (log check), and nobody else votes. `witness_watchdog` covers this: when
-//! no AppendEntries from a leader arrived for [`WITNESS_STAND_AFTER`] × election max (800 ms
+//! no AppendEntries from a leader arrived for [`WITNESS_STAND_AFTER`] × election max (600 ms
 //! by default — a live data node wins within lease + election max + a round trip ≈ 2 × election
 //! max, so the witness never races one), the witness triggers an election, wins with the data
 //! node's vote, replicates what it lacks, and `reclaim_from_witness` on the data node then
@@ -205,12 +211,42 @@ async fn reclaim_from_witness(raft: Raft, id: u64) {
 }
 
 /// Default heartbeat interval.
-pub const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(25);
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(20);
 /// Default lower bound of the randomized election timeout.
 pub const DEFAULT_ELECTION_MIN: Duration = Duration::from_millis(100);
 /// Default upper bound of the randomized election timeout (and the leader lease).
-pub const DEFAULT_ELECTION_MAX: Duration = Duration::from_millis(200);
+pub const DEFAULT_ELECTION_MAX: Duration = Duration::from_millis(150);
 
+/// Heartbeat of the [`Profile::Fast`] timings.
+pub const FAST_HEARTBEAT: Duration = Duration::from_millis(10);
+/// Lower bound of the [`Profile::Fast`] election timeout.
+pub const FAST_ELECTION_MIN: Duration = Duration::from_millis(40);
+/// Upper bound of the [`Profile::Fast`] election timeout (and its lease).
+pub const FAST_ELECTION_MAX: Duration = Duration::from_millis(80);
+
+/// A named set of Raft timings (`[cluster] profile`); explicit `heartbeat` / `election_*`
+/// keys override single values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Profile {
+    /// [`DEFAULT_HEARTBEAT`], [`DEFAULT_ELECTION_MIN`]–[`DEFAULT_ELECTION_MAX`]: tolerant of
+    /// a busy host.
+    #[default]
+    Default,
+    /// [`FAST_HEARTBEAT`], [`FAST_ELECTION_MIN`]–[`FAST_ELECTION_MAX`]: for dedicated hosts on
+    /// a quiet LAN (see the module doc for what was measured).
+    Fast,
+}
+
+impl Profile {
+    /// `(heartbeat, election_min, election_max)`.
+    pub fn timings(self) -> (Duration, Duration, Duration) {
+        match self {
+            Profile::Default => (DEFAULT_HEARTBEAT, DEFAULT_ELECTION_MIN, DEFAULT_ELECTION_MAX),
+            Profile::Fast => (FAST_HEARTBEAT, FAST_ELECTION_MIN, FAST_ELECTION_MAX),
+        }
+    }
+}
 /// How long [`ClusterHandle::propose`] waits for a commit before answering
 /// [`ProposeError::NoQuorum`].
 pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -422,7 +458,8 @@ pub struct ClusterStatus {
     pub millis_since_quorum_ack: Option<u64>,
     /// The lease: election max, in ms.
     pub lease_ms: u64,
-    /// Leader and acknowledged by a quorum within the lease: safe to hold the VIP.
+    /// Leader and acknowledged by a quorum within the lease less one heartbeat: safe to hold
+    /// the VIP.
     pub quorum_acked_within_lease: bool,
 }
 
@@ -435,6 +472,7 @@ struct Inner {
     leadership: watch::Receiver<bool>,
     leadership_task: JoinHandle<()>,
     lease: Duration,
+    tick: Duration,
 }
 
 /// The handle to a running node; cheap to clone.
@@ -507,6 +545,7 @@ impl ClusterNode {
                 leadership,
                 leadership_task,
                 lease: settings.election_max,
+                tick: settings.heartbeat,
             }),
         })
     }
@@ -523,7 +562,9 @@ async fn watch_leadership(raft: Raft, tx: watch::Sender<bool>, lease: Duration, 
             (m.state == ServerState::Leader, m.millis_since_quorum_ack)
         };
         let aged = ack.map(|ms| Duration::from_millis(ms) + seen.elapsed());
-        let holds = leader && aged.is_some_and(|a| a < lease);
+        // One re-evaluation tick short of the lease: checked at most one tick late, the VIP is
+        // still gone by the time the lease ends and any voter may grant a new leader its vote.
+        let holds = leader && aged.is_some_and(|a| a + tick < lease);
         tx.send_if_modified(|v| {
             if *v != holds {
                 tracing::info!(target: "keel::raft", leader, quorum_ack_age = ?aged, holds, "leadership changed");
@@ -748,8 +789,9 @@ impl ClusterHandle {
             applied_index
         };
         let lease_ms = u64::try_from(self.inner.lease.as_millis()).unwrap_or(u64::MAX);
-        let quorum_acked_within_lease =
-            m.state == ServerState::Leader && m.millis_since_quorum_ack.is_some_and(|ms| ms < lease_ms);
+        let tick_ms = u64::try_from(self.inner.tick.as_millis()).unwrap_or(u64::MAX);
+        let quorum_acked_within_lease = m.state == ServerState::Leader
+            && m.millis_since_quorum_ack.is_some_and(|ms| ms.saturating_add(tick_ms) < lease_ms);
         ClusterStatus {
             id: m.id,
             role,

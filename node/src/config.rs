@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use keel_cluster::model::{Listener, Pool};
-use keel_cluster::{Config, HumanDuration, KeyPath, PathSegment};
+use keel_cluster::{Config, HumanDuration, KeyPath, PathSegment, Profile};
 use serde::{Deserialize, Serialize};
 use toml::de::{DeTable, DeValue};
 
@@ -116,15 +116,19 @@ pub struct ClusterSection {
     /// Nodes with another cluster id are refused.
     #[serde(default = "default_cluster_id")]
     pub cluster_id: String,
-    /// Leader heartbeat interval.
-    #[serde(default = "default_heartbeat")]
-    pub heartbeat: HumanDuration,
-    /// Election timeout, lower bound.
-    #[serde(default = "default_election_min")]
-    pub election_min: HumanDuration,
-    /// Election timeout, upper bound (also the leader lease that guards the VIP).
-    #[serde(default = "default_election_max")]
-    pub election_max: HumanDuration,
+    /// Named Raft timings; the three keys below override single values of it.
+    #[serde(default)]
+    pub profile: Profile,
+    /// Leader heartbeat interval (default: the profile's).
+    #[serde(default)]
+    pub heartbeat: Option<HumanDuration>,
+    /// Election timeout, lower bound (default: the profile's).
+    #[serde(default)]
+    pub election_min: Option<HumanDuration>,
+    /// Election timeout, upper bound, also the leader lease that guards the VIP (default: the
+    /// profile's).
+    #[serde(default)]
+    pub election_max: Option<HumanDuration>,
     /// A witness votes and stores the log but serves no traffic and never holds the VIP.
     #[serde(default)]
     pub witness: bool,
@@ -133,14 +137,16 @@ pub struct ClusterSection {
 fn default_cluster_id() -> String {
     "keel".to_owned()
 }
-fn default_heartbeat() -> HumanDuration {
-    HumanDuration(keel_cluster::node::DEFAULT_HEARTBEAT)
-}
-fn default_election_min() -> HumanDuration {
-    HumanDuration(keel_cluster::node::DEFAULT_ELECTION_MIN)
-}
-fn default_election_max() -> HumanDuration {
-    HumanDuration(keel_cluster::node::DEFAULT_ELECTION_MAX)
+impl ClusterSection {
+    /// `(heartbeat, election_min, election_max)`: the profile's, with explicit keys on top.
+    pub fn timings(&self) -> (Duration, Duration, Duration) {
+        let (hb, min, max) = self.profile.timings();
+        (
+            self.heartbeat.map_or(hb, HumanDuration::get),
+            self.election_min.map_or(min, HumanDuration::get),
+            self.election_max.map_or(max, HumanDuration::get),
+        )
+    }
 }
 
 /// `[vip]`: the virtual IP this node claims while it is the cluster's leader.
@@ -315,11 +321,23 @@ pub fn parse(text: &str, origin: &str) -> Result<NodeFile, ConfigError> {
         if c.node_id == 0 {
             cluster_problem("node_id", "must be at least 1".into());
         }
-        if c.heartbeat.get().is_zero() || c.heartbeat >= c.election_min {
-            cluster_problem("heartbeat", format!("must be above zero and below election_min ({})", c.election_min));
+        let (hb, min, max) = c.timings();
+        // The same rules as `ClusterSettings::validate`, reported against the file's lines.
+        if hb.is_zero() || min < hb * 3 {
+            cluster_problem(
+                "heartbeat",
+                format!(
+                    "must be above zero and at most a third of election_min ({}): {}",
+                    HumanDuration(min),
+                    HumanDuration(hb)
+                ),
+            );
         }
-        if c.election_min >= c.election_max {
-            cluster_problem("election_min", format!("must be below election_max ({})", c.election_max));
+        if min >= max {
+            cluster_problem(
+                "election_min",
+                format!("must be below election_max ({}): {}", HumanDuration(max), HumanDuration(min)),
+            );
         }
         if c.cluster_id.is_empty() {
             cluster_problem("cluster_id", "must not be empty".into());
@@ -425,6 +443,28 @@ mod tests {
         let file = parse(BASE, "k.toml").expect("valid");
         assert_eq!(file.node, NodeSettings::default());
         assert_eq!(file.config.pools["app"].servers.len(), 1);
+    }
+
+    #[test]
+    fn cluster_profiles_set_timings_and_explicit_keys_override_them() {
+        let cluster = |extra: &str| {
+            let text = format!("[cluster]\nnode_id = 1\nraft = \"127.0.0.1:7000\"\ndata_dir = \"d\"\n{extra}\n{BASE}");
+            parse(&text, "k.toml").expect("valid").cluster.expect("a cluster section")
+        };
+        let ms = Duration::from_millis;
+        assert_eq!(cluster("").timings(), Profile::Default.timings());
+        assert_eq!(cluster("profile = \"fast\"").timings(), (ms(10), ms(40), ms(80)));
+        assert_eq!(cluster("profile = \"fast\"\nelection_max = \"120ms\"").timings(), (ms(10), ms(40), ms(120)));
+        let text =
+            format!("[cluster]\nnode_id = 1\nraft = \"127.0.0.1:7000\"\ndata_dir = \"d\"\nprofile = \"quick\"\n{BASE}");
+        assert!(problems(&text)[0].starts_with("k.toml:5: unknown variant `quick`"), "{:?}", problems(&text));
+        // A heartbeat too long for the profile's election timeout is refused at its line.
+        let text = format!("[cluster]\nnode_id = 1\nraft = \"127.0.0.1:7000\"\ndata_dir = \"d\"\nprofile = \"fast\"\nheartbeat = \"20ms\"\n{BASE}");
+        let found = problems(&text);
+        assert!(
+            found[0].starts_with("k.toml:6: cluster.heartbeat: must be above zero and at most a third"),
+            "{found:?}"
+        );
     }
 
     #[test]

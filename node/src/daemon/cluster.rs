@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use keel_cluster::api::client::ClusterClient;
@@ -34,15 +34,39 @@ use crate::sticky::StickyRuntime;
 const REPORT_ATTEMPTS: u32 = 5;
 const REPORT_BACKOFF: Duration = Duration::from_millis(200);
 
-/// Opens the store and starts this node's Raft member.
+/// The runtime Raft runs on: one thread of its own, so heartbeats, votes and the leadership
+/// lease are never queued behind thousands of proxy tasks on the data-plane workers. Under full
+/// HTTP load on a shared 2-core box, Raft on the data-plane runtime missed its lease often
+/// enough to change leader (chaos `load` scenario). Built on first use, lives for the process.
+fn raft_runtime() -> Result<&'static tokio::runtime::Runtime, DaemonError> {
+    // Built inside `get_or_init`: a runtime dropped in async context panics, so none may be
+    // built and then thrown away.
+    static RT: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("keel-raft")
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|e| DaemonError::Cluster(format!("cannot start the raft runtime: {e}")))
+}
+
+/// Opens the store and starts this node's Raft member (on [`raft_runtime`]).
 pub async fn start(section: &ClusterSection, node: &NodeSettings) -> Result<ClusterHandle, DaemonError> {
     let mut settings =
         ClusterSettings::new(section.node_id, section.raft, node.admin, section.data_dir.clone(), &section.cluster_id);
-    settings.heartbeat = section.heartbeat.get();
-    settings.election_min = section.election_min.get();
-    settings.election_max = section.election_max.get();
+    (settings.heartbeat, settings.election_min, settings.election_max) = section.timings();
     settings.witness = section.witness;
-    let handle = ClusterNode::start(settings).await.map_err(|e| DaemonError::Cluster(e.to_string()))?;
+    // Everything `ClusterNode::start` spawns (the Raft core, replication, the RPC server, the
+    // leadership watch) lands on the runtime it runs on.
+    let handle = raft_runtime()?
+        .spawn(ClusterNode::start(settings))
+        .await
+        .map_err(|e| DaemonError::Cluster(format!("raft start task: {e}")))?
+        .map_err(|e| DaemonError::Cluster(e.to_string()))?;
     tracing::info!(target: "keel::raft", node = section.node_id, raft = %section.raft, witness = section.witness,
         "cluster member started");
     Ok(handle)
