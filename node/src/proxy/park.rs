@@ -17,10 +17,11 @@
 //!   stream, which [`Parkable`] turns into handing the stream back, and the connection parks.
 //!
 //! The per-connection state that must outlive hyper — request count, deadlines, the strict
-//! framing scanner — lives in [`GuardedIo`] and [`ConnActivity`], so it carries across. If
-//! the client sent bytes in the short window between the decision and hyper's stop, they may
-//! sit in the dropped buffer; that is detected on the way back and the connection is closed
-//! rather than served out of order. TLS connections are not parked (rustls buffers on its own
+//! framing scanner — lives in [`GuardedIo`] and [`ConnActivity`], so it carries across. Once
+//! parking is decided, [`Parkable`] stops handing hyper bytes, so a request the client sends
+//! while hyper finishes its stop stays in the socket for the next hyper connection (should
+//! hyper still hold unread bytes, that is detected on the way back and the connection is
+//! closed rather than served out of order). TLS connections are not parked (rustls buffers on its own
 //! side, so socket readability says nothing about buffered plaintext).
 
 use std::io;
@@ -74,7 +75,16 @@ fn gone() -> io::Error {
 
 impl AsyncRead for Parkable {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
+        let this = self.get_mut();
+        // Once parking is decided hyper has nothing left to read for this exchange, but while it
+        // finishes flushing it would read ahead (its keep-alive "empty read" check) and buffer
+        // the client's next request, which would then be dropped with hyper. Not reading leaves
+        // those bytes in the socket for the next hyper connection. hyper is still polled (the
+        // serve loop drives its graceful stop), so this Pending does not need a waker.
+        if this.slot.parking.load(Ordering::Acquire) {
+            return Poll::Pending;
+        }
+        match &mut this.io {
             Some(io) => Pin::new(io).poll_read(cx, buf),
             None => Poll::Ready(Ok(())),
         }
