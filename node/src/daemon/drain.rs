@@ -5,22 +5,47 @@
 //! wrapper lets any task register a connection while the node runs, and lets the node take the
 //! tracker out exactly once at shutdown; connections that arrive after that (there should be
 //! none: listeners are closed first) are simply served without being waited for.
+//!
+//! Plain-HTTP connections spend their idle time *parked*, with no hyper connection to ask
+//! (see `proxy::park`). They hold a [`Watcher`] so the drain waits for them, and a receiver of
+//! the [`Drainer::draining`] signal so a parked connection closes as soon as draining starts.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown};
+use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown, Watcher};
+use tokio::sync::watch;
 
 /// Tracks client connections so a stop can wait for them.
-#[derive(Debug, Default)]
-pub struct Drainer(Mutex<Option<GracefulShutdown>>);
+#[derive(Debug)]
+pub struct Drainer {
+    graceful: Mutex<Option<GracefulShutdown>>,
+    draining: watch::Sender<bool>,
+}
+
+impl Default for Drainer {
+    fn default() -> Self {
+        Drainer::new()
+    }
+}
 
 impl Drainer {
     /// A tracker with no connection yet.
     pub fn new() -> Self {
-        Drainer(Mutex::new(Some(GracefulShutdown::new())))
+        Drainer { graceful: Mutex::new(Some(GracefulShutdown::new())), draining: watch::Sender::new(false) }
+    }
+
+    /// Counts a connection that manages its own shutdown as open until the watcher is dropped;
+    /// `None` once draining has started (the connection should close).
+    pub fn hold(&self) -> Option<Watcher> {
+        self.graceful.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).as_ref().map(GracefulShutdown::watcher)
+    }
+
+    /// Turns true when draining starts.
+    pub fn draining(&self) -> watch::Receiver<bool> {
+        self.draining.subscribe()
     }
 
     /// Registers `conn`: when draining starts it is asked to finish its in-flight requests and
@@ -30,7 +55,7 @@ impl Drainer {
         C: GracefulConnection + Send + 'static,
         C::Output: Send,
     {
-        let guard = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let guard = self.graceful.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         match guard.as_ref() {
             Some(graceful) => Box::pin(graceful.watch(conn)),
             None => Box::pin(conn),
@@ -39,13 +64,18 @@ impl Drainer {
 
     /// Connections registered and still open.
     pub fn count(&self) -> usize {
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).as_ref().map_or(0, GracefulShutdown::count)
+        self.graceful
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_ref()
+            .map_or(0, GracefulShutdown::count)
     }
 
     /// Asks every registered connection to finish and waits up to `deadline`; true when all
     /// closed in time.
     pub async fn drain(&self, deadline: Duration) -> bool {
-        let taken = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        let taken = self.graceful.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        self.draining.send_replace(true);
         match taken {
             Some(graceful) => tokio::time::timeout(deadline, graceful.shutdown()).await.is_ok(),
             None => true,

@@ -16,17 +16,23 @@
 //!
 //! What is in flight is known from [`ConnActivity`], which the service updates per request (a
 //! [`RequestGuard`] lives until the response body has been sent).
+//!
+//! [`ConnActivity`] also tells the connection's serve loop when hyper can be let go between
+//! requests (see [`super::park`]): a response finished, it keeps the connection, and every
+//! byte the client sent so far belongs to a request hyper has already handed to the service —
+//! so hyper holds no read-ahead that would be lost with its buffers.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 use super::h1scan::H1Scanner;
 use crate::pool::{epoch, now_millis};
@@ -43,6 +49,15 @@ pub struct ConnActivity {
     requests: AtomicU32,
     idle_since_ms: AtomicU64,
     reader: AtomicWaker,
+    /// Request heads the scanner has seen complete.
+    heads: AtomicU32,
+    /// The scanner is between messages (not inside a head or body, not opaque).
+    at_boundary: AtomicBool,
+    /// The last response lets the connection live on (HTTP/1.1, no `Connection: close`).
+    keep: AtomicBool,
+    /// A request finished since the serve loop last looked.
+    finished: AtomicBool,
+    parker: AtomicWaker,
 }
 
 impl ConnActivity {
@@ -57,6 +72,35 @@ impl ConnActivity {
         let n = self.requests.fetch_add(1, Ordering::AcqRel).saturating_add(1);
         (RequestGuard(self.clone()), n)
     }
+
+    /// Records whether the response being sent keeps the connection open afterwards.
+    pub fn set_keep(&self, keep: bool) {
+        self.keep.store(keep, Ordering::Release);
+    }
+
+    /// Forgets finished requests: called when a fresh hyper connection starts.
+    pub fn reset_finished(&self) {
+        self.finished.store(false, Ordering::Release);
+    }
+
+    /// Ready when a request has finished and hyper may be let go: nothing in flight, the
+    /// response keeps the connection, and hyper holds no unread request bytes.
+    pub fn poll_parkable(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.parker.register(cx.waker());
+        if self.finished.swap(false, Ordering::AcqRel) && self.parkable() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Whether hyper's state can be dropped without losing anything the client sent.
+    pub fn parkable(&self) -> bool {
+        self.keep.load(Ordering::Acquire)
+            && self.in_flight.load(Ordering::Acquire) == 0
+            && self.at_boundary.load(Ordering::Acquire)
+            && self.heads.load(Ordering::Acquire) == self.requests.load(Ordering::Acquire)
+    }
 }
 
 /// Keeps a request counted as in flight on its connection until dropped.
@@ -70,6 +114,8 @@ impl Drop for RequestGuard {
             // The reader may be parked with no deadline (one is only armed while idle): wake it
             // so the idle timeout starts now.
             self.0.reader.wake();
+            self.0.finished.store(true, Ordering::Release);
+            self.0.parker.wake();
         }
     }
 }
@@ -200,6 +246,33 @@ impl<T: AsyncRead + AsyncWrite + Unpin> GuardedIo<T> {
     }
 }
 
+impl GuardedIo<TcpStream> {
+    /// Waits, without reading, for the client to send something: `true` when the socket is
+    /// readable, `false` when the connection should close (its deadline passed, or it is
+    /// already closing). This is how a parked connection waits with no buffer at all.
+    pub fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        if self.closed || self.closing.is_some() {
+            return Poll::Ready(false);
+        }
+        match self.inner.poll_read_ready(cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(true),
+            Poll::Ready(Err(_)) => Poll::Ready(false),
+            Poll::Pending => {
+                let Some((deadline, _)) = self.deadline() else { return Poll::Pending };
+                match self.poll_deadline(cx, deadline) {
+                    Poll::Ready(()) => Poll::Ready(false),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    /// Whether the stream can go on to another request: not closed, no partial head.
+    pub fn is_reusable(&self) -> bool {
+        !self.closed && self.closing.is_none() && self.head_started.is_none()
+    }
+}
+
 impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedIo<T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
@@ -223,7 +296,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedIo<T> {
                 if let Some(scanner) = &mut this.scanner {
                     let was_partial = scanner.in_partial_head();
                     match scanner.feed(fresh) {
-                        Ok(_) => {
+                        Ok(progress) => {
+                            if progress.heads > 0 {
+                                this.activity.heads.fetch_add(progress.heads as u32, Ordering::AcqRel);
+                            }
+                            this.activity.at_boundary.store(scanner.at_boundary(), Ordering::Release);
                             this.head_started = match (scanner.in_partial_head(), was_partial) {
                                 (false, _) => None,
                                 (true, true) => this.head_started.or(Some(Instant::now())),
@@ -360,5 +437,44 @@ mod tests {
         let mut buf = [0u8; 8];
         let waited = tokio::time::timeout(Duration::from_secs(600), io.read(&mut buf)).await;
         assert!(waited.is_err(), "the connection must stay open while its request is in flight");
+    }
+
+    /// A connected loopback pair: (client, server side wrapped like the accept loop does).
+    async fn tcp_pair(activity: Arc<ConnActivity>) -> (tokio::net::TcpStream, GuardedIo<TcpStream>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        (client, GuardedIo::new(server, activity, DL, true, 4096))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_parked_connection_wakes_when_the_client_sends() {
+        let (mut client, mut io) = tcp_pair(ConnActivity::new()).await;
+        client.write_all(b"GET / HTTP/1.1\r\n").await.expect("write");
+        assert!(std::future::poll_fn(|cx| io.poll_idle(cx)).await, "readable");
+        let mut buf = [0u8; 64];
+        assert!(io.read(&mut buf).await.expect("read") > 0, "nothing was consumed by the wait");
+    }
+
+    #[tokio::test]
+    async fn parkable_only_at_a_message_boundary_with_every_head_served() {
+        let activity = ConnActivity::new();
+        let (mut client, mut io) = tcp_pair(activity.clone()).await;
+        const TWO: &[u8] = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n";
+        client.write_all(TWO).await.expect("write");
+        let mut buf = [0u8; 256];
+        let mut got = 0;
+        while got < TWO.len() {
+            got += io.read(&mut buf[got..]).await.expect("read");
+        }
+        activity.set_keep(true);
+        drop(activity.start_request());
+        assert!(!activity.parkable(), "the second, pipelined request is still unserved");
+        drop(activity.start_request());
+        assert!(activity.parkable());
+        client.write_all(b"GET /c HTTP/1.1\r\n").await.expect("write");
+        assert!(io.read(&mut buf).await.expect("read") > 0);
+        assert!(!activity.parkable(), "a partial head is buffered");
     }
 }

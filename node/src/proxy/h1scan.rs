@@ -84,6 +84,11 @@ impl H1Scanner {
         matches!(&self.phase, Phase::Head(buf) if !buf.is_empty())
     }
 
+    /// Whether the scanner is between messages: no partial head, no body pending, not opaque.
+    pub fn at_boundary(&self) -> bool {
+        matches!(&self.phase, Phase::Head(buf) if buf.is_empty())
+    }
+
     /// Whether the scanner has stopped looking at this connection.
     pub fn is_opaque(&self) -> bool {
         matches!(self.phase, Phase::Opaque)

@@ -5,6 +5,8 @@
 //! HTTP/2 with prior knowledge (h2c) on the same port. Connections are registered with a
 //! [`GracefulShutdown`] so a stop lets in-flight requests finish while new ones are refused.
 //! The accept loop takes a plain byte stream, which is where the TLS acceptor will wrap it.
+//! Plain-HTTP connections are served by [`park`]: between requests they hold no hyper
+//! connection at all, only the guarded stream, which is what keeps idle keep-alive cheap.
 //!
 //! - [`http`]: the per-request path (route, select, forward, stream back).
 //! - [`headers`]: hop-by-hop stripping and `X-Forwarded-*`.
@@ -12,6 +14,7 @@
 //! - [`tcp`]: `tcp` listeners (layer 4): one server of the default pool per client connection,
 //!   bytes spliced both ways with half-close, idle timeout and graceful drain.
 //! - [`proxy_protocol`]: the PROXY protocol v1/v2 header sent first to servers of a TCP pool.
+//! - [`park`]: letting hyper go while a plain-HTTP connection is idle, and taking it back.
 
 pub mod body;
 pub mod error;
@@ -19,6 +22,7 @@ pub mod guard;
 pub mod h1scan;
 pub mod headers;
 pub mod http;
+pub mod park;
 pub mod proxy_protocol;
 pub mod tcp;
 
@@ -37,12 +41,13 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::connlimit::{ConnectionLimiter, ConnectionPermit};
 use crate::daemon::drain::Drainer;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use self::guard::{ConnActivity, Deadlines, GuardedIo};
 pub use self::http::HttpProxy;
 use self::http::Tracked;
+use self::park::{Parkable, Slot};
 
 /// Why a listener could not start.
 #[derive(Debug, thiserror::Error)]
@@ -139,7 +144,7 @@ pub async fn serve(listener: HttpListener, graceful: Arc<Drainer>, mut stop: wat
         match &tls {
             None => {
                 let io = GuardedIo::new(stream, ConnActivity::new(), ctx.deadlines, true, ctx.max_head);
-                serve_connection(&ctx, io, peer, permit);
+                tokio::spawn(serve_parking(ctx, io, peer, permit));
             }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
@@ -166,26 +171,118 @@ pub async fn serve(listener: HttpListener, graceful: Arc<Drainer>, mut stop: wat
     }
 }
 
-/// Serves one client connection's requests on a task of its own.
-fn serve_connection<T>(ctx: &Arc<ConnContext>, io: GuardedIo<T>, peer: SocketAddr, permit: ConnectionPermit)
-where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let activity = io.activity();
+/// What a listener's service answers with.
+type ServiceResponse = ::http::Response<Tracked<http::ProxyBody, guard::RequestGuard>>;
+
+/// Whether a request asks for its connection to close after the response.
+fn wants_close(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| v.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close")))
+}
+
+/// The service of one hyper connection: counts requests on the client connection, marks the
+/// last one `Connection: close`, and records whether the connection lives on after each.
+fn make_service(
+    ctx: &Arc<ConnContext>,
+    activity: Arc<ConnActivity>,
+    peer: SocketAddr,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = ServiceResponse,
+    Error = std::convert::Infallible,
+    Future = impl std::future::Future<Output = Result<ServiceResponse, std::convert::Infallible>> + Send,
+> + Clone
+       + Send
+       + 'static {
     let proxy = ctx.proxy.clone();
     let max_requests = ctx.max_requests;
-    let service = service_fn(move |req: Request<Incoming>| {
+    service_fn(move |req: Request<Incoming>| {
         let proxy = proxy.clone();
+        let activity = activity.clone();
         let (guard, count) = activity.start_request();
         let last = max_requests != 0 && count >= max_requests && req.version() < Version::HTTP_2;
+        let keep = req.version() == Version::HTTP_11 && !last && !wants_close(&req);
         async move {
             let mut resp = proxy.handle(req, peer).await;
             if last {
                 resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
+            let keep = keep
+                && resp.status() != ::http::StatusCode::SWITCHING_PROTOCOLS
+                && !resp.headers().contains_key(header::CONNECTION);
+            activity.set_keep(keep);
             Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked::new(body, guard)))
         }
-    });
+    })
+}
+
+/// Serves a plain-TCP client connection, parking it (no hyper connection) whenever it is idle
+/// between requests; see [`park`].
+async fn serve_parking(
+    ctx: Arc<ConnContext>,
+    mut io: GuardedIo<TcpStream>,
+    peer: SocketAddr,
+    permit: ConnectionPermit,
+) {
+    let _permit = permit;
+    // Counted by the drain, which waits for this task; None: draining already started.
+    let Some(_held) = ctx.graceful.hold() else { return };
+    let mut draining = ctx.graceful.draining();
+    let activity = io.activity();
+    let slot = Arc::new(Slot::default());
+    loop {
+        let readable = tokio::select! {
+            biased;
+            _ = draining.wait_for(|d| *d) => false,
+            r = std::future::poll_fn(|cx| io.poll_idle(cx)) => r,
+        };
+        if !readable {
+            return; // dropping the stream closes it
+        }
+        activity.reset_finished();
+        slot.set_parking(false);
+        let service = make_service(&ctx, activity.clone(), peer);
+        let io_for_hyper = TokioIo::new(Parkable::new(io, slot.clone()));
+        let mut conn = Box::pin(ctx.builder.serve_connection_with_upgrades(io_for_hyper, service).into_owned());
+        let mut stopping = false;
+        let result = loop {
+            tokio::select! {
+                biased;
+                r = conn.as_mut() => break r,
+                _ = draining.wait_for(|d| *d), if !stopping => {
+                    stopping = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = std::future::poll_fn(|cx| activity.poll_parkable(cx)), if !stopping => {
+                    stopping = true;
+                    slot.set_parking(true);
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        };
+        drop(conn); // hyper's buffers go here
+        if let Err(e) = result {
+            tracing::debug!(target: "keel::proxy", client = %peer, error = %e, "client connection ended with an error");
+            return;
+        }
+        if *draining.borrow() {
+            return;
+        }
+        match slot.reclaim(&activity) {
+            Some(back) => io = back,
+            None => return,
+        }
+    }
+}
+
+/// Serves one client connection's requests on a task of its own.
+fn serve_connection<T>(ctx: &Arc<ConnContext>, io: GuardedIo<T>, peer: SocketAddr, permit: ConnectionPermit)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = make_service(ctx, io.activity(), peer);
     let conn = ctx.builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
     let conn = ctx.graceful.watch(conn);
     tokio::spawn(async move {
