@@ -26,6 +26,7 @@ use crate::balance::{self, Member, Pick, Selector};
 use crate::health::outlier::OutlierState;
 use crate::metrics::Histogram;
 use crate::proxy::body::ClientBody;
+use crate::proxy::h1client::IdleConns;
 use crate::tls::{backend_connector, TlsError, UpstreamConnector};
 
 /// Body of a request sent to a server: the client's streamed body, or nothing (which is what
@@ -96,6 +97,8 @@ pub struct ServerState {
     pub active: AtomicUsize,
     /// Counters.
     pub stats: ServerStats,
+    /// Idle keep-alive connections of keel's own HTTP/1.1 client ([`crate::proxy::h1client`]).
+    pub idle: Arc<IdleConns>,
 }
 
 impl ServerState {
@@ -117,6 +120,7 @@ impl ServerState {
             outlier: OutlierState::default(),
             active: AtomicUsize::new(0),
             stats: ServerStats::default(),
+            idle: Arc::default(),
         }
     }
 

@@ -26,6 +26,7 @@ use keel_cluster::model::{Algorithm, Limits, MAX_RETRIES};
 
 use super::body::{BodyFault, BodyLimits, BodyVerdict, ClientBody};
 use super::error::{ErrorKind, ProxyError};
+use super::h1client::{self, Home, ResponseBody, SendError};
 use super::headers;
 use crate::metrics::Rejections;
 use crate::pool::{Pool, ServerState};
@@ -38,8 +39,37 @@ use crate::sticky::StickyPolicy;
 /// position on the consistent-hash ring.
 pub const CLIENT_HASH_SEED: u64 = 0x6b65_656c_5f69_7068; // "keel_iph"
 
+/// A server's streamed response body: from hyper's client, or from keel's own
+/// ([`super::h1client`]).
+pub type UpstreamResponseBody = Either<Incoming, ResponseBody>;
+
 /// The body keel answers with: a server's streamed body, or a short one keel wrote.
-pub type ProxyBody = Either<Tracked<Incoming, InFlight>, Full<Bytes>>;
+pub type ProxyBody = Either<Tracked<UpstreamResponseBody, InFlight>, Full<Bytes>>;
+
+/// Why an exchange with a server failed, from whichever client carried it.
+#[derive(Debug)]
+enum UpstreamError {
+    Hyper(hyper_util::client::legacy::Error),
+    Own(SendError),
+}
+
+impl UpstreamError {
+    fn is_connect(&self) -> bool {
+        match self {
+            UpstreamError::Hyper(e) => e.is_connect(),
+            UpstreamError::Own(e) => matches!(e, SendError::Connect { .. }),
+        }
+    }
+}
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamError::Hyper(e) => write!(f, "{e}"),
+            UpstreamError::Own(e) => write!(f, "{e}"),
+        }
+    }
+}
 
 /// Serves the requests of one listener.
 pub struct HttpProxy {
@@ -151,6 +181,7 @@ impl HttpProxy {
         };
         let body_fault = || verdict.as_deref().and_then(BodyVerdict::fault);
         let replayable = body.is_none();
+        let own_client = h1client::eligible(&parts.method, body.is_some(), upgrade, pool.config.tls.is_some());
         let hash = if pool.config.algorithm == Algorithm::IpHash { client_hash(peer) } else { 0 };
 
         // Sticky lookup replaces the algorithm for the first attempt; the request headers are
@@ -173,27 +204,44 @@ impl HttpProxy {
             tried[attempt] = index;
             let server = &pool.servers[index];
 
-            let uri = Uri::builder()
-                .scheme(scheme.clone())
-                .authority(server.authority.clone())
-                .path_and_query(path_and_query.clone())
-                .build()
-                .map_err(|_| ProxyError::new(ErrorKind::Broken, Some(&pool.name), Some(&server.name)))?;
-            let last_try = attempt + 1 == attempts || !replayable;
-            let headers = if last_try { std::mem::take(&mut parts.headers) } else { parts.headers.clone() };
-            let upstream_body = match body.take() {
-                Some(b) => Either::Left(b),
-                None => Either::Right(Empty::new()),
-            };
-            let mut upstream = Request::new(upstream_body);
-            *upstream.method_mut() = parts.method.clone();
-            *upstream.uri_mut() = uri;
-            *upstream.version_mut() = Version::HTTP_11;
-            *upstream.headers_mut() = headers;
-
             let in_flight = InFlight::start(server);
             server.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let sent = tokio::time::timeout(pool.config.request_timeout.get(), pool.client.request(upstream)).await;
+            let timeout = pool.config.request_timeout.get();
+            let sent = if own_client {
+                let home = Home { idle: server.idle.clone(), max_idle: pool.config.idle_timeout.get() };
+                let send = h1client::send(
+                    &home,
+                    server.address,
+                    pool.config.connect_timeout.get(),
+                    &parts.method,
+                    path_and_query.as_str(),
+                    &parts.headers,
+                );
+                tokio::time::timeout(timeout, send)
+                    .await
+                    .map(|r| r.map(|resp| resp.map(Either::Right)).map_err(UpstreamError::Own))
+            } else {
+                let uri = Uri::builder()
+                    .scheme(scheme.clone())
+                    .authority(server.authority.clone())
+                    .path_and_query(path_and_query.clone())
+                    .build()
+                    .map_err(|_| ProxyError::new(ErrorKind::Broken, Some(&pool.name), Some(&server.name)))?;
+                let last_try = attempt + 1 == attempts || !replayable;
+                let headers = if last_try { std::mem::take(&mut parts.headers) } else { parts.headers.clone() };
+                let upstream_body = match body.take() {
+                    Some(b) => Either::Left(b),
+                    None => Either::Right(Empty::new()),
+                };
+                let mut upstream = Request::new(upstream_body);
+                *upstream.method_mut() = parts.method.clone();
+                *upstream.uri_mut() = uri;
+                *upstream.version_mut() = Version::HTTP_11;
+                *upstream.headers_mut() = headers;
+                tokio::time::timeout(timeout, pool.client.request(upstream))
+                    .await
+                    .map(|r| r.map(|resp| resp.map(Either::Left)).map_err(UpstreamError::Hyper))
+            };
             let mut resp = match sent {
                 Err(_elapsed) => {
                     server.stats.timeouts.fetch_add(1, Ordering::Relaxed);

@@ -11,6 +11,8 @@
 //! - [`http`]: the per-request path (route, select, forward, stream back).
 //! - [`headers`]: hop-by-hop stripping and `X-Forwarded-*`.
 //! - [`error`]: what failed, which side, whether a retry is allowed, and the status it maps to.
+//! - [`h1client`]: keel's own HTTP/1.1 client for bodyless `GET`/`HEAD` to plain-HTTP servers,
+//!   run on the request's task (everything else goes through hyper's pooled client).
 //! - [`tcp`]: `tcp` listeners (layer 4): one server of the default pool per client connection,
 //!   bytes spliced both ways with half-close, idle timeout and graceful drain.
 //! - [`proxy_protocol`]: the PROXY protocol v1/v2 header sent first to servers of a TCP pool.
@@ -19,6 +21,7 @@
 pub mod body;
 pub mod error;
 pub mod guard;
+pub mod h1client;
 pub mod h1scan;
 pub mod headers;
 pub mod http;
@@ -33,6 +36,7 @@ use std::time::Duration;
 use ::http::header::{self, HeaderValue};
 use ::http::{Request, Version};
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -96,9 +100,23 @@ pub struct HttpListener {
     pub tls: Option<TlsAcceptor>,
 }
 
+/// The HTTP/1.1 half of [`connection_builder`], for a parked connection that wakes up: it
+/// already spoke HTTP/1.1 (an h2c connection never parks), so it skips the auto builder's
+/// version sniffing, which costs a 24-byte read of its own on every request.
+pub fn http1_builder(limits: &Limits) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .max_buf_size(limits.max_header_bytes as usize)
+        .max_headers(limits.max_headers as usize);
+    builder
+}
+
 /// What every connection of a listener shares.
 struct ConnContext {
     builder: auto::Builder<TokioExecutor>,
+    http1: http1::Builder,
     proxy: Arc<HttpProxy>,
     deadlines: Deadlines,
     max_requests: u32,
@@ -112,6 +130,7 @@ pub async fn serve(listener: HttpListener, graceful: Arc<Drainer>, mut stop: wat
     let HttpListener { name, socket, proxy, limits, connections, tls } = listener;
     let ctx = Arc::new(ConnContext {
         builder: connection_builder(&limits),
+        http1: http1_builder(&limits),
         proxy,
         deadlines: Deadlines { header_timeout: limits.header_timeout.get(), idle_timeout: limits.idle_timeout.get() },
         max_requests: limits.max_requests_per_connection,
@@ -232,6 +251,7 @@ async fn serve_parking(
     let mut draining = ctx.graceful.draining();
     let activity = io.activity();
     let slot = Arc::new(Slot::default());
+    let mut first = true;
     loop {
         let readable = tokio::select! {
             biased;
@@ -245,25 +265,17 @@ async fn serve_parking(
         slot.set_parking(false);
         let service = make_service(&ctx, activity.clone(), peer);
         let io_for_hyper = TokioIo::new(Parkable::new(io, slot.clone()));
-        let mut conn = Box::pin(ctx.builder.serve_connection_with_upgrades(io_for_hyper, service).into_owned());
-        let mut stopping = false;
-        let result = loop {
-            tokio::select! {
-                biased;
-                r = conn.as_mut() => break r,
-                _ = draining.wait_for(|d| *d), if !stopping => {
-                    stopping = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-                _ = std::future::poll_fn(|cx| activity.poll_parkable(cx)), if !stopping => {
-                    stopping = true;
-                    slot.set_parking(true);
-                    conn.as_mut().graceful_shutdown();
-                }
-            }
+        let served = if first {
+            first = false;
+            let conn = ctx.builder.serve_connection_with_upgrades(io_for_hyper, service).into_owned();
+            drive_until_parked(conn, &activity, &slot, &mut draining, |c| c.graceful_shutdown()).await
+        } else {
+            let conn = ctx.http1.serve_connection(io_for_hyper, service).with_upgrades();
+            drive_until_parked(conn, &activity, &slot, &mut draining, |c| c.graceful_shutdown())
+                .await
+                .map_err(Into::into)
         };
-        drop(conn); // hyper's buffers go here
-        if let Err(e) = result {
+        if let Err(e) = served {
             tracing::debug!(target: "keel::proxy", client = %peer, error = %e, "client connection ended with an error");
             return;
         }
@@ -273,6 +285,38 @@ async fn serve_parking(
         match slot.reclaim(&activity) {
             Some(back) => io = back,
             None => return,
+        }
+    }
+}
+
+/// Runs one hyper connection until it ends: closed by either side, stopped by the drain, or
+/// stopped because the exchange finished and the connection can park. hyper's buffers are
+/// dropped on return.
+async fn drive_until_parked<C, E>(
+    conn: C,
+    activity: &ConnActivity,
+    slot: &Slot,
+    draining: &mut watch::Receiver<bool>,
+    graceful_shutdown: impl Fn(std::pin::Pin<&mut C>),
+) -> Result<(), E>
+where
+    C: std::future::Future<Output = Result<(), E>>,
+{
+    let mut conn = std::pin::pin!(conn);
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            biased;
+            r = conn.as_mut() => return r,
+            _ = draining.wait_for(|d| *d), if !stopping => {
+                stopping = true;
+                graceful_shutdown(conn.as_mut());
+            }
+            _ = std::future::poll_fn(|cx| activity.poll_parkable(cx)), if !stopping => {
+                stopping = true;
+                slot.set_parking(true);
+                graceful_shutdown(conn.as_mut());
+            }
         }
     }
 }

@@ -7,9 +7,11 @@
 //! - **parked**: only the [`GuardedIo`] exists. The task waits for the socket to become
 //!   readable ([`GuardedIo::poll_idle`], which reads nothing), under the same first-request and
 //!   idle deadlines as before, and closes at once when draining starts.
-//! - **served**: once the client sends something, a fresh hyper connection (the listener's
-//!   auto builder: HTTP/1.1 with upgrades, or h2c on seeing the preface) is built over a
-//!   [`Parkable`] handle to the stream. When a response finishes and
+//! - **served**: once the client sends something, a fresh hyper connection is built over a
+//!   [`Parkable`] handle to the stream: the listener's auto builder (HTTP/1.1 with upgrades, or
+//!   h2c on seeing the preface) for the first request, the HTTP/1.1 builder after a park (only
+//!   HTTP/1.1 connections park, and the auto builder's version sniffing is a read syscall of
+//!   its own per request). When a response finishes and
 //!   [`ConnActivity::poll_parkable`] says hyper holds nothing unread (no pipelined bytes, no
 //!   partial head, no body left), the loop asks hyper to stop gracefully. hyper only adds
 //!   `Connection: close` to a head it writes after keep-alive is disabled; this is asked once the
