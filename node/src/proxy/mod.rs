@@ -302,7 +302,9 @@ async fn drive_until_parked<C, E>(
 where
     C: std::future::Future<Output = Result<(), E>>,
 {
-    let mut conn = std::pin::pin!(conn);
+    // Boxed, not pinned in place: inline, hyper's connection state would stay part of this
+    // connection's task for its whole life, parked or not, which is the memory parking saves.
+    let mut conn = Box::pin(conn);
     let mut stopping = false;
     loop {
         tokio::select! {
