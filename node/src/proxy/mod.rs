@@ -30,6 +30,7 @@ pub mod proxy_protocol;
 pub mod tcp;
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -267,10 +268,10 @@ async fn serve_parking(
         let io_for_hyper = TokioIo::new(Parkable::new(io, slot.clone()));
         let served = if first {
             first = false;
-            let conn = ctx.builder.serve_connection_with_upgrades(io_for_hyper, service).into_owned();
+            let conn = Box::pin(ctx.builder.serve_connection_with_upgrades(io_for_hyper, service).into_owned());
             drive_until_parked(conn, &activity, &slot, &mut draining, |c| c.graceful_shutdown()).await
         } else {
-            let conn = ctx.http1.serve_connection(io_for_hyper, service).with_upgrades();
+            let conn = Box::pin(ctx.http1.serve_connection(io_for_hyper, service).with_upgrades());
             drive_until_parked(conn, &activity, &slot, &mut draining, |c| c.graceful_shutdown())
                 .await
                 .map_err(Into::into)
@@ -292,19 +293,20 @@ async fn serve_parking(
 /// Runs one hyper connection until it ends: closed by either side, stopped by the drain, or
 /// stopped because the exchange finished and the connection can park. hyper's buffers are
 /// dropped on return.
+///
+/// The connection comes boxed, and is boxed where it is made: held inline, hyper's connection
+/// state would be part of this connection's task for its whole life, parked or not, which is
+/// the memory parking saves.
 async fn drive_until_parked<C, E>(
-    conn: C,
+    mut conn: Pin<Box<C>>,
     activity: &ConnActivity,
     slot: &Slot,
     draining: &mut watch::Receiver<bool>,
-    graceful_shutdown: impl Fn(std::pin::Pin<&mut C>),
+    graceful_shutdown: impl Fn(Pin<&mut C>),
 ) -> Result<(), E>
 where
     C: std::future::Future<Output = Result<(), E>>,
 {
-    // Boxed, not pinned in place: inline, hyper's connection state would stay part of this
-    // connection's task for its whole life, parked or not, which is the memory parking saves.
-    let mut conn = Box::pin(conn);
     let mut stopping = false;
     loop {
         tokio::select! {
