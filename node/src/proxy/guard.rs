@@ -78,6 +78,11 @@ impl ConnActivity {
         self.keep.store(keep, Ordering::Release);
     }
 
+    /// How many requests this connection has started.
+    pub fn requests(&self) -> u32 {
+        self.requests.load(Ordering::Acquire)
+    }
+
     /// Forgets finished requests: called when a fresh hyper connection starts.
     pub fn reset_finished(&self) {
         self.finished.store(false, Ordering::Release);

@@ -13,7 +13,9 @@
 //!   HTTP/1.1 connections park, and the auto builder's version sniffing is a read syscall of
 //!   its own per request). When a response finishes and
 //!   [`ConnActivity::poll_parkable`] says hyper holds nothing unread (no pipelined bytes, no
-//!   partial head, no body left), the loop asks hyper to stop gracefully. hyper only adds
+//!   partial head, no body left), and the client then stays quiet for
+//!   [`PARK_AFTER`](super::PARK_AFTER) (a busy client keeps its hyper connection), the loop
+//!   asks hyper to stop gracefully. hyper only adds
 //!   `Connection: close` to a head it writes after keep-alive is disabled; this is asked once the
 //!   response body has ended, so its head went out with keep-alive. hyper then "shuts down" the
 //!   stream, which [`Parkable`] turns into handing the stream back, and the connection parks.
