@@ -31,6 +31,8 @@ pub mod tcp;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+
+use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -269,12 +271,35 @@ async fn serve_parking(
         if !readable {
             return; // dropping the stream closes it
         }
+        // A new connection's first bytes are read here, one read for the whole head as a rule,
+        // to see whether it opens with the HTTP/2 preface: the auto builder would sniff with a
+        // 24-byte read of its own, then hyper would read the rest.
+        let (prefix, maybe_h2) = if first {
+            let read = tokio::select! {
+                biased;
+                _ = draining.wait_for(|d| *d) => return,
+                r = read_first(&mut io) => r,
+            };
+            match read {
+                Ok(Some(prefix)) => {
+                    let sniff = &prefix[..prefix.len().min(H2_PREFACE.len())];
+                    let maybe_h2 = H2_PREFACE.starts_with(sniff);
+                    (prefix, maybe_h2)
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!(target: "keel::proxy", client = %peer, error = %e, "client connection ended with an error");
+                    return;
+                }
+            }
+        } else {
+            (Bytes::new(), false)
+        };
         activity.reset_finished();
         slot.set_parking(false);
         let service = make_service(&ctx, activity.clone(), peer);
-        let io_for_hyper = TokioIo::new(Parkable::new(io, slot.clone()));
-        let served = if first {
-            first = false;
+        let io_for_hyper = TokioIo::new(Parkable::with_prefix(io, slot.clone(), prefix));
+        let served = if std::mem::take(&mut first) && maybe_h2 {
             let conn = Box::pin(ctx.builder.serve_connection_with_upgrades(io_for_hyper, service).into_owned());
             drive_until_parked(conn, &activity, &slot, &mut draining, |c| c.graceful_shutdown()).await
         } else {
@@ -295,6 +320,17 @@ async fn serve_parking(
             None => return,
         }
     }
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4), which h2c clients with prior knowledge send
+/// first.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads what a new client sent first; `None` when it closed without sending anything.
+async fn read_first(io: &mut GuardedIo<TcpStream>) -> std::io::Result<Option<Bytes>> {
+    let mut buf = BytesMut::with_capacity(4096);
+    let n = std::future::poll_fn(|cx| tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, &mut buf)).await?;
+    Ok((n > 0).then(|| buf.freeze()))
 }
 
 /// Runs one hyper connection until it ends: closed by either side, stopped by the drain, or

@@ -34,6 +34,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -64,12 +65,20 @@ impl Slot {
 pub struct Parkable {
     io: Option<GuardedIo<TcpStream>>,
     slot: Arc<Slot>,
+    /// Bytes already read from `io` (a new connection's first read), handed to hyper first.
+    prefix: Bytes,
 }
 
 impl Parkable {
     /// Lends `io` to a hyper connection.
     pub fn new(io: GuardedIo<TcpStream>, slot: Arc<Slot>) -> Self {
-        Parkable { io: Some(io), slot }
+        Parkable::with_prefix(io, slot, Bytes::new())
+    }
+
+    /// Lends `io` to a hyper connection that reads `prefix` first: bytes already taken from
+    /// `io` (and so already seen by its framing scanner).
+    pub fn with_prefix(io: GuardedIo<TcpStream>, slot: Arc<Slot>, prefix: Bytes) -> Self {
+        Parkable { io: Some(io), slot, prefix }
     }
 }
 
@@ -80,6 +89,11 @@ fn gone() -> io::Error {
 impl AsyncRead for Parkable {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         // Once parking is decided hyper has nothing left to read for this exchange, but while it
         // finishes flushing it would read ahead (its keep-alive "empty read" check) and buffer
         // the client's next request, which would then be dropped with hyper. Not reading leaves
