@@ -132,6 +132,15 @@ pub struct ClusterSection {
     /// A witness votes and stores the log but serves no traffic and never holds the VIP.
     #[serde(default)]
     pub witness: bool,
+    /// Run the Raft thread under real-time scheduling (`SCHED_RR`, low priority), so
+    /// heartbeats and elections keep their timing when the data plane saturates the CPUs.
+    /// Needs CAP_SYS_NICE; without it keel warns and carries on at normal priority.
+    #[serde(default = "default_realtime")]
+    pub realtime: bool,
+}
+
+fn default_realtime() -> bool {
+    true
 }
 
 fn default_cluster_id() -> String {
