@@ -5,17 +5,39 @@
 //!
 //! | setting | `default` | `fast` | why |
 //! |---|---|---|---|
-//! | heartbeat | 20 ms | 10 ms | openraft ticks every 1.5 heartbeats; heartbeats and election checks run on that tick |
-//! | election timeout | 100–150 ms | 40–80 ms | ≥ 3 heartbeats (enforced): a lost packet starts no election; a range several ticks wide, so two followers rarely stand on the same tick and split the vote |
-//! | leader lease | = election max (150 / 80 ms) | | openraft: followers refuse votes for that long after a heartbeat |
+//! | heartbeat | 20 ms | 10 ms | openraft ticks every 1.5 heartbeats and sends a heartbeat on each tick (every 30 / 15 ms) |
+//! | election timeout | 100–150 ms | 30–40 ms | min ≥ 3 heartbeats (enforced); with keel's elections only the max matters, as the lease |
+//! | leader lease | = election max (150 / 40 ms) | | openraft: followers refuse votes for that long after a heartbeat |
 //!
-//! A follower stands once it has heard nothing for lease + its election timeout (drawn once per
-//! process), checked every tick; the new leader claims after one more quorum round. So a kill
-//! costs ≈ lease + election timeout + a tick + the claim: 250–340 ms with `default`, 120–200 ms
-//! with `fast`. Measured in the netns lab (release build, 20 SIGKILLs of the leader on a busy
-//! 2-core box): `default` p50/p99 305/333 ms (the earlier 25 ms / 100–200 ms: 372/409 ms),
-//! `fast` 173/227 ms. A narrower `fast` range (10 ms / 30–45 ms) was *not* faster: both
-//! followers often stood on the same tick and split the vote (p50/p99 182/240 ms).
+//! # Elections
+//!
+//! Data nodes run with openraft's `enable_elect = false`; [`election_watchdog`] decides when to
+//! stand. openraft's own timer let a follower stand after lease + a random election timeout,
+//! checked on its 1.5-heartbeat tick; the two followers of a three-node cluster often stood on
+//! the same tick and split the vote (`fast` used to lose 100–250 ms that way in 1 run of 4). The
+//! watchdog notes every AppendEntries and every granted vote (`noting_leader_contact`), polls
+//! every fifth of a heartbeat, and lets the surviving voters stand one after the other in
+//! node-id order: the first once it has heard nothing for lease + a quarter heartbeat (the
+//! moment the other voters' leases, started by the same heartbeat, have run out), the next one
+//! heartbeat later, and so on. A loser retries `heartbeat × candidates` later (so the slots
+//! never meet), doubling up to 4 leases. A node that refused a candidate for a shorter log
+//! stands at once (it can win, the candidate cannot); a node that saw a candidate with a longer
+//! log stays out for two leases. A node that has not heard from any leader since it started
+//! waits 4 leases + two reconnect backoffs (a leader retries an unreachable peer only every
+//! `UNREACHABLE_BACKOFF`): standing before its first heartbeat would depose a healthy leader.
+//! If the watchdog ever stops (a panic), openraft's timer is switched back on.
+//!
+//! So a kill costs ≈ lease + a quarter heartbeat − (time since the last heartbeat) + a vote
+//! round + the first quorum round + the claim. Measured in the netns lab (release build, 20
+//! SIGKILLs of the leader on a shared 2-core box): `fast` p50/p99 52/71 ms, `default` 160/174
+//! ms, no split vote in either; before (openraft's timer, `fast` at 10 ms / 40–80 ms) `fast`
+//! was 172/413 ms and `default` 305/326 ms. A 5 ms / 15–30 ms set was no faster here (p50 45
+//! ms) and lost its lease under the chaos `load` scenario, so `fast` stops at 10 ms / 40 ms.
+//!
+//! The Raft runtime's threads run under `SCHED_RR` when the node's `[cluster] realtime` is on
+//! (keel-node): with the data plane saturating both cores, `fast` kept its leader under load
+//! only with it (without: the lease lapsed and the VIP was released and re-claimed in 2 of 2
+//! runs).
 //!
 //! # Leadership and the VIP
 //!
@@ -26,24 +48,28 @@
 //! and re-evaluated every heartbeat, so a leader whose core stalls or whose quorum vanishes turns
 //! `false` by the end of the lease even when the check comes a tick late — before any other node
 //! can have been elected (vrrp/LIFECYCLE.md has the whole argument). The VIP logic follows this
-//! channel.
+//! channel. keel's elections leave that argument as it was: whoever stands and whenever, a
+//! voter grants nothing until a lease after its last heartbeat (openraft's check, untouched),
+//! and a candidate votes for itself no earlier than a lease + a quarter heartbeat after its own
+//! last heartbeat.
 //!
 //! # Witnesses
 //!
 //! A witness votes but must not lead while a data node could (it never holds the VIP). It runs
-//! the **same** heartbeat, election timeout and lease as the data nodes, with openraft's
-//! `enable_elect = false`: it never stands by timer. Why the same lease matters: a follower
-//! refuses votes until a lease has passed since it last heard from the leader, so in a pair the
-//! surviving data node's election (lease + its election timeout after the last heartbeat) finds
-//! the witness's vote already free, and a pair fails over as fast as a three-node cluster. (An
+//! the **same** heartbeat, election timeout and lease as the data nodes and has no
+//! [`election_watchdog`]: it never stands on a short silence. Why the same lease matters: a
+//! follower refuses votes until a lease has passed since it last heard from the leader, so in a
+//! pair the surviving data node's candidacy (lease + a quarter heartbeat after the last
+//! heartbeat) finds the witness's vote already free, and a pair fails over as fast as a
+//! three-node cluster. (An
 //! earlier version gave the witness 4× longer timeouts instead; its 4× lease then held the
 //! survivor's vote back for ≈ 0.8 s.)
 //!
 //! Only the witness can lead when it holds entries the surviving data node lacks: it refuses
 //! that node its vote (log check), and nobody else votes. `witness_watchdog` covers this: when
 //! no AppendEntries from a leader arrived for [`WITNESS_STAND_AFTER`] × election max (600 ms
-//! by default — a live data node wins within lease + election max + a round trip ≈ 2 × election
-//! max, so the witness never races one), the witness triggers an election, wins with the data
+//! by default — a live data node stands within lease + a heartbeat or so and wins a round trip
+//! later, so the witness never races one), the witness triggers an election, wins with the data
 //! node's vote, replicates what it lacks, and `reclaim_from_witness` on the data node then
 //! takes leadership back.
 
@@ -114,6 +140,13 @@ impl LeaderContact {
     fn note(&self, at: &AtomicU64) {
         at.store(self.now_us(), Ordering::Relaxed);
     }
+    /// An AppendEntries from a leader arrived (or this node is the leader itself).
+    fn note_append(&self) {
+        self.note(&self.last_append_us);
+        if self.first_append_us.load(Ordering::Relaxed) == NEVER {
+            self.note(&self.first_append_us);
+        }
+    }
     /// Time since the event recorded in `at` (`Duration::MAX` if it never happened).
     fn since(&self, at: &AtomicU64) -> Duration {
         match at.load(Ordering::Relaxed) {
@@ -147,10 +180,7 @@ fn noting_leader_contact(inner: Dispatch, contact: Arc<LeaderContact>) -> Dispat
             let resp = fut.await;
             match (&resp, candidate_log) {
                 (RpcResponse::AppendEntries(r), _) if append && !matches!(r, AppendEntriesResponse::HigherVote(_)) => {
-                    contact.note(&contact.last_append_us);
-                    if contact.first_append_us.load(Ordering::Relaxed) == NEVER {
-                        contact.note(&contact.first_append_us);
-                    }
+                    contact.note_append();
                 }
                 (RpcResponse::Vote(v), Some(_)) if v.vote_granted => contact.note(&contact.last_granted_us),
                 (RpcResponse::Vote(v), Some(theirs)) => {
@@ -342,6 +372,13 @@ async fn election_watchdog(raft: Raft, contact: Arc<LeaderContact>, times: Stand
         if !running {
             return;
         }
+        if leader {
+            // Leading counts as hearing from a leader: a leader that steps down (a higher term
+            // seen) must not stand at once on the silence it had while it led.
+            contact.note_append();
+            next_attempt = None;
+            continue;
+        }
         let Some((rank, candidates)) = place else {
             next_attempt = None;
             continue;
@@ -353,7 +390,7 @@ async fn election_watchdog(raft: Raft, contact: Arc<LeaderContact>, times: Stand
         let rank = if fresh_refusal { 0 } else { rank };
         let outranked = contact.since(&contact.last_better_candidate_us) < times.lease * 2;
         let heard = contact.first_append_us.load(Ordering::Relaxed) != NEVER;
-        if leader || outranked || silent < times.stand_after(rank, heard) {
+        if outranked || silent < times.stand_after(rank, heard) {
             next_attempt = None;
             continue;
         }
@@ -382,9 +419,9 @@ pub const DEFAULT_ELECTION_MAX: Duration = Duration::from_millis(150);
 /// Heartbeat of the [`Profile::Fast`] timings.
 pub const FAST_HEARTBEAT: Duration = Duration::from_millis(10);
 /// Lower bound of the [`Profile::Fast`] election timeout.
-pub const FAST_ELECTION_MIN: Duration = Duration::from_millis(40);
+pub const FAST_ELECTION_MIN: Duration = Duration::from_millis(30);
 /// Upper bound of the [`Profile::Fast`] election timeout (and its lease).
-pub const FAST_ELECTION_MAX: Duration = Duration::from_millis(80);
+pub const FAST_ELECTION_MAX: Duration = Duration::from_millis(40);
 
 /// A named set of Raft timings (`[cluster] profile`); explicit `heartbeat` / `election_*`
 /// keys override single values.

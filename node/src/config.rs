@@ -462,8 +462,8 @@ mod tests {
         };
         let ms = Duration::from_millis;
         assert_eq!(cluster("").timings(), Profile::Default.timings());
-        assert_eq!(cluster("profile = \"fast\"").timings(), (ms(10), ms(40), ms(80)));
-        assert_eq!(cluster("profile = \"fast\"\nelection_max = \"120ms\"").timings(), (ms(10), ms(40), ms(120)));
+        assert_eq!(cluster("profile = \"fast\"").timings(), (ms(10), ms(30), ms(40)));
+        assert_eq!(cluster("profile = \"fast\"\nelection_max = \"120ms\"").timings(), (ms(10), ms(30), ms(120)));
         let text =
             format!("[cluster]\nnode_id = 1\nraft = \"127.0.0.1:7000\"\ndata_dir = \"d\"\nprofile = \"quick\"\n{BASE}");
         assert!(problems(&text)[0].starts_with("k.toml:5: unknown variant `quick`"), "{:?}", problems(&text));

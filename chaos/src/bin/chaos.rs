@@ -14,7 +14,7 @@
 //! the VIP with `wrk` for `--load-secs`, counting leader and term changes), `keepalived` (the
 //! kill and link-cut faults against a keepalived pair, advert 1 s and 100 ms, when keepalived
 //! is on PATH), `all` (everything but `load`; `keepalived` when available). `--profile` sets
-//! `[cluster] profile` on every node, `--timings 10ms,40ms,80ms` explicit heartbeat and
+//! `[cluster] profile` on every node, `--timings 10ms,30ms,40ms` explicit heartbeat and
 //! election timeouts, `--witness-timings` other ones for the witness of the `pair` lab,
 //! `--realtime true|false` `[cluster] realtime` (the Raft thread under `SCHED_RR`). Prints
 //! one line per fault, p50/p99/max of the outages, and keel next to keepalived; exits 1 on any
@@ -98,7 +98,7 @@ fn timing_lines(flag: &str, t: &str) -> Result<String, String> {
     Ok(format!("heartbeat = \"{hb}\"\nelection_min = \"{min}\"\nelection_max = \"{max}\"\n"))
 }
 
-/// The `[cluster]` lines `--profile` and `--timings 10ms,40ms,80ms` ask for.
+/// The `[cluster]` lines `--profile` and `--timings 10ms,30ms,40ms` ask for.
 fn cluster_extra(args: &Args) -> Result<String, String> {
     let mut s = String::new();
     if let Some(p) = &args.profile {
