@@ -464,6 +464,9 @@ mod tests {
         assert_eq!(cluster("").timings(), Profile::Default.timings());
         assert_eq!(cluster("profile = \"fast\"").timings(), (ms(10), ms(30), ms(40)));
         assert_eq!(cluster("profile = \"fast\"\nelection_max = \"120ms\"").timings(), (ms(10), ms(30), ms(120)));
+        // The Raft thread runs under real-time scheduling unless switched off.
+        assert!(cluster("").realtime);
+        assert!(!cluster("realtime = false").realtime);
         let text =
             format!("[cluster]\nnode_id = 1\nraft = \"127.0.0.1:7000\"\ndata_dir = \"d\"\nprofile = \"quick\"\n{BASE}");
         assert!(problems(&text)[0].starts_with("k.toml:5: unknown variant `quick`"), "{:?}", problems(&text));
