@@ -158,10 +158,12 @@ fn finish(lab: &Lab, run: &mut Run, t0: u64, c: &Committed) {
 /// Scenario 1: SIGKILL the leader (after a seeded 0–300 ms jitter), measure, restart it.
 pub fn kill_leader(lab: &mut Lab, run_no: usize, rng: &mut fastrand::Rng, c: &Committed) -> Result<Run, String> {
     let l = lab.wait_stable(SETTLE_BOUND)?;
+    let term_before = cluster_u64(lab, l, "term");
     std::thread::sleep(Duration::from_millis(rng.u64(0..300)));
     let t0 = lab.kill(l)?;
     let end = lab.first_ok_after(t0, FAILOVER_BOUND);
     let after = lab.wait_stable(SETTLE_BOUND)?;
+    let term_after = cluster_u64(lab, after, "term");
     let mut run = Run {
         scenario: "kill".into(),
         run: run_no,
@@ -173,6 +175,12 @@ pub fn kill_leader(lab: &mut Lab, run_no: usize, rng: &mut fastrand::Rng, c: &Co
         problems: Vec::new(),
         warnings: Vec::new(),
     };
+    // One election moves the term by one; more means a split vote or a lost candidacy.
+    if let (Some(b), Some(a)) = (term_before, term_after) {
+        if a > b + 1 {
+            run.warnings.push(format!("term {b} -> {a}: {} extra election(s)", a - b - 1));
+        }
+    }
     finish(lab, &mut run, t0, c);
     lab.start(l)?;
     lab.wait_admin(l, Duration::from_secs(30))?;

@@ -5,17 +5,39 @@
 //!
 //! | setting | `default` | `fast` | why |
 //! |---|---|---|---|
-//! | heartbeat | 20 ms | 10 ms | openraft ticks every 1.5 heartbeats; heartbeats and election checks run on that tick |
-//! | election timeout | 100–150 ms | 40–80 ms | ≥ 3 heartbeats (enforced): a lost packet starts no election; a range several ticks wide, so two followers rarely stand on the same tick and split the vote |
-//! | leader lease | = election max (150 / 80 ms) | | openraft: followers refuse votes for that long after a heartbeat |
+//! | heartbeat | 20 ms | 10 ms | openraft ticks every 1.5 heartbeats and sends a heartbeat on each tick (every 30 / 15 ms) |
+//! | election timeout | 100–150 ms | 30–40 ms | min ≥ 3 heartbeats (enforced); with keel's elections only the max matters, as the lease |
+//! | leader lease | = election max (150 / 40 ms) | | openraft: followers refuse votes for that long after a heartbeat |
 //!
-//! A follower stands once it has heard nothing for lease + its election timeout (drawn once per
-//! process), checked every tick; the new leader claims after one more quorum round. So a kill
-//! costs ≈ lease + election timeout + a tick + the claim: 250–340 ms with `default`, 120–200 ms
-//! with `fast`. Measured in the netns lab (release build, 20 SIGKILLs of the leader on a busy
-//! 2-core box): `default` p50/p99 305/333 ms (the earlier 25 ms / 100–200 ms: 372/409 ms),
-//! `fast` 173/227 ms. A narrower `fast` range (10 ms / 30–45 ms) was *not* faster: both
-//! followers often stood on the same tick and split the vote (p50/p99 182/240 ms).
+//! # Elections
+//!
+//! Data nodes run with openraft's `enable_elect = false`; [`election_watchdog`] decides when to
+//! stand. openraft's own timer let a follower stand after lease + a random election timeout,
+//! checked on its 1.5-heartbeat tick; the two followers of a three-node cluster often stood on
+//! the same tick and split the vote (`fast` used to lose 100–250 ms that way in 1 run of 4). The
+//! watchdog notes every AppendEntries and every granted vote (`noting_leader_contact`), polls
+//! every fifth of a heartbeat, and lets the surviving voters stand one after the other in
+//! node-id order: the first once it has heard nothing for lease + a quarter heartbeat (the
+//! moment the other voters' leases, started by the same heartbeat, have run out), the next one
+//! heartbeat later, and so on. A loser retries `heartbeat × candidates` later (so the slots
+//! never meet), doubling up to 4 leases. A node that refused a candidate for a shorter log
+//! stands at once (it can win, the candidate cannot); a node that saw a candidate with a longer
+//! log stays out for two leases. A node that has not heard from any leader since it started
+//! waits 4 leases + two reconnect backoffs (a leader retries an unreachable peer only every
+//! `UNREACHABLE_BACKOFF`): standing before its first heartbeat would depose a healthy leader.
+//! If the watchdog ever stops (a panic), openraft's timer is switched back on.
+//!
+//! So a kill costs ≈ lease + a quarter heartbeat − (time since the last heartbeat) + a vote
+//! round + the first quorum round + the claim. Measured in the netns lab (release build, 20
+//! SIGKILLs of the leader on a shared 2-core box): `fast` p50/p99 52/71 ms, `default` 160/174
+//! ms, no split vote in either; before (openraft's timer, `fast` at 10 ms / 40–80 ms) `fast`
+//! was 172/413 ms and `default` 305/326 ms. A 5 ms / 15–30 ms set was no faster here (p50 45
+//! ms) and lost its lease under the chaos `load` scenario, so `fast` stops at 10 ms / 40 ms.
+//!
+//! The Raft runtime's threads run under `SCHED_RR` when the node's `[cluster] realtime` is on
+//! (keel-node): with the data plane saturating both cores, `fast` kept its leader under load
+//! only with it (without: the lease lapsed and the VIP was released and re-claimed in 2 of 2
+//! runs).
 //!
 //! # Leadership and the VIP
 //!
@@ -26,24 +48,28 @@
 //! and re-evaluated every heartbeat, so a leader whose core stalls or whose quorum vanishes turns
 //! `false` by the end of the lease even when the check comes a tick late — before any other node
 //! can have been elected (vrrp/LIFECYCLE.md has the whole argument). The VIP logic follows this
-//! channel.
+//! channel. keel's elections leave that argument as it was: whoever stands and whenever, a
+//! voter grants nothing until a lease after its last heartbeat (openraft's check, untouched),
+//! and a candidate votes for itself no earlier than a lease + a quarter heartbeat after its own
+//! last heartbeat.
 //!
 //! # Witnesses
 //!
 //! A witness votes but must not lead while a data node could (it never holds the VIP). It runs
-//! the **same** heartbeat, election timeout and lease as the data nodes, with openraft's
-//! `enable_elect = false`: it never stands by timer. Why the same lease matters: a follower
-//! refuses votes until a lease has passed since it last heard from the leader, so in a pair the
-//! surviving data node's election (lease + its election timeout after the last heartbeat) finds
-//! the witness's vote already free, and a pair fails over as fast as a three-node cluster. (An
+//! the **same** heartbeat, election timeout and lease as the data nodes and has no
+//! [`election_watchdog`]: it never stands on a short silence. Why the same lease matters: a
+//! follower refuses votes until a lease has passed since it last heard from the leader, so in a
+//! pair the surviving data node's candidacy (lease + a quarter heartbeat after the last
+//! heartbeat) finds the witness's vote already free, and a pair fails over as fast as a
+//! three-node cluster. (An
 //! earlier version gave the witness 4× longer timeouts instead; its 4× lease then held the
 //! survivor's vote back for ≈ 0.8 s.)
 //!
 //! Only the witness can lead when it holds entries the surviving data node lacks: it refuses
 //! that node its vote (log check), and nobody else votes. `witness_watchdog` covers this: when
 //! no AppendEntries from a leader arrived for [`WITNESS_STAND_AFTER`] × election max (600 ms
-//! by default — a live data node wins within lease + election max + a round trip ≈ 2 × election
-//! max, so the witness never races one), the witness triggers an election, wins with the data
+//! by default — a live data node stands within lease + a heartbeat or so and wins a round trip
+//! later, so the witness never races one), the witness triggers an election, wins with the data
 //! node's vote, replicates what it lacks, and `reclaim_from_witness` on the data node then
 //! takes leadership back.
 
@@ -66,6 +92,7 @@ use tokio::task::JoinHandle;
 
 use crate::command::{Command, Outcome, Proposal};
 use crate::model::Config;
+use crate::network::client::UNREACHABLE_BACKOFF;
 use crate::network::{dispatch_to, Dispatch, NetworkFactory, RaftServer, RpcRequest, RpcResponse};
 use crate::state::ClusterState;
 use crate::store;
@@ -80,43 +107,66 @@ const WITNESS_RETRY_MAX: u32 = 8;
 /// How often a data node checks whether a witness leads (and then stands for election).
 const WITNESS_RECLAIM_EVERY: Duration = Duration::from_secs(1);
 
-/// What a witness saw of the others, for [`witness_watchdog`]: when it last accepted an
-/// AppendEntries (heartbeat or entries) from a leader, and when it last refused a candidate its
-/// vote because the witness's own log is longer. openraft 0.9's metrics keep naming a dead
-/// leader until a new vote, so they cannot tell "no leader for a while".
+/// What a node saw of the others, for [`witness_watchdog`] and [`election_watchdog`]: when it
+/// last accepted an AppendEntries (heartbeat or entries) from a leader, granted a vote, refused
+/// a candidate its vote because its own log is longer, or saw a candidate with a longer log
+/// than its own. openraft 0.9's metrics keep naming a dead leader until a new vote, so they
+/// cannot tell "no leader for a while".
 struct LeaderContact {
-    /// Its start: a witness that just started has heard nothing yet, which counts as silence.
+    /// Its start: a node that just started has heard nothing yet, which counts as silence.
     epoch: tokio::time::Instant,
-    last_append_ms: AtomicU64,
-    last_refused_by_log_ms: AtomicU64,
+    last_append_us: AtomicU64,
+    /// The first AppendEntries since this process started (`NEVER` until then).
+    first_append_us: AtomicU64,
+    last_granted_us: AtomicU64,
+    last_refused_by_log_us: AtomicU64,
+    last_better_candidate_us: AtomicU64,
 }
 
 impl LeaderContact {
     fn new() -> Self {
         LeaderContact {
             epoch: tokio::time::Instant::now(),
-            last_append_ms: AtomicU64::new(0),
-            last_refused_by_log_ms: AtomicU64::new(NEVER),
+            last_append_us: AtomicU64::new(0),
+            first_append_us: AtomicU64::new(NEVER),
+            last_granted_us: AtomicU64::new(NEVER),
+            last_refused_by_log_us: AtomicU64::new(NEVER),
+            last_better_candidate_us: AtomicU64::new(NEVER),
         }
     }
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    fn now_us(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX - 1)
+    }
+    fn note(&self, at: &AtomicU64) {
+        at.store(self.now_us(), Ordering::Relaxed);
+    }
+    /// An AppendEntries from a leader arrived (or this node is the leader itself).
+    fn note_append(&self) {
+        self.note(&self.last_append_us);
+        if self.first_append_us.load(Ordering::Relaxed) == NEVER {
+            self.note(&self.first_append_us);
+        }
     }
     /// Time since the event recorded in `at` (`Duration::MAX` if it never happened).
     fn since(&self, at: &AtomicU64) -> Duration {
         match at.load(Ordering::Relaxed) {
             NEVER => Duration::MAX,
-            t => Duration::from_millis(self.now_ms().saturating_sub(t)),
+            t => Duration::from_micros(self.now_us().saturating_sub(t)),
         }
+    }
+    /// Time since this node last heard from a leader or granted a candidate its vote: either
+    /// restarts every voter's lease (openraft touches the vote's time on both).
+    fn silence(&self) -> Duration {
+        self.since(&self.last_append_us).min(self.since(&self.last_granted_us))
     }
 }
 
-/// "Never happened" in [`LeaderContact`]'s millisecond fields.
+/// "Never happened" in [`LeaderContact`]'s microsecond fields.
 const NEVER: u64 = u64::MAX;
 
 /// Wraps `inner` so that `contact` learns of every AppendEntries a current leader sent (any
-/// answer but "your vote is stale") and of every vote refused because this node's log is
-/// longer than the candidate's.
+/// answer but "your vote is stale"), of every vote granted, of every vote refused because this
+/// node's log is longer than the candidate's, and of every candidate whose log is longer.
 fn noting_leader_contact(inner: Dispatch, contact: Arc<LeaderContact>) -> Dispatch {
     Arc::new(move |req: RpcRequest| -> Pin<Box<dyn Future<Output = RpcResponse> + Send>> {
         let candidate_log = match &req {
@@ -130,10 +180,15 @@ fn noting_leader_contact(inner: Dispatch, contact: Arc<LeaderContact>) -> Dispat
             let resp = fut.await;
             match (&resp, candidate_log) {
                 (RpcResponse::AppendEntries(r), _) if append && !matches!(r, AppendEntriesResponse::HigherVote(_)) => {
-                    contact.last_append_ms.store(contact.now_ms(), Ordering::Relaxed);
+                    contact.note_append();
                 }
-                (RpcResponse::Vote(v), Some(theirs)) if !v.vote_granted && v.last_log_id > theirs => {
-                    contact.last_refused_by_log_ms.store(contact.now_ms(), Ordering::Relaxed);
+                (RpcResponse::Vote(v), Some(_)) if v.vote_granted => contact.note(&contact.last_granted_us),
+                (RpcResponse::Vote(v), Some(theirs)) => {
+                    if v.last_log_id > theirs {
+                        contact.note(&contact.last_refused_by_log_us);
+                    } else if theirs > v.last_log_id {
+                        contact.note(&contact.last_better_candidate_us);
+                    }
                 }
                 _ => {}
             }
@@ -172,8 +227,8 @@ async fn witness_watchdog(raft: Raft, contact: Arc<LeaderContact>, election_max:
         if !running {
             return;
         }
-        let silent = contact.since(&contact.last_append_ms);
-        let refused = contact.since(&contact.last_refused_by_log_ms);
+        let silent = contact.since(&contact.last_append_us);
+        let refused = contact.since(&contact.last_refused_by_log_us);
         if leader || !voter || silent < stand_after || refused > stand_after {
             retry = election_max;
             continue;
@@ -210,6 +265,150 @@ async fn reclaim_from_witness(raft: Raft, id: u64) {
     }
 }
 
+/// Turns openraft's own election timer back on when [`election_watchdog`] ends for any reason
+/// (Raft stopping, or a panic): a bug in the watchdog must not leave a node that never stands.
+struct TimerFallback(Raft);
+
+impl Drop for TimerFallback {
+    fn drop(&mut self) {
+        if self.0.metrics().borrow().running_state.is_ok() {
+            tracing::warn!(target: "keel::raft", "the election watchdog stopped: openraft's election timer takes over");
+        }
+        self.0.runtime_config().elect(true);
+    }
+}
+
+/// When a data node's [`election_watchdog`] stands, derived from the heartbeat and the lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct StandTimes {
+    /// Election max: a voter refuses votes until this long after it last heard from a leader.
+    lease: Duration,
+    /// Added to the lease before the first candidate stands: covers the other voters having
+    /// received the last heartbeat a little later than this node.
+    margin: Duration,
+    /// Between one candidate's slot and the next one's (by rank).
+    stagger: Duration,
+    /// How often the silence is checked.
+    poll: Duration,
+    /// The longest wait between two attempts of one node.
+    retry_max: Duration,
+    /// How long a node that has not heard from any leader since it started stays quiet: a
+    /// leader retries a peer it could not reach only every [`UNREACHABLE_BACKOFF`], so a
+    /// restarted node can wait that long for its first heartbeat, and standing before it would
+    /// depose a healthy leader.
+    startup_quiet: Duration,
+}
+
+impl StandTimes {
+    fn new(heartbeat: Duration, lease: Duration) -> Self {
+        StandTimes {
+            lease,
+            margin: (heartbeat / 4).max(Duration::from_millis(2)),
+            stagger: heartbeat,
+            poll: (heartbeat / 5).clamp(Duration::from_millis(1), Duration::from_millis(5)),
+            retry_max: lease * 4,
+            startup_quiet: lease * 4 + UNREACHABLE_BACKOFF * 2,
+        }
+    }
+
+    /// The silence after which the candidate of `rank` (0 first) stands for the first time.
+    fn first_stand(&self, rank: u32) -> Duration {
+        self.lease + self.margin + self.stagger * rank
+    }
+
+    /// [`Self::first_stand`], or [`Self::startup_quiet`] for a node that has not heard from a
+    /// leader since it started, whichever is longer.
+    fn stand_after(&self, rank: u32, heard_since_start: bool) -> Duration {
+        let first = self.first_stand(rank);
+        if heard_since_start {
+            first
+        } else {
+            first.max(self.startup_quiet)
+        }
+    }
+}
+
+/// This node's place in the standing order: its rank among the voters that may stand (data
+/// nodes, not the leader that went silent), and how many there are. `None` when it is not one
+/// of them.
+fn stand_rank(me: u64, voters: impl Iterator<Item = (u64, bool)>, silent_leader: Option<u64>) -> Option<(u32, u32)> {
+    let silent_leader = silent_leader.filter(|&l| l != me);
+    let mut candidates: Vec<u64> =
+        voters.filter(|&(id, witness)| !witness && Some(id) != silent_leader).map(|(id, _)| id).collect();
+    candidates.sort_unstable();
+    let rank = candidates.iter().position(|&id| id == me)?;
+    Some((u32::try_from(rank).ok()?, u32::try_from(candidates.len()).ok()?))
+}
+
+/// On a data node: stands for election once no leader has been heard from (and no vote granted)
+/// for a lease plus [`StandTimes::margin`] plus one [`StandTimes::stagger`] per rank, checking
+/// every [`StandTimes::poll`]. openraft's own election timer ticks every 1.5 heartbeats and
+/// fires at lease + a random timeout; two followers often fired on the same tick and split the
+/// vote. Here the surviving followers stand one after the other, in node-id order, the first
+/// as soon as votes can be granted (a voter refuses until a lease after its last heartbeat).
+///
+/// A node that loses retries every `stagger × candidates` (so the slots never meet), doubling up
+/// to [`StandTimes::retry_max`]. A node that refused a candidate for a shorter log stands at
+/// once (it is the one that can win); a node that saw a candidate with a longer log stays out
+/// for two leases (it cannot win, and its higher terms would only get in the way). openraft's
+/// own timer stays on as the fallback.
+async fn election_watchdog(raft: Raft, contact: Arc<LeaderContact>, times: StandTimes) {
+    let _fallback = TimerFallback(raft.clone());
+    let mut tick = tokio::time::interval(times.poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut next_attempt: Option<tokio::time::Instant> = None;
+    let mut retry = times.stagger;
+    // The refusal (by its time) this node last stood for, so that one refusal is one attempt.
+    let mut acted_on_refusal = NEVER;
+    loop {
+        tick.tick().await;
+        let (running, leader, place) = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            let voters = membership.voter_ids().map(|id| (id, membership.get_node(&id).is_some_and(|n| n.witness)));
+            (m.running_state.is_ok(), m.state == ServerState::Leader, stand_rank(m.id, voters, m.current_leader))
+        };
+        if !running {
+            return;
+        }
+        if leader {
+            // Leading counts as hearing from a leader: a leader that steps down (a higher term
+            // seen) must not stand at once on the silence it had while it led.
+            contact.note_append();
+            next_attempt = None;
+            continue;
+        }
+        let Some((rank, candidates)) = place else {
+            next_attempt = None;
+            continue;
+        };
+        let silent = contact.silence();
+        let refused_at = contact.last_refused_by_log_us.load(Ordering::Relaxed);
+        let fresh_refusal =
+            refused_at != acted_on_refusal && contact.since(&contact.last_refused_by_log_us) < times.lease;
+        let rank = if fresh_refusal { 0 } else { rank };
+        let outranked = contact.since(&contact.last_better_candidate_us) < times.lease * 2;
+        let heard = contact.first_append_us.load(Ordering::Relaxed) != NEVER;
+        if outranked || silent < times.stand_after(rank, heard) {
+            next_attempt = None;
+            continue;
+        }
+        let now = tokio::time::Instant::now();
+        match next_attempt {
+            Some(at) if now < at && !fresh_refusal => continue,
+            Some(_) => retry = (retry * 2).min(times.retry_max),
+            None => retry = times.stagger * candidates,
+        }
+        acted_on_refusal = refused_at;
+        tracing::info!(target: "keel::raft", silent_ms = silent.as_millis(), rank, "no leader heard from: standing for election");
+        if raft.trigger().elect().await.is_err() {
+            return;
+        }
+        next_attempt = Some(now + retry);
+    }
+}
+
 /// Default heartbeat interval.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(20);
 /// Default lower bound of the randomized election timeout.
@@ -220,9 +419,9 @@ pub const DEFAULT_ELECTION_MAX: Duration = Duration::from_millis(150);
 /// Heartbeat of the [`Profile::Fast`] timings.
 pub const FAST_HEARTBEAT: Duration = Duration::from_millis(10);
 /// Lower bound of the [`Profile::Fast`] election timeout.
-pub const FAST_ELECTION_MIN: Duration = Duration::from_millis(40);
+pub const FAST_ELECTION_MIN: Duration = Duration::from_millis(30);
 /// Upper bound of the [`Profile::Fast`] election timeout (and its lease).
-pub const FAST_ELECTION_MAX: Duration = Duration::from_millis(80);
+pub const FAST_ELECTION_MAX: Duration = Duration::from_millis(40);
 
 /// A named set of Raft timings (`[cluster] profile`); explicit `heartbeat` / `election_*`
 /// keys override single values.
@@ -502,7 +701,8 @@ impl ClusterNode {
             heartbeat_interval: ms(settings.heartbeat),
             election_timeout_min: ms(settings.election_min),
             election_timeout_max: ms(settings.election_max),
-            enable_elect: !settings.witness,
+            // Elections are keel's (`election_watchdog`, `witness_watchdog`), not openraft's timer.
+            enable_elect: false,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(store::SNAPSHOT_EVERY),
             max_in_snapshot_log_to_keep: 1_000,
             install_snapshot_timeout: 30_000,
@@ -519,11 +719,13 @@ impl ClusterNode {
         let raft = Raft::new(settings.node_id, Arc::new(config), network, log, sm)
             .await
             .map_err(|e| ClusterError::Raft(e.to_string()))?;
-        let mut dispatch = dispatch_to(raft.clone());
+        let contact = Arc::new(LeaderContact::new());
+        let dispatch = noting_leader_contact(dispatch_to(raft.clone()), contact.clone());
         if settings.witness {
-            let contact = Arc::new(LeaderContact::new());
-            dispatch = noting_leader_contact(dispatch, contact.clone());
             tokio::spawn(witness_watchdog(raft.clone(), contact, settings.election_max));
+        } else {
+            let times = StandTimes::new(settings.heartbeat, settings.election_max);
+            tokio::spawn(election_watchdog(raft.clone(), contact, times));
         }
         let server = RaftServer::start(listener, settings.node_id, settings.cluster_id.clone(), dispatch)
             .map_err(|source| ClusterError::Bind { addr: raft_addr, source })?;
@@ -817,5 +1019,45 @@ impl ClusterHandle {
         }
         self.inner.leadership_task.abort();
         tracing::info!(target: "keel::raft", node = self.inner.id, "raft node stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn survivors_stand_in_id_order_without_the_silent_leader_or_witnesses() {
+        let voters = [(1, false), (2, false), (3, false)];
+        assert_eq!(stand_rank(2, voters.into_iter(), Some(1)), Some((0, 2)));
+        assert_eq!(stand_rank(3, voters.into_iter(), Some(1)), Some((1, 2)));
+        // A node whose own metrics still name itself (a restarted ex-leader) is not excluded.
+        assert_eq!(stand_rank(1, voters.into_iter(), Some(1)), Some((0, 3)));
+        // No leader known: everyone has a slot.
+        assert_eq!(stand_rank(3, voters.into_iter(), None), Some((2, 3)));
+        // A pair and its witness: the survivor stands first, the witness never here.
+        let pair = [(1, false), (2, false), (3, true)];
+        assert_eq!(stand_rank(2, pair.into_iter(), Some(1)), Some((0, 1)));
+        assert_eq!(stand_rank(3, pair.into_iter(), Some(1)), None);
+        // A learner (not among the voters) never stands.
+        assert_eq!(stand_rank(4, voters.into_iter(), Some(1)), None);
+    }
+
+    #[test]
+    fn the_first_candidate_stands_once_votes_can_be_granted_and_the_next_one_a_stagger_later() {
+        let fast = StandTimes::new(FAST_HEARTBEAT, FAST_ELECTION_MAX);
+        assert_eq!(fast.first_stand(0), FAST_ELECTION_MAX + Duration::from_micros(2500));
+        assert_eq!(fast.first_stand(1) - fast.first_stand(0), FAST_HEARTBEAT);
+        assert_eq!(fast.poll, Duration::from_millis(2));
+        let default = StandTimes::new(DEFAULT_HEARTBEAT, DEFAULT_ELECTION_MAX);
+        assert_eq!(default.first_stand(0), DEFAULT_ELECTION_MAX + Duration::from_millis(5));
+        // A tiny heartbeat still leaves a margin and a poll the timer can keep.
+        let tiny = StandTimes::new(Duration::from_millis(2), Duration::from_millis(20));
+        assert_eq!(tiny.margin, Duration::from_millis(2));
+        assert_eq!(tiny.poll, Duration::from_millis(1));
+        // A node that has heard no leader since it started waits out a leader's reconnect
+        // backoff before it stands.
+        assert!(fast.stand_after(0, false) > UNREACHABLE_BACKOFF + FAST_ELECTION_MAX);
+        assert_eq!(fast.stand_after(1, true), fast.first_stand(1));
     }
 }

@@ -132,6 +132,15 @@ pub struct ClusterSection {
     /// A witness votes and stores the log but serves no traffic and never holds the VIP.
     #[serde(default)]
     pub witness: bool,
+    /// Run the Raft thread under real-time scheduling (`SCHED_RR`, low priority), so
+    /// heartbeats and elections keep their timing when the data plane saturates the CPUs.
+    /// Needs CAP_SYS_NICE; without it keel warns and carries on at normal priority.
+    #[serde(default = "default_realtime")]
+    pub realtime: bool,
+}
+
+fn default_realtime() -> bool {
+    true
 }
 
 fn default_cluster_id() -> String {
@@ -453,8 +462,11 @@ mod tests {
         };
         let ms = Duration::from_millis;
         assert_eq!(cluster("").timings(), Profile::Default.timings());
-        assert_eq!(cluster("profile = \"fast\"").timings(), (ms(10), ms(40), ms(80)));
-        assert_eq!(cluster("profile = \"fast\"\nelection_max = \"120ms\"").timings(), (ms(10), ms(40), ms(120)));
+        assert_eq!(cluster("profile = \"fast\"").timings(), (ms(10), ms(30), ms(40)));
+        assert_eq!(cluster("profile = \"fast\"\nelection_max = \"120ms\"").timings(), (ms(10), ms(30), ms(120)));
+        // The Raft thread runs under real-time scheduling unless switched off.
+        assert!(cluster("").realtime);
+        assert!(!cluster("realtime = false").realtime);
         let text =
             format!("[cluster]\nnode_id = 1\nraft = \"127.0.0.1:7000\"\ndata_dir = \"d\"\nprofile = \"quick\"\n{BASE}");
         assert!(problems(&text)[0].starts_with("k.toml:5: unknown variant `quick`"), "{:?}", problems(&text));

@@ -14,8 +14,9 @@
 //! the VIP with `wrk` for `--load-secs`, counting leader and term changes), `keepalived` (the
 //! kill and link-cut faults against a keepalived pair, advert 1 s and 100 ms, when keepalived
 //! is on PATH), `all` (everything but `load`; `keepalived` when available). `--profile` sets
-//! `[cluster] profile` on every node, `--timings 10ms,40ms,80ms` explicit heartbeat and
-//! election timeouts, `--witness-timings` other ones for the witness of the `pair` lab. Prints
+//! `[cluster] profile` on every node, `--timings 10ms,30ms,40ms` explicit heartbeat and
+//! election timeouts, `--witness-timings` other ones for the witness of the `pair` lab,
+//! `--realtime true|false` `[cluster] realtime` (the Raft thread under `SCHED_RR`). Prints
 //! one line per fault, p50/p99/max of the outages, and keel next to keepalived; exits 1 on any
 //! split-brain sample or problem of keel's (keepalived's figures are a reference and never fail
 //! the run).
@@ -38,6 +39,7 @@ struct Args {
     witness_timings: Option<String>,
     keepalived_runs: usize,
     load_secs: u64,
+    realtime: Option<String>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -50,6 +52,7 @@ fn parse() -> Result<Args, String> {
         witness_timings: None,
         keepalived_runs: 5,
         load_secs: 30,
+        realtime: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -65,9 +68,13 @@ fn parse() -> Result<Args, String> {
                 args.keepalived_runs = value()?.parse().map_err(|e| format!("--keepalived-runs: {e}"))?
             }
             "--load-secs" => args.load_secs = value()?.parse().map_err(|e| format!("--load-secs: {e}"))?,
+            "--realtime" => match value()?.as_str() {
+                v @ ("true" | "false") => args.realtime = Some(v.to_owned()),
+                other => return Err(format!("--realtime wants true or false, got {other:?}")),
+            },
             "-h" | "--help" => {
                 return Err("usage: chaos [--runs N] [--scenario kill|partition|rolling|pair|load|keepalived|all] \
-                     [--profile default|fast] [--timings HB,MIN,MAX] [--witness-timings HB,MIN,MAX] [--keepalived-runs N] [--load-secs N] [--seed N]"
+                     [--profile default|fast] [--timings HB,MIN,MAX] [--witness-timings HB,MIN,MAX] [--keepalived-runs N] [--load-secs N] [--realtime true|false] [--seed N]"
                     .into())
             }
             other => return Err(format!("unknown argument {other}")),
@@ -91,7 +98,7 @@ fn timing_lines(flag: &str, t: &str) -> Result<String, String> {
     Ok(format!("heartbeat = \"{hb}\"\nelection_min = \"{min}\"\nelection_max = \"{max}\"\n"))
 }
 
-/// The `[cluster]` lines `--profile` and `--timings 10ms,40ms,80ms` ask for.
+/// The `[cluster]` lines `--profile` and `--timings 10ms,30ms,40ms` ask for.
 fn cluster_extra(args: &Args) -> Result<String, String> {
     let mut s = String::new();
     if let Some(p) = &args.profile {
@@ -99,6 +106,9 @@ fn cluster_extra(args: &Args) -> Result<String, String> {
     }
     if let Some(t) = &args.timings {
         s.push_str(&timing_lines("--timings", t)?);
+    }
+    if let Some(r) = &args.realtime {
+        s.push_str(&format!("realtime = {r}\n"));
     }
     Ok(s)
 }

@@ -30,8 +30,10 @@ use crate::types::{NodeInfo, TypeConfig, Vote};
 /// Upper bound on establishing a TCP connection to a peer (a LAN peer answers in < 1 ms).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// How long openraft waits before retrying an unreachable peer.
-pub const UNREACHABLE_BACKOFF: Duration = Duration::from_millis(200);
+/// How long openraft waits before retrying an unreachable peer. Short: a peer that restarts
+/// gets no heartbeat until the retry, and while it is the leader's only other live voter (a
+/// pair whose witness is down) the leader's lease cannot outlast a long wait.
+pub const UNREACHABLE_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Makes [`PeerClient`]s for openraft.
 #[derive(Clone, Debug)]

@@ -38,20 +38,48 @@ const REPORT_BACKOFF: Duration = Duration::from_millis(200);
 /// lease are never queued behind thousands of proxy tasks on the data-plane workers. Under full
 /// HTTP load on a shared 2-core box, Raft on the data-plane runtime missed its lease often
 /// enough to change leader (chaos `load` scenario). Built on first use, lives for the process.
-fn raft_runtime() -> Result<&'static tokio::runtime::Runtime, DaemonError> {
+///
+/// With `realtime`, its threads (the worker and the blocking-pool threads that write the log)
+/// run under `SCHED_RR` at [`RAFT_RT_PRIORITY`]: the scheduler then runs Raft before any normal
+/// task, so a core saturated by the data plane (or by anything else on the host) no longer
+/// delays a heartbeat past the lease. Raft uses little CPU, and the kernel's real-time
+/// throttling (`sched_rt_runtime_us`) bounds it even if it spun.
+fn raft_runtime(realtime: bool) -> Result<&'static tokio::runtime::Runtime, DaemonError> {
     // Built inside `get_or_init`: a runtime dropped in async context panics, so none may be
     // built and then thrown away.
     static RT: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
     RT.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("keel-raft")
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(1).thread_name("keel-raft").enable_all();
+        if realtime {
+            b.on_thread_start(set_realtime);
+        }
+        b.build().map_err(|e| e.to_string())
     })
     .as_ref()
     .map_err(|e| DaemonError::Cluster(format!("cannot start the raft runtime: {e}")))
+}
+
+/// The `SCHED_RR` priority of the Raft threads: the lowest band (1–99) with room below for
+/// anything an operator ranks lower, and under the kernel's threaded interrupt handlers (50),
+/// which must run for Raft's packets to arrive at all.
+pub const RAFT_RT_PRIORITY: i32 = 10;
+
+/// Puts the calling thread under `SCHED_RR` at [`RAFT_RT_PRIORITY`]; warns once and leaves it
+/// as it is when the kernel refuses (no CAP_SYS_NICE, a container without real-time budget).
+#[allow(unsafe_code)] // one libc call on the current thread; no safe wrapper in our dependencies
+fn set_realtime() {
+    static REPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let param = libc::sched_param { sched_priority: RAFT_RT_PRIORITY };
+    // SAFETY: `pthread_self` is always valid for the calling thread and `param` outlives the call.
+    let rc = unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_RR, &param) };
+    if rc != 0 && !REPORTED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(target: "keel::raft", error = %std::io::Error::from_raw_os_error(rc),
+            "cannot run the raft thread under real-time scheduling (needs CAP_SYS_NICE); it runs at normal priority, \
+             and heartbeats may be late when the data plane saturates the CPUs ([cluster] realtime = false silences this)");
+    } else if rc == 0 && !REPORTED.swap(true, Ordering::Relaxed) {
+        tracing::info!(target: "keel::raft", priority = RAFT_RT_PRIORITY, "raft thread runs under SCHED_RR");
+    }
 }
 
 /// Opens the store and starts this node's Raft member (on [`raft_runtime`]).
@@ -62,7 +90,7 @@ pub async fn start(section: &ClusterSection, node: &NodeSettings) -> Result<Clus
     settings.witness = section.witness;
     // Everything `ClusterNode::start` spawns (the Raft core, replication, the RPC server, the
     // leadership watch) lands on the runtime it runs on.
-    let handle = raft_runtime()?
+    let handle = raft_runtime(section.realtime)?
         .spawn(ClusterNode::start(settings))
         .await
         .map_err(|e| DaemonError::Cluster(format!("raft start task: {e}")))?
