@@ -185,11 +185,12 @@ impl HttpProxy {
         let hash = if pool.config.algorithm == Algorithm::IpHash { client_hash(peer) } else { 0 };
 
         // Sticky lookup replaces the algorithm for the first attempt; the request headers are
-        // kept for learning from the response.
+        // kept for learning from the response, in the modes that read them there.
         let (bound, sticky_headers) = match sticky {
-            Some(policy) => {
-                (policy.lookup(&parts.headers, peer.ip(), &pool.servers).await, Some(parts.headers.clone()))
-            }
+            Some(policy) => (
+                policy.lookup(&parts.headers, peer.ip(), &pool.servers).await,
+                policy.reads_request_headers_on_response().then(|| parts.headers.clone()),
+            ),
             None => (None, None),
         };
         let attempts = pool.config.retries.min(MAX_RETRIES) as usize + 1;
@@ -295,7 +296,9 @@ impl HttpProxy {
             }
             let (mut head, body) = resp.into_parts();
             headers::strip_hop_by_hop(&mut head.headers, false);
-            if let (Some(policy), Some(req_headers)) = (sticky, &sticky_headers) {
+            if let Some(policy) = sticky {
+                let no_headers = http::HeaderMap::new();
+                let req_headers = sticky_headers.as_ref().unwrap_or(&no_headers);
                 policy.on_response(
                     index,
                     bound == Some(index),

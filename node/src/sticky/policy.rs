@@ -200,6 +200,12 @@ impl StickyPolicy {
         }
     }
 
+    /// Whether [`StickyPolicy::on_response`] reads the request's headers (cookie and learn
+    /// modes); in `source_ip` mode the proxy need not keep a copy of them.
+    pub fn reads_request_headers_on_response(&self) -> bool {
+        !matches!(self.mode, Mode::SourceIp)
+    }
+
     /// The store key of a request: the client address (IPv4-mapped addresses as IPv4), or the
     /// learned cookie / header value the request carries.
     fn request_key(&self, req_headers: &HeaderMap, client_ip: IpAddr) -> Option<String> {
