@@ -39,12 +39,16 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use super::h1scan::{parse_chunk_size, parse_content_length};
+
 /// Most headers accepted in a response head.
 const MAX_HEADERS: usize = 128;
 /// Largest response head accepted.
 const MAX_HEAD: usize = 64 * 1024;
 /// Idle connections kept per server; more are closed when they come back.
 const MAX_IDLE: usize = 512;
+/// Read size while a response head is awaited.
+const HEAD_CHUNK: usize = 8 * 1024;
 /// Read size while a body streams: large enough that a 1 MiB response takes few reads.
 const READ_CHUNK: usize = 64 * 1024;
 /// Longest chunk-size line (size, extensions) accepted.
@@ -135,16 +139,13 @@ impl Conn {
 
     /// Reads more into the buffer; `Ok(0)` is the end of the stream.
     async fn fill(&mut self) -> io::Result<usize> {
-        if self.buf.capacity() - self.buf.len() < 4096 {
-            self.buf.reserve(8 * 1024);
-        }
-        std::future::poll_fn(|cx| poll_fill(&mut self.stream, &mut self.buf, cx, 0)).await
+        std::future::poll_fn(|cx| poll_fill(&mut self.stream, &mut self.buf, cx, HEAD_CHUNK)).await
     }
 }
 
-/// Reads once into the spare capacity of `buf`, reserving `want` more first when non-zero.
+/// Reads once into `buf`, first reserving `want` bytes when less than a quarter of that is free.
 fn poll_fill(stream: &mut TcpStream, buf: &mut BytesMut, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
-    if want > 0 && buf.capacity() - buf.len() < want / 4 {
+    if buf.capacity() - buf.len() < want / 4 {
         buf.reserve(want);
     }
     // Through `AsyncRead` (not `try_read_buf`): a short read clears the cached readiness, which
@@ -239,7 +240,7 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, SendError>
         }
     };
     let _ = stream.set_nodelay(true);
-    Ok(Conn { stream, buf: BytesMut::with_capacity(8 * 1024) })
+    Ok(Conn { stream, buf: BytesMut::with_capacity(HEAD_CHUNK) })
 }
 
 /// `METHOD path HTTP/1.1`, the headers, the blank line. A request that named no host (an
@@ -351,7 +352,7 @@ fn parse_head(buf: &[u8], head_request: bool) -> Result<Option<Parsed>, HeadErro
         let value = HeaderValue::from_bytes(h.value).map_err(|_| HeadError::Invalid("invalid header value"))?;
         if name == http::header::CONTENT_LENGTH {
             for part in h.value.split(|&b| b == b',') {
-                let n = parse_length(part.trim_ascii()).ok_or(HeadError::Invalid("invalid Content-Length"))?;
+                let n = parse_content_length(part.trim_ascii()).ok_or(HeadError::Invalid("invalid Content-Length"))?;
                 if length.is_some_and(|l| l != n) {
                     return Err(HeadError::Invalid("conflicting Content-Length"));
                 }
@@ -402,13 +403,6 @@ fn parse_head(buf: &[u8], head_request: bool) -> Result<Option<Parsed>, HeadErro
     parts.version = version;
     parts.headers = headers;
     Ok(Some(Parsed::Final { len, parts, framing, keep: !close }))
-}
-
-fn parse_length(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    digits.iter().try_fold(0u64, |n, &d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
 }
 
 #[derive(Debug)]
@@ -498,7 +492,7 @@ impl ResponseBody {
                             }
                             return Ok(None);
                         };
-                        let size = parse_chunk_size(&buf[..end]).ok_or_else(|| invalid("invalid chunk size"))?;
+                        let size = parse_chunk_size(&buf[..end + 2]).map_err(invalid)?;
                         buf.advance(end + 2);
                         *chunk = if size == 0 { Chunk::Trailers(0) } else { Chunk::Data(size) };
                     }
@@ -552,15 +546,6 @@ fn invalid(what: &'static str) -> io::Error {
 
 fn find_crlf(buf: &[u8]) -> Option<usize> {
     buf.windows(2).position(|w| w == b"\r\n")
-}
-
-/// Hex size, then optional `;extensions`.
-fn parse_chunk_size(line: &[u8]) -> Option<u64> {
-    let size = line.split(|&b| b == b';').next()?.trim_ascii();
-    if size.is_empty() || size.len() > 15 {
-        return None;
-    }
-    size.iter().try_fold(0u64, |n, &d| Some(n * 16 + u64::from((d as char).to_digit(16)?)))
 }
 
 impl Body for ResponseBody {
@@ -694,14 +679,5 @@ mod tests {
         buf.clear();
         encode_head(&mut buf, &Method::HEAD, "/", &headers, addr);
         assert_eq!(&buf[..], b"HEAD / HTTP/1.1\r\naccept: */*\r\nhost: example.com\r\n\r\n");
-    }
-
-    #[test]
-    fn chunk_sizes() {
-        assert_eq!(parse_chunk_size(b"1a"), Some(26));
-        assert_eq!(parse_chunk_size(b"A;name=value"), Some(10));
-        assert_eq!(parse_chunk_size(b""), None);
-        assert_eq!(parse_chunk_size(b"zz"), None);
-        assert_eq!(parse_chunk_size(b"ffffffffffffffff"), None, "longer than any real chunk");
     }
 }

@@ -231,11 +231,7 @@ fn validate_head(head: &[u8]) -> Result<HeadKind, Refusal> {
             if content_length.is_some() {
                 return Err("more than one Content-Length");
             }
-            if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
-                return Err("Content-Length is not a plain number");
-            }
-            let n = std::str::from_utf8(value).ok().and_then(|s| s.parse().ok()).ok_or("Content-Length too large")?;
-            content_length = Some(n);
+            content_length = Some(parse_content_length(value).ok_or("Content-Length is not a plain number")?);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             if transfer_encoding {
                 return Err("more than one Transfer-Encoding");
@@ -342,9 +338,18 @@ fn feed_chunked(state: &mut ChunkState, data: &[u8]) -> Result<(usize, bool), Re
     Ok((i, false))
 }
 
+/// A Content-Length value: plain digits only (no sign, no space, no list), at most 18 of them so
+/// it always fits. keel's upstream client frames responses with the same rule.
+pub(super) fn parse_content_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
 /// Parses "1a;ext=v\r\n": hex digits only (no sign, no whitespace, no "0x"), at most 15 of
 /// them, optional extensions of token characters.
-fn parse_chunk_size(line: &[u8]) -> Result<u64, Refusal> {
+pub(super) fn parse_chunk_size(line: &[u8]) -> Result<u64, Refusal> {
     let line = line.strip_suffix(b"\r\n").ok_or("bare LF in chunk-size line")?;
     let (size, ext) = match line.iter().position(|&b| b == b';') {
         Some(p) => (&line[..p], Some(&line[p + 1..])),
