@@ -351,7 +351,7 @@ fn stand_rank(me: u64, voters: impl Iterator<Item = (u64, bool)>, silent_leader:
 /// to [`StandTimes::retry_max`]. A node that refused a candidate for a shorter log stands at
 /// once (it is the one that can win); a node that saw a candidate with a longer log stays out
 /// for two leases (it cannot win, and its higher terms would only get in the way). openraft's
-/// own timer stays on as the fallback.
+/// own timer is off on data nodes; [`TimerFallback`] switches it back on should this task end.
 async fn election_watchdog(raft: Raft, contact: Arc<LeaderContact>, times: StandTimes) {
     let _fallback = TimerFallback(raft.clone());
     let mut tick = tokio::time::interval(times.poll);
@@ -509,24 +509,40 @@ impl ClusterSettings {
         if self.cluster_id.is_empty() {
             return bad("cluster_id must not be empty".into());
         }
-        if self.heartbeat.is_zero() {
-            return bad("heartbeat must be greater than zero".into());
-        }
-        if self.election_min < self.heartbeat * 3 {
-            return bad(format!(
-                "election_min {:?} must be at least 3 heartbeats ({:?}) or followers elect on one lost packet",
-                self.election_min,
-                self.heartbeat * 3
-            ));
-        }
-        if self.election_max <= self.election_min {
-            return bad(format!(
-                "election_max {:?} must exceed election_min {:?}",
-                self.election_max, self.election_min
-            ));
+        if let Some((key, why)) = timing_problem(self.heartbeat, self.election_min, self.election_max) {
+            return bad(format!("{key} {why}"));
         }
         Ok(())
     }
+}
+
+/// The rule a set of Raft timings breaks, as `(key, why)`: the heartbeat must be above zero and
+/// at most a third of the election minimum (one lost packet must not start an election), and
+/// the election minimum below the maximum. One rule for the settings and for the config file,
+/// which reports it at the key's line.
+pub fn timing_problem(
+    heartbeat: Duration,
+    election_min: Duration,
+    election_max: Duration,
+) -> Option<(&'static str, String)> {
+    let show = |d: Duration| crate::HumanDuration(d).to_string();
+    if heartbeat.is_zero() || election_min < heartbeat * 3 {
+        return Some((
+            "heartbeat",
+            format!(
+                "must be above zero and at most a third of election_min ({}): {}",
+                show(election_min),
+                show(heartbeat)
+            ),
+        ));
+    }
+    if election_min >= election_max {
+        return Some((
+            "election_min",
+            format!("must be below election_max ({}): {}", show(election_max), show(election_min)),
+        ));
+    }
+    None
 }
 
 /// Why a node could not start or a management call failed.

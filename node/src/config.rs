@@ -331,22 +331,8 @@ pub fn parse(text: &str, origin: &str) -> Result<NodeFile, ConfigError> {
             cluster_problem("node_id", "must be at least 1".into());
         }
         let (hb, min, max) = c.timings();
-        // The same rules as `ClusterSettings::validate`, reported against the file's lines.
-        if hb.is_zero() || min < hb * 3 {
-            cluster_problem(
-                "heartbeat",
-                format!(
-                    "must be above zero and at most a third of election_min ({}): {}",
-                    HumanDuration(min),
-                    HumanDuration(hb)
-                ),
-            );
-        }
-        if min >= max {
-            cluster_problem(
-                "election_min",
-                format!("must be below election_max ({}): {}", HumanDuration(max), HumanDuration(min)),
-            );
+        if let Some((key, why)) = keel_cluster::node::timing_problem(hb, min, max) {
+            cluster_problem(key, why);
         }
         if c.cluster_id.is_empty() {
             cluster_problem("cluster_id", "must not be empty".into());
