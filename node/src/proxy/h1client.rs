@@ -668,6 +668,16 @@ mod tests {
     }
 
     #[test]
+    fn chunk_sizes() {
+        // The scanner's parser, as the client calls it: the line with its CRLF.
+        assert_eq!(parse_chunk_size(b"1a\r\n"), Ok(26));
+        assert_eq!(parse_chunk_size(b"A;name=value\r\n"), Ok(10));
+        assert!(parse_chunk_size(b"\r\n").is_err());
+        assert!(parse_chunk_size(b"zz\r\n").is_err());
+        assert!(parse_chunk_size(b"ffffffffffffffff\r\n").is_err(), "longer than any real chunk");
+    }
+
+    #[test]
     fn request_heads_name_a_host() {
         let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
         let mut headers = HeaderMap::new();
