@@ -190,7 +190,8 @@ impl Client {
         Client { alpn: alpn.to_vec(), ..Client::default() }
     }
 
-    fn config(&self, sni: bool) -> ClientConfig {
+    /// The rustls config this client connects with; reuse it to resume sessions.
+    pub fn config(&self, sni: bool) -> ClientConfig {
         let mut config = ClientConfig::builder_with_provider(super::provider())
             .with_protocol_versions(&self.versions)
             .unwrap()
@@ -213,9 +214,18 @@ pub async fn handshake(
     client: &Client,
     sni: Option<&str>,
 ) -> Result<(ServerSide, ClientSide), String> {
+    handshake_with(config, Arc::new(client.config(sni.is_some())), sni).await
+}
+
+/// [`handshake`] with a client config of the caller's, whose session store carries over.
+pub async fn handshake_with(
+    config: &Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+    sni: Option<&str>,
+) -> Result<(ServerSide, ClientSide), String> {
     let (server_io, client_io) = tokio::io::duplex(64 * 1024);
     let acceptor = super::acceptor(config.clone());
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client.config(sni.is_some())));
+    let connector = tokio_rustls::TlsConnector::from(client);
     let name = ServerName::try_from(sni.unwrap_or("localhost").to_owned()).unwrap();
     let (server, client) = tokio::join!(acceptor.accept(server_io), connector.connect(name, client_io));
     match (server, client) {
