@@ -71,6 +71,26 @@ impl std::fmt::Display for UpstreamError {
     }
 }
 
+/// The client end of a connection, as its requests need it.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    /// The client's address.
+    pub addr: SocketAddr,
+    /// The address's IP as a header value, for `X-Forwarded-For`.
+    forwarded_for: HeaderValue,
+}
+
+impl Peer {
+    /// The client at `addr`.
+    pub fn new(addr: SocketAddr) -> Self {
+        Peer { addr, forwarded_for: headers::client_value(addr.ip()) }
+    }
+
+    fn ip(&self) -> std::net::IpAddr {
+        self.addr.ip()
+    }
+}
+
 /// Serves the requests of one listener.
 pub struct HttpProxy {
     snapshot: SharedSnapshot,
@@ -100,7 +120,7 @@ impl HttpProxy {
     }
 
     /// Answers one request from `peer`.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
         let started = Instant::now();
         let pool = {
             let snapshot = self.snapshot.load();
@@ -145,7 +165,7 @@ impl HttpProxy {
         pool: &Arc<Pool>,
         sticky: Option<&StickyPolicy>,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        peer: &Peer,
         started: Instant,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
@@ -159,7 +179,7 @@ impl HttpProxy {
             None => parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
         };
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-        headers::add_forwarded(&mut parts.headers, peer.ip(), self.proto, host.as_ref());
+        headers::add_forwarded(&mut parts.headers, &peer.forwarded_for, self.proto, host.as_ref());
         if let Some(h) = &host {
             parts.headers.insert(header::HOST, h.clone());
         }
@@ -182,7 +202,7 @@ impl HttpProxy {
         let body_fault = || verdict.as_deref().and_then(BodyVerdict::fault);
         let replayable = body.is_none();
         let own_client = h1client::eligible(&parts.method, body.is_some(), upgrade, pool.config.tls.is_some());
-        let hash = if pool.config.algorithm == Algorithm::IpHash { client_hash(peer) } else { 0 };
+        let hash = if pool.config.algorithm == Algorithm::IpHash { client_hash(peer.addr) } else { 0 };
 
         // Sticky lookup replaces the algorithm for the first attempt; the request headers are
         // kept for learning from the response, in the modes that read them there.

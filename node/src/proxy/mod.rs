@@ -52,8 +52,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use self::guard::{ConnActivity, Deadlines, GuardedIo};
-pub use self::http::HttpProxy;
 use self::http::Tracked;
+pub use self::http::{HttpProxy, Peer};
 use self::park::{Parkable, Slot};
 
 /// Why a listener could not start.
@@ -216,7 +216,7 @@ fn wants_close(req: &Request<Incoming>) -> bool {
 fn make_service(
     ctx: &Arc<ConnContext>,
     activity: Arc<ConnActivity>,
-    peer: SocketAddr,
+    peer: Arc<Peer>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = ServiceResponse,
@@ -230,11 +230,12 @@ fn make_service(
     service_fn(move |req: Request<Incoming>| {
         let proxy = proxy.clone();
         let activity = activity.clone();
+        let peer = peer.clone();
         let (guard, count) = activity.start_request();
         let last = max_requests != 0 && count >= max_requests && req.version() < Version::HTTP_2;
         let keep = req.version() == Version::HTTP_11 && !last && !wants_close(&req);
         async move {
-            let mut resp = proxy.handle(req, peer).await;
+            let mut resp = proxy.handle(req, &peer).await;
             if last {
                 resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
@@ -260,6 +261,7 @@ async fn serve_parking(
     let Some(_held) = ctx.graceful.hold() else { return };
     let mut draining = ctx.graceful.draining();
     let activity = io.activity();
+    let client = Arc::new(Peer::new(peer));
     let slot = Arc::new(Slot::default());
     let mut first = true;
     loop {
@@ -297,7 +299,7 @@ async fn serve_parking(
         };
         activity.reset_finished();
         slot.set_parking(false);
-        let service = make_service(&ctx, activity.clone(), peer);
+        let service = make_service(&ctx, activity.clone(), client.clone());
         let io_for_hyper = TokioIo::new(Parkable::with_prefix(io, slot.clone(), prefix));
         let served = if std::mem::take(&mut first) && maybe_h2 {
             let conn = Box::pin(ctx.builder.serve_connection_with_upgrades(io_for_hyper, service).into_owned());
@@ -394,7 +396,7 @@ fn serve_connection<T>(ctx: &Arc<ConnContext>, io: GuardedIo<T>, peer: SocketAdd
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = make_service(ctx, io.activity(), peer);
+    let service = make_service(ctx, io.activity(), Arc::new(Peer::new(peer)));
     let conn = ctx.builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
     let conn = ctx.graceful.watch(conn);
     tokio::spawn(async move {
