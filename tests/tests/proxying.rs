@@ -302,6 +302,28 @@ async fn pipelined_requests_are_answered_in_order() -> Result<()> {
 }
 
 #[tokio::test]
+async fn keels_own_server_path_and_hyper_take_turns_on_one_connection() -> Result<()> {
+    // Bodyless GETs are served by keel's own HTTP/1.1 path; a request with a body in the middle
+    // of a pipelined batch goes to hyper with everything after it, and the connection comes
+    // back to keel's path once hyper is done. Every request is answered once, in order.
+    let (a, keel) = one_backend_keel().await?;
+    let reqs = b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nPOST /2 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
+                 GET /3 HTTP/1.1\r\nHost: x\r\n\r\nGET /4 HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n\
+                 GET /5 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let t = keel_tests::client::raw_transcript(keel.proxy_addr(), reqs.to_vec(), keel_tests::wait::HOSTILE).await?;
+    let responses = keel_tests::client::parse_responses(&t);
+    let codes: Vec<u16> = responses.iter().map(|r| r.status).collect();
+    ensure!(codes == [200, 200, 200, 200, 200], "{}", String::from_utf8_lossy(&t));
+    ensure!(a.paths() == ["/1", "/2", "/3", "/4", "/5"], "{:?}", a.paths());
+    let last = responses.last().context("no response")?;
+    ensure!(
+        last.headers.iter().any(|(n, v)| n == "connection" && v.eq_ignore_ascii_case("close")),
+        "the last response must announce the close: {last:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn expect_100_continue_uploads_work() -> Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (_a, keel) = one_backend_keel().await?;

@@ -122,54 +122,97 @@ impl HttpProxy {
     /// Answers one request from `peer`.
     pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
         let started = Instant::now();
-        let pool = {
-            let snapshot = self.snapshot.load();
-            let Some(router) = snapshot.routers.get(&*self.listener) else {
-                return ProxyError::new(ErrorKind::NoRoute, None, None).to_response().map(Either::Right);
-            };
-            if let Some(port) = router.redirect_https_port {
-                return redirect_to_https(&req, port).map(Either::Right);
-            }
-            let host = request_host(req.uri(), req.headers());
-            let view = RequestView { host, path: req.uri().path(), headers: req.headers() };
-            let Some(decision) = router.decide(&view) else {
-                self.rejections.no_route.fetch_add(1, Ordering::Relaxed);
-                return ProxyError::new(ErrorKind::NoRoute, None, None).to_response().map(Either::Right);
-            };
-            // Request filters: the rate limit is decided before a server is chosen, so a
-            // limited request costs the servers nothing.
-            if let Some(limiter) = decision.rate_limit {
-                let key = ClientKey::from_request(limiter.config(), req.headers(), peer.ip());
-                if let RateDecision::Limit { retry_after } = limiter.check(&key, started) {
-                    self.rate_limited.fetch_add(1, Ordering::Relaxed);
-                    return too_many_requests(retry_after).map(Either::Right);
+        let (parts, body) = req.into_parts();
+        let routed = self.route(&parts, peer, started, false);
+        // Only a body that may carry bytes is forwarded as one (a `GET` has none).
+        let body = (!body.is_end_stream()).then_some(body);
+        self.answer(routed, parts, body, peer, started).await
+    }
+
+    /// Routes a bodyless request that keel's own HTTP/1.1 server path read
+    /// ([`super::h1server`]); `None` when the route ends at a pool that path does not serve
+    /// (servers over TLS). Decided before the request counts against any limit, so the path
+    /// can hand it to hyper untouched.
+    pub fn route_own(&self, parts: &http::request::Parts, peer: &Peer) -> Option<OwnRoute> {
+        let started = Instant::now();
+        match self.route(parts, peer, started, true) {
+            Routed::NotOwn => None,
+            routed => Some(OwnRoute { routed, started }),
+        }
+    }
+
+    /// Answers a request routed by [`HttpProxy::route_own`].
+    pub async fn answer_own(&self, route: OwnRoute, parts: http::request::Parts, peer: &Peer) -> Response<ProxyBody> {
+        self.answer(route.routed, parts, None, peer, route.started).await
+    }
+
+    async fn answer(
+        &self,
+        routed: Routed,
+        parts: http::request::Parts,
+        body: Option<Incoming>,
+        peer: &Peer,
+        started: Instant,
+    ) -> Response<ProxyBody> {
+        match routed {
+            Routed::Answer(resp) => resp.map(Either::Right),
+            Routed::Forward(pool, sticky) => {
+                match self.forward(&pool, sticky.as_deref(), parts, body, peer, started).await {
+                    Ok(resp) => resp,
+                    Err(e) => {
+                        if e.kind == ErrorKind::NoServer {
+                            self.rejections.no_server.fetch_add(1, Ordering::Relaxed);
+                        }
+                        tracing::debug!(target: "keel::proxy", pool = %pool.name, error = %e, "request failed");
+                        e.to_response().map(Either::Right)
+                    }
                 }
             }
-            (decision.pool.clone(), snapshot.sticky.get(&decision.pool.name).cloned())
+            // Only `route_own` routes this way, and it returns no route for it.
+            Routed::NotOwn => ProxyError::new(ErrorKind::NoRoute, None, None).to_response().map(Either::Right),
+        }
+    }
+
+    /// Route, redirect and request filters: where a request goes, or what it is answered with.
+    fn route(&self, req: &http::request::Parts, peer: &Peer, started: Instant, own_client: bool) -> Routed {
+        let snapshot = self.snapshot.load();
+        let Some(router) = snapshot.routers.get(&*self.listener) else {
+            return Routed::Answer(ProxyError::new(ErrorKind::NoRoute, None, None).to_response());
         };
-        let (pool, sticky) = pool;
-        match self.forward(&pool, sticky.as_deref(), req, peer, started).await {
-            Ok(resp) => resp,
-            Err(e) => {
-                if e.kind == ErrorKind::NoServer {
-                    self.rejections.no_server.fetch_add(1, Ordering::Relaxed);
-                }
-                tracing::debug!(target: "keel::proxy", pool = %pool.name, error = %e, "request failed");
-                e.to_response().map(Either::Right)
+        if let Some(port) = router.redirect_https_port {
+            return Routed::Answer(redirect_to_https(req, port));
+        }
+        let host = request_host(&req.uri, &req.headers);
+        let view = RequestView { host, path: req.uri.path(), headers: &req.headers };
+        let Some(decision) = router.decide(&view) else {
+            self.rejections.no_route.fetch_add(1, Ordering::Relaxed);
+            return Routed::Answer(ProxyError::new(ErrorKind::NoRoute, None, None).to_response());
+        };
+        if own_client && decision.pool.config.tls.is_some() {
+            return Routed::NotOwn;
+        }
+        // Request filters: the rate limit is decided before a server is chosen, so a
+        // limited request costs the servers nothing.
+        if let Some(limiter) = decision.rate_limit {
+            let key = ClientKey::from_request(limiter.config(), &req.headers, peer.ip());
+            if let RateDecision::Limit { retry_after } = limiter.check(&key, started) {
+                self.rate_limited.fetch_add(1, Ordering::Relaxed);
+                return Routed::Answer(too_many_requests(retry_after));
             }
         }
+        Routed::Forward(decision.pool.clone(), snapshot.sticky.get(&decision.pool.name).cloned())
     }
 
     async fn forward(
         &self,
         pool: &Arc<Pool>,
         sticky: Option<&StickyPolicy>,
-        req: Request<Incoming>,
+        mut parts: http::request::Parts,
+        body: Option<Incoming>,
         peer: &Peer,
         started: Instant,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
-        let (mut parts, body) = req.into_parts();
+        let upgrade = parts.version == Version::HTTP_11 && headers::is_upgrade(&parts.headers);
         let client_upgrade = if upgrade { parts.extensions.remove::<hyper::upgrade::OnUpgrade>() } else { None };
 
         // HTTP/2 clients name the host in the URI, not in a Host header; servers behind us
@@ -188,16 +231,17 @@ impl HttpProxy {
         let path_and_query = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
         let scheme = pool.scheme();
 
-        if body.size_hint().lower() > self.body_limits.max_bytes {
+        if body.as_ref().is_some_and(|b| b.size_hint().lower() > self.body_limits.max_bytes) {
             return Err(ProxyError::new(ErrorKind::PayloadTooLarge, Some(&pool.name), None));
         }
         // Only an empty body can be sent again. The verdict exists only where a body does: most
         // requests have none and need not pay an allocation for it.
-        let (mut body, verdict) = if body.is_end_stream() {
-            (None, None)
-        } else {
-            let verdict = Arc::new(BodyVerdict::default());
-            (Some(ClientBody::new(body, self.body_limits, verdict.clone())), Some(verdict))
+        let (mut body, verdict) = match body {
+            None => (None, None),
+            Some(body) => {
+                let verdict = Arc::new(BodyVerdict::default());
+                (Some(ClientBody::new(body, self.body_limits, verdict.clone())), Some(verdict))
+            }
         };
         let body_fault = || verdict.as_deref().and_then(BodyVerdict::fault);
         let replayable = body.is_none();
@@ -334,15 +378,31 @@ impl HttpProxy {
     }
 }
 
+/// A request's route, decided by [`HttpProxy::route_own`].
+pub struct OwnRoute {
+    routed: Routed,
+    started: Instant,
+}
+
+/// Where [`HttpProxy::route`] sends a request.
+enum Routed {
+    /// keel answers itself (no route, redirect, rate limit).
+    Answer(Response<Full<Bytes>>),
+    /// To this pool, with its sticky policy.
+    Forward(Arc<Pool>, Option<Arc<StickyPolicy>>),
+    /// To a pool keel's own client does not serve; only asked for by its server path.
+    NotOwn,
+}
+
 /// 308 to the same URL over https, for `redirect_to_https` listeners.
-fn redirect_to_https<B>(req: &Request<B>, port: u16) -> Response<Full<Bytes>> {
+fn redirect_to_https(req: &http::request::Parts, port: u16) -> Response<Full<Bytes>> {
     // The host is reflected into Location: only a plain host name or IP literal may be, or a
     // hostile Host header would redirect the client elsewhere (RFC 9112 §3.2: answer 400).
-    let host = match request_host(req.uri(), req.headers()) {
+    let host = match request_host(&req.uri, &req.headers) {
         Some(h) if is_plain_host(h) => h,
         _ => return super::error::plain_response(StatusCode::BAD_REQUEST, "missing or invalid Host header".to_owned()),
     };
-    let path = match req.uri().path_and_query().map(|pq| pq.as_str()) {
+    let path = match req.uri.path_and_query().map(|pq| pq.as_str()) {
         Some(p) if p.starts_with('/') => p,
         _ => "/",
     };

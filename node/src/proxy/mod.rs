@@ -13,6 +13,9 @@
 //! - [`error`]: what failed, which side, whether a retry is allowed, and the status it maps to.
 //! - [`h1client`]: keel's own HTTP/1.1 client for bodyless `GET`/`HEAD` to plain-HTTP servers,
 //!   run on the request's task (everything else goes through hyper's pooled client).
+//! - [`h1server`]: keel's own HTTP/1.1 server path for those same requests on plain-HTTP
+//!   connections; a parked connection's next request goes there first, and anything it does
+//!   not take goes to hyper at the message boundary.
 //! - [`tcp`]: `tcp` listeners (layer 4): one server of the default pool per client connection,
 //!   bytes spliced both ways with half-close, idle timeout and graceful drain.
 //! - [`proxy_protocol`]: the PROXY protocol v1/v2 header sent first to servers of a TCP pool.
@@ -23,6 +26,7 @@ pub mod error;
 pub mod guard;
 pub mod h1client;
 pub mod h1scan;
+pub mod h1server;
 pub mod headers;
 pub mod http;
 pub mod park;
@@ -32,7 +36,7 @@ pub mod tcp;
 use std::net::SocketAddr;
 use std::pin::Pin;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -130,7 +134,7 @@ struct ConnContext {
     proxy: Arc<HttpProxy>,
     deadlines: Deadlines,
     max_requests: u32,
-    max_head: usize,
+    own: h1server::Settings,
     graceful: Arc<Drainer>,
 }
 
@@ -144,7 +148,11 @@ pub async fn serve(listener: HttpListener, graceful: Arc<Drainer>, mut stop: wat
         proxy,
         deadlines: Deadlines { header_timeout: limits.header_timeout.get(), idle_timeout: limits.idle_timeout.get() },
         max_requests: limits.max_requests_per_connection,
-        max_head: limits.max_header_bytes as usize,
+        own: h1server::Settings {
+            max_requests: limits.max_requests_per_connection,
+            max_head: limits.max_header_bytes as usize,
+            max_headers: limits.max_headers as usize,
+        },
         graceful,
     });
     loop {
@@ -172,7 +180,7 @@ pub async fn serve(listener: HttpListener, graceful: Arc<Drainer>, mut stop: wat
         let ctx = ctx.clone();
         match &tls {
             None => {
-                let io = GuardedIo::new(stream, ConnActivity::new(), ctx.deadlines, true, ctx.max_head);
+                let io = GuardedIo::new(stream, ConnActivity::new(), ctx.deadlines, true, ctx.own.max_head);
                 tokio::spawn(serve_parking(ctx, io, peer, permit));
             }
             Some(acceptor) => {
@@ -192,7 +200,7 @@ pub async fn serve(listener: HttpListener, graceful: Arc<Drainer>, mut stop: wat
                         }
                     };
                     let h2 = crate::tls::negotiated_h2(&tls);
-                    let io = GuardedIo::new(tls, ConnActivity::new(), ctx.deadlines, !h2, ctx.max_head);
+                    let io = GuardedIo::new(tls, ConnActivity::new(), ctx.deadlines, !h2, ctx.own.max_head);
                     serve_connection(&ctx, io, peer, permit);
                 });
             }
@@ -202,14 +210,6 @@ pub async fn serve(listener: HttpListener, graceful: Arc<Drainer>, mut stop: wat
 
 /// What a listener's service answers with.
 type ServiceResponse = ::http::Response<Tracked<http::ProxyBody, guard::RequestGuard>>;
-
-/// Whether a request asks for its connection to close after the response.
-fn wants_close(req: &Request<Incoming>) -> bool {
-    req.headers()
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| v.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close")))
-}
 
 /// The service of one hyper connection: counts requests on the client connection, marks the
 /// last one `Connection: close`, and records whether the connection lives on after each.
@@ -233,7 +233,7 @@ fn make_service(
         let peer = peer.clone();
         let (guard, count) = activity.start_request();
         let last = max_requests != 0 && count >= max_requests && req.version() < Version::HTTP_2;
-        let keep = req.version() == Version::HTTP_11 && !last && !wants_close(&req);
+        let keep = req.version() == Version::HTTP_11 && !last && !h1server::wants_close(req.headers());
         async move {
             let mut resp = proxy.handle(req, &peer).await;
             if last {
@@ -273,35 +273,40 @@ async fn serve_parking(
         if !readable {
             return; // dropping the stream closes it
         }
-        // A new connection's first bytes are read here, one read for the whole head as a rule,
-        // to see whether it opens with the HTTP/2 preface: the auto builder would sniff with a
-        // 24-byte read of its own, then hyper would read the rest.
-        let (prefix, maybe_h2) = if first {
-            let read = tokio::select! {
-                biased;
-                _ = draining.wait_for(|d| *d) => return,
-                r = read_first(&mut io) => r,
-            };
-            match read {
-                Ok(Some(prefix)) => {
-                    let sniff = &prefix[..prefix.len().min(H2_PREFACE.len())];
-                    let maybe_h2 = H2_PREFACE.starts_with(sniff);
-                    (prefix, maybe_h2)
-                }
+        // What the client sent is read here, one read for the whole head as a rule. A new
+        // connection's first bytes show whether it opens with the HTTP/2 preface (the auto
+        // builder would sniff with a 24-byte read of its own, then hyper would read the rest);
+        // an HTTP/1.1 request goes to keel's own server path, and to hyper only what that
+        // path does not take.
+        let mut buf = tokio::select! {
+            biased;
+            _ = draining.wait_for(|d| *d) => return,
+            r = read_some(&mut io) => match r {
+                Ok(Some(buf)) => buf,
                 Ok(None) => return,
                 Err(e) => {
                     tracing::debug!(target: "keel::proxy", client = %peer, error = %e, "client connection ended with an error");
                     return;
                 }
-            }
-        } else {
-            (Bytes::new(), false)
+            },
         };
+        let maybe_h2 = std::mem::take(&mut first) && {
+            let sniff = &buf[..buf.len().min(H2_PREFACE.len())];
+            H2_PREFACE.starts_with(sniff)
+        };
+        if !maybe_h2 {
+            match h1server::serve(&ctx.proxy, &mut io, &mut buf, &client, &activity, ctx.own, &draining).await {
+                h1server::Outcome::Idle => continue,
+                h1server::Outcome::Close => return,
+                h1server::Outcome::Hyper => {}
+            }
+        }
+        let prefix = buf.freeze();
         activity.reset_finished();
         slot.set_parking(false);
         let service = make_service(&ctx, activity.clone(), client.clone());
         let io_for_hyper = TokioIo::new(Parkable::with_prefix(io, slot.clone(), prefix));
-        let served = if std::mem::take(&mut first) && maybe_h2 {
+        let served = if maybe_h2 {
             let conn = Box::pin(ctx.builder.serve_connection_with_upgrades(io_for_hyper, service).into_owned());
             drive_until_parked(conn, &activity, &slot, &mut draining, |c| c.graceful_shutdown()).await
         } else {
@@ -328,11 +333,11 @@ async fn serve_parking(
 /// first.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Reads what a new client sent first; `None` when it closed without sending anything.
-async fn read_first(io: &mut GuardedIo<TcpStream>) -> std::io::Result<Option<Bytes>> {
+/// Reads what the client sent; `None` when it closed without sending anything.
+async fn read_some(io: &mut GuardedIo<TcpStream>) -> std::io::Result<Option<BytesMut>> {
     let mut buf = BytesMut::with_capacity(4096);
     let n = std::future::poll_fn(|cx| tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, &mut buf)).await?;
-    Ok((n > 0).then(|| buf.freeze()))
+    Ok((n > 0).then_some(buf))
 }
 
 /// Runs one hyper connection until it ends: closed by either side, stopped by the drain, or
