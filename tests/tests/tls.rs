@@ -142,6 +142,28 @@ async fn alpn_negotiates_h2_and_http2_requests_work() -> Result<()> {
 }
 
 #[tokio::test]
+async fn one_https_keepalive_connection_serves_gets_then_a_post_then_gets() -> Result<()> {
+    // Bodyless GETs take keel's own HTTP/1.1 path; the POST hands the connection to hyper,
+    // which keeps it from then on. Every request is answered on the same connection.
+    let certs = Certs::new()?;
+    let backend = Backend::start("app")?;
+    let keel = https_keel(&certs, &backend, "1.2").start().await?;
+    let hs = TlsClient::verified(&certs.ca)?.alpn(&[b"http/1.1"]).connect(keel.proxy_addr(), "a.test").await?;
+    let mut conn = HttpConn::http1(hs.stream).await?;
+    for (i, method) in ["GET", "GET", "POST", "GET", "HEAD"].into_iter().enumerate() {
+        let req =
+            http::Request::builder().method(method).uri("/").header("host", "a.test").body(
+                http_body_util::Full::new(bytes::Bytes::from_static(if method == "POST" { b"data" } else { b"" })),
+            )?;
+        let r = conn.send(req).await.with_context(|| format!("request {i} ({method})"))?;
+        let want = if method == "HEAD" { "" } else { "app" };
+        ensure!(r.status == 200 && r.text() == want, "request {i} ({method}): {} {:?}", r.status, r.text());
+    }
+    ensure!(backend.requests() == 5, "backend saw {} requests, expected 5", backend.requests());
+    Ok(())
+}
+
+#[tokio::test]
 async fn min_version_1_3_refuses_a_tls_1_2_client() -> Result<()> {
     let certs = Certs::new()?;
     let backend = Backend::start("app")?;

@@ -1,5 +1,6 @@
 //! keel's own HTTP/1.1 server path for the request that dominates a load balancer's traffic:
-//! a `GET` or `HEAD` without a body on a plain-HTTP connection, routed to a plain-HTTP pool.
+//! a `GET` or `HEAD` without a body, routed to a pool of plain-HTTP servers, on a client
+//! connection over plain TCP or TLS.
 //!
 //! hyper's server runs every request through its dispatcher: the head is parsed into a
 //! `Request`, handed to a service future, and the response is encoded back by a state machine
@@ -21,8 +22,9 @@
 //!   deadlines, as hyper's would.
 //!
 //! Handing over is at a message boundary: the head (and anything pipelined after it) stays in
-//! the buffer, which becomes the prefix hyper reads first. After hyper's turn the connection
-//! parks and comes back here for its next request.
+//! the buffer, which becomes the prefix hyper reads first. After hyper's turn a plain
+//! connection parks and comes back here for its next request; a TLS connection stays with
+//! hyper (it never parks).
 //!
 //! Responses are framed as hyper frames them: the server's `Content-Length` is kept, a body of
 //! known size gets one, anything else is sent chunked; no body after `HEAD`, 204 and 304; a
@@ -43,8 +45,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::guard::{ConnActivity, GuardedIo};
@@ -83,9 +84,9 @@ pub enum Outcome {
 
 /// Serves the requests in `buf` (reading more while a head is incomplete) until the buffer is
 /// empty, the connection closes, or a request this path does not take comes next.
-pub async fn serve(
+pub async fn serve<T: AsyncRead + AsyncWrite + Unpin>(
     proxy: &HttpProxy,
-    io: &mut GuardedIo<TcpStream>,
+    io: &mut GuardedIo<T>,
     buf: &mut BytesMut,
     peer: &Peer,
     activity: &Arc<ConnActivity>,
@@ -141,7 +142,7 @@ fn restore(buf: &mut BytesMut, raw: &Bytes) {
     buf.extend_from_slice(&rest);
 }
 
-async fn read_more(io: &mut GuardedIo<TcpStream>, buf: &mut BytesMut) -> io::Result<usize> {
+async fn read_more<T: AsyncRead + AsyncWrite + Unpin>(io: &mut GuardedIo<T>, buf: &mut BytesMut) -> io::Result<usize> {
     if buf.capacity() - buf.len() < READ_CHUNK / 4 {
         buf.reserve(READ_CHUNK);
     }
@@ -235,13 +236,14 @@ enum Framing {
 }
 
 /// Writes `resp` to the client; an error means the connection must close.
-async fn write_response<B>(
-    io: &mut GuardedIo<TcpStream>,
+async fn write_response<T, B>(
+    io: &mut GuardedIo<T>,
     resp: Response<B>,
     head_request: bool,
     keep: bool,
 ) -> io::Result<()>
 where
+    T: AsyncRead + AsyncWrite + Unpin,
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
@@ -314,7 +316,7 @@ where
     io.flush().await
 }
 
-async fn write_out(io: &mut GuardedIo<TcpStream>, out: &mut BytesMut) -> io::Result<()> {
+async fn write_out<T: AsyncRead + AsyncWrite + Unpin>(io: &mut GuardedIo<T>, out: &mut BytesMut) -> io::Result<()> {
     while out.has_remaining() {
         io.write_all_buf(out).await?;
     }

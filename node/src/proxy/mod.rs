@@ -58,7 +58,7 @@ use tokio::sync::watch;
 use self::guard::{ConnActivity, Deadlines, GuardedIo};
 use self::http::Tracked;
 pub use self::http::{HttpProxy, Peer};
-use self::park::{Parkable, Slot};
+use self::park::{Parkable, Prefixed, Slot};
 
 /// Why a listener could not start.
 #[derive(Debug, thiserror::Error)]
@@ -201,7 +201,7 @@ pub async fn serve(listener: HttpListener, graceful: Arc<Drainer>, mut stop: wat
                     };
                     let h2 = crate::tls::negotiated_h2(&tls);
                     let io = GuardedIo::new(tls, ConnActivity::new(), ctx.deadlines, !h2, ctx.own.max_head);
-                    serve_connection(&ctx, io, peer, permit);
+                    serve_tls(ctx, io, h2, peer, permit).await;
                 });
             }
         }
@@ -278,22 +278,8 @@ async fn serve_parking(
         // builder would sniff with a 24-byte read of its own, then hyper would read the rest);
         // an HTTP/1.1 request goes to keel's own server path, and to hyper only what that
         // path does not take.
-        let mut buf = tokio::select! {
-            biased;
-            _ = draining.wait_for(|d| *d) => return,
-            r = read_some(&mut io) => match r {
-                Ok(Some(buf)) => buf,
-                Ok(None) => return,
-                Err(e) => {
-                    tracing::debug!(target: "keel::proxy", client = %peer, error = %e, "client connection ended with an error");
-                    return;
-                }
-            },
-        };
-        let maybe_h2 = std::mem::take(&mut first) && {
-            let sniff = &buf[..buf.len().min(H2_PREFACE.len())];
-            H2_PREFACE.starts_with(sniff)
-        };
+        let Some(mut buf) = next_read(&mut io, &mut draining, peer).await else { return };
+        let maybe_h2 = std::mem::take(&mut first) && maybe_h2(&buf);
         if !maybe_h2 {
             match h1server::serve(&ctx.proxy, &mut io, &mut buf, &client, &activity, ctx.own, &draining).await {
                 h1server::Outcome::Idle => continue,
@@ -333,11 +319,32 @@ async fn serve_parking(
 /// first.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Reads what the client sent; `None` when it closed without sending anything.
-async fn read_some(io: &mut GuardedIo<TcpStream>) -> std::io::Result<Option<BytesMut>> {
+/// Whether a new connection's first bytes may be the HTTP/2 preface (h2c with prior
+/// knowledge): those go to hyper's auto builder.
+fn maybe_h2(first: &[u8]) -> bool {
+    H2_PREFACE.starts_with(&first[..first.len().min(H2_PREFACE.len())])
+}
+
+/// Reads what the client sent next, one read for a whole head as a rule; `None` when the
+/// connection should close: the client closed it, it failed, or draining started.
+async fn next_read<T>(io: &mut GuardedIo<T>, draining: &mut watch::Receiver<bool>, peer: SocketAddr) -> Option<BytesMut>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let mut buf = BytesMut::with_capacity(4096);
-    let n = std::future::poll_fn(|cx| tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, &mut buf)).await?;
-    Ok((n > 0).then_some(buf))
+    let read = tokio::select! {
+        biased;
+        _ = draining.wait_for(|d| *d) => return None,
+        r = std::future::poll_fn(|cx| tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, &mut buf)) => r,
+    };
+    match read {
+        Ok(0) => None,
+        Ok(_) => Some(buf),
+        Err(e) => {
+            tracing::debug!(target: "keel::proxy", client = %peer, error = %e, "client connection ended with an error");
+            None
+        }
+    }
 }
 
 /// Runs one hyper connection until it ends: closed by either side, stopped by the drain, or
@@ -396,18 +403,43 @@ where
     }
 }
 
-/// Serves one client connection's requests on a task of its own.
-fn serve_connection<T>(ctx: &Arc<ConnContext>, io: GuardedIo<T>, peer: SocketAddr, permit: ConnectionPermit)
+/// Serves a TLS client connection. HTTP/1.1 requests take keel's own server path as on a plain
+/// connection; but a TLS connection never parks (rustls buffers plaintext on its side, so the
+/// socket's readability says nothing), and once hyper has had a request of it (or it speaks
+/// HTTP/2) it stays with hyper.
+async fn serve_tls<T>(ctx: Arc<ConnContext>, mut io: GuardedIo<T>, h2: bool, peer: SocketAddr, permit: ConnectionPermit)
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = make_service(ctx, io.activity(), Arc::new(Peer::new(peer)));
-    let conn = ctx.builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
-    let conn = ctx.graceful.watch(conn);
-    tokio::spawn(async move {
-        let _permit = permit;
-        if let Err(e) = conn.await {
-            tracing::debug!(target: "keel::proxy", client = %peer, error = %e, "client connection ended with an error");
-        }
-    });
+    let _permit = permit;
+    let activity = io.activity();
+    let client = Arc::new(Peer::new(peer));
+    // Counted by the drain while keel's own path has the connection; hyper's part is watched.
+    let Some(held) = ctx.graceful.hold() else { return };
+    let mut prefix = BytesMut::new();
+    if !h2 {
+        let mut draining = ctx.graceful.draining();
+        let mut first = true;
+        prefix = loop {
+            let mut buf = match next_read(&mut io, &mut draining, peer).await {
+                Some(buf) => buf,
+                None => return,
+            };
+            if std::mem::take(&mut first) && maybe_h2(&buf) {
+                break buf;
+            }
+            match h1server::serve(&ctx.proxy, &mut io, &mut buf, &client, &activity, ctx.own, &draining).await {
+                h1server::Outcome::Idle => continue,
+                h1server::Outcome::Close => return,
+                h1server::Outcome::Hyper => break buf,
+            }
+        };
+    }
+    let service = make_service(&ctx, activity, client);
+    let io = TokioIo::new(Prefixed::new(io, prefix.freeze()));
+    let conn = ctx.graceful.watch(ctx.builder.serve_connection_with_upgrades(io, service).into_owned());
+    drop(held);
+    if let Err(e) = conn.await {
+        tracing::debug!(target: "keel::proxy", client = %peer, error = %e, "client connection ended with an error");
+    }
 }
