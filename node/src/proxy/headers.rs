@@ -40,6 +40,11 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 
 /// Removes hop-by-hop headers; with `keep_upgrade`, leaves `Connection: upgrade` + `Upgrade`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none: one pass over their few names is cheaper than hashing every
+    // hop-by-hop name for a removal that finds nothing. (An upgrade carries `Upgrade`.)
+    if !headers.keys().any(|name| name == header::UPGRADE || HOP_BY_HOP.contains(name)) {
+        return;
+    }
     // Headers named by Connection are hop-by-hop too; collect before removing Connection.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -110,6 +115,17 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn messages_without_hop_by_hop_headers_are_left_alone() {
+        let mut h = map(&[("host", "a"), ("x-kept", "yes"), ("accept", "*/*")]);
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["host", "x-kept", "accept"]);
+        let mut h = map(&[("host", "a"), ("proxy-connection", "keep-alive")]);
+        strip_hop_by_hop(&mut h, false);
+        assert!(!h.contains_key("proxy-connection"));
     }
 
     #[test]
