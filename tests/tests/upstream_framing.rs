@@ -32,6 +32,7 @@ fn script(path: &str) -> (&'static [u8], bool) {
         "/te-cl" => (b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", false),
         "/truncated" => (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", true),
         "/no-content" => (b"HTTP/1.1 204 No Content\r\n\r\n", false),
+        "/twice" => (b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok", false),
         _ => (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", false),
     }
 }
@@ -115,6 +116,17 @@ async fn every_framing_is_relayed_and_connections_are_reused() -> Result<()> {
     ensure!(r.status == 200 && r.text() == "until close", "close-delimited: {} {:?}", r.status, r.text());
     let r = keel.get("/early").await?;
     ensure!(r.status == 200 && r.text() == "final", "after 103: {} {:?}", r.status, r.text());
+    // One length repeated is one length; the client is told it once.
+    let mut conn = RawConn::connect(keel.proxy_addr()).await?;
+    conn.write(b"GET /twice HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+    match conn.read_response(Duration::from_secs(5)).await? {
+        ReadOutcome::Response(r) => {
+            let lengths: Vec<&(String, String)> = r.headers.iter().filter(|(n, _)| n == "content-length").collect();
+            ensure!(r.status == 200 && r.body == b"ok", "repeated length: {} {:?}", r.status, r.body);
+            ensure!(lengths.len() == 1 && lengths[0].1 == "2", "repeated length sent as {lengths:?}");
+        }
+        ReadOutcome::Closed(b) => anyhow::bail!("repeated length: closed: {:?}", String::from_utf8_lossy(&b)),
+    }
     let r = keel.get("/no-content").await?;
     ensure!(r.status == 204 && r.text().is_empty(), "204: {} {:?}", r.status, r.text());
     let r = keel.get("/bye").await?;

@@ -49,6 +49,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::guard::{ConnActivity, GuardedIo};
+use super::h1scan::parse_content_length;
 use super::http::{HttpProxy, Peer};
 
 /// Most request headers this path takes; a request with more goes to hyper, whose own limit
@@ -247,9 +248,20 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
-    let (parts, mut body) = resp.into_parts();
+    let (mut parts, mut body) = resp.into_parts();
     let status = parts.status;
-    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    // A server may repeat one length ("2, 2", which keel's client accepts); the client is sent
+    // one, from the body.
+    let declared = match parts.headers.get(header::CONTENT_LENGTH) {
+        Some(v) => match parse_content_length(v.as_bytes()) {
+            Some(n) => Some(n),
+            None => {
+                parts.headers.remove(header::CONTENT_LENGTH);
+                None
+            }
+        },
+        None => None,
+    };
     let bodyless = head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
     let (framing, add) = if bodyless {
         (Framing::None, None)
