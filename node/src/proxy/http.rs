@@ -33,7 +33,7 @@ use crate::pool::{Pool, ServerState};
 use crate::ratelimit::{retry_after_secs, ClientKey, Decision as RateDecision};
 use crate::routing::{request_host, RequestView};
 use crate::snapshot::SharedSnapshot;
-use crate::sticky::StickyPolicy;
+use crate::sticky::{SourceKey, StickyPolicy};
 
 /// Fixed seed for hashing client addresses, so every keel node maps a client to the same
 /// position on the consistent-hash ring.
@@ -78,12 +78,14 @@ pub struct Peer {
     pub addr: SocketAddr,
     /// The address's IP as a header value, for `X-Forwarded-For`.
     forwarded_for: HeaderValue,
+    /// The address as `source_ip` stickiness keys it.
+    source: SourceKey,
 }
 
 impl Peer {
     /// The client at `addr`.
     pub fn new(addr: SocketAddr) -> Self {
-        Peer { addr, forwarded_for: headers::client_value(addr.ip()) }
+        Peer { addr, forwarded_for: headers::client_value(addr.ip()), source: SourceKey::from(addr.ip()) }
     }
 
     fn ip(&self) -> std::net::IpAddr {
@@ -252,7 +254,7 @@ impl HttpProxy {
         // kept for learning from the response, in the modes that read them there.
         let (bound, sticky_headers) = match sticky {
             Some(policy) => (
-                policy.lookup(&parts.headers, peer.ip(), &pool.servers).await,
+                policy.lookup(&parts.headers, &peer.source, &pool.servers).await,
                 policy.reads_request_headers_on_response().then(|| parts.headers.clone()),
             ),
             None => (None, None),
@@ -367,7 +369,7 @@ impl HttpProxy {
                     index,
                     bound == Some(index),
                     req_headers,
-                    peer.ip(),
+                    &peer.source,
                     &mut head.headers,
                     &pool.servers,
                 );

@@ -40,7 +40,7 @@ pub mod runtime;
 pub mod throttle;
 
 pub use memory::MemorySessionStore;
-pub use policy::{StickyCounters, StickyPolicy};
+pub use policy::{SourceKey, StickyCounters, StickyPolicy};
 pub use raft::{
     proposer_from_handle, reader_from_watch, RaftSessionStore, RaftStoreSettings, StickyProposer, StickyReader,
 };

@@ -19,6 +19,17 @@ use super::cookie::{self, ServerIds};
 use super::{SessionStore, StickyError, MAX_KEY_BYTES};
 use crate::pool::ServerState;
 
+/// A client's address as `source_ip` stickiness keys it (an IPv4-mapped address as IPv4).
+/// Formatted once per client connection: per request it cost as much as the lookup itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceKey(String);
+
+impl From<IpAddr> for SourceKey {
+    fn from(ip: IpAddr) -> Self {
+        SourceKey(ip.to_canonical().to_string())
+    }
+}
+
 /// Counters of one pool's stickiness. Kept by [`super::StickyRuntime`] across config reloads.
 #[derive(Debug, Default)]
 pub struct StickyCounters {
@@ -96,15 +107,15 @@ impl StickyPolicy {
     pub async fn lookup(
         &self,
         req_headers: &HeaderMap,
-        client_ip: IpAddr,
+        source: &SourceKey,
         servers: &[Arc<ServerState>],
     ) -> Option<usize> {
         let found = match &self.mode {
             Mode::Cookie { name, ids, .. } => cookie::request_cookie(req_headers, name)
                 .and_then(|v| ids.name_of(v))
                 .and_then(|n| index_of(servers, n)),
-            _ => match self.request_key(req_headers, client_ip) {
-                Some(key) => match self.store_get(&key).await {
+            _ => match self.request_key(req_headers, source) {
+                Some(key) => match self.store_get(key).await {
                     Some(server) => index_of(servers, &server),
                     None => None,
                 },
@@ -143,7 +154,7 @@ impl StickyPolicy {
         chosen: usize,
         was_sticky_hit: bool,
         req_headers: &HeaderMap,
-        client_ip: IpAddr,
+        source: &SourceKey,
         resp_headers: &mut HeaderMap,
         servers: &[Arc<ServerState>],
     ) {
@@ -164,8 +175,8 @@ impl StickyPolicy {
                 }
             }
             Mode::SourceIp => {
-                if let Some(key) = self.request_key(req_headers, client_ip) {
-                    self.put(&key, &server.name, !was_sticky_hit);
+                if let Some(key) = self.request_key(req_headers, source) {
+                    self.put(key, &server.name, !was_sticky_hit);
                 }
             }
             Mode::LearnCookie(name) => {
@@ -208,16 +219,12 @@ impl StickyPolicy {
 
     /// The store key of a request: the client address (IPv4-mapped addresses as IPv4), or the
     /// learned cookie / header value the request carries.
-    fn request_key(&self, req_headers: &HeaderMap, client_ip: IpAddr) -> Option<String> {
+    fn request_key<'a>(&self, req_headers: &'a HeaderMap, source: &'a SourceKey) -> Option<&'a str> {
         match &self.mode {
             Mode::Cookie { .. } => None,
-            Mode::SourceIp => Some(client_ip.to_canonical().to_string()),
-            Mode::LearnCookie(name) => {
-                cookie::request_cookie(req_headers, name).filter(|v| valid_key(v)).map(str::to_owned)
-            }
-            Mode::LearnHeader(name) => {
-                req_headers.get(name).and_then(|v| v.to_str().ok()).filter(|v| valid_key(v)).map(str::to_owned)
-            }
+            Mode::SourceIp => Some(&source.0),
+            Mode::LearnCookie(name) => cookie::request_cookie(req_headers, name).filter(|v| valid_key(v)),
+            Mode::LearnHeader(name) => req_headers.get(name).and_then(|v| v.to_str().ok()).filter(|v| valid_key(v)),
         }
     }
 
@@ -330,9 +337,9 @@ mod tests {
 
         // First visit: no cookie → miss; the response to server b carries keel's cookie.
         let none = HeaderMap::new();
-        assert_eq!(p.lookup(&none, IP, &srv).await, None);
+        assert_eq!(p.lookup(&none, &IP.into(), &srv).await, None);
         let mut resp = HeaderMap::new();
-        p.on_response(1, false, &none, IP, &mut resp, &srv);
+        p.on_response(1, false, &none, &IP.into(), &mut resp, &srv);
         let issued = set_cookies(&resp);
         assert_eq!(issued.len(), 1);
         assert!(issued[0].ends_with("; Path=/; Max-Age=3600; HttpOnly; SameSite=Lax"), "{}", issued[0]);
@@ -341,27 +348,27 @@ mod tests {
 
         // Next visit with that cookie → b, and no new cookie.
         let back = req(COOKIE, &format!("theme=dark; {value}"));
-        assert_eq!(p.lookup(&back, IP, &srv).await, Some(1));
+        assert_eq!(p.lookup(&back, &IP.into(), &srv).await, Some(1));
         let mut resp = HeaderMap::new();
-        p.on_response(1, true, &back, IP, &mut resp, &srv);
+        p.on_response(1, true, &back, &IP.into(), &mut resp, &srv);
         assert!(set_cookies(&resp).is_empty());
         assert_eq!((p.hits(), p.misses()), (1, 1));
 
         // b goes down → fall back, and the answering server's cookie is issued.
         srv[1].outlier.observe(false, crate::pool::now_millis(), 1, Duration::from_secs(60));
         assert!(!srv[1].is_eligible());
-        assert_eq!(p.lookup(&back, IP, &srv).await, None);
+        assert_eq!(p.lookup(&back, &IP.into(), &srv).await, None);
         let mut resp = HeaderMap::new();
-        p.on_response(2, false, &back, IP, &mut resp, &srv);
+        p.on_response(2, false, &back, &IP.into(), &mut resp, &srv);
         let reissued = set_cookies(&resp);
         assert_eq!(reissued.len(), 1);
         assert_ne!(reissued[0].split(';').next().unwrap(), value);
 
         // An unknown or forged id is a miss and gets re-issued too.
         let forged = req(COOKIE, "KEELID=b");
-        assert_eq!(p.lookup(&forged, IP, &srv).await, None);
+        assert_eq!(p.lookup(&forged, &IP.into(), &srv).await, None);
         let mut resp = HeaderMap::new();
-        p.on_response(0, false, &forged, IP, &mut resp, &srv);
+        p.on_response(0, false, &forged, &IP.into(), &mut resp, &srv);
         assert_eq!(set_cookies(&resp).len(), 1);
         assert_eq!(p.cookies_issued(), 3);
     }
@@ -372,10 +379,10 @@ mod tests {
         let srv = servers(&cfg);
         let p = StickyPolicy::new("app", &cfg, None, Arc::default()).unwrap();
         let mut resp = req(SET_COOKIE, "SRV=fromapp; Path=/");
-        p.on_response(0, false, &HeaderMap::new(), IP, &mut resp, &srv);
+        p.on_response(0, false, &HeaderMap::new(), &IP.into(), &mut resp, &srv);
         assert_eq!(set_cookies(&resp), ["SRV=fromapp; Path=/"]);
         let mut resp = HeaderMap::new();
-        p.on_response(0, false, &HeaderMap::new(), IP, &mut resp, &srv);
+        p.on_response(0, false, &HeaderMap::new(), &IP.into(), &mut resp, &srv);
         assert!(set_cookies(&resp)[0].ends_with("; Path=/; Secure; SameSite=Lax"), "{:?}", set_cookies(&resp));
     }
 
@@ -387,19 +394,19 @@ mod tests {
         let store: Arc<dyn SessionStore> = Arc::new(MemorySessionStore::new(clock));
         let p = StickyPolicy::new("app", &cfg, Some(store), Arc::default()).unwrap();
         let h = HeaderMap::new();
-        assert_eq!(p.lookup(&h, IP, &srv).await, None);
-        p.on_response(2, false, &h, IP, &mut HeaderMap::new(), &srv);
-        assert_eq!(p.lookup(&h, IP, &srv).await, Some(2));
+        assert_eq!(p.lookup(&h, &IP.into(), &srv).await, None);
+        p.on_response(2, false, &h, &IP.into(), &mut HeaderMap::new(), &srv);
+        assert_eq!(p.lookup(&h, &IP.into(), &srv).await, Some(2));
         let mapped: IpAddr = "::ffff:10.0.0.7".parse().unwrap();
-        assert_eq!(p.lookup(&h, mapped, &srv).await, Some(2), "IPv4-mapped is the same client");
-        assert_eq!(p.lookup(&h, "10.0.0.8".parse().unwrap(), &srv).await, None);
+        assert_eq!(p.lookup(&h, &mapped.into(), &srv).await, Some(2), "IPv4-mapped is the same client");
+        assert_eq!(p.lookup(&h, &"10.0.0.8".parse::<IpAddr>().unwrap().into(), &srv).await, None);
         now.fetch_add(10_001, O::SeqCst);
-        assert_eq!(p.lookup(&h, IP, &srv).await, None, "expired");
+        assert_eq!(p.lookup(&h, &IP.into(), &srv).await, None, "expired");
         // A pool built on the same pool with a drained server falls back.
-        p.on_response(0, false, &h, IP, &mut HeaderMap::new(), &srv);
+        p.on_response(0, false, &h, &IP.into(), &mut HeaderMap::new(), &srv);
         let pool = Pool::new("app", &cfg, |s| srv.iter().find(|x| x.name == s.name).cloned()).unwrap();
         pool.set_draining("a", true).unwrap();
-        assert_eq!(p.lookup(&h, IP, &pool.servers).await, None, "a drained server is not sticky");
+        assert_eq!(p.lookup(&h, &IP.into(), &pool.servers).await, None, "a drained server is not sticky");
     }
 
     #[tokio::test]
@@ -410,17 +417,21 @@ mod tests {
         let store: Arc<dyn SessionStore> = Arc::new(MemorySessionStore::new(clock));
         let p = StickyPolicy::new("app", &cfg, Some(store), Arc::default()).unwrap();
         let none = HeaderMap::new();
-        assert_eq!(p.lookup(&none, IP, &srv).await, None);
+        assert_eq!(p.lookup(&none, &IP.into(), &srv).await, None);
         let mut resp = req(SET_COOKIE, "JSESSIONID=s3ss10n; Path=/; HttpOnly");
-        p.on_response(1, false, &none, IP, &mut resp, &srv);
+        p.on_response(1, false, &none, &IP.into(), &mut resp, &srv);
         assert_eq!(set_cookies(&resp).len(), 1, "learn mode adds no cookie");
         let other_ip: IpAddr = "192.0.2.1".parse().unwrap();
         let back = req(COOKIE, "a=1; JSESSIONID=s3ss10n");
-        assert_eq!(p.lookup(&back, other_ip, &srv).await, Some(1), "the session follows the cookie, not the address");
+        assert_eq!(
+            p.lookup(&back, &other_ip.into(), &srv).await,
+            Some(1),
+            "the session follows the cookie, not the address"
+        );
         let forged = req(COOKIE, "JSESSIONID=made-up");
-        assert_eq!(p.lookup(&forged, IP, &srv).await, None);
-        p.on_response(0, false, &forged, IP, &mut HeaderMap::new(), &srv);
-        assert_eq!(p.lookup(&forged, IP, &srv).await, None, "a value only the client sent is not stored");
+        assert_eq!(p.lookup(&forged, &IP.into(), &srv).await, None);
+        p.on_response(0, false, &forged, &IP.into(), &mut HeaderMap::new(), &srv);
+        assert_eq!(p.lookup(&forged, &IP.into(), &srv).await, None, "a value only the client sent is not stored");
         assert_eq!(p.learned(), 1);
     }
 
@@ -433,7 +444,7 @@ mod tests {
         let p = StickyPolicy::new("app", &cfg, Some(Arc::new(MemorySessionStore::new(clock))), Arc::default()).unwrap();
         let srv = servers(&cfg);
         let h = HeaderMap::new();
-        assert_send(&p.lookup(&h, IP, &srv));
+        assert_send(&p.lookup(&h, &IP.into(), &srv));
     }
 
     #[tokio::test]
@@ -445,10 +456,10 @@ mod tests {
         let p = StickyPolicy::new("app", &cfg, Some(store), Arc::default()).unwrap();
         let name = HeaderName::from_static("x-session-id");
         let mut resp = req(name.clone(), "abc123");
-        p.on_response(2, false, &HeaderMap::new(), IP, &mut resp, &srv);
-        assert_eq!(p.lookup(&req(name.clone(), "abc123"), IP, &srv).await, Some(2));
+        p.on_response(2, false, &HeaderMap::new(), &IP.into(), &mut resp, &srv);
+        assert_eq!(p.lookup(&req(name.clone(), "abc123"), &IP.into(), &srv).await, Some(2));
         let huge = "x".repeat(MAX_KEY_BYTES + 1);
-        assert_eq!(p.lookup(&req(name, &huge), IP, &srv).await, None, "oversized keys are never looked up");
+        assert_eq!(p.lookup(&req(name, &huge), &IP.into(), &srv).await, None, "oversized keys are never looked up");
     }
 
     struct Failing;
@@ -470,7 +481,7 @@ mod tests {
         let cfg = pool_config("mode = \"source_ip\"");
         let srv = servers(&cfg);
         let p = StickyPolicy::new("app", &cfg, Some(Arc::new(Failing)), Arc::default()).unwrap();
-        assert_eq!(p.lookup(&HeaderMap::new(), IP, &srv).await, None);
+        assert_eq!(p.lookup(&HeaderMap::new(), &IP.into(), &srv).await, None);
         assert_eq!((p.store_errors(), p.misses()), (1, 1));
     }
 }

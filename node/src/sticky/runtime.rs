@@ -186,13 +186,13 @@ mod tests {
         let ip: IpAddr = "10.1.1.1".parse().unwrap();
         let p = rt.policy("app", pool).unwrap().unwrap();
         assert_eq!(p.store_kind(), Some("local"), "raft without a cluster falls back to memory");
-        p.on_response(0, false, &HeaderMap::new(), ip, &mut HeaderMap::new(), &servers);
+        p.on_response(0, false, &HeaderMap::new(), &ip.into(), &mut HeaderMap::new(), &servers);
         let rebuilt = rt.policy("app", pool).unwrap().unwrap();
-        assert_eq!(rebuilt.lookup(&HeaderMap::new(), ip, &servers).await, Some(0));
+        assert_eq!(rebuilt.lookup(&HeaderMap::new(), &ip.into(), &servers).await, Some(0));
         assert_eq!(p.hits(), 1, "counters are shared across rebuilds");
         rt.retain(&config("mode = \"cookie\""));
         let p = rt.policy("app", &config("mode = \"source_ip\"").pools["app"]).unwrap().unwrap();
-        assert_eq!(p.lookup(&HeaderMap::new(), ip, &servers).await, None, "a dropped store starts empty");
+        assert_eq!(p.lookup(&HeaderMap::new(), &ip.into(), &servers).await, None, "a dropped store starts empty");
     }
 
     #[test]
