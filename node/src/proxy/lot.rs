@@ -253,15 +253,24 @@ impl Lot {
     fn take(&self, events: &mio::Events) -> Vec<Woken> {
         let mut state = self.lock();
         let mut woken = Vec::with_capacity(events.iter().count());
+        let mut closed = Vec::new();
         for event in events {
             let Some(parked) = state.entries.try_remove(event.token().0) else { continue };
             let _ = self.registry.deregister(&mut SourceFd(&parked.stream.as_raw_fd()));
+            // A client that closed without sending more is closed here: waking it would spawn
+            // a task and a hyper connection only to read the end of stream, thousands at once
+            // when a client pool shuts down. One that sent a request before closing is served.
+            if (event.is_read_closed() || event.is_error()) && !has_data(&parked.stream) {
+                closed.push(parked);
+                continue;
+            }
             let Parked { stream, requests, idle_since_ms, permit } = parked;
             woken.push(Woken { stream, requests, idle_since_ms, permit });
         }
         compact(&mut state);
         drop(state);
-        self.parked.fetch_sub(woken.len() as u64, Ordering::Relaxed);
+        self.parked.fetch_sub((woken.len() + closed.len()) as u64, Ordering::Relaxed);
+        drop(closed);
         woken
     }
 
@@ -305,6 +314,14 @@ impl Lot {
         drop(state);
         self.parked.fetch_sub(entries.len() as u64, Ordering::Relaxed);
         drop(entries); // closes the sockets (which leaves the epoll set) and releases the permits
+    }
+}
+
+/// Whether the client sent bytes not read yet (a request before its close, say).
+fn has_data(stream: &std::net::TcpStream) -> bool {
+    match stream.peek(&mut [0u8; 1]) {
+        Ok(n) => n > 0,
+        Err(e) => e.kind() == io::ErrorKind::WouldBlock,
     }
 }
 
@@ -397,11 +414,21 @@ mod tests {
         assert_eq!(&buf[..n], b"GET / HTTP/1.1\r\n");
         drop(woken);
         assert_eq!(s.limiter.open(), 1);
-        // A close wakes it too (its serve task then reads the end of stream).
+        // A client that closes with nothing more to say is closed by the lot itself...
         quiet.shutdown().await.expect("shutdown");
-        let woken = tokio::time::timeout(Duration::from_secs(5), s.woken.recv()).await.expect("woken").expect("one");
-        assert_eq!(woken.requests, 1);
+        let start = std::time::Instant::now();
+        while s.limiter.open() > 0 {
+            assert!(start.elapsed() < Duration::from_secs(5), "the closed connection is still held");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert!(s.lot.is_empty());
+        assert!(s.woken.try_recv().is_err(), "nothing to serve");
+        // ...one that sends a request and then closes its side is served.
+        let mut half = s.park_one(2).await;
+        half.write_all(b"GET / HTTP/1.1\r\n\r\n").await.expect("write");
+        half.shutdown().await.expect("shutdown");
+        let woken = tokio::time::timeout(Duration::from_secs(5), s.woken.recv()).await.expect("woken").expect("one");
+        assert_eq!(woken.requests, 2);
     }
 
     #[tokio::test]
