@@ -200,7 +200,8 @@ impl Lot {
         let mut timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
         let mut armed: Option<u64> = None;
         loop {
-            let front = self.next_deadline();
+            // A deadline past what an Instant holds (an absurd idle_timeout) is never armed.
+            let front = self.next_deadline().filter(|&ms| epoch().checked_add(Duration::from_millis(ms)).is_some());
             if front != armed {
                 if let Some(ms) = front {
                     let at = epoch() + Duration::from_millis(ms);
@@ -211,6 +212,12 @@ impl Lot {
             tokio::select! {
                 biased;
                 _ = draining.wait_for(|d| *d) => break,
+                // Before the events, which a flood of wake-ups could keep ready for long.
+                _ = timer.as_mut(), if armed.is_some() => {
+                    // Re-armed next turn for whatever the front is then.
+                    armed = None;
+                    self.expire();
+                }
                 ready = poll.readable_mut() => {
                     let mut guard = match ready {
                         Ok(guard) => guard,
@@ -228,11 +235,6 @@ impl Lot {
                             break;
                         }
                     }
-                }
-                _ = timer.as_mut(), if armed.is_some() => {
-                    // Re-armed next turn for whatever the front is then.
-                    armed = None;
-                    self.expire();
                 }
                 _ = self.changed.notified() => {}
             }
