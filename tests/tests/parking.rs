@@ -113,3 +113,38 @@ async fn draining_closes_parked_connections_at_once() -> Result<()> {
     ensure!(start.elapsed() < DRAIN_CLOSE + EXIT, "parked connections held the drain for {:?}", start.elapsed());
     Ok(())
 }
+
+#[tokio::test]
+async fn parked_connections_come_back_on_a_multi_thread_runtime() -> Result<()> {
+    // workers = 2: connections park from either worker thread into one lot per listener.
+    const CONNS: u32 = 20;
+    let app = Backend::start("app")?;
+    let keel = Keel::builder()
+        .workers(2)
+        .default_pool("app")
+        .pool(PoolSpec::new("app", "round_robin").backends([&app]))
+        .start()
+        .await?;
+    let mut conns = Vec::new();
+    for i in 0..CONNS {
+        let mut c = RawConn::connect(keel.proxy_addr()).await?;
+        ensure!(!get(&mut c, &format!("connection {i}")).await?, "connection {i} was closed");
+        conns.push(c);
+    }
+    wait_parked(&keel, CONNS, "every connection to park").await?;
+    for round in 1..=2 {
+        for (i, c) in conns.iter_mut().enumerate() {
+            c.write(GET).await.with_context(|| format!("round {round}, connection {i}"))?;
+        }
+        for (i, c) in conns.iter_mut().enumerate() {
+            let what = format!("round {round}, connection {i}, out of the lot");
+            match c.read_response(REQUEST).await.with_context(|| what.clone())? {
+                ReadOutcome::Response(r) if r.status == 200 => {}
+                other => bail!("{what}: {other:?}"),
+            }
+        }
+        wait_parked(&keel, CONNS, &format!("every connection to park again after round {round}")).await?;
+    }
+    ensure!(app.requests() == 3 * u64::from(CONNS), "backend saw {} requests", app.requests());
+    Ok(())
+}
