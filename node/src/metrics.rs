@@ -36,6 +36,8 @@ pub const REJECTED_TOTAL: &str = "keel_requests_rejected_total";
 
 /// Client connections open, by listener.
 pub const CONNECTIONS_OPEN: &str = "keel_connections_open";
+/// Idle keep-alive connections in the parking lot (no task, no hyper state), by listener.
+pub const CONNECTIONS_PARKED: &str = "keel_connections_parked";
 /// Client connections refused by a cap, by listener and reason.
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "keel_connections_refused_total";
 /// Requests answered 429, by listener.
@@ -120,12 +122,14 @@ pub struct ListenerMetrics {
     pub connections: ConnectionLimiter,
     /// Requests answered 429.
     pub rate_limited: Arc<AtomicU64>,
+    /// Idle connections in the listener's parking lot now (see `proxy::lot`).
+    pub parked: Arc<AtomicU64>,
 }
 
 impl ListenerMetrics {
     /// Metrics for the listener `name` using `connections`.
     pub fn new(name: &str, connections: ConnectionLimiter) -> Self {
-        ListenerMetrics { name: name.to_owned(), connections, rate_limited: Arc::default() }
+        ListenerMetrics { name: name.to_owned(), connections, rate_limited: Arc::default(), parked: Arc::default() }
     }
 }
 
@@ -248,6 +252,11 @@ fn render_listeners(out: &mut String, snapshot: &Snapshot, listeners: &[Listener
     header(out, CONNECTIONS_OPEN, "gauge", "Client connections open.");
     for l in listeners {
         let _ = writeln!(out, "{CONNECTIONS_OPEN}{{listener=\"{}\"}} {}", label(&l.name), l.connections.open());
+    }
+    header(out, CONNECTIONS_PARKED, "gauge", "Idle keep-alive client connections parked (no task, no hyper state).");
+    for l in listeners {
+        let parked = l.parked.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{CONNECTIONS_PARKED}{{listener=\"{}\"}} {parked}", label(&l.name));
     }
     header(out, CONNECTIONS_REFUSED_TOTAL, "counter", "Client connections closed at once by a connection cap.");
     for l in listeners {

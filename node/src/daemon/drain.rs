@@ -7,8 +7,10 @@
 //! none: listeners are closed first) are simply served without being waited for.
 //!
 //! Plain-HTTP connections spend their idle time *parked*, with no hyper connection to ask
-//! (see `proxy::park`). They hold a [`Watcher`] so the drain waits for them, and a receiver of
-//! the [`Drainer::draining`] signal so a parked connection closes as soon as draining starts.
+//! (see `proxy::park`), in their listener's parking lot (`proxy::lot`). Each serve task and
+//! each lot holds a [`Watcher`] so the drain waits for them, and a receiver of the
+//! [`Drainer::draining`] signal: the lot closes every parked connection as soon as draining
+//! starts.
 
 use std::future::Future;
 use std::pin::Pin;

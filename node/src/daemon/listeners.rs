@@ -167,6 +167,7 @@ impl ListenerSet {
                 limits: l.limits.clone(),
                 connections: metrics.connections.clone(),
                 tls,
+                parked: metrics.parked.clone(),
             };
             tokio::spawn(proxy::serve(listener, self.drainer.clone(), stop_rx))
         };

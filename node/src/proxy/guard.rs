@@ -66,6 +66,25 @@ impl ConnActivity {
         Arc::new(ConnActivity { idle_since_ms: AtomicU64::new(now_millis()), ..Default::default() })
     }
 
+    /// A connection coming back from the parking lot ([`super::lot`]) after `requests`
+    /// requests, idle since `idle_since_ms` (see [`crate::pool::now_millis`]): it was parked at a
+    /// message boundary with every head served, which a fresh scanner also is.
+    pub fn resumed(requests: u32, idle_since_ms: u64) -> Arc<Self> {
+        Arc::new(ConnActivity {
+            idle_since_ms: AtomicU64::new(idle_since_ms),
+            requests: AtomicU32::new(requests),
+            heads: AtomicU32::new(requests),
+            at_boundary: AtomicBool::new(true),
+            keep: AtomicBool::new(true),
+            ..Default::default()
+        })
+    }
+
+    /// When the last request finished (or the connection opened), as [`crate::pool::now_millis`].
+    pub fn idle_since_ms(&self) -> u64 {
+        self.idle_since_ms.load(Ordering::Acquire)
+    }
+
     /// Marks a request as started; returns how many this connection has started, this one included.
     pub fn start_request(self: &Arc<Self>) -> (RequestGuard, u32) {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -275,6 +294,12 @@ impl GuardedIo<TcpStream> {
     /// Whether the stream can go on to another request: not closed, no partial head.
     pub fn is_reusable(&self) -> bool {
         !self.closed && self.closing.is_none() && self.head_started.is_none()
+    }
+
+    /// The stream itself, for the parking lot: everything else here is rebuilt from
+    /// [`ConnActivity`] when the connection wakes.
+    pub fn into_inner(self) -> TcpStream {
+        self.inner
     }
 }
 

@@ -6,7 +6,8 @@
 //! [`GracefulShutdown`] so a stop lets in-flight requests finish while new ones are refused.
 //! The accept loop takes a plain byte stream, which is where the TLS acceptor will wrap it.
 //! Plain-HTTP connections are served by [`park`]: between requests they hold no hyper
-//! connection at all, only the guarded stream, which is what keeps idle keep-alive cheap.
+//! connection and no task, only an entry in the listener's [`lot`], which is what keeps idle
+//! keep-alive cheap.
 //!
 //! - [`http`]: the per-request path (route, select, forward, stream back).
 //! - [`headers`]: hop-by-hop stripping and `X-Forwarded-*`.
@@ -20,6 +21,7 @@
 //!   bytes spliced both ways with half-close, idle timeout and graceful drain.
 //! - [`proxy_protocol`]: the PROXY protocol v1/v2 header sent first to servers of a TCP pool.
 //! - [`park`]: letting hyper go while a plain-HTTP connection is idle, and taking it back.
+//! - [`lot`]: the listener's parking lot, where idle connections wait with no task of their own.
 
 pub mod body;
 pub mod error;
@@ -29,12 +31,14 @@ pub mod h1scan;
 pub mod h1server;
 pub mod headers;
 pub mod http;
+pub mod lot;
 pub mod park;
 pub mod proxy_protocol;
 pub mod tcp;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
 
 use bytes::BytesMut;
 use std::sync::Arc;
@@ -58,6 +62,7 @@ use tokio::sync::watch;
 use self::guard::{ConnActivity, Deadlines, GuardedIo};
 use self::http::Tracked;
 pub use self::http::{HttpProxy, Peer};
+use self::lot::{Lot, Woken};
 use self::park::{Parkable, Prefixed, Slot};
 
 /// Why a listener could not start.
@@ -105,6 +110,8 @@ pub struct HttpListener {
     pub connections: ConnectionLimiter,
     /// TLS termination, for https listeners.
     pub tls: Option<TlsAcceptor>,
+    /// Idle connections in the listener's parking lot now, for the metrics.
+    pub parked: Arc<AtomicU64>,
 }
 
 /// The HTTP/1.1 half of [`connection_builder`], for a parked connection that wakes up: it
@@ -136,12 +143,25 @@ struct ConnContext {
     max_requests: u32,
     own: h1server::Settings,
     graceful: Arc<Drainer>,
+    /// Where idle plain-HTTP connections wait; `None` for TLS listeners (which never park) or
+    /// when the lot could not be set up (connections then wait in their own tasks).
+    lot: Option<Arc<Lot>>,
 }
 
 /// Accepts connections until `stop` turns true, serving each with the listener's proxy.
 /// Returning drops the socket, so new connections are refused from then on.
 pub async fn serve(listener: HttpListener, graceful: Arc<Drainer>, mut stop: watch::Receiver<bool>) {
-    let HttpListener { name, socket, proxy, limits, connections, tls } = listener;
+    let HttpListener { name, socket, proxy, limits, connections, tls, parked } = listener;
+    let lot = match tls {
+        Some(_) => None,
+        None => match Lot::new(limits.idle_timeout.get(), parked) {
+            Ok(lot) => Some(lot),
+            Err(e) => {
+                tracing::warn!(target: "keel::proxy", listener = %name, error = %e, "no parking lot; idle connections wait in their own tasks");
+                None
+            }
+        },
+    };
     let ctx = Arc::new(ConnContext {
         builder: connection_builder(&limits),
         http1: http1_builder(&limits),
@@ -154,7 +174,13 @@ pub async fn serve(listener: HttpListener, graceful: Arc<Drainer>, mut stop: wat
             max_headers: limits.max_headers as usize,
         },
         graceful,
+        lot: lot.as_ref().map(|(lot, _)| lot.clone()),
     });
+    if let Some((lot, poll)) = lot {
+        let for_wake = ctx.clone();
+        let run = lot.run(poll, ctx.graceful.hold(), ctx.graceful.draining(), move |woken| resume(&for_wake, woken));
+        tokio::spawn(run);
+    }
     loop {
         let (stream, peer) = tokio::select! {
             biased;
@@ -181,7 +207,7 @@ pub async fn serve(listener: HttpListener, graceful: Arc<Drainer>, mut stop: wat
         match &tls {
             None => {
                 let io = GuardedIo::new(stream, ConnActivity::new(), ctx.deadlines, true, ctx.own.max_head);
-                tokio::spawn(serve_parking(ctx, io, peer, permit));
+                tokio::spawn(serve_parking(ctx, io, peer, permit, true));
             }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
@@ -206,6 +232,30 @@ pub async fn serve(listener: HttpListener, graceful: Arc<Drainer>, mut stop: wat
             }
         }
     }
+    if let Some(lot) = &ctx.lot {
+        lot.listener_stopped();
+    }
+}
+
+/// Serves a connection the client sent something on while it was in the parking lot.
+fn resume(ctx: &Arc<ConnContext>, woken: Woken) {
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let Woken { stream, requests, idle_since_ms, permit } = woken;
+        let stream = match TcpStream::from_std(stream) {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::debug!(target: "keel::proxy", error = %e, "could not take a parked connection back; closed it");
+                return;
+            }
+        };
+        // The peer is asked again rather than kept in the lot (32 bytes a connection); a
+        // client that reset meanwhile has none, and is closed.
+        let Ok(peer) = stream.peer_addr() else { return };
+        let activity = ConnActivity::resumed(requests, idle_since_ms);
+        let io = GuardedIo::new(stream, activity, ctx.deadlines, true, ctx.own.max_head);
+        serve_parking(ctx, io, peer, permit, false).await;
+    });
 }
 
 /// What a listener's service answers with.
@@ -248,22 +298,23 @@ fn make_service(
     })
 }
 
-/// Serves a plain-TCP client connection, parking it (no hyper connection) whenever it is idle
-/// between requests; see [`park`].
+/// Serves a plain-TCP client connection until it goes idle, then parks it in the listener's
+/// [`lot`], which ends this task; see [`park`]. `first`: a new connection, whose first request
+/// is read here (a connection back from the lot is served with the HTTP/1.1 builder).
 async fn serve_parking(
     ctx: Arc<ConnContext>,
     mut io: GuardedIo<TcpStream>,
     peer: SocketAddr,
-    permit: ConnectionPermit,
+    mut permit: ConnectionPermit,
+    mut first: bool,
 ) {
-    let _permit = permit;
     // Counted by the drain, which waits for this task; None: draining already started.
     let Some(_held) = ctx.graceful.hold() else { return };
     let mut draining = ctx.graceful.draining();
     let activity = io.activity();
     let client = Arc::new(Peer::new(peer));
     let slot = Arc::new(Slot::default());
-    let mut first = true;
+    let mut park_timer = None;
     loop {
         let readable = tokio::select! {
             biased;
@@ -282,7 +333,17 @@ async fn serve_parking(
         let maybe_h2 = std::mem::take(&mut first) && maybe_h2(&buf);
         if !maybe_h2 {
             match h1server::serve(&ctx.proxy, &mut io, &mut buf, &client, &activity, ctx.own, &draining).await {
-                h1server::Outcome::Idle => continue,
+                h1server::Outcome::Idle => match after_response(&mut io, &mut draining, &mut park_timer).await {
+                    Next::Request => continue,
+                    Next::Close => return,
+                    Next::Quiet => match park(&ctx, io, permit) {
+                        Some((back, kept)) => {
+                            (io, permit) = (back, kept);
+                            continue;
+                        }
+                        None => return,
+                    },
+                },
                 h1server::Outcome::Close => return,
                 h1server::Outcome::Hyper => {}
             }
@@ -308,10 +369,58 @@ async fn serve_parking(
         if *draining.borrow() {
             return;
         }
-        match slot.reclaim(&activity) {
-            Some(back) => io = back,
+        let Some(back) = slot.reclaim(&activity) else { return };
+        match park(&ctx, back, permit) {
+            Some((back, kept)) => (io, permit) = (back, kept),
             None => return,
         }
+    }
+}
+
+/// Puts an idle connection into the lot, which ends its task (`None`); if the lot has closed
+/// (its listener stopped and it emptied), the connection comes back to wait in its task.
+fn park(
+    ctx: &ConnContext,
+    io: GuardedIo<TcpStream>,
+    permit: ConnectionPermit,
+) -> Option<(GuardedIo<TcpStream>, ConnectionPermit)> {
+    match &ctx.lot {
+        Some(lot) => lot.park(io, permit),
+        None => Some((io, permit)),
+    }
+}
+
+/// What a connection does after keel's own server path answered everything it had.
+enum Next {
+    /// The client sent its next request.
+    Request,
+    /// The client stayed quiet for [`PARK_AFTER`]: the connection parks.
+    Quiet,
+    /// The connection closes (its idle deadline passed, or draining started).
+    Close,
+}
+
+/// Waits up to [`PARK_AFTER`] for the client's next request, as a hyper connection does before
+/// it parks: a busy keep-alive client is served by this task without a trip through the lot.
+/// `timer` is the task's one timer, made on first use and moved on each wait.
+async fn after_response(
+    io: &mut GuardedIo<TcpStream>,
+    draining: &mut watch::Receiver<bool>,
+    timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+) -> Next {
+    let deadline = tokio::time::Instant::now() + PARK_AFTER;
+    let timer = match timer {
+        Some(t) => {
+            t.as_mut().reset(deadline);
+            t
+        }
+        None => timer.insert(Box::pin(tokio::time::sleep_until(deadline))),
+    };
+    tokio::select! {
+        biased;
+        _ = draining.wait_for(|d| *d) => Next::Close,
+        readable = std::future::poll_fn(|cx| io.poll_idle(cx)) => if readable { Next::Request } else { Next::Close },
+        _ = timer.as_mut() => Next::Quiet,
     }
 }
 

@@ -4,9 +4,13 @@
 //! connection's whole life, so an idle keep-alive connection cost ~18 KiB where HAProxy spends
 //! a fraction of one. Here a plain-TCP connection alternates between two states:
 //!
-//! - **parked**: only the [`GuardedIo`] exists. The task waits for the socket to become
-//!   readable ([`GuardedIo::poll_idle`], which reads nothing), under the same first-request and
-//!   idle deadlines as before, and closes at once when draining starts.
+//! - **parked**: no hyper connection, and no task either: the socket leaves tokio for the
+//!   listener's parking lot ([`super::lot`]), which keeps ~48 bytes of it and spawns a serve
+//!   task again when the client sends something (a task of its own, however small, was most
+//!   of what an idle connection still cost). The lot closes it at the idle timeout, or at
+//!   once when draining starts. A new connection waits for its first request in its own task
+//!   ([`GuardedIo::poll_idle`], which reads nothing) under the first-request deadline, and so
+//!   does an idle one in the rare case its lot has closed (listener stopped and lot emptied).
 //! - **served**: once the client sends something, a fresh hyper connection is built over a
 //!   [`Parkable`] handle to the stream: the listener's auto builder (HTTP/1.1 with upgrades, or
 //!   h2c on seeing the preface) for the first request, the HTTP/1.1 builder after a park (only
@@ -21,7 +25,9 @@
 //!   stream, which [`Parkable`] turns into handing the stream back, and the connection parks.
 //!
 //! The per-connection state that must outlive hyper — request count, deadlines, the strict
-//! framing scanner — lives in [`GuardedIo`] and [`ConnActivity`], so it carries across. Once
+//! framing scanner — lives in [`GuardedIo`] and [`ConnActivity`], so it carries across; in the
+//! lot only the request count and the idle stamp are kept, since a connection parks at a
+//! message boundary, where the scanner is as good as new. Once
 //! parking is decided, [`Parkable`] stops handing hyper bytes, so a request the client sends
 //! while hyper finishes its stop stays in the socket for the next hyper connection (should
 //! hyper still hold unread bytes, that is detected on the way back and the connection is
