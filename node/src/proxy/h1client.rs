@@ -36,7 +36,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::h1scan::{parse_chunk_size, parse_content_length};
@@ -144,7 +144,13 @@ impl Conn {
 }
 
 /// Reads once into `buf`, first reserving `want` bytes when less than a quarter of that is free.
-fn poll_fill(stream: &mut TcpStream, buf: &mut BytesMut, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+/// keel's server path reads client connections the same way.
+pub(super) fn poll_fill<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+    want: usize,
+) -> Poll<io::Result<usize>> {
     if buf.capacity() - buf.len() < want / 4 {
         buf.reserve(want);
     }

@@ -35,7 +35,6 @@
 
 use std::cell::RefCell;
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -49,6 +48,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::guard::{ConnActivity, GuardedIo};
+use super::h1client::poll_fill;
 use super::h1scan::parse_content_length;
 use super::http::{HttpProxy, Peer};
 
@@ -64,7 +64,7 @@ const COALESCE: usize = 16 * 1024;
 /// What a connection's limits mean for this path.
 #[derive(Clone, Copy, Debug)]
 pub struct Settings {
-    /// `max_requests_per_connection`; 0 is unlimited.
+    /// `max_requests_per_connection`; 0 is unlimited. hyper's service counts by it too.
     pub max_requests: u32,
     /// Largest request head; a larger one is hyper's to refuse (431).
     pub max_head: usize,
@@ -143,11 +143,12 @@ fn restore(buf: &mut BytesMut, raw: &Bytes) {
     buf.extend_from_slice(&rest);
 }
 
-async fn read_more<T: AsyncRead + AsyncWrite + Unpin>(io: &mut GuardedIo<T>, buf: &mut BytesMut) -> io::Result<usize> {
-    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-        buf.reserve(READ_CHUNK);
-    }
-    std::future::poll_fn(|cx| tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf)).await
+/// Reads what the client sent next into `buf`; `Ok(0)` is the end of the stream.
+pub(super) async fn read_more<T: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut GuardedIo<T>,
+    buf: &mut BytesMut,
+) -> io::Result<usize> {
+    std::future::poll_fn(|cx| poll_fill(io, buf, cx, READ_CHUNK)).await
 }
 
 /// Whether a request asks for its connection to close after the response.

@@ -140,7 +140,6 @@ struct ConnContext {
     http1: http1::Builder,
     proxy: Arc<HttpProxy>,
     deadlines: Deadlines,
-    max_requests: u32,
     own: h1server::Settings,
     graceful: Arc<Drainer>,
     /// Where idle plain-HTTP connections wait; `None` for TLS listeners (which never park) or
@@ -167,7 +166,6 @@ pub async fn serve(listener: HttpListener, graceful: Arc<Drainer>, mut stop: wat
         http1: http1_builder(&limits),
         proxy,
         deadlines: Deadlines { header_timeout: limits.header_timeout.get(), idle_timeout: limits.idle_timeout.get() },
-        max_requests: limits.max_requests_per_connection,
         own: h1server::Settings {
             max_requests: limits.max_requests_per_connection,
             max_head: limits.max_header_bytes as usize,
@@ -276,7 +274,7 @@ fn make_service(
        + Send
        + 'static {
     let proxy = ctx.proxy.clone();
-    let max_requests = ctx.max_requests;
+    let max_requests = ctx.own.max_requests;
     service_fn(move |req: Request<Incoming>| {
         let proxy = proxy.clone();
         let activity = activity.clone();
@@ -440,11 +438,11 @@ async fn next_read<T>(io: &mut GuardedIo<T>, draining: &mut watch::Receiver<bool
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let mut buf = BytesMut::with_capacity(4096);
+    let mut buf = BytesMut::new();
     let read = tokio::select! {
         biased;
         _ = draining.wait_for(|d| *d) => return None,
-        r = std::future::poll_fn(|cx| tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, &mut buf)) => r,
+        r = h1server::read_more(io, &mut buf) => r,
     };
     match read {
         Ok(0) => None,
