@@ -31,6 +31,17 @@ async fn keel_with_limits(limits: &str, drain_timeout: &str) -> Result<(Backend,
     Ok((app, keel))
 }
 
+/// `n` connections, each having had one request answered and kept open.
+async fn open_kept(keel: &Keel, n: u32) -> Result<Vec<RawConn>> {
+    let mut conns = Vec::new();
+    for i in 0..n {
+        let mut c = RawConn::connect(keel.proxy_addr()).await?;
+        ensure!(!get(&mut c, &format!("connection {i}")).await?, "connection {i} was closed");
+        conns.push(c);
+    }
+    Ok(conns)
+}
+
 async fn gauge(keel: &Keel, metric: &str) -> Result<f64> {
     keel.metric(metric, &["listener=\"web\""], None).await?.with_context(|| format!("no {metric} for web"))
 }
@@ -95,12 +106,7 @@ async fn a_parked_connection_is_closed_at_the_idle_timeout() -> Result<()> {
 async fn draining_closes_parked_connections_at_once() -> Result<()> {
     const CONNS: u32 = 3;
     let (_app, mut keel) = keel_with_limits("idle_timeout = \"60s\"", "30s").await?;
-    let mut conns = Vec::new();
-    for i in 0..CONNS {
-        let mut c = RawConn::connect(keel.proxy_addr()).await?;
-        ensure!(!get(&mut c, &format!("connection {i}")).await?, "connection {i} was closed");
-        conns.push(c);
-    }
+    let mut conns = open_kept(&keel, CONNS).await?;
     wait_parked(&keel, CONNS, "every connection to park").await?;
     let start = Instant::now();
     keel.sigterm()?;
@@ -125,12 +131,7 @@ async fn parked_connections_come_back_on_a_multi_thread_runtime() -> Result<()> 
         .pool(PoolSpec::new("app", "round_robin").backends([&app]))
         .start()
         .await?;
-    let mut conns = Vec::new();
-    for i in 0..CONNS {
-        let mut c = RawConn::connect(keel.proxy_addr()).await?;
-        ensure!(!get(&mut c, &format!("connection {i}")).await?, "connection {i} was closed");
-        conns.push(c);
-    }
+    let mut conns = open_kept(&keel, CONNS).await?;
     wait_parked(&keel, CONNS, "every connection to park").await?;
     for round in 1..=2 {
         for (i, c) in conns.iter_mut().enumerate() {
