@@ -353,6 +353,8 @@ fn parse_head(buf: &[u8], head_request: bool) -> Result<Option<Parsed>, HeadErro
     let mut chunked = false;
     let mut transfer_encoding = false;
     let mut close = version == Version::HTTP_10;
+    // One length given more than once ("2, 2", or two lines): accepted, and passed on once.
+    let mut repeated_length = false;
     for h in resp.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| HeadError::Invalid("invalid header name"))?;
         let value = HeaderValue::from_bytes(h.value).map_err(|_| HeadError::Invalid("invalid header value"))?;
@@ -362,6 +364,7 @@ fn parse_head(buf: &[u8], head_request: bool) -> Result<Option<Parsed>, HeadErro
                 if length.is_some_and(|l| l != n) {
                     return Err(HeadError::Invalid("conflicting Content-Length"));
                 }
+                repeated_length |= length.is_some();
                 length = Some(n);
             }
         } else if name == http::header::TRANSFER_ENCODING {
@@ -378,6 +381,9 @@ fn parse_head(buf: &[u8], head_request: bool) -> Result<Option<Parsed>, HeadErro
             close = true;
         }
         headers.append(name, value);
+    }
+    if let (true, false, Some(n)) = (repeated_length, transfer_encoding, length) {
+        headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
     }
     let framing = if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         Framing::Empty
@@ -643,8 +649,11 @@ mod tests {
         assert!(!keep);
         let (_, _, _, keep) = parsed(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", false);
         assert!(!keep, "HTTP/1.0 responses end their connection");
-        let (_, _, framing, _) = parsed(b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\nContent-Length: 3\r\n\r\n", false);
+        let (_, parts, framing, _) =
+            parsed(b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\nContent-Length: 3\r\n\r\n", false);
         assert_eq!(framing, Framing::Length(3), "repeated identical lengths are one length");
+        let lengths: Vec<_> = parts.headers.get_all(http::header::CONTENT_LENGTH).iter().collect();
+        assert_eq!(lengths, ["3"], "and are passed on as one");
     }
 
     #[test]

@@ -251,8 +251,8 @@ where
 {
     let (mut parts, mut body) = resp.into_parts();
     let status = parts.status;
-    // A server may repeat one length ("2, 2", which keel's client accepts); the client is sent
-    // one, from the body.
+    // keel's client passes a server's repeated length ("2, 2") on as one value; should a
+    // length ever arrive unparsable anyway, it is dropped and the body decides.
     let declared = match parts.headers.get(header::CONTENT_LENGTH) {
         Some(v) => match parse_content_length(v.as_bytes()) {
             Some(n) => Some(n),
