@@ -528,10 +528,7 @@ where
         let mut draining = ctx.graceful.draining();
         let mut first = true;
         prefix = loop {
-            let mut buf = match next_read(&mut io, &mut draining, peer).await {
-                Some(buf) => buf,
-                None => return,
-            };
+            let Some(mut buf) = next_read(&mut io, &mut draining, peer).await else { return };
             if std::mem::take(&mut first) && maybe_h2(&buf) {
                 break buf;
             }
