@@ -34,7 +34,7 @@ use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::h1scan::H1Scanner;
+use super::h1::scan::H1Scanner;
 use crate::pool::{epoch, now_millis};
 
 const BAD_REQUEST: &[u8] =

@@ -39,7 +39,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::h1scan::{parse_chunk_size, parse_content_length};
+use super::h1::scan::{parse_chunk_size, parse_content_length};
 
 /// Most headers accepted in a response head.
 const MAX_HEADERS: usize = 128;

@@ -49,7 +49,7 @@ use tokio::sync::watch;
 
 use super::guard::{ConnActivity, GuardedIo};
 use super::h1client::poll_fill;
-use super::h1scan::parse_content_length;
+use super::h1::scan::parse_content_length;
 use super::http::{HttpProxy, Peer};
 
 /// Most request headers this path takes; a request with more goes to hyper, whose own limit

@@ -27,7 +27,7 @@ pub mod body;
 pub mod error;
 pub mod guard;
 pub mod h1client;
-pub mod h1scan;
+pub mod h1;
 pub mod h1server;
 pub mod headers;
 pub mod http;

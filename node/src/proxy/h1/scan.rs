@@ -340,7 +340,7 @@ fn feed_chunked(state: &mut ChunkState, data: &[u8]) -> Result<(usize, bool), Re
 
 /// A Content-Length value: plain digits only (no sign, no space, no list), at most 18 of them so
 /// it always fits. keel's upstream client frames responses with the same rule.
-pub(super) fn parse_content_length(value: &[u8]) -> Option<u64> {
+pub fn parse_content_length(value: &[u8]) -> Option<u64> {
     if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
         return None;
     }
@@ -349,7 +349,7 @@ pub(super) fn parse_content_length(value: &[u8]) -> Option<u64> {
 
 /// Parses "1a;ext=v\r\n": hex digits only (no sign, no whitespace, no "0x"), at most 15 of
 /// them, optional extensions of token characters.
-pub(super) fn parse_chunk_size(line: &[u8]) -> Result<u64, Refusal> {
+pub fn parse_chunk_size(line: &[u8]) -> Result<u64, Refusal> {
     let line = line.strip_suffix(b"\r\n").ok_or("bare LF in chunk-size line")?;
     let (size, ext) = match line.iter().position(|&b| b == b';') {
         Some(p) => (&line[..p], Some(&line[p + 1..])),

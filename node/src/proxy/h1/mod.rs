@@ -1,0 +1,9 @@
+//! keel's own HTTP/1.x: one codec for every HTTP/1 message keel reads or writes, on both sides.
+//!
+//! - [`scan`]: the strict framing scanner every byte from a client passes first; it refuses
+//!   ambiguous messages (request smuggling shapes) before anything parses them.
+//! - [`codec`]: body framing both ways (`Content-Length`, chunked with trailers, until close),
+//!   the decoder and the body writer that the server and client halves share.
+
+pub mod codec;
+pub mod scan;
