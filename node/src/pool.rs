@@ -31,7 +31,7 @@ use crate::tls::{backend_connector, TlsError, UpstreamConnector};
 
 /// Body of a request sent to a server: the client's streamed body, or nothing (which is what
 /// lets a body-less request be retried on another server).
-pub type UpstreamBody = Either<ClientBody, Empty<Bytes>>;
+pub type UpstreamBody = Either<ClientBody<hyper::body::Incoming>, Empty<Bytes>>;
 
 /// The pooled HTTP client a pool uses to reach its servers.
 pub type UpstreamClient = Client<UpstreamConnector, UpstreamBody>;

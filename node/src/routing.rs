@@ -191,7 +191,8 @@ pub fn request_host<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> Option<&'
     Some(strip_port(raw))
 }
 
-fn strip_port(host: &str) -> &str {
+/// A host without its port (`[::1]:8080` → `[::1]`, `a.example:80` → `a.example`).
+pub fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
         // IPv6 literal: "[::1]:8080" → "[::1]"
         return host.find(']').map_or(host, |end| &host[..=end]);

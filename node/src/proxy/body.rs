@@ -2,7 +2,7 @@
 //! cap, a longest pause between bytes, and a minimum average upload rate.
 //!
 //! The body is streamed, so a violation is discovered mid-request. The wrapper then fails the
-//! stream (hyper aborts the exchange with the server) and records *why* in a shared
+//! stream (the exchange with the server is abandoned) and records *why* in a shared
 //! [`BodyVerdict`], so the proxy can answer the client with the status that names its own
 //! fault — 413, 408 or 400 — instead of a 502 that would blame the server.
 
@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
 /// Why a client body was cut off.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,9 +66,9 @@ pub struct BodyLimits {
 
 pin_project_lite::pin_project! {
     /// A client's request body with size, pause and rate limits.
-    pub struct ClientBody {
+    pub struct ClientBody<B> {
         #[pin]
-        inner: Incoming,
+        inner: B,
         // Boxed so the body stays Unpin, which hyper's client requires.
         timer: Pin<Box<tokio::time::Sleep>>,
         limits: BodyLimits,
@@ -80,9 +79,9 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl ClientBody {
+impl<B> ClientBody<B> {
     /// Wraps `inner`; faults are recorded in `verdict`.
-    pub fn new(inner: Incoming, limits: BodyLimits, verdict: Arc<BodyVerdict>) -> Self {
+    pub fn new(inner: B, limits: BodyLimits, verdict: Arc<BodyVerdict>) -> Self {
         let now = Instant::now();
         ClientBody {
             inner,
@@ -107,7 +106,7 @@ fn next_deadline(limits: &BodyLimits, started: Instant, last: Instant, received:
     pause.min(started + earned.max(limits.timeout))
 }
 
-impl Body for ClientBody {
+impl<B: Body<Data = Bytes>> Body for ClientBody<B> {
     type Data = Bytes;
     type Error = BodyError;
 

@@ -5,6 +5,7 @@
 //! shape); the retry loop reads those fields, never message strings.
 
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, Response, StatusCode};
@@ -55,6 +56,8 @@ pub struct ProxyError {
     pub pool: Option<String>,
     /// The server concerned, if one was chosen.
     pub server: Option<String>,
+    /// What went wrong underneath (an I/O error, an invalid response), for logs.
+    pub source: Option<Arc<dyn std::error::Error + Send + Sync>>,
 }
 
 impl ProxyError {
@@ -68,7 +71,20 @@ impl ProxyError {
             ErrorKind::Timeout | ErrorKind::Broken => (Side::Backend, false),
             ErrorKind::PayloadTooLarge | ErrorKind::RequestTimeout | ErrorKind::BadRequest => (Side::Client, false),
         };
-        ProxyError { kind, side, retryable, pool: pool.map(str::to_owned), server: server.map(str::to_owned) }
+        ProxyError {
+            kind,
+            side,
+            retryable,
+            pool: pool.map(str::to_owned),
+            server: server.map(str::to_owned),
+            source: None,
+        }
+    }
+
+    /// The same error, caused by `source`.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Arc::new(source));
+        self
     }
 
     /// The status code the client gets.
@@ -109,6 +125,12 @@ impl fmt::Display for ProxyError {
             ErrorKind::RequestTimeout => write!(f, "request body not received in time"),
             ErrorKind::BadRequest => write!(f, "malformed request body"),
         }
+    }
+}
+
+impl std::error::Error for ProxyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
     }
 }
 

@@ -1,31 +1,25 @@
 //! The client connection's byte stream, guarded: strict HTTP/1 framing and connection deadlines.
 //!
-//! Every client connection's I/O passes through [`GuardedIo`] before hyper sees it. It does two
-//! things hyper cannot do from inside its parser:
+//! Every client connection's I/O passes through [`GuardedIo`] before anything parses it. It
+//! does two things a parser cannot do from inside itself:
 //!
 //! - feeds each byte of an HTTP/1 connection to the [`H1Scanner`]; a message the scanner
-//!   refuses is answered with `400` and the connection is closed, so hyper — and the server
-//!   behind it — never see an ambiguous request;
+//!   refuses is answered with `400` and the connection is closed, so keel's HTTP/1 server —
+//!   and the server behind it — never see an ambiguous request;
 //! - enforces the deadlines of a connection between requests: a started request head must be
 //!   complete within `header_timeout` (slowloris; answered with `408`), a connection that never
 //!   sends a request is closed after `header_timeout`, and a keep-alive connection with nothing
-//!   in flight is closed after `idle_timeout`. hyper's own header timeout starts when it begins
-//!   waiting for a head, so it would also cut idle keep-alive connections at the header timeout;
-//!   tracking "is a request in flight" here keeps the two timeouts apart, as HAProxy's
-//!   `timeout http-request` and `timeout http-keep-alive` are.
+//!   in flight is closed after `idle_timeout`. Tracking "is a request in flight" here keeps the
+//!   two timeouts apart, as HAProxy's `timeout http-request` and `timeout http-keep-alive` are.
 //!
-//! What is in flight is known from [`ConnActivity`], which the service updates per request (a
-//! [`RequestGuard`] lives until the response body has been sent).
-//!
-//! [`ConnActivity`] also tells the connection's serve loop when hyper can be let go between
-//! requests (see [`super::park`]): a response finished, it keeps the connection, and every
-//! byte the client sent so far belongs to a request hyper has already handed to the service —
-//! so hyper holds no read-ahead that would be lost with its buffers.
+//! What is in flight is known from [`ConnActivity`], which the request path updates per request
+//! (a [`RequestGuard`] lives until the response has been sent). [`Prefixed`] hands bytes read
+//! ahead back to whatever reads the stream next (an HTTP/2 session, a tunnel).
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -42,22 +36,14 @@ const BAD_REQUEST: &[u8] =
 const REQUEST_TIMEOUT: &[u8] =
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\ncontent-length: 37\r\nconnection: close\r\n\r\nrequest head not received in time\r\n\r\n";
 
-/// What the service tells the I/O layer about one connection's requests.
+/// What the request path tells the I/O layer about one connection's requests. Shared because
+/// an HTTP/2 connection's streams run in tasks of their own.
 #[derive(Debug, Default)]
 pub struct ConnActivity {
     in_flight: AtomicUsize,
     requests: AtomicU32,
     idle_since_ms: AtomicU64,
     reader: AtomicWaker,
-    /// Request heads the scanner has seen complete.
-    heads: AtomicU32,
-    /// The scanner is between messages (not inside a head or body, not opaque).
-    at_boundary: AtomicBool,
-    /// The last response lets the connection live on (HTTP/1.1, no `Connection: close`).
-    keep: AtomicBool,
-    /// A request finished since the serve loop last looked.
-    finished: AtomicBool,
-    parker: AtomicWaker,
 }
 
 impl ConnActivity {
@@ -73,9 +59,6 @@ impl ConnActivity {
         Arc::new(ConnActivity {
             idle_since_ms: AtomicU64::new(idle_since_ms),
             requests: AtomicU32::new(requests),
-            heads: AtomicU32::new(requests),
-            at_boundary: AtomicBool::new(true),
-            keep: AtomicBool::new(true),
             ..Default::default()
         })
     }
@@ -92,38 +75,9 @@ impl ConnActivity {
         (RequestGuard(self.clone()), n)
     }
 
-    /// Records whether the response being sent keeps the connection open afterwards.
-    pub fn set_keep(&self, keep: bool) {
-        self.keep.store(keep, Ordering::Release);
-    }
-
     /// How many requests this connection has started.
     pub fn requests(&self) -> u32 {
         self.requests.load(Ordering::Acquire)
-    }
-
-    /// Forgets finished requests: called when a fresh hyper connection starts.
-    pub fn reset_finished(&self) {
-        self.finished.store(false, Ordering::Release);
-    }
-
-    /// Ready when a request has finished and hyper may be let go: nothing in flight, the
-    /// response keeps the connection, and hyper holds no unread request bytes.
-    pub fn poll_parkable(&self, cx: &mut Context<'_>) -> Poll<()> {
-        self.parker.register(cx.waker());
-        if self.finished.swap(false, Ordering::AcqRel) && self.parkable() {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
-    }
-
-    /// Whether hyper's state can be dropped without losing anything the client sent.
-    pub fn parkable(&self) -> bool {
-        self.keep.load(Ordering::Acquire)
-            && self.in_flight.load(Ordering::Acquire) == 0
-            && self.at_boundary.load(Ordering::Acquire)
-            && self.heads.load(Ordering::Acquire) == self.requests.load(Ordering::Acquire)
     }
 }
 
@@ -138,8 +92,6 @@ impl Drop for RequestGuard {
             // The reader may be parked with no deadline (one is only armed while idle): wake it
             // so the idle timeout starts now.
             self.0.reader.wake();
-            self.0.finished.store(true, Ordering::Release);
-            self.0.parker.wake();
         }
     }
 }
@@ -172,7 +124,8 @@ pub struct GuardedIo<T> {
 
 impl<T> GuardedIo<T> {
     /// Wraps `inner`. `scan_h1` is false when the connection is known not to be HTTP/1
-    /// (TLS with ALPN `h2`); `max_head` is the head size beyond which hyper answers 431.
+    /// (TLS with ALPN `h2`); `max_head` is the head size beyond which the scanner stops
+    /// looking (keel's HTTP/1 server answers 431).
     pub fn new(inner: T, activity: Arc<ConnActivity>, deadlines: Deadlines, scan_h1: bool, max_head: usize) -> Self {
         let now = Instant::now();
         let first = now + deadlines.header_timeout;
@@ -263,7 +216,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> GuardedIo<T> {
         self.scanner = None;
         self.closing = (!response.is_empty()).then_some((response, 0));
         match self.poll_closing(cx) {
-            // End of stream: hyper closes the connection without answering again.
+            // End of stream: the reader closes the connection without answering again.
             Poll::Ready(()) => Poll::Ready(Ok(())),
             Poll::Pending => Poll::Pending,
         }
@@ -289,11 +242,6 @@ impl GuardedIo<TcpStream> {
                 }
             }
         }
-    }
-
-    /// Whether the stream can go on to another request: not closed, no partial head.
-    pub fn is_reusable(&self) -> bool {
-        !self.closed && self.closing.is_none() && self.head_started.is_none()
     }
 
     /// The stream itself, for the parking lot: everything else here is rebuilt from
@@ -326,11 +274,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedIo<T> {
                 if let Some(scanner) = &mut this.scanner {
                     let was_partial = scanner.in_partial_head();
                     match scanner.feed(fresh) {
-                        Ok(progress) => {
-                            if progress.heads > 0 {
-                                this.activity.heads.fetch_add(progress.heads as u32, Ordering::AcqRel);
-                            }
-                            this.activity.at_boundary.store(scanner.at_boundary(), Ordering::Release);
+                        Ok(_) => {
                             this.head_started = match (scanner.in_partial_head(), was_partial) {
                                 (false, _) => None,
                                 (true, true) => this.head_started.or(Some(Instant::now())),
@@ -385,6 +329,58 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
     }
 }
 
+/// A stream whose first bytes were already read elsewhere (to sniff the HTTP/2 preface, or
+/// pipelined behind an upgrade request): those bytes come first, then the stream's.
+pub struct Prefixed<T> {
+    io: T,
+    prefix: bytes::Bytes,
+}
+
+impl<T> Prefixed<T> {
+    /// `io`, read from after `prefix`.
+    pub fn new(io: T, prefix: bytes::Bytes) -> Self {
+        Prefixed { io, prefix }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -419,7 +415,7 @@ mod tests {
             .await
             .expect("write");
         let mut buf = [0u8; 1024];
-        assert_eq!(io.read(&mut buf).await.expect("read"), 0, "hyper must see nothing");
+        assert_eq!(io.read(&mut buf).await.expect("read"), 0, "the reader must see nothing");
         drop(io);
         let mut answer = Vec::new();
         client.read_to_end(&mut answer).await.expect("read answer");
@@ -485,26 +481,5 @@ mod tests {
         assert!(std::future::poll_fn(|cx| io.poll_idle(cx)).await, "readable");
         let mut buf = [0u8; 64];
         assert!(io.read(&mut buf).await.expect("read") > 0, "nothing was consumed by the wait");
-    }
-
-    #[tokio::test]
-    async fn parkable_only_at_a_message_boundary_with_every_head_served() {
-        let activity = ConnActivity::new();
-        let (mut client, mut io) = tcp_pair(activity.clone()).await;
-        const TWO: &[u8] = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n";
-        client.write_all(TWO).await.expect("write");
-        let mut buf = [0u8; 256];
-        let mut got = 0;
-        while got < TWO.len() {
-            got += io.read(&mut buf[got..]).await.expect("read");
-        }
-        activity.set_keep(true);
-        drop(activity.start_request());
-        assert!(!activity.parkable(), "the second, pipelined request is still unserved");
-        drop(activity.start_request());
-        assert!(activity.parkable());
-        client.write_all(b"GET /c HTTP/1.1\r\n").await.expect("write");
-        assert!(io.read(&mut buf).await.expect("read") > 0);
-        assert!(!activity.parkable(), "a partial head is buffered");
     }
 }

@@ -46,7 +46,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 
-use super::http::client_hash;
+use super::phases::client_hash;
 use super::proxy_protocol;
 use crate::connlimit::ConnectionLimiter;
 use crate::metrics::Rejections;

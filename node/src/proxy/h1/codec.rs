@@ -17,7 +17,10 @@ use futures_util::FutureExt;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http_body::Body;
 use http_body_util::BodyExt;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 pub use super::scan::{parse_chunk_size, parse_content_length};
 
@@ -236,7 +239,8 @@ fn parse_trailers(section: &[u8]) -> Result<HeaderMap, DecodeError> {
     };
     let mut trailers = HeaderMap::with_capacity(fields.len());
     for field in fields.iter() {
-        let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| DecodeError::Chunk("malformed trailer"))?;
+        let name =
+            HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| DecodeError::Chunk("malformed trailer"))?;
         let value = HeaderValue::from_bytes(field.value).map_err(|_| DecodeError::Chunk("malformed trailer"))?;
         if !forbidden_trailer(&name) {
             trailers.append(name, value);
@@ -297,7 +301,12 @@ impl WriteBodyError {
 /// for the source is pending output written, so a small message leaves in a single write.
 /// `Framing::Empty` sends nothing of the body (a response to `HEAD`, a 204, a 304) but still
 /// drains it. Returns the body bytes sent; `out` is empty on return.
-pub async fn write_body<W, B>(io: &mut W, out: &mut BytesMut, body: &mut B, framing: Framing) -> Result<u64, WriteBodyError>
+pub async fn write_body<W, B>(
+    io: &mut W,
+    out: &mut BytesMut,
+    body: &mut B,
+    framing: Framing,
+) -> Result<u64, WriteBodyError>
 where
     W: AsyncWrite + Unpin,
     B: Body<Data = Bytes> + Unpin,
@@ -375,6 +384,22 @@ pub async fn write_out<W: AsyncWrite + Unpin>(io: &mut W, out: &mut BytesMut) ->
     }
     out.clear();
     Ok(())
+}
+
+/// Reads once into `buf`, first reserving `want` bytes when less than a quarter of that is free.
+/// Every HTTP/1 read keel makes, from clients and from servers, goes through here.
+pub fn poll_fill<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+    want: usize,
+) -> Poll<io::Result<usize>> {
+    if buf.capacity() - buf.len() < want / 4 {
+        buf.reserve(want);
+    }
+    // Through `AsyncRead` (not `try_read_buf`): a short read clears the cached readiness, which
+    // is what lets an idle connection's readiness be trusted (see the client's checkout).
+    tokio_util::io::poll_read_buf(Pin::new(stream), cx, buf)
 }
 
 thread_local! {

@@ -1,0 +1,69 @@
+//! The HTTP/2 front end: hyper's HTTP/2 server (the `h2` crate underneath) for h2c by prior
+//! knowledge on plain listeners and h2 by ALPN on TLS listeners.
+//!
+//! HTTP/2's framing, flow control and stream multiplexing are the `h2` crate's, which is what
+//! Pingora, Envoy's Rust peers and hyper's own users rely on; keel's part is the same as for
+//! HTTP/1: each stream's head and body go to the request path ([`super::phases`]) as
+//! `http::request::Parts` plus a streaming body, so nothing after the head knows which
+//! protocol the client spoke. A connection is registered with the listener's drain, which
+//! sends GOAWAY and lets open streams finish.
+
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use keel_cluster::model::Limits;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::guard::{ConnActivity, RequestGuard};
+use super::phases::{HttpProxy, Peer, ProxyBody, Tracked};
+use crate::daemon::drain::Drainer;
+
+/// A listener's HTTP/2 settings, made once and shared by its connections.
+#[derive(Clone)]
+pub struct H2 {
+    builder: hyper::server::conn::http2::Builder<TokioExecutor>,
+}
+
+impl H2 {
+    /// HTTP/2 with the listener's header limits.
+    pub fn new(limits: &Limits) -> Self {
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder.timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes);
+        H2 { builder }
+    }
+
+    /// Serves one HTTP/2 connection until it closes or the drain has let its streams finish.
+    pub async fn serve<T>(
+        &self,
+        io: T,
+        proxy: Arc<HttpProxy>,
+        peer: Arc<Peer>,
+        activity: Arc<ConnActivity>,
+        drain: &Drainer,
+    ) where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let client = peer.addr;
+        let service = service_fn(move |req: http::Request<Incoming>| {
+            let proxy = proxy.clone();
+            let peer = peer.clone();
+            let (guard, _) = activity.start_request();
+            async move {
+                let (parts, body) = req.into_parts();
+                // Only a body that may carry bytes is forwarded as one (a `GET` has none).
+                let body = (!http_body::Body::is_end_stream(&body)).then_some(body);
+                let resp = proxy.handle(parts, body, &peer).await;
+                Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked::new(body, guard)))
+            }
+        });
+        let conn = drain.watch(self.builder.serve_connection(TokioIo::new(io), service));
+        if let Err(e) = conn.await {
+            tracing::debug!(target: "keel::proxy", client = %client, error = %e, "HTTP/2 connection ended with an error");
+        }
+    }
+}
+
+/// The response body type of an HTTP/2 stream: keel's, holding the connection's in-flight count.
+pub type StreamBody = Tracked<ProxyBody, RequestGuard>;

@@ -1,0 +1,631 @@
+//! The request path: one HTTP request's trip through keel, in named phases, read top to bottom
+//! in [`HttpProxy::handle`].
+//!
+//! 1. **read head** — done by the client's session before this module sees the request:
+//!    keel's HTTP/1 server ([`super::h1::server`]) or the HTTP/2 front end ([`super::h2`]).
+//!    Both hand over the same thing: `http::request::Parts` and an optional streaming body.
+//! 2. **authority** ([`authority`]): the request's one authority — the target's own (HTTP/2
+//!    `:authority`, HTTP/1 absolute form) or else `Host`. Routing uses it and the server gets
+//!    it as `Host`, so a route fenced to one host cannot be walked around with another.
+//! 3. **route** ([`HttpProxy::route`]): redirect listeners, host/path/header rules, the pool.
+//! 4. **admit** ([`HttpProxy::admit`]): the route's rate limit and the body size limit, decided
+//!    before a server is chosen so a refused request costs the servers nothing.
+//! 5. **choose** ([`choose`]): sticky lookup, else the pool's algorithm; a retry skips the
+//!    servers already tried.
+//! 6. **send** ([`send`]): header rewrite (hop-by-hop out, `X-Forwarded-*` in), the exchange
+//!    through the server's connection pool, bounded by the pool's timeouts. A failed connect is
+//!    retried on another server while the request can still be sent again (no body consumed).
+//! 7. **respond** ([`respond`]): hop-by-hop headers out of the response, sticky learning,
+//!    upgrades handed to the session as a tunnel.
+//! 8. **log** ([`HttpProxy::log`]): counters and latency; errors leave with the side they
+//!    belong to.
+//!
+//! Bodies are streamed both ways, never buffered. Failures keep their side
+//! ([`super::error::Side`]): a client's broken or slow upload is the client's (400/408/413),
+//! never counted against the server.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use keel_cluster::model::{Algorithm, Limits, MAX_RETRIES};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::body::{BodyFault, BodyLimits, BodyVerdict, ClientBody};
+use super::error::{ErrorKind, ProxyError};
+use super::h1client::{self, Home, ResponseBody, SendError};
+use super::headers;
+use crate::metrics::Rejections;
+use crate::pool::{Pool, ServerState};
+use crate::ratelimit::{retry_after_secs, ClientKey, Decision as RateDecision, RateLimiter};
+use crate::routing::RequestView;
+use crate::snapshot::SharedSnapshot;
+use crate::sticky::{SourceKey, StickyPolicy};
+
+/// Fixed seed for hashing client addresses, so every keel node maps a client to the same
+/// position on the consistent-hash ring.
+pub const CLIENT_HASH_SEED: u64 = 0x6b65_656c_5f69_7068; // "keel_iph"
+
+/// A server's streamed response body.
+pub type UpstreamResponseBody = Either<Incoming, ResponseBody>;
+
+/// Any error a body may end with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What keel answers with.
+pub enum ProxyBody {
+    /// A server's body, streamed; the server counts the request in flight until it ends.
+    Upstream(Tracked<UpstreamResponseBody, InFlight>),
+    /// A short body keel wrote itself (errors, redirects, 429).
+    Local(Full<Bytes>),
+    /// A `101`: no body; the session turns the connection into a tunnel to this server side.
+    Upgrade(Upgrade),
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Local(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
+            ProxyBody::Upgrade(_) => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Upstream(b) => b.is_end_stream(),
+            ProxyBody::Local(b) => b.is_end_stream(),
+            ProxyBody::Upgrade(_) => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Upstream(b) => b.size_hint(),
+            ProxyBody::Local(b) => b.size_hint(),
+            ProxyBody::Upgrade(_) => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// A byte stream both ways: what an upgraded server connection is.
+pub trait Tunnel: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Tunnel for T {}
+
+type TunnelFuture = Pin<Box<dyn Future<Output = io::Result<Box<dyn Tunnel>>> + Send>>;
+
+/// The server side of an upgrade, still counted in flight on its server.
+pub struct Upgrade {
+    server: TunnelFuture,
+    in_flight: InFlight,
+}
+
+impl Upgrade {
+    /// The server's connection, once the server side has switched.
+    pub async fn connect(self) -> io::Result<Upgraded> {
+        let io = self.server.await?;
+        Ok(Upgraded { io, _in_flight: self.in_flight })
+    }
+}
+
+/// An upgraded server connection; the request stays in flight on its server while it lives.
+pub struct Upgraded {
+    io: Box<dyn Tunnel>,
+    _in_flight: InFlight,
+}
+
+impl AsyncRead for Upgraded {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Upgraded {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().io).poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// The client end of a connection, as its requests need it.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    /// The client's address.
+    pub addr: SocketAddr,
+    /// The address's IP as a header value, for `X-Forwarded-For`.
+    forwarded_for: HeaderValue,
+    /// The address as `source_ip` stickiness keys it.
+    source: SourceKey,
+}
+
+impl Peer {
+    /// The client at `addr`.
+    pub fn new(addr: SocketAddr) -> Self {
+        Peer { addr, forwarded_for: headers::client_value(addr.ip()), source: SourceKey::from(addr.ip()) }
+    }
+
+    fn ip(&self) -> std::net::IpAddr {
+        self.addr.ip()
+    }
+}
+
+/// Serves the requests of one listener.
+pub struct HttpProxy {
+    snapshot: SharedSnapshot,
+    listener: Arc<str>,
+    proto: &'static str,
+    rejections: Arc<Rejections>,
+    rate_limited: Arc<AtomicU64>,
+    body_limits: BodyLimits,
+}
+
+/// A routed request: the pool, its sticky policy and rate limit, and the request's authority.
+struct Routed {
+    pool: Arc<Pool>,
+    sticky: Option<Arc<StickyPolicy>>,
+    rate_limit: Option<Arc<RateLimiter>>,
+    authority: Option<HeaderValue>,
+}
+
+impl HttpProxy {
+    /// A proxy for the listener named `listener`, speaking `proto` ("http") to clients.
+    pub fn new(
+        snapshot: SharedSnapshot,
+        listener: &str,
+        proto: &'static str,
+        limits: &Limits,
+        rejections: Arc<Rejections>,
+        rate_limited: Arc<AtomicU64>,
+    ) -> Self {
+        let body_limits = BodyLimits {
+            max_bytes: limits.max_body_bytes,
+            timeout: limits.body_timeout.get(),
+            min_rate: limits.min_body_rate,
+        };
+        HttpProxy { snapshot, listener: listener.into(), proto, rejections, rate_limited, body_limits }
+    }
+
+    /// Answers one request from `peer`: the whole request path, phase by phase.
+    pub async fn handle<B>(&self, parts: http::request::Parts, body: Option<B>, peer: &Peer) -> Response<ProxyBody>
+    where
+        B: Body<Data = Bytes> + Send + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        let started = Instant::now();
+        let authority = authority(&parts);
+        let routed = match self.route(&parts, authority) {
+            Ok(routed) => routed,
+            Err(answer) => return answer.map(ProxyBody::Local),
+        };
+        if let Err(answer) = self.admit(&routed, &parts, body.as_ref(), peer, started) {
+            return answer.map(ProxyBody::Local);
+        }
+        let result = self.forward(&routed, parts, body, peer, started).await;
+        self.log(&routed.pool, result)
+    }
+
+    /// Phase 3: where a request goes, or what it is answered with.
+    fn route(
+        &self,
+        parts: &http::request::Parts,
+        authority: Option<HeaderValue>,
+    ) -> Result<Routed, Response<Full<Bytes>>> {
+        let snapshot = self.snapshot.load();
+        let Some(router) = snapshot.routers.get(&*self.listener) else {
+            return Err(ProxyError::new(ErrorKind::NoRoute, None, None).to_response());
+        };
+        if let Some(port) = router.redirect_https_port {
+            return Err(redirect_to_https(parts, authority.as_ref(), port));
+        }
+        let host = authority.as_ref().and_then(|a| a.to_str().ok()).map(crate::routing::strip_port);
+        let view = RequestView { host, path: parts.uri.path(), headers: &parts.headers };
+        let Some(decision) = router.decide(&view) else {
+            self.rejections.no_route.fetch_add(1, Ordering::Relaxed);
+            return Err(ProxyError::new(ErrorKind::NoRoute, None, None).to_response());
+        };
+        Ok(Routed {
+            pool: decision.pool.clone(),
+            sticky: snapshot.sticky.get(&decision.pool.name).cloned(),
+            rate_limit: decision.rate_limit.cloned(),
+            authority,
+        })
+    }
+
+    /// Phase 4: the rate limit and the declared body size.
+    fn admit<B: Body>(
+        &self,
+        routed: &Routed,
+        parts: &http::request::Parts,
+        body: Option<&B>,
+        peer: &Peer,
+        started: Instant,
+    ) -> Result<(), Response<Full<Bytes>>> {
+        if let Some(limiter) = &routed.rate_limit {
+            let key = ClientKey::from_request(limiter.config(), &parts.headers, peer.ip());
+            if let RateDecision::Limit { retry_after } = limiter.check(&key, started) {
+                self.rate_limited.fetch_add(1, Ordering::Relaxed);
+                return Err(too_many_requests(retry_after));
+            }
+        }
+        if body.is_some_and(|b| b.size_hint().lower() > self.body_limits.max_bytes) {
+            return Err(ProxyError::new(ErrorKind::PayloadTooLarge, Some(&routed.pool.name), None).to_response());
+        }
+        Ok(())
+    }
+}
+
+impl HttpProxy {
+    /// Phases 5–7: choose a server, send, respond; retried on another server after a failed
+    /// connect while nothing of the request has been consumed.
+    async fn forward<B>(
+        &self,
+        routed: &Routed,
+        mut parts: http::request::Parts,
+        body: Option<B>,
+        peer: &Peer,
+        started: Instant,
+    ) -> Result<Response<ProxyBody>, ProxyError>
+    where
+        B: Body<Data = Bytes> + Send + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        let pool = &routed.pool;
+        let upgrade = parts.version == Version::HTTP_11 && headers::is_upgrade(&parts.headers);
+        rewrite_request(&mut parts, routed.authority.as_ref(), peer, self.proto, upgrade);
+        // Only an empty body can be sent again. The verdict exists only where a body does: most
+        // requests have none and need not pay an allocation for it.
+        let (mut body, verdict) = match body {
+            None => (None, None),
+            Some(body) => {
+                let verdict = Arc::new(BodyVerdict::default());
+                (Some(ClientBody::new(body, self.body_limits, verdict.clone())), Some(verdict))
+            }
+        };
+        let client_fault = || verdict.as_deref().and_then(BodyVerdict::fault);
+        let replayable = body.is_none();
+        let hash = if pool.config.algorithm == Algorithm::IpHash { client_hash(peer.addr) } else { 0 };
+        let (bound, sticky_headers) = match &routed.sticky {
+            Some(policy) => (
+                policy.lookup(&parts.headers, &peer.source, &pool.servers).await,
+                policy.reads_request_headers_on_response().then(|| parts.headers.clone()),
+            ),
+            None => (None, None),
+        };
+        let attempts = pool.config.retries.min(MAX_RETRIES) as usize + 1;
+        let mut tried = [usize::MAX; MAX_RETRIES as usize + 1];
+        let mut last_error = ProxyError::new(ErrorKind::NoServer, Some(&pool.name), None);
+        for attempt in 0..attempts {
+            let Some(index) = choose(pool, bound, hash, attempt, &tried) else { break };
+            tried[attempt] = index;
+            let server = &pool.servers[index];
+            let in_flight = InFlight::start(server);
+            server.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let last_try = attempt + 1 == attempts || !replayable;
+            let resp = match send(pool, server, &mut parts, body.as_mut(), upgrade, last_try).await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    let error = blame(pool, index, e, client_fault());
+                    if error.retryable && replayable {
+                        last_error = error;
+                        continue;
+                    }
+                    return Err(error);
+                }
+            };
+            let status = resp.status();
+            server.stats.count_status(status.as_u16());
+            pool.observe(index, !status.is_server_error());
+            pool.latency.observe(started.elapsed());
+            let learn = routed.sticky.as_deref().map(|policy| Learn {
+                policy,
+                chosen: index,
+                hit: bound == Some(index),
+                request_headers: sticky_headers.as_ref(),
+                source: &peer.source,
+            });
+            return Ok(respond(resp, upgrade, in_flight, learn, &pool.servers));
+        }
+        Err(last_error)
+    }
+
+    /// Phase 8: what the request cost and how it ended.
+    fn log(&self, pool: &Pool, result: Result<Response<ProxyBody>, ProxyError>) -> Response<ProxyBody> {
+        match result {
+            Ok(resp) => resp,
+            Err(e) => {
+                if e.kind == ErrorKind::NoServer {
+                    self.rejections.no_server.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::debug!(target: "keel::proxy", pool = %pool.name, error = %e, "request failed");
+                e.to_response().map(ProxyBody::Local)
+            }
+        }
+    }
+}
+
+/// Phase 2: the request's one authority: the target's own (HTTP/2 `:authority`, an HTTP/1
+/// absolute-form URL) — RFC 9112 §3.2.2 and RFC 9113 §8.3.1 both put it before `Host` — or else
+/// `Host`.
+fn authority(parts: &http::request::Parts) -> Option<HeaderValue> {
+    match parts.uri.authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => parts.headers.get(header::HOST).cloned(),
+    }
+}
+
+/// Phase 5: the sticky server on the first attempt, else the pool's algorithm, skipping the
+/// servers already tried.
+fn choose(pool: &Pool, bound: Option<usize>, hash: u64, attempt: usize, tried: &[usize]) -> Option<usize> {
+    match bound {
+        Some(i) if attempt == 0 => Some(i),
+        _ => pool.select(hash, &tried[..attempt]),
+    }
+}
+
+/// The request as a server gets it: hop-by-hop headers out, `X-Forwarded-*` in, `Host` set to
+/// the request's one authority, no `Expect` (the client's `100 Continue` is keel's to send).
+fn rewrite_request(
+    parts: &mut http::request::Parts,
+    authority: Option<&HeaderValue>,
+    peer: &Peer,
+    proto: &'static str,
+    upgrade: bool,
+) {
+    headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+    parts.headers.remove(header::EXPECT);
+    headers::add_forwarded(&mut parts.headers, &peer.forwarded_for, proto, authority);
+    if let Some(a) = authority {
+        parts.headers.insert(header::HOST, a.clone());
+    }
+}
+
+/// How an exchange with a server failed.
+#[derive(Debug, thiserror::Error)]
+enum UpstreamError {
+    #[error(transparent)]
+    Hyper(hyper_util::client::legacy::Error),
+    #[error(transparent)]
+    Own(SendError),
+    #[error("no response head within the request timeout")]
+    Timeout,
+}
+
+impl UpstreamError {
+    fn is_connect(&self) -> bool {
+        match self {
+            UpstreamError::Hyper(e) => e.is_connect(),
+            UpstreamError::Own(e) => matches!(e, SendError::Connect { .. }),
+            UpstreamError::Timeout => false,
+        }
+    }
+}
+
+/// Which side a failed exchange is blamed on, and the counters and outlier verdict that go with it.
+fn blame(pool: &Pool, index: usize, error: UpstreamError, client_fault: Option<BodyFault>) -> ProxyError {
+    let server = &pool.servers[index];
+    if let Some(fault) = client_fault {
+        // The client's body broke the exchange, not the server.
+        let kind = match fault {
+            BodyFault::TooLarge => ErrorKind::PayloadTooLarge,
+            BodyFault::TooSlow => ErrorKind::RequestTimeout,
+            BodyFault::Malformed => ErrorKind::BadRequest,
+        };
+        return ProxyError::new(kind, Some(&pool.name), Some(&server.name));
+    }
+    pool.observe(index, false);
+    let kind = if matches!(error, UpstreamError::Timeout) {
+        server.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+        ErrorKind::Timeout
+    } else if error.is_connect() {
+        server.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
+        ErrorKind::Connect
+    } else {
+        server.stats.broken.fetch_add(1, Ordering::Relaxed);
+        ErrorKind::Broken
+    };
+    tracing::debug!(target: "keel::proxy", pool = %pool.name, server = %server.name, error = %error, "exchange failed");
+    ProxyError::new(kind, Some(&pool.name), Some(&server.name)).with_source(error)
+}
+
+/// Phase 6: one exchange with `server`, bounded by the pool's request timeout.
+async fn send<B>(
+    pool: &Pool,
+    server: &Arc<ServerState>,
+    parts: &mut http::request::Parts,
+    body: Option<&mut ClientBody<B>>,
+    upgrade: bool,
+    _last_try: bool,
+) -> Result<Response<UpstreamResponseBody>, UpstreamError>
+where
+    B: Body<Data = Bytes> + Send + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let timeout = pool.config.request_timeout.get();
+    let path_and_query = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    if body.is_none() && !upgrade && pool.config.tls.is_none() {
+        let home = Home { idle: server.idle.clone(), max_idle: pool.config.idle_timeout.get() };
+        let send = h1client::send(
+            &home,
+            server.address,
+            pool.config.connect_timeout.get(),
+            &parts.method,
+            path_and_query.as_str(),
+            &parts.headers,
+        );
+        return match tokio::time::timeout(timeout, send).await {
+            Err(_) => Err(UpstreamError::Timeout),
+            Ok(r) => r.map(|resp| resp.map(Either::Right)).map_err(UpstreamError::Own),
+        };
+    }
+    Err(UpstreamError::Own(SendError::Exchange("not served yet".into())))
+}
+
+/// What sticky learning needs from the request once the response is in.
+struct Learn<'a> {
+    policy: &'a StickyPolicy,
+    chosen: usize,
+    hit: bool,
+    request_headers: Option<&'a HeaderMap>,
+    source: &'a SourceKey,
+}
+
+/// Phase 7: the response as the client gets it: hop-by-hop headers out, the sticky cookie or
+/// table entry in, a `101` turned into a tunnel for the session to run.
+fn respond(
+    resp: Response<UpstreamResponseBody>,
+    upgrade: bool,
+    in_flight: InFlight,
+    learn: Option<Learn<'_>>,
+    servers: &[Arc<ServerState>],
+) -> Response<ProxyBody> {
+    let (mut head, body) = resp.into_parts();
+    let switching = upgrade && head.status == StatusCode::SWITCHING_PROTOCOLS;
+    headers::strip_hop_by_hop(&mut head.headers, switching);
+    if let Some(learn) = learn {
+        let no_headers = HeaderMap::new();
+        learn.policy.on_response(
+            learn.chosen,
+            learn.hit,
+            learn.request_headers.unwrap_or(&no_headers),
+            learn.source,
+            &mut head.headers,
+            servers,
+        );
+    }
+    let body = if switching {
+        match upgraded(body) {
+            Ok(server) => ProxyBody::Upgrade(Upgrade { server, in_flight }),
+            Err(body) => ProxyBody::Upstream(Tracked::new(body, in_flight)),
+        }
+    } else {
+        ProxyBody::Upstream(Tracked::new(body, in_flight))
+    };
+    Response::from_parts(head, body)
+}
+
+/// The server side of a `101`, if the client that carried the exchange kept it.
+fn upgraded(body: UpstreamResponseBody) -> Result<TunnelFuture, UpstreamResponseBody> {
+    Err(body)
+}
+
+/// 308 to the same URL over https, for `redirect_to_https` listeners.
+fn redirect_to_https(req: &http::request::Parts, authority: Option<&HeaderValue>, port: u16) -> Response<Full<Bytes>> {
+    // The host is reflected into Location: only a plain host name or IP literal may be, or a
+    // hostile Host header would redirect the client elsewhere (RFC 9112 §3.2: answer 400).
+    let host = match authority.and_then(|a| a.to_str().ok()).map(crate::routing::strip_port) {
+        Some(h) if is_plain_host(h) => h,
+        _ => return super::error::plain_response(StatusCode::BAD_REQUEST, "missing or invalid Host header".to_owned()),
+    };
+    let path = match req.uri.path_and_query().map(|pq| pq.as_str()) {
+        Some(p) if p.starts_with('/') => p,
+        _ => "/",
+    };
+    let location = if port == 443 { format!("https://{host}{path}") } else { format!("https://{host}:{port}{path}") };
+    let mut resp = Response::new(Full::new(Bytes::from_static(b"moved to https\n")));
+    *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    match HeaderValue::from_str(&location) {
+        Ok(v) => {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+        Err(_) => *resp.status_mut() = StatusCode::BAD_REQUEST,
+    }
+    resp
+}
+
+/// A DNS name or an IP literal, nothing else: no userinfo, path, query, fragment or space.
+fn is_plain_host(host: &str) -> bool {
+    if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return v6.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    !host.is_empty()
+        && host.len() <= 253
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && !host.starts_with(['.', '-'])
+}
+
+/// 429 with `Retry-After` in whole seconds.
+fn too_many_requests(retry_after: std::time::Duration) -> Response<Full<Bytes>> {
+    let mut resp = super::error::plain_response(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded".to_owned());
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(retry_after)));
+    resp
+}
+
+/// Hash of the client address for `ip_hash`.
+pub fn client_hash(peer: SocketAddr) -> u64 {
+    match peer.ip() {
+        std::net::IpAddr::V4(v4) => xxhash_rust::xxh3::xxh3_64_with_seed(&v4.octets(), CLIENT_HASH_SEED),
+        std::net::IpAddr::V6(v6) => xxhash_rust::xxh3::xxh3_64_with_seed(&v6.octets(), CLIENT_HASH_SEED),
+    }
+}
+
+/// Counts a request as in flight on a server until dropped (when its response body ends).
+pub struct InFlight(Arc<ServerState>);
+
+impl InFlight {
+    fn start(server: &Arc<ServerState>) -> Self {
+        server.active.fetch_add(1, Ordering::Relaxed);
+        InFlight(server.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A body that holds `G` until it ends or is dropped: how in-flight counts (per server, per
+    /// connection) last exactly as long as the response is being sent.
+    pub struct Tracked<B, G> {
+        #[pin]
+        inner: B,
+        guard: G,
+    }
+}
+
+impl<B, G> Tracked<B, G> {
+    /// Attaches `guard` to `inner`.
+    pub fn new(inner: B, guard: G) -> Self {
+        Tracked { inner, guard }
+    }
+}
+
+impl<B: Body, G> Body for Tracked<B, G> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
