@@ -580,11 +580,13 @@ pub fn client_hash(peer: SocketAddr) -> u64 {
     }
 }
 
-/// Counts a request as in flight on a server until dropped (when its response body ends).
+/// Counts a request (or a spliced TCP connection) as in flight on a server until dropped: when
+/// its response body ends, or its tunnel closes.
 pub struct InFlight(Arc<ServerState>);
 
 impl InFlight {
-    fn start(server: &Arc<ServerState>) -> Self {
+    /// Counts one more on `server`.
+    pub fn start(server: &Arc<ServerState>) -> Self {
         server.active.fetch_add(1, Ordering::Relaxed);
         InFlight(server.clone())
     }

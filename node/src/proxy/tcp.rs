@@ -46,7 +46,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 
-use super::phases::client_hash;
+use super::phases::{client_hash, InFlight};
 use super::proxy_protocol;
 use crate::connlimit::ConnectionLimiter;
 use crate::metrics::Rejections;
@@ -153,7 +153,7 @@ impl Connection {
         let Some(server) = pool.servers.get(index) else { return };
         let _ = client.set_nodelay(true);
         server.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let _active = Active::start(server);
+        let _active = InFlight::start(server);
 
         let activity = AtomicU64::new(now_millis());
         let mut client = Metered::new(client, &activity);
@@ -235,22 +235,6 @@ async fn idle_expired(activity: &AtomicU64, idle: Duration) {
 async fn turned_true(flag: &mut watch::Receiver<bool>) {
     // The borrow `wait_for` returns is dropped here: it must not live across an await.
     let _ = flag.wait_for(|set| *set).await;
-}
-
-/// Counts a spliced connection in its server's `active` until dropped.
-struct Active(Arc<ServerState>);
-
-impl Active {
-    fn start(server: &Arc<ServerState>) -> Self {
-        server.active.fetch_add(1, Ordering::Relaxed);
-        Active(server.clone())
-    }
-}
-
-impl Drop for Active {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// One side of a spliced connection: stamps `activity` whenever bytes move, and remembers

@@ -141,15 +141,11 @@ impl Decoder {
                     return Ok(Decoded::Data(buf.split().freeze()));
                 }
                 State::Length(left) => {
-                    if buf.is_empty() {
-                        return Ok(Decoded::NeedMore);
-                    }
-                    let n = (*left).min(buf.len() as u64) as usize;
-                    *left -= n as u64;
+                    let Some(data) = take(left, buf) else { return Ok(Decoded::NeedMore) };
                     if *left == 0 {
                         self.state = State::Done;
                     }
-                    return Ok(Decoded::Data(buf.split_to(n).freeze()));
+                    return Ok(Decoded::Data(data));
                 }
                 State::Size => {
                     let Some(end) = find_crlf(buf) else {
@@ -163,15 +159,11 @@ impl Decoder {
                     self.state = if size == 0 { State::Trailers } else { State::Data(size) };
                 }
                 State::Data(left) => {
-                    if buf.is_empty() {
-                        return Ok(Decoded::NeedMore);
-                    }
-                    let n = (*left).min(buf.len() as u64) as usize;
-                    *left -= n as u64;
+                    let Some(data) = take(left, buf) else { return Ok(Decoded::NeedMore) };
                     if *left == 0 {
                         self.state = State::DataEnd;
                     }
-                    return Ok(Decoded::Data(buf.split_to(n).freeze()));
+                    return Ok(Decoded::Data(data));
                 }
                 State::DataEnd => {
                     if buf.len() < 2 {
@@ -218,6 +210,16 @@ impl Decoder {
             _ => Err(DecodeError::Truncated),
         }
     }
+}
+
+/// Splits up to `left` bytes off the front of `buf` (none: `None`), counting them off `left`.
+fn take(left: &mut u64, buf: &mut BytesMut) -> Option<Bytes> {
+    if buf.is_empty() {
+        return None;
+    }
+    let n = (*left).min(buf.len() as u64) as usize;
+    *left -= n as u64;
+    Some(buf.split_to(n).freeze())
 }
 
 fn find_crlf(buf: &[u8]) -> Option<usize> {

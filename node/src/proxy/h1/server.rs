@@ -184,10 +184,11 @@ fn span(base: &[u8], part: &[u8]) -> (usize, usize) {
 }
 
 fn parse(buf: &[u8], settings: Settings) -> Parse {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    // Uninitialised slots: zeroing 256 of them would cost more than parsing a typical head.
+    let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let room = settings.max_headers.clamp(1, MAX_HEADERS);
-    let mut req = httparse::Request::new(&mut slots[..room]);
-    let len = match req.parse(buf) {
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut slots[..room]) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() > settings.max_head => {
             return Parse::Refused(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large")
