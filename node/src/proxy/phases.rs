@@ -181,6 +181,9 @@ pub struct HttpProxy {
     body_limits: BodyLimits,
 }
 
+/// What keel answers itself when a phase ends the request early (boxed: the rare path).
+type Answer = Box<Response<Full<Bytes>>>;
+
 /// A routed request: the pool, its sticky policy and rate limit, and the request's authority.
 struct Routed {
     pool: Arc<Pool>,
@@ -217,33 +220,29 @@ impl HttpProxy {
         let authority = authority(&parts);
         let routed = match self.route(&parts, authority) {
             Ok(routed) => routed,
-            Err(answer) => return answer.map(ProxyBody::Local),
+            Err(answer) => return (*answer).map(ProxyBody::Local),
         };
         if let Err(answer) = self.admit(&routed, &parts, body.as_ref(), peer, started) {
-            return answer.map(ProxyBody::Local);
+            return (*answer).map(ProxyBody::Local);
         }
         let result = self.forward(&routed, parts, body, peer, started).await;
         self.log(&routed.pool, result)
     }
 
     /// Phase 3: where a request goes, or what it is answered with.
-    fn route(
-        &self,
-        parts: &http::request::Parts,
-        authority: Option<HeaderValue>,
-    ) -> Result<Routed, Response<Full<Bytes>>> {
+    fn route(&self, parts: &http::request::Parts, authority: Option<HeaderValue>) -> Result<Routed, Answer> {
         let snapshot = self.snapshot.load();
         let Some(router) = snapshot.routers.get(&*self.listener) else {
-            return Err(ProxyError::new(ErrorKind::NoRoute, None, None).to_response());
+            return Err(Box::new(ProxyError::new(ErrorKind::NoRoute, None, None).to_response()));
         };
         if let Some(port) = router.redirect_https_port {
-            return Err(redirect_to_https(parts, authority.as_ref(), port));
+            return Err(Box::new(redirect_to_https(parts, authority.as_ref(), port)));
         }
         let host = authority.as_ref().and_then(|a| a.to_str().ok()).map(crate::routing::strip_port);
         let view = RequestView { host, path: parts.uri.path(), headers: &parts.headers };
         let Some(decision) = router.decide(&view) else {
             self.rejections.no_route.fetch_add(1, Ordering::Relaxed);
-            return Err(ProxyError::new(ErrorKind::NoRoute, None, None).to_response());
+            return Err(Box::new(ProxyError::new(ErrorKind::NoRoute, None, None).to_response()));
         };
         Ok(Routed {
             pool: decision.pool.clone(),
@@ -261,16 +260,18 @@ impl HttpProxy {
         body: Option<&B>,
         peer: &Peer,
         started: Instant,
-    ) -> Result<(), Response<Full<Bytes>>> {
+    ) -> Result<(), Answer> {
         if let Some(limiter) = &routed.rate_limit {
             let key = ClientKey::from_request(limiter.config(), &parts.headers, peer.ip());
             if let RateDecision::Limit { retry_after } = limiter.check(&key, started) {
                 self.rate_limited.fetch_add(1, Ordering::Relaxed);
-                return Err(too_many_requests(retry_after));
+                return Err(Box::new(too_many_requests(retry_after)));
             }
         }
         if body.is_some_and(|b| b.size_hint().lower() > self.body_limits.max_bytes) {
-            return Err(ProxyError::new(ErrorKind::PayloadTooLarge, Some(&routed.pool.name), None).to_response());
+            return Err(Box::new(
+                ProxyError::new(ErrorKind::PayloadTooLarge, Some(&routed.pool.name), None).to_response(),
+            ));
         }
         Ok(())
     }
@@ -405,8 +406,6 @@ fn rewrite_request(
 #[derive(Debug, thiserror::Error)]
 enum UpstreamError {
     #[error(transparent)]
-    Hyper(hyper_util::client::legacy::Error),
-    #[error(transparent)]
     Own(SendError),
     #[error("no response head within the request timeout")]
     Timeout,
@@ -415,7 +414,6 @@ enum UpstreamError {
 impl UpstreamError {
     fn is_connect(&self) -> bool {
         match self {
-            UpstreamError::Hyper(e) => e.is_connect(),
             UpstreamError::Own(e) => matches!(e, SendError::Connect { .. }),
             UpstreamError::Timeout => false,
         }

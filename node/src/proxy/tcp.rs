@@ -50,7 +50,7 @@ use super::phases::{client_hash, InFlight};
 use super::proxy_protocol;
 use crate::connlimit::ConnectionLimiter;
 use crate::metrics::Rejections;
-use crate::pool::{now_millis, Pool, ServerState};
+use crate::pool::{now_millis, Pool};
 use crate::snapshot::SharedSnapshot;
 
 /// Size of each of a spliced connection's two copy buffers. 64 KiB moves bulk transfers in few
@@ -494,7 +494,7 @@ mod tests {
     }
 
     impl Proxy {
-        fn server(&self, name: &str) -> Arc<ServerState> {
+        fn server(&self, name: &str) -> Arc<crate::pool::ServerState> {
             let snapshot = self.snapshot.load();
             let pool = &snapshot.pools["p"];
             pool.servers[pool.server_index(name).unwrap()].clone()
