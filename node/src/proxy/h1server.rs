@@ -16,8 +16,8 @@
 //!   `Expect` (so no body and no protocol switch), and every name and value is valid for the
 //!   `http` crate; a head that fails `httparse` or any of this is hyper's, which answers it
 //!   exactly as before (400, 431, a body, an upgrade);
-//! - its route ends at a pool of plain-HTTP servers (servers over TLS go through hyper's
-//!   client), decided before the request counts against a rate limit or the connection;
+//! - its route ends at a pool of plain-HTTP servers (a TLS pool's requests are still left to
+//!   hyper's server), decided before the request counts against a rate limit or the connection;
 //! - the bytes have already passed the connection's [`GuardedIo`] framing scanner and its
 //!   deadlines, as hyper's would.
 //!
@@ -48,7 +48,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::guard::{ConnActivity, GuardedIo};
-use super::h1client::poll_fill;
+use super::h1::client::poll_fill;
 use super::h1::scan::parse_content_length;
 use super::http::{HttpProxy, Peer};
 

@@ -3,9 +3,10 @@
 //! The phases are kept apart so the features that hook into them have a place: request
 //! filters (rate limits, protections) run after routing and before a server is chosen; sticky
 //! lookup replaces the plain `select` when a pool has a sticky mode. Bodies are streamed both
-//! ways, never buffered. A request without a body can be retried on another server after a
-//! connect failure, because nothing of it has been consumed; a request whose body is being
-//! streamed gets one attempt (the body cannot be replayed).
+//! ways, never buffered, all through keel's own HTTP/1.1 client ([`super::h1::client`]). A
+//! request can be retried on another server after a connect failure, because nothing of it
+//! (body included) has been consumed then; any later failure ends the request (a body cannot
+//! be replayed, and a server may have acted on it).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -17,7 +18,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
@@ -26,7 +27,8 @@ use keel_cluster::model::{Algorithm, Limits, MAX_RETRIES};
 
 use super::body::{BodyFault, BodyLimits, BodyVerdict, ClientBody};
 use super::error::{ErrorKind, ProxyError};
-use super::h1client::{self, Home, ResponseBody, SendError};
+use super::h1::client::{self as h1client, RequestHead, ResponseBody, SendError, Upgraded, Upstream};
+use super::h1::codec::Framing;
 use super::headers;
 use crate::metrics::Rejections;
 use crate::pool::{Pool, ServerState};
@@ -39,37 +41,11 @@ use crate::sticky::{SourceKey, StickyPolicy};
 /// position on the consistent-hash ring.
 pub const CLIENT_HASH_SEED: u64 = 0x6b65_656c_5f69_7068; // "keel_iph"
 
-/// A server's streamed response body: from hyper's client, or from keel's own
-/// ([`super::h1client`]).
-pub type UpstreamResponseBody = Either<Incoming, ResponseBody>;
+/// A server's streamed response body, from keel's HTTP/1.1 client.
+pub type UpstreamResponseBody = ResponseBody;
 
 /// The body keel answers with: a server's streamed body, or a short one keel wrote.
 pub type ProxyBody = Either<Tracked<UpstreamResponseBody, InFlight>, Full<Bytes>>;
-
-/// Why an exchange with a server failed, from whichever client carried it.
-#[derive(Debug)]
-enum UpstreamError {
-    Hyper(hyper_util::client::legacy::Error),
-    Own(SendError),
-}
-
-impl UpstreamError {
-    fn is_connect(&self) -> bool {
-        match self {
-            UpstreamError::Hyper(e) => e.is_connect(),
-            UpstreamError::Own(e) => matches!(e, SendError::Connect { .. }),
-        }
-    }
-}
-
-impl std::fmt::Display for UpstreamError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            UpstreamError::Hyper(e) => write!(f, "{e}"),
-            UpstreamError::Own(e) => write!(f, "{e}"),
-        }
-    }
-}
 
 /// The client end of a connection, as its requests need it.
 #[derive(Clone, Debug)]
@@ -224,20 +200,22 @@ impl HttpProxy {
             None => parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
         };
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+        // The client states the body's framing to the server itself, from `framing` below; and
+        // hyper's server answers `Expect: 100-continue` once the body is first read.
+        let had_length = parts.headers.remove(header::CONTENT_LENGTH).is_some();
+        parts.headers.remove(header::EXPECT);
         headers::add_forwarded(&mut parts.headers, &peer.forwarded_for, self.proto, host.as_ref());
         if let Some(h) = &host {
             parts.headers.insert(header::HOST, h.clone());
         }
-        // Both halves of the upstream URI are shared byte buffers: building it per attempt
-        // copies nothing.
+        // The request target is the client's path and query, shared, not copied.
         let path_and_query = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let scheme = pool.scheme();
 
         if body.as_ref().is_some_and(|b| b.size_hint().lower() > self.body_limits.max_bytes) {
             return Err(ProxyError::new(ErrorKind::PayloadTooLarge, Some(&pool.name), None));
         }
-        // Only an empty body can be sent again. The verdict exists only where a body does: most
-        // requests have none and need not pay an allocation for it.
+        // The verdict exists only where a body does: most requests have none and need not pay an
+        // allocation for it.
         let (mut body, verdict) = match body {
             None => (None, None),
             Some(body) => {
@@ -246,8 +224,21 @@ impl HttpProxy {
             }
         };
         let body_fault = || verdict.as_deref().and_then(BodyVerdict::fault);
-        let replayable = body.is_none();
-        let own_client = h1client::eligible(&parts.method, body.is_some(), upgrade, pool.config.tls.is_some());
+        // A length the client stated is kept (hyper gives it as the exact size); anything else
+        // is sent chunked. A stated `Content-Length: 0` stays one: some servers refuse a `POST`
+        // without a length (411).
+        let framing = match &body {
+            None if had_length => Framing::Length(0),
+            None => Framing::Empty,
+            Some(b) => b.size_hint().exact().map_or(Framing::Chunked, Framing::Length),
+        };
+        let request_head = RequestHead {
+            method: &parts.method,
+            target: path_and_query.as_str(),
+            headers: &parts.headers,
+            framing,
+            upgrade,
+        };
         let hash = if pool.config.algorithm == Algorithm::IpHash { client_hash(peer.addr) } else { 0 };
 
         // Sticky lookup replaces the algorithm for the first attempt; the request headers are
@@ -273,61 +264,40 @@ impl HttpProxy {
 
             let in_flight = InFlight::start(server);
             server.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let timeout = pool.config.request_timeout.get();
-            let sent = if own_client {
-                let home = Home { idle: server.idle.clone(), max_idle: pool.config.idle_timeout.get() };
-                let send = h1client::send(
-                    &home,
-                    server.address,
-                    pool.config.connect_timeout.get(),
-                    &parts.method,
-                    path_and_query.as_str(),
-                    &parts.headers,
-                );
-                tokio::time::timeout(timeout, send)
-                    .await
-                    .map(|r| r.map(|resp| resp.map(Either::Right)).map_err(UpstreamError::Own))
-            } else {
-                let uri = Uri::builder()
-                    .scheme(scheme.clone())
-                    .authority(server.authority.clone())
-                    .path_and_query(path_and_query.clone())
-                    .build()
-                    .map_err(|_| ProxyError::new(ErrorKind::Broken, Some(&pool.name), Some(&server.name)))?;
-                let last_try = attempt + 1 == attempts || !replayable;
-                let headers = if last_try { std::mem::take(&mut parts.headers) } else { parts.headers.clone() };
-                let upstream_body = match body.take() {
-                    Some(b) => Either::Left(b),
-                    None => Either::Right(Empty::new()),
-                };
-                let mut upstream = Request::new(upstream_body);
-                *upstream.method_mut() = parts.method.clone();
-                *upstream.uri_mut() = uri;
-                *upstream.version_mut() = Version::HTTP_11;
-                *upstream.headers_mut() = headers;
-                tokio::time::timeout(timeout, pool.client.request(upstream))
-                    .await
-                    .map(|r| r.map(|resp| resp.map(Either::Left)).map_err(UpstreamError::Hyper))
+            let up = Upstream {
+                addr: server.address,
+                idle: &server.idle,
+                max_idle: pool.config.idle_timeout.get(),
+                connect_timeout: pool.config.connect_timeout.get(),
+                response_timeout: pool.config.request_timeout.get(),
+                tls: pool.tls.as_ref(),
             };
-            let mut resp = match sent {
-                Err(_elapsed) => {
+            let sent = match body.as_mut() {
+                Some(body) => h1client::send(&up, &request_head, body).await,
+                None => h1client::send(&up, &request_head, &mut Empty::<Bytes>::new()).await,
+            };
+            let resp = match sent {
+                Err(e @ SendError::Timeout { .. }) => {
                     server.stats.timeouts.fetch_add(1, Ordering::Relaxed);
                     pool.observe(index, false);
+                    tracing::debug!(target: "keel::proxy", pool = %pool.name, server = %server.name, error = %e,
+                        "server timed out");
                     return Err(ProxyError::new(ErrorKind::Timeout, Some(&pool.name), Some(&server.name)));
                 }
-                Ok(Err(e)) if e.is_connect() => {
+                Err(e) if e.is_connect() => {
                     server.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
                     pool.observe(index, false);
                     tracing::debug!(target: "keel::proxy", pool = %pool.name, server = %server.name, error = %e,
                         "connect failed");
                     last_error = ProxyError::new(ErrorKind::Connect, Some(&pool.name), Some(&server.name));
-                    if last_error.retryable && replayable {
+                    if last_error.retryable && e.may_retry() {
                         continue;
                     }
                     return Err(last_error);
                 }
-                Ok(Err(_)) if body_fault().is_some() => {
+                Err(SendError::RequestBody(e)) => {
                     // The client's body broke the exchange, not the server.
+                    tracing::debug!(target: "keel::proxy", pool = %pool.name, error = %e, "request body failed");
                     let kind = match body_fault() {
                         Some(BodyFault::TooLarge) => ErrorKind::PayloadTooLarge,
                         Some(BodyFault::TooSlow) => ErrorKind::RequestTimeout,
@@ -335,14 +305,14 @@ impl HttpProxy {
                     };
                     return Err(ProxyError::new(kind, Some(&pool.name), Some(&server.name)));
                 }
-                Ok(Err(e)) => {
+                Err(e) => {
                     server.stats.broken.fetch_add(1, Ordering::Relaxed);
                     pool.observe(index, false);
                     tracing::debug!(target: "keel::proxy", pool = %pool.name, server = %server.name, error = %e,
                         "exchange failed");
                     return Err(ProxyError::new(ErrorKind::Broken, Some(&pool.name), Some(&server.name)));
                 }
-                Ok(Ok(resp)) => resp,
+                Ok(resp) => resp,
             };
 
             let status = resp.status();
@@ -350,17 +320,16 @@ impl HttpProxy {
             pool.observe(index, !status.is_server_error());
             pool.latency.observe(started.elapsed());
 
-            if status == StatusCode::SWITCHING_PROTOCOLS {
-                if let (Some(client_side), Some(server_side)) =
-                    (client_upgrade, resp.extensions_mut().remove::<hyper::upgrade::OnUpgrade>())
-                {
-                    tokio::spawn(tunnel(client_side, server_side, in_flight));
-                    let (mut head, _) = resp.into_parts();
-                    headers::strip_hop_by_hop(&mut head.headers, true);
-                    return Ok(Response::from_parts(head, Either::Right(Full::new(Bytes::new()))));
-                }
-            }
             let (mut head, body) = resp.into_parts();
+            // keel's client accepts a 101 only for a request that asked to upgrade; then the
+            // client's connection and the server's become one tunnel.
+            if let (Some(client_side), true) = (client_upgrade, body.is_upgraded()) {
+                if let Some(server_side) = body.into_upgraded() {
+                    tokio::spawn(tunnel(client_side, server_side, in_flight));
+                }
+                headers::strip_hop_by_hop(&mut head.headers, true);
+                return Ok(Response::from_parts(head, Either::Right(Full::new(Bytes::new()))));
+            }
             headers::strip_hop_by_hop(&mut head.headers, false);
             if let Some(policy) = sticky {
                 let no_headers = http::HeaderMap::new();
@@ -447,12 +416,11 @@ pub fn client_hash(peer: SocketAddr) -> u64 {
 }
 
 /// Splices an upgraded connection (WebSocket) between client and server until either closes.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::OnUpgrade, in_flight: InFlight) {
+async fn tunnel(client: hyper::upgrade::OnUpgrade, mut server: Upgraded, in_flight: InFlight) {
     let _in_flight = in_flight;
-    match tokio::try_join!(client, server) {
-        Ok((client, server)) => {
+    match client.await {
+        Ok(client) => {
             let mut client = TokioIo::new(client);
-            let mut server = TokioIo::new(server);
             if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
                 tracing::debug!(target: "keel::proxy", error = %e, "upgraded connection ended with an error");
             }

@@ -12,8 +12,8 @@
 //! - [`http`]: the per-request path (route, select, forward, stream back).
 //! - [`headers`]: hop-by-hop stripping and `X-Forwarded-*`.
 //! - [`error`]: what failed, which side, whether a retry is allowed, and the status it maps to.
-//! - [`h1client`]: keel's own HTTP/1.1 client for bodyless `GET`/`HEAD` to plain-HTTP servers,
-//!   run on the request's task (everything else goes through hyper's pooled client).
+//! - [`h1`]: keel's own HTTP/1.x codec; its client ([`h1::client`]) carries every request to
+//!   the servers, on the request's task.
 //! - [`h1server`]: keel's own HTTP/1.1 server path for those same requests on plain-HTTP
 //!   connections; a parked connection's next request goes there first, and anything it does
 //!   not take goes to hyper at the message boundary.
@@ -26,7 +26,6 @@
 pub mod body;
 pub mod error;
 pub mod guard;
-pub mod h1client;
 pub mod h1;
 pub mod h1server;
 pub mod headers;

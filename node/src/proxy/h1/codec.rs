@@ -236,7 +236,8 @@ fn parse_trailers(section: &[u8]) -> Result<HeaderMap, DecodeError> {
     };
     let mut trailers = HeaderMap::with_capacity(fields.len());
     for field in fields.iter() {
-        let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| DecodeError::Chunk("malformed trailer"))?;
+        let name =
+            HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| DecodeError::Chunk("malformed trailer"))?;
         let value = HeaderValue::from_bytes(field.value).map_err(|_| DecodeError::Chunk("malformed trailer"))?;
         if !forbidden_trailer(&name) {
             trailers.append(name, value);
@@ -297,7 +298,12 @@ impl WriteBodyError {
 /// for the source is pending output written, so a small message leaves in a single write.
 /// `Framing::Empty` sends nothing of the body (a response to `HEAD`, a 204, a 304) but still
 /// drains it. Returns the body bytes sent; `out` is empty on return.
-pub async fn write_body<W, B>(io: &mut W, out: &mut BytesMut, body: &mut B, framing: Framing) -> Result<u64, WriteBodyError>
+pub async fn write_body<W, B>(
+    io: &mut W,
+    out: &mut BytesMut,
+    body: &mut B,
+    framing: Framing,
+) -> Result<u64, WriteBodyError>
 where
     W: AsyncWrite + Unpin,
     B: Body<Data = Bytes> + Unpin,

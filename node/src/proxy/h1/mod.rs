@@ -4,6 +4,9 @@
 //!   ambiguous messages (request smuggling shapes) before anything parses them.
 //! - [`codec`]: body framing both ways (`Content-Length`, chunked with trailers, until close),
 //!   the decoder and the body writer that the server and client halves share.
+//! - [`client`]: keel's HTTP/1.1 client, which carries every request to a server (plain or
+//!   TLS, any body, upgrades) over one pool of keep-alive connections per server.
 
+pub mod client;
 pub mod codec;
 pub mod scan;
