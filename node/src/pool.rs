@@ -1,4 +1,5 @@
-//! A pool at run time: its servers' live state, its selector, its connections to the servers.
+//! A pool at run time: its servers' live state (each with its idle keep-alive connections), its
+//! selector, its TLS settings towards the servers.
 //!
 //! Server state is atomics only, so the request path, the health checkers and the admin API
 //! read and write it without locks. Whether a server may receive new requests ("eligible") is
@@ -16,25 +17,13 @@ use std::sync::{Arc, LazyLock, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use http_body_util::{Either, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use keel_cluster::model;
 
 use crate::balance::{self, Member, Pick, Selector};
 use crate::health::outlier::OutlierState;
 use crate::metrics::Histogram;
-use crate::proxy::body::ClientBody;
-use crate::proxy::h1client::IdleConns;
-use crate::tls::{backend_connector, TlsError, UpstreamConnector};
-
-/// Body of a request sent to a server: the client's streamed body, or nothing (which is what
-/// lets a body-less request be retried on another server).
-pub type UpstreamBody = Either<ClientBody<hyper::body::Incoming>, Empty<Bytes>>;
-
-/// The pooled HTTP client a pool uses to reach its servers.
-pub type UpstreamClient = Client<UpstreamConnector, UpstreamBody>;
+use crate::proxy::h1::client::IdleConns;
+use crate::tls::{TlsError, UpstreamTls};
 
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 
@@ -97,7 +86,8 @@ pub struct ServerState {
     pub active: AtomicUsize,
     /// Counters.
     pub stats: ServerStats,
-    /// Idle keep-alive connections of keel's own HTTP/1.1 client ([`crate::proxy::h1client`]).
+    /// Idle keep-alive connections to this server: the one connection pool of keel's HTTP/1.1
+    /// client ([`crate::proxy::h1::client`]) for it.
     pub idle: Arc<IdleConns>,
 }
 
@@ -195,8 +185,8 @@ pub struct Pool {
     /// Its servers, in config order; selectors return indices into this list.
     pub servers: Vec<Arc<ServerState>>,
     selector: ArcSwap<Box<dyn Selector>>,
-    /// Pooled keep-alive connections to the servers.
-    pub client: UpstreamClient,
+    /// TLS towards the servers, for a pool with `[pools.x.tls]`; `None` speaks plain HTTP.
+    pub tls: Option<Arc<UpstreamTls>>,
     /// Time to response head of requests served by this pool.
     pub latency: Histogram,
     /// Self-reference handed to timers, so a pool dropped by a reload is not kept alive by them.
@@ -223,19 +213,14 @@ impl Pool {
             })
             .collect();
 
-        let connector = backend_connector(config.tls.as_ref(), config.connect_timeout.get())?;
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(config.idle_timeout.get())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
+        let tls = config.tls.as_ref().map(UpstreamTls::new).transpose()?.map(Arc::new);
 
         let pool = Arc::new_cyclic(|this| Pool {
             name: name.to_owned(),
             config: config.clone(),
             servers,
             selector: ArcSwap::from_pointee(balance::build(config.algorithm, &[])),
-            client,
+            tls,
             latency: Histogram::default(),
             this: this.clone(),
             reporter: OnceLock::new(),
@@ -252,15 +237,6 @@ impl Pool {
     /// Where active-check flips go, in cluster mode.
     pub fn reporter(&self) -> Option<&Arc<dyn VerdictReporter>> {
         self.reporter.get()
-    }
-
-    /// The URI scheme towards this pool's servers.
-    pub fn scheme(&self) -> http::uri::Scheme {
-        if self.config.tls.is_some() {
-            http::uri::Scheme::HTTPS
-        } else {
-            http::uri::Scheme::HTTP
-        }
     }
 
     /// Rebuilds the selector over the servers eligible now. Call after any verdict change.

@@ -7,7 +7,7 @@
 //! - [`conn`]: one client connection's life: waiting, reading, idle, parked, draining.
 //! - [`h1`]: keel's own HTTP/1.x, both halves: the framing scanner ([`h1::scan`]), the body
 //!   codec ([`h1::codec`]), the server half for clients ([`h1::server`]) and the client half
-//!   for servers with one connection pool per server ([`h1client`]).
+//!   for servers, with one connection pool per server ([`h1::client`]).
 //! - [`h2`]: the HTTP/2 front end (h2c by prior knowledge, h2 by ALPN), on hyper's h2 server.
 //! - [`phases`]: the request path in named phases: authority → route → admit → choose → send
 //!   → respond → log.
@@ -25,7 +25,6 @@ pub mod conn;
 pub mod error;
 pub mod guard;
 pub mod h1;
-pub mod h1client;
 pub mod h2;
 pub mod headers;
 pub mod lot;

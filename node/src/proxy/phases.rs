@@ -24,7 +24,6 @@
 //! ([`super::error::Side`]): a client's broken or slow upload is the client's (400/408/413),
 //! never counted against the server.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -38,14 +37,14 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Full};
-use hyper::body::Incoming;
+use http_body_util::{Empty, Full};
 use keel_cluster::model::{Algorithm, Limits, MAX_RETRIES};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::body::{BodyFault, BodyLimits, BodyVerdict, ClientBody};
 use super::error::{ErrorKind, ProxyError};
-use super::h1client::{self, Home, ResponseBody, SendError};
+use super::h1::client::{self, RequestHead, ResponseBody, SendError, Upstream};
+use super::h1::codec::Framing;
 use super::headers;
 use crate::metrics::Rejections;
 use crate::pool::{Pool, ServerState};
@@ -58,16 +57,13 @@ use crate::sticky::{SourceKey, StickyPolicy};
 /// position on the consistent-hash ring.
 pub const CLIENT_HASH_SEED: u64 = 0x6b65_656c_5f69_7068; // "keel_iph"
 
-/// A server's streamed response body.
-pub type UpstreamResponseBody = Either<Incoming, ResponseBody>;
-
 /// Any error a body may end with.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What keel answers with.
 pub enum ProxyBody {
     /// A server's body, streamed; the server counts the request in flight until it ends.
-    Upstream(Tracked<UpstreamResponseBody, InFlight>),
+    Upstream(Tracked<ResponseBody, InFlight>),
     /// A short body keel wrote itself (errors, redirects, 429).
     Local(Full<Bytes>),
     /// A `101`: no body; the session turns the connection into a tunnel to this server side.
@@ -80,7 +76,7 @@ impl Body for ProxyBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             ProxyBody::Local(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
             ProxyBody::Upgrade(_) => Poll::Ready(None),
         }
@@ -103,49 +99,30 @@ impl Body for ProxyBody {
     }
 }
 
-/// A byte stream both ways: what an upgraded server connection is.
-pub trait Tunnel: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Tunnel for T {}
-
-type TunnelFuture = Pin<Box<dyn Future<Output = io::Result<Box<dyn Tunnel>>> + Send>>;
-
-/// The server side of an upgrade, still counted in flight on its server.
+/// The server side of an upgrade (a WebSocket after its `101`): the server's connection, with
+/// the request still counted in flight on its server while the tunnel lives.
 pub struct Upgrade {
-    server: TunnelFuture,
-    in_flight: InFlight,
-}
-
-impl Upgrade {
-    /// The server's connection, once the server side has switched.
-    pub async fn connect(self) -> io::Result<Upgraded> {
-        let io = self.server.await?;
-        Ok(Upgraded { io, _in_flight: self.in_flight })
-    }
-}
-
-/// An upgraded server connection; the request stays in flight on its server while it lives.
-pub struct Upgraded {
-    io: Box<dyn Tunnel>,
+    server: client::Upgraded,
     _in_flight: InFlight,
 }
 
-impl AsyncRead for Upgraded {
+impl AsyncRead for Upgrade {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().io).poll_read(cx, buf)
+        Pin::new(&mut self.get_mut().server).poll_read(cx, buf)
     }
 }
 
-impl AsyncWrite for Upgraded {
+impl AsyncWrite for Upgrade {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.get_mut().io).poll_write(cx, data)
+        Pin::new(&mut self.get_mut().server).poll_write(cx, data)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().io).poll_flush(cx)
+        Pin::new(&mut self.get_mut().server).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().server).poll_shutdown(cx)
     }
 }
 
@@ -278,8 +255,8 @@ impl HttpProxy {
 }
 
 impl HttpProxy {
-    /// Phases 5–7: choose a server, send, respond; retried on another server after a failed
-    /// connect while nothing of the request has been consumed.
+    /// Phases 5–7: choose a server, send, respond; a failed connect is retried on another
+    /// server (nothing of the request reached the first one, its body included).
     async fn forward<B>(
         &self,
         routed: &Routed,
@@ -294,9 +271,16 @@ impl HttpProxy {
     {
         let pool = &routed.pool;
         let upgrade = parts.version == Version::HTTP_11 && headers::is_upgrade(&parts.headers);
+        // A stated `Content-Length: 0` stays one (some servers refuse a `POST` without a length:
+        // 411); a body of known size keeps its length; any other body goes chunked.
+        let framing = match &body {
+            None if parts.headers.contains_key(header::CONTENT_LENGTH) => Framing::Length(0),
+            None => Framing::Empty,
+            Some(b) => b.size_hint().exact().map_or(Framing::Chunked, Framing::Length),
+        };
         rewrite_request(&mut parts, routed.authority.as_ref(), peer, self.proto, upgrade);
-        // Only an empty body can be sent again. The verdict exists only where a body does: most
-        // requests have none and need not pay an allocation for it.
+        // The verdict exists only where a body does: most requests have none and need not pay
+        // an allocation for it.
         let (mut body, verdict) = match body {
             None => (None, None),
             Some(body) => {
@@ -305,7 +289,6 @@ impl HttpProxy {
             }
         };
         let client_fault = || verdict.as_deref().and_then(BodyVerdict::fault);
-        let replayable = body.is_none();
         let hash = if pool.config.algorithm == Algorithm::IpHash { client_hash(peer.addr) } else { 0 };
         let (bound, sticky_headers) = match &routed.sticky {
             Some(policy) => (
@@ -314,6 +297,10 @@ impl HttpProxy {
             ),
             None => (None, None),
         };
+        // The target is the client's path and query, shared, not copied.
+        let target = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let head =
+            RequestHead { method: &parts.method, target: target.as_str(), headers: &parts.headers, framing, upgrade };
         let attempts = pool.config.retries.min(MAX_RETRIES) as usize + 1;
         let mut tried = [usize::MAX; MAX_RETRIES as usize + 1];
         let mut last_error = ProxyError::new(ErrorKind::NoServer, Some(&pool.name), None);
@@ -323,12 +310,12 @@ impl HttpProxy {
             let server = &pool.servers[index];
             let in_flight = InFlight::start(server);
             server.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let last_try = attempt + 1 == attempts || !replayable;
-            let resp = match send(pool, server, &mut parts, body.as_mut(), upgrade, last_try).await {
+            let resp = match send(pool, server, &head, body.as_mut()).await {
                 Ok(resp) => resp,
                 Err(e) => {
+                    let retry = e.may_retry();
                     let error = blame(pool, index, e, client_fault());
-                    if error.retryable && replayable {
+                    if error.retryable && retry {
                         last_error = error;
                         continue;
                     }
@@ -346,7 +333,7 @@ impl HttpProxy {
                 request_headers: sticky_headers.as_ref(),
                 source: &peer.source,
             });
-            return Ok(respond(resp, upgrade, in_flight, learn, &pool.servers));
+            return Ok(respond(resp, in_flight, learn, &pool.servers));
         }
         Err(last_error)
     }
@@ -386,7 +373,8 @@ fn choose(pool: &Pool, bound: Option<usize>, hash: u64, attempt: usize, tried: &
 }
 
 /// The request as a server gets it: hop-by-hop headers out, `X-Forwarded-*` in, `Host` set to
-/// the request's one authority, no `Expect` (the client's `100 Continue` is keel's to send).
+/// the request's one authority; no `Expect` (the client's `100 Continue` is keel's to send) and
+/// no framing headers (keel's client states the framing it sends).
 fn rewrite_request(
     parts: &mut http::request::Parts,
     authority: Option<&HeaderValue>,
@@ -396,88 +384,74 @@ fn rewrite_request(
 ) {
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.headers.remove(header::EXPECT);
+    parts.headers.remove(header::CONTENT_LENGTH);
     headers::add_forwarded(&mut parts.headers, &peer.forwarded_for, proto, authority);
     if let Some(a) = authority {
         parts.headers.insert(header::HOST, a.clone());
     }
 }
 
-/// How an exchange with a server failed.
-#[derive(Debug, thiserror::Error)]
-enum UpstreamError {
-    #[error(transparent)]
-    Own(SendError),
-    #[error("no response head within the request timeout")]
-    Timeout,
-}
-
-impl UpstreamError {
-    fn is_connect(&self) -> bool {
-        match self {
-            UpstreamError::Own(e) => matches!(e, SendError::Connect { .. }),
-            UpstreamError::Timeout => false,
-        }
-    }
-}
-
-/// Which side a failed exchange is blamed on, and the counters and outlier verdict that go with it.
-fn blame(pool: &Pool, index: usize, error: UpstreamError, client_fault: Option<BodyFault>) -> ProxyError {
+/// Which side a failed exchange is blamed on, with the counters and the outlier verdict that
+/// go with it: only a server's failure counts against the server.
+fn blame(pool: &Pool, index: usize, error: SendError, client_fault: Option<BodyFault>) -> ProxyError {
     let server = &pool.servers[index];
-    if let Some(fault) = client_fault {
-        // The client's body broke the exchange, not the server.
+    if let Some(fault) = client_fault.filter(|_| !error.is_connect()) {
         let kind = match fault {
             BodyFault::TooLarge => ErrorKind::PayloadTooLarge,
             BodyFault::TooSlow => ErrorKind::RequestTimeout,
             BodyFault::Malformed => ErrorKind::BadRequest,
         };
-        return ProxyError::new(kind, Some(&pool.name), Some(&server.name));
+        tracing::debug!(target: "keel::proxy", pool = %pool.name, error = %error, "request body failed");
+        return ProxyError::new(kind, Some(&pool.name), Some(&server.name)).with_source(error);
     }
-    pool.observe(index, false);
-    let kind = if matches!(error, UpstreamError::Timeout) {
-        server.stats.timeouts.fetch_add(1, Ordering::Relaxed);
-        ErrorKind::Timeout
-    } else if error.is_connect() {
-        server.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
-        ErrorKind::Connect
-    } else {
-        server.stats.broken.fetch_add(1, Ordering::Relaxed);
-        ErrorKind::Broken
+    let kind = match &error {
+        // The client's upload broke without a verdict of the edge's limits (it closed early).
+        SendError::RequestBody(_) => ErrorKind::BadRequest,
+        SendError::Timeout { .. } => {
+            server.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+            ErrorKind::Timeout
+        }
+        SendError::Connect { .. } => {
+            server.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
+            ErrorKind::Connect
+        }
+        SendError::Server { .. } => {
+            server.stats.broken.fetch_add(1, Ordering::Relaxed);
+            ErrorKind::Broken
+        }
     };
+    if error.is_server_side() {
+        pool.observe(index, false);
+    }
     tracing::debug!(target: "keel::proxy", pool = %pool.name, server = %server.name, error = %error, "exchange failed");
     ProxyError::new(kind, Some(&pool.name), Some(&server.name)).with_source(error)
 }
 
-/// Phase 6: one exchange with `server`, bounded by the pool's request timeout.
+/// Phase 6: one exchange with `server` through its connection pool. The pool's timeouts bound
+/// the connect, a server that stops reading, and the wait for the response head once the
+/// whole request is written.
 async fn send<B>(
     pool: &Pool,
-    server: &Arc<ServerState>,
-    parts: &mut http::request::Parts,
+    server: &ServerState,
+    head: &RequestHead<'_>,
     body: Option<&mut ClientBody<B>>,
-    upgrade: bool,
-    _last_try: bool,
-) -> Result<Response<UpstreamResponseBody>, UpstreamError>
+) -> Result<Response<ResponseBody>, SendError>
 where
     B: Body<Data = Bytes> + Send + Unpin,
     B::Error: Into<BoxError>,
 {
-    let timeout = pool.config.request_timeout.get();
-    let path_and_query = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-    if body.is_none() && !upgrade && pool.config.tls.is_none() {
-        let home = Home { idle: server.idle.clone(), max_idle: pool.config.idle_timeout.get() };
-        let send = h1client::send(
-            &home,
-            server.address,
-            pool.config.connect_timeout.get(),
-            &parts.method,
-            path_and_query.as_str(),
-            &parts.headers,
-        );
-        return match tokio::time::timeout(timeout, send).await {
-            Err(_) => Err(UpstreamError::Timeout),
-            Ok(r) => r.map(|resp| resp.map(Either::Right)).map_err(UpstreamError::Own),
-        };
+    let up = Upstream {
+        addr: server.address,
+        idle: &server.idle,
+        max_idle: pool.config.idle_timeout.get(),
+        connect_timeout: pool.config.connect_timeout.get(),
+        response_timeout: pool.config.request_timeout.get(),
+        tls: pool.tls.as_ref(),
+    };
+    match body {
+        Some(body) => client::send(&up, head, body).await,
+        None => client::send(&up, head, &mut Empty::<Bytes>::new()).await,
     }
-    Err(UpstreamError::Own(SendError::Exchange("not served yet".into())))
 }
 
 /// What sticky learning needs from the request once the response is in.
@@ -490,17 +464,17 @@ struct Learn<'a> {
 }
 
 /// Phase 7: the response as the client gets it: hop-by-hop headers out, the sticky cookie or
-/// table entry in, a `101` turned into a tunnel for the session to run.
+/// table entry in, a `101` (which keel's client accepts only for an upgrade request) turned
+/// into the server side of a tunnel for the session to run.
 fn respond(
-    resp: Response<UpstreamResponseBody>,
-    upgrade: bool,
+    resp: Response<ResponseBody>,
     in_flight: InFlight,
     learn: Option<Learn<'_>>,
     servers: &[Arc<ServerState>],
 ) -> Response<ProxyBody> {
     let (mut head, body) = resp.into_parts();
-    let switching = upgrade && head.status == StatusCode::SWITCHING_PROTOCOLS;
-    headers::strip_hop_by_hop(&mut head.headers, switching);
+    let upgraded = body.is_upgraded();
+    headers::strip_hop_by_hop(&mut head.headers, upgraded);
     if let Some(learn) = learn {
         let no_headers = HeaderMap::new();
         learn.policy.on_response(
@@ -512,20 +486,15 @@ fn respond(
             servers,
         );
     }
-    let body = if switching {
-        match upgraded(body) {
-            Ok(server) => ProxyBody::Upgrade(Upgrade { server, in_flight }),
-            Err(body) => ProxyBody::Upstream(Tracked::new(body, in_flight)),
+    let body = if upgraded {
+        match body.into_upgraded() {
+            Some(server) => ProxyBody::Upgrade(Upgrade { server, _in_flight: in_flight }),
+            None => ProxyBody::Local(Full::new(Bytes::new())),
         }
     } else {
         ProxyBody::Upstream(Tracked::new(body, in_flight))
     };
     Response::from_parts(head, body)
-}
-
-/// The server side of a `101`, if the client that carried the exchange kept it.
-fn upgraded(body: UpstreamResponseBody) -> Result<TunnelFuture, UpstreamResponseBody> {
-    Err(body)
 }
 
 /// 308 to the same URL over https, for `redirect_to_https` listeners.

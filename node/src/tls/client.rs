@@ -1,78 +1,74 @@
-//! TLS from keel to a pool's servers: the connector every pool's HTTP client is built on.
+//! TLS from keel to a pool's servers: [`UpstreamTls`], built once per pool that has a
+//! `[pools.x.tls]` section, wraps each new TCP connection of keel's HTTP/1.1 client
+//! ([`crate::proxy::h1::client`]) in a rustls session.
 //!
-//! One connector type ([`UpstreamConnector`]) serves plain and TLS pools alike, so the pool's
-//! client has one type whatever its configuration. The proxy addresses servers by IP
-//! (`https://10.0.0.5:8443/...`), so the name the certificate must carry cannot come from the URI:
-//! with `server_name` configured, a fixed resolver makes hyper-rustls send that name as SNI *and*
-//! verify the certificate against it, whatever the URI says; without it, the URI's IP address is
-//! used (rustls verifies IP SANs, and sends no SNI for an IP).
+//! A pool without TLS settings has no `UpstreamTls` at all, so a plain pool never speaks TLS by
+//! accident, and a TLS pool never falls back to clear text: every connection it makes goes
+//! through [`UpstreamTls::connect`].
 //!
-//! Only HTTP/1.1 is offered through ALPN: keel's upstream client speaks HTTP/1.1 to servers.
+//! The proxy addresses servers by IP, so the name a certificate must carry cannot come from the
+//! address: with `server_name` configured, that name is sent as SNI *and* the certificate is
+//! verified against it; without it, the server's IP address is verified (rustls checks IP SANs,
+//! and sends no SNI for an IP). Server certificates must chain to the `ca` bundle, or to the
+//! system roots when `ca` is absent. ALPN offers `http/1.1` only (keel speaks HTTP/1.1 to
+//! servers); TLS 1.2 and 1.3.
 
+use std::io;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
-use hyper_rustls::{DefaultServerNameResolver, FixedServerNameResolver, HttpsConnector, ResolveServerName};
-use hyper_util::client::legacy::connect::HttpConnector;
 use keel_cluster::edge::BackendTls;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 use super::server::read_certificates;
 use super::{provider, TlsError};
 
-/// The connector of every pool's client: plain TCP for `http://` URIs, TLS for `https://`.
-///
-/// The pool's client becomes
-/// `hyper_util::client::legacy::Client<UpstreamConnector, UpstreamBody>`.
-pub type UpstreamConnector = HttpsConnector<HttpConnector>;
-
-/// Builds the connector of a pool.
-///
-/// - `tls: None` (a plain pool): `http://` URIs connect in clear text. An `https://` URI would
-///   fail certificate verification, since this connector trusts no root: a plain pool never
-///   speaks TLS by accident.
-/// - `tls: Some(..)`: only `https://` URIs are accepted (an `http://` URI is an error, not a
-///   silent clear-text connection); server certificates must chain to the `ca` bundle, or to the
-///   system roots when `ca` is absent; they must be valid for `server_name`, or for the URI's IP
-///   address when it is absent. ALPN offers `http/1.1` only. TLS 1.2 and 1.3.
-///
-/// The TCP side keeps keel's settings: `connect_timeout`, `TCP_NODELAY`. Errors name the CA file
-/// or the invalid `server_name`; the system roots are read once per process.
-pub fn backend_connector(tls: Option<&BackendTls>, connect_timeout: Duration) -> Result<UpstreamConnector, TlsError> {
-    let mut http = HttpConnector::new();
-    http.set_connect_timeout(Some(connect_timeout));
-    http.set_nodelay(true);
-    // hyper-rustls hands `https://` URIs to this connector for the TCP part; it must not refuse them.
-    http.enforce_http(false);
-
-    let Some(tls) = tls else {
-        let config = client_config(RootCertStore::empty())?;
-        return Ok(HttpsConnector::new(http, config, false, Arc::new(DefaultServerNameResolver::default())));
-    };
-
-    let roots = match &tls.ca {
-        Some(path) => ca_roots(path)?,
-        None => system_roots()?,
-    };
-    let mut config = client_config(roots)?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let resolver: Arc<dyn ResolveServerName + Send + Sync> = match &tls.server_name {
-        Some(name) => Arc::new(FixedServerNameResolver::new(server_name(name)?)),
-        None => Arc::new(DefaultServerNameResolver::default()),
-    };
-    // `HttpsConnector::new` rather than the builder: the builder insists on setting ALPN itself
-    // and, for HTTP/1.1 only, leaves it empty.
-    Ok(HttpsConnector::new(http, config, true, resolver))
+/// A pool's TLS client side: the rustls configuration (trust roots, ALPN, versions) and the name
+/// server certificates are verified against.
+#[derive(Clone)]
+pub struct UpstreamTls {
+    connector: TlsConnector,
+    /// The configured `server_name`; `None` verifies (and does not send as SNI) the server's IP.
+    server_name: Option<ServerName<'static>>,
 }
 
-fn client_config(roots: RootCertStore) -> Result<ClientConfig, TlsError> {
-    Ok(ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTls").field("server_name", &self.server_name).finish_non_exhaustive()
+    }
+}
+
+impl UpstreamTls {
+    /// Builds a pool's TLS settings. Errors name the CA file or the invalid `server_name`; the
+    /// system roots are read once per process.
+    pub fn new(tls: &BackendTls) -> Result<Self, TlsError> {
+        let roots = match &tls.ca {
+            Some(path) => ca_roots(path)?,
+            None => system_roots()?,
+        };
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let server_name = tls.server_name.as_deref().map(server_name).transpose()?;
+        Ok(UpstreamTls { connector: TlsConnector::from(Arc::new(config)), server_name })
+    }
+
+    /// Runs the TLS handshake over a connected `tcp` stream: verifies the server's certificate
+    /// against the configured name, or the peer's IP address when none is configured.
+    pub async fn connect(&self, tcp: TcpStream) -> io::Result<TlsStream<TcpStream>> {
+        let name = match &self.server_name {
+            Some(name) => name.clone(),
+            None => ServerName::IpAddress(tcp.peer_addr()?.ip().into()),
+        };
+        self.connector.connect(name, tcp).await
+    }
 }
 
 /// Parses a configured `server_name`: a DNS name, an IPv4 address, or an IPv6 address with or
@@ -117,67 +113,88 @@ fn system_roots() -> Result<RootCertStore, TlsError> {
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
+    use std::time::Duration;
 
-    use bytes::Bytes;
     use http_body_util::{BodyExt, Empty};
-    use hyper_util::client::legacy::Client;
-    use hyper_util::rt::TokioExecutor;
     use keel_cluster::edge::{ListenerTls, TlsVersion};
 
     use super::*;
+    use crate::proxy::h1::client::{send, IdleConns, RequestHead, Upstream};
+    use crate::proxy::h1::codec::Framing;
     use crate::tls::server_config;
     use crate::tls::testutil::{chain, http_server, Ca, Leaf, TempDir};
 
     const TIMEOUT: Duration = Duration::from_secs(5);
 
     /// An HTTPS server presenting `leaf` (and offering h2 too, so the client's ALPN decides).
-    async fn backend(dir: &TempDir, leaf: &Leaf) -> (String, std::sync::Arc<std::sync::Mutex<Vec<Option<Vec<u8>>>>>) {
+    async fn backend(
+        dir: &TempDir,
+        leaf: &Leaf,
+    ) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<Option<Vec<u8>>>>>) {
         let tls =
             ListenerTls { certificates: vec![dir.pair("backend", leaf)], min_version: TlsVersion::Tls12, http2: true };
         let (config, _) = server_config(&tls).unwrap();
-        let (addr, alpn) = http_server(Some(config)).await;
-        (format!("https://{addr}/"), alpn)
+        http_server(Some(config)).await
     }
 
     fn backend_tls(ca: Option<PathBuf>, server_name: Option<&str>) -> BackendTls {
         BackendTls { ca, server_name: server_name.map(str::to_owned) }
     }
 
-    /// GETs `uri` through the connector, returning the body or the whole error chain.
-    async fn get(connector: UpstreamConnector, uri: &str) -> Result<String, String> {
-        let client = Client::builder(TokioExecutor::new()).build::<_, Empty<Bytes>>(connector);
-        let response = client.get(uri.parse().unwrap()).await.map_err(|e| chain(&e))?;
+    /// GETs `/` from `addr` through keel's client with `tls`, returning the body or the whole
+    /// error chain.
+    async fn get(tls: Option<UpstreamTls>, addr: std::net::SocketAddr) -> Result<String, String> {
+        let tls = tls.map(Arc::new);
+        let idle = Arc::new(IdleConns::default());
+        let up = Upstream {
+            addr,
+            idle: &idle,
+            max_idle: TIMEOUT,
+            connect_timeout: TIMEOUT,
+            response_timeout: TIMEOUT,
+            tls: tls.as_ref(),
+        };
+        let headers = http::HeaderMap::new();
+        let head = RequestHead {
+            method: &http::Method::GET,
+            target: "/",
+            headers: &headers,
+            framing: Framing::Empty,
+            upgrade: false,
+        };
+        let response = send(&up, &head, &mut Empty::new()).await.map_err(|e| chain(&e))?;
         let body = response.into_body().collect().await.map_err(|e| chain(&e))?.to_bytes();
         Ok(String::from_utf8_lossy(&body).into_owned())
     }
 
     #[tokio::test]
-    async fn verifies_against_the_configured_ca_and_server_name_over_an_ip_uri() {
+    async fn verifies_against_the_configured_ca_and_server_name_over_an_ip_address() {
         let (ca, dir) = (Ca::new(), TempDir::new());
-        let (uri, alpn) = backend(&dir, &ca.leaf(&["backend.internal"])).await;
+        let (addr, alpn) = backend(&dir, &ca.leaf(&["backend.internal"])).await;
         let tls = backend_tls(Some(dir.write("ca.pem", &ca.pem())), Some("backend.internal"));
 
-        assert_eq!(get(backend_connector(Some(&tls), TIMEOUT).unwrap(), &uri).await.unwrap(), "ok");
+        assert_eq!(get(Some(UpstreamTls::new(&tls).unwrap()), addr).await.unwrap(), "ok");
         assert_eq!(*alpn.lock().unwrap(), [Some(b"http/1.1".to_vec())], "HTTP/1.1 only towards servers");
     }
 
     #[tokio::test]
     async fn a_certificate_from_another_ca_is_refused() {
         let (ca, other, dir) = (Ca::new(), Ca::new(), TempDir::new());
-        let (uri, _) = backend(&dir, &ca.leaf(&["backend.internal"])).await;
+        let (addr, _) = backend(&dir, &ca.leaf(&["backend.internal"])).await;
         let tls = backend_tls(Some(dir.write("other.pem", &other.pem())), Some("backend.internal"));
 
-        let error = get(backend_connector(Some(&tls), TIMEOUT).unwrap(), &uri).await.unwrap_err();
+        let error = get(Some(UpstreamTls::new(&tls).unwrap()), addr).await.unwrap_err();
         assert!(error.contains("UnknownIssuer"), "{error}");
+        assert!(error.starts_with("connect to"), "a failed handshake is a connect failure: {error}");
     }
 
     #[tokio::test]
     async fn a_certificate_for_another_name_is_refused() {
         let (ca, dir) = (Ca::new(), TempDir::new());
-        let (uri, _) = backend(&dir, &ca.leaf(&["backend.internal"])).await;
+        let (addr, _) = backend(&dir, &ca.leaf(&["backend.internal"])).await;
         let tls = backend_tls(Some(dir.write("ca.pem", &ca.pem())), Some("other.internal"));
 
-        let error = get(backend_connector(Some(&tls), TIMEOUT).unwrap(), &uri).await.unwrap_err();
+        let error = get(Some(UpstreamTls::new(&tls).unwrap()), addr).await.unwrap_err();
         assert!(error.contains("not valid for name"), "{error}");
     }
 
@@ -187,34 +204,33 @@ mod tests {
         let ca_pem = dir.write("ca.pem", &ca.pem());
         let tls = backend_tls(Some(ca_pem), None);
 
-        let (uri, _) = backend(&dir, &ca.leaf(&["127.0.0.1"])).await;
-        assert_eq!(get(backend_connector(Some(&tls), TIMEOUT).unwrap(), &uri).await.unwrap(), "ok");
+        let (addr, _) = backend(&dir, &ca.leaf(&["127.0.0.1"])).await;
+        assert_eq!(get(Some(UpstreamTls::new(&tls).unwrap()), addr).await.unwrap(), "ok");
 
-        let (uri, _) = backend(&dir, &ca.leaf(&["backend.internal"])).await;
-        let error = get(backend_connector(Some(&tls), TIMEOUT).unwrap(), &uri).await.unwrap_err();
+        let (addr, _) = backend(&dir, &ca.leaf(&["backend.internal"])).await;
+        let error = get(Some(UpstreamTls::new(&tls).unwrap()), addr).await.unwrap_err();
         assert!(error.contains("not valid for name"), "{error}");
     }
 
     #[tokio::test]
-    async fn a_plain_pool_speaks_http_and_a_tls_pool_refuses_it() {
+    async fn a_plain_pool_speaks_http_and_a_tls_pool_never_falls_back_to_it() {
         let (ca, dir) = (Ca::new(), TempDir::new());
         let (addr, _) = http_server(None).await;
-        let uri = format!("http://{addr}/");
 
-        assert_eq!(get(backend_connector(None, TIMEOUT).unwrap(), &uri).await.unwrap(), "ok");
+        assert_eq!(get(None, addr).await.unwrap(), "ok");
 
         let tls = backend_tls(Some(dir.write("ca.pem", &ca.pem())), Some("backend.internal"));
-        let error = get(backend_connector(Some(&tls), TIMEOUT).unwrap(), &uri).await.unwrap_err();
-        assert!(error.contains("unsupported scheme http"), "{error}");
+        let error = get(Some(UpstreamTls::new(&tls).unwrap()), addr).await.unwrap_err();
+        assert!(error.starts_with("connect to"), "{error}");
     }
 
     #[tokio::test]
-    async fn a_plain_pool_never_trusts_a_tls_server() {
+    async fn a_plain_pool_never_speaks_tls() {
         let (ca, dir) = (Ca::new(), TempDir::new());
-        let (uri, _) = backend(&dir, &ca.leaf(&["127.0.0.1"])).await;
+        let (addr, _) = backend(&dir, &ca.leaf(&["127.0.0.1"])).await;
 
-        let error = get(backend_connector(None, TIMEOUT).unwrap(), &uri).await.unwrap_err();
-        assert!(error.contains("UnknownIssuer"), "{error}");
+        // Clear text to a TLS server: the server refuses it, nothing is trusted.
+        assert!(get(None, addr).await.is_err());
     }
 
     #[test]
@@ -222,26 +238,25 @@ mod tests {
         let (ca, dir) = (Ca::new(), TempDir::new());
         let ca_pem = dir.write("ca.pem", &ca.pem());
 
-        let error =
-            backend_connector(Some(&backend_tls(Some(ca_pem.clone()), Some("not a name"))), TIMEOUT).unwrap_err();
+        let error = UpstreamTls::new(&backend_tls(Some(ca_pem.clone()), Some("not a name"))).unwrap_err();
         assert!(matches!(&error, TlsError::BadServerName { name, .. } if name == "not a name"), "{error:?}");
 
         let missing = dir.path("missing-ca.pem");
-        let error = backend_connector(Some(&backend_tls(Some(missing.clone()), None)), TIMEOUT).unwrap_err();
+        let error = UpstreamTls::new(&backend_tls(Some(missing.clone()), None)).unwrap_err();
         assert!(matches!(&error, TlsError::Read { path, .. } if *path == missing), "{error:?}");
 
         let empty = dir.write("empty.pem", "no certificates here\n");
-        let error = backend_connector(Some(&backend_tls(Some(empty.clone()), None)), TIMEOUT).unwrap_err();
+        let error = UpstreamTls::new(&backend_tls(Some(empty.clone()), None)).unwrap_err();
         assert!(matches!(&error, TlsError::NoCertificate { path } if *path == empty), "{error:?}");
 
         for name in ["backend.internal", "10.0.0.5", "[::1]", "::1"] {
-            backend_connector(Some(&backend_tls(Some(ca_pem.clone()), Some(name))), TIMEOUT).unwrap();
+            UpstreamTls::new(&backend_tls(Some(ca_pem.clone()), Some(name))).unwrap();
         }
     }
 
     #[test]
     fn system_roots_load_or_say_why_not() {
-        match backend_connector(Some(&backend_tls(None, Some("example.com"))), TIMEOUT) {
+        match UpstreamTls::new(&backend_tls(None, Some("example.com"))) {
             Ok(_) | Err(TlsError::NoSystemRoots { .. }) => {}
             Err(other) => panic!("unexpected {other:?}"),
         }

@@ -9,8 +9,8 @@
 //!
 //! - per `https` listener, [`server_config`] once; accept with [`acceptor`], choose HTTP/2 or
 //!   HTTP/1.1 with [`negotiated_h2`]; on SIGHUP or an admin request, [`CertStore::reload`].
-//! - per pool, [`backend_connector`] → an [`UpstreamConnector`] that speaks `http://` and
-//!   `https://`, so one client type serves every pool.
+//! - per pool with TLS settings, [`UpstreamTls::new`] once; keel's HTTP/1.1 client wraps each
+//!   new server connection with [`UpstreamTls::connect`].
 //!
 //! Errors are [`TlsError`]s that name the file and what is wrong with it; key material is never
 //! logged or put in an error.
@@ -24,7 +24,7 @@ mod testutil;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use client::{backend_connector, UpstreamConnector};
+pub use client::UpstreamTls;
 pub use server::{acceptor, negotiated_h2, server_config, CertStore, LoadedCertificate, ReloadSummary};
 
 /// The crypto provider every config in keel is built with: rustls' *ring* provider, the only one

@@ -439,7 +439,7 @@ where
     T: AsyncRead + AsyncWrite + Unpin,
 {
     let (parts, body) = resp.into_parts();
-    let ProxyBody::Upgrade(upgrade) = body else {
+    let ProxyBody::Upgrade(mut server) = body else {
         // A 101 keel did not get a server connection for cannot be honoured.
         return Err(codec::WriteBodyError::Sink(io::Error::other("101 without an upgraded server connection")));
     };
@@ -447,7 +447,6 @@ where
     encode_head(&mut out, parts.status, &parts.headers, None, true, Version::HTTP_11);
     codec::write_out(io, &mut out).await.map_err(codec::WriteBodyError::Sink)?;
     io.flush().await.map_err(codec::WriteBodyError::Sink)?;
-    let mut server = upgrade.connect().await.map_err(codec::WriteBodyError::Sink)?;
     let mut client = Prefixed::new(io, buf.split().freeze());
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
         tracing::debug!(target: "keel::proxy", error = %e, "upgraded connection ended with an error");
