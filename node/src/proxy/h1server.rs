@@ -30,7 +30,7 @@
 //! known size gets one, anything else is sent chunked; no body after `HEAD`, 204 and 304; a
 //! `Date` is added when the server sent none; `Connection: close` when the connection ends
 //! with this response (the client asked, `max_requests_per_connection` was reached, or the
-//! listener is draining). A body that fails half-way, or ends short of its length, closes the
+//! listener is draining). A server's response trailers end a chunked body. A body that fails half-way, or ends short of its length, closes the
 //! connection, so the client sees a truncated message rather than a wrong one.
 
 use std::cell::RefCell;
@@ -49,6 +49,7 @@ use tokio::sync::watch;
 
 use super::guard::{ConnActivity, GuardedIo};
 use super::h1::client::poll_fill;
+use super::h1::codec::encode_fields;
 use super::h1::scan::parse_content_length;
 use super::http::{HttpProxy, Peer};
 
@@ -277,6 +278,7 @@ where
     encode_head(&mut out, status, &parts.headers, add, keep);
 
     let mut sent: u64 = 0;
+    let mut trailers = None;
     loop {
         // Frames already at hand join what is pending; only before waiting for one is the
         // pending output written, so a small response leaves in a single write.
@@ -292,7 +294,11 @@ where
             Some(Err(e)) => return Err(io::Error::other(format!("response body: {e}"))),
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => data,
-                Err(_trailers) => continue,
+                Err(frame) => {
+                    // A server's trailers go on in a chunked body; other framings have no room.
+                    trailers = frame.into_trailers().ok();
+                    continue;
+                }
             },
         };
         if framing == Framing::None || data.is_empty() {
@@ -318,7 +324,13 @@ where
         }
     }
     match framing {
-        Framing::Chunked => out.extend_from_slice(b"0\r\n\r\n"),
+        Framing::Chunked => {
+            out.extend_from_slice(b"0\r\n");
+            if let Some(trailers) = &trailers {
+                encode_fields(&mut out, trailers);
+            }
+            out.extend_from_slice(b"\r\n");
+        }
         Framing::Length(n) if sent != n => {
             write_out(io, &mut out).await?;
             return Err(io::Error::other("response body shorter than its Content-Length"));
