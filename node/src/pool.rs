@@ -75,8 +75,6 @@ pub struct ServerState {
     pub address: SocketAddr,
     /// Stable identity for consistent hashing: a fixed-seed hash of the name.
     pub id: u64,
-    /// The address as a URI authority, built once rather than per request.
-    pub authority: http::uri::Authority,
     weight: AtomicU32,
     checked_up: AtomicBool,
     draining: AtomicBool,
@@ -98,12 +96,6 @@ impl ServerState {
             name: server.name.clone(),
             address: server.address,
             id: xxhash_rust::xxh3::xxh3_64_with_seed(server.name.as_bytes(), SERVER_ID_SEED),
-            // A SocketAddr always renders as a valid authority; the fallback is unreachable.
-            authority: server
-                .address
-                .to_string()
-                .parse()
-                .unwrap_or_else(|_| http::uri::Authority::from_static("invalid.invalid")),
             weight: AtomicU32::new(server.weight),
             checked_up: AtomicBool::new(true),
             draining: AtomicBool::new(false),

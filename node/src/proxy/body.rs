@@ -2,7 +2,7 @@
 //! cap, a longest pause between bytes, and a minimum average upload rate.
 //!
 //! The body is streamed, so a violation is discovered mid-request. The wrapper then fails the
-//! stream (the exchange with the server is abandoned) and records *why* in a shared
+//! stream (keel's client abandons the exchange with the server) and records *why* in a shared
 //! [`BodyVerdict`], so the proxy can answer the client with the status that names its own
 //! fault — 413, 408 or 400 — instead of a 502 that would blame the server.
 
@@ -48,7 +48,7 @@ impl BodyVerdict {
     }
 }
 
-/// The error a cut-off body reports to hyper.
+/// The error a cut-off body reports to keel's client.
 #[derive(Debug, thiserror::Error)]
 #[error("client request body refused: {0:?}")]
 pub struct BodyError(pub BodyFault);
@@ -69,7 +69,7 @@ pin_project_lite::pin_project! {
     pub struct ClientBody<B> {
         #[pin]
         inner: B,
-        // Boxed so the body stays Unpin, which hyper's client requires.
+        // Boxed so the body stays Unpin, which keel's client requires.
         timer: Pin<Box<tokio::time::Sleep>>,
         limits: BodyLimits,
         received: u64,

@@ -879,3 +879,367 @@ impl AsyncWrite for Upgraded {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::{BodyExt, Empty, Full, StreamBody};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    fn parsed(raw: &[u8], head: bool) -> (usize, http::response::Parts, Framing, bool) {
+        match parse_head(raw, head, false) {
+            Ok(Some(Parsed::Final(len, h))) => (len, h.parts, h.framing, h.keep),
+            Ok(Some(Parsed::Interim(_))) => panic!("interim"),
+            Ok(None) => panic!("partial"),
+            Err(e) => panic!("not a final head: {e:?}"),
+        }
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let (_, parts, framing, keep) = parsed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false);
+        assert_eq!((parts.status, framing, keep), (StatusCode::OK, Framing::Length(2), true));
+        let (_, _, framing, _) = parsed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", true);
+        assert_eq!(framing, Framing::Empty, "HEAD has no body whatever the length says");
+        let (_, _, framing, keep) = parsed(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", false);
+        assert_eq!((framing, keep), (Framing::Empty, true));
+        let (_, _, framing, keep) = parsed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", false);
+        assert_eq!((framing, keep), (Framing::Chunked, true));
+        let (_, parts, framing, keep) =
+            parsed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", false);
+        assert_eq!((framing, keep), (Framing::Chunked, false), "TE wins, and the connection is not reused");
+        assert!(!parts.headers.contains_key(header::CONTENT_LENGTH));
+        let (_, _, framing, keep) = parsed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", false);
+        assert_eq!((framing, keep), (Framing::Close, false));
+        let (_, _, framing, keep) = parsed(b"HTTP/1.1 200 OK\r\n\r\n", false);
+        assert_eq!((framing, keep), (Framing::Close, false));
+        let (_, _, _, keep) =
+            parsed(b"HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 0\r\n\r\n", false);
+        assert!(!keep);
+        let (_, _, _, keep) = parsed(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", false);
+        assert!(!keep, "HTTP/1.0 responses end their connection");
+        let (_, parts, framing, _) =
+            parsed(b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\nContent-Length: 3\r\n\r\n", false);
+        assert_eq!(framing, Framing::Length(3), "repeated identical lengths are one length");
+        let lengths: Vec<_> = parts.headers.get_all(header::CONTENT_LENGTH).iter().collect();
+        assert_eq!(lengths, ["3"], "and are passed on as one");
+    }
+
+    #[test]
+    fn hostile_heads_are_refused() {
+        for raw in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+            b"HTTP/1.1 2000 OK\r\n\r\n",
+            b"NOT HTTP\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse_head(raw, false, false), Err(HeadError::Invalid(_))),
+                "accepted {:?}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        assert!(matches!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Le", false, false), Ok(None)));
+    }
+
+    #[test]
+    fn a_101_is_final_only_for_an_upgrade_request() {
+        let raw = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nframes";
+        match parse_head(raw, false, true) {
+            Ok(Some(Parsed::Final(len, h))) => {
+                assert_eq!(&raw[len..], b"frames");
+                assert!(h.upgraded && !h.keep && h.framing == Framing::Empty);
+            }
+            _ => panic!("a 101 to an upgrade request is its answer"),
+        }
+    }
+
+    #[test]
+    fn interim_responses_are_skipped() {
+        let interim = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n";
+        let raw = [&interim[..], b"HTTP/1.1 200 OK\r\n"].concat();
+        assert!(matches!(parse_head(&raw, false, false), Ok(Some(Parsed::Interim(n))) if n == interim.len()));
+        let continue_ = b"HTTP/1.1 100 Continue\r\n\r\n";
+        assert!(matches!(parse_head(continue_, false, true), Ok(Some(Parsed::Interim(25)))));
+    }
+
+    fn head<'a>(method: &'a Method, target: &'a str, headers: &'a HeaderMap, framing: Framing) -> RequestHead<'a> {
+        RequestHead { method, target, headers, framing, upgrade: false }
+    }
+
+    #[test]
+    fn request_heads_name_a_host_and_state_their_framing() {
+        let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        let mut buf = BytesMut::new();
+        encode_head(&mut buf, &head(&Method::GET, "/a?b=c", &headers, Framing::Empty), addr);
+        assert_eq!(&buf[..], b"GET /a?b=c HTTP/1.1\r\nhost: 127.0.0.1:8080\r\naccept: */*\r\n\r\n");
+
+        headers.insert(header::HOST, HeaderValue::from_static("example.com"));
+        buf.clear();
+        encode_head(&mut buf, &head(&Method::HEAD, "/", &headers, Framing::Empty), addr);
+        assert_eq!(&buf[..], b"HEAD / HTTP/1.1\r\naccept: */*\r\nhost: example.com\r\n\r\n");
+
+        // The caller's framing headers never reach the server: the framing argument does.
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("999"));
+        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("gzip"));
+        buf.clear();
+        encode_head(&mut buf, &head(&Method::POST, "/up", &headers, Framing::Length(5)), addr);
+        assert_eq!(&buf[..], b"POST /up HTTP/1.1\r\naccept: */*\r\nhost: example.com\r\ncontent-length: 5\r\n\r\n");
+        buf.clear();
+        encode_head(&mut buf, &head(&Method::PUT, "/up", &headers, Framing::Chunked), addr);
+        assert_eq!(
+            &buf[..],
+            b"PUT /up HTTP/1.1\r\naccept: */*\r\nhost: example.com\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+    }
+
+    /// A server that serves each accepted connection with `serve`, counting connections.
+    async fn server<F, Fut>(serve: F) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>)
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(serve(stream));
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// Reads until `end` has been seen; returns everything read.
+    async fn read_until(stream: &mut TcpStream, end: &[u8]) -> Vec<u8> {
+        let mut seen = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !seen.windows(end.len()).any(|w| w == end) {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&chunk[..n]),
+            }
+        }
+        seen
+    }
+
+    fn upstream(addr: SocketAddr, idle: &Arc<IdleConns>) -> Upstream<'_> {
+        let second = Duration::from_secs(1);
+        Upstream { addr, idle, max_idle: second * 5, connect_timeout: second, response_timeout: second, tls: None }
+    }
+
+    async fn collect(resp: Response<ResponseBody>) -> (Vec<u8>, Option<HeaderMap>) {
+        let collected = resp.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned();
+        (collected.to_bytes().to_vec(), trailers)
+    }
+
+    #[tokio::test]
+    async fn bodies_go_out_framed_and_response_trailers_come_back() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (addr, _) = server(move |mut s| {
+            let tx = tx.clone();
+            async move {
+                let request = read_until(&mut s, b"0\r\nx-sum: 5\r\n\r\n").await;
+                let _ = tx.send(request);
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nx-check: fine\r\n\r\n",
+                    )
+                    .await;
+                let _ = read_until(&mut s, b"never").await;
+            }
+        })
+        .await;
+        let idle = Arc::new(IdleConns::default());
+        let frames = futures_util::stream::iter(vec![
+            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"abc"))),
+            Ok(Frame::data(Bytes::from_static(b"de"))),
+            Ok(Frame::trailers({
+                let mut t = HeaderMap::new();
+                t.insert("x-sum", HeaderValue::from_static("5"));
+                t
+            })),
+        ]);
+        let headers = HeaderMap::new();
+        let resp = send(
+            &upstream(addr, &idle),
+            &head(&Method::POST, "/", &headers, Framing::Chunked),
+            &mut StreamBody::new(frames),
+        )
+        .await
+        .unwrap();
+        let (body, trailers) = collect(resp).await;
+        assert_eq!(body, b"ok");
+        assert_eq!(trailers.expect("trailers")["x-check"], "fine");
+        let request = rx.recv().await.unwrap();
+        let text = String::from_utf8_lossy(&request);
+        assert!(
+            text.contains("transfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\nx-sum: 5\r\n\r\n"),
+            "{text}"
+        );
+        assert_eq!(idle.len(), 1, "a complete exchange leaves its connection idle");
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_hands_over_the_connection_with_the_bytes_read_past_the_101() {
+        let (addr, _) = server(|mut s| async move {
+            read_until(&mut s, b"\r\n\r\n").await;
+            let _ = s
+                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\nhello")
+                .await;
+            let echo = read_until(&mut s, b"ping").await;
+            let _ = s.write_all(&echo).await;
+        })
+        .await;
+        let idle = Arc::new(IdleConns::default());
+        let mut headers = HeaderMap::new();
+        headers.insert(header::UPGRADE, HeaderValue::from_static("x"));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        let request = RequestHead { upgrade: true, ..head(&Method::GET, "/", &headers, Framing::Empty) };
+        let resp = send(&upstream(addr, &idle), &request, &mut Empty::new()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+        let mut upgraded = resp.into_body().into_upgraded().expect("upgraded");
+        let mut first = [0u8; 5];
+        upgraded.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"hello", "what the server sent after the 101 comes first");
+        upgraded.write_all(b"ping").await.unwrap();
+        let mut echo = [0u8; 4];
+        upgraded.read_exact(&mut echo).await.unwrap();
+        assert_eq!(&echo, b"ping");
+        assert!(idle.is_empty(), "an upgraded connection is never pooled");
+
+        // Without an upgrade request, the same 101 is the server's fault.
+        let plain = head(&Method::GET, "/", &headers, Framing::Empty);
+        let error = send(&upstream(addr, &idle), &plain, &mut Empty::new()).await.unwrap_err();
+        assert!(matches!(error, SendError::Server { .. }), "{error}");
+    }
+
+    #[tokio::test]
+    async fn an_early_answer_to_an_upload_is_returned_and_its_connection_dropped() {
+        let (addr, _) = server(|mut s| async move {
+            read_until(&mut s, b"\r\n\r\n").await;
+            let _ = s.write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\n\r\nbig").await;
+            // Closing with the upload unread resets the connection under the writer.
+        })
+        .await;
+        let idle = Arc::new(IdleConns::default());
+        let headers = HeaderMap::new();
+        let big = Bytes::from(vec![b'x'; 16 * 1024 * 1024]);
+        let framing = Framing::Length(big.len() as u64);
+        let resp = send(&upstream(addr, &idle), &head(&Method::POST, "/", &headers, framing), &mut Full::new(big))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(collect(resp).await.0, b"big");
+        assert!(idle.is_empty(), "a connection whose request was cut short is not reused");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_stops_reading_is_a_timeout() {
+        let (addr, _) = server(|mut s| async move {
+            read_until(&mut s, b"\r\n\r\n").await;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        })
+        .await;
+        let idle = Arc::new(IdleConns::default());
+        let headers = HeaderMap::new();
+        let big = Bytes::from(vec![b'x'; 64 * 1024 * 1024]);
+        let framing = Framing::Length(big.len() as u64);
+        let up = Upstream { response_timeout: Duration::from_millis(300), ..upstream(addr, &idle) };
+        let error = send(&up, &head(&Method::PUT, "/", &headers, framing), &mut Full::new(big)).await.unwrap_err();
+        assert!(matches!(error, SendError::Timeout { waiting: "request write", .. }), "{error}");
+    }
+
+    /// A body whose data arrives after `delay`.
+    fn slow_body(
+        delay: Duration,
+    ) -> StreamBody<impl futures_util::Stream<Item = Result<Frame<Bytes>, io::Error>> + Unpin> {
+        StreamBody::new(Box::pin(futures_util::stream::once(async move {
+            tokio::time::sleep(delay).await;
+            Ok(Frame::data(Bytes::from_static(b"late")))
+        })))
+    }
+
+    #[tokio::test]
+    async fn the_response_timeout_starts_when_the_request_is_written() {
+        let (addr, _) = server(|mut s| async move {
+            read_until(&mut s, b"late").await;
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+            let _ = read_until(&mut s, b"never").await;
+        })
+        .await;
+        let idle = Arc::new(IdleConns::default());
+        let headers = HeaderMap::new();
+        let up = Upstream { response_timeout: Duration::from_millis(200), ..upstream(addr, &idle) };
+        // The upload takes longer than the response timeout; the answer comes at once after it.
+        let resp = send(
+            &up,
+            &head(&Method::POST, "/", &headers, Framing::Length(4)),
+            &mut slow_body(Duration::from_millis(500)),
+        )
+        .await
+        .unwrap();
+        assert_eq!(collect(resp).await.0, b"ok");
+    }
+
+    #[tokio::test]
+    async fn a_failing_request_body_is_the_clients_fault() {
+        let (addr, _) = server(|mut s| async move {
+            let _ = read_until(&mut s, b"never").await;
+        })
+        .await;
+        let idle = Arc::new(IdleConns::default());
+        let headers = HeaderMap::new();
+        let mut broken = StreamBody::new(futures_util::stream::iter(vec![
+            Ok(Frame::data(Bytes::from_static(b"abc"))),
+            Err(io::Error::other("client went away")),
+        ]));
+        let error = send(&upstream(addr, &idle), &head(&Method::POST, "/", &headers, Framing::Chunked), &mut broken)
+            .await
+            .unwrap_err();
+        assert!(matches!(error, SendError::RequestBody(_)) && !error.is_server_side() && !error.may_retry(), "{error}");
+        let mut short = Full::new(Bytes::from_static(b"abc"));
+        let error = send(&upstream(addr, &idle), &head(&Method::POST, "/", &headers, Framing::Length(9)), &mut short)
+            .await
+            .unwrap_err();
+        assert!(matches!(error, SendError::RequestBody(_)), "a body short of its length: {error}");
+    }
+
+    #[tokio::test]
+    async fn a_stale_idle_connection_is_replaced_only_while_the_body_is_untouched() {
+        // Every connection answers one request as if keeping the connection, then closes it at
+        // the next request without answering: what a server's idle timeout racing keel's next
+        // request looks like.
+        let (addr, accepted) = server(|mut s| async move {
+            read_until(&mut s, b"\r\n\r\n").await;
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+            read_until(&mut s, b"\r\n\r\n").await;
+        })
+        .await;
+        let idle = Arc::new(IdleConns::default());
+        let headers = HeaderMap::new();
+        let up = upstream(addr, &idle);
+        let get = head(&Method::GET, "/", &headers, Framing::Empty);
+        for i in 1..=3 {
+            let resp = send(&up, &get, &mut Empty::new()).await.unwrap();
+            assert_eq!(collect(resp).await.0, b"ok", "request {i}");
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3, "each stale connection was replaced");
+        assert_eq!(idle.len(), 1);
+
+        // With a body taken from its source, the request cannot be sent again.
+        let post = head(&Method::POST, "/", &headers, Framing::Length(3));
+        let error = send(&up, &post, &mut Full::new(Bytes::from_static(b"abc"))).await.unwrap_err();
+        assert!(matches!(error, SendError::Server { .. }) && !error.may_retry(), "{error}");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+}
