@@ -6,8 +6,9 @@
 //! tracker out exactly once at shutdown; connections that arrive after that (there should be
 //! none: listeners are closed first) are simply served without being waited for.
 //!
-//! Plain-HTTP connections spend their idle time *parked*, with no hyper connection to ask
-//! (see `proxy::park`), in their listener's parking lot (`proxy::lot`). Each serve task and
+//! HTTP/2 sessions are registered as hyper connections and get GOAWAY. Plain-HTTP connections
+//! spend their idle time *parked* (see `proxy::conn`), in their listener's parking lot
+//! (`proxy::lot`), with no task to ask. Each HTTP/1 serve task and
 //! each lot holds a [`Watcher`] so the drain waits for them, and a receiver of the
 //! [`Drainer::draining`] signal: the lot closes every parked connection as soon as draining
 //! starts.

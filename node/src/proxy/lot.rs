@@ -1,7 +1,8 @@
 //! The parking lot: where a listener's idle plain-HTTP connections wait, outside tokio.
 //!
-//! [`super::park`] already drops hyper's state while a keep-alive connection is idle, but a
-//! connection that waited in a task of its own still cost ~1.5 KiB: the task with its future
+//! An idle keep-alive connection holds no buffer and no parser state ([`super::conn`] reads a
+//! request only once the client sends one), but waiting in a task of its own still cost
+//! ~1.5 KiB: the task with its future
 //! (guarded stream, timer entry, shared state, drain receiver, permit) and tokio's I/O
 //! registration. HAProxy spends ~0.2 KiB on the same connection. So once a connection parks,
 //! its task ends and only a [`Parked`] entry is left here: the socket, the connection permit,
@@ -12,11 +13,11 @@
 //! tokio through [`AsyncFd`] (an epoll set is readable while any of its descriptors has an
 //! event). When the client sends something — or closes, or resets — the entry leaves the lot,
 //! the socket goes back to tokio and a normal serve task is spawned for it with the carried
-//! state ([`Woken`]), the HTTP/1.1 path a parked connection always took.
+//! state ([`Woken`]): keel's HTTP/1 server, which a parked connection always spoke.
 //!
 //! Idle timeouts need no timer per connection: a listener's `idle_timeout` is one constant, so
 //! deadlines come in the order connections went idle, and a FIFO of (idle since, key) with one
-//! timer for its front is enough. (Connections park [`PARK_AFTER`](super::PARK_AFTER) after
+//! timer for its front is enough. (Connections park [`PARK_AFTER`](super::conn::PARK_AFTER) after
 //! going idle, give or take a flush, so the order can be off by a few milliseconds; an
 //! expiry is then late by as much.) A connection that wakes leaves its queue item behind;
 //! items are checked against the entry's own idle stamp when they come due, and the queue is
@@ -118,7 +119,7 @@ impl Lot {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Parks an idle connection (reclaimed from hyper at a message boundary). Gives it back
+    /// Parks an idle connection (at a message boundary, nothing buffered). Gives it back
     /// when the lot has closed, for the caller to wait on itself.
     pub fn park(
         &self,
@@ -260,7 +261,7 @@ impl Lot {
             let Some(parked) = state.entries.try_remove(event.token().0) else { continue };
             let _ = self.registry.deregister(&mut SourceFd(&parked.stream.as_raw_fd()));
             // A client that closed without sending more is closed here: waking it would spawn
-            // a task and a hyper connection only to read the end of stream, thousands at once
+            // a task only to read the end of stream, thousands at once
             // when a client pool shuts down. One that sent a request before closing is served.
             if (event.is_read_closed() || event.is_error()) && !has_data(&parked.stream) {
                 closed.push(parked);

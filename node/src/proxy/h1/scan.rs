@@ -1,17 +1,18 @@
-//! A strict HTTP/1.x framing scanner that runs beside hyper and refuses ambiguous requests.
+//! A strict HTTP/1.x framing scanner that every byte from a client passes before keel's HTTP/1
+//! server parses it; it refuses ambiguous requests.
 //!
-//! hyper parses leniently where the RFCs allow it: it accepts bare LF line endings, merges
-//! identical duplicate `Content-Length` headers, and silently drops `Content-Length` when
-//! `Transfer-Encoding` is present. That is safe for hyper itself, and keel re-frames every
+//! HTTP/1 parsers are lenient where the RFCs allow it: `httparse` accepts bare LF line endings,
+//! and common servers merge identical duplicate `Content-Length` headers or silently drop
+//! `Content-Length` when `Transfer-Encoding` is present. keel re-frames every
 //! request it forwards, but a front proxy that *accepts* an ambiguous message has already
 //! disagreed with somebody about where it ends. HAProxy's stance — reject, answer 400, close —
 //! is what operators expect, so every byte a client sends on an HTTP/1 connection is fed
-//! through this scanner first, and a message it refuses never reaches hyper.
+//! through this scanner first, and a message it refuses is never parsed or forwarded.
 //!
 //! The scanner tracks message boundaries itself (head, `Content-Length` body, chunked body with
 //! trailers) so that pipelined and keep-alive requests are each checked, and it stops looking
 //! once the connection is no longer HTTP/1 request framing: HTTP/2 (the `PRI` preface), an
-//! upgrade or `CONNECT`, or a head too large to buffer (hyper then answers 431 on its own).
+//! upgrade or `CONNECT`, or a head too large to buffer (the HTTP/1 server answers 431).
 //!
 //! Refused: bare LF or bare CR, NUL and other control bytes, obsolete line folding, whitespace
 //! before a header's colon, invalid header names, `Content-Length` together with
@@ -74,7 +75,8 @@ pub struct Progress {
 }
 
 impl H1Scanner {
-    /// A scanner for a fresh connection; heads longer than `max_head` are left to hyper.
+    /// A scanner for a fresh connection; heads longer than `max_head` are left to the server
+    /// half, which refuses them with 431.
     pub fn new(max_head: usize) -> Self {
         H1Scanner { phase: Phase::Head(Vec::new()), max_head }
     }
@@ -129,7 +131,7 @@ impl H1Scanner {
                         None => {
                             check_partial_head(buf)?;
                             if buf.len() > self.max_head {
-                                // hyper answers 431 for this one; nothing more to check.
+                                // The server half answers 431 for this one; nothing more to check.
                                 self.phase = Phase::Opaque;
                             }
                             data = &data[take..];
@@ -452,7 +454,7 @@ mod tests {
     }
 
     #[test]
-    fn oversized_heads_are_left_to_hyper() {
+    fn oversized_heads_are_left_to_the_server_half() {
         let mut s = H1Scanner::new(16);
         assert!(s.feed(b"GET / HTTP/1.1\r\nX-Long: aaaaaaaaaaaaaaaaaaaaaa").is_ok());
         assert!(s.is_opaque());
