@@ -15,6 +15,7 @@ CASES = {
     "5": "TLS handshakes: new connection per request",
     "6": "HTTP/2 front end (h2c), h2load",
     "7": "idle keep-alive connections: RSS per connection",
+    "8": "POST 4 KiB body, keep-alive, 64 conns",
 }
 ORDER = ["direct", "haproxy", "nginx", "keel", "keel-2w", "keel-cluster"]
 LABEL = {"direct": "direct", "haproxy": "HAProxy", "nginx": "nginx", "keel": "keel",
