@@ -15,13 +15,15 @@ CASES = {
     "5": "TLS handshakes: new connection per request",
     "6": "HTTP/2 front end (h2c), h2load",
     "7": "idle keep-alive connections: RSS per connection",
+    "8": "POST 4 KiB body, keep-alive, 64 conns",
 }
-ORDER = ["direct", "haproxy", "nginx", "keel", "keel-2w", "keel-cluster"]
+ORDER = ["direct", "haproxy", "nginx", "keel", "keel-base", "keel-2w", "keel-cluster"]
 LABEL = {"direct": "direct", "haproxy": "HAProxy", "nginx": "nginx", "keel": "keel",
+         "keel-base": "keel baseline, the --baseline-keel binary",
          "keel-2w": "keel, 2 workers, unpinned",
          "keel-cluster": "keel, active node of a 3-node cluster, sticky source_ip over Raft"}
 COLOR = {"direct": "#9e9e9e", "haproxy": "#1f77b4", "nginx": "#2ca02c", "keel": "#d62728",
-         "keel-2w": "#ff7f0e", "keel-cluster": "#9467bd"}
+         "keel-base": "#8c564b", "keel-2w": "#ff7f0e", "keel-cluster": "#9467bd"}
 
 raw, meta, out_md, out_svg = sys.argv[1:5]
 rows = defaultdict(list)
@@ -96,6 +98,18 @@ for who in ("keel-2w", "keel-cluster"):
     m, k = key_metric("1", who), key_metric("1", "keel")
     if m and k:
         lines.append(f"\n{LABEL[who]}: {m / k:.2f}× standalone keel's req/s in case 1")
+# keel against the baseline binary, case by case: req/s ratio and CPU per request.
+base_lines = []
+for case in cases:
+    k, b = agg.get((case, "keel")), agg.get((case, "keel-base"))
+    if not (k and b):
+        continue
+    ratio = f"{k['rps'] / b['rps']:.2f}×" if k["rps"] and b["rps"] else "—"
+    base_lines.append(f"| {case}. {CASES[case]} | {ratio} | {fmt(b['us'], 1)} → {fmt(k['us'], 1)} |")
+if base_lines:
+    lines.append("\nkeel against the baseline binary (same run):\n\n"
+                 "| case | keel req/s vs baseline | CPU µs/req baseline → keel |\n|---|---|---|")
+    lines.extend(base_lines)
 table = "\n".join(lines)
 meta_text = open(meta).read().strip()
 notes = ("Ratios compare the median req/s (case 7: KiB per idle connection, lower is better, "

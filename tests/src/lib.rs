@@ -18,8 +18,11 @@
 //!   HTTP/1.1 or HTTP/2 over any stream ([`tls::HttpConn`]). [`Backend::start_tls`] is a TLS
 //!   backend.
 //! - [`raw`]: TCP echo/recording servers for TCP listeners ([`raw::TcpServer`]), a hand-written
-//!   HTTP/1.1 backend recording every byte it receives ([`raw::RawHttpBackend`]), and a raw
-//!   client connection with deadlines ([`raw::RawConn`]).
+//!   HTTP/1.1 backend recording every byte it receives and answering as a test scripts it
+//!   ([`raw::RawHttpBackend`]), and a raw client connection with deadlines ([`raw::RawConn`]).
+//! - [`exchange`]: one request described once ([`exchange::Req`]) and sent as hand-written
+//!   HTTP/1.1 or through hyper's h2c client, with the response in one shape for both
+//!   ([`exchange::Resp`]), for the differential test of keel's two front ends.
 //! - [`wait`]: [`wait_until`]/[`wait_for`] polling with a deadline, and the named deadlines
 //!   every test uses instead of bare sleeps.
 //! - [`tempdir`]: a scratch directory removed on drop (kept when a test fails).
@@ -36,6 +39,7 @@
 pub mod backend;
 pub mod client;
 pub mod cluster;
+pub mod exchange;
 pub mod keel;
 pub mod ports;
 pub mod raw;

@@ -7,11 +7,18 @@
 //!   ([`TcpMode::RecordThenAck`]) — which shows both the PROXY protocol header keel prepends and
 //!   that a half-close travels through.
 //! - [`RawHttpBackend`]: an HTTP/1.1 backend written by hand that records every byte it receives
-//!   and every request head it parses, and answers each request `200 ok`. It frames requests as
-//!   a strict server would (Content-Length or chunked), so a request smuggled past keel would
-//!   show up here as a second request head.
+//!   and every request it parses (head bytes, body framing, de-chunked body, trailers), and
+//!   answers each request `200 ok` or, [scripted](RawHttpBackend::scripted), with whatever
+//!   bytes a test's [`Script`] returns for it (interim responses, trailers, a WebSocket
+//!   upgrade). It frames requests as a strict server would (Content-Length or chunked), so a
+//!   request smuggled past keel would show up here as a second request head.
 //! - [`RawConn`]: a client connection that writes bytes when told to and reads responses with
-//!   deadlines, for keep-alive, slow-sending and pipelining tests.
+//!   deadlines, for keep-alive, slow-sending and pipelining tests; [`RawConn::read_message`]
+//!   reads one response with its interim (1xx) heads, framing and trailers.
+//!
+//! One streaming message parser serves both ends: bodies are never buffered whole, only their
+//! first [`BODY_KEPT`] bytes are kept, and a [`Digest`] (length + FNV-1a) stands for the rest,
+//! so 10 MiB bodies are compared without being held twice.
 //!
 //! Like [`Backend`](crate::Backend), each server runs on its own thread and runtime and stops
 //! (closing every connection) on drop.
@@ -22,8 +29,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
 
 use crate::backend::{bind, Running};
 use crate::client::{parse_responses, RawResponse};
@@ -31,7 +41,8 @@ use crate::client::{parse_responses, RawResponse};
 /// How long a server connection waits for the next bytes before giving up on its client.
 const SERVER_IDLE: Duration = Duration::from_secs(30);
 
-/// The most a [`RawHttpBackend`] connection buffers before it gives up on a request.
+/// The longest head or chunk-size line the message parser buffers before it gives up (bodies
+/// stream through without being buffered whole).
 const MAX_BUFFER: usize = 1 << 20;
 
 /// What a [`TcpServer`] does with a connection.
@@ -193,21 +204,318 @@ async fn record_then_ack(mut stream: TcpStream, received: &Mutex<Vec<Vec<u8>>>) 
     stream.shutdown().await
 }
 
-/// One request head as a [`RawHttpBackend`] parsed it.
+/// A running FNV-1a (64-bit) digest and length of a byte stream: how a large body is compared
+/// without keeping it. Stable across runs and processes, unlike `std`'s hashers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Digest {
+    /// Bytes seen.
+    pub len: u64,
+    /// FNV-1a of those bytes.
+    pub hash: u64,
+}
+
+impl Default for Digest {
+    fn default() -> Self {
+        Digest { len: 0, hash: 0xcbf2_9ce4_8422_2325 }
+    }
+}
+
+impl std::fmt::Debug for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} bytes, fnv1a {:016x}", self.len, self.hash)
+    }
+}
+
+impl Digest {
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Digest {
+        let mut d = Digest::default();
+        d.update(bytes);
+        d
+    }
+
+    /// Adds `bytes` to the stream.
+    pub fn update(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.hash ^= u64::from(b);
+            self.hash = self.hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.len += bytes.len() as u64;
+    }
+}
+
+/// Body bytes a [`RawBody`] keeps; beyond that only its length and [`Digest`] are recorded.
+pub const BODY_KEPT: usize = 1 << 20;
+
+/// Bytes [`RawHttpBackend::bytes`] keeps (all connections together); later bytes are only
+/// parsed, so a 10 MiB upload is not held twice.
+const BYTES_KEPT: usize = 4 << 20;
+
+/// How a message body was framed on the wire.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// No body at all: no `Content-Length`, no `Transfer-Encoding` (or a status/method that
+    /// has none).
+    None,
+    /// `Content-Length: n`.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`, with the size of every data chunk in order (the last,
+    /// zero-sized chunk not listed).
+    Chunked(Vec<u64>),
+    /// Delimited by the connection's close (responses only).
+    UntilClose,
+}
+
+/// A message body as it came off the wire: framing, the de-chunked bytes (the first
+/// [`BODY_KEPT`] of them), a digest of all of them, and the trailer fields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawBody {
+    /// How it was framed.
+    pub framing: Framing,
+    /// Length and digest of the whole de-chunked body.
+    pub digest: Digest,
+    /// The first [`BODY_KEPT`] bytes of it.
+    pub kept: Vec<u8>,
+    /// Trailer fields (chunked only), names as received, in order.
+    pub trailers: Vec<(String, String)>,
+}
+
+impl RawBody {
+    fn new(framing: Framing) -> RawBody {
+        RawBody { framing, digest: Digest::default(), kept: Vec::new(), trailers: Vec::new() }
+    }
+
+    fn take(&mut self, bytes: &[u8]) {
+        self.digest.update(bytes);
+        let room = BODY_KEPT.saturating_sub(self.kept.len());
+        self.kept.extend_from_slice(&bytes[..room.min(bytes.len())]);
+    }
+}
+
+/// Which body a message has, decided from its head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyKind {
+    /// None.
+    None,
+    /// This many bytes.
+    Length(u64),
+    /// Chunked, with optional trailers.
+    Chunked,
+    /// Everything until the close.
+    UntilClose,
+}
+
+/// `(request or status line, header lines)` of a head (without its final blank line); names
+/// and values as received, values trimmed.
+pub fn parse_head_lines(head: &[u8]) -> (String, Vec<(String, String)>) {
+    let text = String::from_utf8_lossy(head);
+    let mut lines = text.trim_end_matches("\r\n").split("\r\n");
+    let line = lines.next().unwrap_or_default().to_owned();
+    (line, lines.map(parse_field).collect())
+}
+
+/// `name: value` as `(name, trimmed value)`; a line without a colon is all name.
+fn parse_field(line: &str) -> (String, String) {
+    match line.split_once(':') {
+        Some((k, v)) => (k.to_owned(), v.trim().to_owned()),
+        None => (line.to_owned(), String::new()),
+    }
+}
+
+fn has_chunked(headers: &[(String, String)]) -> bool {
+    headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.to_ascii_lowercase().contains("chunked"))
+}
+
+fn content_length(headers: &[(String, String)]) -> Result<Option<u64>> {
+    match headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("content-length")) {
+        Some((_, v)) => Ok(Some(v.parse().map_err(|_| anyhow!("bad Content-Length {v:?}"))?)),
+        None => Ok(None),
+    }
+}
+
+/// The body a request with these headers carries (RFC 9112 §6.3, as a strict server frames it).
+pub fn request_body_kind(headers: &[(String, String)]) -> Result<BodyKind> {
+    if has_chunked(headers) {
+        return Ok(BodyKind::Chunked);
+    }
+    Ok(content_length(headers)?.map_or(BodyKind::None, BodyKind::Length))
+}
+
+/// The body a response with this status and headers carries; `to_head` for a response to
+/// `HEAD`.
+pub fn response_body_kind(status: u16, to_head: bool, headers: &[(String, String)]) -> Result<BodyKind> {
+    if to_head || (100..200).contains(&status) || status == 204 || status == 304 {
+        return Ok(BodyKind::None);
+    }
+    if has_chunked(headers) {
+        return Ok(BodyKind::Chunked);
+    }
+    Ok(content_length(headers)?.map_or(BodyKind::UntilClose, BodyKind::Length))
+}
+
+/// Sees every byte a [`Wire`] reads (the server's byte log).
+type Tap<'a> = &'a (dyn Fn(&[u8]) + Sync);
+
+/// A byte source for the message parser: a stream, the bytes read ahead of the parser, how
+/// long one read may wait, and an optional tap that sees every byte read.
+struct Wire<'a> {
+    stream: &'a mut TcpStream,
+    buf: &'a mut Vec<u8>,
+    wait: Duration,
+    tap: Option<Tap<'a>>,
+}
+
+impl Wire<'_> {
+    /// Reads more bytes; false at EOF or after `wait` without any.
+    async fn fill(&mut self) -> Result<bool> {
+        let mut chunk = vec![0u8; 64 * 1024];
+        let n = match tokio::time::timeout(self.wait, self.stream.read(&mut chunk)).await {
+            Ok(r) => r?,
+            Err(_) => return Ok(false),
+        };
+        if n == 0 {
+            return Ok(false);
+        }
+        if let Some(tap) = self.tap {
+            tap(&chunk[..n]);
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(true)
+    }
+
+    /// The bytes up to and including the next `\r\n`; `what` names it in errors.
+    async fn line(&mut self, what: &str) -> Result<Vec<u8>> {
+        loop {
+            if let Some(p) = find(self.buf, b"\r\n") {
+                return Ok(self.buf.drain(..p + 2).collect());
+            }
+            if self.buf.len() > MAX_BUFFER {
+                bail!("{what} longer than {MAX_BUFFER} bytes");
+            }
+            if !self.fill().await? {
+                bail!("connection ended inside {what}: {:?}", String::from_utf8_lossy(self.buf));
+            }
+        }
+    }
+
+    /// The next head, up to and including its blank line; `None` if the peer closed (or went
+    /// quiet for `wait`) before sending a byte of it.
+    async fn head(&mut self) -> Result<Option<Vec<u8>>> {
+        loop {
+            if let Some(p) = find(self.buf, b"\r\n\r\n") {
+                return Ok(Some(self.buf.drain(..p + 4).collect()));
+            }
+            if self.buf.len() > MAX_BUFFER {
+                bail!("head longer than {MAX_BUFFER} bytes");
+            }
+            if !self.fill().await? {
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                bail!("connection ended inside a head: {:?}", String::from_utf8_lossy(self.buf));
+            }
+        }
+    }
+
+    /// Reads a body of `kind`, streaming: only [`BODY_KEPT`] bytes of it are kept.
+    async fn body(&mut self, kind: BodyKind) -> Result<RawBody> {
+        match kind {
+            BodyKind::None => Ok(RawBody::new(Framing::None)),
+            BodyKind::Length(len) => {
+                let mut body = RawBody::new(Framing::Length(len));
+                let mut left = len;
+                while left > 0 {
+                    if self.buf.is_empty() && !self.fill().await? {
+                        bail!("connection ended {left} bytes short of a {len}-byte body");
+                    }
+                    let n = (left as usize).min(self.buf.len());
+                    body.take(&self.buf[..n]);
+                    self.buf.drain(..n);
+                    left -= n as u64;
+                }
+                Ok(body)
+            }
+            BodyKind::UntilClose => {
+                let mut body = RawBody::new(Framing::UntilClose);
+                loop {
+                    body.take(self.buf);
+                    self.buf.clear();
+                    if !self.fill().await? {
+                        return Ok(body);
+                    }
+                }
+            }
+            BodyKind::Chunked => {
+                let mut sizes = Vec::new();
+                let mut body = RawBody::new(Framing::Chunked(Vec::new()));
+                loop {
+                    let line = self.line("a chunk-size line").await?;
+                    let text = String::from_utf8_lossy(&line[..line.len() - 2]).into_owned();
+                    let size = u64::from_str_radix(text.split(';').next().unwrap_or("").trim(), 16)
+                        .map_err(|_| anyhow!("bad chunk size {text:?}"))?;
+                    if size == 0 {
+                        loop {
+                            let line = self.line("the trailer section").await?;
+                            if line.len() == 2 {
+                                break;
+                            }
+                            body.trailers.push(parse_field(&String::from_utf8_lossy(&line[..line.len() - 2])));
+                        }
+                        body.framing = Framing::Chunked(sizes);
+                        return Ok(body);
+                    }
+                    sizes.push(size);
+                    let mut left = size;
+                    while left > 0 {
+                        if self.buf.is_empty() && !self.fill().await? {
+                            bail!("connection ended inside a chunk");
+                        }
+                        let n = (left as usize).min(self.buf.len());
+                        body.take(&self.buf[..n]);
+                        self.buf.drain(..n);
+                        left -= n as u64;
+                    }
+                    if self.line("the CRLF after chunk data").await?.len() != 2 {
+                        bail!("chunk data not followed by CRLF");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One request as a [`RawHttpBackend`] received it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecordedRequest {
     /// The request line, e.g. `GET /x HTTP/1.1`.
     pub line: String,
+    /// The head exactly as received, request line to blank line.
+    pub head: Vec<u8>,
     /// Header lines as received, in order.
     pub headers: Vec<(String, String)>,
-    /// The body, de-chunked.
+    /// The body, de-chunked (its first [`BODY_KEPT`] bytes).
     pub body: Vec<u8>,
+    /// The body's framing, digest and trailers.
+    pub raw_body: RawBody,
 }
 
 impl RecordedRequest {
+    /// The method (first word of the request line).
+    pub fn method(&self) -> &str {
+        self.line.split(' ').next().unwrap_or_default()
+    }
+
     /// The request target (second word of the request line).
     pub fn target(&self) -> &str {
         self.line.split(' ').nth(1).unwrap_or_default()
+    }
+
+    /// The path of the target, without its query.
+    pub fn path(&self) -> &str {
+        let t = self.target();
+        t.split('?').next().unwrap_or(t)
     }
 
     /// The first value of header `name` (case-insensitive).
@@ -215,6 +523,42 @@ impl RecordedRequest {
         self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
+
+/// What a [`RawHttpBackend`] does after writing an [`Answer`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Then {
+    /// Reads the next request on the connection (unless the request said `Connection: close`).
+    KeepAlive,
+    /// Closes the connection.
+    Close,
+    /// The answer was a `101`: the connection is a WebSocket now, and every text or binary
+    /// message is echoed until the client closes.
+    WebSocketEcho,
+}
+
+/// The bytes a [`RawHttpBackend`] writes for one request, and what it does next.
+#[derive(Clone, Debug)]
+pub struct Answer {
+    /// Written as they are: interim responses, the head, the body.
+    pub bytes: Vec<u8>,
+    /// What happens after.
+    pub then: Then,
+}
+
+impl Answer {
+    /// `bytes`, then the next request.
+    pub fn keep(bytes: impl Into<Vec<u8>>) -> Answer {
+        Answer { bytes: bytes.into(), then: Then::KeepAlive }
+    }
+
+    /// `bytes`, then a close.
+    pub fn close(bytes: impl Into<Vec<u8>>) -> Answer {
+        Answer { bytes: bytes.into(), then: Then::Close }
+    }
+}
+
+/// How a scripted [`RawHttpBackend`] answers a request.
+pub type Script = Arc<dyn Fn(&RecordedRequest) -> Answer + Send + Sync>;
 
 #[derive(Debug, Default)]
 struct RawLog {
@@ -238,19 +582,29 @@ impl std::fmt::Debug for RawHttpBackend {
 }
 
 impl RawHttpBackend {
-    /// Starts one on a free 127.0.0.1 port.
+    /// Starts one on a free 127.0.0.1 port that answers every request `200 ok`.
     pub fn start() -> Result<RawHttpBackend> {
+        RawHttpBackend::scripted(Arc::new(|_: &RecordedRequest| {
+            Answer::keep(&b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Backend: raw\r\n\r\nok"[..])
+        }))
+    }
+
+    /// Starts one on a free 127.0.0.1 port that answers each request with what `script`
+    /// returns for it (after recording it). A request with `Expect: 100-continue` and a body
+    /// is first answered `100 Continue`, as a server that wants the body does.
+    pub fn scripted(script: Script) -> Result<RawHttpBackend> {
         let listener = bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
         let addr = listener.local_addr()?;
         let log = Arc::new(Mutex::new(RawLog::default()));
         let l = log.clone();
         let running = Running::spawn(listener, "raw-http".into(), move |stream, _| {
             let log = l.clone();
+            let script = script.clone();
             async move {
                 if let Ok(mut g) = log.lock() {
                     g.accepted += 1;
                 }
-                if let Err(e) = serve_raw_http(stream, &log).await {
+                if let Err(e) = serve_raw_http(stream, &log, &script).await {
                     if let Ok(mut g) = log.lock() {
                         g.errors.push(format!("{e:#}"));
                     }
@@ -270,7 +624,8 @@ impl RawHttpBackend {
         self.log.lock().map(|g| g.requests.clone()).unwrap_or_default()
     }
 
-    /// Every byte received so far, all connections concatenated in arrival order.
+    /// Every byte received so far, all connections concatenated in arrival order (the first
+    /// 4 MiB of them).
     pub fn bytes(&self) -> Vec<u8> {
         self.log.lock().map(|g| g.bytes.clone()).unwrap_or_default()
     }
@@ -303,121 +658,52 @@ impl Drop for RawHttpBackend {
     }
 }
 
-/// Reads more bytes into `buf`; false at EOF or after [`SERVER_IDLE`].
-async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>, log: &Mutex<RawLog>) -> Result<bool> {
-    if buf.len() > MAX_BUFFER {
-        bail!("request larger than {MAX_BUFFER} bytes");
-    }
-    let mut chunk = [0u8; 16 * 1024];
-    let n = match tokio::time::timeout(SERVER_IDLE, stream.read(&mut chunk)).await {
-        Ok(r) => r?,
-        Err(_) => return Ok(false),
-    };
-    if n == 0 {
-        return Ok(false);
-    }
-    if let Ok(mut g) = log.lock() {
-        g.bytes.extend_from_slice(&chunk[..n]);
-    }
-    buf.extend_from_slice(&chunk[..n]);
-    Ok(true)
-}
-
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-async fn serve_raw_http(mut stream: TcpStream, log: &Mutex<RawLog>) -> Result<()> {
+async fn serve_raw_http(mut stream: TcpStream, log: &Mutex<RawLog>, script: &Script) -> Result<()> {
+    let tap = |bytes: &[u8]| {
+        if let Ok(mut g) = log.lock() {
+            let room = BYTES_KEPT.saturating_sub(g.bytes.len());
+            g.bytes.extend_from_slice(&bytes[..room.min(bytes.len())]);
+        }
+    };
     let mut buf = Vec::new();
     loop {
-        // The head.
-        let end = loop {
-            if let Some(p) = find(&buf, b"\r\n\r\n") {
-                break p;
-            }
-            if !fill(&mut stream, &mut buf, log).await? {
-                if buf.is_empty() {
-                    return Ok(());
-                }
-                bail!("connection ended inside a request head: {:?}", String::from_utf8_lossy(&buf));
-            }
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-        buf.drain(..end + 4);
-        let mut lines = head.split("\r\n");
-        let line = lines.next().unwrap_or_default().to_owned();
-        let headers: Vec<(String, String)> = lines
-            .map(|l| match l.split_once(':') {
-                Some((k, v)) => (k.to_owned(), v.trim().to_owned()),
-                None => (l.to_owned(), String::new()),
-            })
-            .collect();
-        let mut req = RecordedRequest { line, headers, body: Vec::new() };
-        let chunked = req
-            .headers
-            .iter()
-            .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.to_ascii_lowercase().contains("chunked"));
-        let length = req.header("content-length").map(|v| v.parse::<usize>().map_err(|_| anyhow!("bad length {v:?}")));
-        // The body.
-        if chunked {
-            loop {
-                let eol = loop {
-                    if let Some(p) = find(&buf, b"\r\n") {
-                        break p;
-                    }
-                    if !fill(&mut stream, &mut buf, log).await? {
-                        bail!("connection ended inside a chunk size line");
-                    }
-                };
-                let size_text = String::from_utf8_lossy(&buf[..eol]).into_owned();
-                let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-                    .map_err(|_| anyhow!("bad chunk size {size_text:?}"))?;
-                buf.drain(..eol + 2);
-                if size == 0 {
-                    // Trailers, then the blank line.
-                    loop {
-                        let eol = loop {
-                            if let Some(p) = find(&buf, b"\r\n") {
-                                break p;
-                            }
-                            if !fill(&mut stream, &mut buf, log).await? {
-                                bail!("connection ended inside trailers");
-                            }
-                        };
-                        buf.drain(..eol + 2);
-                        if eol == 0 {
-                            break;
-                        }
-                    }
-                    break;
-                }
-                while buf.len() < size + 2 {
-                    if !fill(&mut stream, &mut buf, log).await? {
-                        bail!("connection ended inside a chunk");
-                    }
-                }
-                if &buf[size..size + 2] != b"\r\n" {
-                    bail!("chunk data not followed by CRLF");
-                }
-                req.body.extend_from_slice(&buf[..size]);
-                buf.drain(..size + 2);
-            }
-        } else if let Some(len) = length {
-            let len = len?;
-            while buf.len() < len {
-                if !fill(&mut stream, &mut buf, log).await? {
-                    bail!("connection ended inside a body");
-                }
-            }
-            req.body = buf.drain(..len).collect();
+        let mut wire = Wire { stream: &mut stream, buf: &mut buf, wait: SERVER_IDLE, tap: Some(&tap) };
+        let Some(head) = wire.head().await? else { return Ok(()) };
+        let (line, headers) = parse_head_lines(&head);
+        let kind = request_body_kind(&headers)?;
+        let expects =
+            headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("expect") && v.eq_ignore_ascii_case("100-continue"));
+        if expects && kind != BodyKind::None && kind != BodyKind::Length(0) {
+            wire.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
         }
+        let raw_body = wire.body(kind).await?;
+        let req = RecordedRequest { line, head, headers, body: raw_body.kept.clone(), raw_body };
         let close = req.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        let answer = script(&req);
         if let Ok(mut g) = log.lock() {
             g.requests.push(req);
         }
-        stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Backend: raw\r\n\r\nok").await?;
-        if close {
-            return Ok(());
+        stream.write_all(&answer.bytes).await?;
+        match answer.then {
+            Then::Close => return Ok(()),
+            Then::KeepAlive if close => return Ok(()),
+            Then::KeepAlive => {}
+            Then::WebSocketEcho => {
+                if !buf.is_empty() {
+                    bail!("{} bytes arrived after an upgrade request before its 101", buf.len());
+                }
+                let mut ws = WebSocketStream::from_raw_socket(stream, Role::Server, None).await;
+                while let Some(Ok(msg)) = ws.next().await {
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+                return Ok(());
+            }
         }
     }
 }
@@ -427,6 +713,21 @@ async fn serve_raw_http(mut stream: TcpStream, log: &Mutex<RawLog>) -> Result<()
 pub struct RawConn {
     stream: TcpStream,
     buf: Vec<u8>,
+}
+
+/// A response as [`RawConn::read_message`] read it off the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawMessage {
+    /// The interim (1xx, not 101) responses before the final one: status and header lines.
+    pub interim: Vec<(u16, Vec<(String, String)>)>,
+    /// The final status (101 included: the connection has switched protocols after it).
+    pub status: u16,
+    /// The final head exactly as received, status line to blank line.
+    pub head: Vec<u8>,
+    /// The final head's header lines as received, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body: framing, digest, kept bytes, trailers.
+    pub body: RawBody,
 }
 
 /// What a read on a [`RawConn`] saw.
@@ -469,6 +770,44 @@ impl RawConn {
     /// Half-closes the write side.
     pub async fn shutdown_write(&mut self) -> std::io::Result<()> {
         self.stream.shutdown().await
+    }
+
+    /// Reads one whole response, its interim (1xx) responses first, streaming its body (see
+    /// [`RawBody`]); `to_head` when it answers a `HEAD` (no body, whatever the head says).
+    /// Fails on a close before the response is complete, on bad framing, or after `deadline`.
+    pub async fn read_message(&mut self, to_head: bool, deadline: Duration) -> Result<RawMessage> {
+        let read = async {
+            let mut wire = Wire { stream: &mut self.stream, buf: &mut self.buf, wait: deadline, tap: None };
+            let mut interim = Vec::new();
+            loop {
+                let head = wire.head().await?.ok_or_else(|| anyhow!("closed before a response head"))?;
+                let (line, headers) = parse_head_lines(&head);
+                let status: u16 = line
+                    .strip_prefix("HTTP/1.")
+                    .and_then(|l| l.split(' ').nth(1))
+                    .and_then(|c| c.parse().ok())
+                    .ok_or_else(|| anyhow!("bad status line {line:?}"))?;
+                if (100..200).contains(&status) && status != 101 {
+                    interim.push((status, headers));
+                    continue;
+                }
+                let body = wire.body(response_body_kind(status, to_head, &headers)?).await?;
+                return Ok(RawMessage { interim, status, head, headers, body });
+            }
+        };
+        let outcome = tokio::time::timeout(deadline, read).await;
+        match outcome {
+            Ok(r) => r,
+            Err(_) => {
+                bail!("no complete response within {deadline:?}; buffered: {:?}", String::from_utf8_lossy(&self.buf))
+            }
+        }
+    }
+
+    /// The stream and the bytes read from it but not yet consumed (after a `101`, the start of
+    /// the new protocol).
+    pub fn into_parts(self) -> (TcpStream, Vec<u8>) {
+        (self.stream, self.buf)
     }
 
     /// Reads until one complete response is buffered (framed by Content-Length, chunked, or
@@ -647,5 +986,65 @@ mod tests {
         let c = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n";
         let (r, used) = complete_response(c).expect("chunked");
         assert_eq!((r.body.as_slice(), used), (&b"ok"[..], c.len()));
+    }
+
+    #[test]
+    fn digests_are_fnv1a_and_streaming() {
+        // FNV-1a 64 test vectors.
+        assert_eq!(Digest::default().hash, 0xcbf2_9ce4_8422_2325);
+        assert_eq!(Digest::of(b"a").hash, 0xaf63_dc4c_8601_ec8c);
+        let mut d = Digest::default();
+        d.update(b"foo");
+        d.update(b"bar");
+        assert_eq!(d, Digest::of(b"foobar"));
+        assert_eq!(d.len, 6);
+    }
+
+    #[test]
+    fn body_kinds_follow_rfc_9112() {
+        let h =
+            |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect::<Vec<_>>();
+        let cl = h(&[("Content-Length", "5")]);
+        let te = h(&[("Transfer-Encoding", "chunked"), ("Content-Length", "5")]);
+        assert_eq!(request_body_kind(&cl).expect("cl"), BodyKind::Length(5));
+        assert_eq!(request_body_kind(&te).expect("te"), BodyKind::Chunked);
+        assert_eq!(request_body_kind(&[]).expect("none"), BodyKind::None);
+        assert!(request_body_kind(&h(&[("content-length", "x")])).is_err());
+        assert_eq!(response_body_kind(200, true, &cl).expect("head"), BodyKind::None);
+        assert_eq!(response_body_kind(304, false, &cl).expect("304"), BodyKind::None);
+        assert_eq!(response_body_kind(200, false, &[]).expect("close"), BodyKind::UntilClose);
+        let (line, fields) = parse_head_lines(b"HTTP/1.1 200 OK\r\nA: 1\r\nb:2 \r\n\r\n");
+        assert_eq!(line, "HTTP/1.1 200 OK");
+        assert_eq!(fields, h(&[("A", "1"), ("b", "2")]));
+    }
+
+    #[tokio::test]
+    async fn messages_are_read_with_interim_heads_chunks_and_trailers() -> Result<()> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await?;
+            s.write_all(
+                b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n\
+                  HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x=1\r\nabc\r\n2\r\nde\r\n0\r\nX-T: 1\r\n\r\n\
+                  HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n",
+            )
+            .await?;
+            s.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil close").await?;
+            std::io::Result::Ok(())
+        });
+        let mut c = RawConn::connect(addr).await?;
+        let m = c.read_message(false, Duration::from_secs(5)).await?;
+        assert_eq!((m.interim.len(), m.interim[0].0, m.status), (1, 103, 200));
+        assert_eq!(m.body.framing, Framing::Chunked(vec![3, 2]));
+        assert_eq!((m.body.kept.as_slice(), m.body.digest), (&b"abcde"[..], Digest::of(b"abcde")));
+        assert_eq!(m.body.trailers, vec![("X-T".to_owned(), "1".to_owned())]);
+        // A HEAD answer has no body whatever its length says.
+        let m = c.read_message(true, Duration::from_secs(5)).await?;
+        assert_eq!((m.status, m.body.framing), (200, Framing::None));
+        let m = c.read_message(false, Duration::from_secs(5)).await?;
+        assert_eq!((m.body.framing, m.body.kept), (Framing::UntilClose, b"until close".to_vec()));
+        server.await??;
+        Ok(())
     }
 }

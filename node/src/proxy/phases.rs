@@ -373,7 +373,8 @@ fn choose(pool: &Pool, bound: Option<usize>, hash: u64, attempt: usize, tried: &
 }
 
 /// The request as a server gets it: hop-by-hop headers out, `X-Forwarded-*` in, `Host` set to
-/// the request's one authority; no `Expect` (the client's `100 Continue` is keel's to send) and
+/// the request's one authority, an HTTP/2 client's cookie crumbs joined into one `Cookie`; no
+/// `Expect` (the client's `100 Continue` is keel's to send) and
 /// no framing headers (keel's client states the framing it sends).
 fn rewrite_request(
     parts: &mut http::request::Parts,
@@ -385,6 +386,9 @@ fn rewrite_request(
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.headers.remove(header::EXPECT);
     parts.headers.remove(header::CONTENT_LENGTH);
+    if parts.version == Version::HTTP_2 {
+        headers::join_cookie_crumbs(&mut parts.headers);
+    }
     headers::add_forwarded(&mut parts.headers, &peer.forwarded_for, proto, authority);
     if let Some(a) = authority {
         parts.headers.insert(header::HOST, a.clone());
