@@ -41,8 +41,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::guard::{ConnActivity, Deadlines, GuardedIo, Prefixed};
-use super::h1::codec::poll_fill;
+use super::guard::{ConnActivity, Deadlines, GuardedIo};
+use super::h1::codec::{poll_fill, Prefixed};
 pub(super) use super::h1::server::{self as h1, Outcome};
 use super::h2::H2;
 use super::lot::{Lot, Woken};

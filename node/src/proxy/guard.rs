@@ -13,8 +13,7 @@
 //!   two timeouts apart, as HAProxy's `timeout http-request` and `timeout http-keep-alive` are.
 //!
 //! What is in flight is known from [`ConnActivity`], which the request path updates per request
-//! (a [`RequestGuard`] lives until the response has been sent). [`Prefixed`] hands bytes read
-//! ahead back to whatever reads the stream next (an HTTP/2 session, a tunnel).
+//! (a [`RequestGuard`] lives until the response has been sent).
 
 use std::future::Future;
 use std::io;
@@ -326,58 +325,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
-/// A stream whose first bytes were already read elsewhere (to sniff the HTTP/2 preface, or
-/// pipelined behind an upgrade request): those bytes come first, then the stream's.
-pub struct Prefixed<T> {
-    io: T,
-    prefix: bytes::Bytes,
-}
-
-impl<T> Prefixed<T> {
-    /// `io`, read from after `prefix`.
-    pub fn new(io: T, prefix: bytes::Bytes) -> Self {
-        Prefixed { io, prefix }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.prefix.is_empty() {
-            let n = this.prefix.len().min(buf.remaining());
-            buf.put_slice(&this.prefix.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 

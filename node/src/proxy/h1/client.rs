@@ -53,7 +53,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-use super::codec::{self, parse_content_length, Decoded, Decoder, Framing, WriteBodyError};
+use super::codec::{self, parse_content_length, poll_fill, Decoded, Decoder, Framing, Prefixed, WriteBodyError};
 use crate::tls::UpstreamTls;
 
 /// Most headers accepted in a response head.
@@ -225,8 +225,10 @@ impl IdleConns {
 }
 
 /// A connection to a server, plain or TLS.
-enum Stream {
+pub enum Stream {
+    /// Clear text.
     Plain(TcpStream),
+    /// TLS, for pools with `[pools.<name>.tls]`.
     Tls(Box<TlsStream<TcpStream>>),
 }
 
@@ -309,22 +311,6 @@ impl Conn {
     async fn fill(&mut self) -> io::Result<usize> {
         std::future::poll_fn(|cx| poll_fill(&mut self.stream, &mut self.buf, cx, HEAD_CHUNK)).await
     }
-}
-
-/// Reads once into `buf`, first reserving `want` bytes when less than a quarter of that is free.
-/// keel's server path reads client connections the same way.
-pub(crate) fn poll_fill<R: AsyncRead + Unpin>(
-    stream: &mut R,
-    buf: &mut BytesMut,
-    cx: &mut Context<'_>,
-    want: usize,
-) -> Poll<io::Result<usize>> {
-    if buf.capacity() - buf.len() < want / 4 {
-        buf.reserve(want);
-    }
-    // Through `AsyncRead` (not `try_read_buf`): a short read clears the cached readiness, which
-    // is what lets `Conn::is_quiet` trust it once the connection is idle.
-    tokio_util::io::poll_read_buf(Pin::new(stream), cx, buf)
 }
 
 /// Sends one request to `up` and returns the response with its body still streaming from the
@@ -748,7 +734,7 @@ impl ResponseBody {
     /// protocol. `None` for any other response.
     pub fn into_upgraded(mut self) -> Option<Upgraded> {
         let conn = self.upgraded.take()?;
-        Some(Upgraded { stream: conn.stream, read_ahead: conn.buf })
+        Some(Prefixed::new(conn.stream, conn.buf.freeze()))
     }
 
     /// The body has ended: keep the connection if it may carry another exchange.
@@ -831,54 +817,7 @@ impl Body for ResponseBody {
 
 /// A server connection after a 101: the bytes the server sent past the 101 head come first,
 /// then the connection itself, plain or TLS.
-pub struct Upgraded {
-    stream: Stream,
-    read_ahead: BytesMut,
-}
-
-impl std::fmt::Debug for Upgraded {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Upgraded").field("read_ahead", &self.read_ahead.len()).finish_non_exhaustive()
-    }
-}
-
-impl AsyncRead for Upgraded {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.read_ahead.is_empty() {
-            let n = this.read_ahead.len().min(buf.remaining());
-            buf.put_slice(&this.read_ahead.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Upgraded {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
-}
+pub type Upgraded = Prefixed<Stream>;
 
 #[cfg(test)]
 mod tests {

@@ -38,9 +38,9 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
-use super::codec::{self, poll_fill, Decoded, Decoder, Framing};
+use super::codec::{self, poll_fill, Decoded, Decoder, Framing, Prefixed};
 use crate::proxy::error::plain_response;
-use crate::proxy::guard::{ConnActivity, GuardedIo, Prefixed};
+use crate::proxy::guard::{ConnActivity, GuardedIo};
 use crate::proxy::phases::{HttpProxy, Peer, ProxyBody};
 
 /// Read size for request heads and bodies.
