@@ -108,6 +108,12 @@ async fn stalled_uploads_are_408_and_never_count_against_the_server() -> Result<
         ensure!(status == 408, "stalled upload {i} got {status}");
     }
     eprintln!("6 stalled uploads answered 408 within {:?}", started.elapsed());
+    // Clients that give up mid-body (half-close: they can still read the answer), buffered
+    // and streamed: their own fault, 400.
+    for len in [2000, 20_000, 20_000, 20_000] {
+        let status = abandon(addr, len, 500).await?;
+        ensure!(status == 400, "an upload abandoned after 500 of {len} bytes got {status}");
+    }
 
     let r = get_fresh(addr, "/").await?;
     ensure!(
@@ -123,11 +129,21 @@ async fn stalled_uploads_are_408_and_never_count_against_the_server() -> Result<
         "client faults were counted against the server: broken {broken}, timeouts {timeouts}"
     );
     ensure!(
-        backend.accepted() <= 4,
-        "only the 3 streamed uploads and the GET may reach the server: {}",
+        backend.accepted() <= 7,
+        "only the 6 streamed uploads and the GET may reach the server: {}",
         backend.accepted()
     );
     Ok(())
+}
+
+/// Sends a `POST` declaring `len` bytes, `send` of them, then half-closes; the answer's status.
+async fn abandon(addr: SocketAddr, len: usize, send: usize) -> Result<u16> {
+    let mut c = RawConn::connect(addr).await?;
+    let mut bytes = format!("POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n").into_bytes();
+    bytes.resize(bytes.len() + send, b'a');
+    c.write(&bytes).await?;
+    c.shutdown_write().await?;
+    answer(&mut c, HOSTILE).await
 }
 
 // On f88c390 the pool's request timeout (here 1 s) bounded the whole exchange, upload
@@ -402,5 +418,26 @@ async fn retries_stay_within_the_budget_when_every_server_fails() -> Result<()> 
     ensure!(seen <= clients + clients, "the budget let {seen} attempts through for {clients} clients");
     ensure!(retries == (seen - clients) as f64, "keel_retries_total {retries} for {seen} attempts");
     ensure!(refused >= 1.0, "the budget refused nothing: {refused}");
+    Ok(())
+}
+
+// On f88c390 there was no total timeout: a request waited the whole response timeout (here
+// 10 s) for a server that takes 3 s.
+#[tokio::test]
+async fn total_timeout_bounds_the_exchange_and_blames_no_server() -> Result<()> {
+    let app = keel_tests::Backend::start("app")?;
+    let pool = PoolSpec::new("app", "round_robin")
+        .backends([&app])
+        .set("response_timeout = \"10s\"")
+        .set("total_timeout = \"700ms\"")
+        .outlier(1, "30s");
+    let keel = Keel::builder().default_pool("app").pool(pool).start().await?;
+    let started = Instant::now();
+    let r = get_fresh(keel.proxy_addr(), "/slow?ms=3000").await?;
+    let took = started.elapsed();
+    ensure!(r.status == 504, "a 3 s server under a 700 ms total_timeout: {} {:?}", r.status, r.text());
+    ensure!(took < Duration::from_millis(2500), "answered after {took:?}");
+    let s = keel.server_status("app", "app").await?;
+    ensure!(s["state"] == "up" && s["timeouts"] == 0, "the total timeout was blamed on the server: {s}");
     Ok(())
 }
