@@ -290,7 +290,7 @@ async fn serve_flaky(mut stream: TcpStream, how: Flakiness, attempts: &AtomicU64
     }
     let n = attempts.fetch_add(1, Ordering::SeqCst);
     let reset = match how {
-        Flakiness::ResetEvenAttempts => n % 2 == 0,
+        Flakiness::ResetEvenAttempts => n.is_multiple_of(2),
         Flakiness::ResetAll { hold } => {
             tokio::time::sleep(hold).await;
             true

@@ -343,7 +343,19 @@ impl HttpProxy {
         let mut tried = [usize::MAX; MAX_RETRIES as usize + 1];
         // What the client gets if no later attempt does better: the last failure, or a 502/503
         // kept while another server is tried.
-        let mut last: Option<Result<(Response<ResponseBody>, usize, InFlight), ProxyError>> = None;
+        let mut last: Option<Attempt> = None;
+        // Phase 7 for the response the client gets.
+        let finish = |resp: Response<ResponseBody>, index: usize, in_flight: InFlight| {
+            pool.latency.observe(started.elapsed());
+            let learn = routed.sticky.as_deref().map(|policy| Learn {
+                policy,
+                chosen: index,
+                hit: bound == Some(index),
+                request_headers: sticky_headers.as_ref(),
+                source: &peer.source,
+            });
+            respond(resp, in_flight, learn, &pool.servers)
+        };
         for attempt in 0..attempts {
             let Some(index) = choose(pool, bound, hash, attempt, &tried) else { break };
             // A retry needs room in the pool's budget; without it the request ends with what it
@@ -377,11 +389,10 @@ impl HttpProxy {
                         && status.is_server_error()
                         && retry::policy(&pool.config, &parts.method, outgoing.replayable(), failure)
                     {
-                        last = Some(Ok((resp, index, in_flight)));
+                        last = Some(Attempt::Answered(Box::new(resp), index, in_flight));
                         continue;
                     }
-                    last = Some(Ok((resp, index, in_flight)));
-                    break;
+                    return Ok(finish(resp, index, in_flight));
                 }
                 Err(e) => {
                     let failure = match &e {
@@ -393,7 +404,7 @@ impl HttpProxy {
                     let retry = error.counts_against_server()
                         && failure
                             .is_some_and(|f| retry::policy(&pool.config, &parts.method, outgoing.replayable(), f));
-                    last = Some(Err(error));
+                    last = Some(Attempt::Failed(error));
                     if !(more && retry) {
                         break;
                     }
@@ -401,18 +412,8 @@ impl HttpProxy {
             }
         }
         match last {
-            Some(Ok((resp, index, in_flight))) => {
-                pool.latency.observe(started.elapsed());
-                let learn = routed.sticky.as_deref().map(|policy| Learn {
-                    policy,
-                    chosen: index,
-                    hit: bound == Some(index),
-                    request_headers: sticky_headers.as_ref(),
-                    source: &peer.source,
-                });
-                Ok(respond(resp, in_flight, learn, &pool.servers))
-            }
-            Some(Err(error)) => Err(error),
+            Some(Attempt::Answered(resp, index, in_flight)) => Ok(finish(*resp, index, in_flight)),
+            Some(Attempt::Failed(error)) => Err(error),
             None => Err(ProxyError::new(ErrorKind::NoServer, Some(&pool.name), None)),
         }
     }
@@ -468,6 +469,15 @@ fn rewrite_request(
     if let Some(a) = authority {
         parts.headers.insert(header::HOST, a.clone());
     }
+}
+
+/// How an attempt ended.
+enum Attempt {
+    /// A 502/503 from server `index`, kept while another server is tried (boxed: the rare
+    /// path).
+    Answered(Box<Response<ResponseBody>>, usize, InFlight),
+    /// A failure, already blamed.
+    Failed(ProxyError),
 }
 
 /// The request body as the attempts see it.
