@@ -128,6 +128,11 @@ pub struct Limits {
     /// Largest request body, in bytes; larger gets 413.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: u64,
+    /// Request bodies up to this many bytes (declared by `Content-Length`, or chunked bodies
+    /// that end within it) are read whole, under the body limits above, before a server is
+    /// chosen; larger ones stream. 0 = always stream (nginx's `proxy_request_buffering off`).
+    #[serde(default = "default_request_buffer")]
+    pub request_buffer: u64,
     /// How long an idle keep-alive connection is kept open.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: HumanDuration,
@@ -147,6 +152,7 @@ impl Default for Limits {
             max_header_bytes: default_max_header_bytes(),
             max_headers: default_max_headers(),
             max_body_bytes: default_max_body_bytes(),
+            request_buffer: default_request_buffer(),
             idle_timeout: default_idle_timeout(),
             max_requests_per_connection: default_max_requests_per_connection(),
         }
@@ -155,6 +161,10 @@ impl Default for Limits {
 
 /// Smallest `max_header_bytes` accepted: hyper's own floor for its read buffer.
 pub const MIN_HEADER_BYTES: u32 = 8192;
+
+/// Largest `request_buffer` accepted: a buffered body is held in memory, once per request in
+/// flight, so a few thousand uploads at this size are already gigabytes.
+pub const MAX_REQUEST_BUFFER: u64 = 16 * 1024 * 1024;
 
 fn yes() -> bool {
     true
@@ -188,6 +198,9 @@ fn default_max_headers() -> u32 {
 }
 fn default_max_body_bytes() -> u64 {
     10 * 1024 * 1024
+}
+fn default_request_buffer() -> u64 {
+    64 * 1024
 }
 fn default_idle_timeout() -> HumanDuration {
     HumanDuration::from_secs(60)

@@ -37,6 +37,7 @@ pub mod edge;
 pub mod model;
 pub mod network;
 pub mod node;
+pub mod retry_config;
 pub mod state;
 pub mod sticky_config;
 pub mod store;

@@ -16,8 +16,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::duration::HumanDuration;
 pub use crate::edge::{
-    BackendTls, CertificateFiles, Limits, ListenerTls, ProxyProtocol, RateLimit, TlsVersion, MIN_HEADER_BYTES,
+    BackendTls, CertificateFiles, Limits, ListenerTls, ProxyProtocol, RateLimit, TlsVersion, MAX_REQUEST_BUFFER,
+    MIN_HEADER_BYTES,
 };
+pub use crate::retry_config::{Percent, RetryOn};
 pub use crate::sticky_config::{SameSite, Sticky, StickyMode, StickyStore};
 
 /// Highest server weight accepted, as in HAProxy (1–256).
@@ -193,15 +195,30 @@ pub struct Pool {
     /// Time allowed to open a TCP connection to a server.
     #[serde(default = "defaults::connect_timeout")]
     pub connect_timeout: HumanDuration,
-    /// Time allowed from sending a request to receiving the response head.
-    #[serde(default = "defaults::request_timeout")]
-    pub request_timeout: HumanDuration,
+    /// Time allowed from the whole request sent (body included) to the response head; the
+    /// upload itself is the client's, bounded by the listener's body limits. Read under its old
+    /// name `request_timeout` too.
+    #[serde(default = "defaults::response_timeout", alias = "request_timeout")]
+    pub response_timeout: HumanDuration,
+    /// Bound on everything between the request head received and the response head sent: the
+    /// upload, every attempt and retry. Off when absent.
+    #[serde(default)]
+    pub total_timeout: Option<HumanDuration>,
     /// How long an unused pooled connection to a server is kept.
     #[serde(default = "defaults::idle_timeout")]
     pub idle_timeout: HumanDuration,
-    /// How many other servers to try after a connect failure.
+    /// How many other servers to try after a failure `retry_on` names.
     #[serde(default = "defaults::retries")]
     pub retries: u32,
+    /// Failures after which another server is tried.
+    #[serde(default = "defaults::retry_on")]
+    pub retry_on: Vec<RetryOn>,
+    /// Retries in flight at most this share of the pool's requests in flight…
+    #[serde(default = "defaults::retry_budget")]
+    pub retry_budget: Percent,
+    /// …but always at least this many, so a quiet pool can still retry.
+    #[serde(default = "defaults::retry_budget_min")]
+    pub retry_budget_min: u32,
     /// Speak TLS to the servers.
     #[serde(default)]
     pub tls: Option<BackendTls>,
@@ -372,16 +389,28 @@ pub mod defaults {
         HumanDuration::from_secs(2)
     }
     /// 30s, HAProxy's customary `timeout server`.
-    pub fn request_timeout() -> HumanDuration {
+    pub fn response_timeout() -> HumanDuration {
         HumanDuration::from_secs(30)
     }
     /// 60s.
     pub fn idle_timeout() -> HumanDuration {
         HumanDuration::from_secs(60)
     }
-    /// 2 other servers after a connect failure.
+    /// 2 other servers.
     pub fn retries() -> u32 {
         2
+    }
+    /// Connect failures only: the one failure where the request certainly reached no server.
+    pub fn retry_on() -> Vec<RetryOn> {
+        vec![RetryOn::ConnectFailure]
+    }
+    /// 20%, Envoy's default retry budget.
+    pub fn retry_budget() -> Percent {
+        Percent::saturating(20)
+    }
+    /// 3, Envoy's `min_retry_concurrency`.
+    pub fn retry_budget_min() -> u32 {
+        3
     }
     /// Weight 1.
     pub fn weight() -> u32 {
@@ -627,12 +656,35 @@ impl Config {
             }
             for (key, d) in [
                 ("connect_timeout", pool.connect_timeout),
-                ("request_timeout", pool.request_timeout),
+                ("response_timeout", pool.response_timeout),
                 ("idle_timeout", pool.idle_timeout),
             ] {
                 if d.get().is_zero() {
                     report(at.key(key), "must be greater than zero".into());
                 }
+            }
+            if pool.total_timeout.is_some_and(|d| d.get().is_zero()) {
+                report(at.key("total_timeout"), "must be greater than zero (remove the key to turn it off)".into());
+            }
+            let mut seen = HashSet::new();
+            for (i, on) in pool.retry_on.iter().enumerate() {
+                if !seen.insert(*on) {
+                    report(at.key("retry_on").index(i), format!("{on:?} is listed twice", on = on.as_str()));
+                }
+            }
+            if seen.contains(&RetryOn::NonIdempotent)
+                && !seen.iter().any(|on| matches!(on, RetryOn::EmptyResponse | RetryOn::Status502 | RetryOn::Status503))
+            {
+                report(
+                    at.key("retry_on"),
+                    "\"non-idempotent\" only widens \"empty-response\", \"502\" and \"503\"; list one of them".into(),
+                );
+            }
+            if pool.retries > 0 && pool.retry_budget.get() == 0 && pool.retry_budget_min == 0 {
+                report(
+                    at.key("retry_budget"),
+                    "a budget of 0% with retry_budget_min = 0 allows no retry; set retries = 0 instead".into(),
+                );
             }
             if pool.outlier.consecutive_failures > 0 && pool.outlier.ejection.get().is_zero() {
                 report(at.key("outlier").key("ejection"), "must be greater than zero".into());
@@ -722,6 +774,12 @@ fn check_limits(l: &Limits, at: &KeyPath, report: &mut impl FnMut(KeyPath, Strin
         if v == 0 {
             report(at.key(key), "must be at least 1".into());
         }
+    }
+    if l.request_buffer > MAX_REQUEST_BUFFER {
+        report(
+            at.key("request_buffer"),
+            format!("must be at most {MAX_REQUEST_BUFFER} (16 MiB): a buffered body is held in memory"),
+        );
     }
     if l.max_header_bytes < MIN_HEADER_BYTES {
         report(at.key("max_header_bytes"), format!("must be at least {MIN_HEADER_BYTES}"));

@@ -92,6 +92,10 @@ pub struct PoolStatus {
     pub algorithm: String,
     /// Servers able to take requests now.
     pub available: usize,
+    /// Requests sent again to another server (`retry_on`) since the pool was built.
+    pub retries: u64,
+    /// Retries the retry budget refused since the pool was built.
+    pub retry_budget_exhausted: u64,
     /// Servers.
     pub servers: Vec<ServerStatus>,
 }
@@ -158,6 +162,8 @@ pub fn status(snapshot: &Snapshot) -> Status {
                 name: p.name.clone(),
                 algorithm: p.config.algorithm.to_string(),
                 available: p.servers.iter().filter(|s| s.is_eligible()).count(),
+                retries: p.retries.total(),
+                retry_budget_exhausted: p.retries.exhausted(),
                 servers: p.servers.iter().map(|s| ServerStatus::of(s)).collect(),
             })
             .collect(),

@@ -388,6 +388,9 @@ fn line_of(text: &str, offset: usize) -> usize {
     text.as_bytes()[..offset.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
 }
 
+/// Keys renamed whose old name still reads: (new, old).
+const KEY_ALIASES: &[(&str, &str)] = &[("response_timeout", "request_timeout")];
+
 /// The line where `path` is written, or the nearest enclosing key that is written (a missing
 /// key is best shown at the table that lacks it).
 fn locate(text: &str, root: &DeTable<'_>, path: &KeyPath) -> Option<usize> {
@@ -397,7 +400,10 @@ fn locate(text: &str, root: &DeTable<'_>, path: &KeyPath) -> Option<usize> {
     for seg in &path.0 {
         let (span, value) = match seg {
             PathSegment::Key(k) => {
-                let (key, value) = table?.iter().find(|(key, _)| key.get_ref().as_ref() == &k[..])?;
+                // A key may be written under its old name (serde's alias).
+                let old = KEY_ALIASES.iter().find(|(new, _)| new == k).map(|(_, old)| *old);
+                let named = |key: &str| key == k || Some(key) == old;
+                let (key, value) = table?.iter().find(|(key, _)| named(key.get_ref().as_ref()))?;
                 (key.span(), value)
             }
             PathSegment::Index(i) => {

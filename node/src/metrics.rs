@@ -31,6 +31,10 @@ pub const BROKEN_TOTAL: &str = "keel_server_broken_total";
 pub const ACTIVE: &str = "keel_server_active_requests";
 /// 1 when the server may receive requests, else 0.
 pub const SERVER_UP: &str = "keel_server_up";
+/// Requests sent again to another server (`retry_on`), by pool.
+pub const RETRIES_TOTAL: &str = "keel_retries_total";
+/// Retries the pool's retry budget refused, by pool.
+pub const RETRY_BUDGET_EXHAUSTED_TOTAL: &str = "keel_retry_budget_exhausted_total";
 /// Requests refused before reaching a pool, by reason (no route, no server).
 pub const REJECTED_TOTAL: &str = "keel_requests_rejected_total";
 
@@ -205,6 +209,19 @@ pub fn render(snapshot: &Snapshot, rejections: &Rejections, listeners: &[Listene
     header(&mut out, REQUEST_DURATION, "histogram", "Time from request to response head, by pool.");
     for pool in snapshot.pools.values() {
         pool.latency.render(&mut out, REQUEST_DURATION, &format!("pool=\"{}\"", label(&pool.name)));
+    }
+    type PerPool = (&'static str, &'static str, fn(&crate::pool::Pool) -> u64);
+    let per_pool: [PerPool; 2] = [
+        (RETRIES_TOTAL, "Requests sent again to another server after a failure retry_on names.", |p| p.retries.total()),
+        (RETRY_BUDGET_EXHAUSTED_TOTAL, "Retries refused because the pool's retry budget was spent.", |p| {
+            p.retries.exhausted()
+        }),
+    ];
+    for (name, help, get) in per_pool {
+        header(&mut out, name, "counter", help);
+        for pool in snapshot.pools.values() {
+            let _ = writeln!(out, "{name}{{pool=\"{}\"}} {}", label(&pool.name), get(pool));
+        }
     }
     header(&mut out, REJECTED_TOTAL, "counter", "Requests answered by keel itself without reaching a server.");
     let _ = writeln!(out, "{REJECTED_TOTAL}{{reason=\"no_route\"}} {}", rejections.no_route.load(Ordering::Relaxed));

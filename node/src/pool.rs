@@ -23,6 +23,7 @@ use crate::balance::{self, Member, Pick, Selector};
 use crate::health::outlier::OutlierState;
 use crate::metrics::Histogram;
 use crate::proxy::h1::client::IdleConns;
+use crate::proxy::retry::RetryBudget;
 use crate::tls::{TlsError, UpstreamTls};
 
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
@@ -181,6 +182,8 @@ pub struct Pool {
     pub tls: Option<Arc<UpstreamTls>>,
     /// Time to response head of requests served by this pool.
     pub latency: Histogram,
+    /// Retries in flight (the pool's retry budget) and retry counters.
+    pub retries: RetryBudget,
     /// Self-reference handed to timers, so a pool dropped by a reload is not kept alive by them.
     this: Weak<Pool>,
     /// Set in cluster mode.
@@ -214,6 +217,7 @@ impl Pool {
             selector: ArcSwap::from_pointee(balance::build(config.algorithm, &[])),
             tls,
             latency: Histogram::default(),
+            retries: RetryBudget::default(),
             this: this.clone(),
             reporter: OnceLock::new(),
         });
@@ -291,6 +295,11 @@ impl Pool {
             self.refresh();
         }
         Ok(())
+    }
+
+    /// Requests in flight on the pool's servers now (what the retry budget is a share of).
+    pub fn active(&self) -> usize {
+        self.servers.iter().map(|s| s.active.load(Ordering::Relaxed)).sum()
     }
 
     /// Feeds a request outcome to passive outlier detection. `ok` is false for a connect

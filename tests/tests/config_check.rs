@@ -256,6 +256,74 @@ fn wrong_value_type() -> Result<()> {
 }
 
 #[test]
+fn request_timeout_is_the_old_name_of_response_timeout() -> Result<()> {
+    // The old name is reported under the new one, on the line where it is written.
+    expect_problem(
+        &broken("request_timeout = \"30s\"", 0, "request_timeout = \"0s\""),
+        Some("pools.app.response_timeout"),
+        &["greater than zero"],
+    )?;
+    // Both names at once: serde names the table that has the key twice.
+    let dir = TempDir::new("keel-check")?;
+    let text = GOOD.replace("request_timeout = \"30s\"", "request_timeout = \"30s\"\nresponse_timeout = \"30s\"");
+    let file = dir.write("both.toml", &text)?;
+    let c = check(&[&file])?;
+    ensure!(c.code == Some(1), "both names were accepted; stderr:\n{}", c.stderr);
+    ensure!(c.stderr.contains("duplicate field `response_timeout`"), "stderr:\n{}", c.stderr);
+    Ok(())
+}
+
+#[test]
+fn total_timeout_zero() -> Result<()> {
+    expect_problem(
+        &broken("retries = 2", 0, "retries = 2\ntotal_timeout = \"0s\""),
+        Some("pools.app.total_timeout"),
+        &["greater than zero"],
+    )
+}
+
+#[test]
+fn unknown_retry_on_value() -> Result<()> {
+    expect_problem(
+        &broken("retries = 2", 0, "retries = 2\nretry_on = [\"connect-failure\", \"504\"]"),
+        None,
+        &["504", "empty-response"],
+    )
+}
+
+#[test]
+fn non_idempotent_alone_widens_nothing() -> Result<()> {
+    expect_problem(
+        &broken("retries = 2", 0, "retries = 2\nretry_on = [\"connect-failure\", \"non-idempotent\"]"),
+        Some("pools.app.retry_on"),
+        &["empty-response"],
+    )
+}
+
+#[test]
+fn duplicate_retry_on_value() -> Result<()> {
+    expect_problem(
+        &broken("retries = 2", 0, "retries = 2\nretry_on = [\"503\", \"503\"]"),
+        Some("pools.app.retry_on[1]"),
+        &["twice"],
+    )
+}
+
+#[test]
+fn retry_budget_above_100_percent() -> Result<()> {
+    expect_problem(&broken("retries = 2", 0, "retries = 2\nretry_budget = \"120%\""), None, &["percentage", "120%"])
+}
+
+#[test]
+fn request_buffer_too_large() -> Result<()> {
+    expect_problem(
+        &broken("protocol = \"http\"", 0, "protocol = \"http\"\nlimits = { request_buffer = 1073741824 }"),
+        Some("listeners.web.limits.request_buffer"),
+        &["16 MiB"],
+    )
+}
+
+#[test]
 fn every_problem_is_reported_at_once() -> Result<()> {
     let text = GOOD
         .replace("default_pool = \"app\"", "default_pool = \"nope\"")

@@ -1,10 +1,16 @@
-//! A client's request body on its way to a server, with the limits the edge enforces: a size
-//! cap, a longest pause between bytes, and a minimum average upload rate.
+//! A client's request body on its way to a server: the limits the edge enforces (a size cap,
+//! a longest pause between bytes, a minimum average upload rate) and request buffering.
 //!
-//! The body is streamed, so a violation is discovered mid-request. The wrapper then fails the
-//! stream (keel's client abandons the exchange with the server) and records *why* in a shared
-//! [`BodyVerdict`], so the proxy can answer the client with the status that names its own
-//! fault — 413, 408 or 400 — instead of a 502 that would blame the server.
+//! - [`ClientBody`] enforces the limits. A violation fails the stream (keel's client abandons
+//!   any exchange with the server) and records *why* in a shared [`BodyVerdict`], so the proxy
+//!   answers the client with the status that names its own fault — 413, 408, 400 — instead of
+//!   a 502 that would blame the server. A client that closes or resets its connection inside
+//!   the body is [`BodyFault::Gone`]: its fault too, never the server's.
+//! - [`buffer`] is nginx's `proxy_request_buffering` for small bodies: a body that fits in the
+//!   listener's `request_buffer` is read whole, under those limits, *before* a server is chosen,
+//!   so a slow client holds no server connection, and the body becomes [`Buffered`]: it can be
+//!   sent again on a retry. A larger body streams ([`Streamed`]), with whatever was read while
+//!   finding out that it was larger sent first; it can be sent once.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,8 +19,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
+
+/// Any error a body source may end with.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why a client body was cut off.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,6 +36,27 @@ pub enum BodyFault {
     TooSlow = 2,
     /// The body's framing was invalid (e.g. a bad chunk).
     Malformed = 3,
+    /// The client closed or reset its connection (or stream) before the body ended.
+    Gone = 4,
+}
+
+impl BodyFault {
+    /// What a failed body source means: invalid framing, or a client that went away. Any other
+    /// failure of the client's source is counted as the client gone: it is never the server's.
+    fn of(error: &(dyn std::error::Error + 'static)) -> BodyFault {
+        let mut cause = Some(error);
+        while let Some(e) = cause {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                return if io.kind() == std::io::ErrorKind::InvalidData {
+                    BodyFault::Malformed
+                } else {
+                    BodyFault::Gone
+                };
+            }
+            cause = e.source();
+        }
+        BodyFault::Gone
+    }
 }
 
 /// Shared record of a body's fault, read by the proxy after the exchange failed.
@@ -39,6 +70,7 @@ impl BodyVerdict {
             1 => Some(BodyFault::TooLarge),
             2 => Some(BodyFault::TooSlow),
             3 => Some(BodyFault::Malformed),
+            4 => Some(BodyFault::Gone),
             _ => None,
         }
     }
@@ -106,7 +138,11 @@ fn next_deadline(limits: &BodyLimits, started: Instant, last: Instant, received:
     pause.min(started + earned.max(limits.timeout))
 }
 
-impl<B: Body<Data = Bytes>> Body for ClientBody<B> {
+impl<B> Body for ClientBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BodyError;
 
@@ -126,9 +162,10 @@ impl<B: Body<Data = Bytes>> Body for ClientBody<B> {
                 this.timer.as_mut().reset(deadline.into());
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(_))) => {
-                this.verdict.set(BodyFault::Malformed);
-                Poll::Ready(Some(Err(BodyError(BodyFault::Malformed))))
+            Poll::Ready(Some(Err(e))) => {
+                let fault = BodyFault::of(&*e.into());
+                this.verdict.set(fault);
+                Poll::Ready(Some(Err(BodyError(fault))))
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
@@ -150,6 +187,142 @@ impl<B: Body<Data = Bytes>> Body for ClientBody<B> {
     }
 }
 
+/// A request body after the buffering phase.
+pub enum Payload<B> {
+    /// Read whole before a server was chosen: sendable any number of times.
+    Buffered(Buffered),
+    /// Streams from the client: sendable once.
+    Streamed(Streamed<B>),
+}
+
+/// Reads `body` whole if it fits in `limit` bytes (its declared length, or what arrives before
+/// its end), under the body limits; otherwise hands it back to stream. Fails only with the
+/// client's own fault: nothing has been sent anywhere yet.
+pub async fn buffer<B>(mut body: ClientBody<B>, limit: u64) -> Result<Payload<B>, BodyFault>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    if limit == 0 || body.size_hint().lower() > limit {
+        return Ok(Payload::Streamed(Streamed { prefix: None, inner: body }));
+    }
+    let mut data = BytesMut::new();
+    let mut trailers = None;
+    loop {
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        match frame {
+            None => break,
+            Some(Err(BodyError(fault))) => return Err(fault),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(bytes) => {
+                    data.extend_from_slice(&bytes);
+                    if data.len() as u64 > limit {
+                        // Larger than its declaration allowed for (a chunked body): it streams,
+                        // what was read going first.
+                        return Ok(Payload::Streamed(Streamed { prefix: Some(data.freeze()), inner: body }));
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(t) = frame.into_trailers() {
+                        trailers = Some(t);
+                    }
+                }
+            },
+        }
+    }
+    Ok(Payload::Buffered(Buffered { data: data.freeze(), trailers }))
+}
+
+/// A body read whole: its bytes and trailers, shared by every attempt that sends it.
+#[derive(Clone, Debug, Default)]
+pub struct Buffered {
+    data: Bytes,
+    trailers: Option<HeaderMap>,
+}
+
+impl Buffered {
+    /// One sending of the body (cheap: the bytes are shared).
+    pub fn replay(&self) -> Replay {
+        Replay { data: Some(self.data.clone()).filter(|d| !d.is_empty()), trailers: self.trailers.clone() }
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> u64 {
+        self.data.len() as u64
+    }
+
+    /// Whether it has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+}
+
+/// One sending of a [`Buffered`] body (an empty one for a request without a body).
+#[derive(Debug, Default)]
+pub struct Replay {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl Body for Replay {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        if let Some(data) = this.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
+
+/// A body streaming from the client, after the bytes read while trying to buffer it.
+pub struct Streamed<B> {
+    prefix: Option<Bytes>,
+    inner: ClientBody<B>,
+}
+
+impl<B> Body for Streamed<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        if let Some(prefix) = this.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        }
+        Pin::new(&mut this.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let prefix = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+        let inner = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + prefix);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + prefix);
+        }
+        hint
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +341,59 @@ mod tests {
         assert_eq!(next_deadline(&limits, t0, last, 1200), t0 + Duration::from_secs(12));
         let no_rate = BodyLimits { min_rate: 0, ..limits };
         assert_eq!(next_deadline(&no_rate, t0, last, 1), last + Duration::from_secs(10));
+    }
+
+    fn limits() -> BodyLimits {
+        BodyLimits { max_bytes: 1000, timeout: Duration::from_secs(10), min_rate: 0 }
+    }
+
+    fn chunks(parts: &[&'static [u8]]) -> impl Body<Data = Bytes, Error = std::io::Error> + Unpin {
+        let frames: Vec<Result<Frame<Bytes>, std::io::Error>> =
+            parts.iter().map(|p| Ok(Frame::data(Bytes::from_static(p)))).collect();
+        http_body_util::StreamBody::new(futures_util::stream::iter(frames))
+    }
+
+    async fn collect<B: Body<Data = Bytes> + Unpin>(mut body: B) -> Vec<u8> {
+        let mut out = Vec::new();
+        while let Some(Ok(frame)) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+            if let Ok(data) = frame.into_data() {
+                out.extend_from_slice(&data);
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_small_body_is_buffered_and_replays_a_larger_one_streams_whole() {
+        let body = ClientBody::new(chunks(&[b"ab", b"cd"]), limits(), Arc::default());
+        let Ok(Payload::Buffered(buffered)) = buffer(body, 4).await else { panic!("not buffered") };
+        assert_eq!(collect(buffered.replay()).await, b"abcd");
+        assert_eq!(collect(buffered.replay()).await, b"abcd", "a second attempt sends it all again");
+
+        let body = ClientBody::new(chunks(&[b"ab", b"cd", b"ef"]), limits(), Arc::default());
+        let Ok(Payload::Streamed(streamed)) = buffer(body, 3).await else { panic!("not streamed") };
+        assert_eq!(collect(streamed).await, b"abcdef", "what was read to find out comes first");
+
+        let body = ClientBody::new(chunks(&[b"ab"]), limits(), Arc::default());
+        assert!(matches!(buffer(body, 0).await, Ok(Payload::Streamed(_))), "0 turns buffering off");
+    }
+
+    #[tokio::test]
+    async fn a_client_gone_mid_body_is_its_own_fault() {
+        let frames: Vec<Result<Frame<Bytes>, std::io::Error>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"ab"))),
+            Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed")),
+        ];
+        let verdict = Arc::new(BodyVerdict::default());
+        let body = ClientBody::new(
+            http_body_util::StreamBody::new(futures_util::stream::iter(frames)),
+            limits(),
+            verdict.clone(),
+        );
+        assert!(matches!(buffer(body, 100).await, Err(BodyFault::Gone)));
+        assert_eq!(verdict.fault(), Some(BodyFault::Gone));
+        let bad = std::io::Error::new(std::io::ErrorKind::InvalidData, "bad chunk");
+        assert_eq!(BodyFault::of(&bad), BodyFault::Malformed);
     }
 
     #[test]

@@ -3,6 +3,15 @@
 //!
 //! Each error records which side failed and whether trying another server is allowed (pingora's
 //! shape); the retry loop reads those fields, never message strings.
+//!
+//! The three sides, and what each costs:
+//! - **client** — a body too large, too slow (pause or rate), malformed, or a client gone mid-body:
+//!   4xx (or nothing, when nobody is left to read it). Never counted against a server: no
+//!   outlier verdict, no health effect, no retry, no sticky re-pinning.
+//! - **backend** — a server refused, reset, broke or was slow to answer: 502/503/504, counted
+//!   against that server by passive outlier detection, and the only side a retry answers.
+//! - **internal** — keel's own policy or lack of choice (no route, no server, the pool's
+//!   `total_timeout`): counted against nobody.
 
 use std::fmt;
 use std::sync::Arc;
@@ -41,6 +50,10 @@ pub enum ErrorKind {
     RequestTimeout,
     /// The client's request was malformed (e.g. invalid chunked framing).
     BadRequest,
+    /// The client closed or reset its connection before its request body ended.
+    ClientGone,
+    /// The pool's `total_timeout` ran out before a response head.
+    TotalTimeout,
 }
 
 /// A failed request, ready to be turned into a response.
@@ -64,12 +77,14 @@ impl ProxyError {
     /// An error of `kind` about `pool`, with side and retryability implied by the kind.
     pub fn new(kind: ErrorKind, pool: Option<&str>, server: Option<&str>) -> Self {
         let (side, retryable) = match kind {
-            ErrorKind::NoRoute | ErrorKind::NoServer => (Side::Internal, false),
+            ErrorKind::NoRoute | ErrorKind::NoServer | ErrorKind::TotalTimeout => (Side::Internal, false),
             // A refused connect never reached the application: safe to try elsewhere.
             ErrorKind::Connect => (Side::Backend, true),
             // The server may have acted on the request: only the client can decide to resend.
             ErrorKind::Timeout | ErrorKind::Broken => (Side::Backend, false),
-            ErrorKind::PayloadTooLarge | ErrorKind::RequestTimeout | ErrorKind::BadRequest => (Side::Client, false),
+            ErrorKind::PayloadTooLarge | ErrorKind::RequestTimeout | ErrorKind::BadRequest | ErrorKind::ClientGone => {
+                (Side::Client, false)
+            }
         };
         ProxyError {
             kind,
@@ -79,6 +94,12 @@ impl ProxyError {
             server: server.map(str::to_owned),
             source: None,
         }
+    }
+
+    /// Whether the failure counts against the server that was tried (outlier detection): only
+    /// the backend's own failures do.
+    pub fn counts_against_server(&self) -> bool {
+        self.side == Side::Backend
     }
 
     /// The same error, caused by `source`.
@@ -92,11 +113,13 @@ impl ProxyError {
         match self.kind {
             ErrorKind::NoRoute => StatusCode::NOT_FOUND,
             ErrorKind::NoServer | ErrorKind::Connect => StatusCode::SERVICE_UNAVAILABLE,
-            ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::Timeout | ErrorKind::TotalTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::Broken => StatusCode::BAD_GATEWAY,
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            // Seldom read by anyone (the client left), but a client that only half-closed gets
+            // a 400 naming the incomplete body.
+            ErrorKind::BadRequest | ErrorKind::ClientGone => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -124,6 +147,8 @@ impl fmt::Display for ProxyError {
             ErrorKind::PayloadTooLarge => write!(f, "request body too large"),
             ErrorKind::RequestTimeout => write!(f, "request body not received in time"),
             ErrorKind::BadRequest => write!(f, "malformed request body"),
+            ErrorKind::ClientGone => write!(f, "the client closed its connection before the request body ended"),
+            ErrorKind::TotalTimeout => write!(f, "pool {pool:?} did not answer within its total_timeout"),
         }
     }
 }
@@ -160,5 +185,13 @@ mod tests {
         assert_eq!(ProxyError::new(ErrorKind::Broken, None, None).status(), StatusCode::BAD_GATEWAY);
         let e = ProxyError::new(ErrorKind::NoServer, Some("app"), None);
         assert!(e.to_string().contains("\"app\""));
+        for kind in
+            [ErrorKind::RequestTimeout, ErrorKind::ClientGone, ErrorKind::BadRequest, ErrorKind::PayloadTooLarge]
+        {
+            let e = ProxyError::new(kind, Some("app"), Some("a"));
+            assert!(e.status().is_client_error() && !e.counts_against_server() && !e.retryable, "{kind:?}");
+        }
+        let e = ProxyError::new(ErrorKind::TotalTimeout, Some("app"), Some("a"));
+        assert_eq!((e.status(), e.counts_against_server()), (StatusCode::GATEWAY_TIMEOUT, false));
     }
 }

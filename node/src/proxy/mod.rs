@@ -13,7 +13,10 @@
 //!   → respond → log.
 //! - [`guard`]: the client stream's framing gate and deadlines between requests.
 //! - [`lot`]: the listener's parking lot, where idle plain connections wait with no task.
-//! - [`body`]: a client's request body with the edge's size, pause and rate limits.
+//! - [`body`]: a client's request body with the edge's size, pause and rate limits, and request
+//!   buffering (small bodies read whole before a server is chosen, replayable on a retry).
+//! - [`retry`]: which failures may be retried (`retry_on`, RFC 9110's idempotency rule) and
+//!   the pool's retry budget.
 //! - [`headers`]: hop-by-hop stripping and `X-Forwarded-*`.
 //! - [`error`]: what failed, which side, whether a retry is allowed, and the status it maps to.
 //! - [`tcp`]: `tcp` listeners (layer 4): one server of the default pool per client connection,
@@ -30,6 +33,7 @@ pub mod headers;
 pub mod lot;
 pub mod phases;
 pub mod proxy_protocol;
+pub mod retry;
 pub mod tcp;
 
 use std::net::SocketAddr;

@@ -9,20 +9,30 @@
 //!    it as `Host`, so a route fenced to one host cannot be walked around with another.
 //! 3. **route** ([`HttpProxy::route`]): redirect listeners, host/path/header rules, the pool.
 //! 4. **admit** ([`HttpProxy::admit`]): the route's rate limit and the body size limit, decided
-//!    before a server is chosen so a refused request costs the servers nothing.
+//!    before a server is chosen so a refused request costs the servers nothing. Then a body
+//!    that fits the listener's `request_buffer` is read whole ([`super::body::buffer`]) under
+//!    the client body limits, still before any server is involved: a slow client's upload
+//!    holds no server connection, and the buffered body can be sent again.
 //! 5. **choose** ([`choose`]): sticky lookup, else the pool's algorithm; a retry skips the
 //!    servers already tried.
 //! 6. **send** ([`send`]): header rewrite (hop-by-hop out, `X-Forwarded-*` in), the exchange
-//!    through the server's connection pool, bounded by the pool's timeouts. A failed connect is
-//!    retried on another server while the request can still be sent again (no body consumed).
+//!    through the server's connection pool, bounded by the pool's timeouts. A failure the
+//!    pool's `retry_on` names is retried on another server when the request can be sent again
+//!    and the pool's retry budget allows ([`super::retry`]); [`blame`] decides whose failure
+//!    it was first.
 //! 7. **respond** ([`respond`]): hop-by-hop headers out of the response, sticky learning,
 //!    upgrades handed to the session as a tunnel.
 //! 8. **log** ([`HttpProxy::log`]): counters and latency; errors leave with the side they
 //!    belong to.
 //!
-//! Bodies are streamed both ways, never buffered. Failures keep their side
-//! ([`super::error::Side`]): a client's broken or slow upload is the client's (400/408/413),
-//! never counted against the server.
+//! Bodies larger than `request_buffer` stream to the server, responses always stream back.
+//! Failures keep their side ([`super::error::Side`]): a client's broken, slow or abandoned
+//! upload is the client's (400/408/413), never counted against the server.
+//!
+//! Timeouts, each meaning one thing: the client's `header_timeout` (in the session), its
+//! `body_timeout`/`min_body_rate` ([`ClientBody`]), the server's `connect_timeout` and
+//! `response_timeout` (from the whole request written to the response head, in keel's client),
+//! and the pool's optional `total_timeout` around all of it ([`HttpProxy::handle`]).
 
 use std::io;
 use std::net::SocketAddr;
@@ -37,15 +47,18 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Empty, Full};
+use http_body_util::Full;
 use keel_cluster::model::{Algorithm, Limits, MAX_RETRIES};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::body::{BodyFault, BodyLimits, BodyVerdict, ClientBody};
+use super::body::{
+    self, BodyError, BodyFault, BodyLimits, BodyVerdict, Buffered, ClientBody, Payload, Replay, Streamed,
+};
 use super::error::{ErrorKind, ProxyError};
 use super::h1::client::{self, RequestHead, ResponseBody, SendError, Upstream};
 use super::h1::codec::Framing;
 use super::headers;
+use super::retry::{self, Failure};
 use crate::metrics::Rejections;
 use crate::pool::{Pool, ServerState};
 use crate::ratelimit::{retry_after_secs, ClientKey, Decision as RateDecision, RateLimiter};
@@ -156,6 +169,8 @@ pub struct HttpProxy {
     rejections: Arc<Rejections>,
     rate_limited: Arc<AtomicU64>,
     body_limits: BodyLimits,
+    /// Bodies up to this size are read whole before a server is chosen (0 = never).
+    request_buffer: u64,
 }
 
 /// What keel answers itself when a phase ends the request early (boxed: the rare path).
@@ -184,7 +199,15 @@ impl HttpProxy {
             timeout: limits.body_timeout.get(),
             min_rate: limits.min_body_rate,
         };
-        HttpProxy { snapshot, listener: listener.into(), proto, rejections, rate_limited, body_limits }
+        HttpProxy {
+            snapshot,
+            listener: listener.into(),
+            proto,
+            rejections,
+            rate_limited,
+            body_limits,
+            request_buffer: limits.request_buffer,
+        }
     }
 
     /// Answers one request from `peer`: the whole request path, phase by phase.
@@ -202,7 +225,15 @@ impl HttpProxy {
         if let Err(answer) = self.admit(&routed, &parts, body.as_ref(), peer, started) {
             return (*answer).map(ProxyBody::Local);
         }
-        let result = self.forward(&routed, parts, body, peer, started).await;
+        let forwarded = self.forward(&routed, parts, body, peer, started);
+        // The total timeout counts from the head received: the upload, every attempt, every
+        // retry. It is the operator's overall bound, so it counts against no server.
+        let result = match routed.pool.config.total_timeout {
+            Some(total) => tokio::time::timeout_at((started + total.get()).into(), forwarded)
+                .await
+                .unwrap_or_else(|_| Err(ProxyError::new(ErrorKind::TotalTimeout, Some(&routed.pool.name), None))),
+            None => forwarded.await,
+        };
         self.log(&routed.pool, result)
     }
 
@@ -255,8 +286,8 @@ impl HttpProxy {
 }
 
 impl HttpProxy {
-    /// Phases 5–7: choose a server, send, respond; a failed connect is retried on another
-    /// server (nothing of the request reached the first one, its body included).
+    /// Phases 4½–7: buffer a small body, choose a server, send, respond; retry what the pool's
+    /// `retry_on` and retry budget allow.
     async fn forward<B>(
         &self,
         routed: &Routed,
@@ -279,16 +310,23 @@ impl HttpProxy {
             Some(b) => b.size_hint().exact().map_or(Framing::Chunked, Framing::Length),
         };
         rewrite_request(&mut parts, routed.authority.as_ref(), peer, self.proto, upgrade);
-        // The verdict exists only where a body does: most requests have none and need not pay
-        // an allocation for it.
-        let (mut body, verdict) = match body {
-            None => (None, None),
+        let mut outgoing = match body {
+            None => Outgoing::Buffered(Buffered::default()),
             Some(body) => {
+                // The verdict exists only where a body does: most requests have none and need
+                // not pay an allocation for it.
                 let verdict = Arc::new(BodyVerdict::default());
-                (Some(ClientBody::new(body, self.body_limits, verdict.clone())), Some(verdict))
+                let body = ClientBody::new(body, self.body_limits, verdict.clone());
+                // An upgrade's body is the start of a tunnel, never something to wait for.
+                let limit = if upgrade { 0 } else { self.request_buffer };
+                match body::buffer(body, limit).await {
+                    Ok(Payload::Buffered(buffered)) => Outgoing::Buffered(buffered),
+                    Ok(Payload::Streamed(streamed)) => Outgoing::Streamed(streamed, verdict),
+                    // No server was involved: the client's fault alone.
+                    Err(fault) => return Err(client_error(pool, fault, None)),
+                }
             }
         };
-        let client_fault = || verdict.as_deref().and_then(BodyVerdict::fault);
         let hash = if pool.config.algorithm == Algorithm::IpHash { client_hash(peer.addr) } else { 0 };
         let (bound, sticky_headers) = match &routed.sticky {
             Some(policy) => (
@@ -303,28 +341,11 @@ impl HttpProxy {
             RequestHead { method: &parts.method, target: target.as_str(), headers: &parts.headers, framing, upgrade };
         let attempts = pool.config.retries.min(MAX_RETRIES) as usize + 1;
         let mut tried = [usize::MAX; MAX_RETRIES as usize + 1];
-        let mut last_error = ProxyError::new(ErrorKind::NoServer, Some(&pool.name), None);
-        for attempt in 0..attempts {
-            let Some(index) = choose(pool, bound, hash, attempt, &tried) else { break };
-            tried[attempt] = index;
-            let server = &pool.servers[index];
-            let in_flight = InFlight::start(server);
-            server.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let resp = match send(pool, server, &head, body.as_mut()).await {
-                Ok(resp) => resp,
-                Err(e) => {
-                    let retry = e.may_retry();
-                    let error = blame(pool, index, e, client_fault());
-                    if error.retryable && retry {
-                        last_error = error;
-                        continue;
-                    }
-                    return Err(error);
-                }
-            };
-            let status = resp.status();
-            server.stats.count_status(status.as_u16());
-            pool.observe(index, !status.is_server_error());
+        // What the client gets if no later attempt does better: the last failure, or a 502/503
+        // kept while another server is tried.
+        let mut last: Option<Attempt> = None;
+        // Phase 7 for the response the client gets.
+        let finish = |resp: Response<ResponseBody>, index: usize, in_flight: InFlight| {
             pool.latency.observe(started.elapsed());
             let learn = routed.sticky.as_deref().map(|policy| Learn {
                 policy,
@@ -333,9 +354,68 @@ impl HttpProxy {
                 request_headers: sticky_headers.as_ref(),
                 source: &peer.source,
             });
-            return Ok(respond(resp, in_flight, learn, &pool.servers));
+            respond(resp, in_flight, learn, &pool.servers)
+        };
+        for attempt in 0..attempts {
+            let Some(index) = choose(pool, bound, hash, attempt, &tried) else { break };
+            // A retry needs room in the pool's budget; without it the request ends with what it
+            // has, so a failing pool sees at most its budget's share of extra load.
+            let _permit = match attempt {
+                0 => None,
+                _ => match pool.retries.try_start(&pool.config, pool.active()) {
+                    Some(permit) => Some(permit),
+                    None => {
+                        tracing::debug!(target: "keel::proxy", pool = %pool.name, "retry budget exhausted");
+                        break;
+                    }
+                },
+            };
+            tried[attempt] = index;
+            let server = &pool.servers[index];
+            let in_flight = InFlight::start(server);
+            server.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let sent = {
+                let mut body = outgoing.attempt();
+                send(pool, server, &head, &mut body).await
+            };
+            let more = attempt + 1 < attempts;
+            match sent {
+                Ok(resp) => {
+                    let status = resp.status();
+                    server.stats.count_status(status.as_u16());
+                    pool.observe(index, !status.is_server_error());
+                    let failure = Failure::Status(status.as_u16());
+                    if more
+                        && status.is_server_error()
+                        && retry::policy(&pool.config, &parts.method, outgoing.replayable(), failure)
+                    {
+                        last = Some(Attempt::Answered(Box::new(resp), index, in_flight));
+                        continue;
+                    }
+                    return Ok(finish(resp, index, in_flight));
+                }
+                Err(e) => {
+                    let failure = match &e {
+                        SendError::Connect { .. } => Some(Failure::Connect),
+                        SendError::Empty { .. } => Some(Failure::EmptyResponse),
+                        _ => None,
+                    };
+                    let error = blame(pool, index, e, &outgoing);
+                    let retry = error.counts_against_server()
+                        && failure
+                            .is_some_and(|f| retry::policy(&pool.config, &parts.method, outgoing.replayable(), f));
+                    last = Some(Attempt::Failed(error));
+                    if !(more && retry) {
+                        break;
+                    }
+                }
+            }
         }
-        Err(last_error)
+        match last {
+            Some(Attempt::Answered(resp, index, in_flight)) => Ok(finish(*resp, index, in_flight)),
+            Some(Attempt::Failed(error)) => Err(error),
+            None => Err(ProxyError::new(ErrorKind::NoServer, Some(&pool.name), None)),
+        }
     }
 
     /// Phase 8: what the request cost and how it ended.
@@ -395,22 +475,130 @@ fn rewrite_request(
     }
 }
 
-/// Which side a failed exchange is blamed on, with the counters and the outlier verdict that
-/// go with it: only a server's failure counts against the server.
-fn blame(pool: &Pool, index: usize, error: SendError, client_fault: Option<BodyFault>) -> ProxyError {
+/// How an attempt ended.
+enum Attempt {
+    /// A 502/503 from server `index`, kept while another server is tried (boxed: the rare
+    /// path).
+    Answered(Box<Response<ResponseBody>>, usize, InFlight),
+    /// A failure, already blamed.
+    Failed(ProxyError),
+}
+
+/// The request body as the attempts see it.
+enum Outgoing<B> {
+    /// No body, or one read whole: every attempt sends it from the start.
+    Buffered(Buffered),
+    /// Streaming from the client: one attempt can send it, and its verdict says whether the
+    /// client broke a limit or went away.
+    Streamed(Streamed<B>, Arc<BodyVerdict>),
+}
+
+impl<B> Outgoing<B> {
+    /// The body for one attempt.
+    fn attempt(&mut self) -> AttemptBody<'_, B> {
+        match self {
+            Outgoing::Buffered(buffered) => AttemptBody::Replay(buffered.replay()),
+            Outgoing::Streamed(streamed, _) => AttemptBody::Stream(streamed),
+        }
+    }
+
+    /// Whether a server that may have read part of it can be sent it again from the start.
+    fn replayable(&self) -> bool {
+        matches!(self, Outgoing::Buffered(_))
+    }
+
+    /// The client's fault, if its streaming body was cut off.
+    fn client_fault(&self) -> Option<BodyFault> {
+        match self {
+            Outgoing::Buffered(_) => None,
+            Outgoing::Streamed(_, verdict) => verdict.fault(),
+        }
+    }
+}
+
+impl<B> Outgoing<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// Whether the client was still uploading: a streaming body that has not ended.
+    fn mid_upload(&self) -> bool {
+        matches!(self, Outgoing::Streamed(streamed, _) if !streamed.is_end_stream())
+    }
+}
+
+/// One attempt's request body.
+enum AttemptBody<'a, B> {
+    Replay(Replay),
+    Stream(&'a mut Streamed<B>),
+}
+
+impl<B> Body for AttemptBody<'_, B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            AttemptBody::Replay(b) => Pin::new(b).poll_frame(cx),
+            AttemptBody::Stream(b) => Pin::new(&mut **b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            AttemptBody::Replay(b) => b.is_end_stream(),
+            AttemptBody::Stream(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            AttemptBody::Replay(b) => b.size_hint(),
+            AttemptBody::Stream(b) => b.size_hint(),
+        }
+    }
+}
+
+/// The answer to a client whose body broke a limit, was malformed, or was abandoned.
+fn client_error(pool: &Pool, fault: BodyFault, server: Option<&ServerState>) -> ProxyError {
+    let kind = match fault {
+        BodyFault::TooLarge => ErrorKind::PayloadTooLarge,
+        BodyFault::TooSlow => ErrorKind::RequestTimeout,
+        BodyFault::Malformed => ErrorKind::BadRequest,
+        BodyFault::Gone => ErrorKind::ClientGone,
+    };
+    ProxyError::new(kind, Some(&pool.name), server.map(|s| s.name.as_str()))
+}
+
+/// Whose failure a failed exchange was, with the counters and the outlier verdict that go
+/// with it. Only a server's own failure feeds outlier detection (and so ejection, and the
+/// sticky re-pinning a retry elsewhere brings):
+/// - the client's body broke a limit, was malformed, or the client went away → the client's
+///   (408/413/400), whatever the server did meanwhile (it saw an abandoned request);
+/// - a body that ended short of or past its own declared length → the client's (400);
+/// - connect failure, response timeout, reset/close before a response, invalid response →
+///   the server's (503/504/502), counted against it — except a server that dropped the
+///   connection while the client was still uploading to it: a server giving up on a slow
+///   upload protects itself from that client, so it is counted in `broken` but not judged.
+fn blame<B>(pool: &Pool, index: usize, error: SendError, outgoing: &Outgoing<B>) -> ProxyError
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     let server = &pool.servers[index];
-    if let Some(fault) = client_fault.filter(|_| !error.is_connect()) {
-        let kind = match fault {
-            BodyFault::TooLarge => ErrorKind::PayloadTooLarge,
-            BodyFault::TooSlow => ErrorKind::RequestTimeout,
-            BodyFault::Malformed => ErrorKind::BadRequest,
-        };
+    if let Some(fault) = outgoing.client_fault().filter(|_| !error.is_connect()) {
         tracing::debug!(target: "keel::proxy", pool = %pool.name, error = %error, "request body failed");
-        return ProxyError::new(kind, Some(&pool.name), Some(&server.name)).with_source(error);
+        return client_error(pool, fault, Some(server)).with_source(error);
     }
     let kind = match &error {
-        // The client's upload broke without a verdict of the edge's limits (it closed early).
-        SendError::RequestBody(_) => ErrorKind::BadRequest,
+        SendError::RequestBody(_) => {
+            tracing::debug!(target: "keel::proxy", pool = %pool.name, error = %error, "request body failed");
+            return ProxyError::new(ErrorKind::BadRequest, Some(&pool.name), Some(&server.name)).with_source(error);
+        }
         SendError::Timeout { .. } => {
             server.stats.timeouts.fetch_add(1, Ordering::Relaxed);
             ErrorKind::Timeout
@@ -419,16 +607,24 @@ fn blame(pool: &Pool, index: usize, error: SendError, client_fault: Option<BodyF
             server.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
             ErrorKind::Connect
         }
-        SendError::Server { .. } => {
+        SendError::Empty { .. } | SendError::Server { .. } => {
             server.stats.broken.fetch_add(1, Ordering::Relaxed);
             ErrorKind::Broken
         }
     };
-    if error.is_server_side() {
+    let judged = !(outgoing.mid_upload() && matches!(error, SendError::Empty { .. } | SendError::Server { .. }));
+    if judged {
         pool.observe(index, false);
     }
-    tracing::debug!(target: "keel::proxy", pool = %pool.name, server = %server.name, error = %error, "exchange failed");
-    ProxyError::new(kind, Some(&pool.name), Some(&server.name)).with_source(error)
+    tracing::debug!(target: "keel::proxy", pool = %pool.name, server = %server.name, error = %error, judged,
+        "exchange failed");
+    let error = ProxyError::new(kind, Some(&pool.name), Some(&server.name)).with_source(error);
+    if judged {
+        error
+    } else {
+        // Not the server's fault as far as keel can tell, and not retried: the body is half sent.
+        ProxyError { side: super::error::Side::Internal, retryable: false, ..error }
+    }
 }
 
 /// Phase 6: one exchange with `server` through its connection pool. The pool's timeouts bound
@@ -438,7 +634,7 @@ async fn send<B>(
     pool: &Pool,
     server: &ServerState,
     head: &RequestHead<'_>,
-    body: Option<&mut ClientBody<B>>,
+    body: &mut AttemptBody<'_, B>,
 ) -> Result<Response<ResponseBody>, SendError>
 where
     B: Body<Data = Bytes> + Send + Unpin,
@@ -449,13 +645,10 @@ where
         idle: &server.idle,
         max_idle: pool.config.idle_timeout.get(),
         connect_timeout: pool.config.connect_timeout.get(),
-        response_timeout: pool.config.request_timeout.get(),
+        response_timeout: pool.config.response_timeout.get(),
         tls: pool.tls.as_ref(),
     };
-    match body {
-        Some(body) => client::send(&up, head, body).await,
-        None => client::send(&up, head, &mut Empty::<Bytes>::new()).await,
-    }
+    client::send(&up, head, body).await
 }
 
 /// What sticky learning needs from the request once the response is in.

@@ -18,7 +18,9 @@
 //!   valid `Content-Length` (repeated identical values allowed, passed on once) is counted;
 //!   otherwise the body runs to the close and the connection is not reused. Conflicting
 //!   lengths, a 101 nobody asked for, a malformed or oversized head and bad chunk framing are
-//!   [`SendError::Server`]. Interim responses (100, 103) are skipped.
+//!   [`SendError::Server`]; a connection closed or reset before any response byte is
+//!   [`SendError::Empty`] (the caller's retry policy tells them apart). Interim responses (100,
+//!   103) are skipped.
 //! - Timeouts each mean one thing: `connect_timeout` bounds TCP connect plus TLS handshake;
 //!   `response_timeout` starts once the whole request is written (a slow but legitimate upload
 //!   is bounded by the caller's body limits, not by it), and also bounds how long a write may
@@ -121,6 +123,16 @@ pub enum SendError {
         addr: SocketAddr,
         /// What was awaited: "response head" or "request write".
         waiting: &'static str,
+    },
+    /// The server closed or reset the connection before any byte of a response (HAProxy's
+    /// "empty response"). It may have acted on the request, or never seen it: only a request
+    /// that is safe to apply twice may be sent elsewhere.
+    #[error("{addr} sent no response: {source}")]
+    Empty {
+        /// The server.
+        addr: SocketAddr,
+        /// The close or the reset.
+        source: io::Error,
     },
     /// The server broke the exchange or answered with something that is not valid HTTP/1.1.
     #[error("exchange with {addr} failed: {source}")]
@@ -377,23 +389,19 @@ where
             }
             Err(HeadError::Closed) if retry(polled) => continue,
             Err(HeadError::Closed) if !complete => {
-                return Err(SendError::server(
-                    addr,
-                    io::ErrorKind::BrokenPipe,
-                    "closed the connection while the request was sent",
-                ))
+                let source =
+                    io::Error::new(io::ErrorKind::BrokenPipe, "closed the connection while the request was sent");
+                return Err(SendError::Empty { addr, source });
             }
             Err(HeadError::Closed) => {
-                return Err(SendError::server(
-                    addr,
-                    io::ErrorKind::UnexpectedEof,
-                    "closed the connection before answering",
-                ))
+                let source = io::Error::new(io::ErrorKind::UnexpectedEof, "closed the connection before answering");
+                return Err(SendError::Empty { addr, source });
             }
             Err(HeadError::Io(e)) if retry(polled) && conn.buf.is_empty() => {
                 tracing::trace!(target: "keel::proxy", %addr, error = %e, "reused connection failed; retrying");
                 continue;
             }
+            Err(HeadError::Io(source)) if conn.buf.is_empty() => return Err(SendError::Empty { addr, source }),
             Err(HeadError::Io(source)) => return Err(SendError::Server { addr, source }),
             Err(HeadError::Invalid(why)) => {
                 return Err(SendError::server(addr, io::ErrorKind::InvalidData, format!("invalid response: {why}")))
@@ -1178,7 +1186,7 @@ mod tests {
         // With a body taken from its source, the request cannot be sent again.
         let post = head(&Method::POST, "/", &headers, Framing::Length(3));
         let error = send(&up, &post, &mut Full::new(Bytes::from_static(b"abc"))).await.unwrap_err();
-        assert!(matches!(error, SendError::Server { .. }) && !error.may_retry(), "{error}");
+        assert!(matches!(error, SendError::Empty { .. }) && !error.may_retry(), "{error}");
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
     }
 }
