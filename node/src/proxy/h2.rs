@@ -70,8 +70,8 @@ impl H2 {
                 tracing::debug!(target: "keel::proxy", client = %client, error = %e, "HTTP/2 client went away");
             } else {
                 static PROTOCOL_ERROR: LogThrottle = LogThrottle::new(EVERY);
-                keel_cluster::throttled!(PROTOCOL_ERROR, info, target: "keel::proxy", client = %client, error = %e,
-                    "HTTP/2 connection ended with a protocol error");
+                keel_cluster::throttled!(PROTOCOL_ERROR, info, target: "keel::proxy", client = %client,
+                    error = %Chain(&e), "HTTP/2 connection ended with a protocol error");
             }
         }
     }
@@ -88,6 +88,22 @@ fn went_away(e: &hyper::Error) -> bool {
         source = s.source();
     }
     false
+}
+
+/// An error with its sources, "http2 error: connection error detected: …": hyper's own message
+/// names only the protocol.
+struct Chain<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
 }
 
 /// The response body type of an HTTP/2 stream: keel's, holding the connection's in-flight count.
