@@ -93,11 +93,15 @@ impl fmt::Display for Suppressed {
 /// `1234567` as `1,234,567`.
 fn write_grouped(f: &mut fmt::Formatter<'_>, n: u64) -> fmt::Result {
     let digits = n.to_string();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            f.write_str(",")?;
-        }
-        write!(f, "{c}")?;
+    // The first group takes the digits beyond a multiple of three (or three); the rest are whole.
+    let first = match digits.len() % 3 {
+        0 => digits.len().min(3),
+        short => short,
+    };
+    let (head, rest) = digits.split_at(first);
+    f.write_str(head)?;
+    for start in (0..rest.len()).step_by(3) {
+        write!(f, ",{}", &rest[start..start + 3])?;
     }
     Ok(())
 }
