@@ -21,6 +21,8 @@
 //! - [`api`]: the `/cluster/…` admin HTTP endpoints ([`api::handle`]) and their client
 //!   ([`api::client::ClusterClient`]).
 //! - [`codec`]: the bincode encoding shared by the log store, snapshots and the wire.
+//! - [`throttle`]: repeated warnings rate-limited per kind ([`throttled!`]), for every crate
+//!   that logs what a client, a dead peer or a full file table can make it repeat.
 //!
 //! The data plane in `keel-node` only ever reads a validated [`model::Config`], whether it came
 //! from a file or from the replicated log.
@@ -41,6 +43,7 @@ pub mod retry_config;
 pub mod state;
 pub mod sticky_config;
 pub mod store;
+pub mod throttle;
 pub mod types;
 
 pub use command::{Command, NodeId, Outcome, Proposal, StickyEntry};

@@ -31,6 +31,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use arc_swap::ArcSwap;
+use keel_cluster::throttle::{LogThrottle, EVERY};
 use keel_cluster::{ClusterHandle, Command, Outcome, ProposeError};
 use keel_vrrp::VipStatus;
 
@@ -178,7 +179,8 @@ pub async fn serve(listener: TcpListener, state: AdminState, mut stop: watch::Re
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!(target: "keel::admin", error = %e, "accept failed");
+                    static ACCEPT_FAILED: LogThrottle = LogThrottle::new(EVERY);
+                    keel_cluster::throttled!(ACCEPT_FAILED, warn, target: "keel::admin", error = %e, "accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }

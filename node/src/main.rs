@@ -179,10 +179,36 @@ enum ConfigCommand {
     Show,
 }
 
+/// What keel logs: `info`, less what libraries repeat per connection or per RPC, which keel
+/// reports itself through a throttle (`keel_cluster::throttle`):
+/// - rustls: per-connection handshake noise;
+/// - h2: a WARN for every client that floods stream resets (rapid reset) or acks a PING never
+///   sent — 333 lines for 333 hostile connections; keel logs the connection's protocol error;
+/// - openraft's replication: an unreachable peer is retried every 50 ms, and each failed
+///   heartbeat or append writes four lines (two WARNs of the engine's replication handler, a
+///   WARN and an ERROR of the replication task); keel's Raft network logs the peer going, a
+///   reminder every 30 s and its return instead (`keel_cluster::network::client`). The
+///   replication task is silenced whole: its other lines are a failed snapshot send (keel's
+///   network reports the peer) and a storage error (which also stops openraft's core, and that
+///   stays logged: `openraft::core`).
+const LOG_DEFAULTS: &str =
+    "info,rustls=error,h2=error,openraft::replication=off,openraft::engine::handler::replication_handler=error";
+
+/// The subscriber's filter: [`LOG_DEFAULTS`], then `RUST_LOG`'s directives, which win for the
+/// targets they name (`RUST_LOG=debug` raises the default level and keeps the two targets
+/// above quiet; `RUST_LOG=openraft::replication=warn` brings openraft's lines back).
+fn log_filter(rust_log: Option<&str>) -> EnvFilter {
+    let directives = match rust_log.map(str::trim) {
+        Some(extra) if !extra.is_empty() => format!("{LOG_DEFAULTS},{extra}"),
+        _ => LOG_DEFAULTS.to_owned(),
+    };
+    EnvFilter::builder().parse_lossy(directives)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rustls=error")))
+        .with_env_filter(log_filter(std::env::var("RUST_LOG").ok().as_deref()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

@@ -7,10 +7,20 @@
 //! by the configured `send_snapshot_timeout`. A connect failure is reported as `Unreachable`,
 //! which makes openraft back off for [`UNREACHABLE_BACKOFF`] before trying that peer again;
 //! anything after connecting is a `Network` error, retried at the next heartbeat.
+//!
+//! Logs: a peer that stops answering is retried every [`UNREACHABLE_BACKOFF`], so logging each
+//! failure would write 20 lines a second for as long as it is down. Every client to one peer
+//! shares that peer's [`PeerLink`], which turns the stream of outcomes into three lines: the
+//! peer going (once), a reminder at most every [`PEER_REMINDER`] while it stays away, and its
+//! return (once, with how long it was gone). openraft's own per-RPC lines about the same
+//! failures are filtered out by the binary's subscriber set-up (`openraft::replication`).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::error::{
@@ -23,6 +33,7 @@ use openraft::raft::{
 };
 use openraft::{OptionalSend, Snapshot};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use super::{read_frame, write_frame, FrameError, Hello, HelloReply, RpcRequest, RpcResponse, FRAME_TIMEOUT};
 use crate::types::{NodeInfo, TypeConfig, Vote};
@@ -35,18 +46,30 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// pair whose witness is down) the leader's lease cannot outlast a long wait.
 pub const UNREACHABLE_BACKOFF: Duration = Duration::from_millis(50);
 
+/// While a peer stays unreachable, at most one reminder per this long.
+pub const PEER_REMINDER: Duration = Duration::from_secs(30);
+
 /// Makes [`PeerClient`]s for openraft.
 #[derive(Clone, Debug)]
 pub struct NetworkFactory {
     cluster_id: String,
     self_id: u64,
     snapshot_timeout: Duration,
+    /// One link record per peer, shared by every client openraft makes to it (replication
+    /// streams are remade on each leadership change; the peer's state must outlive them).
+    links: Arc<Mutex<HashMap<u64, Arc<PeerLink>>>>,
 }
 
 impl NetworkFactory {
     /// A factory for node `self_id` of cluster `cluster_id`.
     pub fn new(cluster_id: String, self_id: u64, snapshot_timeout: Duration) -> Self {
-        NetworkFactory { cluster_id, self_id, snapshot_timeout }
+        NetworkFactory { cluster_id, self_id, snapshot_timeout, links: Arc::default() }
+    }
+
+    fn link(&self, target: u64) -> Arc<PeerLink> {
+        // A poisoned map only means a panic elsewhere mid-insert; the map itself is intact.
+        let mut links = self.links.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        links.entry(target).or_insert_with(|| Arc::new(PeerLink::new(target))).clone()
     }
 }
 
@@ -64,6 +87,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             addr: node.raft_addr,
             conn: None,
             snapshot_timeout: self.snapshot_timeout,
+            link: self.link(target),
         }
     }
 }
@@ -75,6 +99,121 @@ pub struct PeerClient {
     addr: SocketAddr,
     conn: Option<TcpStream>,
     snapshot_timeout: Duration,
+    link: Arc<PeerLink>,
+}
+
+/// Whether one peer answers, as every client to it saw: the source of the "peer unreachable" /
+/// "reachable again" lines.
+#[derive(Debug)]
+pub struct PeerLink {
+    id: u64,
+    /// Read alone on the hot path: a heartbeat to a healthy peer costs one atomic load.
+    down: AtomicBool,
+    outage: Mutex<Outage>,
+}
+
+#[derive(Debug, Default)]
+struct Outage {
+    since: Option<Instant>,
+    failed_calls: u64,
+    reminded: Option<Instant>,
+}
+
+/// What a call's outcome changes in what is known of a peer, i.e. which line to write.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LinkChange {
+    /// Nothing worth a line.
+    Quiet,
+    /// The peer stopped answering.
+    Down,
+    /// Still down since `for_`, after `failed_calls` failed calls; a reminder is due.
+    StillDown {
+        /// How long it has been down.
+        for_: Duration,
+        /// Calls failed since it went down.
+        failed_calls: u64,
+    },
+    /// It answers again after `for_` and `failed_calls` failed calls.
+    Back {
+        /// How long it was down.
+        for_: Duration,
+        /// Calls that failed meanwhile.
+        failed_calls: u64,
+    },
+}
+
+impl PeerLink {
+    /// A peer believed up until a call fails.
+    pub fn new(id: u64) -> Self {
+        PeerLink { id, down: AtomicBool::new(false), outage: Mutex::new(Outage::default()) }
+    }
+
+    fn outage(&self) -> std::sync::MutexGuard<'_, Outage> {
+        self.outage.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A call to the peer failed (it could not be reached, or did not answer).
+    pub fn failed(&self) -> LinkChange {
+        let now = Instant::now();
+        let mut outage = self.outage();
+        let Some(since) = outage.since else {
+            *outage = Outage { since: Some(now), failed_calls: 1, reminded: Some(now) };
+            self.down.store(true, Ordering::Release);
+            return LinkChange::Down;
+        };
+        outage.failed_calls += 1;
+        let last = outage.reminded.unwrap_or(since);
+        if now.saturating_duration_since(last) < PEER_REMINDER {
+            return LinkChange::Quiet;
+        }
+        outage.reminded = Some(now);
+        LinkChange::StillDown { for_: now.saturating_duration_since(since), failed_calls: outage.failed_calls }
+    }
+
+    /// The peer answered a call.
+    pub fn answered(&self) -> LinkChange {
+        if !self.down.load(Ordering::Acquire) {
+            return LinkChange::Quiet;
+        }
+        let mut outage = self.outage();
+        self.down.store(false, Ordering::Release);
+        match std::mem::take(&mut *outage) {
+            Outage { since: Some(since), failed_calls, .. } => {
+                LinkChange::Back { for_: Instant::now().saturating_duration_since(since), failed_calls }
+            }
+            // Another client saw the return first.
+            Outage { since: None, .. } => LinkChange::Quiet,
+        }
+    }
+
+    /// Writes the line `change` calls for.
+    fn log(&self, change: LinkChange, addr: SocketAddr, error: Option<&CallError>) {
+        let peer = self.id;
+        match change {
+            LinkChange::Quiet => {}
+            LinkChange::Down => {
+                tracing::warn!(target: "keel::raft", peer, %addr, error = error.map(tracing::field::display),
+                    "raft peer unreachable; retrying quietly")
+            }
+            LinkChange::StillDown { for_, failed_calls } => {
+                tracing::warn!(target: "keel::raft", peer, %addr, down_for = ?Secs(for_), failed_calls,
+                    error = error.map(tracing::field::display), "raft peer still unreachable")
+            }
+            LinkChange::Back { for_, failed_calls } => {
+                tracing::info!(target: "keel::raft", peer, %addr, down_for = ?Secs(for_), failed_calls,
+                    "raft peer reachable again")
+            }
+        }
+    }
+}
+
+/// A duration as whole seconds for a log line ("12s").
+struct Secs(Duration);
+
+impl std::fmt::Debug for Secs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}s", self.0.as_secs())
+    }
 }
 
 /// Why a call failed: before a connection existed, or after.
@@ -120,8 +259,18 @@ impl PeerClient {
         }
     }
 
-    /// Sends one request and waits for its answer within `ttl`.
+    /// Sends one request and waits for its answer within `ttl`; what came of it updates (and
+    /// may log) what is known of the peer.
     pub async fn call(&mut self, kind: u8, req: &RpcRequest, ttl: Duration) -> Result<RpcResponse, CallError> {
+        let result = self.exchange(kind, req, ttl).await;
+        match &result {
+            Ok(_) | Err(CallError::Remote { .. }) => self.link.log(self.link.answered(), self.addr, None),
+            Err(e) => self.link.log(self.link.failed(), self.addr, Some(e)),
+        }
+        result
+    }
+
+    async fn exchange(&mut self, kind: u8, req: &RpcRequest, ttl: Duration) -> Result<RpcResponse, CallError> {
         let addr = self.addr;
         let mut stream = match self.conn.take() {
             Some(s) => s,
@@ -221,5 +370,47 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 
     fn backoff(&self) -> Backoff {
         Backoff::new(std::iter::repeat(UNREACHABLE_BACKOFF))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_peer_is_logged_going_reminded_and_coming_back() {
+        let link = PeerLink::new(2);
+        assert_eq!(link.answered(), LinkChange::Quiet);
+        let mut changes = Vec::new();
+        // 70 s of failures every 50 ms, as openraft retries an unreachable peer.
+        for _ in 0..1_400 {
+            match link.failed() {
+                LinkChange::Quiet => {}
+                change => changes.push(change),
+            }
+            tokio::time::advance(UNREACHABLE_BACKOFF).await;
+        }
+        assert_eq!(changes.len(), 3, "{changes:?}");
+        assert_eq!(changes[0], LinkChange::Down);
+        assert!(
+            matches!(changes[1], LinkChange::StillDown { for_, failed_calls: 601 } if for_ == PEER_REMINDER),
+            "{changes:?}"
+        );
+        assert!(matches!(changes[2], LinkChange::StillDown { failed_calls: 1_201, .. }), "{changes:?}");
+        let back = link.answered();
+        assert_eq!(back, LinkChange::Back { for_: Duration::from_secs(70), failed_calls: 1_400 });
+        assert_eq!(link.answered(), LinkChange::Quiet, "back is said once");
+        // A new outage starts over.
+        assert_eq!(link.failed(), LinkChange::Down);
+    }
+
+    #[tokio::test]
+    async fn every_client_to_a_peer_shares_its_link() {
+        let factory = NetworkFactory::new("c".into(), 1, Duration::from_secs(1));
+        let (a, b, other) = (factory.link(2), factory.link(2), factory.link(3));
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(!Arc::ptr_eq(&a, &other));
+        assert_eq!(a.failed(), LinkChange::Down);
+        assert_eq!(b.failed(), LinkChange::Quiet, "the second client knows the peer is down");
     }
 }

@@ -21,6 +21,7 @@ use super::{
     read_body, read_frame, read_header, write_frame, FrameError, Hello, HelloReply, RpcRequest, RpcResponse,
     FRAME_TIMEOUT, KIND_HELLO, KIND_RPC, KIND_SNAPSHOT, PROTOCOL_VERSION,
 };
+use crate::throttle::{LogThrottle, EVERY};
 use crate::types::Raft;
 
 /// A connection silent for this long is closed (a leader sends heartbeats every few tens of ms).
@@ -96,13 +97,17 @@ async fn accept_loop(listener: TcpListener, node_id: u64, cluster_id: Arc<str>, 
                     let (cluster_id, dispatch) = (cluster_id.clone(), dispatch.clone());
                     conns.spawn(async move {
                         if let Err(e) = serve_conn(stream, node_id, &cluster_id, dispatch).await {
-                            tracing::warn!(target: "keel::raft", %peer, error = %e, "closing raft connection");
+                            // Anyone who can reach the Raft port can end connections this way.
+                            static CLOSING: LogThrottle = LogThrottle::new(EVERY);
+                            crate::throttled!(CLOSING, warn, target: "keel::raft", %peer, error = %e,
+                                "closing raft connection");
                         }
                     });
                 }
                 Err(e) => {
                     // Typically EMFILE: back off instead of spinning.
-                    tracing::warn!(target: "keel::raft", error = %e, "raft accept failed");
+                    static ACCEPT_FAILED: LogThrottle = LogThrottle::new(EVERY);
+                    crate::throttled!(ACCEPT_FAILED, warn, target: "keel::raft", error = %e, "raft accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },

@@ -4,8 +4,10 @@
 //! does two things a parser cannot do from inside itself:
 //!
 //! - feeds each byte of an HTTP/1 connection to the [`H1Scanner`]; a message the scanner
-//!   refuses is answered with `400` and the connection is closed, so keel's HTTP/1 server —
-//!   and the server behind it — never see an ambiguous request;
+//!   refuses is answered with the refusal's status (400, or 414 / 501 / 505) and a body naming
+//!   its reason, and the connection is closed, so keel's HTTP/1 server — and the server behind
+//!   it — never see an ambiguous request. Refusals are logged through one throttle (a client can
+//!   send them as fast as it likes): the first, then at most one line per 10 s with a count;
 //! - enforces the deadlines of a connection between requests: a started request head must be
 //!   complete within `header_timeout` (slowloris; answered with `408`), a connection that never
 //!   sends a request is closed after `header_timeout`, and a keep-alive connection with nothing
@@ -23,17 +25,35 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures_util::task::AtomicWaker;
+use keel_cluster::throttle::{LogThrottle, EVERY};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::h1::scan::H1Scanner;
+use super::h1::scan::{H1Scanner, Refusal};
 use crate::pool::{epoch, now_millis};
 
-const BAD_REQUEST: &[u8] =
-    b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: 32\r\nconnection: close\r\n\r\nbad request: ambiguous framing\r\n";
 const REQUEST_TIMEOUT: &[u8] =
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\ncontent-length: 37\r\nconnection: close\r\n\r\nrequest head not received in time\r\n\r\n";
+
+/// The answer to a refused message: its status, and a body that names the scanner's reason (a
+/// fixed string: nothing the client sent is echoed).
+fn refusal_response(refusal: Refusal) -> Bytes {
+    let status = refusal.status;
+    let body = if status == http::StatusCode::BAD_REQUEST {
+        format!("bad request: {}\n", refusal.reason)
+    } else {
+        format!("{}\n", refusal.reason)
+    };
+    let head = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("Refused"),
+        body.len()
+    );
+    Bytes::from(head + &body)
+}
 
 /// What the request path tells the I/O layer about one connection's requests. Shared because
 /// an HTTP/2 connection's streams run in tasks of their own.
@@ -117,7 +137,7 @@ pub struct GuardedIo<T> {
     /// [`GuardedIo::poll_deadline`]), never later.
     armed: Instant,
     /// A response to write before closing, and how much of it is written.
-    closing: Option<(&'static [u8], usize)>,
+    closing: Option<(Bytes, usize)>,
     closed: bool,
 }
 
@@ -211,7 +231,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> GuardedIo<T> {
         Poll::Ready(())
     }
 
-    fn close_with(&mut self, cx: &mut Context<'_>, response: &'static [u8]) -> Poll<io::Result<()>> {
+    fn close_with(&mut self, cx: &mut Context<'_>, response: Bytes) -> Poll<io::Result<()>> {
         self.scanner = None;
         self.closing = (!response.is_empty()).then_some((response, 0));
         match self.poll_closing(cx) {
@@ -280,11 +300,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedIo<T> {
                                 (true, false) => Some(Instant::now()),
                             };
                         }
-                        Err(reason) => {
-                            tracing::debug!(target: "keel::proxy", reason, "refused an ambiguous request");
+                        Err(refusal) => {
+                            static REFUSED: LogThrottle = LogThrottle::new(EVERY);
+                            keel_cluster::throttled!(REFUSED, info, target: "keel::proxy",
+                                status = refusal.status.as_u16(), reason = refusal.reason, "refused a malformed request");
                             buf.set_filled(before);
                             this.head_started = None;
-                            return this.close_with(cx, BAD_REQUEST);
+                            return this.close_with(cx, refusal_response(refusal));
                         }
                     }
                 }
@@ -294,7 +316,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedIo<T> {
             Poll::Pending => {
                 let Some((deadline, response)) = this.deadline() else { return Poll::Pending };
                 match this.poll_deadline(cx, deadline) {
-                    Poll::Ready(()) => this.close_with(cx, response),
+                    Poll::Ready(()) => this.close_with(cx, Bytes::from_static(response)),
                     Poll::Pending => Poll::Pending,
                 }
             }
@@ -366,7 +388,26 @@ mod tests {
         drop(io);
         let mut answer = Vec::new();
         client.read_to_end(&mut answer).await.expect("read answer");
-        assert!(answer.starts_with(b"HTTP/1.1 400 "), "{}", String::from_utf8_lossy(&answer));
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
+        assert!(text.ends_with("\r\n\r\nbad request: both Content-Length and Transfer-Encoding\n"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_answers_its_own_status_and_reason() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut io = GuardedIo::new(server, ConnActivity::new(), DL, true, 4096);
+        client.write_all(b"GET / HTTP/1.2\r\nHost: a\r\n\r\n").await.expect("write");
+        let mut buf = [0u8; 1024];
+        assert_eq!(io.read(&mut buf).await.expect("read"), 0);
+        drop(io);
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.expect("read answer");
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 505 HTTP Version Not Supported\r\n"), "{text}");
+        let (head, body) = text.split_once("\r\n\r\n").expect("a head");
+        assert!(head.contains(&format!("content-length: {}", body.len())), "{text}");
+        assert!(body.contains("HTTP version not supported"), "{text}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -7,6 +7,11 @@
 //! `http::request::Parts` plus a streaming body, so nothing after the head knows which
 //! protocol the client spoke. A connection is registered with the listener's drain, which
 //! sends GOAWAY and lets open streams finish.
+//!
+//! A connection that ends in a protocol error (garbage frames, a flood of stream resets that
+//! the `h2` crate answers with GOAWAY) is logged through one throttle: a hostile client can end
+//! connections that way as fast as it can open them. A client that merely went away (an I/O
+//! error) is only a debug line.
 
 use std::sync::Arc;
 
@@ -14,6 +19,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use keel_cluster::model::Limits;
+use keel_cluster::throttle::{LogThrottle, EVERY};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::guard::{ConnActivity, RequestGuard};
@@ -60,8 +66,43 @@ impl H2 {
         });
         let conn = drain.watch(self.builder.serve_connection(TokioIo::new(io), service));
         if let Err(e) = conn.await {
-            tracing::debug!(target: "keel::proxy", client = %client, error = %e, "HTTP/2 connection ended with an error");
+            if went_away(&e) {
+                tracing::debug!(target: "keel::proxy", client = %client, error = %e, "HTTP/2 client went away");
+            } else {
+                static PROTOCOL_ERROR: LogThrottle = LogThrottle::new(EVERY);
+                keel_cluster::throttled!(PROTOCOL_ERROR, info, target: "keel::proxy", client = %client,
+                    error = %Chain(&e), "HTTP/2 connection ended with a protocol error");
+            }
         }
+    }
+}
+
+/// Whether a session ended because the client's connection failed (reset, closed mid-frame), not
+/// because of something the client sent.
+fn went_away(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<std::io::Error>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// An error with its sources, "http2 error: connection error detected: …": hyper's own message
+/// names only the protocol.
+struct Chain<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
     }
 }
 

@@ -42,6 +42,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_cluster::model::Limits;
+use keel_cluster::throttle::{LogThrottle, EVERY};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -129,7 +130,9 @@ pub async fn serve(listener: HttpListener, graceful: Arc<Drainer>, mut stop: wat
                 Ok(a) => a,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning on the error.
-                    tracing::warn!(target: "keel::proxy", listener = %name, error = %e, "accept failed");
+                    static ACCEPT_FAILED: LogThrottle = LogThrottle::new(EVERY);
+                    keel_cluster::throttled!(ACCEPT_FAILED, warn, target: "keel::proxy", listener = %name, error = %e,
+                        "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }

@@ -5,8 +5,11 @@
 //!    keel's HTTP/1 server ([`super::h1::server`]) or the HTTP/2 front end ([`super::h2`]).
 //!    Both hand over the same thing: `http::request::Parts` and an optional streaming body.
 //! 2. **authority** ([`authority`]): the request's one authority — the target's own (HTTP/2
-//!    `:authority`, HTTP/1 absolute form) or else `Host`. Routing uses it and the server gets
-//!    it as `Host`, so a route fenced to one host cannot be walked around with another.
+//!    `:authority`, HTTP/1 absolute form) or else `Host`. Routing, sticky keys and logs use it
+//!    and the server gets it as `Host`, so a route fenced to one host cannot be walked around
+//!    with another. An HTTP/1 absolute-form target's host replaces the client's `Host`
+//!    (RFC 9112 §3.2.2); an HTTP/2 `host` header that names another authority than `:authority`
+//!    (RFC 9113 §8.3.1), more than one `Host`, or userinfo in the target's authority is a 400.
 //! 3. **route** ([`HttpProxy::route`]): redirect listeners, host/path/header rules, the pool.
 //! 4. **admit** ([`HttpProxy::admit`]): the route's rate limit and the body size limit, decided
 //!    before a server is chosen so a refused request costs the servers nothing. Then a body
@@ -217,7 +220,10 @@ impl HttpProxy {
         B::Error: Into<BoxError>,
     {
         let started = Instant::now();
-        let authority = authority(&parts);
+        let authority = match authority(&parts) {
+            Ok(authority) => authority,
+            Err(answer) => return (*answer).map(ProxyBody::Local),
+        };
         let routed = match self.route(&parts, authority) {
             Ok(routed) => routed,
             Err(answer) => return (*answer).map(ProxyBody::Local),
@@ -435,12 +441,38 @@ impl HttpProxy {
 
 /// Phase 2: the request's one authority: the target's own (HTTP/2 `:authority`, an HTTP/1
 /// absolute-form URL) — RFC 9112 §3.2.2 and RFC 9113 §8.3.1 both put it before `Host` — or else
-/// `Host`.
-fn authority(parts: &http::request::Parts) -> Option<HeaderValue> {
-    match parts.uri.authority() {
-        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
-        None => parts.headers.get(header::HOST).cloned(),
+/// `Host`. A request that names two authorities, or one with userinfo, is answered 400: which
+/// one a server behind keel would believe is anybody's guess.
+fn authority(parts: &http::request::Parts) -> Result<Option<HeaderValue>, Answer> {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        // HTTP/1's scanner already refuses this; HTTP/2 clients reach here.
+        return Err(bad_authority("more than one Host header"));
     }
+    let Some(target) = parts.uri.authority() else { return Ok(host.cloned()) };
+    // RFC 9110 §4.2.4: userinfo in an http(s) URI is to be treated as an error; forwarded as
+    // `Host` it would not even be a valid one.
+    if target.as_str().contains('@') {
+        return Err(bad_authority("userinfo in the request target"));
+    }
+    if parts.version == Version::HTTP_2 {
+        if let Some(host) = host {
+            if !host.as_bytes().eq_ignore_ascii_case(target.as_str().as_bytes()) {
+                return Err(bad_authority("Host header does not match :authority"));
+            }
+        }
+    }
+    match HeaderValue::from_str(target.as_str()) {
+        Ok(value) => Ok(Some(value)),
+        Err(_) => Err(bad_authority("invalid authority in the request target")),
+    }
+}
+
+/// 400 for a request whose authority keel cannot settle on; `why` is fixed text, never the
+/// client's.
+fn bad_authority(why: &str) -> Answer {
+    Box::new(super::error::plain_response(StatusCode::BAD_REQUEST, format!("bad request: {why}")))
 }
 
 /// Phase 5: the sticky server on the first attempt, else the pool's algorithm, skipping the
@@ -793,5 +825,52 @@ impl<B: Body, G> Body for Tracked<B, G> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(version: Version, uri: &str, hosts: &[&str]) -> http::request::Parts {
+        let mut b = http::Request::get(uri).version(version);
+        for h in hosts {
+            b = b.header(header::HOST, *h);
+        }
+        b.body(()).expect("request").into_parts().0
+    }
+
+    fn status(result: Result<Option<HeaderValue>, Answer>) -> Result<Option<String>, u16> {
+        result.map(|a| a.map(|v| v.to_str().unwrap_or("?").to_owned())).map_err(|answer| answer.status().as_u16())
+    }
+
+    #[test]
+    fn the_target_authority_wins_over_host_on_http1() {
+        let p = parts(Version::HTTP_11, "http://shop.example/x", &["other.example"]);
+        assert_eq!(status(authority(&p)), Ok(Some("shop.example".to_owned())));
+        let p = parts(Version::HTTP_11, "/x", &["other.example"]);
+        assert_eq!(status(authority(&p)), Ok(Some("other.example".to_owned())));
+        let p = parts(Version::HTTP_10, "/x", &[]);
+        assert_eq!(status(authority(&p)), Ok(None));
+    }
+
+    #[test]
+    fn http2_authority_and_host_must_agree() {
+        let p = parts(Version::HTTP_2, "https://shop.example/x", &[]);
+        assert_eq!(status(authority(&p)), Ok(Some("shop.example".to_owned())));
+        let p = parts(Version::HTTP_2, "https://shop.example/x", &["Shop.Example"]);
+        assert_eq!(status(authority(&p)), Ok(Some("shop.example".to_owned())));
+        let p = parts(Version::HTTP_2, "https://shop.example/x", &["other.example"]);
+        assert_eq!(status(authority(&p)), Err(400));
+        let p = parts(Version::HTTP_2, "https://shop.example:8443/x", &["shop.example"]);
+        assert_eq!(status(authority(&p)), Err(400), "a port is part of the authority");
+    }
+
+    #[test]
+    fn two_hosts_or_userinfo_are_refused() {
+        let p = parts(Version::HTTP_2, "/x", &["a.example", "b.example"]);
+        assert_eq!(status(authority(&p)), Err(400));
+        let p = parts(Version::HTTP_11, "http://user@shop.example/x", &["shop.example"]);
+        assert_eq!(status(authority(&p)), Err(400));
     }
 }

@@ -42,6 +42,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use keel_cluster::model::{Algorithm, MAX_RETRIES};
+use keel_cluster::throttle::{LogThrottle, EVERY};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
@@ -86,7 +87,9 @@ pub async fn serve_tcp(
                 Ok(a) => a,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning on the error.
-                    tracing::warn!(target: "keel::proxy", listener = %name, error = %e, "accept failed");
+                    static ACCEPT_FAILED: LogThrottle = LogThrottle::new(EVERY);
+                    keel_cluster::throttled!(ACCEPT_FAILED, warn, target: "keel::proxy", listener = %name, error = %e,
+                        "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }

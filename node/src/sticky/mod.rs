@@ -15,7 +15,6 @@
 //!   `on_response` after the response head arrives.
 //! - [`runtime`]: [`StickyRuntime`], which builds policies from config and keeps stores and
 //!   counters across config reloads.
-//! - [`throttle`]: at most one log line per interval for errors that repeat per request.
 //!
 //! # Refresh rule (all stores)
 //!
@@ -37,7 +36,6 @@ pub mod policy;
 pub mod raft;
 pub mod redis_store;
 pub mod runtime;
-pub mod throttle;
 
 pub use memory::MemorySessionStore;
 pub use policy::{SourceKey, StickyCounters, StickyPolicy};

@@ -30,8 +30,8 @@ use keel_cluster::{ClusterHandle, ClusterState, Command, ProposeError, StickyEnt
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use super::memory::TtlMap;
-use super::throttle::LogThrottle;
 use super::{millis, needs_write, Clock, SessionStore, StickyError, StoreGet, StoreStats};
+use keel_cluster::throttle::{LogThrottle, EVERY};
 
 /// Reads the replicated table: (pool, key, now unix ms) → bound server name.
 pub type StickyReader = Arc<dyn Fn(&str, &str, u64) -> Option<String> + Send + Sync>;
@@ -221,7 +221,7 @@ impl Flusher {
     async fn run(mut self) {
         let max_batch = self.settings.max_batch.clamp(1, MAX_STICKY_BATCH);
         let in_flight = Arc::new(Semaphore::new(self.settings.max_in_flight.max(1)));
-        let throttle = Arc::new(LogThrottle::new(10_000));
+        let throttle = Arc::new(LogThrottle::new(EVERY));
         loop {
             let mut batch = Vec::with_capacity(max_batch.min(1024));
             if self.rx.recv_many(&mut batch, max_batch).await == 0 {
@@ -246,9 +246,9 @@ impl Flusher {
                 settle(&overlay, &batch, result.is_ok());
                 if let Err(e) = result {
                     stats.errors.fetch_add(1, Ordering::Relaxed);
-                    if let Some(held_back) = throttle.allow(clock()) {
+                    if let Some(held) = throttle.allow_at(clock()) {
                         tracing::warn!(target: "keel::sticky", error = %e, entries = batch.len(),
-                            failures_not_logged = held_back, "sticky batch not committed; serving bindings locally");
+                            failures_not_logged = held.count, "sticky batch not committed; serving bindings locally");
                     }
                 }
                 drop(permit);

@@ -25,8 +25,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::mpsc;
 
 use super::memory::TtlMap;
-use super::throttle::LogThrottle;
 use super::{millis, needs_write, Clock, SessionStore, StickyError, StoreError, StoreGet, StoreStats};
+use keel_cluster::throttle::LogThrottle;
 
 /// Prefix of every key keel writes: `keel:sticky:{pool}:{key}`.
 pub const KEY_PREFIX: &str = "keel:sticky:";
@@ -87,8 +87,8 @@ impl Shared {
         let now = (self.clock)();
         self.errors.fetch_add(1, Ordering::Relaxed);
         self.down_until.fetch_max(now.saturating_add(millis(self.settings.retry_after)), Ordering::Relaxed);
-        if let Some(held_back) = self.throttle.allow(now) {
-            tracing::warn!(target: "keel::sticky", redis = %self.url, %error, errors_not_logged = held_back,
+        if let Some(held) = self.throttle.allow_at(now) {
+            tracing::warn!(target: "keel::sticky", redis = %self.url, %error, errors_not_logged = held.count,
                 "redis session store {what} failed; requests fall back to the balancing algorithm");
         }
     }
@@ -137,7 +137,7 @@ impl RedisSessionStore {
             errors: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             written: AtomicU64::new(0),
-            throttle: LogThrottle::new(millis(settings.log_every)),
+            throttle: LogThrottle::new(settings.log_every),
             recent: TtlMap::new(settings.written_capacity),
             settings,
         });

@@ -1,32 +1,63 @@
-//! A strict HTTP/1.x framing scanner that every byte from a client passes before keel's HTTP/1
-//! server parses it; it refuses ambiguous requests.
+//! A strict HTTP/1.x framing scanner that runs in front of keel's HTTP/1 server and refuses
+//! ambiguous requests.
 //!
-//! HTTP/1 parsers are lenient where the RFCs allow it: `httparse` accepts bare LF line endings,
-//! and common servers merge identical duplicate `Content-Length` headers or silently drop
-//! `Content-Length` when `Transfer-Encoding` is present. keel re-frames every
-//! request it forwards, but a front proxy that *accepts* an ambiguous message has already
-//! disagreed with somebody about where it ends. HAProxy's stance — reject, answer 400, close —
-//! is what operators expect, so every byte a client sends on an HTTP/1 connection is fed
-//! through this scanner first, and a message it refuses is never parsed or forwarded.
+//! A front proxy that *accepts* an ambiguous message has already disagreed with somebody about
+//! where it ends, even if it re-frames everything it forwards (keel does). HAProxy's stance —
+//! refuse, answer, close — is what operators expect, so every byte a client sends on an HTTP/1
+//! connection is fed through this scanner first ([`super::super::guard::GuardedIo`]), and a
+//! message it refuses never reaches the parser or a server.
 //!
 //! The scanner tracks message boundaries itself (head, `Content-Length` body, chunked body with
 //! trailers) so that pipelined and keep-alive requests are each checked, and it stops looking
 //! once the connection is no longer HTTP/1 request framing: HTTP/2 (the `PRI` preface), an
-//! upgrade or `CONNECT`, or a head too large to buffer (the HTTP/1 server answers 431).
+//! upgrade or `CONNECT`, or a head too large to buffer (keel's HTTP/1 server then answers 431).
 //!
-//! Refused: bare LF or bare CR, NUL and other control bytes, obsolete line folding, whitespace
-//! before a header's colon, invalid header names, `Content-Length` together with
-//! `Transfer-Encoding`, more than one `Content-Length` (even identical), a `Content-Length`
-//! that is not plain digits, any `Transfer-Encoding` other than exactly `chunked`,
-//! `Transfer-Encoding` on HTTP/1.0, more than one `Host`, and invalid chunk framing.
+//! A [`Refusal`] carries the status to answer and a fixed reason, which the answer's body names
+//! (never the client's bytes):
+//!
+//! - **400**: bare LF or bare CR, NUL and other control bytes, obsolete line folding, whitespace
+//!   before a header's colon, invalid header names, a malformed request line or version,
+//!   `Content-Length` together with `Transfer-Encoding`, more than one `Content-Length` (even
+//!   identical), a `Content-Length` that is not plain digits, `chunked` anywhere but last in
+//!   `Transfer-Encoding`, more than one `Transfer-Encoding`, `Transfer-Encoding` on HTTP/1.0,
+//!   more than one `Host`, no `Host` on HTTP/1.1 (unless the target is absolute), and invalid
+//!   chunk framing;
+//! - **414**: a request line longer than [`MAX_REQUEST_LINE`] or the head limit, whichever is
+//!   smaller (nginx's `large_client_header_buffers` and HAProxy answer the same); the target
+//!   also counts toward the head limit (`max_header_bytes`);
+//! - **501**: a transfer coding keel does not implement (`gzip, chunked`, `xchunked`): RFC 9112
+//!   §6.1, as nginx answers;
+//! - **505**: a well-formed HTTP version other than 1.0 and 1.1 (`HTTP/1.2`, `HTTP/3.0`).
 
+use http::StatusCode;
+
+/// Longest request line accepted (method, target, version), unless the head limit is smaller.
+pub const MAX_REQUEST_LINE: usize = 8 * 1024;
 /// Longest chunk-size line accepted (size, extensions, CRLF).
 const MAX_CHUNK_LINE: usize = 256;
 /// Longest trailer section accepted.
 const MAX_TRAILERS: usize = 8 * 1024;
 
-/// Why a message was refused, for the log line and the 400 body.
-pub type Refusal = &'static str;
+/// Why a message was refused: the status to answer and a fixed reason for the log line and the
+/// answer's body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// What the client is answered.
+    pub status: StatusCode,
+    /// Why, in a few words; never bytes of the request.
+    pub reason: &'static str,
+}
+
+/// A malformed or ambiguous message: 400.
+fn bad(reason: &'static str) -> Refusal {
+    Refusal { status: StatusCode::BAD_REQUEST, reason }
+}
+
+impl From<&'static str> for Refusal {
+    fn from(reason: &'static str) -> Self {
+        bad(reason)
+    }
+}
 
 /// How a request's body is framed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,6 +96,8 @@ enum Phase {
 pub struct H1Scanner {
     phase: Phase,
     max_head: usize,
+    /// Longest request line: [`MAX_REQUEST_LINE`] or `max_head`, the smaller.
+    max_line: usize,
 }
 
 /// What feeding bytes revealed.
@@ -75,10 +108,10 @@ pub struct Progress {
 }
 
 impl H1Scanner {
-    /// A scanner for a fresh connection; heads longer than `max_head` are left to the server
-    /// half, which refuses them with 431.
+    /// A scanner for a fresh connection; heads longer than `max_head` are left to keel's HTTP/1
+    /// server (431), request lines longer than `max_head` or [`MAX_REQUEST_LINE`] refused (414).
     pub fn new(max_head: usize) -> Self {
-        H1Scanner { phase: Phase::Head(Vec::new()), max_head }
+        H1Scanner { phase: Phase::Head(Vec::new()), max_head, max_line: max_head.min(MAX_REQUEST_LINE) }
     }
 
     /// Whether a request head has started but not completed (the slowloris window).
@@ -116,7 +149,7 @@ impl H1Scanner {
                             let end = start + end;
                             let consumed_here = end - (buf.len() - take);
                             let head = std::mem::take(buf);
-                            let kind = validate_head(&head[..end])?;
+                            let kind = validate_head(&head[..end], self.max_line)?;
                             progress.heads += 1;
                             data = &data[consumed_here..];
                             self.phase = match kind {
@@ -130,8 +163,12 @@ impl H1Scanner {
                         }
                         None => {
                             check_partial_head(buf)?;
+                            // Checked before the head limit: a long target is a 414, not a 431.
+                            if buf.len() > self.max_line && !buf.contains(&b'\n') {
+                                return Err(too_long());
+                            }
                             if buf.len() > self.max_head {
-                                // The server half answers 431 for this one; nothing more to check.
+                                // keel's HTTP/1 server answers 431 for this one; nothing more to check.
                                 self.phase = Phase::Opaque;
                             }
                             data = &data[take..];
@@ -170,9 +207,9 @@ fn find_head_end(buf: &[u8]) -> Option<usize> {
 fn check_partial_head(buf: &[u8]) -> Result<(), Refusal> {
     for (i, &b) in buf.iter().enumerate() {
         match b {
-            b'\n' if i == 0 || buf[i - 1] != b'\r' => return Err("bare LF in request head"),
-            b'\r' if i + 1 < buf.len() && buf[i + 1] != b'\n' => return Err("bare CR in request head"),
-            0 => return Err("NUL byte in request head"),
+            b'\n' if i == 0 || buf[i - 1] != b'\r' => return Err(bad("bare LF in request head")),
+            b'\r' if i + 1 < buf.len() && buf[i + 1] != b'\n' => return Err(bad("bare CR in request head")),
+            0 => return Err(bad("NUL byte in request head")),
             _ => {}
         }
     }
@@ -188,61 +225,79 @@ fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
+/// 414: the request line (in practice its target) is longer than the scanner takes.
+fn too_long() -> Refusal {
+    Refusal { status: StatusCode::URI_TOO_LONG, reason: "request target too long" }
+}
+
+/// `HTTP/<digit>.<digit>`: a version keel can name, if not serve.
+fn is_http_version(v: &[u8]) -> bool {
+    matches!(v, [b'H', b'T', b'T', b'P', b'/', major, b'.', minor] if major.is_ascii_digit() && minor.is_ascii_digit())
+}
+
 /// Validates a complete head (ending in CRLFCRLF) and tells how its body is framed.
-fn validate_head(head: &[u8]) -> Result<HeadKind, Refusal> {
+fn validate_head(head: &[u8], max_line: usize) -> Result<HeadKind, Refusal> {
     check_partial_head(head)?;
     let body = &head[..head.len() - 4];
     let mut lines = body.split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
 
     let request_line = lines.next().ok_or("empty request")?;
+    if request_line.len() > max_line {
+        return Err(too_long());
+    }
     let mut parts = request_line.split(|&b| b == b' ');
     let method = parts.next().filter(|m| !m.is_empty() && m.iter().all(|&b| is_tchar(b))).ok_or("invalid method")?;
     let target = parts.next().filter(|t| !t.is_empty()).ok_or("missing request target")?;
     let version = parts.next().ok_or("missing HTTP version")?;
     if parts.next().is_some() {
-        return Err("malformed request line");
+        return Err(bad("malformed request line"));
     }
     if target.iter().any(|&b| b <= b' ' || b == 0x7f) {
-        return Err("invalid byte in request target");
+        return Err(bad("invalid byte in request target"));
     }
     let http10 = match version {
         b"HTTP/1.1" => false,
         b"HTTP/1.0" => true,
-        _ => return Err("unsupported HTTP version"),
+        v if is_http_version(v) => {
+            return Err(Refusal {
+                status: StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+                reason: "HTTP version not supported (HTTP/1.0 and HTTP/1.1 are)",
+            })
+        }
+        _ => return Err(bad("malformed HTTP version")),
     };
 
     let mut content_length: Option<u64> = None;
     let mut chunked = false;
     let mut transfer_encoding = false;
+    let mut unknown_coding = false;
     let mut hosts = 0;
     let mut upgrade = false;
     for line in lines {
         if line.first().is_some_and(|&b| b == b' ' || b == b'\t') {
-            return Err("obsolete line folding");
+            return Err(bad("obsolete line folding"));
         }
         let colon = line.iter().position(|&b| b == b':').ok_or("header line without colon")?;
         let (name, value) = (&line[..colon], &line[colon + 1..]);
         if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
-            return Err("invalid header name (or whitespace before the colon)");
+            return Err(bad("invalid header name (or whitespace before the colon)"));
         }
         if value.iter().any(|&b| (b < b' ' && b != b'\t') || b == 0x7f) {
-            return Err("control byte in header value");
+            return Err(bad("control byte in header value"));
         }
         let value = value.trim_ascii();
         if name.eq_ignore_ascii_case(b"content-length") {
             if content_length.is_some() {
-                return Err("more than one Content-Length");
+                return Err(bad("more than one Content-Length"));
             }
             content_length = Some(parse_content_length(value).ok_or("Content-Length is not a plain number")?);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             if transfer_encoding {
-                return Err("more than one Transfer-Encoding");
+                return Err(bad("more than one Transfer-Encoding"));
             }
             transfer_encoding = true;
-            if !value.eq_ignore_ascii_case(b"chunked") {
-                return Err("Transfer-Encoding other than chunked");
-            }
-            chunked = true;
+            unknown_coding = !check_codings(value)?;
+            chunked = !unknown_coding;
         } else if name.eq_ignore_ascii_case(b"host") {
             hosts += 1;
         } else if name.eq_ignore_ascii_case(b"upgrade") {
@@ -250,18 +305,26 @@ fn validate_head(head: &[u8]) -> Result<HeadKind, Refusal> {
         }
     }
     if transfer_encoding && content_length.is_some() {
-        return Err("both Content-Length and Transfer-Encoding");
+        return Err(bad("both Content-Length and Transfer-Encoding"));
     }
     if transfer_encoding && http10 {
-        return Err("Transfer-Encoding on HTTP/1.0");
+        return Err(bad("Transfer-Encoding on HTTP/1.0"));
     }
     if hosts > 1 {
-        return Err("more than one Host");
+        return Err(bad("more than one Host"));
     }
     // An absolute-form target names its host itself (RFC 9112 §3.2.2).
     let absolute = target.starts_with(b"http://") || target.starts_with(b"https://");
     if !http10 && hosts == 0 && !absolute {
-        return Err("HTTP/1.1 request without Host");
+        return Err(bad("HTTP/1.1 request without a Host header"));
+    }
+    // Only once the framing is known to be otherwise unambiguous: a coding keel lacks is a 501,
+    // an ambiguity stays a 400.
+    if unknown_coding {
+        return Err(Refusal {
+            status: StatusCode::NOT_IMPLEMENTED,
+            reason: "transfer coding not implemented (only chunked is)",
+        });
     }
     if method == b"CONNECT" || upgrade {
         return Ok(HeadKind::Opaque);
@@ -271,6 +334,29 @@ fn validate_head(head: &[u8]) -> Result<HeadKind, Refusal> {
         (false, Some(n)) => BodyKind::Length(n),
         (false, None) => BodyKind::None,
     }))
+}
+
+/// Checks a `Transfer-Encoding` list: `Ok(true)` for exactly `chunked`, `Ok(false)` for a
+/// well-formed list with a coding keel does not implement (`gzip, chunked`, `xchunked`), and a
+/// 400 where the body's end could not be found whatever the codings mean: `chunked` anywhere but
+/// last or twice (RFC 9112 §6.3), an empty or malformed element.
+fn check_codings(value: &[u8]) -> Result<bool, Refusal> {
+    let mut codings = value.split(|&b| b == b',').map(<[u8]>::trim_ascii).peekable();
+    let mut only_chunked = true;
+    while let Some(coding) = codings.next() {
+        let name = coding.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
+        if name.is_empty() || !coding.iter().all(|&b| is_tchar(b) || b" \t;=\"".contains(&b)) {
+            return Err(bad("malformed Transfer-Encoding"));
+        }
+        if name.eq_ignore_ascii_case(b"chunked") {
+            if codings.peek().is_some() {
+                return Err(bad("chunked is not the final transfer coding"));
+            }
+        } else {
+            only_chunked = false;
+        }
+    }
+    Ok(only_chunked)
 }
 
 /// Advances through chunked framing; returns bytes used and whether the body ended.
@@ -283,7 +369,7 @@ fn feed_chunked(state: &mut ChunkState, data: &[u8]) -> Result<(usize, bool), Re
                 i += 1;
                 line.push(b);
                 if line.len() > MAX_CHUNK_LINE {
-                    return Err("chunk-size line too long");
+                    return Err(bad("chunk-size line too long"));
                 }
                 if b == b'\n' {
                     let size = parse_chunk_size(line)?;
@@ -305,7 +391,7 @@ fn feed_chunked(state: &mut ChunkState, data: &[u8]) -> Result<(usize, bool), Re
             ChunkState::DataEnd(seen) => {
                 let want = if *seen == 0 { b'\r' } else { b'\n' };
                 if data[i] != want {
-                    return Err("chunk data not followed by CRLF");
+                    return Err(bad("chunk data not followed by CRLF"));
                 }
                 i += 1;
                 *seen += 1;
@@ -318,19 +404,19 @@ fn feed_chunked(state: &mut ChunkState, data: &[u8]) -> Result<(usize, bool), Re
                 i += 1;
                 *seen += 1;
                 if *seen > MAX_TRAILERS {
-                    return Err("trailer section too long");
+                    return Err(bad("trailer section too long"));
                 }
                 line.push(b);
                 if b == b'\n' {
                     if line.len() < 2 || line[line.len() - 2] != b'\r' {
-                        return Err("bare LF in chunked trailers");
+                        return Err(bad("bare LF in chunked trailers"));
                     }
                     if line.len() == 2 {
                         return Ok((i, true));
                     }
                     let content = &line[..line.len() - 2];
                     if content.first().is_some_and(|&b| b == b' ' || b == b'\t') || !content.contains(&b':') {
-                        return Err("malformed trailer");
+                        return Err(bad("malformed trailer"));
                     }
                     line.clear();
                 }
@@ -351,7 +437,7 @@ pub fn parse_content_length(value: &[u8]) -> Option<u64> {
 
 /// Parses "1a;ext=v\r\n": hex digits only (no sign, no whitespace, no "0x"), at most 15 of
 /// them, optional extensions of token characters.
-pub fn parse_chunk_size(line: &[u8]) -> Result<u64, Refusal> {
+pub fn parse_chunk_size(line: &[u8]) -> Result<u64, &'static str> {
     let line = line.strip_suffix(b"\r\n").ok_or("bare LF in chunk-size line")?;
     let (size, ext) = match line.iter().position(|&b| b == b';') {
         Some(p) => (&line[..p], Some(&line[p + 1..])),
@@ -433,6 +519,51 @@ mod tests {
     }
 
     #[test]
+    fn each_refusal_carries_its_status() {
+        let status = |bytes: &[u8]| scan(bytes).map(|_| ()).map_err(|r| r.status.as_u16());
+        let cases: &[(&[u8], Result<(), u16>)] = &[
+            (b"GET / HTTP/1.2\r\nHost: a\r\n\r\n", Err(505)),
+            (b"GET / HTTP/3.0\r\nHost: a\r\n\r\n", Err(505)),
+            (b"GET / HTTP/0.9\r\nHost: a\r\n\r\n", Err(505)),
+            (b"GET / HTTP/1\r\nHost: a\r\n\r\n", Err(400)),
+            (b"GET / HTTQ/1.1\r\nHost: a\r\n\r\n", Err(400)),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", Err(501)),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n", Err(501)),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", Err(501)),
+            // Ambiguous before it is unknown: still 400.
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n", Err(400)),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", Err(400)),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: ,chunked\r\n\r\n", Err(400)),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: gzip\r\n\r\n", Err(400)),
+            (b"POST / HTTP/1.0\r\nTransfer-Encoding: gzip\r\n\r\n", Err(400)),
+            (b"GET / HTTP/1.1\r\n\r\n", Err(400)),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n0\r\n\r\n", Ok(())),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(&status(bytes), want, "{:?}", String::from_utf8_lossy(bytes));
+        }
+        let missing = scan(b"GET / HTTP/1.1\r\n\r\n").expect_err("no Host");
+        assert!(missing.reason.contains("Host"), "{missing:?}");
+    }
+
+    #[test]
+    fn a_long_request_line_is_414_before_the_head_limit_is_reached() {
+        let long = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(MAX_REQUEST_LINE));
+        assert_eq!(scan(long.as_bytes()).map_err(|r| r.status), Err(StatusCode::URI_TOO_LONG));
+        // Still incomplete: refused as soon as the line is known to be too long.
+        let mut s = H1Scanner::new(64 * 1024);
+        let partial = format!("GET /{}", "a".repeat(MAX_REQUEST_LINE));
+        assert_eq!(s.feed(partial.as_bytes()).map_err(|r| r.status), Err(StatusCode::URI_TOO_LONG));
+        // A head limit below 8 KiB bounds the line too.
+        let mut s = H1Scanner::new(100);
+        let partial = format!("GET /{}", "a".repeat(200));
+        assert_eq!(s.feed(partial.as_bytes()).map_err(|r| r.status), Err(StatusCode::URI_TOO_LONG));
+        // A line at the limit passes.
+        let fits = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(MAX_REQUEST_LINE - 14));
+        assert_eq!(scan(fits.as_bytes()), Ok(Progress { heads: 1 }));
+    }
+
+    #[test]
     fn second_request_after_a_body_is_checked_too() {
         let msg = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx";
         assert!(scan(msg).is_err());
@@ -454,7 +585,7 @@ mod tests {
     }
 
     #[test]
-    fn oversized_heads_are_left_to_the_server_half() {
+    fn oversized_heads_are_left_to_the_server() {
         let mut s = H1Scanner::new(16);
         assert!(s.feed(b"GET / HTTP/1.1\r\nX-Long: aaaaaaaaaaaaaaaaaaaaaa").is_ok());
         assert!(s.is_opaque());

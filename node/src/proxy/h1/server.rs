@@ -4,8 +4,10 @@
 //!
 //! What it implements, as HAProxy and nginx do:
 //! - heads parsed with `httparse` after the connection's framing scanner ([`super::scan`], in
-//!   [`GuardedIo`]) has let them through; a head over `max_header_bytes` gets 431, more than
-//!   `max_headers` fields 431, an unparsable one 400;
+//!   [`GuardedIo`]) has let them through (it answers ambiguous framing, a missing `Host`, an
+//!   over-long request line, an unknown transfer coding and an unserved HTTP version itself:
+//!   400 / 414 / 501 / 505); a head over `max_header_bytes` gets 431, more than `max_headers`
+//!   fields 431, an unparsable one 400;
 //! - request bodies framed by `Content-Length` or chunked (with trailers), decoded by
 //!   [`codec::Decoder`] off the connection's read buffer and streamed to the server as they
 //!   arrive; anything pipelined behind a request stays in the buffer for the next turn;
