@@ -101,8 +101,10 @@ pin_project_lite::pin_project! {
     pub struct ClientBody<B> {
         #[pin]
         inner: B,
-        // Boxed so the body stays Unpin, which keel's client requires.
-        timer: Pin<Box<tokio::time::Sleep>>,
+        // Made only when the body first has to wait for the client: a body that is already in
+        // the connection's buffer (most small ones) never registers a timer. Boxed so the body
+        // stays Unpin, which keel's client requires.
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
         limits: BodyLimits,
         received: u64,
         started: Instant,
@@ -115,15 +117,7 @@ impl<B> ClientBody<B> {
     /// Wraps `inner`; faults are recorded in `verdict`.
     pub fn new(inner: B, limits: BodyLimits, verdict: Arc<BodyVerdict>) -> Self {
         let now = Instant::now();
-        ClientBody {
-            inner,
-            timer: Box::pin(tokio::time::sleep_until((now + limits.timeout).into())),
-            limits,
-            received: 0,
-            started: now,
-            last: now,
-            verdict,
-        }
+        ClientBody { inner, timer: None, limits, received: 0, started: now, last: now, verdict }
     }
 }
 
@@ -158,8 +152,6 @@ where
                     }
                 }
                 *this.last = Instant::now();
-                let deadline = next_deadline(this.limits, *this.started, *this.last, *this.received);
-                this.timer.as_mut().reset(deadline.into());
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -169,7 +161,19 @@ where
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
-                if this.timer.as_mut().poll(cx).is_ready() {
+                // The deadline moves only when the body is waiting: one timer update per wait,
+                // not one per frame.
+                let deadline = next_deadline(this.limits, *this.started, *this.last, *this.received).into();
+                let timer = match this.timer {
+                    Some(timer) => {
+                        if timer.deadline() != deadline {
+                            timer.as_mut().reset(deadline);
+                        }
+                        timer
+                    }
+                    None => this.timer.insert(Box::pin(tokio::time::sleep_until(deadline))),
+                };
+                if timer.as_mut().poll(cx).is_ready() {
                     this.verdict.set(BodyFault::TooSlow);
                     return Poll::Ready(Some(Err(BodyError(BodyFault::TooSlow))));
                 }
@@ -206,6 +210,9 @@ where
     if limit == 0 || body.size_hint().lower() > limit {
         return Ok(Payload::Streamed(Streamed { prefix: None, inner: body }));
     }
+    // A body that arrives as one frame (most small ones: read with their head) is kept as that
+    // frame's bytes, uncopied; only a second frame starts a copy.
+    let mut first = Bytes::new();
     let mut data = BytesMut::new();
     let mut trailers = None;
     loop {
@@ -214,13 +221,12 @@ where
             None => break,
             Some(Err(BodyError(fault))) => return Err(fault),
             Some(Ok(frame)) => match frame.into_data() {
+                Ok(bytes) if first.is_empty() && data.is_empty() => first = bytes,
                 Ok(bytes) => {
-                    data.extend_from_slice(&bytes);
-                    if data.len() as u64 > limit {
-                        // Larger than its declaration allowed for (a chunked body): it streams,
-                        // what was read going first.
-                        return Ok(Payload::Streamed(Streamed { prefix: Some(data.freeze()), inner: body }));
+                    if data.is_empty() {
+                        data.extend_from_slice(&std::mem::take(&mut first));
                     }
+                    data.extend_from_slice(&bytes);
                 }
                 Err(frame) => {
                     if let Ok(t) = frame.into_trailers() {
@@ -229,8 +235,15 @@ where
                 }
             },
         }
+        if (first.len() + data.len()) as u64 > limit {
+            // Larger than its declaration allowed for (a chunked body): it streams, what was
+            // read going first.
+            let read = if data.is_empty() { first } else { data.freeze() };
+            return Ok(Payload::Streamed(Streamed { prefix: Some(read), inner: body }));
+        }
     }
-    Ok(Payload::Buffered(Buffered { data: data.freeze(), trailers }))
+    let data = if data.is_empty() { first } else { data.freeze() };
+    Ok(Payload::Buffered(Buffered { data, trailers }))
 }
 
 /// A body read whole: its bytes and trailers, shared by every attempt that sends it.
@@ -325,6 +338,8 @@ where
 
 #[cfg(test)]
 mod tests {
+    use http_body_util::BodyExt;
+
     use super::*;
 
     #[test]
@@ -394,6 +409,48 @@ mod tests {
         assert_eq!(verdict.fault(), Some(BodyFault::Gone));
         let bad = std::io::Error::new(std::io::ErrorKind::InvalidData, "bad chunk");
         assert_eq!(BodyFault::of(&bad), BodyFault::Malformed);
+    }
+
+    fn body_of(
+        frames: Vec<&'static [u8]>,
+    ) -> ClientBody<impl Body<Data = Bytes, Error = std::convert::Infallible> + Unpin> {
+        let frames = frames.into_iter().map(|f| Ok(Frame::data(Bytes::from_static(f))));
+        let inner = http_body_util::StreamBody::new(futures_util::stream::iter(frames.collect::<Vec<_>>()));
+        let limits = BodyLimits { max_bytes: 1 << 20, timeout: Duration::from_secs(10), min_rate: 0 };
+        ClientBody::new(inner, limits, Arc::default())
+    }
+
+    #[tokio::test]
+    async fn one_frame_bodies_are_buffered_uncopied_and_longer_ones_whole() {
+        static ONE: &[u8] = b"the whole body in one read";
+        let Ok(Payload::Buffered(b)) = buffer(body_of(vec![ONE]), 64).await else { panic!("not buffered") };
+        assert_eq!(b.data.as_ptr(), ONE.as_ptr(), "the frame's bytes themselves");
+        let Ok(Payload::Buffered(b)) = buffer(body_of(vec![b"ab", b"", b"cd", b"e"]), 64).await else {
+            panic!("not buffered")
+        };
+        assert_eq!(&b.data[..], b"abcde");
+        let Ok(Payload::Streamed(s)) = buffer(body_of(vec![b"abc", b"def"]), 4).await else { panic!("not streamed") };
+        assert_eq!(s.prefix.as_deref(), Some(&b"abcdef"[..]), "what was read goes first");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_never_waits_registers_no_timer_and_a_stalled_one_times_out() {
+        let mut body = body_of(vec![b"ready"]);
+        assert!(body.frame().await.is_some());
+        assert!(body.timer.is_none());
+        let limits = BodyLimits { max_bytes: 1 << 20, timeout: Duration::from_secs(10), min_rate: 0 };
+        let verdict = Arc::new(BodyVerdict::default());
+        let mut stalled = ClientBody::new(
+            http_body_util::StreamBody::new(futures_util::stream::pending::<
+                Result<Frame<Bytes>, std::convert::Infallible>,
+            >()),
+            limits,
+            verdict.clone(),
+        );
+        let started = tokio::time::Instant::now();
+        assert!(matches!(stalled.frame().await, Some(Err(BodyError(BodyFault::TooSlow)))));
+        assert!(started.elapsed() >= Duration::from_secs(10));
+        assert_eq!(verdict.fault(), Some(BodyFault::TooSlow));
     }
 
     #[test]
