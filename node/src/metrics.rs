@@ -40,7 +40,7 @@ pub const REJECTED_TOTAL: &str = "keel_requests_rejected_total";
 
 /// Client connections open, by listener.
 pub const CONNECTIONS_OPEN: &str = "keel_connections_open";
-/// Idle keep-alive connections in the parking lot (no task, no hyper state), by listener.
+/// Idle keep-alive connections in the parking lot (no task, no buffers), by listener.
 pub const CONNECTIONS_PARKED: &str = "keel_connections_parked";
 /// Client connections refused by a cap, by listener and reason.
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "keel_connections_refused_total";
@@ -270,7 +270,7 @@ fn render_listeners(out: &mut String, snapshot: &Snapshot, listeners: &[Listener
     for l in listeners {
         let _ = writeln!(out, "{CONNECTIONS_OPEN}{{listener=\"{}\"}} {}", label(&l.name), l.connections.open());
     }
-    header(out, CONNECTIONS_PARKED, "gauge", "Idle keep-alive client connections parked (no task, no hyper state).");
+    header(out, CONNECTIONS_PARKED, "gauge", "Idle keep-alive client connections parked (no task, no buffers).");
     for l in listeners {
         let parked = l.parked.load(Ordering::Relaxed);
         let _ = writeln!(out, "{CONNECTIONS_PARKED}{{listener=\"{}\"}} {parked}", label(&l.name));
