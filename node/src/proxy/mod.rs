@@ -43,7 +43,7 @@ use std::time::Duration;
 
 use keel_cluster::model::Limits;
 use keel_cluster::throttle::{LogThrottle, EVERY};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
@@ -52,7 +52,7 @@ use self::guard::{ConnActivity, Deadlines, GuardedIo};
 use self::h2::H2;
 use self::lot::Lot;
 pub use self::phases::{HttpProxy, Peer};
-use crate::connlimit::ConnectionLimiter;
+use crate::connlimit::{ConnectionLimiter, ConnectionPermit};
 use crate::daemon::drain::Drainer;
 
 /// Why a listener could not start.
@@ -90,6 +90,41 @@ pub struct HttpListener {
     pub parked: Arc<AtomicU64>,
 }
 
+/// The next client of a listener that its connection caps admit; `None` once `stop` turns true
+/// (or its sender is gone). A failed accept (EMFILE and friends) backs off instead of spinning
+/// on the error; a refused client is closed here.
+pub(crate) async fn accept(
+    socket: &TcpListener,
+    name: &str,
+    connections: &ConnectionLimiter,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<(TcpStream, SocketAddr, ConnectionPermit)> {
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            // The borrow `wait_for` returns is dropped here: it must not live across an await.
+            _ = async { let _ = stop.wait_for(|set| *set).await; } => return None,
+            accepted = socket.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    static ACCEPT_FAILED: LogThrottle = LogThrottle::new(EVERY);
+                    keel_cluster::throttled!(ACCEPT_FAILED, warn, target: "keel::proxy", listener = %name, error = %e,
+                        "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        match connections.try_acquire(peer.ip()) {
+            Ok(permit) => return Some((stream, peer, permit)),
+            Err(refused) => {
+                tracing::debug!(target: "keel::proxy", listener = %name, client = %peer, reason = %refused, "connection refused");
+                // Dropping the stream closes it.
+            }
+        }
+    }
+}
+
 /// Accepts connections until `stop` turns true, serving each with the listener's proxy.
 /// Returning drops the socket, so new connections are refused from then on.
 pub async fn serve(listener: HttpListener, graceful: Arc<Drainer>, mut stop: watch::Receiver<bool>) {
@@ -122,29 +157,7 @@ pub async fn serve(listener: HttpListener, graceful: Arc<Drainer>, mut stop: wat
             lot.run(poll, ctx.graceful.hold(), ctx.graceful.draining(), move |woken| conn::resume(&for_wake, woken));
         tokio::spawn(run);
     }
-    loop {
-        let (stream, peer) = tokio::select! {
-            biased;
-            _ = stop.changed() => break,
-            accepted = socket.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning on the error.
-                    static ACCEPT_FAILED: LogThrottle = LogThrottle::new(EVERY);
-                    keel_cluster::throttled!(ACCEPT_FAILED, warn, target: "keel::proxy", listener = %name, error = %e,
-                        "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let permit = match connections.try_acquire(peer.ip()) {
-            Ok(p) => p,
-            Err(refused) => {
-                tracing::debug!(target: "keel::proxy", listener = %name, client = %peer, reason = %refused, "connection refused");
-                continue; // dropping the stream closes it
-            }
-        };
+    while let Some((stream, peer, permit)) = accept(&socket, &name, &connections, &mut stop).await {
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         match &tls {

@@ -42,7 +42,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use keel_cluster::model::{Algorithm, MAX_RETRIES};
-use keel_cluster::throttle::{LogThrottle, EVERY};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
@@ -79,31 +78,7 @@ pub async fn serve_tcp(
     conns: ConnTracker,
 ) {
     let name: Arc<str> = name.into();
-    loop {
-        let (client, peer) = tokio::select! {
-            biased;
-            () = turned_true(&mut stop) => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning on the error.
-                    static ACCEPT_FAILED: LogThrottle = LogThrottle::new(EVERY);
-                    keel_cluster::throttled!(ACCEPT_FAILED, warn, target: "keel::proxy", listener = %name, error = %e,
-                        "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let permit = match limiter.try_acquire(peer.ip()) {
-            Ok(permit) => permit,
-            Err(refused) => {
-                tracing::debug!(target: "keel::proxy", listener = %name, client = %peer, reason = %refused,
-                    "connection refused");
-                drop(client);
-                continue;
-            }
-        };
+    while let Some((client, peer, permit)) = super::accept(&listener, &name, &limiter, &mut stop).await {
         let guard = conns.track();
         let conn = Connection { listener: name.clone(), snapshot: snapshot.clone(), rejections: rejections.clone() };
         tokio::spawn(async move {
