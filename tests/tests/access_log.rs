@@ -258,3 +258,27 @@ async fn the_file_is_reopened_on_sigusr1_after_a_rename() -> Result<()> {
     ensure!(dropped == Some(0.0), "dropped lines: {dropped:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_client_leaving_mid_response_is_client_gone() -> Result<()> {
+    let dir = TempDir::new("keel-access-log-gone")?;
+    let log = dir.path().join("access.log");
+    let backend = Backend::start("app")?;
+    let keel = http_keel(&backend, &log).start().await?;
+    tokio::time::timeout(LINE, async {
+        let mut s = TcpStream::connect(keel.proxy_addr()).await?;
+        s.write_all(b"GET /drip?chunks=200&ms=10 HTTP/1.1\r\nHost: drip.test\r\n\r\n").await?;
+        // The head and the first chunk, then away before the other 199.
+        let mut first = [0u8; 64];
+        let n = s.read(&mut first).await?;
+        ensure!(n > 0, "no response head");
+        Ok::<_, anyhow::Error>(())
+    })
+    .await
+    .context("first bytes timed out")??;
+    let e = &entries(&log, 1).await?[0];
+    ensure!(e["status"] == 200 && e["termination"] == "client_gone", "termination: {e}");
+    ensure!(e["authority"] == "drip.test" && e["path"] == "/drip?chunks=200&ms=10", "request: {e}");
+    ensure!(e["bytes_out"].as_u64().is_some_and(|b| b < 200 * 8), "bytes_out: {e}");
+    Ok(())
+}
