@@ -7,7 +7,7 @@
 //! A thread rather than a task because file writes block; it ends once every sender (the
 //! listener's proxy and its connections) is gone.
 //!
-//! An [`Pending`] entry is a guard: it writes its line when dropped, so an exchange that ends
+//! A [`Pending`] entry is a guard: it writes its line when dropped, so an exchange that ends
 //! any way at all — a response body that ends, a client that goes away mid-body, a request
 //! future that is cancelled (an HTTP/2 stream reset) — leaves exactly one line. What the line
 //! says about how it ended is set as the exchange goes.

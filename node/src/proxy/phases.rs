@@ -26,7 +26,9 @@
 //! 7. **respond** ([`respond`]): hop-by-hop headers out of the response, sticky learning,
 //!    upgrades handed to the session as a tunnel.
 //! 8. **log** ([`HttpProxy::log`]): counters and latency; errors leave with the side they
-//!    belong to.
+//!    belong to. With an access log, [`HttpProxy::handle`] wraps the response body so the
+//!    request's line ([`super::access_log`]) is written when the body ends or the client leaves;
+//!    the request id (`request_id_header`) is kept or made before phase 2 and returned here.
 //!
 //! Bodies larger than `request_buffer` stream to the server, responses always stream back.
 //! Failures keep their side ([`super::error::Side`]): a client's broken, slow or abandoned
@@ -444,6 +446,8 @@ impl HttpProxy {
         // Phase 7 for the response the client gets.
         let finish = |resp: Response<ResponseBody>, index: usize, in_flight: InFlight| {
             pool.latency.observe(started.elapsed());
+            // A kept 502/503 may come from an earlier server than the last one tried.
+            trace.server.store(index, Ordering::Relaxed);
             let learn = routed.sticky.as_deref().map(|policy| Learn {
                 policy,
                 chosen: index,
