@@ -911,6 +911,28 @@ mod tests {
     }
 
     #[test]
+    fn access_logs_are_off_and_request_ids_on_by_default() {
+        let c = parse(GOOD);
+        let web = &c.listeners["web"];
+        assert_eq!(web.access_log, None);
+        assert_eq!(web.request_id_header, "X-Request-Id");
+        let c = parse(&GOOD.replace(
+            "default_pool = \"app\"\n",
+            "default_pool = \"app\"\naccess_log = { destination = \"stdout\", format = \"json\" }\nrequest_id_header = \"\"\n",
+        ));
+        assert_eq!(c.validate(), Ok(()));
+        let web = &c.listeners["web"];
+        assert_eq!(web.access_log, Some(AccessLog { destination: "stdout".into(), format: AccessLogFormat::Json }));
+        assert_eq!(web.request_id_header, "");
+        let c = parse(&GOOD.replace(
+            "default_pool = \"app\"\n",
+            "default_pool = \"app\"\naccess_log = { destination = \" \" }\nrequest_id_header = \"x id\"\n",
+        ));
+        let paths: Vec<String> = c.validate().unwrap_err().iter().map(|p| p.path.to_string()).collect();
+        assert_eq!(paths, ["listeners.web.access_log.destination", "listeners.web.request_id_header"]);
+    }
+
+    #[test]
     fn unknown_keys_are_errors() {
         let r: Result<Config, _> = toml::from_str("[pools.app]\nservers = []\nalgoritm = \"random\"\n");
         let msg = r.unwrap_err().to_string();
