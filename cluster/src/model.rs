@@ -94,6 +94,35 @@ pub struct Listener {
     /// Protection limits (connections, timeouts, sizes).
     #[serde(default)]
     pub limits: Limits,
+    /// One line per request (HTTP) or session (tcp); off without the table.
+    #[serde(default)]
+    pub access_log: Option<AccessLog>,
+    /// Header carrying each request's id: kept when the client sent one, generated otherwise,
+    /// passed to the server and returned on the response. `""` turns request ids off.
+    #[serde(default = "defaults::request_id_header")]
+    pub request_id_header: String,
+}
+
+/// A listener's access log: where its lines go and how they look.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLog {
+    /// `"stdout"`, or the path of a file appended to (reopened on SIGUSR1, for logrotate).
+    pub destination: String,
+    /// Line format.
+    #[serde(default)]
+    pub format: AccessLogFormat,
+}
+
+/// How access log lines look.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    /// One human line per request, in the spirit of HAProxy's `httplog`.
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
 }
 
 /// A routing rule: every condition given must hold.
@@ -396,6 +425,10 @@ pub mod defaults {
     pub fn idle_timeout() -> HumanDuration {
         HumanDuration::from_secs(60)
     }
+    /// `X-Request-Id`, the name most servers and tracing tools look for.
+    pub fn request_id_header() -> String {
+        "X-Request-Id".to_owned()
+    }
     /// 2 other servers.
     pub fn retries() -> u32 {
         2
@@ -546,6 +579,16 @@ impl Config {
                     format!("tls settings need protocol = \"https\" (this listener is {})", listener.protocol.as_str()),
                 ),
                 _ => {}
+            }
+            if let Some(log) = &listener.access_log {
+                if log.destination.trim().is_empty() {
+                    report(at.key("access_log").key("destination"), "must be \"stdout\" or a file path".into());
+                }
+            }
+            if !listener.request_id_header.is_empty()
+                && http::header::HeaderName::from_bytes(listener.request_id_header.as_bytes()).is_err()
+            {
+                report(at.key("request_id_header"), "not a valid header name".into());
             }
             if listener.redirect_to_https && listener.protocol != Protocol::Http {
                 report(at.key("redirect_to_https"), "only an http listener can redirect to https".into());
@@ -865,6 +908,28 @@ mod tests {
         let paths: Vec<String> = problems.iter().map(|p| p.path.to_string()).collect();
         assert_eq!(paths, ["listeners.web.default_pool", "pools.app.servers[0].weight", "pools.app.servers[1].name"]);
         assert!(problems[0].reason.contains("defined: app"), "{}", problems[0]);
+    }
+
+    #[test]
+    fn access_logs_are_off_and_request_ids_on_by_default() {
+        let c = parse(GOOD);
+        let web = &c.listeners["web"];
+        assert_eq!(web.access_log, None);
+        assert_eq!(web.request_id_header, "X-Request-Id");
+        let c = parse(&GOOD.replace(
+            "default_pool = \"app\"\n",
+            "default_pool = \"app\"\naccess_log = { destination = \"stdout\", format = \"json\" }\nrequest_id_header = \"\"\n",
+        ));
+        assert_eq!(c.validate(), Ok(()));
+        let web = &c.listeners["web"];
+        assert_eq!(web.access_log, Some(AccessLog { destination: "stdout".into(), format: AccessLogFormat::Json }));
+        assert_eq!(web.request_id_header, "");
+        let c = parse(&GOOD.replace(
+            "default_pool = \"app\"\n",
+            "default_pool = \"app\"\naccess_log = { destination = \" \" }\nrequest_id_header = \"x id\"\n",
+        ));
+        let paths: Vec<String> = c.validate().unwrap_err().iter().map(|p| p.path.to_string()).collect();
+        assert_eq!(paths, ["listeners.web.access_log.destination", "listeners.web.request_id_header"]);
     }
 
     #[test]

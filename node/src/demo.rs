@@ -59,6 +59,7 @@ drain_timeout = "5s"
 bind = "{listen}"
 protocol = "http"
 default_pool = "demo"
+access_log = {{ destination = "stdout" }}
 
 [pools.demo]
 algorithm = "round_robin"

@@ -51,6 +51,9 @@ pub const RATELIMIT_EVICTIONS_TOTAL: &str = "keel_ratelimit_evictions_total";
 /// Clients tracked by rate limits, by listener.
 pub const RATELIMIT_TRACKED: &str = "keel_ratelimit_tracked_clients";
 
+/// Access log lines dropped because the log's writer fell behind (its queue was full).
+pub const ACCESS_LOG_DROPPED_TOTAL: &str = "keel_access_log_dropped_total";
+
 /// Sticky hits, by pool.
 pub const STICKY_HITS_TOTAL: &str = "keel_sticky_hits_total";
 /// Sticky misses, by pool.
@@ -234,6 +237,8 @@ pub fn render(snapshot: &Snapshot, rejections: &Rejections, listeners: &[Listene
     );
     render_listeners(&mut out, snapshot, listeners);
     render_sticky(&mut out, snapshot);
+    header(&mut out, ACCESS_LOG_DROPPED_TOTAL, "counter", "Access log lines dropped because the writer fell behind.");
+    let _ = writeln!(out, "{ACCESS_LOG_DROPPED_TOTAL} {}", crate::proxy::access_log::dropped());
     out
 }
 

@@ -659,6 +659,11 @@ impl Keel {
         self.proc.signal("HUP")
     }
 
+    /// Sends SIGUSR1 (reopen access log files).
+    pub fn sigusr1(&self) -> Result<()> {
+        self.proc.signal("USR1")
+    }
+
     /// Sends `method path` to the admin API with `Authorization: Bearer TOKEN` when a token is
     /// given, and a JSON `body` when given.
     pub async fn admin_request(

@@ -4,7 +4,7 @@
 //! Raft and changes at run time (`keel config apply`), so the set is reconciled on every change:
 //! a listener that appeared is bound and started, one that disappeared is stopped (its socket
 //! closes; its open connections finish under the shared drainer), and one whose socket-level
-//! settings changed (address, protocol, TLS, limits, redirect) is stopped and started again.
+//! settings changed (address, protocol, TLS, limits, redirect, access log, request ids) is stopped and started again.
 //! Routes and pools are not socket-level: they live in the snapshot, which every request reads,
 //! so changing them never touches a socket.
 
@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use http::HeaderName;
 use keel_cluster::model::{self, Config, Protocol};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -20,7 +21,8 @@ use super::drain::Drainer;
 use super::{CertReloader, DaemonError};
 use crate::connlimit::ConnectionLimiter;
 use crate::metrics::{ListenerMetrics, Rejections};
-use crate::proxy::tcp::{serve_tcp, ConnTracker};
+use crate::proxy::access_log::AccessLog;
+use crate::proxy::tcp::{serve_tcp, ConnTracker, TcpFront};
 use crate::proxy::{self, HttpProxy};
 use crate::snapshot::SharedSnapshot;
 use crate::tls;
@@ -51,6 +53,8 @@ fn same_socket(a: &model::Listener, b: &model::Listener) -> bool {
         && a.limits == b.limits
         && a.redirect_to_https == b.redirect_to_https
         && a.https_port == b.https_port
+        && a.access_log == b.access_log
+        && a.request_id_header == b.request_id_header
 }
 
 impl ListenerSet {
@@ -123,6 +127,12 @@ impl ListenerSet {
                 return Err(DaemonError::Unsupported { name: name.to_owned(), protocol: protocol.as_str() })
             }
         };
+        let access_log = match &l.access_log {
+            Some(config) => Some(
+                AccessLog::start(config).map_err(|source| DaemonError::AccessLog { name: name.to_owned(), source })?,
+            ),
+            None => None,
+        };
         let socket = proxy::bind(name, l.bind).await?;
         let (stop, stop_rx) = watch::channel(false);
         // Counters outlive a restart of the listener (same name), like the server counters.
@@ -144,7 +154,7 @@ impl ListenerSet {
         let task = if l.protocol == Protocol::Tcp {
             tokio::spawn(serve_tcp(
                 socket,
-                name.to_owned(),
+                TcpFront { name: name.to_owned(), access_log },
                 self.snapshot.clone(),
                 metrics.connections.clone(),
                 self.rejections.clone(),
@@ -152,14 +162,17 @@ impl ListenerSet {
                 self.tcp_conns.clone(),
             ))
         } else {
-            let proxy = Arc::new(HttpProxy::new(
-                self.snapshot.clone(),
-                name,
-                proto,
-                &l.limits,
-                self.rejections.clone(),
-                metrics.rate_limited.clone(),
-            ));
+            let proxy = Arc::new(
+                HttpProxy::new(
+                    self.snapshot.clone(),
+                    name,
+                    proto,
+                    &l.limits,
+                    self.rejections.clone(),
+                    metrics.rate_limited.clone(),
+                )
+                .with_logging(access_log, HeaderName::from_bytes(l.request_id_header.as_bytes()).ok()),
+            );
             let listener = proxy::HttpListener {
                 name: name.to_owned(),
                 socket,

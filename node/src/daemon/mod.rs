@@ -62,6 +62,14 @@ pub enum DaemonError {
         /// What failed.
         source: TlsError,
     },
+    /// A listener's access log could not be opened.
+    #[error("listener {name:?}: {source}")]
+    AccessLog {
+        /// Listener name.
+        name: String,
+        /// What failed.
+        source: crate::proxy::access_log::AccessLogError,
+    },
     /// A pool's TLS settings could not be loaded.
     #[error(transparent)]
     Pool(#[from] BuildError),
@@ -241,6 +249,7 @@ impl Daemon {
 
         let reloader = certs.clone();
         let sighup = tokio::spawn(async move { reload_on_sighup(reloader).await });
+        let sigusr1 = tokio::spawn(reopen_logs_on_sigusr1());
 
         tracing::info!(target: "keel::admin", addr = %file.node.admin, auth = admin_token.is_some(), "admin API listening");
         let admin_state = AdminState {
@@ -258,6 +267,7 @@ impl Daemon {
         shutdown.await;
         tracing::info!(target: "keel::proxy", "shutting down: no longer accepting connections");
         sighup.abort();
+        sigusr1.abort();
         let _ = stop_tx.send(true);
         if let Some(task) = follower {
             listeners = task.await.ok();
@@ -302,6 +312,24 @@ async fn reload_on_sighup(certs: Arc<CertReloader>) {
         let _ = certs;
         std::future::pending::<()>().await;
     }
+}
+
+/// Reopens access log files on every SIGUSR1, what logrotate's `postrotate` sends (as to nginx).
+async fn reopen_logs_on_sigusr1() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+            tracing::warn!(target: "keel::proxy", "cannot listen for SIGUSR1; access log files will not be reopened");
+            return;
+        };
+        while usr1.recv().await.is_some() {
+            tracing::info!(target: "keel::proxy", "received SIGUSR1: reopening access log files");
+            crate::proxy::access_log::reopen_all();
+        }
+    }
+    #[cfg(not(unix))]
+    std::future::pending::<()>().await;
 }
 
 /// Completes on SIGTERM or SIGINT (Ctrl-C).

@@ -18,11 +18,13 @@
 //! - [`retry`]: which failures may be retried (`retry_on`, RFC 9110's idempotency rule) and
 //!   the pool's retry budget.
 //! - [`headers`]: hop-by-hop stripping and `X-Forwarded-*`.
+//! - [`access_log`]: one line per request or TCP session, written off the request path.
 //! - [`error`]: what failed, which side, whether a retry is allowed, and the status it maps to.
 //! - [`tcp`]: `tcp` listeners (layer 4): one server of the default pool per client connection,
 //!   bytes spliced both ways with half-close, idle timeout and graceful drain.
 //! - [`proxy_protocol`]: the PROXY protocol v1/v2 header sent first to servers of a TCP pool.
 
+pub mod access_log;
 pub mod body;
 pub mod conn;
 pub mod error;

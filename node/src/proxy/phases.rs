@@ -26,7 +26,9 @@
 //! 7. **respond** ([`respond`]): hop-by-hop headers out of the response, sticky learning,
 //!    upgrades handed to the session as a tunnel.
 //! 8. **log** ([`HttpProxy::log`]): counters and latency; errors leave with the side they
-//!    belong to.
+//!    belong to. With an access log, [`HttpProxy::handle`] wraps the response body so the
+//!    request's line ([`super::access_log`]) is written when the body ends or the client leaves;
+//!    the request id (`request_id_header`) is kept or made before phase 2 and returned here.
 //!
 //! Bodies larger than `request_buffer` stream to the server, responses always stream back.
 //! Failures keep their side ([`super::error::Side`]): a client's broken, slow or abandoned
@@ -46,7 +48,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -54,6 +56,7 @@ use http_body_util::Full;
 use keel_cluster::model::{Algorithm, Limits, MAX_RETRIES};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::access_log::{AccessLog, Counted, Entry, Logged, Pending};
 use super::body::{
     self, BodyError, BodyFault, BodyLimits, BodyVerdict, Buffered, ClientBody, Payload, Replay, Streamed,
 };
@@ -84,6 +87,8 @@ pub enum ProxyBody {
     Local(Full<Bytes>),
     /// A `101`: no body; the session turns the connection into a tunnel to this server side.
     Upgrade(Upgrade),
+    /// Either of the first two, counted, with the access log line written when it ends.
+    Logged(Box<Logged>),
 }
 
 impl Body for ProxyBody {
@@ -95,6 +100,7 @@ impl Body for ProxyBody {
             ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             ProxyBody::Local(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
             ProxyBody::Upgrade(_) => Poll::Ready(None),
+            ProxyBody::Logged(b) => Pin::new(&mut **b).poll_frame(cx),
         }
     }
 
@@ -103,6 +109,7 @@ impl Body for ProxyBody {
             ProxyBody::Upstream(b) => b.is_end_stream(),
             ProxyBody::Local(b) => b.is_end_stream(),
             ProxyBody::Upgrade(_) => true,
+            ProxyBody::Logged(b) => b.is_end_stream(),
         }
     }
 
@@ -111,6 +118,7 @@ impl Body for ProxyBody {
             ProxyBody::Upstream(b) => b.size_hint(),
             ProxyBody::Local(b) => b.size_hint(),
             ProxyBody::Upgrade(_) => SizeHint::with_exact(0),
+            ProxyBody::Logged(b) => b.size_hint(),
         }
     }
 }
@@ -174,6 +182,10 @@ pub struct HttpProxy {
     body_limits: BodyLimits,
     /// Bodies up to this size are read whole before a server is chosen (0 = never).
     request_buffer: u64,
+    /// The listener's access log, if it has one.
+    access_log: Option<Arc<AccessLog>>,
+    /// The header carrying request ids, unless they are off.
+    request_id: Option<HeaderName>,
 }
 
 /// What keel answers itself when a phase ends the request early (boxed: the rare path).
@@ -210,28 +222,107 @@ impl HttpProxy {
             rate_limited,
             body_limits,
             request_buffer: limits.request_buffer,
+            access_log: None,
+            request_id: None,
         }
     }
 
+    /// The same proxy writing `access_log` and keeping request ids in `request_id`.
+    pub fn with_logging(mut self, access_log: Option<Arc<AccessLog>>, request_id: Option<HeaderName>) -> Self {
+        self.access_log = access_log;
+        self.request_id = request_id;
+        self
+    }
+
     /// Answers one request from `peer`: the whole request path, phase by phase.
-    pub async fn handle<B>(&self, parts: http::request::Parts, body: Option<B>, peer: &Peer) -> Response<ProxyBody>
+    pub async fn handle<B>(&self, mut parts: http::request::Parts, body: Option<B>, peer: &Peer) -> Response<ProxyBody>
     where
         B: Body<Data = Bytes> + Send + Unpin,
         B::Error: Into<BoxError>,
     {
         let started = Instant::now();
+        // The request id first, so every answer (even keel's own refusals) carries it.
+        let request_id = self.request_id.as_ref().map(|name| match parts.headers.get(name) {
+            Some(id) => id.clone(),
+            None => {
+                let id = new_request_id();
+                parts.headers.insert(name.clone(), id.clone());
+                id
+            }
+        });
+        // Dropped with this future if the client cancels (an HTTP/2 reset): still one line.
+        let mut pending = self.access_log.as_ref().map(|log| {
+            let mut entry = Entry::new(self.listener.clone(), peer.addr, version_name(parts.version));
+            entry.method = parts.method.to_string();
+            entry.path = parts.uri.path_and_query().map_or_else(|| parts.uri.path().to_owned(), |pq| pq.to_string());
+            entry.authority = parts
+                .uri
+                .authority()
+                .map(|a| a.to_string())
+                .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
+            entry.request_id = request_id.as_ref().and_then(|id| id.to_str().ok()).map(str::to_owned);
+            entry.termination = Some("client_gone");
+            Pending::new(log.clone(), started, entry)
+        });
+        let body = body.map(|b| Counted::new(b, pending.as_ref().map(|p| p.bytes_in.clone())));
+        let trace = Trace::default();
+        let (mut resp, routed, pool) = self.phases(parts, body, peer, started, &trace).await;
+        if let (Some(name), Some(id)) = (&self.request_id, request_id) {
+            resp.headers_mut().insert(name.clone(), id);
+        }
+        let Some(mut pending) = pending.take() else { return resp };
+        let entry = &mut pending.entry;
+        entry.status = Some(resp.status().as_u16());
+        entry.termination = match &routed {
+            Ok(_) => None,
+            Err(Some(kind)) => Some(termination(*kind)),
+            Err(None) => match resp.status().as_u16() {
+                404 => Some("no_route"),
+                429 => Some("rate_limited"),
+                400..=599 => Some("refused"),
+                _ => None,
+            },
+        };
+        if let Some(pool) = &pool {
+            entry.pool = Some(pool.name.clone());
+            entry.server = pool.servers.get(trace.server.load(Ordering::Relaxed)).map(|s| s.name.clone());
+        }
+        entry.retries = trace.attempts.load(Ordering::Relaxed).saturating_sub(1);
+        let server_us = trace.server_us.load(Ordering::Relaxed);
+        entry.server_time = (server_us != u64::MAX).then(|| std::time::Duration::from_micros(server_us));
+        match resp.body() {
+            // The session runs the tunnel on this body as it is: the line is written now.
+            ProxyBody::Upgrade(_) => resp,
+            _ => resp.map(|body| ProxyBody::Logged(Box::new(Logged::new(body, pending)))),
+        }
+    }
+
+    /// Phases 2–8 of [`HttpProxy::handle`]: the response, and how the request ended for its log
+    /// line (`Err(None)`: answered before a pool was chosen; `Err(Some(kind))`: failed).
+    async fn phases<B>(
+        &self,
+        parts: http::request::Parts,
+        body: Option<B>,
+        peer: &Peer,
+        started: Instant,
+        trace: &Trace,
+    ) -> (Response<ProxyBody>, Result<(), Option<ErrorKind>>, Option<Arc<Pool>>)
+    where
+        B: Body<Data = Bytes> + Send + Unpin,
+        B::Error: Into<BoxError>,
+    {
         let authority = match authority(&parts) {
             Ok(authority) => authority,
-            Err(answer) => return (*answer).map(ProxyBody::Local),
+            Err(answer) => return ((*answer).map(ProxyBody::Local), Err(None), None),
         };
         let routed = match self.route(&parts, authority) {
             Ok(routed) => routed,
-            Err(answer) => return (*answer).map(ProxyBody::Local),
+            Err(answer) => return ((*answer).map(ProxyBody::Local), Err(None), None),
         };
         if let Err(answer) = self.admit(&routed, &parts, body.as_ref(), peer, started) {
-            return (*answer).map(ProxyBody::Local);
+            return ((*answer).map(ProxyBody::Local), Err(None), Some(routed.pool.clone()));
         }
-        let forwarded = self.forward(&routed, parts, body, peer, started);
+        let forwarded = self.forward(&routed, parts, body, peer, started, trace);
         // The total timeout counts from the head received: the upload, every attempt, every
         // retry. It is the operator's overall bound, so it counts against no server.
         let result = match routed.pool.config.total_timeout {
@@ -240,7 +331,8 @@ impl HttpProxy {
                 .unwrap_or_else(|_| Err(ProxyError::new(ErrorKind::TotalTimeout, Some(&routed.pool.name), None))),
             None => forwarded.await,
         };
-        self.log(&routed.pool, result)
+        let outcome = result.as_ref().map(|_| ()).map_err(|e| Some(e.kind));
+        (self.log(&routed.pool, result), outcome, Some(routed.pool.clone()))
     }
 
     /// Phase 3: where a request goes, or what it is answered with.
@@ -301,6 +393,7 @@ impl HttpProxy {
         body: Option<B>,
         peer: &Peer,
         started: Instant,
+        trace: &Trace,
     ) -> Result<Response<ProxyBody>, ProxyError>
     where
         B: Body<Data = Bytes> + Send + Unpin,
@@ -353,6 +446,8 @@ impl HttpProxy {
         // Phase 7 for the response the client gets.
         let finish = |resp: Response<ResponseBody>, index: usize, in_flight: InFlight| {
             pool.latency.observe(started.elapsed());
+            // A kept 502/503 may come from an earlier server than the last one tried.
+            trace.server.store(index, Ordering::Relaxed);
             let learn = routed.sticky.as_deref().map(|policy| Learn {
                 policy,
                 chosen: index,
@@ -377,6 +472,9 @@ impl HttpProxy {
                 },
             };
             tried[attempt] = index;
+            trace.attempts.fetch_add(1, Ordering::Relaxed);
+            trace.server.store(index, Ordering::Relaxed);
+            let sent_at = Instant::now();
             let server = &pool.servers[index];
             let in_flight = InFlight::start(server);
             server.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -387,6 +485,7 @@ impl HttpProxy {
             let more = attempt + 1 < attempts;
             match sent {
                 Ok(resp) => {
+                    trace.server_us.store(sent_at.elapsed().as_micros() as u64, Ordering::Relaxed);
                     let status = resp.status();
                     server.stats.count_status(status.as_u16());
                     pool.observe(index, !status.is_server_error());
@@ -437,6 +536,60 @@ impl HttpProxy {
             }
         }
     }
+}
+
+/// What the attempts of one request did, for its access log line.
+struct Trace {
+    /// Servers tried.
+    attempts: std::sync::atomic::AtomicU32,
+    /// The index of the last server tried (`usize::MAX`: none).
+    server: std::sync::atomic::AtomicUsize,
+    /// Microseconds from the request sent to the response head (`u64::MAX`: no answer).
+    server_us: AtomicU64,
+}
+
+impl Default for Trace {
+    fn default() -> Self {
+        Trace {
+            attempts: Default::default(),
+            server: std::sync::atomic::AtomicUsize::new(usize::MAX),
+            server_us: AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+/// The access log's word for how a failed request ended.
+fn termination(kind: ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::NoRoute => "no_route",
+        ErrorKind::NoServer => "no_server",
+        ErrorKind::Connect => "server_refused",
+        ErrorKind::Timeout => "server_timeout",
+        ErrorKind::Broken => "server_broken",
+        ErrorKind::PayloadTooLarge => "client_too_large",
+        ErrorKind::RequestTimeout => "client_timeout",
+        ErrorKind::BadRequest => "client_invalid",
+        ErrorKind::ClientGone => "client_gone",
+        ErrorKind::TotalTimeout => "total_timeout",
+    }
+}
+
+/// `HTTP/1.1` and friends, as request lines write them.
+fn version_name(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/?",
+    }
+}
+
+/// A new request id: 128 random bits as 32 hex digits.
+fn new_request_id() -> HeaderValue {
+    let hex = format!("{:032x}", fastrand::u128(..));
+    HeaderValue::from_str(&hex).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 /// Phase 2: the request's one authority: the target's own (HTTP/2 `:authority`, an HTTP/1

@@ -39,13 +39,14 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use keel_cluster::model::{Algorithm, MAX_RETRIES};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 
+use super::access_log::{AccessLog, Entry, Pending};
 use super::phases::{client_hash, InFlight};
 use super::proxy_protocol;
 use crate::connlimit::ConnectionLimiter;
@@ -70,17 +71,23 @@ const ABORT_GRACE: Duration = Duration::from_secs(1);
 /// snapshot. Every accepted connection is registered with `conns`. Returning drops the socket.
 pub async fn serve_tcp(
     listener: TcpListener,
-    name: String,
+    front: TcpFront,
     snapshot: SharedSnapshot,
     limiter: ConnectionLimiter,
     rejections: Arc<Rejections>,
     mut stop: watch::Receiver<bool>,
     conns: ConnTracker,
 ) {
+    let TcpFront { name, access_log } = front;
     let name: Arc<str> = name.into();
     while let Some((client, peer, permit)) = super::accept(&listener, &name, &limiter, &mut stop).await {
         let guard = conns.track();
-        let conn = Connection { listener: name.clone(), snapshot: snapshot.clone(), rejections: rejections.clone() };
+        let conn = Connection {
+            listener: name.clone(),
+            snapshot: snapshot.clone(),
+            rejections: rejections.clone(),
+            access_log: access_log.clone(),
+        };
         tokio::spawn(async move {
             let _permit = permit;
             guard.run(conn.serve(client, peer)).await;
@@ -89,18 +96,43 @@ pub async fn serve_tcp(
     tracing::debug!(target: "keel::proxy", listener = %name, "tcp listener stopped accepting");
 }
 
+/// A TCP listener as its accept loop knows it: its name and its access log.
+pub struct TcpFront {
+    /// Listener name.
+    pub name: String,
+    /// One line per session, when the listener has an access log.
+    pub access_log: Option<Arc<AccessLog>>,
+}
+
 /// What one connection's task needs from its listener.
 struct Connection {
     listener: Arc<str>,
     snapshot: SharedSnapshot,
     rejections: Arc<Rejections>,
+    access_log: Option<Arc<AccessLog>>,
 }
 
 impl Connection {
     async fn serve(self, client: TcpStream, peer: SocketAddr) {
+        // Written when the session ends, whichever way; a drain that aborts this task drops it
+        // with the cause it starts with.
+        let mut pending = self.access_log.as_ref().map(|log| {
+            let mut entry = Entry::new(self.listener.clone(), peer, "TCP");
+            entry.termination = Some("aborted");
+            Pending::new(log.clone(), Instant::now(), entry)
+        });
+        let mut end = |cause: Option<&'static str>, pool: Option<&Pool>, server: Option<&str>, bytes: (u64, u64)| {
+            if let Some(p) = pending.as_mut() {
+                p.entry.termination = cause;
+                p.entry.pool = pool.map(|p| p.name.clone());
+                p.entry.server = server.map(str::to_owned);
+                (p.entry.bytes_in, p.entry.bytes_out) = bytes;
+            }
+        };
         let (pool, idle_timeout) = {
             let snapshot = self.snapshot.load();
             let Some(listener) = snapshot.config.listeners.get(&*self.listener) else {
+                end(Some("no_route"), None, None, (0, 0));
                 self.rejections.no_route.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(target: "keel::proxy", listener = %self.listener, client = %peer,
                     "listener no longer configured; closing client");
@@ -110,6 +142,7 @@ impl Connection {
             (pool, listener.limits.idle_timeout.get())
         };
         let Some(pool) = pool else {
+            end(Some("no_route"), None, None, (0, 0));
             self.rejections.no_route.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(target: "keel::proxy", listener = %self.listener, client = %peer,
                 "listener has no default pool; closing client");
@@ -118,17 +151,21 @@ impl Connection {
         let local = match client.local_addr() {
             Ok(local) => local,
             Err(e) => {
+                end(Some("client_gone"), Some(&pool), None, (0, 0));
                 tracing::debug!(target: "keel::proxy", client = %peer, error = %e, "client connection unusable");
                 return;
             }
         };
         let Some((index, upstream)) = connect(&pool, peer, local).await else {
+            end(Some("no_server"), Some(&pool), None, (0, 0));
             self.rejections.no_server.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(target: "keel::proxy", listener = %self.listener, pool = %pool.name, client = %peer,
                 "no server could be connected; closing client");
             return;
         };
         let Some(server) = pool.servers.get(index) else { return };
+        // Until the splice reports, a drain's abort is what ends it.
+        end(Some("aborted"), Some(&pool), Some(&server.name), (0, 0));
         let _ = client.set_nodelay(true);
         server.stats.requests.fetch_add(1, Ordering::Relaxed);
         let _active = InFlight::start(server);
@@ -139,11 +176,18 @@ impl Connection {
         let spliced = tokio::select! {
             r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, SPLICE_BUFFER, SPLICE_BUFFER) => r,
             () = idle_expired(&activity, idle_timeout) => {
+                end(Some("idle_timeout"), Some(&pool), Some(&server.name), (client.read, client.written));
                 tracing::debug!(target: "keel::proxy", pool = %pool.name, server = %server.name, client = %peer,
                     idle_timeout = ?idle_timeout, "connection idle; closing");
                 return;
             }
         };
+        let moved = (client.read, client.written);
+        match &spliced {
+            Ok(_) => end(None, Some(&pool), Some(&server.name), moved),
+            Err(_) if upstream.failed => end(Some("server_broken"), Some(&pool), Some(&server.name), moved),
+            Err(_) => end(Some("client_gone"), Some(&pool), Some(&server.name), moved),
+        }
         match spliced {
             Ok((sent, received)) => tracing::debug!(target: "keel::proxy", pool = %pool.name, server = %server.name,
                 client = %peer, sent, received, "connection closed"),
@@ -221,11 +265,14 @@ struct Metered<'a, S> {
     io: S,
     activity: &'a AtomicU64,
     failed: bool,
+    /// Bytes read from and written to this side, for the access log.
+    read: u64,
+    written: u64,
 }
 
 impl<'a, S> Metered<'a, S> {
     fn new(io: S, activity: &'a AtomicU64) -> Self {
-        Metered { io, activity, failed: false }
+        Metered { io, activity, failed: false, read: 0, written: 0 }
     }
 
     fn note<T>(&mut self, poll: &Poll<io::Result<T>>, moved: impl FnOnce(&T) -> bool) {
@@ -241,8 +288,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<'_, S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.io).poll_read(cx, buf);
-        let moved = buf.filled().len() > before;
-        self.note(&poll, |_| moved);
+        let moved = buf.filled().len() - before;
+        self.read += moved as u64;
+        self.note(&poll, |_| moved > 0);
         poll
     }
 }
@@ -250,6 +298,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<'_, S> {
 impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<'_, S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &poll {
+            self.written += *n as u64;
+        }
         self.note(&poll, |n| *n > 0);
         poll
     }
@@ -260,6 +311,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<'_, S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &poll {
+            self.written += *n as u64;
+        }
         self.note(&poll, |n| *n > 0);
         poll
     }
@@ -499,7 +553,7 @@ mod tests {
         let (stop, stop_rx) = watch::channel(false);
         let accept_loop = tokio::spawn(serve_tcp(
             socket,
-            "front".to_owned(),
+            TcpFront { name: "front".to_owned(), access_log: None },
             snapshot.clone(),
             limiter.clone(),
             rejections.clone(),
