@@ -19,6 +19,7 @@ pub use crate::edge::{
     BackendTls, CertificateFiles, Limits, ListenerTls, ProxyProtocol, RateLimit, TlsVersion, MAX_REQUEST_BUFFER,
     MIN_HEADER_BYTES,
 };
+pub use crate::header_rules::HeaderRules;
 pub use crate::retry_config::{Percent, RetryOn};
 pub use crate::sticky_config::{SameSite, Sticky, StickyMode, StickyStore};
 
@@ -94,6 +95,9 @@ pub struct Listener {
     /// Protection limits (connections, timeouts, sizes).
     #[serde(default)]
     pub limits: Limits,
+    /// Headers set, added or removed on every request and response of this listener.
+    #[serde(default)]
+    pub headers: Option<HeaderRules>,
 }
 
 /// A routing rule: every condition given must hold.
@@ -115,6 +119,9 @@ pub struct Route {
     /// Rate limit for requests of this route, replacing the listener's.
     #[serde(default)]
     pub rate_limit: Option<RateLimit>,
+    /// Header rules for requests of this route, applied after the listener's.
+    #[serde(default)]
+    pub headers: Option<HeaderRules>,
 }
 
 /// A header condition of a [`Route`].
@@ -472,13 +479,13 @@ pub enum PathSegment {
 pub struct KeyPath(pub Vec<PathSegment>);
 
 impl KeyPath {
-    fn key(&self, k: &str) -> KeyPath {
+    pub(crate) fn key(&self, k: &str) -> KeyPath {
         let mut p = self.0.clone();
         p.push(PathSegment::Key(k.to_owned()));
         KeyPath(p)
     }
 
-    fn index(&self, i: usize) -> KeyPath {
+    pub(crate) fn index(&self, i: usize) -> KeyPath {
         let mut p = self.0.clone();
         p.push(PathSegment::Index(i));
         KeyPath(p)
@@ -567,6 +574,12 @@ impl Config {
                 check_rate_limit(rl, &at.key("rate_limit"), &mut report);
             }
             check_limits(&listener.limits, &at.key("limits"), &mut report);
+            if let Some(rules) = &listener.headers {
+                if listener.protocol == Protocol::Tcp {
+                    report(at.key("headers"), "header rules apply to HTTP; a tcp listener has none".into());
+                }
+                crate::header_rules::check(rules, &at.key("headers"), &mut report);
+            }
             for (i, route) in listener.routes.iter().enumerate() {
                 let at = at.key("routes").index(i);
                 if let Some(rl) = &route.rate_limit {
@@ -574,6 +587,9 @@ impl Config {
                 }
                 if !self.pools.contains_key(&route.pool) {
                     report(at.key("pool"), self.unknown_pool(&route.pool));
+                }
+                if let Some(rules) = &route.headers {
+                    crate::header_rules::check(rules, &at.key("headers"), &mut report);
                 }
                 if let Some(prefix) = &route.path_prefix {
                     if !prefix.starts_with('/') {

@@ -62,7 +62,7 @@ impl Snapshot {
             .iter()
             .map(|(name, l)| {
                 let old = previous.and_then(|p| p.routers.get(name));
-                (name.clone(), Router::new(l, |pool| pools.get(pool).cloned(), old))
+                (name.clone(), Router::new(name, l, |pool| pools.get(pool).cloned(), old))
             })
             .collect();
         Ok(Snapshot { config: Arc::new(config), pools, routers, sticky: HashMap::new() })

@@ -18,6 +18,8 @@
 //! - [`retry`]: which failures may be retried (`retry_on`, RFC 9110's idempotency rule) and
 //!   the pool's retry budget.
 //! - [`headers`]: hop-by-hop stripping and `X-Forwarded-*`.
+//! - [`header_rules`]: the operator's header rules (set/add/remove, requests and responses),
+//!   compiled once per config.
 //! - [`error`]: what failed, which side, whether a retry is allowed, and the status it maps to.
 //! - [`tcp`]: `tcp` listeners (layer 4): one server of the default pool per client connection,
 //!   bytes spliced both ways with half-close, idle timeout and graceful drain.
@@ -29,6 +31,7 @@ pub mod error;
 pub mod guard;
 pub mod h1;
 pub mod h2;
+pub mod header_rules;
 pub mod headers;
 pub mod lot;
 pub mod phases;

@@ -58,6 +58,7 @@ use super::body::{
     self, BodyError, BodyFault, BodyLimits, BodyVerdict, Buffered, ClientBody, Payload, Replay, Streamed,
 };
 use super::error::{ErrorKind, ProxyError};
+use super::header_rules::{RuleChain, Vars};
 use super::h1::client::{self, RequestHead, ResponseBody, SendError, Upstream};
 use super::h1::codec::Framing;
 use super::headers;
@@ -185,6 +186,8 @@ struct Routed {
     sticky: Option<Arc<StickyPolicy>>,
     rate_limit: Option<Arc<RateLimiter>>,
     authority: Option<HeaderValue>,
+    /// The listener's and the route's header rules (usually none).
+    rules: RuleChain,
 }
 
 impl HttpProxy {
@@ -262,6 +265,7 @@ impl HttpProxy {
             pool: decision.pool.clone(),
             sticky: snapshot.sticky.get(&decision.pool.name).cloned(),
             rate_limit: decision.rate_limit.cloned(),
+            rules: router.rules(&decision),
             authority,
         })
     }
@@ -315,7 +319,7 @@ impl HttpProxy {
             None => Framing::Empty,
             Some(b) => b.size_hint().exact().map_or(Framing::Chunked, Framing::Length),
         };
-        rewrite_request(&mut parts, routed.authority.as_ref(), peer, self.proto, upgrade);
+        rewrite_request(&mut parts, routed, peer, self.proto, upgrade);
         let mut outgoing = match body {
             None => Outgoing::Buffered(Buffered::default()),
             Some(body) => {
@@ -360,7 +364,8 @@ impl HttpProxy {
                 request_headers: sticky_headers.as_ref(),
                 source: &peer.source,
             });
-            respond(resp, in_flight, learn, &pool.servers)
+            let rules = (!routed.rules.is_empty()).then(|| (&routed.rules, peer, &**pool));
+            respond(resp, in_flight, learn, &pool.servers[index], rules, &pool.servers)
         };
         for attempt in 0..attempts {
             let Some(index) = choose(pool, bound, hash, attempt, &tried) else { break };
@@ -487,14 +492,16 @@ fn choose(pool: &Pool, bound: Option<usize>, hash: u64, attempt: usize, tried: &
 /// The request as a server gets it: hop-by-hop headers out, `X-Forwarded-*` in, `Host` set to
 /// the request's one authority, an HTTP/2 client's cookie crumbs joined into one `Cookie`; no
 /// `Expect` (the client's `100 Continue` is keel's to send) and
-/// no framing headers (keel's client states the framing it sends).
+/// no framing headers (keel's client states the framing it sends). Then the operator's header
+/// rules, listener before route; validation keeps them off the headers written here.
 fn rewrite_request(
     parts: &mut http::request::Parts,
-    authority: Option<&HeaderValue>,
+    routed: &Routed,
     peer: &Peer,
     proto: &'static str,
     upgrade: bool,
 ) {
+    let authority = routed.authority.as_ref();
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.headers.remove(header::EXPECT);
     parts.headers.remove(header::CONTENT_LENGTH);
@@ -504,6 +511,10 @@ fn rewrite_request(
     headers::add_forwarded(&mut parts.headers, &peer.forwarded_for, proto, authority);
     if let Some(a) = authority {
         parts.headers.insert(header::HOST, a.clone());
+    }
+    if !routed.rules.is_empty() {
+        let vars = Vars { client_ip: &peer.forwarded_for, pool: &routed.pool.name, server: None };
+        routed.rules.on_request(&mut parts.headers, &vars);
     }
 }
 
@@ -694,11 +705,14 @@ struct Learn<'a> {
 
 /// Phase 7: the response as the client gets it: hop-by-hop headers out, the sticky cookie or
 /// table entry in, a `101` (which keel's client accepts only for an upgrade request) turned
-/// into the server side of a tunnel for the session to run.
+/// into the server side of a tunnel for the session to run. The operator's response rules
+/// (listener, then route) come after the sticky cookie, so a rule has the last word.
 fn respond(
     resp: Response<ResponseBody>,
     in_flight: InFlight,
     learn: Option<Learn<'_>>,
+    server: &ServerState,
+    rules: Option<(&RuleChain, &Peer, &Pool)>,
     servers: &[Arc<ServerState>],
 ) -> Response<ProxyBody> {
     let (mut head, body) = resp.into_parts();
@@ -714,6 +728,10 @@ fn respond(
             &mut head.headers,
             servers,
         );
+    }
+    if let Some((rules, peer, pool)) = rules {
+        let vars = Vars { client_ip: &peer.forwarded_for, pool: &pool.name, server: Some(&server.name) };
+        rules.on_response(&mut head.headers, &vars);
     }
     let body = if upgraded {
         match body.into_upgraded() {
