@@ -400,7 +400,11 @@ fn header_rules_refuse_bad_names_and_server_on_requests() -> Result<()> {
         &["not a valid header name"],
     )?;
     expect_problem(
-        &broken("default_pool = \"app\"", 0, "default_pool = \"app\"\nheaders = { request_add = { \"Host\" = \"x\" } }"),
+        &broken(
+            "default_pool = \"app\"",
+            0,
+            "default_pool = \"app\"\nheaders = { request_add = { \"Host\" = \"x\" } }",
+        ),
         Some("listeners.web.headers.request_add.Host"),
         &["host header"],
     )?;

@@ -18,13 +18,14 @@
 //!    holds no server connection, and the buffered body can be sent again.
 //! 5. **choose** ([`choose`]): sticky lookup, else the pool's algorithm; a retry skips the
 //!    servers already tried.
-//! 6. **send** ([`send`]): header rewrite (hop-by-hop out, `X-Forwarded-*` in), the exchange
+//! 6. **send** ([`send`]): header rewrite (hop-by-hop out, `X-Forwarded-*` in, then the
+//!    operator's [`super::header_rules`]), the exchange
 //!    through the server's connection pool, bounded by the pool's timeouts. A failure the
 //!    pool's `retry_on` names is retried on another server when the request can be sent again
 //!    and the pool's retry budget allows ([`super::retry`]); [`blame`] decides whose failure
 //!    it was first.
-//! 7. **respond** ([`respond`]): hop-by-hop headers out of the response, sticky learning,
-//!    upgrades handed to the session as a tunnel.
+//! 7. **respond** ([`respond`]): hop-by-hop headers out of the response, sticky learning, the
+//!    operator's response header rules, upgrades handed to the session as a tunnel.
 //! 8. **log** ([`HttpProxy::log`]): counters and latency; errors leave with the side they
 //!    belong to.
 //!
@@ -58,9 +59,9 @@ use super::body::{
     self, BodyError, BodyFault, BodyLimits, BodyVerdict, Buffered, ClientBody, Payload, Replay, Streamed,
 };
 use super::error::{ErrorKind, ProxyError};
-use super::header_rules::{RuleChain, Vars};
 use super::h1::client::{self, RequestHead, ResponseBody, SendError, Upstream};
 use super::h1::codec::Framing;
+use super::header_rules::{RuleChain, Vars};
 use super::headers;
 use super::retry::{self, Failure};
 use crate::metrics::Rejections;
@@ -493,14 +494,8 @@ fn choose(pool: &Pool, bound: Option<usize>, hash: u64, attempt: usize, tried: &
 /// the request's one authority, an HTTP/2 client's cookie crumbs joined into one `Cookie`; no
 /// `Expect` (the client's `100 Continue` is keel's to send) and
 /// no framing headers (keel's client states the framing it sends). Then the operator's header
-/// rules, listener before route; validation keeps them off the headers written here.
-fn rewrite_request(
-    parts: &mut http::request::Parts,
-    routed: &Routed,
-    peer: &Peer,
-    proto: &'static str,
-    upgrade: bool,
-) {
+/// rules, listener before route; validation keeps them off framing headers and `Host`.
+fn rewrite_request(parts: &mut http::request::Parts, routed: &Routed, peer: &Peer, proto: &'static str, upgrade: bool) {
     let authority = routed.authority.as_ref();
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.headers.remove(header::EXPECT);
