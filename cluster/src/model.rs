@@ -211,6 +211,10 @@ pub struct Pool {
     /// upload, every attempt and retry. Off when absent.
     #[serde(default)]
     pub total_timeout: Option<HumanDuration>,
+    /// A server that comes back (check rise, end of an ejection, enable) or is added ramps its
+    /// weight from a tenth to full over this time (HAProxy's `slowstart`). Off when absent.
+    #[serde(default)]
+    pub slow_start: Option<HumanDuration>,
     /// How long an unused pooled connection to a server is kept.
     #[serde(default = "defaults::idle_timeout")]
     pub idle_timeout: HumanDuration,
@@ -678,6 +682,9 @@ impl Config {
                 if d.get().is_zero() {
                     report(at.key(key), "must be greater than zero".into());
                 }
+            }
+            if pool.slow_start.is_some_and(|d| d.get().is_zero()) {
+                report(at.key("slow_start"), "must be greater than zero (remove the key to turn it off)".into());
             }
             if pool.total_timeout.is_some_and(|d| d.get().is_zero()) {
                 report(at.key("total_timeout"), "must be greater than zero (remove the key to turn it off)".into());

@@ -55,6 +55,15 @@ impl Snapshot {
                 old?.servers.iter().find(|s| s.name == server.name && s.address == server.address).cloned()
             })
             .map_err(|source| BuildError { pool: name.clone(), source })?;
+            // A server added to a running pool ramps up under slow_start like one coming back.
+            if let (Some(old), Some(_)) = (old, cfg.slow_start) {
+                let added: Vec<_> =
+                    pool.servers.iter().filter(|s| !old.servers.iter().any(|o| Arc::ptr_eq(o, s))).collect();
+                added.iter().for_each(|s| s.mark_added());
+                if !added.is_empty() {
+                    pool.refresh();
+                }
+            }
             pools.insert(name.clone(), pool);
         }
         let routers = config
