@@ -387,7 +387,7 @@ async fn server_action(pool: &Pool, server: &str, action: &str, req: Request<Inc
         Ok(()) => {
             let s = pool.servers.iter().find(|s| s.name == server);
             match s {
-                Some(s) => json(StatusCode::OK, &ServerStatus::of(s, &pool)),
+                Some(s) => json(StatusCode::OK, &ServerStatus::of(s, pool)),
                 None => error(StatusCode::NOT_FOUND, "server vanished"),
             }
         }

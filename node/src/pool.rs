@@ -306,7 +306,11 @@ impl Pool {
         };
         let members: Vec<Member> = eligible
             .iter()
-            .map(|&(index, weight, id, step)| Member { index, weight: slow_start::scaled_weight(weight, scale, step), id })
+            .map(|&(index, weight, id, step)| Member {
+                index,
+                weight: slow_start::scaled_weight(weight, scale, step),
+                id,
+            })
             .collect();
         self.selector.store(Arc::new(balance::build(self.config.algorithm, &members)));
         if started {

@@ -16,6 +16,10 @@
 //! every member's weight is scaled by [`scale`] (up to [`STEPS`], within the selectors' 1–256
 //! range): weights 1,1 with one server at step 3 become 10 and 3.
 //!
+//! Step `k` (1–10) starts at `(k-1)/10` of the window and gives `k/10` of the weight, so the
+//! server has its full weight for the window's last tenth and the ramp state is cleared at its
+//! end.
+//!
 //! Round robin and ip_hash ignore weights, so slow start does not change them.
 
 use std::time::Duration;

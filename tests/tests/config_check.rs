@@ -418,3 +418,12 @@ fn header_rules_refuse_bad_names_and_server_on_requests() -> Result<()> {
         &["only on responses"],
     )
 }
+
+#[test]
+fn slow_start_zero() -> Result<()> {
+    expect_problem(
+        &broken("retries = 2", 0, "retries = 2\nslow_start = \"0s\""),
+        Some("pools.app.slow_start"),
+        &["greater than zero"],
+    )
+}
