@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | GET | `/healthz` | 200 while the process serves (never needs the token) |
 //! | POST | `/reload-certs` | re-read every https listener's certificate files |
-//! | GET | `/status` | listeners, pools, servers with state, weight, in-flight and counters (JSON) |
+//! | GET | `/status` | listeners, pools, servers with state, weight, effective weight (slow start), in-flight and counters (JSON) |
 //! | GET | `/metrics` | Prometheus text format |
 //! | GET | `/` | the same status as an HTML table, for a person |
 //! | POST | `/pools/{pool}/servers/{server}/drain` | no new requests; in-flight ones finish |
