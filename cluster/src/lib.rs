@@ -8,6 +8,8 @@
 //! - [`edge`]: TLS, rate-limit and protection settings of listeners and pools.
 //! - [`sticky_config`]: a pool's `[pools.NAME.sticky]` table (cookie, source_ip or learned
 //!   session stickiness, and where bindings are stored) and its validation.
+//! - [`header_rules`]: a listener's or route's `headers` table (set/add/remove on requests and
+//!   responses, `${variable}` values) and its validation.
 //! - [`duration`]: the human duration strings ("500ms", "2s") config files use.
 //! - [`command`]: what a node may propose to Raft ([`Command`]) and what applying it answered
 //!   ([`Outcome`]).
@@ -36,6 +38,7 @@ pub mod codec;
 pub mod command;
 pub mod duration;
 pub mod edge;
+pub mod header_rules;
 pub mod model;
 pub mod network;
 pub mod node;

@@ -19,6 +19,7 @@ pub use crate::edge::{
     BackendTls, CertificateFiles, Limits, ListenerTls, ProxyProtocol, RateLimit, TlsVersion, MAX_REQUEST_BUFFER,
     MIN_HEADER_BYTES,
 };
+pub use crate::header_rules::HeaderRules;
 pub use crate::retry_config::{Percent, RetryOn};
 pub use crate::sticky_config::{SameSite, Sticky, StickyMode, StickyStore};
 
@@ -101,6 +102,9 @@ pub struct Listener {
     /// passed to the server and returned on the response. `""` turns request ids off.
     #[serde(default = "defaults::request_id_header")]
     pub request_id_header: String,
+    /// Headers set, added or removed on every request and response of this listener.
+    #[serde(default)]
+    pub headers: Option<HeaderRules>,
 }
 
 /// A listener's access log: where its lines go and how they look.
@@ -144,6 +148,9 @@ pub struct Route {
     /// Rate limit for requests of this route, replacing the listener's.
     #[serde(default)]
     pub rate_limit: Option<RateLimit>,
+    /// Header rules for requests of this route, applied after the listener's.
+    #[serde(default)]
+    pub headers: Option<HeaderRules>,
 }
 
 /// A header condition of a [`Route`].
@@ -233,6 +240,10 @@ pub struct Pool {
     /// upload, every attempt and retry. Off when absent.
     #[serde(default)]
     pub total_timeout: Option<HumanDuration>,
+    /// A server that comes back (check rise, end of an ejection, enable) or is added ramps its
+    /// weight from a tenth to full over this time (HAProxy's `slowstart`). Off when absent.
+    #[serde(default)]
+    pub slow_start: Option<HumanDuration>,
     /// How long an unused pooled connection to a server is kept.
     #[serde(default = "defaults::idle_timeout")]
     pub idle_timeout: HumanDuration,
@@ -505,13 +516,13 @@ pub enum PathSegment {
 pub struct KeyPath(pub Vec<PathSegment>);
 
 impl KeyPath {
-    fn key(&self, k: &str) -> KeyPath {
+    pub(crate) fn key(&self, k: &str) -> KeyPath {
         let mut p = self.0.clone();
         p.push(PathSegment::Key(k.to_owned()));
         KeyPath(p)
     }
 
-    fn index(&self, i: usize) -> KeyPath {
+    pub(crate) fn index(&self, i: usize) -> KeyPath {
         let mut p = self.0.clone();
         p.push(PathSegment::Index(i));
         KeyPath(p)
@@ -610,6 +621,12 @@ impl Config {
                 check_rate_limit(rl, &at.key("rate_limit"), &mut report);
             }
             check_limits(&listener.limits, &at.key("limits"), &mut report);
+            if let Some(rules) = &listener.headers {
+                if listener.protocol == Protocol::Tcp {
+                    report(at.key("headers"), "header rules apply to HTTP; a tcp listener has none".into());
+                }
+                crate::header_rules::check(rules, &at.key("headers"), &mut report);
+            }
             for (i, route) in listener.routes.iter().enumerate() {
                 let at = at.key("routes").index(i);
                 if let Some(rl) = &route.rate_limit {
@@ -617,6 +634,9 @@ impl Config {
                 }
                 if !self.pools.contains_key(&route.pool) {
                     report(at.key("pool"), self.unknown_pool(&route.pool));
+                }
+                if let Some(rules) = &route.headers {
+                    crate::header_rules::check(rules, &at.key("headers"), &mut report);
                 }
                 if let Some(prefix) = &route.path_prefix {
                     if !prefix.starts_with('/') {
@@ -705,6 +725,9 @@ impl Config {
                 if d.get().is_zero() {
                     report(at.key(key), "must be greater than zero".into());
                 }
+            }
+            if pool.slow_start.is_some_and(|d| d.get().is_zero()) {
+                report(at.key("slow_start"), "must be greater than zero (remove the key to turn it off)".into());
             }
             if pool.total_timeout.is_some_and(|d| d.get().is_zero()) {
                 report(at.key("total_timeout"), "must be greater than zero (remove the key to turn it off)".into());

@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | GET | `/healthz` | 200 while the process serves (never needs the token) |
 //! | POST | `/reload-certs` | re-read every https listener's certificate files |
-//! | GET | `/status` | listeners, pools, servers with state, weight, in-flight and counters (JSON) |
+//! | GET | `/status` | listeners, pools, servers with state, weight, effective weight (slow start), in-flight and counters (JSON) |
 //! | GET | `/metrics` | Prometheus text format |
 //! | GET | `/` | the same status as an HTML table, for a person |
 //! | POST | `/pools/{pool}/servers/{server}/drain` | no new requests; in-flight ones finish |
@@ -110,6 +110,8 @@ pub struct ServerStatus {
     pub address: SocketAddr,
     /// Weight.
     pub weight: u32,
+    /// The weight it gets now: below `weight` while a slow start ramps it.
+    pub effective_weight: f64,
     /// "up", "down", "drain" or "ejected".
     pub state: &'static str,
     /// Requests in flight.
@@ -127,11 +129,12 @@ pub struct ServerStatus {
 }
 
 impl ServerStatus {
-    fn of(s: &ServerState) -> Self {
+    fn of(s: &ServerState, pool: &Pool) -> Self {
         ServerStatus {
             name: s.name.clone(),
             address: s.address,
             weight: s.weight(),
+            effective_weight: s.effective_weight(pool.config.slow_start.map(|d| d.get())),
             state: s.state_name(),
             active: s.active.load(Ordering::Relaxed),
             requests: s.stats.requests.load(Ordering::Relaxed),
@@ -165,7 +168,7 @@ pub fn status(snapshot: &Snapshot) -> Status {
                 available: p.servers.iter().filter(|s| s.is_eligible()).count(),
                 retries: p.retries.total(),
                 retry_budget_exhausted: p.retries.exhausted(),
-                servers: p.servers.iter().map(|s| ServerStatus::of(s)).collect(),
+                servers: p.servers.iter().map(|s| ServerStatus::of(s, p)).collect(),
             })
             .collect(),
     }
@@ -384,7 +387,7 @@ async fn server_action(pool: &Pool, server: &str, action: &str, req: Request<Inc
         Ok(()) => {
             let s = pool.servers.iter().find(|s| s.name == server);
             match s {
-                Some(s) => json(StatusCode::OK, &ServerStatus::of(s)),
+                Some(s) => json(StatusCode::OK, &ServerStatus::of(s, pool)),
                 None => error(StatusCode::NOT_FOUND, "server vanished"),
             }
         }

@@ -10,6 +10,7 @@
 //! - [`snapshot`]: the routing table built from a config; the proxy reads it with one atomic
 //!   load per request, and a reload swaps it without touching open connections.
 //! - [`routing`]: first-match routing by host, path prefix and header.
+//! - [`slow_start`]: the weight ramp of a server back in rotation (HAProxy's `slowstart`).
 //! - [`health`]: active checks (HTTP, TCP) with rise/fall hysteresis, and passive outlier
 //!   detection.
 //! - [`sticky`]: sticky sessions — inserted cookie, source IP or learned session id — and the
@@ -39,6 +40,7 @@ pub mod pool;
 pub mod proxy;
 pub mod ratelimit;
 pub mod routing;
+pub mod slow_start;
 pub mod snapshot;
 pub mod sticky;
 pub mod tls;

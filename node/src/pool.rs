@@ -7,13 +7,15 @@
 //! drained it, passive outlier detection has not ejected it — and every change of any of them
 //! calls [`Pool::refresh`], which rebuilds the selector over the eligible set and swaps it in.
 //! Ejections end by time, so ejecting also schedules the refresh that readmits the server.
+//! A pool with `slow_start` notices, in the same refresh, a server that became eligible again
+//! and ramps its weight with a few scheduled refreshes ([`crate::slow_start`]).
 //!
 //! `ServerState` survives config reloads when a server keeps its pool, name and address (see
 //! [`crate::snapshot`]): counters and verdicts are not reset by an unrelated change.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock, OnceLock, Weak};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -24,6 +26,7 @@ use crate::health::outlier::OutlierState;
 use crate::metrics::Histogram;
 use crate::proxy::h1::client::IdleConns;
 use crate::proxy::retry::RetryBudget;
+use crate::slow_start;
 use crate::tls::{TlsError, UpstreamTls};
 
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
@@ -88,6 +91,12 @@ pub struct ServerState {
     /// Idle keep-alive connections to this server: the one connection pool of keel's HTTP/1.1
     /// client ([`crate::proxy::h1::client`]) for it.
     pub idle: Arc<IdleConns>,
+    /// Whether the last [`Pool::refresh`] found it eligible: a change to eligible starts a
+    /// slow-start ramp.
+    was_eligible: AtomicBool,
+    /// When its slow-start ramp began (tokio's clock, so tests can pause it); read and written
+    /// only by refreshes and `/status`, never per request.
+    ramp_start: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl ServerState {
@@ -104,7 +113,37 @@ impl ServerState {
             active: AtomicUsize::new(0),
             stats: ServerStats::default(),
             idle: Arc::default(),
+            // Servers present at start-up are assumed up and take their full share at once
+            // (as HAProxy's slowstart does not apply at start).
+            was_eligible: AtomicBool::new(true),
+            ramp_start: Mutex::new(None),
         }
+    }
+
+    /// Marks a server added to a running pool, so the next refresh ramps it.
+    pub fn mark_added(&self) {
+        self.was_eligible.store(false, Ordering::Release);
+    }
+
+    fn ramp(&self) -> std::sync::MutexGuard<'_, Option<tokio::time::Instant>> {
+        self.ramp_start.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Its slow-start step now under a ramp `window` (`None`: not ramping).
+    fn ramp_step(&self, window: Option<Duration>, now: tokio::time::Instant) -> Option<u32> {
+        let window = window?;
+        let mut ramp = self.ramp();
+        let step = slow_start::step(now.saturating_duration_since((*ramp)?), window);
+        if step.is_none() {
+            *ramp = None;
+        }
+        step
+    }
+
+    /// The weight it gets now, slow start included (fractional while ramping), for `/status`.
+    pub fn effective_weight(&self, slow_start: Option<Duration>) -> f64 {
+        let step = if self.is_eligible() { self.ramp_step(slow_start, tokio::time::Instant::now()) } else { None };
+        slow_start::effective_weight(self.weight(), step)
     }
 
     /// Current weight.
@@ -222,6 +261,11 @@ impl Pool {
             reporter: OnceLock::new(),
         });
         pool.refresh();
+        // A ramp under way when the pool was rebuilt (a reload) keeps its scheduled steps.
+        let ramps: Vec<_> = pool.servers.iter().filter_map(|s| *s.ramp()).collect();
+        for start in ramps {
+            pool.schedule_ramp(start);
+        }
         Ok(pool)
     }
 
@@ -236,15 +280,64 @@ impl Pool {
     }
 
     /// Rebuilds the selector over the servers eligible now. Call after any verdict change.
+    /// With `slow_start`, a server eligible again since the last refresh starts its ramp here.
     pub fn refresh(&self) {
-        let members: Vec<Member> = self
-            .servers
+        let window = self.config.slow_start.map(|d| d.get());
+        let now = tokio::time::Instant::now();
+        let mut started = false;
+        let mut eligible: Vec<(usize, u32, u64, Option<u32>)> = Vec::with_capacity(self.servers.len());
+        for (index, s) in self.servers.iter().enumerate() {
+            let up = s.is_eligible();
+            let was = s.was_eligible.swap(up, Ordering::AcqRel);
+            if !up {
+                continue;
+            }
+            if window.is_some() && !was {
+                *s.ramp() = Some(now);
+                started = true;
+                tracing::info!(target: "keel::health", pool = %self.name, server = %s.name,
+                    slow_start = ?window, "server back in rotation, ramping its weight");
+            }
+            eligible.push((index, s.weight(), s.id, s.ramp_step(window, now)));
+        }
+        let scale = match eligible.iter().any(|m| m.3.is_some()) {
+            true => slow_start::scale(eligible.iter().map(|m| m.1).max().unwrap_or(1)),
+            false => 1,
+        };
+        let members: Vec<Member> = eligible
             .iter()
-            .enumerate()
-            .filter(|(_, s)| s.is_eligible())
-            .map(|(index, s)| Member { index, weight: s.weight(), id: s.id })
+            .map(|&(index, weight, id, step)| Member {
+                index,
+                weight: slow_start::scaled_weight(weight, scale, step),
+                id,
+            })
             .collect();
         self.selector.store(Arc::new(balance::build(self.config.algorithm, &members)));
+        if started {
+            self.schedule_ramp(now);
+        }
+    }
+
+    /// The refreshes that move a ramp begun at `start` through its steps and end it.
+    fn schedule_ramp(&self, start: tokio::time::Instant) {
+        let Some(window) = self.config.slow_start.map(|d| d.get()) else { return };
+        // Outside a runtime (a unit test building a pool) there is nothing to schedule on.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let this = self.this.clone();
+        runtime.spawn(async move {
+            let margin = Duration::from_millis(1);
+            for k in 2..=slow_start::STEPS {
+                tokio::time::sleep_until(start + slow_start::step_start(k, window) + margin).await;
+                match this.upgrade() {
+                    Some(pool) => pool.refresh(),
+                    None => return,
+                }
+            }
+            tokio::time::sleep_until(start + window + margin).await;
+            if let Some(pool) = this.upgrade() {
+                pool.refresh();
+            }
+        });
     }
 
     /// Picks a server for a request from a client whose key hashes to `hash`, skipping the
@@ -326,5 +419,60 @@ impl Pool {
                 pool.refresh();
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(extra: &str) -> Arc<Pool> {
+        let cfg: model::Pool = toml::from_str(&format!(
+            "algorithm = \"weighted_round_robin\"\n{extra}\n\
+             [[servers]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n\
+             [[servers]]\nname = \"b\"\naddress = \"127.0.0.1:2\"\n"
+        ))
+        .expect("pool config");
+        Pool::new("p", &cfg, |_| None).expect("plain pool")
+    }
+
+    /// How many of `n` picks go to server `b`.
+    fn share_of_b(pool: &Pool, n: usize) -> usize {
+        (0..n).filter(|_| pool.select(0, &[]) == Some(1)).count()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_back_up_ramps_from_a_tenth_to_full() {
+        let pool = pool("slow_start = \"10s\"");
+        // At start-up nothing ramps.
+        assert_eq!(share_of_b(&pool, 100), 50);
+        pool.set_checked_up(1, false);
+        assert_eq!(share_of_b(&pool, 100), 0);
+        pool.set_checked_up(1, true);
+        let b = &pool.servers[1];
+        assert!((b.effective_weight(Some(Duration::from_secs(10))) - 0.1).abs() < 1e-9);
+        // Weights 10 and 1: b gets 1 pick in 11.
+        assert_eq!(share_of_b(&pool, 110), 10);
+        // Halfway the scheduled refreshes have it at step 6: 6 in 16.
+        tokio::time::sleep(Duration::from_millis(5_010)).await;
+        assert!((b.effective_weight(Some(Duration::from_secs(10))) - 0.6).abs() < 1e-9);
+        assert_eq!(share_of_b(&pool, 160), 60);
+        // After the window: full weight, even shares again.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!((b.effective_weight(Some(Duration::from_secs(10))) - 1.0).abs() < 1e-9);
+        assert_eq!(share_of_b(&pool, 100), 50);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn enable_after_drain_ramps_and_no_slow_start_does_not() {
+        let ramped = pool("slow_start = \"10s\"");
+        ramped.set_draining("b", true).expect("drain");
+        ramped.set_draining("b", false).expect("enable");
+        assert_eq!(share_of_b(&ramped, 110), 10);
+        let plain = pool("");
+        plain.set_draining("b", true).expect("drain");
+        plain.set_draining("b", false).expect("enable");
+        assert_eq!(share_of_b(&plain, 100), 50);
+        assert!((plain.servers[1].effective_weight(None) - 1.0).abs() < 1e-9);
     }
 }

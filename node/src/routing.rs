@@ -14,6 +14,7 @@ use keel_cluster::model::{self, RateLimit};
 use crate::ratelimit::RateLimiter;
 
 use crate::pool::Pool;
+use crate::proxy::header_rules::{CompiledRules, RuleChain};
 
 /// A host condition: exact name, or any subdomain of a suffix ("*.example.com").
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,6 +55,8 @@ pub struct Route {
     pub pool: Arc<Pool>,
     /// The route's own rate limit, replacing the listener's.
     pub rate_limit: Option<Arc<RateLimiter>>,
+    /// The route's header rules, applied after the listener's.
+    headers: Option<Arc<CompiledRules>>,
 }
 
 /// A listener's routing table.
@@ -64,6 +67,8 @@ pub struct Router {
     pub rate_limit: Option<Arc<RateLimiter>>,
     /// Answer everything with a redirect to https on this port.
     pub redirect_https_port: Option<u16>,
+    /// The listener's header rules.
+    pub headers: Option<Arc<CompiledRules>>,
 }
 
 /// Where a request goes.
@@ -72,6 +77,8 @@ pub struct Decision<'a> {
     pub pool: &'a Arc<Pool>,
     /// The rate limit that applies, if any.
     pub rate_limit: Option<&'a Arc<RateLimiter>>,
+    /// The route's header rules, if any (the listener's are [`Router::headers`]).
+    pub route_headers: Option<&'a Arc<CompiledRules>>,
 }
 
 /// The limiter for `config`: the previous one when its settings did not change (so clients keep
@@ -98,6 +105,7 @@ impl Router {
     /// Compiles a listener's routes; `pool` resolves a pool name (validation guarantees it
     /// exists); rate-limit tables are taken over from `previous` where their settings held.
     pub fn new(
+        name: &str,
         listener: &model::Listener,
         pool: impl Fn(&str) -> Option<Arc<Pool>>,
         previous: Option<&Router>,
@@ -127,6 +135,7 @@ impl Router {
                         r.rate_limit.as_ref(),
                         previous.and_then(|p| p.routes.get(i)).and_then(|old| old.rate_limit.as_ref()),
                     ),
+                    headers: CompiledRules::compile(r.headers.as_ref(), name),
                 })
             })
             .collect();
@@ -135,6 +144,7 @@ impl Router {
             default_pool: listener.default_pool.as_deref().and_then(pool),
             rate_limit: limiter(listener.rate_limit.as_ref(), previous.and_then(|p| p.rate_limit.as_ref())),
             redirect_https_port: listener.redirect_to_https.then_some(listener.https_port),
+            headers: CompiledRules::compile(listener.headers.as_ref(), name),
         }
     }
 
@@ -146,9 +156,22 @@ impl Router {
     /// The pool for a request and the rate limit that applies to it.
     pub fn decide(&self, req: &RequestView<'_>) -> Option<Decision<'_>> {
         match self.routes.iter().find(|r| r.matches(req)) {
-            Some(r) => Some(Decision { pool: &r.pool, rate_limit: r.rate_limit.as_ref().or(self.rate_limit.as_ref()) }),
-            None => self.default_pool.as_ref().map(|pool| Decision { pool, rate_limit: self.rate_limit.as_ref() }),
+            Some(r) => Some(Decision {
+                pool: &r.pool,
+                rate_limit: r.rate_limit.as_ref().or(self.rate_limit.as_ref()),
+                route_headers: r.headers.as_ref(),
+            }),
+            None => self.default_pool.as_ref().map(|pool| Decision {
+                pool,
+                rate_limit: self.rate_limit.as_ref(),
+                route_headers: None,
+            }),
         }
+    }
+
+    /// The header rules a decided request is under.
+    pub fn rules(&self, decision: &Decision<'_>) -> RuleChain {
+        RuleChain { listener: self.headers.clone(), route: decision.route_headers.cloned() }
     }
 
     /// Every rate limiter of this listener (listener-wide and per route), for metrics.
@@ -251,7 +274,7 @@ mod tests {
         )
         .expect("listener config");
         let pools: Vec<_> = ["api", "v1", "canary", "beta", "fallback"].into_iter().map(pool).collect();
-        let router = Router::new(&listener, |n| pools.iter().find(|p| p.name == n).cloned(), None);
+        let router = Router::new("web", &listener, |n| pools.iter().find(|p| p.name == n).cloned(), None);
         let mut headers = HeaderMap::new();
         let pick = |host: Option<&str>, path: &str, headers: &HeaderMap| {
             router.route(&RequestView { host, path, headers }).map(|p| p.name.clone())

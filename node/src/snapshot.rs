@@ -55,6 +55,15 @@ impl Snapshot {
                 old?.servers.iter().find(|s| s.name == server.name && s.address == server.address).cloned()
             })
             .map_err(|source| BuildError { pool: name.clone(), source })?;
+            // A server added to a running pool ramps up under slow_start like one coming back.
+            if let (Some(old), Some(_)) = (old, cfg.slow_start) {
+                let added: Vec<_> =
+                    pool.servers.iter().filter(|s| !old.servers.iter().any(|o| Arc::ptr_eq(o, s))).collect();
+                added.iter().for_each(|s| s.mark_added());
+                if !added.is_empty() {
+                    pool.refresh();
+                }
+            }
             pools.insert(name.clone(), pool);
         }
         let routers = config
@@ -62,7 +71,7 @@ impl Snapshot {
             .iter()
             .map(|(name, l)| {
                 let old = previous.and_then(|p| p.routers.get(name));
-                (name.clone(), Router::new(l, |pool| pools.get(pool).cloned(), old))
+                (name.clone(), Router::new(name, l, |pool| pools.get(pool).cloned(), old))
             })
             .collect();
         Ok(Snapshot { config: Arc::new(config), pools, routers, sticky: HashMap::new() })

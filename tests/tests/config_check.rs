@@ -369,3 +369,61 @@ fn a_missing_file_cannot_be_read() -> Result<()> {
     ensure!(c.stderr.lines().any(|l| l.starts_with(&want)), "no {want:?} line; stderr:\n{}", c.stderr);
     Ok(())
 }
+
+#[test]
+fn header_rules_refuse_framing_headers() -> Result<()> {
+    expect_problem(
+        &broken(
+            "default_pool = \"app\"",
+            0,
+            "default_pool = \"app\"\nheaders = { response_set = { \"Content-Length\" = \"0\" } }",
+        ),
+        Some("listeners.web.headers.response_set.Content-Length"),
+        &["framing", "keel writes itself"],
+    )
+}
+
+#[test]
+fn header_rules_refuse_unknown_variables() -> Result<()> {
+    expect_problem(
+        &broken("\npool = \"app\"", 0, "\npool = \"app\"\nheaders = { request_set = { \"X-Who\" = \"${user}\" } }"),
+        Some("listeners.web.routes[0].headers.request_set.X-Who"),
+        &["unknown variable", "${user}", "${client_ip}"],
+    )
+}
+
+#[test]
+fn header_rules_refuse_bad_names_and_server_on_requests() -> Result<()> {
+    expect_problem(
+        &broken("default_pool = \"app\"", 0, "default_pool = \"app\"\nheaders = { request_remove = [\"Bad Name\"] }"),
+        Some("listeners.web.headers.request_remove[0]"),
+        &["not a valid header name"],
+    )?;
+    expect_problem(
+        &broken(
+            "default_pool = \"app\"",
+            0,
+            "default_pool = \"app\"\nheaders = { request_add = { \"Host\" = \"x\" } }",
+        ),
+        Some("listeners.web.headers.request_add.Host"),
+        &["host header"],
+    )?;
+    expect_problem(
+        &broken(
+            "default_pool = \"app\"",
+            0,
+            "default_pool = \"app\"\nheaders = { request_set = { \"X-S\" = \"${server}\" } }",
+        ),
+        Some("listeners.web.headers.request_set.X-S"),
+        &["only on responses"],
+    )
+}
+
+#[test]
+fn slow_start_zero() -> Result<()> {
+    expect_problem(
+        &broken("retries = 2", 0, "retries = 2\nslow_start = \"0s\""),
+        Some("pools.app.slow_start"),
+        &["greater than zero"],
+    )
+}

@@ -153,6 +153,10 @@ impl Daemon {
     /// Cluster mode: opens the Raft store and joins the cluster; listeners follow the
     /// replicated config once there is one.
     pub async fn bind(file: NodeFile) -> Result<Daemon, DaemonError> {
+        // `${node}` in header rules: the cluster's name for this node, else the host name.
+        if let Some(section) = &file.cluster {
+            crate::proxy::header_rules::set_node_name(section.node_id.to_string());
+        }
         let admin_token = file.node.admin_token().map_err(DaemonError::AdminToken)?;
         let admin = TcpListener::bind(file.node.admin)
             .await

@@ -252,6 +252,7 @@ mod tests {
             connect_timeout: HumanDuration::from_secs(1),
             response_timeout: HumanDuration::from_secs(1),
             total_timeout: None,
+            slow_start: None,
             retry_on: model::defaults::retry_on(),
             retry_budget: model::defaults::retry_budget(),
             retry_budget_min: model::defaults::retry_budget_min(),

@@ -19,6 +19,8 @@
 //!   the pool's retry budget.
 //! - [`headers`]: hop-by-hop stripping and `X-Forwarded-*`.
 //! - [`access_log`]: one line per request or TCP session, written off the request path.
+//! - [`header_rules`]: the operator's header rules (set/add/remove, requests and responses),
+//!   compiled once per config.
 //! - [`error`]: what failed, which side, whether a retry is allowed, and the status it maps to.
 //! - [`tcp`]: `tcp` listeners (layer 4): one server of the default pool per client connection,
 //!   bytes spliced both ways with half-close, idle timeout and graceful drain.
@@ -31,6 +33,7 @@ pub mod error;
 pub mod guard;
 pub mod h1;
 pub mod h2;
+pub mod header_rules;
 pub mod headers;
 pub mod lot;
 pub mod phases;

@@ -18,13 +18,14 @@
 //!    holds no server connection, and the buffered body can be sent again.
 //! 5. **choose** ([`choose`]): sticky lookup, else the pool's algorithm; a retry skips the
 //!    servers already tried.
-//! 6. **send** ([`send`]): header rewrite (hop-by-hop out, `X-Forwarded-*` in), the exchange
+//! 6. **send** ([`send`]): header rewrite (hop-by-hop out, `X-Forwarded-*` in, then the
+//!    operator's [`super::header_rules`]), the exchange
 //!    through the server's connection pool, bounded by the pool's timeouts. A failure the
 //!    pool's `retry_on` names is retried on another server when the request can be sent again
 //!    and the pool's retry budget allows ([`super::retry`]); [`blame`] decides whose failure
 //!    it was first.
-//! 7. **respond** ([`respond`]): hop-by-hop headers out of the response, sticky learning,
-//!    upgrades handed to the session as a tunnel.
+//! 7. **respond** ([`respond`]): hop-by-hop headers out of the response, sticky learning, the
+//!    operator's response header rules, upgrades handed to the session as a tunnel.
 //! 8. **log** ([`HttpProxy::log`]): counters and latency; errors leave with the side they
 //!    belong to. With an access log, [`HttpProxy::handle`] wraps the response body so the
 //!    request's line ([`super::access_log`]) is written when the body ends or the client leaves;
@@ -63,6 +64,7 @@ use super::body::{
 use super::error::{ErrorKind, ProxyError};
 use super::h1::client::{self, RequestHead, ResponseBody, SendError, Upstream};
 use super::h1::codec::Framing;
+use super::header_rules::{RuleChain, Vars};
 use super::headers;
 use super::retry::{self, Failure};
 use crate::metrics::Rejections;
@@ -197,6 +199,8 @@ struct Routed {
     sticky: Option<Arc<StickyPolicy>>,
     rate_limit: Option<Arc<RateLimiter>>,
     authority: Option<HeaderValue>,
+    /// The listener's and the route's header rules (usually none).
+    rules: RuleChain,
 }
 
 impl HttpProxy {
@@ -354,6 +358,7 @@ impl HttpProxy {
             pool: decision.pool.clone(),
             sticky: snapshot.sticky.get(&decision.pool.name).cloned(),
             rate_limit: decision.rate_limit.cloned(),
+            rules: router.rules(&decision),
             authority,
         })
     }
@@ -408,7 +413,7 @@ impl HttpProxy {
             None => Framing::Empty,
             Some(b) => b.size_hint().exact().map_or(Framing::Chunked, Framing::Length),
         };
-        rewrite_request(&mut parts, routed.authority.as_ref(), peer, self.proto, upgrade);
+        rewrite_request(&mut parts, routed, peer, self.proto, upgrade);
         let mut outgoing = match body {
             None => Outgoing::Buffered(Buffered::default()),
             Some(body) => {
@@ -455,7 +460,8 @@ impl HttpProxy {
                 request_headers: sticky_headers.as_ref(),
                 source: &peer.source,
             });
-            respond(resp, in_flight, learn, &pool.servers)
+            let rules = (!routed.rules.is_empty()).then(|| (&routed.rules, peer, &**pool));
+            respond(resp, in_flight, learn, &pool.servers[index], rules, &pool.servers)
         };
         for attempt in 0..attempts {
             let Some(index) = choose(pool, bound, hash, attempt, &tried) else { break };
@@ -640,14 +646,10 @@ fn choose(pool: &Pool, bound: Option<usize>, hash: u64, attempt: usize, tried: &
 /// The request as a server gets it: hop-by-hop headers out, `X-Forwarded-*` in, `Host` set to
 /// the request's one authority, an HTTP/2 client's cookie crumbs joined into one `Cookie`; no
 /// `Expect` (the client's `100 Continue` is keel's to send) and
-/// no framing headers (keel's client states the framing it sends).
-fn rewrite_request(
-    parts: &mut http::request::Parts,
-    authority: Option<&HeaderValue>,
-    peer: &Peer,
-    proto: &'static str,
-    upgrade: bool,
-) {
+/// no framing headers (keel's client states the framing it sends). Then the operator's header
+/// rules, listener before route; validation keeps them off framing headers and `Host`.
+fn rewrite_request(parts: &mut http::request::Parts, routed: &Routed, peer: &Peer, proto: &'static str, upgrade: bool) {
+    let authority = routed.authority.as_ref();
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.headers.remove(header::EXPECT);
     parts.headers.remove(header::CONTENT_LENGTH);
@@ -657,6 +659,10 @@ fn rewrite_request(
     headers::add_forwarded(&mut parts.headers, &peer.forwarded_for, proto, authority);
     if let Some(a) = authority {
         parts.headers.insert(header::HOST, a.clone());
+    }
+    if !routed.rules.is_empty() {
+        let vars = Vars { client_ip: &peer.forwarded_for, pool: &routed.pool.name, server: None };
+        routed.rules.on_request(&mut parts.headers, &vars);
     }
 }
 
@@ -847,11 +853,14 @@ struct Learn<'a> {
 
 /// Phase 7: the response as the client gets it: hop-by-hop headers out, the sticky cookie or
 /// table entry in, a `101` (which keel's client accepts only for an upgrade request) turned
-/// into the server side of a tunnel for the session to run.
+/// into the server side of a tunnel for the session to run. The operator's response rules
+/// (listener, then route) come after the sticky cookie, so a rule has the last word.
 fn respond(
     resp: Response<ResponseBody>,
     in_flight: InFlight,
     learn: Option<Learn<'_>>,
+    server: &ServerState,
+    rules: Option<(&RuleChain, &Peer, &Pool)>,
     servers: &[Arc<ServerState>],
 ) -> Response<ProxyBody> {
     let (mut head, body) = resp.into_parts();
@@ -867,6 +876,10 @@ fn respond(
             &mut head.headers,
             servers,
         );
+    }
+    if let Some((rules, peer, pool)) = rules {
+        let vars = Vars { client_ip: &peer.forwarded_for, pool: &pool.name, server: Some(&server.name) };
+        rules.on_response(&mut head.headers, &vars);
     }
     let body = if upgraded {
         match body.into_upgraded() {
