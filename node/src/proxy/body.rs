@@ -211,7 +211,9 @@ where
         return Ok(Payload::Streamed(Streamed { prefix: None, inner: body }));
     }
     // A body that arrives as one frame (most small ones: read with their head) is kept as that
-    // frame's bytes, uncopied; only a second frame starts a copy.
+    // frame's bytes, uncopied. A frame that does not end the body is copied at once instead:
+    // its bytes share the connection's read buffer, and holding them while the next read
+    // reserves room would make that read allocate a fresh buffer.
     let mut first = Bytes::new();
     let mut data = BytesMut::new();
     let mut trailers = None;
@@ -221,7 +223,7 @@ where
             None => break,
             Some(Err(BodyError(fault))) => return Err(fault),
             Some(Ok(frame)) => match frame.into_data() {
-                Ok(bytes) if first.is_empty() && data.is_empty() => first = bytes,
+                Ok(bytes) if first.is_empty() && data.is_empty() && body.is_end_stream() => first = bytes,
                 Ok(bytes) => {
                     if data.is_empty() {
                         data.extend_from_slice(&std::mem::take(&mut first));
@@ -423,8 +425,13 @@ mod tests {
     #[tokio::test]
     async fn one_frame_bodies_are_buffered_uncopied_and_longer_ones_whole() {
         static ONE: &[u8] = b"the whole body in one read";
+        let limits = BodyLimits { max_bytes: 1 << 20, timeout: Duration::from_secs(10), min_rate: 0 };
+        let whole = ClientBody::new(http_body_util::Full::new(Bytes::from_static(ONE)), limits, Arc::default());
+        let Ok(Payload::Buffered(b)) = buffer(whole, 64).await else { panic!("not buffered") };
+        assert_eq!(b.data.as_ptr(), ONE.as_ptr(), "a frame that ends the body: its bytes themselves");
         let Ok(Payload::Buffered(b)) = buffer(body_of(vec![ONE]), 64).await else { panic!("not buffered") };
-        assert_eq!(b.data.as_ptr(), ONE.as_ptr(), "the frame's bytes themselves");
+        assert_ne!(b.data.as_ptr(), ONE.as_ptr(), "a frame that may not end the body is copied");
+        assert_eq!(&b.data[..], ONE);
         let Ok(Payload::Buffered(b)) = buffer(body_of(vec![b"ab", b"", b"cd", b"e"]), 64).await else {
             panic!("not buffered")
         };
