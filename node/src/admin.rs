@@ -4,7 +4,9 @@
 //! |---|---|---|
 //! | GET | `/healthz` | 200 while the process serves (never needs the token) |
 //! | POST | `/reload-certs` | re-read every https listener's certificate files |
-//! | GET | `/status` | listeners, pools, servers with state, weight, effective weight (slow start), in-flight and counters (JSON) |
+//! | POST | `/config` | standalone: apply a node file's text, body `{"file": TEXT, "origin": NAME}` — what SIGHUP does with the node's own file (`daemon::apply`) |
+//! | GET | `/config` | the served config as TOML |
+//! | GET | `/status` | listeners, pools, servers with state, weight, effective weight (slow start), in-flight and counters, the last reload's outcome (JSON) |
 //! | GET | `/metrics` | Prometheus text format |
 //! | GET | `/` | the same status as an HTML table, for a person |
 //! | POST | `/pools/{pool}/servers/{server}/drain` | no new requests; in-flight ones finish |
@@ -35,6 +37,7 @@ use keel_cluster::throttle::{LogThrottle, EVERY};
 use keel_cluster::{ClusterHandle, Command, Outcome, ProposeError};
 use keel_vrrp::VipStatus;
 
+use crate::daemon::apply::{ReloadStatus, Request as ReloadRequest, Requests, Result_ as ReloadResult};
 use crate::daemon::CertReloader;
 use crate::metrics::{self, ListenerMetrics, Rejections};
 use crate::pool::{Pool, PoolError, ServerState, STATUS_CLASSES};
@@ -42,6 +45,10 @@ use crate::snapshot::{SharedSnapshot, Snapshot};
 
 /// Largest request body the admin API reads.
 pub const MAX_BODY: usize = 64 * 1024;
+/// Largest config file `POST /config` takes.
+pub const MAX_CONFIG: usize = 8 * 1024 * 1024;
+/// How long `POST /config` waits for the reload to end (certificates load, sockets bind).
+const RELOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What the admin API serves from.
 #[derive(Clone)]
@@ -62,6 +69,10 @@ pub struct AdminState {
     pub vip: Option<watch::Receiver<VipStatus>>,
     /// A witness serves only `/healthz` and `/cluster/*`: it has no data plane to report on.
     pub witness: bool,
+    /// Where `POST /config` sends a standalone node's reloads; `None` in cluster mode.
+    pub reload: Option<Requests>,
+    /// Reload outcomes, for `/status` and `/metrics`.
+    pub reloads: Arc<ReloadStatus>,
 }
 
 /// `/status` document.
@@ -249,6 +260,7 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
                 .unwrap_or_else(|| error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}"))),
             None => error(StatusCode::NOT_FOUND, "this node is not in cluster mode (no [cluster] section)"),
         },
+        (&Method::POST, ["config"]) => apply_config(state, req).await,
         (&Method::GET, ["config"]) => {
             let config = state.snapshot.load().config.clone();
             match toml::to_string(&*config) {
@@ -278,6 +290,9 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
                 obj.insert("node_id".into(), serde_json::json!(cluster.id()));
                 obj.insert("leader_id".into(), serde_json::json!(leader));
             }
+            if let Some(obj) = doc.as_object_mut() {
+                obj.insert("reload".into(), serde_json::to_value(state.reloads.get()).unwrap_or_default());
+            }
             json(StatusCode::OK, &doc)
         }
         (&Method::GET, ["metrics"]) => {
@@ -285,6 +300,7 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
             if let Some(vip) = &state.vip {
                 metrics::render_vip(&mut text, &vip.borrow());
             }
+            metrics::render_reloads(&mut text, &state.reloads.get());
             let mut resp = Response::new(Full::new(Bytes::from(text)));
             resp.headers_mut()
                 .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4"));
@@ -308,6 +324,51 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
         }
         (_, ["healthz" | "status" | "metrics" | ""]) => error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {} {path}", req.method())),
+    }
+}
+
+/// `POST /config` on a standalone node: the same reload SIGHUP does, with the file's text from
+/// the body. 200 with the outcome when served (applied or unchanged), 422 with every problem
+/// when refused (nothing changed).
+async fn apply_config(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let Some(reload) = &state.reload else {
+        return error(
+            StatusCode::CONFLICT,
+            "this node is in cluster mode: `keel config apply` proposes the config through Raft (POST /cluster/propose)",
+        );
+    };
+    let body = match Limited::new(req.into_body(), MAX_CONFIG).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("cannot read body (at most {MAX_CONFIG} bytes): {e}")),
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct ConfigBody {
+        file: String,
+        #[serde(default)]
+        origin: Option<String>,
+    }
+    let body = match serde_json::from_slice::<ConfigBody>(&body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("expected {{\"file\": TEXT, \"origin\": NAME}}: {e}")),
+    };
+    let (reply, outcome) = tokio::sync::oneshot::channel();
+    let origin = body.origin.unwrap_or_else(|| "<admin API>".to_owned());
+    if reload.send(ReloadRequest { text: body.file, origin, reply }).await.is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the node is shutting down");
+    }
+    match tokio::time::timeout(RELOAD_WAIT, outcome).await {
+        Ok(Ok(outcome)) if outcome.result == ReloadResult::Refused => json(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &serde_json::json!({
+                "error": "rejected",
+                "message": outcome.problems.join("\n"),
+                "outcome": outcome,
+            }),
+        ),
+        Ok(Ok(outcome)) => json(StatusCode::OK, &outcome),
+        Ok(Err(_)) => error(StatusCode::SERVICE_UNAVAILABLE, "the node is shutting down"),
+        Err(_) => error(StatusCode::GATEWAY_TIMEOUT, "the reload is still running; see /status"),
     }
 }
 

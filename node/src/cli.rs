@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use http::StatusCode;
 use keel_cluster::api::client::{ClientError, ClusterClient};
 use keel_cluster::api::AddNode;
 use keel_cluster::{ClusterStatus, Command, NodeId, Outcome};
@@ -248,11 +249,17 @@ fn render_status(s: &ClusterStatus, vip: &std::collections::BTreeMap<NodeId, Opt
     out
 }
 
-/// `keel config apply FILE`: validates locally, then proposes the new config.
+/// `keel config apply FILE`: validates locally, then proposes the new config to the cluster; a
+/// standalone node (no cluster to propose to) is sent the file's text and reloads from it as
+/// on SIGHUP.
 pub async fn config_apply(target: &Target, path: &Path) -> Result<(), CliError> {
     let file = config::load(path)?;
     let started = Instant::now();
-    match target.client().propose(&Command::ApplyConfig(file.config.clone())).await.map_err(no_leader)? {
+    let proposed = target.client().propose(&Command::ApplyConfig(file.config.clone())).await;
+    if let Err(ClientError::Api { status: StatusCode::NOT_FOUND, .. }) = &proposed {
+        return standalone_apply(target, path).await;
+    }
+    match proposed.map_err(no_leader)? {
         Outcome::Rejected { reason } => Err(CliError::Other(format!("the cluster rejected the config: {reason}"))),
         _ => {
             println!(
@@ -264,6 +271,47 @@ pub async fn config_apply(target: &Target, path: &Path) -> Result<(), CliError> 
             Ok(())
         }
     }
+}
+
+/// `keel config apply` on a standalone node: `POST /config` with the file's text.
+async fn standalone_apply(target: &Target, path: &Path) -> Result<(), CliError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| CliError::Other(format!("{}: cannot read: {e}", path.display())))?;
+    let body = serde_json::json!({ "file": text, "origin": path.display().to_string() });
+    let outcome = match target.client().post_json("/config", &body).await {
+        Ok(outcome) => outcome,
+        Err(ClientError::Api { body, .. }) if body.error == "rejected" => {
+            return Err(CliError::Other(format!("the node refused the config; nothing changed:\n{}", body.message)))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let list = |v: &serde_json::Value| -> String {
+        v.as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", ")).unwrap_or_default()
+    };
+    let change = &outcome["change"];
+    if outcome["result"] == "unchanged" {
+        println!("config unchanged (certificates read again)");
+    } else {
+        println!("config applied");
+        for (what, key) in [
+            ("listeners started", &change["listeners"]["started"]),
+            ("listeners stopped", &change["listeners"]["stopped"]),
+            ("listeners restarted", &change["listeners"]["restarted"]),
+            ("pools added", &change["pools"]["added"]),
+            ("pools removed", &change["pools"]["removed"]),
+            ("pools changed", &change["pools"]["changed"]),
+        ] {
+            let names = list(key);
+            if !names.is_empty() {
+                println!("  {what}: {names}");
+            }
+        }
+    }
+    let restart = list(&outcome["needs_restart"]);
+    if !restart.is_empty() {
+        eprintln!("warning: these node settings changed and take effect at the next restart: {restart}");
+    }
+    Ok(())
 }
 
 /// `keel config show`: the live config as TOML.

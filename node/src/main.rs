@@ -256,7 +256,7 @@ fn main() -> ExitCode {
                     }
                 }
                 let workers = file.node.workers;
-                serve(workers, async move { Ok(file) }, None)
+                serve(workers, async move { Ok(file) }, None, Some(config))
             }
             Err(e) => {
                 eprintln!("{e}");
@@ -271,6 +271,7 @@ fn main() -> ExitCode {
                 Ok(file)
             },
             Some(demo::banner(listen, admin)),
+            None,
         ),
     }
 }
@@ -316,6 +317,7 @@ fn serve(
     workers: usize,
     prepare: impl std::future::Future<Output = anyhow::Result<config::NodeFile>>,
     banner: Option<String>,
+    source: Option<PathBuf>,
 ) -> ExitCode {
     // One worker means one thread: a current-thread runtime runs every task on the thread that
     // calls `block_on`. A one-worker multi-thread runtime would instead park the main thread in
@@ -347,7 +349,10 @@ fn serve(
             }
         };
         let daemon = match Daemon::bind(file).await {
-            Ok(d) => d,
+            Ok(d) => match source {
+                Some(path) => d.with_source(path),
+                None => d,
+            },
             Err(e) => {
                 eprintln!("{e}");
                 return ExitCode::FAILURE;

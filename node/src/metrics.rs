@@ -73,6 +73,12 @@ pub const VIP_RELEASES_TOTAL: &str = "keel_vip_releases_total";
 pub const VIP_FAILURES_TOTAL: &str = "keel_vip_failures_total";
 /// Unix time of the last VIP change on this node.
 pub const VIP_LAST_CHANGE: &str = "keel_vip_last_change_timestamp_seconds";
+/// Config reloads by outcome.
+pub const CONFIG_RELOADS_TOTAL: &str = "keel_config_reloads_total";
+/// Config changes applied since start.
+pub const CONFIG_GENERATION: &str = "keel_config_generation";
+/// Whether the last reload was served.
+pub const CONFIG_LAST_RELOAD: &str = "keel_config_last_reload_successful";
 
 /// Upper bounds of the latency buckets, in seconds.
 pub const BUCKETS: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -157,6 +163,32 @@ pub fn render_vip(out: &mut String, vip: &keel_vrrp::VipStatus) {
             out,
             "# HELP {name} When the VIP last moved to or from this node.\n# TYPE {name} gauge\n{name} {}",
             ms as f64 / 1000.0
+        );
+    }
+}
+
+/// Renders the config reload counters.
+pub fn render_reloads(out: &mut String, reloads: &crate::daemon::apply::ReloadState) {
+    let name = CONFIG_RELOADS_TOTAL;
+    let _ = writeln!(
+        out,
+        "# HELP {name} Config reloads (SIGHUP, keel config apply, a committed cluster config) by outcome.\n\
+         # TYPE {name} counter\n{name}{{outcome=\"applied\"}} {}\n{name}{{outcome=\"refused\"}} {}",
+        reloads.applied, reloads.refused
+    );
+    let name = CONFIG_GENERATION;
+    let _ = writeln!(
+        out,
+        "# HELP {name} Config changes applied since start (0 = the config the node started with).\n\
+         # TYPE {name} gauge\n{name} {}",
+        reloads.generation
+    );
+    if let Some(last) = &reloads.last {
+        let name = CONFIG_LAST_RELOAD;
+        let ok = u8::from(last.result != crate::daemon::apply::Result_::Refused);
+        let _ = writeln!(
+            out,
+            "# HELP {name} Whether the last reload was served (1) or refused (0).\n# TYPE {name} gauge\n{name} {ok}"
         );
     }
 }

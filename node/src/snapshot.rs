@@ -1,9 +1,9 @@
 //! The routing table the data plane reads: built from a [`Config`], published with `ArcSwap`.
 //!
 //! A request does one atomic load of the current [`Snapshot`], finds its listener's router and
-//! takes an `Arc` of the chosen pool; a reload (today a restart with a new file, with the
-//! cluster a committed `ApplyConfig`) builds a new snapshot next to the old one and swaps the
-//! pointer. Requests already in flight keep the pool they took; nothing is locked or dropped.
+//! takes an `Arc` of the chosen pool; a reload (SIGHUP or `keel config apply` standalone, a
+//! committed `ApplyConfig` in a cluster; see `daemon::apply`) builds a new snapshot next to the
+//! old one and swaps the pointer. Requests already in flight keep the pool they took; nothing is locked or dropped.
 //!
 //! Servers that keep their pool, name and address carry their live state (verdicts, in-flight
 //! count, counters) into the new snapshot, so an unrelated config change does not readmit an
@@ -78,14 +78,14 @@ impl Snapshot {
     }
 
     /// Attaches the sticky-session policy of every pool that has one; stores and counters are
-    /// the runtime's, so they outlive this snapshot.
+    /// the runtime's, so they outlive this snapshot. Drops nothing: once this snapshot is
+    /// published, `StickyRuntime::retain` lets go of what the previous one needed alone.
     pub fn attach_sticky(&mut self, runtime: &StickyRuntime) -> Result<(), StickyError> {
         for (name, pool) in &self.config.pools {
             if let Some(policy) = runtime.policy(name, pool)? {
                 self.sticky.insert(name.clone(), policy);
             }
         }
-        runtime.retain(&self.config);
         Ok(())
     }
 

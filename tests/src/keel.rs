@@ -654,7 +654,13 @@ impl Keel {
         self.proc.signal("INT")
     }
 
-    /// Sends SIGHUP (reload certificates).
+    /// The config file the node runs from: rewrite it, then [`sighup`](Keel::sighup), to reload.
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.proc.dir.path().join("keel.toml")
+    }
+
+    /// Sends SIGHUP (a standalone node reloads its config file and certificates; a cluster
+    /// node its certificates).
     pub fn sighup(&self) -> Result<()> {
         self.proc.signal("HUP")
     }

@@ -2,9 +2,10 @@
 //! observations are proposed to the cluster.
 //!
 //! - [`start`] opens this node's Raft store and starts its Raft member.
-//! - [`follow`] watches the applied [`ClusterState`]: when its *config* changes, it builds a
-//!   new snapshot (carrying server state over), starts health checkers for the new pools and
-//!   reconciles the listeners; on every change it pushes the replicated per-server facts —
+//! - [`follow`] watches the applied [`ClusterState`]: when its *config* changes, it applies it
+//!   through the same code as a standalone reload (`super::apply`: new snapshot carrying
+//!   server state over, health checkers for the new pools, listeners reconciled); on every
+//!   change it pushes the replicated per-server facts —
 //!   health verdicts, drains, weights — into the live pools. Sticky entries and other frequent
 //!   writes never rebuild anything.
 //! - [`reporter`] makes this node's active checks one vote each: a flip is proposed as
@@ -23,12 +24,11 @@ use keel_cluster::api::client::ClusterClient;
 use keel_cluster::{ClusterHandle, ClusterNode, ClusterSettings, ClusterState, Command, NodeId};
 use tokio::sync::watch;
 
-use super::listeners::ListenerSet;
+use super::apply::{Applier, Mode, ReloadStatus};
 use super::DaemonError;
 use crate::config::{ClusterSection, NodeSettings};
 use crate::pool::VerdictReporter;
-use crate::snapshot::{SharedSnapshot, Snapshot};
-use crate::sticky::StickyRuntime;
+use crate::snapshot::Snapshot;
 
 /// How often a failed verdict report is retried, and how long between tries.
 const REPORT_ATTEMPTS: u32 = 5;
@@ -153,69 +153,41 @@ pub fn reporter(handle: &ClusterHandle, admin: SocketAddr, token: Option<String>
     })
 }
 
-/// What following the replicated state updates.
-pub struct Follower {
-    /// The published routing snapshot.
-    pub snapshot: SharedSnapshot,
-    /// Where this node's health observations go.
-    pub reporter: Arc<dyn VerdictReporter>,
-    /// This node's own settings (listener address overrides).
-    pub node: NodeSettings,
-    /// Sticky-session stores, shared across snapshots.
-    pub sticky: Arc<StickyRuntime>,
-}
-
-/// Follows the replicated state until `stop`, then hands the listener set back for draining.
+/// Follows the replicated state until `stop`, then hands the applier (and its listeners)
+/// back for draining. Every new config goes through [`Applier::apply`], as a standalone
+/// reload does, in best-effort mode: a majority has already committed it.
 pub async fn follow(
     handle: ClusterHandle,
-    follower: Follower,
-    mut listeners: ListenerSet,
+    mut applier: Applier,
+    status: Arc<ReloadStatus>,
     mut stop: watch::Receiver<bool>,
-) -> ListenerSet {
+) -> Applier {
     let mut state_rx = handle.state();
     loop {
         let state = state_rx.borrow_and_update().clone();
-        apply(&state, &follower, &mut listeners).await;
+        apply(&state, &mut applier, &status).await;
         tokio::select! {
             changed = state_rx.changed() => if changed.is_err() { break },
             _ = stop.changed() => break,
         }
     }
-    listeners
+    applier
 }
 
-async fn apply(state: &ClusterState, follower: &Follower, listeners: &mut ListenerSet) {
-    let Follower { snapshot, reporter, node, sticky } = follower;
-    let current = snapshot.load_full();
-    if *current.config != state.config {
-        let built =
-            Snapshot::build(state.config.clone(), Some(&current)).map_err(|e| e.to_string()).and_then(|mut s| {
-                s.attach_sticky(sticky).map_err(|e| e.to_string())?;
-                Ok(s)
-            });
-        match built {
-            Ok(next) => {
-                for pool in next.pools.values() {
-                    pool.set_reporter(reporter.clone());
-                }
-                push_facts(state, &next);
-                snapshot.store(Arc::new(next));
-                for pool in snapshot.load().pools.values() {
-                    crate::health::spawn(pool);
-                }
-                for e in listeners.reconcile(&node.local_view(&state.config)).await {
-                    tracing::error!(target: "keel::proxy", error = %e, "listener not started");
-                }
-                tracing::info!(target: "keel::raft", pools = state.config.pools.len(),
-                    listeners = state.config.listeners.len(), "serving the replicated config");
-            }
-            Err(e) => {
-                tracing::error!(target: "keel::raft", error = %e, "cannot serve the replicated config; keeping the previous one");
-            }
-        }
+async fn apply(state: &ClusterState, applier: &mut Applier, status: &ReloadStatus) {
+    let current = applier.snapshot().load_full();
+    if *current.config == state.config {
+        push_facts(state, &current);
         return;
     }
-    push_facts(state, &current);
+    let result = applier.apply(state.config.clone(), None, Mode::BestEffort, |next| push_facts(state, next)).await;
+    match &result {
+        Ok(_) => tracing::info!(target: "keel::raft", pools = state.config.pools.len(),
+            listeners = state.config.listeners.len(), "serving the replicated config"),
+        Err(e) => tracing::error!(target: "keel::raft", error = %e.join("; "),
+            "cannot serve the replicated config; keeping the previous one"),
+    }
+    status.record_cluster(result);
 }
 
 /// Pushes replicated verdicts, drains and weights into the live pools. Each setter only

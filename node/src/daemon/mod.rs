@@ -6,15 +6,18 @@
 //! cannot take one of its addresses or read one of its files fails at start naming it, instead
 //! of running half-configured.
 //!
-//! In cluster mode ([`cluster`]) the config comes from Raft instead of the file, so listeners
-//! are reconciled at run time ([`listeners`]) whenever the replicated config changes, and a
-//! listener that cannot start is logged rather than fatal (the rest of the cluster serves it).
+//! A running node changes its config through one path, [`apply`]: standalone on SIGHUP (its
+//! own file read again) or `keel config apply` (a file's text through the admin API), refused
+//! as a whole when anything in it cannot be served; in cluster mode ([`cluster`]) whenever the
+//! replicated config changes, where a listener that cannot start is logged rather than fatal
+//! (the rest of the cluster serves it). Listeners are reconciled by [`listeners`].
 //!
 //! Shutdown order: stop accepting (listening sockets close, new connections are refused), ask
 //! open connections to finish (HTTP/1.1 closes after the in-flight response, HTTP/2 sends
 //! GOAWAY; [`drain`]), wait for them up to the drain deadline, leave the cluster's Raft
 //! cleanly, then return.
 
+pub mod apply;
 pub mod cluster;
 pub mod drain;
 pub mod listeners;
@@ -22,6 +25,7 @@ pub mod listeners;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -31,6 +35,7 @@ use tokio::sync::watch;
 
 use keel_vrrp::{ControllerSettings, NetlinkAnnouncer, VipAnnouncer, VipConfig, VipController};
 
+use self::apply::{Applier, ReloadStatus, Standalone};
 use self::listeners::ListenerSet;
 use crate::admin::{self, AdminState};
 use crate::config::NodeFile;
@@ -146,6 +151,7 @@ pub struct Daemon {
     cluster: Option<ClusterHandle>,
     vip: Option<Arc<dyn VipAnnouncer>>,
     sticky: Arc<StickyRuntime>,
+    source: Option<PathBuf>,
 }
 
 impl Daemon {
@@ -199,7 +205,25 @@ impl Daemon {
             }
             (None, _) => None,
         };
-        Ok(Daemon { file, snapshot, rejections, admin, admin_token, listeners, certs, cluster, vip, sticky })
+        Ok(Daemon {
+            file,
+            snapshot,
+            rejections,
+            admin,
+            admin_token,
+            listeners,
+            certs,
+            cluster,
+            vip,
+            sticky,
+            source: None,
+        })
+    }
+
+    /// The file the node was started from: a standalone node reads it again on SIGHUP.
+    pub fn with_source(mut self, path: PathBuf) -> Self {
+        self.source = Some(path);
+        self
     }
 
     /// The admin API's bound address.
@@ -209,30 +233,42 @@ impl Daemon {
 
     /// Serves until `shutdown` completes, then drains and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let Daemon { file, snapshot, rejections, admin, admin_token, listeners, certs, cluster, vip, sticky } = self;
-        let mut listeners = Some(listeners);
+        let Daemon { file, snapshot, rejections, admin, admin_token, listeners, certs, cluster, vip, sticky, source } =
+            self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let witness = file.cluster.as_ref().is_some_and(|c| c.witness);
+        let reloads = Arc::new(ReloadStatus::default());
 
-        let listener_metrics = listeners.as_ref().map(ListenerSet::metrics).unwrap_or_default();
-        let follower = match &cluster {
+        let listener_metrics = listeners.metrics();
+        let applier = Applier::new(snapshot.clone(), sticky.clone(), listeners, file.node.clone());
+        let mut reload_requests = None;
+        let (applier_task, sighup) = match &cluster {
             None => {
                 for pool in snapshot.load().pools.values() {
                     crate::health::spawn(pool);
                 }
-                None
+                let (tx, rx) = tokio::sync::mpsc::channel(8);
+                reload_requests = Some(tx);
+                let standalone = Standalone {
+                    applier,
+                    path: source,
+                    file: file.clone(),
+                    certs: certs.clone(),
+                    status: reloads.clone(),
+                };
+                (Some(tokio::spawn(standalone.run(rx, stop_rx.clone()))), None)
             }
             Some(handle) if !witness => {
                 let reporter = cluster::reporter(handle, file.node.admin, admin_token.clone());
-                let node = file.node.clone();
-                let follower = cluster::Follower { snapshot: snapshot.clone(), reporter, node, sticky: sticky.clone() };
-                listeners
-                    .take()
-                    .map(|set| tokio::spawn(cluster::follow(handle.clone(), follower, set, stop_rx.clone())))
+                let applier = applier.with_reporter(reporter);
+                let task = tokio::spawn(cluster::follow(handle.clone(), applier, reloads.clone(), stop_rx.clone()));
+                let reloader = certs.clone();
+                (Some(task), Some(tokio::spawn(async move { reload_on_sighup(reloader).await })))
             }
             Some(_) => {
                 tracing::info!(target: "keel::raft", "witness: voting and storing the log; no data plane");
-                None
+                let reloader = certs.clone();
+                (None, Some(tokio::spawn(async move { reload_on_sighup(reloader).await })))
             }
         };
 
@@ -251,8 +287,6 @@ impl Daemon {
             _ => (None, None),
         };
 
-        let reloader = certs.clone();
-        let sighup = tokio::spawn(async move { reload_on_sighup(reloader).await });
         let sigusr1 = tokio::spawn(reopen_logs_on_sigusr1());
 
         tracing::info!(target: "keel::admin", addr = %file.node.admin, auth = admin_token.is_some(), "admin API listening");
@@ -265,20 +299,25 @@ impl Daemon {
             cluster: cluster.clone(),
             vip: vip_status,
             witness,
+            reload: reload_requests,
+            reloads,
         };
         let admin_loop = tokio::spawn(admin::serve(admin, admin_state, stop_rx));
 
         shutdown.await;
         tracing::info!(target: "keel::proxy", "shutting down: no longer accepting connections");
-        sighup.abort();
+        if let Some(task) = sighup {
+            task.abort();
+        }
         sigusr1.abort();
         let _ = stop_tx.send(true);
-        if let Some(task) = follower {
-            listeners = task.await.ok();
-        }
+        let applier = match applier_task {
+            Some(task) => task.await.ok(),
+            None => None,
+        };
         let _ = admin_loop.await;
-        if let Some(mut set) = listeners {
-            if set.shutdown(file.node.drain_timeout()).await {
+        if let Some(mut applier) = applier {
+            if applier.shutdown(file.node.drain_timeout()).await {
                 tracing::info!(target: "keel::proxy", "drained");
             } else {
                 tracing::warn!(target: "keel::proxy", "drain deadline passed; closed the remaining connections");
@@ -297,7 +336,8 @@ impl Daemon {
     }
 }
 
-/// Reloads certificates on every SIGHUP, as nginx and HAProxy operators expect.
+/// Cluster mode: reloads certificates on every SIGHUP (the config is the cluster's, changed
+/// with `keel config apply`).
 async fn reload_on_sighup(certs: Arc<CertReloader>) {
     #[cfg(unix)]
     {
@@ -307,7 +347,8 @@ async fn reload_on_sighup(certs: Arc<CertReloader>) {
             return;
         };
         while hup.recv().await.is_some() {
-            tracing::info!(target: "keel::tls", "received SIGHUP: reloading certificates");
+            tracing::info!(target: "keel::tls",
+                "received SIGHUP: reloading certificates (in a cluster the config changes with `keel config apply`)");
             certs.reload_and_log();
         }
     }

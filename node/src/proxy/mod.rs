@@ -130,9 +130,11 @@ pub(crate) async fn accept(
     }
 }
 
-/// Accepts connections until `stop` turns true, serving each with the listener's proxy.
-/// Returning drops the socket, so new connections are refused from then on.
-pub async fn serve(listener: HttpListener, graceful: Arc<Drainer>, mut stop: watch::Receiver<bool>) {
+/// Accepts connections until `stop` turns true, serving each with the listener's proxy, then
+/// hands the listening socket back: a reload that restarts the listener with new settings on
+/// the same address serves from the same socket, so no connection attempt is refused in
+/// between. Dropping it closes the address.
+pub async fn serve(listener: HttpListener, graceful: Arc<Drainer>, mut stop: watch::Receiver<bool>) -> TcpListener {
     let HttpListener { name, socket, proxy, limits, connections, tls, parked } = listener;
     let lot = match tls {
         Some(_) => None,
@@ -196,4 +198,5 @@ pub async fn serve(listener: HttpListener, graceful: Arc<Drainer>, mut stop: wat
     if let Some(lot) = &ctx.lot {
         lot.listener_stopped();
     }
+    socket
 }

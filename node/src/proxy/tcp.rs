@@ -68,7 +68,8 @@ const ABORT_GRACE: Duration = Duration::from_secs(1);
 /// `limiter` enforces the listener's connection caps (the daemon keeps a clone to apply new
 /// limits on reload); `rejections.no_server` counts clients closed because no server could be
 /// connected, `rejections.no_route` those whose listener or default pool is missing from the
-/// snapshot. Every accepted connection is registered with `conns`. Returning drops the socket.
+/// snapshot. Every accepted connection is registered with `conns`. Returns the listening socket
+/// when stopped, so a restarted listener on the same address keeps it.
 pub async fn serve_tcp(
     listener: TcpListener,
     front: TcpFront,
@@ -77,7 +78,7 @@ pub async fn serve_tcp(
     rejections: Arc<Rejections>,
     mut stop: watch::Receiver<bool>,
     conns: ConnTracker,
-) {
+) -> TcpListener {
     let TcpFront { name, access_log } = front;
     let name: Arc<str> = name.into();
     while let Some((client, peer, permit)) = super::accept(&listener, &name, &limiter, &mut stop).await {
@@ -94,6 +95,7 @@ pub async fn serve_tcp(
         });
     }
     tracing::debug!(target: "keel::proxy", listener = %name, "tcp listener stopped accepting");
+    listener
 }
 
 /// A TCP listener as its accept loop knows it: its name and its access log.
@@ -522,7 +524,7 @@ mod tests {
         rejections: Arc<Rejections>,
         conns: ConnTracker,
         stop: watch::Sender<bool>,
-        accept_loop: JoinHandle<()>,
+        accept_loop: JoinHandle<TcpListener>,
     }
 
     impl Proxy {
