@@ -1,4 +1,5 @@
-//! The admin API: JSON status, Prometheus metrics, a human stats page, and server operations.
+//! The admin API: JSON status, Prometheus metrics, the live dashboard and its sign-in, and
+//! server operations.
 //!
 //! | method | path | what |
 //! |---|---|---|
@@ -8,14 +9,17 @@
 //! | GET | `/config` | the served config as TOML |
 //! | GET | `/status` | listeners, pools, servers with state, weight, effective weight (slow start), in-flight and counters, the last reload's outcome (JSON) |
 //! | GET | `/metrics` | Prometheus text format |
-//! | GET | `/` | the same status as an HTML table, for a person |
+//! | GET | `/` | the live dashboard (`dashboard`); the sign-in form to a browser without a session |
+//! | GET | `/dashboard.json` | the dashboard's document: rates, latency, cluster, events (one sample a second, shared) |
+//! | POST | `/login` · `/logout` | form `token=…` → an `HttpOnly`, `SameSite=Strict` session cookie (`dashboard::session`) |
 //! | POST | `/pools/{pool}/servers/{server}/drain` | no new requests; in-flight ones finish |
 //! | POST | `/pools/{pool}/servers/{server}/enable` | undo a drain |
 //! | POST | `/pools/{pool}/servers/{server}/weight` | body `{"weight": N}` |
 //!
 //! It listens on its own address (loopback by default) and is never served on a data-plane
 //! listener. With `node.admin_token_file`/`admin_token_env` set, every endpoint but `/healthz`
-//! needs `Authorization: Bearer <token>`. Request bodies are capped at [`MAX_BODY`] bytes.
+//! needs `Authorization: Bearer <token>` or a dashboard session (whose actions must also come
+//! from the dashboard itself). Request bodies are capped at [`MAX_BODY`] bytes.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -39,6 +43,8 @@ use keel_vrrp::VipStatus;
 
 use crate::daemon::apply::{ReloadStatus, Request as ReloadRequest, Requests, Result_ as ReloadResult};
 use crate::daemon::CertReloader;
+use crate::dashboard::session::{self, Sessions};
+use crate::dashboard::{self, Dashboard};
 use crate::metrics::{self, ListenerMetrics, Rejections};
 use crate::pool::{Pool, PoolError, ServerState, STATUS_CLASSES};
 use crate::snapshot::{SharedSnapshot, Snapshot};
@@ -73,6 +79,10 @@ pub struct AdminState {
     pub reload: Option<Requests>,
     /// Reload outcomes, for `/status` and `/metrics`.
     pub reloads: Arc<ReloadStatus>,
+    /// The dashboard's shared document.
+    pub dashboard: Arc<Dashboard>,
+    /// Signed-in browsers.
+    pub sessions: Arc<Sessions>,
 }
 
 /// `/status` document.
@@ -227,26 +237,128 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>
     json(status, &serde_json::json!({ "error": message.into() }))
 }
 
-/// Whether the request carries the admin token. Compared in constant time so the token cannot be
-/// guessed byte by byte from response timing.
-fn authorized(state: &AdminState, req: &Request<Incoming>) -> bool {
-    let Some(token) = &state.token else { return true };
-    let Some(given) =
-        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "))
-    else {
-        return false;
-    };
+/// How a request proved it may use the API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Auth {
+    /// No token is configured (loopback admin address).
+    Open,
+    /// `Authorization: Bearer <token>`.
+    Bearer,
+    /// A dashboard session cookie (see `dashboard::session`).
+    Session,
+    /// Neither.
+    Denied,
+}
+
+/// Compares in constant time so the token cannot be guessed byte by byte from response timing.
+fn token_matches(token: &str, given: &str) -> bool {
     let (a, b) = (token.as_bytes(), given.trim().as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorized(state: &AdminState, req: &Request<Incoming>) -> Auth {
+    let Some(token) = &state.token else { return Auth::Open };
+    let bearer =
+        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    if bearer.is_some_and(|given| token_matches(token, given)) {
+        return Auth::Bearer;
+    }
+    let session = req
+        .headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(session::from_cookie_header);
+    if session.is_some_and(|id| state.sessions.valid(id)) {
+        return Auth::Session;
+    }
+    Auth::Denied
+}
+
+/// A state-changing request authenticated by the session cookie must come from the dashboard
+/// itself: the `X-Keel-Request` header, and an `Origin` (when sent) naming this address.
+fn same_origin_action(req: &Request<Incoming>) -> bool {
+    let has_header = req.headers().contains_key(session::ACTION_HEADER);
+    let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok());
+    let origin_ok = match req.headers().get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
+        None => true,
+        Some(origin) => {
+            host.is_some_and(|h| origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://")) == Some(h))
+        }
+    };
+    has_header && origin_ok
+}
+
+fn html(status: StatusCode, page: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(page.as_bytes())));
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/html; charset=utf-8"));
+    headers.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    // The page loads nothing from elsewhere and may not be framed by another site.
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'",
+        ),
+    );
+    resp
+}
+
+fn redirect_home(cookie: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::SEE_OTHER;
+    resp.headers_mut().insert(header::LOCATION, header::HeaderValue::from_static("/"));
+    if let Ok(v) = header::HeaderValue::from_str(&cookie) {
+        resp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    resp
+}
+
+/// `POST /login` with the form's `token`: a session cookie and back to the dashboard, or the
+/// form again with 401.
+async fn login(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let Some(token) = state.token.clone() else { return redirect_home(session::clear_cookie()) };
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return html(StatusCode::BAD_REQUEST, dashboard::LOGIN),
+    };
+    let given = form_urlencoded::parse(&body).find(|(k, _)| k == "token").map(|(_, v)| v.into_owned());
+    if given.is_some_and(|g| token_matches(&token, &g)) {
+        if let Some(id) = state.sessions.open() {
+            tracing::info!(target: "keel::admin", "dashboard sign-in");
+            return redirect_home(session::set_cookie(&id));
+        }
+    }
+    static FAILED: LogThrottle = LogThrottle::new(EVERY);
+    keel_cluster::throttled!(FAILED, warn, target: "keel::admin", "dashboard sign-in refused (wrong token)");
+    // A wrong guess costs the guesser a moment.
+    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    html(StatusCode::UNAUTHORIZED, dashboard::LOGIN)
 }
 
 async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    if segments != ["healthz"] && !authorized(state, &req) {
-        let mut resp = error(StatusCode::UNAUTHORIZED, "this endpoint needs Authorization: Bearer <admin token>");
-        resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-        return resp;
+    let auth = authorized(state, &req);
+    match (req.method(), segments.as_slice(), auth) {
+        (_, ["healthz"], _) => {}
+        (&Method::POST, ["login"], _) => return login(state, req).await,
+        (&Method::GET, [""], Auth::Denied) => return html(StatusCode::OK, dashboard::LOGIN),
+        (_, _, Auth::Denied) => {
+            let mut resp = error(StatusCode::UNAUTHORIZED, "this endpoint needs Authorization: Bearer <admin token>");
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            return resp;
+        }
+        (&Method::GET | &Method::HEAD, _, Auth::Session) => {}
+        (&Method::POST, ["logout"], Auth::Session) => {}
+        (_, _, Auth::Session) if !same_origin_action(&req) => {
+            return error(
+                StatusCode::FORBIDDEN,
+                "a signed-in browser's actions must come from the dashboard (X-Keel-Request header, same origin)",
+            );
+        }
+        _ => {}
     }
     if state.witness && !matches!(segments.as_slice(), ["healthz"] | ["cluster", ..]) {
         return error(StatusCode::NOT_FOUND, "this node is a witness: only /healthz and /cluster/* are served");
@@ -306,11 +418,25 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
                 .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4"));
             resp
         }
-        (&Method::GET, [""]) => {
-            let mut resp = Response::new(Full::new(Bytes::from(stats_page(&status(&state.snapshot.load())))));
-            resp.headers_mut()
-                .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/html; charset=utf-8"));
+        (&Method::GET, [""]) => html(StatusCode::OK, dashboard::PAGE),
+        (&Method::GET, ["dashboard.json"]) => {
+            let mut resp = Response::new(Full::new(state.dashboard.frame()));
+            resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+            resp.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
             resp
+        }
+        (&Method::POST, ["logout"]) => {
+            let id = req
+                .headers()
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .find_map(session::from_cookie_header)
+                .map(str::to_owned);
+            if let Some(id) = id {
+                state.sessions.close(&id);
+            }
+            redirect_home(session::clear_cookie())
         }
         (&Method::POST, ["pools", pool, "servers", server, action]) => {
             let (pool, server, action) = ((*pool).to_owned(), (*server).to_owned(), (*action).to_owned());
@@ -484,58 +610,4 @@ fn reload_certs(certs: &CertReloader) -> Response<Full<Bytes>> {
         .collect();
     let status = if ok { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY };
     json(status, &serde_json::json!({ "listeners": listeners }))
-}
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
-}
-
-/// A stats page a person can read at a glance, in the spirit of HAProxy's.
-fn stats_page(status: &Status) -> String {
-    let mut html = String::from(
-        "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=5><title>keel stats</title>\
-         <style>body{font:14px system-ui,sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:2em}\
-         td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}th{background:#eee}td:first-child{text-align:left}\
-         .up{background:#c8f7c5}.down{background:#f7c5c5}.drain{background:#f7e9c5}.ejected{background:#f7d6c5}</style>\
-         </head><body><h1>keel</h1>",
-    );
-    html.push_str("<h2>Listeners</h2><table><tr><th>name</th><th>bind</th><th>protocol</th></tr>");
-    for l in &status.listeners {
-        html.push_str(&format!("<tr><td>{}</td><td>{}</td><td>{:?}</td></tr>", escape(&l.name), l.bind, l.protocol));
-    }
-    html.push_str("</table>");
-    for p in &status.pools {
-        html.push_str(&format!(
-            "<h2>Pool {} <small>({}, {}/{} available)</small></h2>",
-            escape(&p.name),
-            escape(&p.algorithm),
-            p.available,
-            p.servers.len()
-        ));
-        html.push_str(
-            "<table><tr><th>server</th><th>address</th><th>state</th><th>weight</th><th>active</th>\
-             <th>requests</th><th>2xx</th><th>4xx</th><th>5xx</th><th>connect errors</th><th>timeouts</th></tr>",
-        );
-        for s in &p.servers {
-            let class = |c: &str| s.responses.get(c).copied().unwrap_or(0);
-            html.push_str(&format!(
-                "<tr class={st}><td>{}</td><td>{}</td><td>{st}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
-                 <td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                escape(&s.name),
-                s.address,
-                s.weight,
-                s.active,
-                s.requests,
-                class("2xx"),
-                class("4xx"),
-                class("5xx"),
-                s.connect_errors,
-                s.timeouts,
-                st = s.state,
-            ));
-        }
-        html.push_str("</table>");
-    }
-    html.push_str("</body></html>");
-    html
 }

@@ -101,7 +101,7 @@ pub fn banner(listen: SocketAddr, admin: SocketAddr) -> String {
          curl -s http://{admin}/metrics | grep keel_requests_total     # Prometheus metrics\n  \
          curl -s -X POST http://{admin}/pools/demo/servers/backend-2/drain   # take backend-2 out\n  \
          curl -s -X POST http://{admin}/pools/demo/servers/backend-2/enable  # and back in\n  \
-         open http://{admin}/ in a browser for the stats page\n\n\
+         open http://{admin}/ in a browser for the live dashboard\n\n\
          Ctrl-C stops it.\n"
     )
 }

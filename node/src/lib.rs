@@ -20,7 +20,9 @@
 //! - [`tls`]: certificate store and SNI resolver of `https` listeners; TLS connector to servers.
 //! - [`proxy`]: listeners, the HTTP/1.1 + h2c front end, forwarding, retries, upgrades.
 //! - [`metrics`]: metric names and the Prometheus rendering of the atomics the data plane bumps.
-//! - [`admin`]: the admin HTTP API (`/status`, `/metrics`, drain/enable).
+//! - [`admin`]: the admin HTTP API (`/status`, `/metrics`, drain/enable, sign-in).
+//! - [`dashboard`]: the live page on the admin address and the one sampler behind it.
+//! - [`events`]: the recent-events ring the dashboard lists (health, VIP, elections, reloads).
 //! - [`demo`]: the self-contained demo: three named backends and a balancer.
 //! - [`cli`]: the operations commands (`keel cluster …`, `keel config apply`, `keel backend …`).
 //! - [`daemon`]: wiring for `keel run`: load config, start everything, shut down gracefully.
@@ -33,7 +35,9 @@ pub mod cli;
 pub mod config;
 pub mod connlimit;
 pub mod daemon;
+pub mod dashboard;
 pub mod demo;
+pub mod events;
 pub mod health;
 pub mod metrics;
 pub mod pool;
@@ -44,3 +48,11 @@ pub mod slow_start;
 pub mod snapshot;
 pub mod sticky;
 pub mod tls;
+
+/// This binary's version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The commit it was built from (`build.rs`), or "unknown" outside a git checkout.
+pub const COMMIT: &str = match option_env!("KEEL_COMMIT") {
+    Some(c) => c,
+    None => "unknown",
+};

@@ -21,6 +21,20 @@ use crate::snapshot::Snapshot;
 pub const REQUESTS_TOTAL: &str = "keel_requests_total";
 /// Time from receiving a request to sending the response head, by pool.
 pub const REQUEST_DURATION: &str = "keel_request_duration_seconds";
+/// The same, by pool and server.
+pub const SERVER_REQUEST_DURATION: &str = "keel_server_request_duration_seconds";
+/// Requests answered (HTTP) or sessions ended (TCP), by listener.
+pub const LISTENER_REQUESTS_TOTAL: &str = "keel_listener_requests_total";
+/// Of those, answered with a 5xx, by listener.
+pub const LISTENER_ERRORS_TOTAL: &str = "keel_listener_errors_total";
+/// Bytes read from clients, by listener.
+pub const LISTENER_BYTES_IN_TOTAL: &str = "keel_listener_received_bytes_total";
+/// Bytes written to clients, by listener.
+pub const LISTENER_BYTES_OUT_TOTAL: &str = "keel_listener_sent_bytes_total";
+/// TLS handshakes completed, by listener.
+pub const TLS_HANDSHAKES_TOTAL: &str = "keel_tls_handshakes_total";
+/// Always 1, labelled with the version and commit of the binary.
+pub const BUILD_INFO: &str = "keel_build_info";
 /// Connect failures towards a server.
 pub const CONNECT_ERRORS_TOTAL: &str = "keel_server_connect_errors_total";
 /// Response heads that did not arrive within the pool's request timeout.
@@ -102,6 +116,11 @@ impl Histogram {
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Observations in bucket `i` alone (not cumulative); the last bucket is +Inf.
+    pub fn bucket(&self, i: usize) -> u64 {
+        self.buckets.get(i).map_or(0, |b| b.load(Ordering::Relaxed))
+    }
+
     fn render(&self, out: &mut String, name: &str, labels: &str) {
         let mut cumulative = 0;
         for (i, bound) in BUCKETS.iter().map(|b| b.to_string()).chain(["+Inf".to_owned()]).enumerate() {
@@ -126,6 +145,32 @@ pub struct Rejections {
 /// A per-server metric: name, type, help, and how to read it.
 type PerServer = (&'static str, &'static str, &'static str, fn(&crate::pool::ServerState) -> u64);
 
+/// Traffic counters of one listener, bumped on the request path (relaxed atomics) and by its
+/// connections (bytes, added in batches: see `proxy::guard`).
+#[derive(Debug, Default)]
+pub struct ListenerTraffic {
+    /// Requests answered (HTTP) or sessions ended (TCP).
+    pub requests: AtomicU64,
+    /// Of those, answered with a 5xx.
+    pub errors: AtomicU64,
+    /// Bytes read from clients.
+    pub bytes_in: AtomicU64,
+    /// Bytes written to clients.
+    pub bytes_out: AtomicU64,
+    /// TLS handshakes completed.
+    pub handshakes: AtomicU64,
+}
+
+impl ListenerTraffic {
+    /// Counts one answer with `status`.
+    pub fn count(&self, status: u16) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if status >= 500 {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Counters of one listener that live as long as the listener's socket (not a snapshot).
 #[derive(Clone)]
 pub struct ListenerMetrics {
@@ -137,12 +182,20 @@ pub struct ListenerMetrics {
     pub rate_limited: Arc<AtomicU64>,
     /// Idle connections in the listener's parking lot now (see `proxy::lot`).
     pub parked: Arc<AtomicU64>,
+    /// Requests, errors, bytes and handshakes.
+    pub traffic: Arc<ListenerTraffic>,
 }
 
 impl ListenerMetrics {
     /// Metrics for the listener `name` using `connections`.
     pub fn new(name: &str, connections: ConnectionLimiter) -> Self {
-        ListenerMetrics { name: name.to_owned(), connections, rate_limited: Arc::default(), parked: Arc::default() }
+        ListenerMetrics {
+            name: name.to_owned(),
+            connections,
+            rate_limited: Arc::default(),
+            parked: Arc::default(),
+            traffic: Arc::default(),
+        }
     }
 }
 
@@ -245,6 +298,13 @@ pub fn render(snapshot: &Snapshot, rejections: &Rejections, listeners: &[Listene
     for pool in snapshot.pools.values() {
         pool.latency.render(&mut out, REQUEST_DURATION, &format!("pool=\"{}\"", label(&pool.name)));
     }
+    header(&mut out, SERVER_REQUEST_DURATION, "histogram", "Time from request to response head, by server.");
+    for pool in snapshot.pools.values() {
+        for s in &pool.servers {
+            let labels = format!("pool=\"{}\",server=\"{}\"", label(&pool.name), label(&s.name));
+            s.stats.latency.render(&mut out, SERVER_REQUEST_DURATION, &labels);
+        }
+    }
     type PerPool = (&'static str, &'static str, fn(&crate::pool::Pool) -> u64);
     let per_pool: [PerPool; 2] = [
         (RETRIES_TOTAL, "Requests sent again to another server after a failure retry_on names.", |p| p.retries.total()),
@@ -271,6 +331,8 @@ pub fn render(snapshot: &Snapshot, rejections: &Rejections, listeners: &[Listene
     render_sticky(&mut out, snapshot);
     header(&mut out, ACCESS_LOG_DROPPED_TOTAL, "counter", "Access log lines dropped because the writer fell behind.");
     let _ = writeln!(out, "{ACCESS_LOG_DROPPED_TOTAL} {}", crate::proxy::access_log::dropped());
+    header(&mut out, BUILD_INFO, "gauge", "Always 1: the version and commit of this binary.");
+    let _ = writeln!(out, "{BUILD_INFO}{{version=\"{}\",commit=\"{}\"}} 1", crate::VERSION, label(crate::COMMIT));
     out
 }
 
@@ -306,6 +368,21 @@ fn render_listeners(out: &mut String, snapshot: &Snapshot, listeners: &[Listener
     header(out, CONNECTIONS_OPEN, "gauge", "Client connections open.");
     for l in listeners {
         let _ = writeln!(out, "{CONNECTIONS_OPEN}{{listener=\"{}\"}} {}", label(&l.name), l.connections.open());
+    }
+    type PerListener = (&'static str, &'static str, fn(&ListenerTraffic) -> &AtomicU64);
+    let traffic: [PerListener; 5] = [
+        (LISTENER_REQUESTS_TOTAL, "Requests answered (HTTP) or sessions ended (TCP).", |t| &t.requests),
+        (LISTENER_ERRORS_TOTAL, "Requests answered with a 5xx.", |t| &t.errors),
+        (LISTENER_BYTES_IN_TOTAL, "Bytes read from clients.", |t| &t.bytes_in),
+        (LISTENER_BYTES_OUT_TOTAL, "Bytes written to clients.", |t| &t.bytes_out),
+        (TLS_HANDSHAKES_TOTAL, "TLS handshakes completed.", |t| &t.handshakes),
+    ];
+    for (name, help, get) in traffic {
+        header(out, name, "counter", help);
+        for l in listeners {
+            let _ =
+                writeln!(out, "{name}{{listener=\"{}\"}} {}", label(&l.name), get(&l.traffic).load(Ordering::Relaxed));
+        }
     }
     header(out, CONNECTIONS_PARKED, "gauge", "Idle keep-alive client connections parked (no task, no buffers).");
     for l in listeners {

@@ -60,6 +60,8 @@ pub struct ServerStats {
     pub timeouts: AtomicU64,
     /// Other failures: the server closed or broke the connection mid-exchange.
     pub broken: AtomicU64,
+    /// Time from request to response head for the requests it answered.
+    pub latency: crate::metrics::Histogram,
 }
 
 impl ServerStats {
@@ -97,6 +99,10 @@ pub struct ServerState {
     /// When its slow-start ramp began (tokio's clock, so tests can pause it); read and written
     /// only by refreshes and `/status`, never per request.
     ramp_start: Mutex<Option<tokio::time::Instant>>,
+    /// When its state (up, down, drain, ejected) last changed, Unix ms; 0 = not since start.
+    changed_at_ms: AtomicU64,
+    /// The last active health check's result: `None` before the first, else the error, if any.
+    last_check: Mutex<Option<Result<(), String>>>,
 }
 
 impl ServerState {
@@ -117,7 +123,30 @@ impl ServerState {
             // (as HAProxy's slowstart does not apply at start).
             was_eligible: AtomicBool::new(true),
             ramp_start: Mutex::new(None),
+            changed_at_ms: AtomicU64::new(0),
+            last_check: Mutex::new(None),
         }
+    }
+
+    /// Notes that its state changed now (for "down for 3 min" on the dashboard).
+    pub fn mark_changed(&self) {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        self.changed_at_ms.store(now as u64, Ordering::Relaxed);
+    }
+
+    /// When its state last changed, Unix ms; `None` when it has not since start.
+    pub fn changed_at_ms(&self) -> Option<u64> {
+        Some(self.changed_at_ms.load(Ordering::Relaxed)).filter(|&t| t != 0)
+    }
+
+    /// Records the result of an active health check.
+    pub fn set_last_check(&self, result: Result<(), String>) {
+        *self.last_check.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
+    }
+
+    /// The last active health check's result, if any check ran.
+    pub fn last_check(&self) -> Option<Result<(), String>> {
+        self.last_check.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Marks a server added to a running pool, so the next refresh ramps it.
@@ -362,6 +391,11 @@ impl Pool {
         let Some(server) = self.servers.get(index) else { return false };
         let changed = server.checked_up.swap(up, Ordering::AcqRel) != up;
         if changed {
+            server.mark_changed();
+            crate::events::record(
+                "health",
+                format!("{}/{} {}", self.name, server.name, if up { "UP" } else { "DOWN" }),
+            );
             self.refresh();
         }
         changed
@@ -373,6 +407,11 @@ impl Pool {
         if self.servers[i].draining.swap(draining, Ordering::AcqRel) != draining {
             tracing::info!(target: "keel::admin", pool = %self.name, server = %name,
                 "server {}", if draining { "drained" } else { "enabled" });
+            self.servers[i].mark_changed();
+            crate::events::record(
+                "drain",
+                format!("{}/{name} {}", self.name, if draining { "drained" } else { "enabled" }),
+            );
             self.refresh();
         }
         Ok(())
@@ -384,7 +423,9 @@ impl Pool {
             return Err(PoolError::BadWeight(weight));
         }
         let i = self.server_index(name)?;
-        if self.servers[i].weight.swap(weight, Ordering::Relaxed) != weight {
+        let old = self.servers[i].weight.swap(weight, Ordering::Relaxed);
+        if old != weight {
+            crate::events::record("weight", format!("{}/{name} weight {old} → {weight}", self.name));
             self.refresh();
         }
         Ok(())
@@ -411,6 +452,14 @@ impl Pool {
         tracing::warn!(target: "keel::health", pool = %self.name, server = %server.name,
             failures = outlier.consecutive_failures, ejected_for = ?ejected_for,
             "server ejected (consecutive failures on live traffic)");
+        server.mark_changed();
+        crate::events::record(
+            "ejection",
+            format!(
+                "{}/{} ejected for {:?} ({} consecutive failures)",
+                self.name, server.name, ejected_for, outlier.consecutive_failures
+            ),
+        );
         self.refresh();
         let this = self.this.clone();
         tokio::spawn(async move {

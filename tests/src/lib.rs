@@ -29,6 +29,8 @@
 //! - [`cluster`]: [`Cluster`], N `keel` processes forming one Raft cluster (node files, data
 //!   dirs, SIGKILL and restart, the `keel cluster`/`keel config` CLI, `/cluster/*`).
 //! - [`redis`]: [`redis::Redis`], a real `redis-server` on a free port for the sticky store.
+//! - [`browser`]: [`browser::Browser`], a real headless Chromium driven over the DevTools
+//!   protocol, for the dashboard.
 //!
 //! Tests run in parallel (nextest runs each test as its own process): nothing here uses a fixed
 //! port. Loops are bounded by count and time.
@@ -37,6 +39,7 @@
 //! `KEEL_BIN` at a binary.
 
 pub mod backend;
+pub mod browser;
 pub mod client;
 pub mod cluster;
 pub mod exchange;

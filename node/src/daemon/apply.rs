@@ -265,6 +265,12 @@ impl ReloadStatus {
     }
 
     fn record(&self, outcome: Outcome) {
+        let text = match outcome.result {
+            Result_::Applied => format!("config applied ({})", outcome.origin),
+            Result_::Unchanged => format!("config reloaded, unchanged ({})", outcome.origin),
+            Result_::Refused => format!("config refused ({}): {}", outcome.origin, outcome.problems.join("; ")),
+        };
+        crate::events::record("config", text);
         let mut state = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         match outcome.result {
             Result_::Applied => {

@@ -293,7 +293,7 @@ impl ListenerSet {
         let task = if l.protocol == Protocol::Tcp {
             tokio::spawn(serve_tcp(
                 socket,
-                TcpFront { name: name.to_owned(), access_log },
+                TcpFront { name: name.to_owned(), access_log, traffic: metrics.traffic.clone() },
                 self.snapshot.clone(),
                 metrics.connections.clone(),
                 self.rejections.clone(),
@@ -310,7 +310,8 @@ impl ListenerSet {
                     self.rejections.clone(),
                     metrics.rate_limited.clone(),
                 )
-                .with_logging(access_log, HeaderName::from_bytes(l.request_id_header.as_bytes()).ok()),
+                .with_logging(access_log, HeaderName::from_bytes(l.request_id_header.as_bytes()).ok())
+                .with_traffic(metrics.traffic.clone()),
             );
             let listener = proxy::HttpListener {
                 name: name.to_owned(),
@@ -320,6 +321,7 @@ impl ListenerSet {
                 connections: metrics.connections.clone(),
                 tls,
                 parked: metrics.parked.clone(),
+                traffic: metrics.traffic.clone(),
             };
             tokio::spawn(proxy::serve(listener, self.drainer.clone(), stop_rx))
         };

@@ -290,17 +290,31 @@ impl Daemon {
         let sigusr1 = tokio::spawn(reopen_logs_on_sigusr1());
 
         tracing::info!(target: "keel::admin", addr = %file.node.admin, auth = admin_token.is_some(), "admin API listening");
+        let token: Option<Arc<str>> = admin_token.map(Arc::from);
+        let dashboard = crate::dashboard::spawn(
+            crate::dashboard::Inputs {
+                snapshot: snapshot.clone(),
+                listeners: listener_metrics.clone(),
+                cluster: if witness { None } else { cluster.clone() },
+                vip: vip_status.clone(),
+                reloads: reloads.clone(),
+                token: token.clone(),
+            },
+            stop_rx.clone(),
+        );
         let admin_state = AdminState {
             snapshot: snapshot.clone(),
             rejections,
             listeners: listener_metrics,
             certs,
-            token: admin_token.map(Arc::from),
+            token,
             cluster: cluster.clone(),
             vip: vip_status,
             witness,
             reload: reload_requests,
             reloads,
+            dashboard,
+            sessions: Arc::default(),
         };
         let admin_loop = tokio::spawn(admin::serve(admin, admin_state, stop_rx));
 

@@ -173,6 +173,9 @@ impl<C: HealthCheck> Checker<C> {
                     Err(_) => Err(CheckError::Timeout(self.timeout)),
                 };
             let Some(pool) = self.pool.upgrade() else { return };
+            if let Some(server) = pool.servers.get(self.index) {
+                server.set_last_check(result.as_ref().map(|_| ()).map_err(ToString::to_string));
+            }
             if let Some(up) = self.hysteresis.observe(result.is_ok()) {
                 self.flip(&pool, up, result.err());
             }

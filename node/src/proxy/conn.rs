@@ -74,6 +74,8 @@ pub struct ConnContext {
     /// Where idle plain-HTTP connections wait; `None` for TLS listeners (which never park) or
     /// when the lot could not be set up (connections then wait in their own tasks).
     pub lot: Option<Arc<Lot>>,
+    /// The listener's byte and handshake counters.
+    pub traffic: Arc<crate::metrics::ListenerTraffic>,
 }
 
 /// The states of a connection between requests; serving happens inside Reading.
@@ -198,7 +200,7 @@ pub fn resume(ctx: &Arc<ConnContext>, woken: Woken) {
         // client that reset meanwhile has none, and is closed.
         let Ok(peer) = stream.peer_addr() else { return };
         let activity = ConnActivity::resumed(requests, idle_since_ms);
-        let io = GuardedIo::new(stream, activity, ctx.deadlines, true, ctx.h1.max_head);
+        let io = GuardedIo::new(stream, activity, ctx.deadlines, true, ctx.h1.max_head).counting(ctx.traffic.clone());
         serve_plain(ctx, io, peer, permit, false).await;
     });
 }

@@ -32,6 +32,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::h1::scan::{H1Scanner, Refusal};
+use crate::metrics::ListenerTraffic;
 use crate::pool::{epoch, now_millis};
 
 const REQUEST_TIMEOUT: &[u8] =
@@ -139,6 +140,48 @@ pub struct GuardedIo<T> {
     /// A response to write before closing, and how much of it is written.
     closing: Option<(Bytes, usize)>,
     closed: bool,
+    bytes: ByteCount,
+}
+
+/// Bytes a connection moved, added to its listener's totals in batches of [`ByteCount::BATCH`]
+/// and when the connection (or this wrapper, when it parks) goes: two atomic adds per batch
+/// instead of two per read and write.
+#[derive(Default)]
+struct ByteCount {
+    traffic: Option<Arc<ListenerTraffic>>,
+    read: u64,
+    written: u64,
+}
+
+impl ByteCount {
+    const BATCH: u64 = 64 * 1024;
+
+    fn add(&mut self, read: usize, written: usize) {
+        if self.traffic.is_some() {
+            self.read += read as u64;
+            self.written += written as u64;
+            if self.read + self.written >= Self::BATCH {
+                self.flush();
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        if let Some(t) = &self.traffic {
+            if self.read > 0 {
+                t.bytes_in.fetch_add(std::mem::take(&mut self.read), Ordering::Relaxed);
+            }
+            if self.written > 0 {
+                t.bytes_out.fetch_add(std::mem::take(&mut self.written), Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl Drop for ByteCount {
+    fn drop(&mut self) {
+        self.flush();
+    }
 }
 
 impl<T> GuardedIo<T> {
@@ -159,7 +202,14 @@ impl<T> GuardedIo<T> {
             armed: first,
             closing: None,
             closed: false,
+            bytes: ByteCount::default(),
         }
+    }
+
+    /// Adds the bytes read and written to `traffic`'s totals.
+    pub fn counting(mut self, traffic: Arc<ListenerTraffic>) -> Self {
+        self.bytes.traffic = Some(traffic);
+        self
     }
 
     /// The wrapped stream.
@@ -290,6 +340,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedIo<T> {
                 if fresh.is_empty() {
                     return Poll::Ready(Ok(()));
                 }
+                this.bytes.add(fresh.len(), 0);
                 if let Some(scanner) = &mut this.scanner {
                     let was_partial = scanner.in_partial_head();
                     match scanner.feed(fresh) {
@@ -326,7 +377,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedIo<T> {
 
 impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = written {
+            this.bytes.add(0, n);
+        }
+        written
     }
 
     fn poll_write_vectored(
@@ -334,7 +390,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = written {
+            this.bytes.add(0, n);
+        }
+        written
     }
 
     fn is_write_vectored(&self) -> bool {

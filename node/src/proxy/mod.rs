@@ -93,6 +93,8 @@ pub struct HttpListener {
     pub tls: Option<TlsAcceptor>,
     /// Idle connections in the listener's parking lot now, for the metrics.
     pub parked: Arc<AtomicU64>,
+    /// Bytes and handshakes, for the metrics.
+    pub traffic: Arc<crate::metrics::ListenerTraffic>,
 }
 
 /// The next client of a listener that its connection caps admit; `None` once `stop` turns true
@@ -135,7 +137,7 @@ pub(crate) async fn accept(
 /// the same address serves from the same socket, so no connection attempt is refused in
 /// between. Dropping it closes the address.
 pub async fn serve(listener: HttpListener, graceful: Arc<Drainer>, mut stop: watch::Receiver<bool>) -> TcpListener {
-    let HttpListener { name, socket, proxy, limits, connections, tls, parked } = listener;
+    let HttpListener { name, socket, proxy, limits, connections, tls, parked, traffic } = listener;
     let lot = match tls {
         Some(_) => None,
         None => match Lot::new(limits.idle_timeout.get(), parked) {
@@ -157,6 +159,7 @@ pub async fn serve(listener: HttpListener, graceful: Arc<Drainer>, mut stop: wat
         },
         graceful,
         lot: lot.as_ref().map(|(lot, _)| lot.clone()),
+        traffic,
     });
     if let Some((lot, poll)) = lot {
         let for_wake = ctx.clone();
@@ -169,7 +172,8 @@ pub async fn serve(listener: HttpListener, graceful: Arc<Drainer>, mut stop: wat
         let ctx = ctx.clone();
         match &tls {
             None => {
-                let io = GuardedIo::new(stream, ConnActivity::new(), ctx.deadlines, true, ctx.h1.max_head);
+                let io = GuardedIo::new(stream, ConnActivity::new(), ctx.deadlines, true, ctx.h1.max_head)
+                    .counting(ctx.traffic.clone());
                 tokio::spawn(conn::serve_plain(ctx, io, peer, permit, true));
             }
             Some(acceptor) => {
@@ -188,8 +192,10 @@ pub async fn serve(listener: HttpListener, graceful: Arc<Drainer>, mut stop: wat
                             return;
                         }
                     };
+                    ctx.traffic.handshakes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let h2 = crate::tls::negotiated_h2(&tls);
-                    let io = GuardedIo::new(tls, ConnActivity::new(), ctx.deadlines, !h2, ctx.h1.max_head);
+                    let io = GuardedIo::new(tls, ConnActivity::new(), ctx.deadlines, !h2, ctx.h1.max_head)
+                        .counting(ctx.traffic.clone());
                     conn::serve_tls(ctx, io, h2, peer, permit).await;
                 });
             }

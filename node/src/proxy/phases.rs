@@ -67,7 +67,7 @@ use super::h1::codec::Framing;
 use super::header_rules::{RuleChain, Vars};
 use super::headers;
 use super::retry::{self, Failure};
-use crate::metrics::Rejections;
+use crate::metrics::{ListenerTraffic, Rejections};
 use crate::pool::{Pool, ServerState};
 use crate::ratelimit::{retry_after_secs, ClientKey, Decision as RateDecision, RateLimiter};
 use crate::routing::RequestView;
@@ -188,6 +188,8 @@ pub struct HttpProxy {
     access_log: Option<Arc<AccessLog>>,
     /// The header carrying request ids, unless they are off.
     request_id: Option<HeaderName>,
+    /// The listener's request and error counters.
+    traffic: Arc<ListenerTraffic>,
 }
 
 /// What keel answers itself when a phase ends the request early (boxed: the rare path).
@@ -228,6 +230,7 @@ impl HttpProxy {
             request_buffer: limits.request_buffer,
             access_log: None,
             request_id: None,
+            traffic: Arc::default(),
         }
     }
 
@@ -235,6 +238,12 @@ impl HttpProxy {
     pub fn with_logging(mut self, access_log: Option<Arc<AccessLog>>, request_id: Option<HeaderName>) -> Self {
         self.access_log = access_log;
         self.request_id = request_id;
+        self
+    }
+
+    /// Counts this listener's requests and errors in `traffic` (shared with its metrics).
+    pub fn with_traffic(mut self, traffic: Arc<ListenerTraffic>) -> Self {
+        self.traffic = traffic;
         self
     }
 
@@ -271,6 +280,7 @@ impl HttpProxy {
         let body = body.map(|b| Counted::new(b, pending.as_ref().map(|p| p.bytes_in.clone())));
         let trace = Trace::default();
         let (mut resp, routed, pool) = self.phases(parts, body, peer, started, &trace).await;
+        self.traffic.count(resp.status().as_u16());
         if let (Some(name), Some(id)) = (&self.request_id, request_id) {
             resp.headers_mut().insert(name.clone(), id);
         }
@@ -450,7 +460,11 @@ impl HttpProxy {
         let mut last: Option<Attempt> = None;
         // Phase 7 for the response the client gets.
         let finish = |resp: Response<ResponseBody>, index: usize, in_flight: InFlight| {
-            pool.latency.observe(started.elapsed());
+            let took = started.elapsed();
+            pool.latency.observe(took);
+            if let Some(server) = pool.servers.get(index) {
+                server.stats.latency.observe(took);
+            }
             // A kept 502/503 may come from an earlier server than the last one tried.
             trace.server.store(index, Ordering::Relaxed);
             let learn = routed.sticky.as_deref().map(|policy| Learn {

@@ -50,7 +50,7 @@ use super::access_log::{AccessLog, Entry, Pending};
 use super::phases::{client_hash, InFlight};
 use super::proxy_protocol;
 use crate::connlimit::ConnectionLimiter;
-use crate::metrics::Rejections;
+use crate::metrics::{ListenerTraffic, Rejections};
 use crate::pool::{now_millis, Pool};
 use crate::snapshot::SharedSnapshot;
 
@@ -79,7 +79,7 @@ pub async fn serve_tcp(
     mut stop: watch::Receiver<bool>,
     conns: ConnTracker,
 ) -> TcpListener {
-    let TcpFront { name, access_log } = front;
+    let TcpFront { name, access_log, traffic } = front;
     let name: Arc<str> = name.into();
     while let Some((client, peer, permit)) = super::accept(&listener, &name, &limiter, &mut stop).await {
         let guard = conns.track();
@@ -88,6 +88,7 @@ pub async fn serve_tcp(
             snapshot: snapshot.clone(),
             rejections: rejections.clone(),
             access_log: access_log.clone(),
+            traffic: traffic.clone(),
         };
         tokio::spawn(async move {
             let _permit = permit;
@@ -104,6 +105,8 @@ pub struct TcpFront {
     pub name: String,
     /// One line per session, when the listener has an access log.
     pub access_log: Option<Arc<AccessLog>>,
+    /// Sessions and bytes, for the metrics.
+    pub traffic: Arc<ListenerTraffic>,
 }
 
 /// What one connection's task needs from its listener.
@@ -112,6 +115,7 @@ struct Connection {
     snapshot: SharedSnapshot,
     rejections: Arc<Rejections>,
     access_log: Option<Arc<AccessLog>>,
+    traffic: Arc<ListenerTraffic>,
 }
 
 impl Connection {
@@ -123,7 +127,11 @@ impl Connection {
             entry.termination = Some("aborted");
             Pending::new(log.clone(), Instant::now(), entry)
         });
+        let traffic = self.traffic.clone();
         let mut end = |cause: Option<&'static str>, pool: Option<&Pool>, server: Option<&str>, bytes: (u64, u64)| {
+            traffic.requests.fetch_add(1, Ordering::Relaxed);
+            traffic.bytes_in.fetch_add(bytes.0, Ordering::Relaxed);
+            traffic.bytes_out.fetch_add(bytes.1, Ordering::Relaxed);
             if let Some(p) = pending.as_mut() {
                 p.entry.termination = cause;
                 p.entry.pool = pool.map(|p| p.name.clone());
@@ -555,7 +563,7 @@ mod tests {
         let (stop, stop_rx) = watch::channel(false);
         let accept_loop = tokio::spawn(serve_tcp(
             socket,
-            TcpFront { name: "front".to_owned(), access_log: None },
+            TcpFront { name: "front".to_owned(), access_log: None, traffic: Arc::default() },
             snapshot.clone(),
             limiter.clone(),
             rejections.clone(),
