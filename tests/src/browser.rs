@@ -1,34 +1,33 @@
 //! A real headless Chromium, driven over the DevTools protocol, for what a person looks at.
 //!
-//! [`Browser::launch`] starts `chromium --headless` with a fresh profile in a temp dir and a
-//! DevTools port the kernel picks, reads the browser's WebSocket address from its stderr, opens
-//! one page and attaches to it (flat sessions: every command goes over the one socket, tagged
-//! with the page's session id). The handful of commands the tests need — navigate, evaluate a
-//! script, wait for a condition, take a screenshot — are a few lines each on top of
-//! tokio-tungstenite, which the test crate already uses for WebSockets; a CDP client crate
-//! would bring a large generated API for four methods.
+//! [`Browser::launch`] starts `chromium --headless` with a fresh profile in a temp dir and
+//! speaks DevTools over `--remote-debugging-pipe`: NUL-separated JSON on the browser's fds 3
+//! (commands) and 4 (answers), which a `sh` wrapper maps to the child's stdin and stdout. No
+//! port, so the same code drives a browser started inside a network namespace
+//! ([`Browser::launch_in`]), where a lab's addresses are reachable. One page is opened and
+//! attached to (flat sessions: every command tagged with the page's session id). The handful
+//! of commands the tests need — navigate, evaluate a script, wait for a condition, take a
+//! screenshot — are a few lines each; a CDP client crate would bring a large generated API for
+//! four methods.
 //!
 //! The binary is `$KEEL_CHROMIUM`, else `chromium`, else `chromium-browser`. `.ci/run` installs
 //! Debian's `chromium`; [`Browser::required`] says whether a missing browser fails the test (in
 //! CI) or skips it (on a workstation without one). The process is killed on drop.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine;
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 use crate::tempdir::TempDir;
 use crate::wait::POLL;
 
-/// Time for the browser to start and open its DevTools port.
+/// Time for the browser to start and answer its first command.
 pub const LAUNCH: Duration = Duration::from_secs(30);
 /// Time for one DevTools command.
 pub const COMMAND: Duration = Duration::from_secs(20);
@@ -36,7 +35,8 @@ pub const COMMAND: Duration = Duration::from_secs(20);
 /// A headless Chromium with one page.
 pub struct Browser {
     child: Child,
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    commands: ChildStdin,
+    answers: BufReader<ChildStdout>,
     session: String,
     next_id: u64,
     _profile: TempDir,
@@ -44,8 +44,7 @@ pub struct Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.child.start_kill();
     }
 }
 
@@ -68,6 +67,11 @@ impl Browser {
     /// Starts the browser and opens a blank page; `Ok(None)` when no browser is installed and
     /// none is [`required`](Browser::required).
     pub async fn launch() -> Result<Option<Browser>> {
+        Browser::launch_in(None).await
+    }
+
+    /// [`launch`](Browser::launch), inside network namespace `netns` when given (as root).
+    pub async fn launch_in(netns: Option<&str>) -> Result<Option<Browser>> {
         let Some(binary) = chromium() else {
             if Browser::required() {
                 bail!("no chromium installed (set KEEL_CHROMIUM or install Debian's chromium; .ci/run does)");
@@ -76,54 +80,43 @@ impl Browser {
             return Ok(None);
         };
         let profile = TempDir::new("keel-chromium")?;
-        let mut child = Command::new(&binary)
-            .args([
-                "--headless=new",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-dev-shm-usage",
-                "--no-first-run",
-                "--no-default-browser-check",
-                "--disable-extensions",
-                "--disable-background-networking",
-                "--window-size=1400,1000",
-                "--remote-debugging-address=127.0.0.1",
-                "--remote-debugging-port=0",
-            ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .arg("about:blank")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr pipe"))?;
-        let stderr = tokio::process::ChildStderr::from_std(stderr)?;
-        let find = async {
-            let mut lines = BufReader::new(stderr).lines();
-            let mut seen = Vec::new();
-            while let Some(line) = lines.next_line().await? {
-                if let Some(url) = line.split_whitespace().find(|w| w.starts_with("ws://")) {
-                    // Keep draining stderr so the browser never blocks on a full pipe.
-                    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-                    return Ok(url.to_owned());
-                }
-                seen.push(line);
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "sh"]);
+                c
             }
-            bail!("chromium exited without a DevTools address; stderr:\n{}", seen.join("\n"))
+            None => Command::new("sh"),
         };
-        let url = match tokio::time::timeout(LAUNCH, find).await {
-            Ok(found) => found?,
-            Err(_) => {
-                let _ = child.kill();
-                bail!("chromium did not open its DevTools port within {LAUNCH:?}");
-            }
-        };
-        let (ws, _) = tokio::time::timeout(COMMAND, tokio_tungstenite::connect_async(url.as_str()))
-            .await
-            .context("DevTools connect timed out")??;
-        let mut browser = Browser { child, ws, session: String::new(), next_id: 1, _profile: profile };
-        let target = browser.call("Target.createTarget", json!({ "url": "about:blank" }), false).await?;
+        // fd 3 ← our stdin (commands), fd 4 → our stdout (answers); the browser's own stdout
+        // and stdin go nowhere, so nothing else can land in the DevTools stream.
+        cmd.arg("-c").arg(r#"exec "$0" "$@" 3<&0 4>&1 1>/dev/null 0</dev/null"#).arg(&binary);
+        cmd.args([
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--disable-extensions",
+            "--disable-background-networking",
+            "--window-size=1400,1000",
+            "--remote-debugging-pipe",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("about:blank")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+        let mut child = cmd.spawn().with_context(|| format!("starting {}", binary.display()))?;
+        let commands = child.stdin.take().ok_or_else(|| anyhow!("no stdin pipe"))?;
+        let answers = BufReader::new(child.stdout.take().ok_or_else(|| anyhow!("no stdout pipe"))?);
+        let mut browser = Browser { child, commands, answers, session: String::new(), next_id: 1, _profile: profile };
+        let target =
+            tokio::time::timeout(LAUNCH, browser.call("Target.createTarget", json!({ "url": "about:blank" }), false))
+                .await
+                .map_err(|_| anyhow!("chromium did not answer within {LAUNCH:?}"))??;
         let target_id = target["targetId"].as_str().ok_or_else(|| anyhow!("no targetId in {target}"))?.to_owned();
         let attached =
             browser.call("Target.attachToTarget", json!({ "targetId": target_id, "flatten": true }), false).await?;
@@ -141,11 +134,20 @@ impl Browser {
         if page {
             msg["sessionId"] = json!(self.session);
         }
-        self.ws.send(Message::text(msg.to_string())).await?;
+        let mut frame = msg.to_string().into_bytes();
+        frame.push(0);
+        self.commands.write_all(&frame).await.with_context(|| format!("sending {method}: the browser is gone"))?;
         let wait = async {
-            while let Some(frame) = self.ws.next().await {
-                let Message::Text(text) = frame? else { continue };
-                let reply: Value = serde_json::from_str(text.as_str())?;
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                if self.answers.read_until(0, &mut buf).await? == 0 {
+                    bail!("the browser closed its DevTools pipe during {method}");
+                }
+                if buf.last() == Some(&0) {
+                    buf.pop();
+                }
+                let reply: Value = serde_json::from_slice(&buf)?;
                 if reply["id"].as_u64() != Some(id) {
                     continue; // an event, or another command's answer
                 }
@@ -154,7 +156,6 @@ impl Browser {
                 }
                 return Ok(reply["result"].clone());
             }
-            bail!("DevTools connection closed during {method}")
         };
         tokio::time::timeout(COMMAND, wait).await.map_err(|_| anyhow!("{method}: no answer within {COMMAND:?}"))?
     }
