@@ -186,7 +186,12 @@ fn probe_members(cluster: &ClusterHandle, token: Option<Arc<str>>, contacts: Arc
                     entry.reachable = true;
                     entry.last_contact_unix_ms = Some(unix_ms());
                 }
-                _ => entry.reachable = false,
+                // What an unreachable member held is not known any more: a dead holder must
+                // not be shown as holding (its kernel lease and the new holder say otherwise).
+                _ => {
+                    entry.reachable = false;
+                    entry.holds_vip = None;
+                }
             }
         });
     }
