@@ -19,7 +19,8 @@
 //! - [`store`]: the durable Raft log and state machine on redb.
 //! - [`network`]: Raft RPC over TCP (length-prefixed bincode frames, cluster-id handshake).
 //! - [`node`]: [`ClusterNode::start`] and the [`ClusterHandle`] the rest of keel uses: propose,
-//!   watch the state, watch leadership (for the VIP), status, membership.
+//!   watch the state, watch leadership, status, membership.
+//! - [`lease`]: the VIP's right to hold as a monotonic deadline, evaluated off the Raft thread.
 //! - [`api`]: the `/cluster/…` admin HTTP endpoints ([`api::handle`]) and their client
 //!   ([`api::client::ClusterClient`]).
 //! - [`codec`]: the bincode encoding shared by the log store, snapshots and the wire.
@@ -39,6 +40,7 @@ pub mod command;
 pub mod duration;
 pub mod edge;
 pub mod header_rules;
+pub mod lease;
 pub mod model;
 pub mod network;
 pub mod node;

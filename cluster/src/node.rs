@@ -950,8 +950,17 @@ impl ClusterHandle {
     }
 
     /// True only while this node is leader and a quorum acknowledged it within the lease.
+    /// Evaluated on the Raft runtime: for status and logs. What holds a VIP is
+    /// [`vip_lease`](Self::vip_lease), which no stall of that runtime can stretch.
     pub fn leadership(&self) -> watch::Receiver<bool> {
         self.inner.leadership.clone()
+    }
+
+    /// The VIP's right to hold, as a deadline (see [`crate::lease`]): the channel, and the
+    /// future that drives it — spawn that on the thread the VIP controller runs on, not on the
+    /// Raft runtime.
+    pub fn vip_lease(&self) -> (watch::Receiver<bool>, impl std::future::Future<Output = ()> + Send) {
+        crate::lease::follow(self.inner.raft.metrics(), self.inner.lease, self.inner.tick)
     }
 
     /// The current leader's id and admin address, if known.

@@ -60,6 +60,24 @@ fn raft_runtime(realtime: bool) -> Result<&'static tokio::runtime::Runtime, Daem
     .map_err(|e| DaemonError::Cluster(format!("cannot start the raft runtime: {e}")))
 }
 
+/// The runtime the VIP lives on: one thread of its own for the lease deadline, the VIP controller
+/// and the netlink connection. Neither a stalled Raft thread (a snapshot, a starved core) nor
+/// data-plane workers busy with thousands of connections can then delay a release past the
+/// lease (see `keel_cluster::lease`). Under `SCHED_RR` like Raft's when `realtime`.
+pub fn vip_runtime(realtime: bool) -> Result<&'static tokio::runtime::Runtime, DaemonError> {
+    static RT: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+    RT.get_or_init(|| {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(1).thread_name("keel-vip").enable_all();
+        if realtime {
+            b.on_thread_start(set_realtime);
+        }
+        b.build().map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|e| DaemonError::Vip(format!("cannot start the VIP runtime: {e}")))
+}
+
 /// The `SCHED_RR` priority of the Raft threads: the lowest band (1–99) with room below for
 /// anything an operator ranks lower, and under the kernel's threaded interrupt handlers (50),
 /// which must run for Raft's packets to arrive at all.

@@ -200,7 +200,13 @@ impl Daemon {
                     arp_count: v.arp_count,
                     arp_interval: v.arp_interval.get(),
                 };
-                let announcer = NetlinkAnnouncer::new(config).await.map_err(|e| DaemonError::Vip(e.to_string()))?;
+                // Built on the VIP's own runtime, so its netlink connection task lives there.
+                let realtime = file.cluster.as_ref().is_none_or(|c| c.realtime);
+                let announcer = cluster::vip_runtime(realtime)?
+                    .spawn(NetlinkAnnouncer::new(config))
+                    .await
+                    .map_err(|e| DaemonError::Vip(format!("VIP start task: {e}")))?
+                    .map_err(|e| DaemonError::Vip(e.to_string()))?;
                 Some(Arc::new(announcer) as Arc<dyn VipAnnouncer>)
             }
             (None, _) => None,
@@ -282,7 +288,20 @@ impl Daemon {
                 };
                 let controller = VipController::new(announcer, settings);
                 let status = controller.status();
-                (Some(tokio::spawn(controller.run(handle.leadership(), vip_stop_rx))), Some(status))
+                // The lease deadline and the controller run on the VIP's own thread.
+                let realtime = file.cluster.as_ref().is_none_or(|c| c.realtime);
+                match cluster::vip_runtime(realtime) {
+                    Ok(rt) => {
+                        let (lease, follow) = handle.vip_lease();
+                        rt.spawn(follow);
+                        (Some(rt.spawn(controller.run(lease, vip_stop_rx))), Some(status))
+                    }
+                    // Cannot happen: bind built the announcer on this runtime.
+                    Err(e) => {
+                        tracing::error!(target: "keel::vip", error = %e, "no VIP runtime; the VIP is not managed");
+                        (None, None)
+                    }
+                }
             }
             _ => (None, None),
         };
