@@ -500,6 +500,24 @@ fall = 2
         Ok(t)
     }
 
+    /// SIGKILLs node `i` *without* the stop hook: the VIP it held stays on its interface until
+    /// the address's kernel lifetime runs out. Returns the Unix ms of the kill.
+    pub fn kill_without_hook(&mut self, i: usize) -> Result<u64, String> {
+        let t = now_ms();
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        Ok(t)
+    }
+
+    /// Whether node `i`'s interface carries the VIP now (read from the kernel, not the monitor).
+    pub fn vip_on(&self, i: usize) -> bool {
+        ip(&["-n", &self.nodes[i].ns, "-o", "addr", "show", "dev", "eth0"])
+            .map(|out| out.contains(&format!("inet {VIP}/32 ")))
+            .unwrap_or(false)
+    }
+
     /// Deletes the VIP from node `i`'s interface (a stop hook; "not there" is fine).
     pub fn remove_vip(&self, i: usize) {
         self.exec_stop_post(i);

@@ -175,6 +175,11 @@ pub struct VipSection {
     /// Re-announce (and re-check the address) this often while holding it.
     #[serde(default = "default_reannounce")]
     pub reannounce: HumanDuration,
+    /// The address's kernel lifetime, renewed every quarter of it while the node holds the
+    /// lease: a holder that dies or freezes loses the VIP by itself this long after its last
+    /// renewal. Whole seconds; `"0s"` makes the address permanent.
+    #[serde(default = "default_lifetime")]
+    pub lifetime: HumanDuration,
 }
 
 fn default_arp_count() -> u32 {
@@ -184,6 +189,9 @@ fn default_arp_interval() -> HumanDuration {
     HumanDuration::from_millis(100)
 }
 fn default_reannounce() -> HumanDuration {
+    HumanDuration::from_secs(2)
+}
+fn default_lifetime() -> HumanDuration {
     HumanDuration::from_secs(2)
 }
 

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! vipctl check    IFACE VIP     # NetlinkAnnouncer::new only: interface, MAC, capabilities
-//! vipctl claim    IFACE VIP [--count N] [--interval-ms MS]
+//! vipctl claim    IFACE VIP [--count N] [--interval-ms MS] [--lifetime SECS]
 //! vipctl release  IFACE VIP
 //! vipctl announce IFACE VIP [--count N] [--interval-ms MS]
 //! vipctl holds    IFACE VIP     # prints true or false
@@ -20,8 +20,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use keel_vrrp::{NetlinkAnnouncer, VipAnnouncer, VipConfig};
 
-const USAGE: &str =
-    "usage: vipctl check|claim|release|announce|holds IFACE VIP [--count N] [--interval-ms MS]\n       vipctl probe IP";
+const USAGE: &str = "usage: vipctl check|claim|release|announce|holds IFACE VIP [--count N] [--interval-ms MS] \
+     [--lifetime SECS]\n       vipctl probe IP";
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -47,6 +47,7 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
         match flag.as_str() {
             "--count" => config.arp_count = value.parse().context("--count")?,
             "--interval-ms" => config.arp_interval = Duration::from_millis(value.parse().context("--interval-ms")?),
+            "--lifetime" => config.lifetime = Some(Duration::from_secs(value.parse().context("--lifetime")?)),
             other => bail!("unknown flag {other}\n{USAGE}"),
         }
     }

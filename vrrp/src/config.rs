@@ -26,10 +26,14 @@ pub struct VipConfig {
     pub arp_count: u32,
     /// Time between rounds; the first round is sent immediately.
     pub arp_interval: Duration,
+    /// The address's kernel lifetime (`valid_lft`/`preferred_lft`, whole seconds), renewed
+    /// while the node holds its lease; `None`: permanent (removed only by keel or a stop hook).
+    pub lifetime: Option<Duration>,
 }
 
 impl VipConfig {
-    /// A config with the default ARP burst, from the address as written in a config file.
+    /// A config with the default ARP burst and a permanent address, from the address as
+    /// written in a config file.
     ///
     /// The address must be a plain IPv4 host address: `10.0.0.100`, not `10.0.0.100/24`.
     pub fn new(address: &str, interface: impl Into<String>) -> Result<Self, VipError> {
@@ -38,9 +42,16 @@ impl VipConfig {
             interface: interface.into(),
             arp_count: DEFAULT_ARP_COUNT,
             arp_interval: DEFAULT_ARP_INTERVAL,
+            lifetime: None,
         };
         config.validate()?;
         Ok(config)
+    }
+
+    /// How often a holder renews the address's lifetime: a quarter of it, so three renewals in
+    /// a row may fail before the kernel removes the address.
+    pub fn renew_every(&self) -> Option<Duration> {
+        self.lifetime.map(|l| l / 4)
     }
 
     /// Checks the invariants that span fields; [`crate::NetlinkAnnouncer::new`] calls it too.
@@ -61,6 +72,14 @@ impl VipConfig {
                 key: "arp_count",
                 reason: format!("{} is out of range 1-100: at least one announcement must go out", self.arp_count),
             });
+        }
+        if let Some(l) = self.lifetime {
+            if l < Duration::from_secs(1) || l.subsec_nanos() != 0 || l > Duration::from_secs(3600) {
+                return Err(VipError::BadSetting {
+                    key: "lifetime",
+                    reason: format!("{l:?} is not a whole number of seconds from 1s to 1h (the kernel counts seconds)"),
+                });
+            }
         }
         if self.arp_interval > Duration::from_secs(10) {
             return Err(VipError::BadSetting {

@@ -13,7 +13,9 @@
 //!    burst releases immediately instead of after the burst.
 //! 3. **Insist while holding.** Every `reannounce_every` (2 s by default) check the address is
 //!    still there (re-add it if someone removed it) and re-send the burst: cheap insurance for a
-//!    switch or client that missed the first one.
+//!    switch or client that missed the first one. When the address has a kernel lifetime,
+//!    renew it every quarter lifetime: a holder that dies or freezes stops renewing, and the
+//!    kernel removes the VIP by itself.
 //! 4. **Retry failures with a bounded, doubling backoff** (100 ms → 2 s by default), logged with
 //!    the transition and its cause; a new leadership value retries at once. Never panic.
 //! 5. **Release on stop**, with a few attempts, each time-bounded, so shutdown cannot hang.
@@ -130,6 +132,8 @@ impl VipController {
         let mut backoff = self.settings.retry_initial;
         let mut retry_at: Option<Instant> = None;
         let mut next_refresh: Option<Instant> = None;
+        let mut next_renew: Option<Instant> = None;
+        let renew_every = self.announcer.renew_every();
 
         while !inputs.stopping() {
             let want = inputs.leader();
@@ -165,6 +169,7 @@ impl VipController {
                         self.record_change(target, call_cause);
                         if target {
                             next_refresh = self.settings.reannounce_every.map(|every| Instant::now() + every);
+                            next_renew = renew_every.map(|every| Instant::now() + every);
                         }
                     }
                     Some(Err(error)) => {
@@ -186,7 +191,7 @@ impl VipController {
             let wake = if held != Some(want) {
                 retry_at
             } else if holding {
-                next_refresh
+                [next_refresh, next_renew].into_iter().flatten().min()
             } else {
                 None
             };
@@ -198,7 +203,18 @@ impl VipController {
             };
             tokio::select! {
                 () = inputs.until_changed(want) => {}
-                () = timer => if holding {
+                () = timer => if holding && next_renew.is_some_and(|at| Instant::now() >= at) {
+                    // The kernel lifetime first: it is what removes the VIP from a holder that
+                    // dies or freezes, so it must never lapse on a live one.
+                    next_renew = renew_every.map(|every| Instant::now() + every);
+                    let renewed = tokio::select! {
+                        r = self.announcer.renew() => Some(r),
+                        () = inputs.until_changed(want) => None,
+                    };
+                    if let Some(Err(error)) = renewed {
+                        self.record_failure("lifetime renewal", Cause::BecameLeader, &error, None);
+                    }
+                } else if holding {
                     next_refresh = self.settings.reannounce_every.map(|every| Instant::now() + every);
                     let refreshed = tokio::select! {
                         still_held = self.refresh() => Some(still_held),
@@ -404,6 +420,26 @@ mod tests {
     /// Lets every ready task run and the paused clock move by `d`.
     async fn settle(d: Duration) {
         tokio::time::sleep(d).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_holder_renews_the_kernel_lifetime_and_stops_when_it_lets_go() {
+        let double = RecordingAnnouncer::default();
+        double.set_renew_every(Some(Duration::from_millis(500)));
+        let controller = VipController::new(Arc::new(double.clone()), ControllerSettings::default());
+        let mut status = controller.status();
+        let (lead, lead_rx) = watch::channel(true);
+        let (_stop, stop_rx) = watch::channel(false);
+        let _task = tokio::spawn(controller.run(lead_rx, stop_rx));
+        tokio::time::timeout(DEADLINE, status.wait_for(|s| s.holding)).await.unwrap().unwrap();
+        settle(Duration::from_millis(2100)).await;
+        let renews = double.calls().iter().filter(|c| **c == RecordedCall::Renew).count();
+        assert_eq!(renews, 4, "renewals in 2.1 s at 500 ms: {:?}", double.calls());
+        lead.send_replace(false);
+        tokio::time::timeout(DEADLINE, status.wait_for(|s| !s.holding)).await.unwrap().unwrap();
+        settle(Duration::from_secs(3)).await;
+        let after = double.calls().iter().filter(|c| **c == RecordedCall::Renew).count();
+        assert_eq!(after, renews, "renewed after letting go: {:?}", double.calls());
     }
 
     #[tokio::test(start_paused = true)]

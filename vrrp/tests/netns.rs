@@ -152,6 +152,30 @@ fn netns_claim_and_release_are_idempotent() {
 }
 
 #[test]
+fn netns_a_claim_with_a_lifetime_expires_unless_renewed() {
+    if !enabled("netns_a_claim_with_a_lifetime_expires_unless_renewed") {
+        return;
+    }
+    let lab = Lab::new();
+    lab.vipctl_ok(&lab.a, &["claim", "eth0", VIP, "--count", "1", "--lifetime", "1"]);
+    let claimed = Instant::now();
+    let shown = ip(&["-n", &lab.a, "addr", "show", "dev", "eth0"]);
+    assert!(shown.contains("valid_lft 1sec") || shown.contains("valid_lft 0sec"), "no lifetime on the VIP:\n{shown}");
+    // Renewing (claiming again) keeps it past its first lifetime.
+    std::thread::sleep(Duration::from_millis(600));
+    lab.vipctl_ok(&lab.a, &["claim", "eth0", VIP, "--count", "1", "--lifetime", "1"]);
+    let renewed = Instant::now();
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(lab.vip_entries(&lab.a), 1, "gone {:?} after the first claim although renewed", claimed.elapsed());
+    // Nobody renews any more (a dead or frozen holder): the kernel removes it by itself.
+    wait_for("the VIP to expire", Duration::from_secs(4), || lab.vip_entries(&lab.a) == 0);
+    let gone_after = renewed.elapsed();
+    println!("VIP with valid_lft 1 gone {gone_after:?} after its last renewal");
+    assert!(gone_after >= Duration::from_millis(900), "expired early: {gone_after:?}");
+    assert!(lab.vipctl_ok(&lab.a, &["holds", "eth0", VIP]) == "false");
+}
+
+#[test]
 fn netns_failover_moves_the_neighbour_entry() {
     if !enabled("netns_failover_moves_the_neighbour_entry") {
         return;

@@ -199,6 +199,7 @@ impl Daemon {
                     interface: v.interface.clone(),
                     arp_count: v.arp_count,
                     arp_interval: v.arp_interval.get(),
+                    lifetime: Some(v.lifetime.get()).filter(|l| !l.is_zero()),
                 };
                 // Built on the VIP's own runtime, so its netlink connection task lives there.
                 let realtime = file.cluster.as_ref().is_none_or(|c| c.realtime);

@@ -49,4 +49,16 @@ pub trait VipAnnouncer: Send + Sync {
 
     /// Whether the VIP is on the interface right now.
     fn holds(&self) -> VipFuture<'_, bool>;
+
+    /// Extends the address's kernel lifetime (when it has one), without an ARP burst. Called
+    /// while the node holds its lease; when calls stop (a crash, a frozen process) the kernel
+    /// removes the address by itself.
+    fn renew(&self) -> VipFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// How often [`renew`](Self::renew) must be called; `None`: never.
+    fn renew_every(&self) -> Option<std::time::Duration> {
+        None
+    }
 }

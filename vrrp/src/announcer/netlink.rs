@@ -14,7 +14,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 
 use futures_util::TryStreamExt;
-use netlink_packet_route::address::AddressMessage;
+use netlink_packet_route::address::{AddressAttribute, AddressMessage, CacheInfo};
 use netlink_packet_route::AddressFamily;
 use pnet_datalink::NetworkInterface;
 use tokio::task::JoinHandle;
@@ -103,15 +103,23 @@ impl NetlinkAnnouncer {
     async fn do_claim(&self) -> Result<(), VipError> {
         // The address goes on even if the link is down right now, so that announcing is all
         // that is left to retry once it comes up.
-        let iface = find_interface(&self.config.interface)?;
-        self.handle
-            .address()
-            .add(iface.index, IpAddr::V4(self.config.address), 32)
-            .replace()
-            .execute()
-            .await
-            .map_err(|e| self.netlink_error("add", e))?;
+        self.add_address().await?;
         self.do_announce().await
+    }
+
+    /// `ip addr replace VIP/32 dev IF [valid_lft L preferred_lft L]`: adds the address, or
+    /// renews its lifetime.
+    async fn add_address(&self) -> Result<(), VipError> {
+        let iface = find_interface(&self.config.interface)?;
+        let mut request = self.handle.address().add(iface.index, IpAddr::V4(self.config.address), 32).replace();
+        if let Some(lifetime) = self.config.lifetime {
+            let secs = u32::try_from(lifetime.as_secs()).unwrap_or(u32::MAX);
+            let mut info = CacheInfo::default();
+            info.ifa_preferred = secs;
+            info.ifa_valid = secs;
+            request.message_mut().attributes.push(AddressAttribute::CacheInfo(info));
+        }
+        request.execute().await.map_err(|e| self.netlink_error("add", e))
     }
 
     async fn do_release(&self) -> Result<(), VipError> {
@@ -188,6 +196,14 @@ impl VipAnnouncer for NetlinkAnnouncer {
 
     fn holds(&self) -> VipFuture<'_, bool> {
         Box::pin(async move { Ok(!self.query().await?.is_empty()) })
+    }
+
+    fn renew(&self) -> VipFuture<'_, ()> {
+        Box::pin(self.add_address())
+    }
+
+    fn renew_every(&self) -> Option<std::time::Duration> {
+        self.config.renew_every()
     }
 }
 

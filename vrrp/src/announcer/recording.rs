@@ -23,6 +23,8 @@ pub enum RecordedCall {
     Announce,
     /// [`VipAnnouncer::holds`].
     Holds,
+    /// [`VipAnnouncer::renew`].
+    Renew,
 }
 
 #[derive(Default)]
@@ -33,6 +35,7 @@ struct State {
     fail_releases: u32,
     fail_announces: u32,
     delay: Duration,
+    renew_every: Option<Duration>,
 }
 
 /// Records calls instead of touching the network. Cheap to clone; clones share state.
@@ -95,6 +98,11 @@ impl RecordingAnnouncer {
         self.state().fail_announces = n;
     }
 
+    /// Pretends the address has a kernel lifetime to renew every `every`.
+    pub fn set_renew_every(&self, every: Option<Duration>) {
+        self.state().renew_every = every;
+    }
+
     /// Makes claim, release and announce take `delay` (a claim's address change happens at the
     /// start, the way the real one adds the address before its ARP burst).
     pub fn set_delay(&self, delay: Duration) {
@@ -117,7 +125,7 @@ impl RecordingAnnouncer {
                 RecordedCall::Claim => &mut s.fail_claims,
                 RecordedCall::Release => &mut s.fail_releases,
                 RecordedCall::Announce => &mut s.fail_announces,
-                RecordedCall::Holds => return Ok(()),
+                RecordedCall::Holds | RecordedCall::Renew => return Ok(()),
             };
             if *fail > 0 {
                 *fail -= 1;
@@ -163,5 +171,13 @@ impl VipAnnouncer for RecordingAnnouncer {
             self.call(RecordedCall::Holds).await?;
             Ok(self.is_held())
         })
+    }
+
+    fn renew(&self) -> VipFuture<'_, ()> {
+        Box::pin(self.call(RecordedCall::Renew))
+    }
+
+    fn renew_every(&self) -> Option<Duration> {
+        self.state().renew_every
     }
 }
