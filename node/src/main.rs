@@ -244,7 +244,7 @@ fn main() -> ExitCode {
                 }
             }
         }),
-        Command::Run { config, witness } => match config::load(&config) {
+        Command::Run { config, witness } => match config::load_checked(&config) {
             Ok(mut file) => {
                 if witness {
                     match file.cluster.as_mut() {
@@ -296,7 +296,7 @@ fn operate(op: impl std::future::Future<Output = Result<(), cli::CliError>>) -> 
 fn check(files: &[PathBuf]) -> ExitCode {
     let mut failed = false;
     for path in files {
-        match config::load(path) {
+        match config::load_checked(path) {
             Ok(_) => println!("{}: ok", path.display()),
             Err(e @ (ConfigError::Read { .. } | ConfigError::Invalid { .. })) => {
                 eprintln!("{e}");

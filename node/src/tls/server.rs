@@ -249,14 +249,7 @@ impl Table {
         let mut wildcard: HashMap<String, Vec<Arc<CertifiedKey>>> = HashMap::new();
         let mut default = None;
         for (i, pair) in files.iter().enumerate() {
-            let (key, info) = load_pair(pair, provider)?;
-            if info.names.is_empty() {
-                if i > 0 {
-                    return Err(TlsError::NoNames { path: pair.cert.clone() });
-                }
-                warn!(target: "keel::tls", cert = %pair.cert.display(),
-                    "certificate has no DNS name; it is only served to clients whose SNI matches no other certificate");
-            }
+            let (key, info) = load_listed_pair(i, pair, provider)?;
             for name in &info.names {
                 let bucket = match name.strip_prefix("*.") {
                     Some(parent) => wildcard.entry(parent.to_owned()),
@@ -270,6 +263,35 @@ impl Table {
         let default = default.ok_or(TlsError::NoCertificates)?;
         Ok(Table { files: files.to_vec(), loaded, exact, wildcard, default })
     }
+}
+
+/// Loads every pair of a listener's `certificates` the way [`CertStore::load`] does, but does
+/// not stop at the first bad one: each failure comes back with the pair's index. What
+/// `keel config check` and the start of `keel run` use to report every bad file at once.
+pub fn check_certificates(files: &[CertificateFiles]) -> Vec<(usize, TlsError)> {
+    let provider = server_provider();
+    files
+        .iter()
+        .enumerate()
+        .filter_map(|(i, pair)| load_listed_pair(i, pair, &provider).err().map(|e| (i, e)))
+        .collect()
+}
+
+/// [`load_pair`] for the `i`-th pair of a list: only the first certificate may lack a DNS name.
+fn load_listed_pair(
+    i: usize,
+    pair: &CertificateFiles,
+    provider: &CryptoProvider,
+) -> Result<(Arc<CertifiedKey>, LoadedCertificate), TlsError> {
+    let (key, info) = load_pair(pair, provider)?;
+    if info.names.is_empty() {
+        if i > 0 {
+            return Err(TlsError::NoNames { path: pair.cert.clone() });
+        }
+        warn!(target: "keel::tls", cert = %pair.cert.display(),
+            "certificate has no DNS name; it is only served to clients whose SNI matches no other certificate");
+    }
+    Ok((key, info))
 }
 
 /// Reads one certificate chain and its key, and checks that they belong together.
