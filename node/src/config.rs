@@ -4,10 +4,17 @@
 //! drain deadline, worker threads), everything else (`[listeners.*]`, `[pools.*]`) is the
 //! [`Config`] that the cluster will replicate. Both are read in one pass.
 //!
-//! Errors name the file, the line and the key. serde stops at the first syntax or type error,
-//! so those come one at a time; the invariants that span fields ([`Config::validate`]) are all
-//! reported together. Line numbers for the latter come from re-walking the spanned document
+//! Errors name the file, the line, the key and, when it is about a value, the value. Every
+//! problem of a file is reported at once: serde stops at a section's first type error, so each
+//! section (`[node]`, `[cluster]`, `[vip]`, each listener, each pool) is deserialized on its own
+//! and a serde error is placed at the deepest key whose span holds it; the invariants that span
+//! fields ([`Config::validate`]) are all reported together, without echoing a section that did
+//! not read. Line numbers for the latter come from re-walking the spanned document
 //! (`toml::de::DeTable`) along each problem's [`KeyPath`], so the model stays free of spans.
+//!
+//! [`load`] stops there. [`load_checked`] — what `keel config check`, `keel run` and a reload
+//! use — also opens every file the node would open (certificates, CA bundles, the admin token,
+//! access log files) with the loaders the node uses, so a file that checks ok runs.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -336,7 +343,13 @@ const SECTIONS: &[&str] = &["node", "cluster", "vip", "listeners", "pools"];
 
 /// Parses, validates and (with `files`) opens what the node would open; every problem found.
 fn analyse(text: &str, files: bool) -> Result<NodeFile, Vec<Problem>> {
-    let document = DeTable::parse(text).map_err(|e| vec![toml_problem(text, &e)])?;
+    // Every syntax error at once; nothing else is trusted from a document that has one.
+    let (document, syntax) = DeTable::parse_recoverable(text);
+    if !syntax.is_empty() {
+        let mut found: Vec<Problem> = syntax.iter().map(|e| toml_problem(text, e)).collect();
+        found.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
+        return Err(found);
+    }
     let root = document.get_ref();
     let mut problems = Vec::new();
 
@@ -869,6 +882,9 @@ mod tests {
     fn syntax_errors_name_their_line() {
         let found = problems("[node]\nadmin = \n");
         assert!(found[0].starts_with("k.toml:2: "), "{found:?}");
+        // Every one of them.
+        let found = problems("[node]\nadmin = \n[pools.app\nworkers = 1\n");
+        assert!(found.len() >= 2 && found[1].starts_with("k.toml:3: "), "{found:?}");
     }
 
     #[test]
