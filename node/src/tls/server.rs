@@ -591,6 +591,21 @@ mod tests {
         assert_eq!(served(&client), old.der);
     }
 
+    #[test]
+    fn check_certificates_reports_every_bad_pair_with_its_index() {
+        let (ca, dir) = (Ca::new(), TempDir::new());
+        let (a, b) = (ca.leaf(&["a.test"]), ca.leaf(&["b.test"]));
+        let good = dir.pair("a", &a);
+        let missing = CertificateFiles { cert: dir.path("gone.crt"), key: dir.path("gone.key") };
+        let mut mismatched = dir.pair("b", &b);
+        mismatched.key = good.key.clone();
+        assert!(check_certificates(std::slice::from_ref(&good)).is_empty());
+        let found = check_certificates(&[good.clone(), missing.clone(), mismatched.clone()]);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(matches!(&found[0], (1, TlsError::Read { path, .. }) if *path == missing.cert), "{found:?}");
+        assert!(matches!(&found[1], (2, TlsError::KeyMismatch { key, .. }) if *key == good.key), "{found:?}");
+    }
+
     #[tokio::test]
     async fn reload_with_a_bad_file_keeps_every_old_certificate() {
         let (ca, dir) = (Ca::new(), TempDir::new());
