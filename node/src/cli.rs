@@ -1,5 +1,9 @@
 //! The operations CLI: `keel cluster …`, `keel config apply|show`, `keel backend …`.
 //!
+//! Read commands (`keel status`, `keel backend list`, `keel cluster status`, `keel config
+//! show`) print a table for a person, or with `--json` one JSON document on stdout for a
+//! program; warnings go to stderr so they never corrupt that document.
+//!
 //! Every command talks to a node's admin API (`--admin`, with `--token` / `KEEL_ADMIN_TOKEN`
 //! when the API requires one) through [`ClusterClient`], which follows the leader when a
 //! follower answers 421. Each command either succeeds and says so in one line, or fails with a
@@ -25,7 +29,7 @@ pub enum CliError {
     #[error("{0}")]
     Config(Box<config::ConfigError>),
     /// The node could not be reached or refused the request.
-    #[error("{0}")]
+    #[error("{}", explain(.0))]
     Client(Box<ClientError>),
     /// Anything else, already phrased for the operator.
     #[error("{0}")]
@@ -44,15 +48,48 @@ impl From<ClientError> for CliError {
     }
 }
 
-/// A write that could not reach a leader: say what that most likely means.
-fn no_leader(e: ClientError) -> CliError {
-    if e.is_application() && !matches!(e, ClientError::NoLeader { .. }) {
-        return e.into();
+/// A client error in the operator's terms: what most likely went wrong and what to try.
+fn explain(e: &ClientError) -> String {
+    match e {
+        ClientError::Unreachable { addr, reason } => {
+            format!("nothing answers at {addr} (is keel running? is --admin right?): {reason}")
+        }
+        ClientError::Timeout { addr, timeout } => format!(
+            "{addr} accepted the connection but did not answer within {}s (timed out): the node may be overloaded, \
+             or waiting for a cluster that lost quorum",
+            timeout.as_secs()
+        ),
+        ClientError::Api { addr, status, .. } if *status == http::StatusCode::UNAUTHORIZED => format!(
+            "{addr} refused the request (401): the admin token is missing or wrong; pass it with --token TOKEN \
+             or the KEEL_ADMIN_TOKEN environment variable"
+        ),
+        other => other.to_string(),
     }
-    CliError::Other(format!(
-        "{e}\nno leader could commit the change: the cluster may have lost quorum (a majority of voters must be up); \
-         nothing was changed"
-    ))
+}
+
+/// A write asked of `asked` that could not reach a leader: say what that most likely means.
+/// Quorum is suspected only when a node answered (no leader known, no quorum, a commit that
+/// timed out) or when the leader it redirected to is gone; when `asked` itself does not answer,
+/// the error says that nothing answers there instead.
+fn no_leader(asked: SocketAddr) -> impl Fn(ClientError) -> CliError {
+    move |e| {
+        let leaderless = match &e {
+            ClientError::NoLeader(_) | ClientError::Timeout { .. } => true,
+            ClientError::Api { status, .. } => {
+                *status == http::StatusCode::SERVICE_UNAVAILABLE || *status == http::StatusCode::GATEWAY_TIMEOUT
+            }
+            ClientError::Unreachable { addr, .. } | ClientError::Transport { addr, .. } => *addr != asked,
+            _ => false,
+        };
+        if !leaderless {
+            return e.into();
+        }
+        CliError::Other(format!(
+            "{}\nno leader could commit the change: the cluster may have lost quorum (a majority of voters must be \
+             up); nothing was changed",
+            explain(&e)
+        ))
+    }
 }
 
 /// Where and how to reach the admin API.
@@ -259,7 +296,7 @@ pub async fn config_apply(target: &Target, path: &Path) -> Result<(), CliError> 
     if let Err(ClientError::Api { status: StatusCode::NOT_FOUND, .. }) = &proposed {
         return standalone_apply(target, path).await;
     }
-    match proposed.map_err(no_leader)? {
+    match proposed.map_err(no_leader(target.admin))? {
         Outcome::Rejected { reason } => Err(CliError::Other(format!("the cluster rejected the config: {reason}"))),
         _ => {
             println!(
@@ -314,11 +351,113 @@ async fn standalone_apply(target: &Target, path: &Path) -> Result<(), CliError> 
     Ok(())
 }
 
-/// `keel config show`: the live config as TOML.
-pub async fn config_show(target: &Target) -> Result<(), CliError> {
-    let config = target.client().state().await?.config;
-    print!("{}", toml::to_string(&config).map_err(|e| CliError::Other(e.to_string()))?);
+/// `keel config show [--json]`: the config the node serves, as TOML (or JSON). A data node
+/// serves it at `/config` in both modes; a witness, which has no data plane, answers with the
+/// replicated one.
+pub async fn config_show(target: &Target, json: bool) -> Result<(), CliError> {
+    let client = target.client();
+    let config: keel_cluster::Config = match client.get_text("/config").await {
+        Ok(text) => toml::from_str(&text).map_err(|e| CliError::Other(format!("unexpected /config answer: {e}")))?,
+        Err(ClientError::Api { status, .. }) if status == http::StatusCode::NOT_FOUND => client.state().await?.config,
+        Err(e) => return Err(e.into()),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&config).map_err(|e| CliError::Other(e.to_string()))?);
+    } else {
+        print!("{}", toml::to_string(&config).map_err(|e| CliError::Other(e.to_string()))?);
+    }
     Ok(())
+}
+
+/// `keel status [--json]`: the node's listeners and every pool's servers with their state and
+/// counters (the admin API's `/status`).
+pub async fn status(target: &Target, json: bool) -> Result<(), CliError> {
+    let doc = target.client().get_json("/status").await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&doc).map_err(|e| CliError::Other(e.to_string()))?);
+        return Ok(());
+    }
+    let mut out = format!("{:<16} {:<8} {}\n", "LISTENER", "PROTOCOL", "BIND");
+    for l in doc.get("listeners").and_then(|v| v.as_array()).into_iter().flatten() {
+        out.push_str(&format!("{:<16} {:<8} {}\n", field(l, "name"), field(l, "protocol"), field(l, "bind")));
+    }
+    out.push('\n');
+    out.push_str(&servers_table(&doc, true));
+    print!("{out}");
+    Ok(())
+}
+
+/// `keel backend list [--json]`: every pool's servers, their state and weight.
+pub async fn backend_list(target: &Target, json: bool) -> Result<(), CliError> {
+    let doc = target.client().get_json("/status").await?;
+    if json {
+        let pools: Vec<serde_json::Value> = doc
+            .get("pools")
+            .and_then(|v| v.as_array())
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                let servers: Vec<serde_json::Value> = p
+                    .get("servers")
+                    .and_then(|v| v.as_array())
+                    .into_iter()
+                    .flatten()
+                    .map(|s| {
+                        serde_json::json!({
+                            "name": s.get("name"), "address": s.get("address"), "state": s.get("state"),
+                            "weight": s.get("weight"), "effective_weight": s.get("effective_weight"),
+                            "active": s.get("active"),
+                        })
+                    })
+                    .collect();
+                serde_json::json!({ "name": p.get("name"), "algorithm": p.get("algorithm"), "servers": servers })
+            })
+            .collect();
+        let out = serde_json::json!({ "pools": pools });
+        println!("{}", serde_json::to_string_pretty(&out).map_err(|e| CliError::Other(e.to_string()))?);
+        return Ok(());
+    }
+    print!("{}", servers_table(&doc, false));
+    Ok(())
+}
+
+/// A string or number field of a JSON object, for a table cell ("-" when absent).
+fn field(v: &serde_json::Value, key: &str) -> String {
+    match v.get(key) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Null) | None => "-".to_owned(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// One line per server of every pool in a `/status` document; `counters` adds the traffic.
+fn servers_table(doc: &serde_json::Value, counters: bool) -> String {
+    let mut out = format!("{:<12} {:<12} {:<22} {:<8} {:>6}", "POOL", "SERVER", "ADDRESS", "STATE", "WEIGHT");
+    if counters {
+        out.push_str(&format!(" {:>6} {:>10} {:>8}", "ACTIVE", "REQUESTS", "ERRORS"));
+    }
+    out.push_str("  ALGORITHM\n");
+    for p in doc.get("pools").and_then(|v| v.as_array()).into_iter().flatten() {
+        for s in p.get("servers").and_then(|v| v.as_array()).into_iter().flatten() {
+            out.push_str(&format!(
+                "{:<12} {:<12} {:<22} {:<8} {:>6}",
+                field(p, "name"),
+                field(s, "name"),
+                field(s, "address"),
+                field(s, "state"),
+                field(s, "weight")
+            ));
+            if counters {
+                let errors: u64 = ["connect_errors", "timeouts", "broken"]
+                    .iter()
+                    .filter_map(|k| s.get(*k).and_then(|v| v.as_u64()))
+                    .sum();
+                out.push_str(&format!(" {:>6} {:>10} {:>8}", field(s, "active"), field(s, "requests"), errors));
+            }
+            out.push_str(&format!("  {}\n", field(p, "algorithm")));
+        }
+    }
+    out
 }
 
 /// `keel backend drain|enable|weight POOL SERVER [N]`.
@@ -334,11 +473,29 @@ pub async fn backend(
         Some(w) => serde_json::json!({ "weight": w }),
         None => serde_json::json!({}),
     };
-    target.client().post_json(&path, &body).await.map_err(no_leader)?;
+    target.client().post_json(&path, &body).await.map_err(no_leader(target.admin))?;
     match action {
         "drain" => println!("{pool}/{server} drained: no new requests; in-flight ones finish"),
         "enable" => println!("{pool}/{server} enabled"),
-        _ => println!("{pool}/{server} weight set to {}", weight.unwrap_or_default()),
+        _ => {
+            println!("{pool}/{server} weight set to {}", weight.unwrap_or_default());
+            if let Some(algorithm) = weightless_algorithm(target, pool).await {
+                eprintln!(
+                    "warning: pool {pool:?} balances with {algorithm}, which ignores weights: the new weight takes \
+                     effect only under a weighted algorithm (weighted_round_robin, least_connections, \
+                     least_request_p2c, ip_hash, random)"
+                );
+            }
+        }
     }
     Ok(())
+}
+
+/// The algorithm of `pool` when it ignores weights; `None` when it uses them or cannot be
+/// learnt (the weight was set either way, so a failed look-up only loses the warning).
+async fn weightless_algorithm(target: &Target, pool: &str) -> Option<keel_cluster::model::Algorithm> {
+    let doc = target.client().get_json("/status").await.ok()?;
+    let entry = doc.get("pools")?.as_array()?.iter().find(|p| p.get("name").and_then(|n| n.as_str()) == Some(pool))?;
+    let algorithm: keel_cluster::model::Algorithm = serde_json::from_value(entry.get("algorithm")?.clone()).ok()?;
+    (!crate::balance::uses_weights(algorithm)).then_some(algorithm)
 }

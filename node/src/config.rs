@@ -4,17 +4,24 @@
 //! drain deadline, worker threads), everything else (`[listeners.*]`, `[pools.*]`) is the
 //! [`Config`] that the cluster will replicate. Both are read in one pass.
 //!
-//! Errors name the file, the line and the key. serde stops at the first syntax or type error,
-//! so those come one at a time; the invariants that span fields ([`Config::validate`]) are all
-//! reported together. Line numbers for the latter come from re-walking the spanned document
+//! Errors name the file, the line, the key and, when it is about a value, the value. Every
+//! problem of a file is reported at once: serde stops at a section's first type error, so each
+//! section (`[node]`, `[cluster]`, `[vip]`, each listener, each pool) is deserialized on its own
+//! and a serde error is placed at the deepest key whose span holds it; the invariants that span
+//! fields ([`Config::validate`]) are all reported together, without echoing a section that did
+//! not read. Line numbers for the latter come from re-walking the spanned document
 //! (`toml::de::DeTable`) along each problem's [`KeyPath`], so the model stays free of spans.
+//!
+//! [`load`] stops there. [`load_checked`] — what `keel config check`, `keel run` and a reload
+//! use — also opens every file the node would open (certificates, CA bundles, the admin token,
+//! access log files) with the loaders the node uses, so a file that checks ok runs.
 
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use keel_cluster::model::{Listener, Pool};
+use keel_cluster::model::{Listener, Pool, Protocol};
 use keel_cluster::{Config, HumanDuration, KeyPath, PathSegment, Profile};
 use serde::{Deserialize, Serialize};
 use toml::de::{DeTable, DeValue};
@@ -88,19 +95,50 @@ impl NodeSettings {
     /// The admin API's bearer token, read from its file or variable; `None` when none is set.
     /// The token itself never appears in an error or a log line.
     pub fn admin_token(&self) -> Result<Option<String>, String> {
+        self.read_admin_token().map_err(|e| e.to_string())
+    }
+
+    /// [`admin_token`](Self::admin_token) with a typed error, so a config check can name the
+    /// key at fault.
+    pub fn read_admin_token(&self) -> Result<Option<String>, AdminTokenError> {
         let token = match (&self.admin_token_file, &self.admin_token_env) {
             (Some(path), _) => std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+                .map_err(|source| AdminTokenError::Read { path: path.clone(), source })?
                 .trim()
                 .to_owned(),
-            (None, Some(var)) => std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))?,
+            (None, Some(var)) => std::env::var(var).map_err(|_| AdminTokenError::Unset { var: var.clone() })?,
             (None, None) => return Ok(None),
         };
-        if token.len() < 16 {
-            return Err("the admin token must be at least 16 characters".into());
+        if token.len() < MIN_ADMIN_TOKEN {
+            return Err(AdminTokenError::TooShort);
         }
         Ok(Some(token))
     }
+}
+
+/// Shortest admin token accepted: anything shorter is guessable.
+pub const MIN_ADMIN_TOKEN: usize = 16;
+
+/// Why the admin token could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminTokenError {
+    /// `admin_token_file` could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// `admin_token_env` names a variable that is not set.
+    #[error("environment variable {var} is not set")]
+    Unset {
+        /// The variable.
+        var: String,
+    },
+    /// The token is shorter than [`MIN_ADMIN_TOKEN`].
+    #[error("the admin token must be at least 16 characters")]
+    TooShort,
 }
 
 /// `[cluster]`: this node's place in a Raft cluster. Without it the node runs standalone.
@@ -209,22 +247,6 @@ pub struct NodeFile {
     pub config: Config,
 }
 
-/// The on-disk shape: `[node]` beside the replicated tables.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawFile {
-    #[serde(default)]
-    node: NodeSettings,
-    #[serde(default)]
-    cluster: Option<ClusterSection>,
-    #[serde(default)]
-    vip: Option<VipSection>,
-    #[serde(default)]
-    listeners: std::collections::BTreeMap<String, Listener>,
-    #[serde(default)]
-    pools: std::collections::BTreeMap<String, Pool>,
-}
-
 /// One problem found in a file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
@@ -288,52 +310,123 @@ impl Problem {
     }
 }
 
-/// Reads and validates a node file.
+/// Reads and validates a node file, without opening the files it names (certificates, token,
+/// logs): for files whose [node] section is not this host's, such as `keel config apply`'s.
 pub fn load(path: &Path) -> Result<NodeFile, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
     parse(&text, &path.display().to_string())
 }
 
-/// Parses and validates node-file text; `origin` names it in errors.
+/// Parses and validates node-file text; `origin` names it in errors. Opens no other file.
 pub fn parse(text: &str, origin: &str) -> Result<NodeFile, ConfigError> {
-    let invalid = |problems| ConfigError::Invalid { origin: origin.to_owned(), problems };
-    let document = DeTable::parse(text).map_err(|e| invalid(vec![toml_problem(text, &e)]))?;
-    let raw = RawFile::deserialize(toml::de::Deserializer::from(document.clone()))
-        .map_err(|e| invalid(vec![toml_problem(text, &e)]))?;
+    analyse(text, false).map_err(|problems| ConfigError::Invalid { origin: origin.to_owned(), problems })
+}
 
+/// Reads a node file and checks everything `keel run` would refuse, reporting every problem
+/// at once: TOML syntax, types and unknown keys (per section, so one bad pool does not hide
+/// another), [`Config::validate`]'s invariants, the `[node]`, `[cluster]` and `[vip]` rules,
+/// and every file the node would load — each listener's certificate/key pairs (loaded with
+/// the listener's own loader, so a key that does not match its certificate is caught), each
+/// pool's CA bundle and `server_name`, the admin token (file or variable, at least
+/// [`MIN_ADMIN_TOKEN`] characters) and each access log file (its directory must exist and the
+/// file must open for appending; nothing is truncated, and a file the check had to create is
+/// removed again). Relative paths are taken from the working directory, as `keel run` does.
+///
+/// This is the one gate before a file is served: `keel config check` and `keel run` call it,
+/// and so does a reload of a standalone node. `Ok` holds the file exactly as [`load`] would
+/// return it; `Err` is [`ConfigError::Read`] (the file itself is unreadable) or
+/// [`ConfigError::Invalid`] with one [`Problem`] per finding (`FILE:LINE: KEY: REASON`).
+pub fn load_checked(path: &Path) -> Result<NodeFile, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    parse_checked(&text, &path.display().to_string())
+}
+
+/// [`load_checked`] on text already read; `origin` names it in errors.
+pub fn parse_checked(text: &str, origin: &str) -> Result<NodeFile, ConfigError> {
+    analyse(text, true).map_err(|problems| ConfigError::Invalid { origin: origin.to_owned(), problems })
+}
+
+/// The top-level tables a node file may have.
+const SECTIONS: &[&str] = &["node", "cluster", "vip", "listeners", "pools"];
+
+/// Parses, validates and (with `files`) opens what the node would open; every problem found.
+fn analyse(text: &str, files: bool) -> Result<NodeFile, Vec<Problem>> {
+    // Every syntax error at once; nothing else is trusted from a document that has one.
+    let (document, syntax) = DeTable::parse_recoverable(text);
+    if !syntax.is_empty() {
+        let mut found: Vec<Problem> = syntax.iter().map(|e| toml_problem(text, e)).collect();
+        found.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
+        return Err(found);
+    }
+    let root = document.get_ref();
     let mut problems = Vec::new();
-    if raw.node.workers > MAX_WORKERS {
-        problems.push(Problem {
-            line: locate(text, document.get_ref(), &KeyPath::of(&["node", "workers"])),
-            key: Some("node.workers".into()),
-            reason: format!("{} worker threads is above the maximum of {MAX_WORKERS}", raw.node.workers),
-        });
+
+    // serde stops at a section's first error, so each section (and each listener and pool) is
+    // read on its own: one bad pool does not hide a bad listener. A section that does not read
+    // is left out below, and checks that would only repeat its failure are skipped.
+    let mut node: Option<NodeSettings> = None;
+    let mut cluster: Option<ClusterSection> = None;
+    let mut vip = None;
+    let mut node_failed = false;
+    let mut cluster_failed = false;
+    let mut failed_listeners = false;
+    let mut failed_pools = Vec::new();
+    let mut listeners = std::collections::BTreeMap::new();
+    let mut pools = std::collections::BTreeMap::new();
+    for (key, value) in root.iter() {
+        let name: &str = key.get_ref().as_ref();
+        let at = KeyPath::of(&[name]);
+        match name {
+            "node" => {
+                node = section(text, value, &at, &mut problems);
+                node_failed = node.is_none();
+            }
+            "cluster" => {
+                cluster = section(text, value, &at, &mut problems);
+                cluster_failed = cluster.is_none();
+            }
+            "vip" => vip = section::<VipSection>(text, value, &at, &mut problems),
+            "listeners" | "pools" => {
+                let DeValue::Table(table) = value.get_ref() else {
+                    problems.push(Problem {
+                        line: Some(line_of(text, value.span().start)),
+                        key: Some(name.to_owned()),
+                        reason: format!("must be a table of named {name}, e.g. [{name}.web]"),
+                    });
+                    continue;
+                };
+                for (entry, value) in table.iter() {
+                    let entry: &str = entry.get_ref().as_ref();
+                    let at = KeyPath::of(&[name, entry]);
+                    if name == "listeners" {
+                        match section::<Listener>(text, value, &at, &mut problems) {
+                            Some(l) => drop(listeners.insert(entry.to_owned(), l)),
+                            None => failed_listeners = true,
+                        }
+                    } else {
+                        match section::<Pool>(text, value, &at, &mut problems) {
+                            Some(p) => drop(pools.insert(entry.to_owned(), p)),
+                            None => failed_pools.push(entry.to_owned()),
+                        }
+                    }
+                }
+            }
+            other => problems.push(Problem {
+                line: Some(line_of(text, key.span().start)),
+                key: Some(other.to_owned()),
+                reason: format!("unknown section {other:?} (expected one of: {})", SECTIONS.join(", ")),
+            }),
+        }
     }
-    if !raw.node.admin.ip().is_loopback() && raw.node.admin_token_file.is_none() && raw.node.admin_token_env.is_none() {
-        problems.push(Problem {
-            line: locate(text, document.get_ref(), &KeyPath::of(&["node", "admin"])),
-            key: Some("node.admin".into()),
-            reason: format!(
-                "the admin API on {} is reachable from other hosts; set node.admin_token_file or node.admin_token_env, \
-                 or keep it on loopback",
-                raw.node.admin
-            ),
-        });
+    let node: NodeSettings = node.unwrap_or_default();
+    let at = |path: &[&str]| locate(text, root, &KeyPath::of(path));
+
+    if !node_failed {
+        node_problems(&node, &at, &mut problems);
     }
-    if raw.node.admin_token_file.is_some() && raw.node.admin_token_env.is_some() {
-        problems.push(Problem {
-            line: locate(text, document.get_ref(), &KeyPath::of(&["node", "admin_token_env"])),
-            key: Some("node.admin_token_env".into()),
-            reason: "set admin_token_file or admin_token_env, not both".into(),
-        });
-    }
-    if let Some(c) = &raw.cluster {
+    if let Some(c) = &cluster {
         let mut cluster_problem = |key: &str, reason: String| {
-            problems.push(Problem {
-                line: locate(text, document.get_ref(), &KeyPath::of(&["cluster", key])),
-                key: Some(format!("cluster.{key}")),
-                reason,
-            })
+            problems.push(Problem { line: at(&["cluster", key]), key: Some(format!("cluster.{key}")), reason })
         };
         if c.node_id == 0 {
             cluster_problem("node_id", "must be at least 1".into());
@@ -346,41 +439,317 @@ pub fn parse(text: &str, origin: &str) -> Result<NodeFile, ConfigError> {
             cluster_problem("cluster_id", "must not be empty".into());
         }
     }
-    if let Some(vip) = &raw.vip {
-        let at = |key: &str| locate(text, document.get_ref(), &KeyPath::of(&["vip", key]));
-        if raw.cluster.as_ref().is_none_or(|c| c.witness) {
+    if let Some(v) = &vip {
+        if !cluster_failed && cluster.as_ref().is_none_or(|c| c.witness) {
             problems.push(Problem {
-                line: at("address"),
+                line: at(&["vip", "address"]),
                 key: Some("vip".into()),
                 reason: "a VIP follows cluster leadership: it needs a [cluster] section on a data node (not a witness)"
                     .into(),
             });
         }
-        if vip.interface.is_empty() {
-            problems.push(Problem { line: at("interface"), key: Some("vip.interface".into()), reason: "empty".into() });
-        }
-        if vip.arp_count == 0 {
+        if v.interface.is_empty() {
             problems.push(Problem {
-                line: at("arp_count"),
+                line: at(&["vip", "interface"]),
+                key: Some("vip.interface".into()),
+                reason: "empty".into(),
+            });
+        }
+        if v.arp_count == 0 {
+            problems.push(Problem {
+                line: at(&["vip", "arp_count"]),
                 key: Some("vip.arp_count".into()),
                 reason: "must be at least 1".into(),
             });
         }
     }
-    let config = Config { listeners: raw.listeners, pools: raw.pools };
+
+    let config = Config { listeners, pools };
     // In cluster mode the file's listeners and pools are an optional seed: an empty one is fine.
-    let seedless = raw.cluster.is_some() && config.listeners.is_empty() && config.pools.is_empty();
-    if let Err(found) = config.validate().map_err(|p| if seedless { Vec::new() } else { p }) {
-        problems.extend(found.into_iter().map(|p| Problem {
-            line: locate(text, document.get_ref(), &p.path),
+    let clustered = cluster.is_some() || cluster_failed;
+    let seedless = clustered && config.listeners.is_empty() && config.pools.is_empty();
+    if let Err(found) = config.validate() {
+        let echoes = |p: &keel_cluster::ConfigProblem| {
+            seedless
+                || (failed_listeners && p.path == KeyPath::of(&["listeners"]))
+                || names_failed_pool(&config, &p.path, &failed_pools)
+        };
+        problems.extend(found.into_iter().filter(|p| !echoes(p)).map(|p| Problem {
+            line: locate(text, root, &p.path),
             key: Some(p.path.to_string()),
             reason: p.reason,
         }));
     }
+    if files {
+        file_problems(text, root, &node, node_failed, &config, &mut problems);
+    }
     if problems.is_empty() {
-        Ok(NodeFile { node: raw.node, cluster: raw.cluster, vip: raw.vip, config })
+        Ok(NodeFile { node, cluster, vip, config })
     } else {
-        Err(invalid(problems))
+        problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
+        Err(problems)
+    }
+}
+
+/// The rules of `[node]` that span its keys.
+fn node_problems(node: &NodeSettings, at: &dyn Fn(&[&str]) -> Option<usize>, problems: &mut Vec<Problem>) {
+    if node.workers > MAX_WORKERS {
+        problems.push(Problem {
+            line: at(&["node", "workers"]),
+            key: Some("node.workers".into()),
+            reason: format!("{} worker threads is above the maximum of {MAX_WORKERS}", node.workers),
+        });
+    }
+    if !node.admin.ip().is_loopback() && node.admin_token_file.is_none() && node.admin_token_env.is_none() {
+        problems.push(Problem {
+            line: at(&["node", "admin"]),
+            key: Some("node.admin".into()),
+            reason: format!(
+                "the admin API on {} is reachable from other hosts; set node.admin_token_file or node.admin_token_env, \
+                 or keep it on loopback",
+                node.admin
+            ),
+        });
+    }
+    if node.admin_token_file.is_some() && node.admin_token_env.is_some() {
+        problems.push(Problem {
+            line: at(&["node", "admin_token_env"]),
+            key: Some("node.admin_token_env".into()),
+            reason: "set admin_token_file or admin_token_env, not both".into(),
+        });
+    }
+}
+
+/// Whether `path` is a listener's or route's reference to a pool that failed to read: the
+/// pool's own problem is reported, "not defined" would only echo it.
+fn names_failed_pool(config: &Config, path: &KeyPath, failed: &[String]) -> bool {
+    use PathSegment::{Index, Key};
+    let named = match path.0.as_slice() {
+        [Key(l), Key(name), Key(k)] if l == "listeners" && k == "default_pool" => {
+            config.listeners.get(name).and_then(|l| l.default_pool.as_ref())
+        }
+        [Key(l), Key(name), Key(r), Index(i), Key(k)] if l == "listeners" && r == "routes" && k == "pool" => {
+            config.listeners.get(name).and_then(|l| l.routes.get(*i)).map(|r| &r.pool)
+        }
+        _ => None,
+    };
+    named.is_some_and(|pool| failed.contains(pool))
+}
+
+/// Deserializes one section; on failure records a problem naming the key and value at fault.
+fn section<T: serde::de::DeserializeOwned>(
+    text: &str,
+    value: &toml::Spanned<DeValue<'_>>,
+    at: &KeyPath,
+    problems: &mut Vec<Problem>,
+) -> Option<T> {
+    match T::deserialize(toml::de::ValueDeserializer::from(value.clone())) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            problems.push(serde_problem(text, value, at, &e));
+            None
+        }
+    }
+}
+
+/// A serde/toml error inside the section at `at`, placed at the deepest key whose key or value
+/// holds the error's span, with the offending value quoted when the error is about a value.
+fn serde_problem(text: &str, value: &toml::Spanned<DeValue<'_>>, at: &KeyPath, e: &toml::de::Error) -> Problem {
+    let message = e.message().trim_end().replace('\n', "; ").replace('`', "\"");
+    let Some(span) = e.span() else {
+        return Problem { line: None, key: Some(at.to_string()), reason: message };
+    };
+    let mut best = (at.clone(), None);
+    if value.span() == span && !matches!(value.get_ref(), DeValue::Table(_) | DeValue::Array(_)) {
+        best.1 = Some(value.span());
+    }
+    deepest(value, at, &span, &mut best);
+    let (path, scalar) = best;
+    let shown = scalar.and_then(|s| text.get(s));
+    Problem { line: Some(line_of(text, span.start)), key: Some(path.to_string()), reason: explain(&message, shown) }
+}
+
+/// Walks `value` for the deepest key (or array element) whose key or value span holds `span`;
+/// records its path, and the value's span when it is a scalar (to quote it).
+fn deepest(
+    value: &toml::Spanned<DeValue<'_>>,
+    path: &KeyPath,
+    span: &std::ops::Range<usize>,
+    best: &mut (KeyPath, Option<std::ops::Range<usize>>),
+) {
+    let holds = |s: std::ops::Range<usize>| s.start <= span.start && span.end <= s.end;
+    let mut visit = |child: KeyPath, key_span: Option<std::ops::Range<usize>>, v: &toml::Spanned<DeValue<'_>>| {
+        let scalar = !matches!(v.get_ref(), DeValue::Table(_) | DeValue::Array(_));
+        let on_value = holds(v.span());
+        if (on_value || key_span.is_some_and(holds)) && child.0.len() > best.0 .0.len() {
+            *best = (child.clone(), (on_value && scalar).then(|| v.span()));
+        }
+        deepest(v, &child, span, best);
+    };
+    match value.get_ref() {
+        DeValue::Table(t) => {
+            for (k, v) in t.iter() {
+                let mut child = path.clone();
+                child.0.push(PathSegment::Key(k.get_ref().to_string()));
+                visit(child, Some(k.span()), v);
+            }
+        }
+        DeValue::Array(a) => {
+            for (i, v) in a.iter().enumerate() {
+                let mut child = path.clone();
+                child.0.push(PathSegment::Index(i));
+                visit(child, None, v);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// serde's message, with the value it is about when the message does not already show it.
+fn explain(message: &str, value: Option<&str>) -> String {
+    let Some(value) = value else { return message.to_owned() };
+    // A socket address field: say what shape is wanted (the parser only says "syntax").
+    if message == "invalid socket address syntax" {
+        return format!("{value} is not IP:PORT (invalid socket address syntax)");
+    }
+    if message.contains(value.trim_matches('"')) {
+        message.to_owned()
+    } else {
+        format!("{value}: {message}")
+    }
+}
+
+/// Opens every file the node would open at start, and records what fails, at its key.
+fn file_problems(
+    text: &str,
+    root: &DeTable<'_>,
+    node: &NodeSettings,
+    node_failed: bool,
+    config: &Config,
+    problems: &mut Vec<Problem>,
+) {
+    let mut report = |path: KeyPath, reason: String| {
+        problems.push(Problem { line: locate(text, root, &path), key: Some(path.to_string()), reason })
+    };
+    if !node_failed {
+        if let Err(e) = node.read_admin_token() {
+            let (key, reason) = match (&e, &node.admin_token_file, &node.admin_token_env) {
+                (AdminTokenError::Read { path, source }, _, _) => {
+                    ("admin_token_file", format!("{path:?}: {}", io_reason(source)))
+                }
+                (AdminTokenError::Unset { var }, _, _) => ("admin_token_env", format!("{var:?} is not set")),
+                (AdminTokenError::TooShort, Some(path), _) => {
+                    ("admin_token_file", format!("{path:?}: the token is shorter than {MIN_ADMIN_TOKEN} characters"))
+                }
+                (AdminTokenError::TooShort, None, Some(var)) => {
+                    ("admin_token_env", format!("{var:?}: the token is shorter than {MIN_ADMIN_TOKEN} characters"))
+                }
+                (AdminTokenError::TooShort, None, None) => ("admin_token_file", e.to_string()),
+            };
+            report(KeyPath::of(&["node", key]), reason);
+        }
+    }
+    for (name, listener) in &config.listeners {
+        let at = |keys: &[&str]| {
+            let mut p = KeyPath::of(&["listeners", name]);
+            p.0.extend(keys.iter().map(|k| PathSegment::Key((*k).to_owned())));
+            p
+        };
+        if let (Protocol::Https, Some(tls)) = (listener.protocol, &listener.tls) {
+            for (i, e) in crate::tls::check_certificates(&tls.certificates) {
+                let mut path = at(&["tls", "certificates"]);
+                path.0.push(PathSegment::Index(i));
+                let (file, reason) = tls_reason(&e);
+                let pair = &tls.certificates[i];
+                match file {
+                    Some(f) if f == pair.key => path.0.push(PathSegment::Key("key".into())),
+                    Some(f) if f == pair.cert => path.0.push(PathSegment::Key("cert".into())),
+                    _ => {}
+                }
+                report(path, reason);
+            }
+        }
+        if let Some(log) = &listener.access_log {
+            if let Err(reason) = check_log_destination(&log.destination) {
+                report(at(&["access_log", "destination"]), reason);
+            }
+        }
+    }
+    for (name, pool) in &config.pools {
+        if let Some(tls) = &pool.tls {
+            if let Err(e) = crate::tls::UpstreamTls::new(tls) {
+                let (file, reason) = tls_reason(&e);
+                let key = match (&e, file) {
+                    (crate::tls::TlsError::BadServerName { .. }, _) => Some("server_name"),
+                    (_, Some(f)) if tls.ca.as_deref() == Some(f) => Some("ca"),
+                    _ => None,
+                };
+                let mut path = KeyPath::of(&["pools", name, "tls"]);
+                path.0.extend(key.map(|k| PathSegment::Key(k.to_owned())));
+                report(path, reason);
+            }
+        }
+    }
+}
+
+/// A TLS loading error as "PATH: what is wrong", and the file it is about.
+fn tls_reason(e: &crate::tls::TlsError) -> (Option<&Path>, String) {
+    use crate::tls::TlsError as E;
+    match e {
+        E::Read { path, source } => (Some(path), format!("{path:?}: {}", io_reason(source))),
+        E::Pem { path, reason } => (Some(path), format!("{path:?}: invalid PEM: {reason}")),
+        E::NoCertificate { path } => (Some(path), format!("{path:?}: no certificate in the file")),
+        E::BadCertificate { path, reason } => (Some(path), format!("{path:?}: invalid certificate: {reason}")),
+        E::NoPrivateKey { path } => (Some(path), format!("{path:?}: no private key in the file")),
+        E::UnsupportedKey { path, reason } => (Some(path), format!("{path:?}: unsupported private key: {reason}")),
+        E::KeyMismatch { cert, key } => {
+            (Some(key), format!("{key:?}: private key does not match the certificate in {cert:?}"))
+        }
+        E::NoNames { path } => (
+            Some(path),
+            format!("{path:?}: certificate has no DNS name (SAN or CN); only the first certificate may lack one"),
+        ),
+        other => (None, other.to_string()),
+    }
+}
+
+/// An I/O error in the words an operator expects next to a path.
+fn io_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file".into(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+        std::io::ErrorKind::IsADirectory => "is a directory, not a file".into(),
+        _ => format!("cannot read: {e}"),
+    }
+}
+
+/// Whether an access log destination would open at start: "stdout", or a file in an existing
+/// directory that opens for appending. The file is opened the way the log opens it (append,
+/// never truncated); if the check had to create it, it removes it again.
+fn check_log_destination(destination: &str) -> Result<(), String> {
+    if matches!(destination, "stdout" | "-") || destination.trim().is_empty() {
+        return Ok(()); // an empty destination is validate's to report
+    }
+    let path = Path::new(destination);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        match std::fs::metadata(dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(format!("{destination:?}: {dir:?} is not a directory")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(format!("{destination:?}: directory {dir:?} does not exist"))
+            }
+            Err(e) => return Err(format!("{destination:?}: directory {dir:?}: {}", io_reason(&e))),
+        }
+    }
+    let existed = path.exists();
+    match std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        Ok(_) => {
+            if !existed {
+                let _ = std::fs::remove_file(path);
+            }
+            Ok(())
+        }
+        Err(e) => Err(format!("{destination:?}: cannot open for appending: {}", io_reason(&e))),
     }
 }
 
@@ -411,11 +780,14 @@ fn locate(text: &str, root: &DeTable<'_>, path: &KeyPath) -> Option<usize> {
                 // A key may be written under its old name (serde's alias).
                 let old = KEY_ALIASES.iter().find(|(new, _)| new == k).map(|(_, old)| *old);
                 let named = |key: &str| key == k || Some(key) == old;
-                let (key, value) = table?.iter().find(|(key, _)| named(key.get_ref().as_ref()))?;
+                let Some((key, value)) = table.and_then(|t| t.iter().find(|(key, _)| named(key.get_ref().as_ref())))
+                else {
+                    return found;
+                };
                 (key.span(), value)
             }
             PathSegment::Index(i) => {
-                let value = array?.get(*i)?;
+                let Some(value) = array.and_then(|a| a.get(*i)) else { return found };
                 (value.span(), value)
             }
         };
@@ -469,7 +841,11 @@ mod tests {
         assert!(!cluster("realtime = false").realtime);
         let text =
             format!("[cluster]\nnode_id = 1\nraft = \"127.0.0.1:7000\"\ndata_dir = \"d\"\nprofile = \"quick\"\n{BASE}");
-        assert!(problems(&text)[0].starts_with("k.toml:5: unknown variant `quick`"), "{:?}", problems(&text));
+        assert!(
+            problems(&text)[0].starts_with("k.toml:5: cluster.profile: unknown variant \"quick\""),
+            "{:?}",
+            problems(&text)
+        );
         // A heartbeat too long for the profile's election timeout is refused at its line.
         let text = format!("[cluster]\nnode_id = 1\nraft = \"127.0.0.1:7000\"\ndata_dir = \"d\"\nprofile = \"fast\"\nheartbeat = \"20ms\"\n{BASE}");
         let found = problems(&text);
@@ -500,22 +876,96 @@ mod tests {
     #[test]
     fn unknown_keys_and_bad_values_name_their_line() {
         let found = problems(&BASE.replace("[pools.app]\n", "[pools.app]\nalgoritm = \"random\"\n"));
-        assert!(found[0].starts_with("k.toml:6: unknown field `algoritm`"), "{found:?}");
+        assert!(found[0].starts_with("k.toml:6: pools.app.algoritm: unknown field \"algoritm\""), "{found:?}");
         let found = problems(&BASE.replace("127.0.0.1:9001", "127.0.0.1"));
-        assert!(found[0].starts_with("k.toml:9: invalid socket address"), "{found:?}");
+        assert_eq!(
+            found,
+            ["k.toml:9: pools.app.servers[0].address: \"127.0.0.1\" is not IP:PORT (invalid socket address syntax)"]
+        );
         let found = problems(&format!("{BASE}[pools.app.health]\ninterval = \"5\"\n"));
-        assert!(found[0].starts_with("k.toml:11: invalid duration \"5\""), "{found:?}");
+        assert!(found[0].starts_with("k.toml:11: pools.app.health.interval: invalid duration \"5\""), "{found:?}");
     }
 
     #[test]
     fn syntax_errors_name_their_line() {
         let found = problems("[node]\nadmin = \n");
         assert!(found[0].starts_with("k.toml:2: "), "{found:?}");
+        // Every one of them.
+        let found = problems("[node]\nadmin = \n[pools.app\nworkers = 1\n");
+        assert!(found.len() >= 2 && found[1].starts_with("k.toml:3: "), "{found:?}");
     }
 
     #[test]
     fn missing_key_is_shown_at_its_table() {
         let found = problems("[listeners.web]\nbind = \"127.0.0.1:1\"\n[pools.app]\n");
-        assert!(found[0].starts_with("k.toml:3: missing field `servers`"), "{found:?}");
+        assert!(found.iter().any(|p| p == "k.toml:3: pools.app: missing field \"servers\""), "{found:?}");
+    }
+
+    #[test]
+    fn each_section_reports_its_own_type_error_and_references_to_it_are_not_echoed() {
+        let text = format!(
+            "{BASE}\n[pools.other]\nretries = \"two\"\n[[pools.other.servers]]\nname = \"o\"\naddress = \"127.0.0.1:1\"\n\
+             [listeners.admin2]\nbind = \"127.0.0.1:8081\"\ndefault_pool = \"other\"\nprotocol = \"htp\"\n"
+        );
+        let found = problems(&text);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found[0].starts_with("k.toml:12: pools.other.retries: invalid type: string \"two\""), "{found:?}");
+        assert!(found[1].starts_with("k.toml:19: listeners.admin2.protocol: unknown variant \"htp\""), "{found:?}");
+        // A listener naming a pool that did not read is not also told the pool is undefined.
+        let text = BASE.replace("127.0.0.1:9001", "nope");
+        assert_eq!(problems(&text).len(), 1, "{:?}", problems(&text));
+    }
+
+    #[test]
+    fn unknown_sections_are_named() {
+        let found = problems(&format!("{BASE}[pool.x]\n"));
+        assert_eq!(
+            found,
+            ["k.toml:10: pool: unknown section \"pool\" (expected one of: node, cluster, vip, listeners, pools)"]
+        );
+    }
+
+    fn checked(text: &str) -> Vec<String> {
+        match parse_checked(text, "k.toml") {
+            Ok(_) => vec![],
+            Err(ConfigError::Invalid { problems, origin }) => {
+                problems.iter().map(|p| p.display_with(&origin).to_string()).collect()
+            }
+            Err(e) => vec![e.to_string()],
+        }
+    }
+
+    #[test]
+    fn checked_parsing_opens_the_token_and_log_files() {
+        let dir = std::env::temp_dir().join(format!("keel-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let token = dir.join("token");
+        std::fs::write(&token, "short\n").expect("write");
+        let log = dir.join("access.log");
+        let text = format!(
+            "[node]\nadmin_token_file = {token:?}\n{}",
+            BASE.replace(
+                "default_pool = \"app\"",
+                &format!("default_pool = \"app\"\naccess_log = {{ destination = {log:?} }}")
+            )
+        );
+        assert!(parse(&text, "k.toml").is_ok(), "parse opens no file");
+        let found = checked(&text);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].starts_with("k.toml:2: node.admin_token_file: "), "{found:?}");
+        assert!(found[0].contains("shorter than 16"), "{found:?}");
+        std::fs::write(&token, "0123456789abcdef\n").expect("write");
+        assert_eq!(checked(&text), Vec::<String>::new());
+        assert!(!log.exists(), "the check must not leave a log file behind");
+        std::fs::write(&log, "kept\n").expect("write");
+        assert_eq!(checked(&text), Vec::<String>::new());
+        assert_eq!(std::fs::read_to_string(&log).expect("read"), "kept\n", "never truncated");
+        let gone = text.replace("access.log", "missing/access.log");
+        let found = checked(&gone);
+        assert!(found[0].contains("listeners.web.access_log.destination: ") && found[0].contains("does not exist"));
+        std::fs::remove_file(&token).expect("rm");
+        let found = checked(&text);
+        assert!(found[0].ends_with("\": no such file"), "{found:?}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -51,8 +51,5 @@ pub mod tls;
 
 /// This binary's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-/// The commit it was built from (`build.rs`), or "unknown" outside a git checkout.
-pub const COMMIT: &str = match option_env!("KEEL_COMMIT") {
-    Some(c) => c,
-    None => "unknown",
-};
+/// The commit it was built from (`build.rs`; "unknown" outside a git checkout).
+pub const COMMIT: &str = env!("KEEL_GIT_COMMIT");

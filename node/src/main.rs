@@ -1,5 +1,7 @@
 //! The `keel` binary: runs a node (`keel run`), the demo (`keel demo`), and the CLI that checks
-//! configs. Argument parsing and the tracing subscriber live here and nowhere else.
+//! configs, talks to a running node (`keel status`, `keel backend …`, `keel cluster …`, `keel
+//! config …`) and prints shell completions (`keel completion bash|zsh|fish`). Argument parsing
+//! and the tracing subscriber live here and nowhere else.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -22,9 +24,24 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// keel: a highly-available HTTP load balancer.
+/// What `keel --version` prints: the version and the commit it was built from ("unknown"
+/// outside a git checkout; see build.rs).
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("KEEL_GIT_COMMIT"), ")");
+
+/// keel — a highly-available load balancer: HTTP/TCP proxy, health checks, sticky sessions,
+/// TLS, and a virtual IP moved by Raft.
 #[derive(Parser)]
-#[command(name = "keel", version, about, propagate_version = true)]
+#[command(
+    name = "keel",
+    version = VERSION,
+    about = "keel — a highly-available load balancer: HTTP/TCP proxy, health checks, sticky sessions, TLS, \
+             and a virtual IP moved by Raft",
+    long_about = "keel — a highly-available load balancer: HTTP/TCP proxy, health checks, sticky sessions, TLS, \
+                  and a virtual IP moved by Raft.\n\n\
+                  One binary runs a node (`keel run`) and is the CLI that talks to a running node or cluster \
+                  through its admin API (--admin, --token).",
+    propagate_version = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -71,6 +88,19 @@ enum Command {
         command: BackendCommand,
         #[command(flatten)]
         admin: AdminArgs,
+    },
+    /// Listeners, pools and servers of a node, with state and counters.
+    Status {
+        /// Print the status document as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Print a shell completion script: `keel completion bash > /etc/bash_completion.d/keel`.
+    Completion {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
     },
     /// Run three demo backends behind a balancer on loopback.
     Demo {
@@ -137,6 +167,12 @@ enum ClusterCommand {
 
 #[derive(Subcommand)]
 enum BackendCommand {
+    /// Every pool's servers with their state and weight.
+    List {
+        /// Print them as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Stop sending new requests to a server; in-flight ones finish.
     Drain {
         /// Pool name.
@@ -176,7 +212,11 @@ enum ConfigCommand {
         file: PathBuf,
     },
     /// Print the live config as TOML.
-    Show,
+    Show {
+        /// Print it as JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// What keel logs: `info`, less what libraries repeat per connection or per RPC, which keel
@@ -217,9 +257,11 @@ fn main() -> ExitCode {
         Command::Config { command: ConfigCommand::Apply { file }, admin } => {
             operate(async move { cli::config_apply(&admin.target(), &file).await })
         }
-        Command::Config { command: ConfigCommand::Show, admin } => {
-            operate(async move { cli::config_show(&admin.target()).await })
+        Command::Config { command: ConfigCommand::Show { json }, admin } => {
+            operate(async move { cli::config_show(&admin.target(), json).await })
         }
+        Command::Status { json, admin } => operate(async move { cli::status(&admin.target(), json).await }),
+        Command::Completion { shell } => completion(shell),
         Command::Cluster { command, admin } => operate(async move {
             let target = admin.target();
             match command {
@@ -237,6 +279,7 @@ fn main() -> ExitCode {
         Command::Backend { command, admin } => operate(async move {
             let target = admin.target();
             match command {
+                BackendCommand::List { json } => cli::backend_list(&target, json).await,
                 BackendCommand::Drain { pool, server } => cli::backend(&target, "drain", &pool, &server, None).await,
                 BackendCommand::Enable { pool, server } => cli::backend(&target, "enable", &pool, &server, None).await,
                 BackendCommand::Weight { pool, server, weight } => {
@@ -244,7 +287,7 @@ fn main() -> ExitCode {
                 }
             }
         }),
-        Command::Run { config, witness } => match config::load(&config) {
+        Command::Run { config, witness } => match config::load_checked(&config) {
             Ok(mut file) => {
                 if witness {
                     match file.cluster.as_mut() {
@@ -294,10 +337,25 @@ fn operate(op: impl std::future::Future<Output = Result<(), cli::CliError>>) -> 
     }
 }
 
+/// Prints the completion script for `shell`. Rendered into memory first: clap_complete panics
+/// when its writer fails, and stdout may be a closed pipe (`keel completion bash | head`).
+fn completion(shell: clap_complete::Shell) -> ExitCode {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "keel", &mut script);
+    match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cannot write the completion script: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn check(files: &[PathBuf]) -> ExitCode {
     let mut failed = false;
     for path in files {
-        match config::load(path) {
+        match config::load_checked(path) {
             Ok(_) => println!("{}: ok", path.display()),
             Err(e @ (ConfigError::Read { .. } | ConfigError::Invalid { .. })) => {
                 eprintln!("{e}");

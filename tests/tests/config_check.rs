@@ -5,13 +5,18 @@
 //! Each broken config is the good one with one line changed; the changed line carries a
 //! `# <-` comment, so the expected line number is computed, not counted by hand. The asserts
 //! are on stable fragments: the `FILE:LINE:` prefix, the key path, a key word of the reason.
+//!
+//! The check also opens every file `keel run` would (certificates and keys, CA bundles, the
+//! admin token, access log files) and reports every problem of a file in one run; `keel run`
+//! refuses such a file with the same lines, before binding anything.
 
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use keel_tests::keel::run_keel;
+use keel_tests::keel::{run_keel, run_keel_env};
 use keel_tests::tempdir::TempDir;
+use keel_tests::tls::TestCa;
 
 /// Time `config check` may take: it parses a file and exits.
 const CHECK: Duration = Duration::from_secs(10);
@@ -269,7 +274,7 @@ fn request_timeout_is_the_old_name_of_response_timeout() -> Result<()> {
     let file = dir.write("both.toml", &text)?;
     let c = check(&[&file])?;
     ensure!(c.code == Some(1), "both names were accepted; stderr:\n{}", c.stderr);
-    ensure!(c.stderr.contains("duplicate field `response_timeout`"), "stderr:\n{}", c.stderr);
+    ensure!(c.stderr.contains("duplicate field \"response_timeout\""), "stderr:\n{}", c.stderr);
     Ok(())
 }
 
@@ -426,4 +431,236 @@ fn slow_start_zero() -> Result<()> {
         Some("pools.app.slow_start"),
         &["greater than zero"],
     )
+}
+
+/// Time `keel run` may take to refuse a file: it checks it and exits before binding anything.
+const REFUSE: Duration = Duration::from_secs(20);
+
+/// `GOOD` plus an https listener `sec` on `cert`/`key`, an access log and an admin token file.
+fn with_files(cert: &Path, key: &Path, token: &Path, log: &Path) -> String {
+    GOOD.replace("workers = 1\n", &format!("workers = 1\nadmin_token_file = {token:?}\n")).replace(
+        "default_pool = \"app\"\n",
+        &format!(
+            "default_pool = \"app\"\naccess_log = {{ destination = {log:?} }}\n\n\
+             [listeners.sec]\nbind = \"127.0.0.1:8443\"\nprotocol = \"https\"\ndefault_pool = \"app\"\n\
+             tls = {{ certificates = [{{ cert = {cert:?}, key = {key:?} }}] }}\n"
+        ),
+    )
+}
+
+/// A directory with a good certificate pair, a CA bundle, a token and a log directory.
+struct Files {
+    dir: TempDir,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    other_key: std::path::PathBuf,
+    ca: std::path::PathBuf,
+    token: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+fn files() -> Result<Files> {
+    let dir = TempDir::new("keel-check-files")?;
+    let ca = TestCa::new()?;
+    let (cert, key) = ca.leaf(&["web.test"])?.write(&dir, "web")?;
+    let (_, other_key) = ca.leaf(&["other.test"])?.write(&dir, "other")?;
+    let ca = ca.write(&dir, "ca.pem")?;
+    let token = dir.write("admin.token", "0123456789abcdef0123\n")?;
+    let log = dir.path().join("access.log");
+    Ok(Files { dir, cert, key, other_key, ca, token, log })
+}
+
+/// Checks `text`: exit 1, and for each `(key, words)` a stderr line `FILE:LINE: KEY: ...`
+/// containing the words. Returns the problem lines.
+fn expect_problems(dir: &TempDir, text: &str, wanted: &[(&str, &[&str])]) -> Result<Vec<String>> {
+    let file = dir.write("keel.toml", text)?;
+    let c = check(&[&file])?;
+    ensure!(c.code == Some(1), "exit {:?} for a broken config; stdout:\n{}\nstderr:\n{}", c.code, c.stdout, c.stderr);
+    let f = format!("{}:", file.display());
+    let lines: Vec<String> = c.stderr.lines().filter(|l| l.starts_with(&f)).map(str::to_owned).collect();
+    for (key, words) in wanted {
+        let hit = lines.iter().any(|l| l.contains(&format!(": {key}: ")) && words.iter().all(|w| l.contains(w)));
+        ensure!(hit, "no line for {key} containing {words:?}; stderr:\n{}", c.stderr);
+    }
+    Ok(lines)
+}
+
+#[test]
+fn a_config_whose_files_all_load_is_ok() -> Result<()> {
+    let f = files()?;
+    let text = with_files(&f.cert, &f.key, &f.token, &f.log);
+    let file = f.dir.write("keel.toml", &text)?;
+    let c = check(&[&file])?;
+    ensure!(c.code == Some(0), "exit {:?}; stderr:\n{}", c.code, c.stderr);
+    ensure!(!f.log.exists(), "the check left the access log it probed behind");
+    Ok(())
+}
+
+#[test]
+fn a_missing_certificate_file() -> Result<()> {
+    let f = files()?;
+    let missing = f.dir.path().join("gone.pem");
+    let text = with_files(&missing, &f.key, &f.token, &f.log);
+    let shown = format!("{missing:?}");
+    expect_problems(&f.dir, &text, &[("listeners.sec.tls.certificates[0].cert", &[&shown, "no such file"])])?;
+    Ok(())
+}
+
+#[test]
+fn a_key_that_does_not_match_its_certificate() -> Result<()> {
+    let f = files()?;
+    let text = with_files(&f.cert, &f.other_key, &f.token, &f.log);
+    let shown = format!("{:?}", f.other_key);
+    expect_problems(&f.dir, &text, &[("listeners.sec.tls.certificates[0].key", &[&shown, "does not match"])])?;
+    Ok(())
+}
+
+#[test]
+fn a_ca_bundle_that_does_not_load() -> Result<()> {
+    let f = files()?;
+    let junk = f.dir.write("junk-ca.pem", "not a certificate\n")?;
+    let text = with_files(&f.cert, &f.key, &f.token, &f.log)
+        .replace("retries = 2\n", &format!("retries = 2\ntls = {{ ca = {junk:?} }}\n"));
+    expect_problems(&f.dir, &text, &[("pools.app.tls.ca", &[&format!("{junk:?}"), "no certificate"])])?;
+    // The good bundle loads.
+    let text = with_files(&f.cert, &f.key, &f.token, &f.log)
+        .replace("retries = 2\n", &format!("retries = 2\ntls = {{ ca = {:?} }}\n", f.ca));
+    let file = f.dir.write("good-ca.toml", &text)?;
+    let c = check(&[&file])?;
+    ensure!(c.code == Some(0), "a valid CA bundle was refused: {}", c.stderr);
+    Ok(())
+}
+
+#[test]
+fn a_missing_or_short_admin_token_file() -> Result<()> {
+    let f = files()?;
+    let missing = f.dir.path().join("no.token");
+    let text = with_files(&f.cert, &f.key, &missing, &f.log);
+    expect_problems(&f.dir, &text, &[("node.admin_token_file", &[&format!("{missing:?}"), "no such file"])])?;
+    let short = f.dir.write("short.token", "fifteen-chars!!\n")?;
+    let text = with_files(&f.cert, &f.key, &short, &f.log);
+    expect_problems(&f.dir, &text, &[("node.admin_token_file", &[&format!("{short:?}"), "shorter than 16"])])?;
+    Ok(())
+}
+
+#[test]
+fn a_missing_admin_token_variable() -> Result<()> {
+    let f = files()?;
+    let text = with_files(&f.cert, &f.key, &f.token, &f.log)
+        .replace(&format!("admin_token_file = {:?}", f.token), "admin_token_env = \"KEEL_TEST_NO_SUCH_VAR\"");
+    expect_problems(&f.dir, &text, &[("node.admin_token_env", &["KEEL_TEST_NO_SUCH_VAR", "not set"])])?;
+    let file = f.dir.write("env.toml", &text)?;
+    let out = run_keel_env(
+        &["config", "check", file.to_str().context("utf-8")?],
+        &[("KEEL_TEST_NO_SUCH_VAR", "0123456789abcdef")],
+        CHECK,
+    )?;
+    ensure!(out.status.success(), "with the variable set: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+#[test]
+fn an_access_log_in_a_directory_that_does_not_exist() -> Result<()> {
+    let f = files()?;
+    let log = f.dir.path().join("no-dir").join("access.log");
+    let text = with_files(&f.cert, &f.key, &f.token, &log);
+    expect_problems(&f.dir, &text, &[("listeners.web.access_log.destination", &["no-dir", "does not exist"])])?;
+    // A path below a regular file cannot be created either (and root cannot override that).
+    let log = f.token.join("access.log");
+    let text = with_files(&f.cert, &f.key, &f.token, &log);
+    expect_problems(&f.dir, &text, &[("listeners.web.access_log.destination", &["not a directory"])])?;
+    Ok(())
+}
+
+#[test]
+fn an_existing_access_log_is_not_truncated() -> Result<()> {
+    let f = files()?;
+    std::fs::write(&f.log, "earlier line\n")?;
+    let text = with_files(&f.cert, &f.key, &f.token, &f.log);
+    let file = f.dir.write("keel.toml", &text)?;
+    let c = check(&[&file])?;
+    ensure!(c.code == Some(0), "exit {:?}; stderr:\n{}", c.code, c.stderr);
+    ensure!(std::fs::read_to_string(&f.log)? == "earlier line\n", "the check changed the access log");
+    Ok(())
+}
+
+/// The file of the two tests below: a parse error, a validation error and file problems.
+fn many_problems(f: &Files) -> String {
+    with_files(
+        &f.dir.path().join("gone.pem"),
+        &f.other_key,
+        &f.dir.path().join("no.token"),
+        &f.dir.path().join("x/a.log"),
+    )
+    .replace("address = \"127.0.0.1:9002\"", "address = \"127.0.0.1:90x2\"")
+    .replacen("[pools.app]\n", "[pools.spare]\nalgorithm = \"random\"\n\n[pools.app]\n", 1)
+    .replace("path_prefix = \"/api\"", "path_prefix = \"api\"")
+}
+
+const MANY: &[(&str, &[&str])] = &[
+    ("node.admin_token_file", &["no.token", "no such file"]),
+    ("listeners.web.access_log.destination", &["does not exist"]),
+    ("listeners.web.routes[0].path_prefix", &["'/'"]),
+    ("listeners.sec.tls.certificates[0].cert", &["gone.pem", "no such file"]),
+    ("pools.app.servers[1].address", &["\"127.0.0.1:90x2\"", "IP:PORT"]),
+    ("pools.spare", &["missing field \"servers\""]),
+];
+
+#[test]
+fn every_problem_of_a_file_is_reported_in_one_run_with_key_and_value() -> Result<()> {
+    let f = files()?;
+    let lines = expect_problems(&f.dir, &many_problems(&f), MANY)?;
+    // A pool that did not read is not also reported as undefined where it is used.
+    ensure!(!lines.iter().any(|l| l.contains("not defined")), "echoed problems: {lines:#?}");
+    Ok(())
+}
+
+#[test]
+fn run_refuses_what_check_refuses_with_the_same_lines() -> Result<()> {
+    let f = files()?;
+    let file = f.dir.write("keel.toml", &many_problems(&f))?;
+    let path = file.to_str().context("utf-8 path")?;
+    let checked = run_keel(&["config", "check", path], CHECK)?;
+    let ran = run_keel(&["run", "--config", path], REFUSE)?;
+    ensure!(!ran.status.success(), "keel run started with a file that does not check");
+    let problems = |out: &std::process::Output| -> Vec<String> {
+        String::from_utf8_lossy(&out.stderr).lines().filter(|l| l.starts_with(path)).map(str::to_owned).collect()
+    };
+    let (checked, ran) = (problems(&checked), problems(&ran));
+    ensure!(checked.len() >= MANY.len(), "check found too little: {checked:#?}");
+    ensure!(checked == ran, "check and run disagree:\ncheck: {checked:#?}\nrun: {ran:#?}");
+    Ok(())
+}
+
+/// The deploy examples check ok once the files they name exist: each path they name under
+/// /etc/keel, /run/keel-lab or /var/log/keel is pointed at a file or directory of a temp dir.
+#[test]
+fn the_deploy_examples_check_ok_when_their_files_exist() -> Result<()> {
+    let dir = TempDir::new("keel-check-deploy")?;
+    let token = dir.write("admin.token", "0123456789abcdef0123\n")?;
+    let logs = dir.path().join("log");
+    std::fs::create_dir_all(&logs)?;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("deploy");
+    let examples = [
+        "keel.toml",
+        "pair/lb1.toml",
+        "pair/lb2.toml",
+        "pair/witness.toml",
+        "three-node/node1.toml",
+        "three-node/node2.toml",
+        "three-node/node3.toml",
+        "lab/node.toml.example",
+        "lab/witness.toml.example",
+    ];
+    for name in examples {
+        let text = std::fs::read_to_string(root.join(name)).with_context(|| format!("reading deploy/{name}"))?;
+        let text = text
+            .replace("/etc/keel/admin.token", token.to_str().context("utf-8")?)
+            .replace("/run/keel-lab/token", token.to_str().context("utf-8")?)
+            .replace("/var/log/keel", logs.to_str().context("utf-8")?);
+        let file = dir.write(&name.replace('/', "-"), &text)?;
+        let c = check(&[&file])?;
+        ensure!(c.code == Some(0), "deploy/{name} does not check: {}", c.stderr);
+    }
+    Ok(())
 }

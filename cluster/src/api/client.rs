@@ -43,6 +43,15 @@ pub enum ClientError {
         /// What failed.
         message: String,
     },
+    /// Nothing accepted a connection at the address: refused (no process listens there),
+    /// unreachable, or the connect itself timed out.
+    #[error("nothing answers at {addr}: {reason}")]
+    Unreachable {
+        /// The node's admin address.
+        addr: SocketAddr,
+        /// What the connect attempt met, e.g. "connection refused".
+        reason: String,
+    },
     /// No answer within the deadline.
     #[error("{addr} did not answer within {timeout:?}")]
     Timeout {
@@ -52,7 +61,8 @@ pub enum ClientError {
         timeout: Duration,
     },
     /// The node answered with an error.
-    #[error("{addr} answered {status}: {} ({})", body.error, body.message)]
+    #[error("{addr} answered {status}: {}{}", body.error,
+        if body.message.is_empty() { String::new() } else { format!(" ({})", body.message) })]
     Api {
         /// The node that answered.
         addr: SocketAddr,
@@ -149,6 +159,12 @@ impl ClusterClient {
         self.call(Method::POST, "/cluster/propose", Some(command), REQUEST_TIMEOUT, true).await
     }
 
+    /// `GET path` on the node this client points at, as text (e.g. `/config`, TOML).
+    pub async fn get_text(&self, path: &str) -> Result<String, ClientError> {
+        let (addr, bytes) = self.call_raw(Method::GET, path, None::<&()>, REQUEST_TIMEOUT, false).await?;
+        String::from_utf8(bytes.to_vec()).map_err(|e| ClientError::Decode { addr, message: e.to_string() })
+    }
+
     async fn call<B: Serialize, T: DeserializeOwned>(
         &self,
         method: Method,
@@ -157,6 +173,19 @@ impl ClusterClient {
         timeout: Duration,
         follow: bool,
     ) -> Result<T, ClientError> {
+        let (addr, bytes) = self.call_raw(method, path, body, timeout, follow).await?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode { addr, message: e.to_string() })
+    }
+
+    /// One call, following leader redirects; the successful answer's body and who gave it.
+    async fn call_raw<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        timeout: Duration,
+        follow: bool,
+    ) -> Result<(SocketAddr, Bytes), ClientError> {
         let payload = match body {
             Some(b) => Bytes::from(
                 serde_json::to_vec(b).map_err(|e| ClientError::Decode { addr: self.addr, message: e.to_string() })?,
@@ -176,11 +205,10 @@ impl ClusterClient {
                 .body(Full::new(payload.clone()))
                 .map_err(|e| ClientError::Transport { addr, message: e.to_string() })?;
             let exchange = async {
-                let resp = self
-                    .http
-                    .request(req)
-                    .await
-                    .map_err(|e| ClientError::Transport { addr, message: e.to_string() })?;
+                let resp = self.http.request(req).await.map_err(|e| match e.is_connect() {
+                    true => ClientError::Unreachable { addr, reason: connect_failure(&e) },
+                    false => ClientError::Transport { addr, message: e.to_string() },
+                })?;
                 let status = resp.status();
                 let limited = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE);
                 let bytes = limited
@@ -193,8 +221,7 @@ impl ClusterClient {
             let (status, bytes) =
                 tokio::time::timeout(timeout, exchange).await.map_err(|_| ClientError::Timeout { addr, timeout })??;
             if status.is_success() {
-                return serde_json::from_slice(&bytes)
-                    .map_err(|e| ClientError::Decode { addr, message: e.to_string() });
+                return Ok((addr, bytes));
             }
             let err: ApiErrorBody = serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
                 addr,
@@ -214,4 +241,24 @@ impl ClusterClient {
         }
         Err(ClientError::NoLeader(format!("more than {MAX_HOPS} leader redirects")))
     }
+}
+
+/// What a failed connect met, from the I/O error under hyper's "client error (Connect)".
+fn connect_failure(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut source = e.source();
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => "connection refused".to_owned(),
+                std::io::ErrorKind::TimedOut => "connect timed out".to_owned(),
+                _ => io.to_string(),
+            };
+        }
+        source = err.source();
+    }
+    // hyper's connect timeout carries no io::Error.
+    if e.to_string().contains("timed out") || e.source().is_some_and(|s| s.to_string().contains("timeout")) {
+        return "connect timed out".to_owned();
+    }
+    e.to_string()
 }

@@ -66,6 +66,12 @@ pub trait Selector: Send + Sync {
     fn select(&self, pick: &Pick<'_>) -> Option<usize>;
 }
 
+/// Whether `algorithm` takes server weights into account. Plain round robin does not (every
+/// server in turn), so the CLI warns when a weight is set on such a pool.
+pub fn uses_weights(algorithm: Algorithm) -> bool {
+    !matches!(algorithm, Algorithm::RoundRobin)
+}
+
 /// Builds the selector for `algorithm` over `members` (which may be empty: it then selects none).
 pub fn build(algorithm: Algorithm, members: &[Member]) -> Box<dyn Selector> {
     match algorithm {

@@ -1,7 +1,9 @@
 //! Applying a config to a running node: the one code path behind a standalone reload (SIGHUP,
 //! `keel config apply`) and a cluster node serving a newly committed config.
 //!
-//! [`Applier::apply`] builds the new routing snapshot next to the live one (servers that keep
+//! A reload reads the file with `config::load_checked` — exactly what `keel config check` and
+//! `keel run` use, so a file that checks ok reloads and one that does not is refused with the
+//! same messages. [`Applier::apply`] then builds the new routing snapshot next to the live one (servers that keep
 //! their pool, name and address carry their state over), prepares the listener changes (loads
 //! certificates, opens access logs, binds new addresses; see [`super::listeners`]), and only
 //! then publishes: stores the snapshot, starts the new pools' health checks and swaps the
@@ -324,7 +326,7 @@ impl Standalone {
                     match self.path.clone() {
                         Some(path) => {
                             let origin = path.display().to_string();
-                            let loaded = config::load(&path).map_err(|e| problems_of(&e));
+                            let loaded = config::load_checked(&path).map_err(|e| problems_of(&e));
                             self.reload(Source::Sighup, origin, loaded).await;
                         }
                         None => {
@@ -335,7 +337,7 @@ impl Standalone {
                 }
                 request = requests.recv() => {
                     let Some(Request { text, origin, reply }) = request else { break };
-                    let loaded = config::parse(&text, &origin).map_err(|e| problems_of(&e));
+                    let loaded = config::parse_checked(&text, &origin).map_err(|e| problems_of(&e));
                     let outcome = self.reload(Source::AdminApi, origin, loaded).await;
                     let _ = reply.send(outcome);
                 }

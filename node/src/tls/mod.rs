@@ -25,7 +25,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use client::UpstreamTls;
-pub use server::{acceptor, negotiated_h2, server_config, CertStore, LoadedCertificate, ReloadSummary};
+pub use server::{
+    acceptor, check_certificates, negotiated_h2, server_config, CertStore, LoadedCertificate, ReloadSummary,
+};
 
 /// The crypto provider every config in keel is built with: rustls' *ring* provider, the only one
 /// compiled in (no aws-lc-rs).

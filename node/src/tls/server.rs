@@ -249,14 +249,7 @@ impl Table {
         let mut wildcard: HashMap<String, Vec<Arc<CertifiedKey>>> = HashMap::new();
         let mut default = None;
         for (i, pair) in files.iter().enumerate() {
-            let (key, info) = load_pair(pair, provider)?;
-            if info.names.is_empty() {
-                if i > 0 {
-                    return Err(TlsError::NoNames { path: pair.cert.clone() });
-                }
-                warn!(target: "keel::tls", cert = %pair.cert.display(),
-                    "certificate has no DNS name; it is only served to clients whose SNI matches no other certificate");
-            }
+            let (key, info) = load_listed_pair(i, pair, provider)?;
             for name in &info.names {
                 let bucket = match name.strip_prefix("*.") {
                     Some(parent) => wildcard.entry(parent.to_owned()),
@@ -270,6 +263,35 @@ impl Table {
         let default = default.ok_or(TlsError::NoCertificates)?;
         Ok(Table { files: files.to_vec(), loaded, exact, wildcard, default })
     }
+}
+
+/// Loads every pair of a listener's `certificates` the way [`CertStore::load`] does, but does
+/// not stop at the first bad one: each failure comes back with the pair's index. What
+/// `keel config check` and the start of `keel run` use to report every bad file at once.
+pub fn check_certificates(files: &[CertificateFiles]) -> Vec<(usize, TlsError)> {
+    let provider = server_provider();
+    files
+        .iter()
+        .enumerate()
+        .filter_map(|(i, pair)| load_listed_pair(i, pair, &provider).err().map(|e| (i, e)))
+        .collect()
+}
+
+/// [`load_pair`] for the `i`-th pair of a list: only the first certificate may lack a DNS name.
+fn load_listed_pair(
+    i: usize,
+    pair: &CertificateFiles,
+    provider: &CryptoProvider,
+) -> Result<(Arc<CertifiedKey>, LoadedCertificate), TlsError> {
+    let (key, info) = load_pair(pair, provider)?;
+    if info.names.is_empty() {
+        if i > 0 {
+            return Err(TlsError::NoNames { path: pair.cert.clone() });
+        }
+        warn!(target: "keel::tls", cert = %pair.cert.display(),
+            "certificate has no DNS name; it is only served to clients whose SNI matches no other certificate");
+    }
+    Ok((key, info))
 }
 
 /// Reads one certificate chain and its key, and checks that they belong together.
@@ -567,6 +589,21 @@ mod tests {
         client.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"reply!");
         assert_eq!(served(&client), old.der);
+    }
+
+    #[test]
+    fn check_certificates_reports_every_bad_pair_with_its_index() {
+        let (ca, dir) = (Ca::new(), TempDir::new());
+        let (a, b) = (ca.leaf(&["a.test"]), ca.leaf(&["b.test"]));
+        let good = dir.pair("a", &a);
+        let missing = CertificateFiles { cert: dir.path("gone.crt"), key: dir.path("gone.key") };
+        let mut mismatched = dir.pair("b", &b);
+        mismatched.key = good.key.clone();
+        assert!(check_certificates(std::slice::from_ref(&good)).is_empty());
+        let found = check_certificates(&[good.clone(), missing.clone(), mismatched.clone()]);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(matches!(&found[0], (1, TlsError::Read { path, .. }) if *path == missing.cert), "{found:?}");
+        assert!(matches!(&found[1], (2, TlsError::KeyMismatch { key, .. }) if *key == good.key), "{found:?}");
     }
 
     #[tokio::test]
