@@ -437,6 +437,8 @@ fall = 2
             .arg("run")
             .arg("--config")
             .arg(&node.config)
+            // The lab may inject faults (`POST /debug/stall-raft`); never set in production.
+            .env("KEEL_TEST_FAILPOINTS", "1")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)

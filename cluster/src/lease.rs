@@ -108,9 +108,12 @@ pub fn follow(
     let (tx, rx) = watch::channel(false);
     let run = async move {
         let mut gate = Gate::new(lease, margin);
+        // Only a *new* metrics value is an observation: the same value looked at again later
+        // would be re-aged as if it had just been published, and stretch the hold.
+        let mut fresh = true;
         loop {
             let now = Instant::now();
-            {
+            if fresh {
                 let m = metrics.borrow_and_update();
                 let leader = m.state == ServerState::Leader;
                 gate.observe(leader, m.millis_since_quorum_ack.map(Duration::from_millis), now);
@@ -128,14 +131,17 @@ pub fn follow(
             });
             let deadline = gate.until().map(tokio::time::Instant::from_std);
             tokio::select! {
-                changed = metrics.changed() => if changed.is_err() {
-                    tx.send_replace(false);
-                    return;
-                },
+                changed = metrics.changed() => {
+                    if changed.is_err() {
+                        tx.send_replace(false);
+                        return;
+                    }
+                    fresh = true;
+                }
                 () = async { match deadline {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
-                } } => {}
+                } } => fresh = false,
             }
         }
     };

@@ -373,6 +373,19 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
             None => error(StatusCode::NOT_FOUND, "this node is not in cluster mode (no [cluster] section)"),
         },
         (&Method::POST, ["config"]) => apply_config(state, req).await,
+        (&Method::POST, ["debug", "stall-raft"]) if crate::daemon::cluster::failpoints_enabled() => {
+            let ms = req.uri().query().and_then(|q| q.strip_prefix("ms=")).and_then(|v| v.parse::<u64>().ok());
+            match ms {
+                Some(ms) if ms <= 10_000 => {
+                    if crate::daemon::cluster::stall_raft(std::time::Duration::from_millis(ms)) {
+                        json(StatusCode::OK, &serde_json::json!({ "stalled_ms": ms }))
+                    } else {
+                        error(StatusCode::NOT_FOUND, "no raft runtime on this node")
+                    }
+                }
+                _ => error(StatusCode::BAD_REQUEST, "use ?ms=N (at most 10000)"),
+            }
+        }
         (&Method::GET, ["config"]) => {
             let config = state.snapshot.load().config.clone();
             match toml::to_string(&*config) {

@@ -47,17 +47,40 @@ const REPORT_BACKOFF: Duration = Duration::from_millis(200);
 fn raft_runtime(realtime: bool) -> Result<&'static tokio::runtime::Runtime, DaemonError> {
     // Built inside `get_or_init`: a runtime dropped in async context panics, so none may be
     // built and then thrown away.
-    static RT: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
-    RT.get_or_init(|| {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(1).thread_name("keel-raft").enable_all();
-        if realtime {
-            b.on_thread_start(set_realtime);
-        }
-        b.build().map_err(|e| e.to_string())
-    })
-    .as_ref()
-    .map_err(|e| DaemonError::Cluster(format!("cannot start the raft runtime: {e}")))
+    RAFT_RT
+        .get_or_init(|| {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(1).thread_name("keel-raft").enable_all();
+            if realtime {
+                b.on_thread_start(set_realtime);
+            }
+            b.build().map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| DaemonError::Cluster(format!("cannot start the raft runtime: {e}")))
+}
+
+static RAFT_RT: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+
+/// Environment variable that turns on the test-only failpoints (`POST /debug/stall-raft`).
+pub const FAILPOINTS_ENV: &str = "KEEL_TEST_FAILPOINTS";
+
+/// Whether the test-only failpoints are on: `KEEL_TEST_FAILPOINTS=1` in the node's environment
+/// at start. Never set in production; the chaos lab sets it.
+pub fn failpoints_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var(FAILPOINTS_ENV).is_ok_and(|v| v == "1"))
+}
+
+/// Failpoint: blocks the Raft runtime's one worker thread for `d`, as a snapshot built on it
+/// did (a synchronous 0.4–0.63 s at a million sticky entries). Returns false when there is no
+/// Raft runtime (standalone).
+pub fn stall_raft(d: Duration) -> bool {
+    let Some(Ok(rt)) = RAFT_RT.get() else { return false };
+    tracing::warn!(target: "keel::raft", stall = ?d, "failpoint: stalling the raft thread");
+    // Blocking on purpose: that is the fault being simulated.
+    rt.spawn(async move { std::thread::sleep(d) });
+    true
 }
 
 /// The runtime the VIP lives on: one thread of its own for the lease deadline, the VIP controller
