@@ -43,6 +43,7 @@ pub mod model;
 pub mod network;
 pub mod node;
 pub mod retry_config;
+pub mod server_address;
 pub mod state;
 pub mod sticky_config;
 pub mod store;

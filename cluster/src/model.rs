@@ -21,6 +21,7 @@ pub use crate::edge::{
 };
 pub use crate::header_rules::HeaderRules;
 pub use crate::retry_config::{Percent, RetryOn};
+pub use crate::server_address::{entry_of, resolved_name, ServerAddress};
 pub use crate::sticky_config::{SameSite, Sticky, StickyMode, StickyStore};
 
 /// Highest server weight accepted, as in HAProxy (1–256).
@@ -268,6 +269,24 @@ pub struct Pool {
     /// Sticky sessions: keep a client on the server that served it before.
     #[serde(default)]
     pub sticky: Option<Sticky>,
+    /// How often servers given by DNS name are resolved again (nginx's `resolve` with
+    /// `valid=`, HAProxy's `hold valid`). Unused by IP literals.
+    #[serde(default = "defaults::resolve_interval")]
+    pub resolve_interval: HumanDuration,
+}
+
+impl Pool {
+    /// The configured server `server` names: itself, or the entry with a DNS name that
+    /// `ENTRY@IP:PORT` was resolved from.
+    pub fn entry(&self, server: &str) -> Option<&Server> {
+        self.servers.iter().find(|s| s.name == server).or_else(|| {
+            let entry = entry_of(server);
+            self.servers
+                .iter()
+                .find(|s| s.name == entry && matches!(s.address, ServerAddress::Name { .. }))
+                .filter(|_| entry != server)
+        })
+    }
 }
 
 /// One backend server.
@@ -276,8 +295,9 @@ pub struct Pool {
 pub struct Server {
     /// Name unique within the pool; it appears in logs, metrics and the admin API.
     pub name: String,
-    /// Address, e.g. "10.0.1.1:8080".
-    pub address: SocketAddr,
+    /// Address: an IP literal ("10.0.1.1:8080") or a DNS name ("app.internal:8080") that the
+    /// node resolves every `resolve_interval`, each resolved address becoming a server.
+    pub address: ServerAddress,
     /// Relative share of traffic, 1–256.
     #[serde(default = "defaults::weight")]
     pub weight: u32,
@@ -496,6 +516,11 @@ pub mod defaults {
     pub fn ejection() -> HumanDuration {
         HumanDuration::from_secs(10)
     }
+    /// 30s: nginx re-resolves by the answer's TTL, HAProxy every `hold valid` (10s); a fixed,
+    /// documented interval is predictable and cheap.
+    pub fn resolve_interval() -> HumanDuration {
+        HumanDuration::from_secs(30)
+    }
     /// 443.
     pub fn https_port() -> u16 {
         443
@@ -670,8 +695,21 @@ impl Config {
                 } else if !names.insert(server.name.as_str()) {
                     report(at.key("name"), format!("duplicate server name {:?} in pool {name:?}", server.name));
                 }
-                if !addrs.insert(server.address) {
-                    report(at.key("address"), format!("duplicate server address {} in pool {name:?}", server.address));
+                match &server.address {
+                    ServerAddress::Invalid(text) => report(
+                        at.key("address"),
+                        format!("{text:?} is not HOST:PORT (an IP address or a DNS name, and a port 1-65535)"),
+                    ),
+                    address if !addrs.insert(address) => {
+                        report(at.key("address"), format!("duplicate server address {address} in pool {name:?}"));
+                    }
+                    _ => {}
+                }
+                if server.name.contains('@') {
+                    report(
+                        at.key("name"),
+                        format!("{:?}: '@' is reserved for the servers a DNS name resolves to", server.name),
+                    );
                 }
                 if server.weight == 0 || server.weight > MAX_WEIGHT {
                     report(
@@ -725,6 +763,9 @@ impl Config {
                 if d.get().is_zero() {
                     report(at.key(key), "must be greater than zero".into());
                 }
+            }
+            if pool.resolve_interval.get().is_zero() {
+                report(at.key("resolve_interval"), "must be greater than zero".into());
             }
             if pool.slow_start.is_some_and(|d| d.get().is_zero()) {
                 report(at.key("slow_start"), "must be greater than zero (remove the key to turn it off)".into());

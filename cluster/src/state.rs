@@ -244,9 +244,10 @@ impl ClusterState {
         ClusterState { sticky: StickyTable::with_capacity(capacity), ..Default::default() }
     }
 
-    /// Whether `pool` has a server named `server` in the config.
+    /// Whether `pool` has a server named `server` in the config: a configured one, or one a
+    /// DNS entry of the pool resolved to (`ENTRY@IP:PORT`, named the same on every node).
     pub fn has_server(&self, pool: &str, server: &str) -> bool {
-        self.config.pools.get(pool).is_some_and(|p| p.servers.iter().any(|s| s.name == server))
+        self.config.pools.get(pool).is_some_and(|p| p.entry(server).is_some())
     }
 
     /// Whether the server is in rotation by health (no verdict = up).
@@ -261,7 +262,7 @@ impl ClusterState {
 
     /// The weight to balance with: the override if any, else the configured weight.
     pub fn effective_weight(&self, pool: &str, server: &str) -> Option<u32> {
-        let configured = self.config.pools.get(pool)?.servers.iter().find(|s| s.name == server)?.weight;
+        let configured = self.config.pools.get(pool)?.entry(server)?.weight;
         Some(self.overrides.get(pool).and_then(|m| m.get(server)).and_then(|o| o.weight).unwrap_or(configured))
     }
 
@@ -297,8 +298,7 @@ impl ClusterState {
         }
         let old = std::mem::replace(&mut self.config, config.clone());
         let cfg = &self.config;
-        let exists =
-            |pool: &str, server: &str| cfg.pools.get(pool).is_some_and(|p| p.servers.iter().any(|s| s.name == server));
+        let exists = |pool: &str, server: &str| cfg.pools.get(pool).is_some_and(|p| p.entry(server).is_some());
         for (pool, servers) in self.overrides.iter_mut() {
             servers.retain(|s, _| exists(pool, s));
         }

@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | GET | `/healthz` | 200 while the process serves (never needs the token) |
 //! | POST | `/reload-certs` | re-read every https listener's certificate files |
-//! | GET | `/status` | listeners, pools, servers with state, weight, effective weight (slow start), in-flight and counters (JSON) |
+//! | GET | `/status` | listeners, pools, servers with state, weight, effective weight (slow start), in-flight and counters, DNS names with their last resolution and error (JSON) |
 //! | GET | `/metrics` | Prometheus text format |
 //! | GET | `/` | the same status as an HTML table, for a person |
 //! | POST | `/pools/{pool}/servers/{server}/drain` | no new requests; in-flight ones finish |
@@ -97,8 +97,12 @@ pub struct PoolStatus {
     pub retries: u64,
     /// Retries the retry budget refused since the pool was built.
     pub retry_budget_exhausted: u64,
-    /// Servers.
+    /// Servers (a server given by DNS name appears once per resolved address, as
+    /// `ENTRY@IP:PORT`).
     pub servers: Vec<ServerStatus>,
+    /// The pool's servers given by DNS name: addresses in use, last resolution, last error.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<crate::resolve::NameStatus>,
 }
 
 /// One server in `/status`.
@@ -169,6 +173,7 @@ pub fn status(snapshot: &Snapshot) -> Status {
                 retries: p.retries.total(),
                 retry_budget_exhausted: p.retries.exhausted(),
                 servers: p.servers.iter().map(|s| ServerStatus::of(s, p)).collect(),
+                names: snapshot.names.status(&p.name),
             })
             .collect(),
     }

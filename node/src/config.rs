@@ -45,6 +45,17 @@ pub struct NodeSettings {
     /// that share a host (a lab, a test) or bind per-node addresses.
     #[serde(default)]
     pub listen: std::collections::BTreeMap<String, SocketAddr>,
+    /// DNS servers asked for the addresses of servers given by name (UDP, TCP when an answer
+    /// is truncated), e.g. `["10.0.0.2:53"]`. Empty: the system's (`/etc/resolv.conf`).
+    #[serde(default)]
+    pub resolvers: Vec<SocketAddr>,
+    /// Time one DNS query may take before it counts as a timeout (each query is tried twice).
+    #[serde(default = "default_resolve_timeout")]
+    pub resolve_timeout: HumanDuration,
+}
+
+fn default_resolve_timeout() -> HumanDuration {
+    HumanDuration::from_secs(2)
 }
 
 fn default_admin() -> SocketAddr {
@@ -64,6 +75,8 @@ impl Default for NodeSettings {
             admin_token_file: None,
             admin_token_env: None,
             listen: Default::default(),
+            resolvers: Vec::new(),
+            resolve_timeout: default_resolve_timeout(),
         }
     }
 }
@@ -310,6 +323,13 @@ pub fn parse(text: &str, origin: &str) -> Result<NodeFile, ConfigError> {
                  or keep it on loopback",
                 raw.node.admin
             ),
+        });
+    }
+    if raw.node.resolve_timeout.get().is_zero() {
+        problems.push(Problem {
+            line: locate(text, document.get_ref(), &KeyPath::of(&["node", "resolve_timeout"])),
+            key: Some("node.resolve_timeout".into()),
+            reason: "must be greater than zero".into(),
         });
     }
     if raw.node.admin_token_file.is_some() && raw.node.admin_token_env.is_some() {

@@ -70,6 +70,27 @@ impl ServerStats {
     }
 }
 
+/// One server of a pool as built: a configured server with an IP literal, or one address that
+/// a configured DNS name resolved to (named `ENTRY@IP:PORT`, see [`crate::resolve`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerSpec {
+    /// Name unique within the pool.
+    pub name: String,
+    /// Where it listens.
+    pub address: SocketAddr,
+    /// Configured weight (a resolved server has its entry's).
+    pub weight: u32,
+}
+
+impl ServerSpec {
+    /// The spec of a configured server with an IP literal; `None` for a DNS name, which only
+    /// the resolver can turn into servers.
+    pub fn literal(server: &model::Server) -> Option<ServerSpec> {
+        let address = server.address.ip()?;
+        Some(ServerSpec { name: server.name.clone(), address, weight: server.weight })
+    }
+}
+
 /// The live state of one backend server.
 #[derive(Debug)]
 pub struct ServerState {
@@ -101,7 +122,7 @@ pub struct ServerState {
 
 impl ServerState {
     /// A server as configured: up, not drained, not ejected.
-    pub fn new(server: &model::Server) -> Self {
+    pub fn new(server: &ServerSpec) -> Self {
         Self {
             name: server.name.clone(),
             address: server.address,
@@ -230,15 +251,27 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Builds a pool, reusing `existing` server states where the same name and address remain.
-    /// Fails when the pool's TLS settings (CA bundle) cannot be loaded.
+    /// Builds a pool of the configured servers with IP literals (DNS names contribute nothing;
+    /// see [`Pool::with_servers`]), reusing `existing` server states.
     pub fn new(
         name: &str,
         config: &model::Pool,
-        existing: impl Fn(&model::Server) -> Option<Arc<ServerState>>,
+        existing: impl Fn(&ServerSpec) -> Option<Arc<ServerState>>,
     ) -> Result<Arc<Self>, TlsError> {
-        let servers: Vec<Arc<ServerState>> = config
-            .servers
+        let servers = config.servers.iter().filter_map(ServerSpec::literal).collect();
+        Self::with_servers(name, config, servers, existing)
+    }
+
+    /// Builds a pool of `servers` (the config's, with DNS names expanded), reusing `existing`
+    /// server states where the same name and address remain. Fails when the pool's TLS
+    /// settings (CA bundle) cannot be loaded.
+    pub fn with_servers(
+        name: &str,
+        config: &model::Pool,
+        servers: Vec<ServerSpec>,
+        existing: impl Fn(&ServerSpec) -> Option<Arc<ServerState>>,
+    ) -> Result<Arc<Self>, TlsError> {
+        let servers: Vec<Arc<ServerState>> = servers
             .iter()
             .map(|s| {
                 let state = existing(s).unwrap_or_else(|| Arc::new(ServerState::new(s)));

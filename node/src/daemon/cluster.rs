@@ -173,23 +173,33 @@ pub async fn follow(
     mut stop: watch::Receiver<bool>,
 ) -> ListenerSet {
     let mut state_rx = handle.state();
+    // A new DNS answer rebuilds the snapshot like a config change (crate::resolve).
+    let names = follower.snapshot.load().names.clone();
+    let mut answers = names.changed();
+    let mut rebuild = false;
     loop {
         let state = state_rx.borrow_and_update().clone();
-        apply(&state, &follower, &mut listeners).await;
+        apply(&state, &follower, &mut listeners, rebuild).await;
         tokio::select! {
-            changed = state_rx.changed() => if changed.is_err() { break },
+            changed = state_rx.changed() => { rebuild = false; if changed.is_err() { break } },
+            _ = answers.changed() => rebuild = true,
             _ = stop.changed() => break,
         }
     }
     listeners
 }
 
-async fn apply(state: &ClusterState, follower: &Follower, listeners: &mut ListenerSet) {
+async fn apply(state: &ClusterState, follower: &Follower, listeners: &mut ListenerSet, rebuild: bool) {
     let Follower { snapshot, reporter, node, sticky } = follower;
     let current = snapshot.load_full();
-    if *current.config != state.config {
-        let built =
-            Snapshot::build(state.config.clone(), Some(&current)).map_err(|e| e.to_string()).and_then(|mut s| {
+    let new_config = *current.config != state.config;
+    if new_config || rebuild {
+        if new_config {
+            current.names.update(&state.config).await;
+        }
+        let built = Snapshot::build(state.config.clone(), Some(&current), &current.names)
+            .map_err(|e| e.to_string())
+            .and_then(|mut s| {
                 s.attach_sticky(sticky).map_err(|e| e.to_string())?;
                 Ok(s)
             });
@@ -206,8 +216,10 @@ async fn apply(state: &ClusterState, follower: &Follower, listeners: &mut Listen
                 for e in listeners.reconcile(&node.local_view(&state.config)).await {
                     tracing::error!(target: "keel::proxy", error = %e, "listener not started");
                 }
-                tracing::info!(target: "keel::raft", pools = state.config.pools.len(),
-                    listeners = state.config.listeners.len(), "serving the replicated config");
+                if new_config {
+                    tracing::info!(target: "keel::raft", pools = state.config.pools.len(),
+                        listeners = state.config.listeners.len(), "serving the replicated config");
+                }
             }
             Err(e) => {
                 tracing::error!(target: "keel::raft", error = %e, "cannot serve the replicated config; keeping the previous one");

@@ -18,6 +18,7 @@
 pub mod cluster;
 pub mod drain;
 pub mod listeners;
+pub mod names;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -36,6 +37,7 @@ use crate::admin::{self, AdminState};
 use crate::config::NodeFile;
 use crate::metrics::Rejections;
 use crate::proxy::BindError;
+use crate::resolve::Resolver;
 use crate::snapshot::{BuildError, SharedSnapshot, Snapshot};
 use crate::sticky::{StickyDeps, StickyRuntime};
 use crate::tls::{CertStore, ReloadSummary, TlsError};
@@ -170,7 +172,9 @@ impl Daemon {
             None => StickyDeps::standalone(),
         }));
         let seed = if file.cluster.is_some() { Config::default() } else { file.config.clone() };
-        let mut first = Snapshot::build(seed, None)?;
+        let names = Resolver::new(&file.node);
+        names.update(&seed).await;
+        let mut first = Snapshot::build(seed, None, &names)?;
         first.attach_sticky(&sticky).map_err(|e| DaemonError::Sticky(e.to_string()))?;
         let snapshot = Arc::new(ArcSwap::from_pointee(first));
         let rejections = Arc::new(Rejections::default());
@@ -220,6 +224,7 @@ impl Daemon {
                 for pool in snapshot.load().pools.values() {
                     crate::health::spawn(pool);
                 }
+                tokio::spawn(names::follow(snapshot.clone(), sticky.clone(), stop_rx.clone()));
                 None
             }
             Some(handle) if !witness => {

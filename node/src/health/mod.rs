@@ -236,7 +236,7 @@ mod tests {
     fn pool_config(address: SocketAddr, rise: u32, fall: u32) -> model::Pool {
         model::Pool {
             algorithm: model::Algorithm::RoundRobin,
-            servers: vec![model::Server { name: "s1".into(), address, weight: 1 }],
+            servers: vec![model::Server { name: "s1".into(), address: address.into(), weight: 1 }],
             health: Some(model::HealthCheck {
                 kind: CheckKind::Http,
                 method: "GET".into(),
@@ -253,6 +253,7 @@ mod tests {
             response_timeout: HumanDuration::from_secs(1),
             total_timeout: None,
             slow_start: None,
+            resolve_interval: model::defaults::resolve_interval(),
             retry_on: model::defaults::retry_on(),
             retry_budget: model::defaults::retry_budget(),
             retry_budget_min: model::defaults::retry_budget_min(),

@@ -314,7 +314,10 @@ mod tests {
     }
 
     fn servers(cfg: &model::Pool) -> Vec<Arc<ServerState>> {
-        cfg.servers.iter().map(|s: &Server| Arc::new(ServerState::new(s))).collect()
+        cfg.servers
+            .iter()
+            .map(|s: &Server| Arc::new(ServerState::new(&crate::pool::ServerSpec::literal(s).expect("an IP literal"))))
+            .collect()
     }
 
     fn req(name: http::header::HeaderName, value: &str) -> HeaderMap {

@@ -182,7 +182,9 @@ mod tests {
         let rt = StickyRuntime::new(StickyDeps::standalone());
         let cfg = config("mode = \"source_ip\"");
         let pool = &cfg.pools["app"];
-        let servers = vec![Arc::new(ServerState::new(&pool.servers[0]))];
+        let servers = vec![Arc::new(ServerState::new(
+            &crate::pool::ServerSpec::literal(&pool.servers[0]).expect("an IP literal"),
+        ))];
         let ip: IpAddr = "10.1.1.1".parse().unwrap();
         let p = rt.policy("app", pool).unwrap().unwrap();
         assert_eq!(p.store_kind(), Some("local"), "raft without a cluster falls back to memory");

@@ -1,0 +1,182 @@
+//! Servers given by DNS name: keel asks the test's own DNS server (never the host's), every
+//! resolved address becomes a server of the pool, a new answer adds and removes servers, and a
+//! failed resolution keeps the last good addresses while `/status` and `/metrics` show it.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{anyhow, ensure, Context, Result};
+use keel_tests::dns::{Answer, DnsServer};
+use keel_tests::keel::metric_value;
+use keel_tests::wait::{wait_until, REQUEST};
+use keel_tests::{tally, Backend, Keel, PoolSpec};
+use serde_json::Value;
+
+/// The pool's `resolve_interval`: short, so each answer change shows within a second.
+const INTERVAL: &str = "200ms";
+/// Time for a changed answer to reach the data plane: a few intervals plus a busy machine.
+const ANSWER_CHANGE: Duration = Duration::from_secs(5);
+/// Time for a failing DNS server to show as failing: keel's query timeout (300ms) twice, plus
+/// intervals and margin.
+const FAILURE_SHOWN: Duration = Duration::from_secs(8);
+
+const A: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+const B: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
+
+/// Backends `a` on 127.0.0.2 and `b` on 127.0.0.3, on the same port (a DNS entry has one port).
+fn two_backends() -> Result<(Backend, Backend, u16)> {
+    let mut last = None;
+    for _ in 0..10 {
+        let a = Backend::start_on(SocketAddr::from((A, 0)), "a")?;
+        let port = a.addr().port();
+        match Backend::start_on(SocketAddr::from((B, port)), "b") {
+            Ok(b) => return Ok((a, b, port)),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow!("no common port")))
+}
+
+async fn start_keel(dns: &DnsServer, port: u16) -> Result<Keel> {
+    let pool = PoolSpec::new("app", "round_robin").set(&format!("resolve_interval = \"{INTERVAL}\"")).server_named(
+        "app",
+        &format!("app.test:{port}"),
+        Some(2),
+    );
+    Keel::builder()
+        .node_line(&format!("resolvers = [\"{}\"]", dns.addr()))
+        .node_line("resolve_timeout = \"300ms\"")
+        .default_pool("app")
+        .pool(pool)
+        .start()
+        .await
+}
+
+/// The names of pool `app`'s servers in `/status`.
+async fn servers(keel: &Keel) -> Result<Vec<String>> {
+    let status = keel.status_json().await?;
+    let pool = app_pool(&status)?;
+    let list = pool["servers"].as_array().ok_or_else(|| anyhow!("no servers in {pool}"))?;
+    Ok(list.iter().filter_map(|s| s["name"].as_str().map(str::to_owned)).collect())
+}
+
+fn app_pool(status: &Value) -> Result<&Value> {
+    status["pools"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == "app"))
+        .ok_or_else(|| anyhow!("no pool app in {status}"))
+}
+
+/// `/status`'s entry for the name `app` of pool `app`.
+async fn name_status(keel: &Keel) -> Result<Value> {
+    let status = keel.status_json().await?;
+    let names = app_pool(&status)?["names"].as_array().cloned().unwrap_or_default();
+    names.into_iter().find(|n| n["server"] == "app").ok_or_else(|| anyhow!("no name `app` in {status}"))
+}
+
+async fn resolutions(keel: &Keel, outcome: &str) -> Result<f64> {
+    let text = keel.metrics().await?;
+    Ok(metric_value(
+        &text,
+        "keel_dns_resolutions_total",
+        &["pool=\"app\"", "server=\"app\"", "name=\"app.test\"", &format!("outcome=\"{outcome}\"")],
+    )
+    .unwrap_or(0.0))
+}
+
+#[tokio::test]
+async fn answers_add_and_remove_servers_and_a_failure_keeps_the_last_good_set() -> Result<()> {
+    let (a, b, port) = two_backends()?;
+    let dns = DnsServer::start()?;
+    dns.set_a("app.test", &[A]);
+    let keel = start_keel(&dns, port).await?;
+    let (name_a, name_b) = (format!("app@{A}:{port}"), format!("app@{B}:{port}"));
+
+    // One address: every request reaches a, on a server named after the entry and address,
+    // with the entry's weight.
+    ensure!(servers(&keel).await? == [name_a.clone()], "servers: {:?}", servers(&keel).await?);
+    ensure!(keel.server_status("app", &name_a).await?["weight"] == 2);
+    let who = keel.client().backends(keel.proxy_addr(), "/", 10).await?;
+    ensure!(who.iter().all(|w| w == "a"), "{who:?}");
+    let first = name_status(&keel).await?;
+    ensure!(first["last_error"].is_null() && first["last_resolved_unix_ms"].is_u64(), "{first}");
+
+    // Two addresses: both get traffic.
+    dns.set_a("app.test", &[A, B]);
+    wait_until(ANSWER_CHANGE, "both addresses to take traffic", || async {
+        let Ok(who) = keel.client().backends(keel.proxy_addr(), "/", 10).await else { return false };
+        let t = tally(who.iter().map(String::as_str));
+        t.contains_key("a") && t.contains_key("b")
+    })
+    .await?;
+    ensure!(servers(&keel).await? == [name_a.clone(), name_b.clone()]);
+
+    // Only b: a receives nothing more.
+    dns.set_a("app.test", &[B]);
+    wait_until(ANSWER_CHANGE, "a to leave the pool", || async {
+        servers(&keel).await.ok() == Some(vec![name_b.clone()])
+    })
+    .await?;
+    let a_before = a.requests();
+    let who = keel.client().backends(keel.proxy_addr(), "/", 20).await?;
+    ensure!(who.iter().all(|w| w == "b"), "{who:?}");
+    ensure!(a.requests() == a_before, "a got {} more requests", a.requests() - a_before);
+
+    // SERVFAIL: the last good set stays, and the failure shows in /status and /metrics.
+    let ok_before = resolutions(&keel, "ok").await?;
+    ensure!(ok_before >= 3.0, "ok resolutions: {ok_before}");
+    dns.set("app.test", Answer::ServFail);
+    wait_until(FAILURE_SHOWN, "the failure in /status and /metrics", || async {
+        let shown = name_status(&keel).await.is_ok_and(|n| n["last_error"].is_string());
+        shown && resolutions(&keel, "error").await.is_ok_and(|n| n >= 1.0)
+    })
+    .await?;
+    let failing = name_status(&keel).await?;
+    eprintln!("while failing: {failing}");
+    ensure!(failing["addresses"] == serde_json::json!([format!("{B}:{port}")]), "{failing}");
+    ensure!(servers(&keel).await? == [name_b.clone()]);
+    let who = keel.client().backends(keel.proxy_addr(), "/", 10).await?;
+    ensure!(who.iter().all(|w| w == "b"), "{who:?}");
+
+    // Silence (a timeout) is a failure of its own kind, and the last good set still stands.
+    dns.set("app.test", Answer::Silent);
+    wait_until(FAILURE_SHOWN, "a timeout in /metrics", || async {
+        resolutions(&keel, "timeout").await.is_ok_and(|n| n >= 1.0)
+    })
+    .await?;
+    ensure!(servers(&keel).await? == [name_b.clone()]);
+
+    // The log names the transition once, not once per failed attempt.
+    let log = keel.log();
+    let lost = log.matches("server name no longer resolves").count();
+    ensure!(lost == 1, "{lost} 'no longer resolves' lines:\n{log}");
+    ensure!(b.requests() >= 10);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_name_that_does_not_resolve_at_start_does_not_stop_the_node() -> Result<()> {
+    let (_a, _b, port) = two_backends()?;
+    let dns = DnsServer::start()?;
+    dns.set("app.test", Answer::NxDomain);
+    let keel = start_keel(&dns, port).await?;
+
+    // Started, with no server in the pool yet: 503, and the reason in the log and /status.
+    ensure!(servers(&keel).await?.is_empty());
+    let r = keel.get("/").await?;
+    ensure!(r.status == 503, "status {}", r.status);
+    ensure!(keel.log().contains("server name does not resolve"), "{}", keel.log());
+    let n = name_status(&keel).await?;
+    ensure!(n["last_error"].is_string() && n["last_resolved_unix_ms"].is_null(), "{n}");
+
+    // Once it resolves, it serves.
+    dns.set_a("app.test", &[B]);
+    wait_until(ANSWER_CHANGE, "the name to resolve and serve", || async {
+        matches!(keel.get("/").await, Ok(r) if r.status == 200 && r.backend() == Some("b"))
+    })
+    .await?;
+    let n = name_status(&keel).await?;
+    ensure!(n["last_error"].is_null(), "{n}");
+    tokio::time::timeout(REQUEST, keel.get("/")).await.context("request")??;
+    Ok(())
+}
