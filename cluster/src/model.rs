@@ -276,15 +276,14 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// The configured server `server` names: itself, or the entry with a DNS name that
-    /// `ENTRY@IP:PORT` was resolved from.
+    /// The configured server that the run-time server `server` comes from: the server of
+    /// that name with an IP literal, or the entry with a DNS name that `ENTRY@IP:PORT` was
+    /// resolved from. An entry with a DNS name is no server itself.
     pub fn entry(&self, server: &str) -> Option<&Server> {
-        self.servers.iter().find(|s| s.name == server).or_else(|| {
-            let entry = entry_of(server);
-            self.servers
-                .iter()
-                .find(|s| s.name == entry && matches!(s.address, ServerAddress::Name { .. }))
-                .filter(|_| entry != server)
+        let entry = entry_of(server);
+        self.servers.iter().find(|s| match s.address {
+            ServerAddress::Name { .. } => entry != server && s.name == entry,
+            _ => s.name == server,
         })
     }
 }
@@ -972,6 +971,34 @@ mod tests {
         let paths: Vec<String> = problems.iter().map(|p| p.path.to_string()).collect();
         assert_eq!(paths, ["listeners.web.default_pool", "pools.app.servers[0].weight", "pools.app.servers[1].name"]);
         assert!(problems[0].reason.contains("defined: app"), "{}", problems[0]);
+    }
+
+    #[test]
+    fn server_addresses_are_ip_literals_or_dns_names() {
+        let servers = |list: &[(&str, &str)]| {
+            let mut text = GOOD.split("[[pools.app.servers]]").next().expect("head").to_owned();
+            for (name, address) in list {
+                text.push_str(&format!("[[pools.app.servers]]\nname = \"{name}\"\naddress = \"{address}\"\n"));
+            }
+            parse(&text)
+        };
+        let c = servers(&[("a", "10.0.0.1:80"), ("b", "app.internal:8080")]);
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.pools["app"].resolve_interval, HumanDuration::from_secs(30));
+        assert_eq!(c.pools["app"].servers[1].address, ServerAddress::Name { host: "app.internal".into(), port: 8080 });
+        let problems = servers(&[("a", "10.0.0.1:80"), ("b", "10.0.0.1:80x"), ("c", "10.0.0.1:80"), ("d@x", "d:1")])
+            .validate()
+            .unwrap_err();
+        let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(shown.len(), 3, "{shown:?}");
+        assert!(shown[0].starts_with("pools.app.servers[1].address: \"10.0.0.1:80x\" is not HOST:PORT"), "{shown:?}");
+        assert!(
+            shown[1].starts_with("pools.app.servers[2].address: duplicate server address 10.0.0.1:80"),
+            "{shown:?}"
+        );
+        assert!(shown[2].starts_with("pools.app.servers[3].name: \"d@x\": '@' is reserved"), "{shown:?}");
+        let dup = servers(&[("a", "App.Internal:80"), ("b", "app.internal.:80")]).validate().unwrap_err();
+        assert_eq!(dup[0].path.to_string(), "pools.app.servers[1].address");
     }
 
     #[test]

@@ -457,6 +457,26 @@ mod tests {
     }
 
     #[test]
+    fn servers_resolved_from_a_dns_entry_take_verdicts_drains_and_weights() {
+        let mut cfg = config(&["a"]);
+        let named: crate::model::Server =
+            serde_json::from_str(r#"{"name":"web","address":"web.internal:80","weight":4}"#).unwrap();
+        cfg.pools.get_mut("app").unwrap().servers.push(named);
+        let mut s = ClusterState::default();
+        assert_eq!(s.apply(&Command::ApplyConfig(cfg.clone()), 1, 0), Outcome::Applied { changed: true });
+        let resolved = "web@10.0.0.5:80";
+        assert!(s.has_server("app", resolved));
+        assert!(!s.has_server("app", "a@10.0.0.5:80"), "an IP-literal entry resolves to nothing");
+        assert!(!s.has_server("app", "web"), "the entry itself is no server");
+        assert_eq!(s.effective_weight("app", resolved), Some(4));
+        assert!(!s.apply(&health(resolved, false, 1), 2, 0).is_rejected());
+        assert!(!s.is_up("app", resolved));
+        // The entry leaves the config: its resolved servers' verdicts go with it.
+        s.apply(&Command::ApplyConfig(config(&["a"])), 3, 0);
+        assert!(s.health.is_empty());
+    }
+
+    #[test]
     fn invalid_config_is_rejected_and_changes_nothing() {
         let mut s = with(&["a"]);
         let before = s.clone();

@@ -513,8 +513,16 @@ mod tests {
     fn unknown_keys_and_bad_values_name_their_line() {
         let found = problems(&BASE.replace("[pools.app]\n", "[pools.app]\nalgoritm = \"random\"\n"));
         assert!(found[0].starts_with("k.toml:6: unknown field `algoritm`"), "{found:?}");
-        let found = problems(&BASE.replace("127.0.0.1:9001", "127.0.0.1"));
-        assert!(found[0].starts_with("k.toml:9: invalid socket address"), "{found:?}");
+        let found = problems(&BASE.replace("127.0.0.1:9001", "127.0.0.1:90x"));
+        assert_eq!(
+            found,
+            ["k.toml:9: pools.app.servers[0].address: \"127.0.0.1:90x\" is not HOST:PORT (an IP address or a DNS \
+                 name, and a port 1-65535)"]
+        );
+        let found = problems(&BASE.replace("127.0.0.1:9001", "app.internal:9001"));
+        assert!(found.is_empty(), "a DNS name is an address: {found:?}");
+        let found = problems(&format!("[node]\nresolvers = [\"127.0.0.1:5353\"]\nresolve_timeout = \"0s\"\n{BASE}"));
+        assert!(found[0].starts_with("k.toml:3: node.resolve_timeout: must be greater than zero"), "{found:?}");
         let found = problems(&format!("{BASE}[pools.app.health]\ninterval = \"5\"\n"));
         assert!(found[0].starts_with("k.toml:11: invalid duration \"5\""), "{found:?}");
     }

@@ -134,7 +134,7 @@ async fn answers_add_and_remove_servers_and_a_failure_keeps_the_last_good_set() 
     let failing = name_status(&keel).await?;
     eprintln!("while failing: {failing}");
     ensure!(failing["addresses"] == serde_json::json!([format!("{B}:{port}")]), "{failing}");
-    ensure!(servers(&keel).await? == [name_b.clone()]);
+    ensure!(servers(&keel).await? == std::slice::from_ref(&name_b));
     let who = keel.client().backends(keel.proxy_addr(), "/", 10).await?;
     ensure!(who.iter().all(|w| w == "b"), "{who:?}");
 
@@ -144,7 +144,7 @@ async fn answers_add_and_remove_servers_and_a_failure_keeps_the_last_good_set() 
         resolutions(&keel, "timeout").await.is_ok_and(|n| n >= 1.0)
     })
     .await?;
-    ensure!(servers(&keel).await? == [name_b.clone()]);
+    ensure!(servers(&keel).await? == std::slice::from_ref(&name_b));
 
     // The log names the transition once, not once per failed attempt.
     let log = keel.log();
