@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::{anyhow, ensure, Context, Result};
 use keel_tests::dns::{Answer, DnsServer};
 use keel_tests::keel::metric_value;
-use keel_tests::wait::{wait_until, REQUEST};
-use keel_tests::{tally, Backend, Keel, PoolSpec};
+use keel_tests::wait::{wait_until, HEALTH_CHANGE, REQUEST};
+use keel_tests::{tally, Backend, Cluster, Keel, PoolSpec};
 use serde_json::Value;
 
 /// The pool's `resolve_interval`: short, so each answer change shows within a second.
@@ -178,5 +178,59 @@ async fn a_name_that_does_not_resolve_at_start_does_not_stop_the_node() -> Resul
     let n = name_status(&keel).await?;
     ensure!(n["last_error"].is_null(), "{n}");
     tokio::time::timeout(REQUEST, keel.get("/")).await.context("request")??;
+    Ok(())
+}
+
+/// Cluster mode: each node resolves for itself and follows the answers, and a resolved server's
+/// health verdict and drain go through Raft like any server's (the replicated state knows its
+/// name).
+#[tokio::test]
+async fn in_a_cluster_every_node_follows_the_answers_and_resolved_servers_take_verdicts() -> Result<()> {
+    let (a, b, port) = two_backends()?;
+    let dns = DnsServer::start()?;
+    dns.set_a("app.test", &[A]);
+    let mut pool = PoolSpec::new("app", "round_robin")
+        .set(&format!("resolve_interval = \"{INTERVAL}\""))
+        .server_named("app", &format!("app.test:{port}"), None)
+        .health_http("100ms", 1, 1);
+    pool = pool.no_outlier();
+    let seed = Keel::builder()
+        .node_line(&format!("resolvers = [\"{}\"]", dns.addr()))
+        .node_line("resolve_timeout = \"300ms\"")
+        .default_pool("app")
+        .pool(pool);
+    let mut c = Cluster::builder(seed, 2).start().await?;
+    c.form().await?;
+    let ids = c.data_ids();
+    let who = |id: u64| {
+        let c = &c;
+        async move { c.client().backends(c.proxy(id), "/", 10).await.map(|w| tally(w.iter().map(String::as_str))) }
+    };
+    for &id in &ids {
+        wait_until(ANSWER_CHANGE, &format!("node {id} to serve a"), || async {
+            who(id).await.is_ok_and(|t| t.keys().eq(["a"]))
+        })
+        .await?;
+    }
+    dns.set_a("app.test", &[A, B]);
+    for &id in &ids {
+        wait_until(ANSWER_CHANGE, &format!("node {id} to serve a and b"), || async {
+            who(id).await.is_ok_and(|t| t.keys().eq(["a", "b"]))
+        })
+        .await?;
+    }
+    let (name_a, name_b) = (format!("app@{A}:{port}"), format!("app@{B}:{port}"));
+    // a fails its checks: the verdict is voted through Raft and every node takes a out.
+    a.set_healthy(false);
+    for &id in &ids {
+        c.wait_state(id, "app", &name_a, "down", HEALTH_CHANGE).await?;
+    }
+    // A drain of a resolved server, by name through the CLI, reaches every node.
+    let out = c.cli(1, &["backend", "drain", "app", &name_b])?;
+    ensure!(out.status.success(), "drain: {}", keel_tests::cluster::describe(&out));
+    for &id in &ids {
+        c.wait_state(id, "app", &name_b, "drain", HEALTH_CHANGE).await?;
+    }
+    ensure!(a.requests() > 0 && b.requests() > 0);
     Ok(())
 }
