@@ -101,6 +101,9 @@ pub struct ServerState {
     /// Stable identity for consistent hashing: a fixed-seed hash of the name.
     pub id: u64,
     weight: AtomicU32,
+    /// The weight the config gave when the state was last built: a rebuild that does not
+    /// change it (a new DNS answer, another pool's change) keeps an operator's weight.
+    configured_weight: AtomicU32,
     checked_up: AtomicBool,
     draining: AtomicBool,
     /// Passive outlier detection's bookkeeping, including the ejection deadline.
@@ -128,6 +131,7 @@ impl ServerState {
             address: server.address,
             id: xxhash_rust::xxh3::xxh3_64_with_seed(server.name.as_bytes(), SERVER_ID_SEED),
             weight: AtomicU32::new(server.weight),
+            configured_weight: AtomicU32::new(server.weight),
             checked_up: AtomicBool::new(true),
             draining: AtomicBool::new(false),
             outlier: OutlierState::default(),
@@ -275,7 +279,9 @@ impl Pool {
             .iter()
             .map(|s| {
                 let state = existing(s).unwrap_or_else(|| Arc::new(ServerState::new(s)));
-                state.weight.store(s.weight, Ordering::Relaxed);
+                if state.configured_weight.swap(s.weight, Ordering::Relaxed) != s.weight {
+                    state.weight.store(s.weight, Ordering::Relaxed);
+                }
                 state
             })
             .collect();

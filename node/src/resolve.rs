@@ -527,6 +527,10 @@ mod tests {
         assert_eq!(names(&first), ["fixed", "app@10.0.0.1:80", "app@10.0.0.2:80"]);
         assert!(first.pools["p"].servers.iter().skip(1).all(|s| s.weight() == 3));
 
+        // An operator's drain and weight on a surviving server outlive the rebuild.
+        first.pools["p"].set_draining("app@10.0.0.1:80", true).expect("drain");
+        first.pools["p"].set_weight("fixed", 7).expect("weight");
+
         // 10.0.0.1 stays, 10.0.0.2 goes, 10.0.0.3 comes.
         dns.set("app.test", Some(&["10.0.0.3", "10.0.0.1"]));
         tokio::time::timeout(Duration::from_secs(5), changed.changed()).await.expect("re-resolved").expect("open");
@@ -536,6 +540,8 @@ mod tests {
         assert!(same(0, 0), "the IP literal keeps its state");
         assert!(same(1, 1), "a surviving address keeps its state object");
         assert!(!Arc::ptr_eq(&first.pools["p"].servers[2], &second.pools["p"].servers[2]));
+        assert!(second.pools["p"].servers[1].is_draining());
+        assert_eq!(second.pools["p"].servers[0].weight(), 7);
 
         // A failure keeps the last good set, and is counted and shown.
         dns.set("app.test", None);
