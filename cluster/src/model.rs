@@ -327,7 +327,8 @@ pub struct HealthCheck {
     /// HTTP path (http checks).
     #[serde(default = "defaults::check_path")]
     pub path: String,
-    /// Host header to send (http checks); the server's address when absent.
+    /// Host header to send (http checks); when absent, the DNS name and port of a server
+    /// given by name, else the server's address.
     #[serde(default)]
     pub host: Option<String>,
     /// Accepted statuses: "200", or an inclusive range such as "200-399".

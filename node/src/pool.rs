@@ -80,6 +80,8 @@ pub struct ServerSpec {
     pub address: SocketAddr,
     /// Configured weight (a resolved server has its entry's).
     pub weight: u32,
+    /// `NAME:PORT` of the DNS name a resolved server comes from; `None` for an IP literal.
+    pub host: Option<String>,
 }
 
 impl ServerSpec {
@@ -87,7 +89,7 @@ impl ServerSpec {
     /// the resolver can turn into servers.
     pub fn literal(server: &model::Server) -> Option<ServerSpec> {
         let address = server.address.ip()?;
-        Some(ServerSpec { name: server.name.clone(), address, weight: server.weight })
+        Some(ServerSpec { name: server.name.clone(), address, weight: server.weight, host: None })
     }
 }
 
@@ -98,6 +100,8 @@ pub struct ServerState {
     pub name: String,
     /// Where it listens.
     pub address: SocketAddr,
+    /// `NAME:PORT` of the DNS name it was resolved from (the default `Host` of HTTP checks).
+    pub host: Option<String>,
     /// Stable identity for consistent hashing: a fixed-seed hash of the name.
     pub id: u64,
     weight: AtomicU32,
@@ -129,6 +133,7 @@ impl ServerState {
         Self {
             name: server.name.clone(),
             address: server.address,
+            host: server.host.clone(),
             id: xxhash_rust::xxh3::xxh3_64_with_seed(server.name.as_bytes(), SERVER_ID_SEED),
             weight: AtomicU32::new(server.weight),
             configured_weight: AtomicU32::new(server.weight),

@@ -424,7 +424,12 @@ impl Resolver {
         let addresses = entry.known().addresses.clone().unwrap_or_default();
         addresses
             .into_iter()
-            .map(|address| ServerSpec { name: resolved_name(&server.name, address), address, weight: server.weight })
+            .map(|address| ServerSpec {
+                name: resolved_name(&server.name, address),
+                address,
+                weight: server.weight,
+                host: Some(format!("{}:{}", entry.host, entry.port)),
+            })
             .collect()
     }
 
