@@ -41,7 +41,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
+use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::NetError;
 use hickory_resolver::TokioResolver;
@@ -148,6 +148,11 @@ impl HickoryLookup {
             )
         };
         let opts: &mut ResolverOpts = builder.options_mut();
+        if !self.servers.is_empty() {
+            // Servers named in the config are the only source: /etc/hosts is part of the
+            // system's resolver config, which `resolvers` replaces.
+            opts.use_hosts_file = ResolveHosts::Never;
+        }
         opts.timeout = self.timeout;
         opts.attempts = 2;
         // Ask every resolve_interval, whatever the TTL (see the module doc).

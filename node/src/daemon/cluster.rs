@@ -173,7 +173,8 @@ pub async fn follow(
     mut stop: watch::Receiver<bool>,
 ) -> ListenerSet {
     let mut state_rx = handle.state();
-    // A new DNS answer rebuilds the snapshot like a config change (crate::resolve).
+    // A new DNS answer rebuilds the snapshot like a config change (crate::resolve). `names`
+    // holds the resolver, so its channel cannot close under this loop.
     let names = follower.snapshot.load().names.clone();
     let mut answers = names.changed();
     let mut rebuild = false;

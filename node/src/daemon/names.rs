@@ -13,6 +13,9 @@ use crate::sticky::StickyRuntime;
 pub async fn follow(snapshot: SharedSnapshot, sticky: Arc<StickyRuntime>, mut stop: watch::Receiver<bool>) {
     let names = snapshot.load().names.clone();
     let mut answers = names.changed();
+    // An answer that changed between the first snapshot and this subscription would otherwise
+    // wait for the next change: one rebuild at start covers it.
+    answers.mark_changed();
     loop {
         tokio::select! {
             changed = answers.changed() => if changed.is_err() { return },
