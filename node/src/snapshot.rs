@@ -87,7 +87,10 @@ impl Snapshot {
     /// the runtime's, so they outlive this snapshot.
     pub fn attach_sticky(&mut self, runtime: &StickyRuntime) -> Result<(), StickyError> {
         for (name, pool) in &self.config.pools {
-            if let Some(policy) = runtime.policy(name, pool)? {
+            // Cookie ids name the servers as built: a DNS entry's resolved servers included.
+            let servers: Vec<&str> =
+                self.pools.get(name).map(|p| p.servers.iter().map(|s| s.name.as_str()).collect()).unwrap_or_default();
+            if let Some(policy) = runtime.policy(name, pool, &servers)? {
                 self.sticky.insert(name.clone(), policy);
             }
         }

@@ -9,7 +9,7 @@ use anyhow::{anyhow, ensure, Context, Result};
 use keel_tests::dns::{Answer, DnsServer};
 use keel_tests::keel::metric_value;
 use keel_tests::wait::{wait_until, HEALTH_CHANGE, REQUEST};
-use keel_tests::{tally, Backend, Cluster, Keel, PoolSpec};
+use keel_tests::{tally, Backend, Cluster, Keel, KeelBuilder, PoolSpec};
 use serde_json::Value;
 
 /// The pool's `resolve_interval`: short, so each answer change shows within a second.
@@ -37,7 +37,8 @@ fn two_backends() -> Result<(Backend, Backend, u16)> {
     Err(last.unwrap_or_else(|| anyhow!("no common port")))
 }
 
-async fn start_keel(dns: &DnsServer, port: u16) -> Result<Keel> {
+/// A node asking `dns`, with pool `app` = one entry `app` → `app.test:PORT`, weight 2.
+fn config(dns: &DnsServer, port: u16) -> KeelBuilder {
     let pool = PoolSpec::new("app", "round_robin").set(&format!("resolve_interval = \"{INTERVAL}\"")).server_named(
         "app",
         &format!("app.test:{port}"),
@@ -48,8 +49,10 @@ async fn start_keel(dns: &DnsServer, port: u16) -> Result<Keel> {
         .node_line("resolve_timeout = \"300ms\"")
         .default_pool("app")
         .pool(pool)
-        .start()
-        .await
+}
+
+async fn start_keel(dns: &DnsServer, port: u16) -> Result<Keel> {
+    config(dns, port).start().await
 }
 
 /// The names of pool `app`'s servers in `/status`.
@@ -232,5 +235,42 @@ async fn in_a_cluster_every_node_follows_the_answers_and_resolved_servers_take_v
         c.wait_state(id, "app", &name_b, "drain", HEALTH_CHANGE).await?;
     }
     ensure!(a.requests() > 0 && b.requests() > 0);
+    Ok(())
+}
+
+/// Sticky cookies name resolved servers like any other: a client stays on its server, and
+/// still does after a new answer rebuilt the pool around it.
+#[tokio::test]
+async fn a_sticky_cookie_keeps_a_client_on_a_resolved_server_across_answers() -> Result<()> {
+    let (_a, _b, port) = two_backends()?;
+    let dns = DnsServer::start()?;
+    dns.set_a("app.test", &[A, B]);
+    let keel = config(&dns, port).raw("[pools.app.sticky]\nmode = \"cookie\"").start().await?;
+    let first = keel.get("/").await?;
+    ensure!(first.status == 200, "status {}", first.status);
+    let server = first.backend().ok_or_else(|| anyhow!("no x-backend"))?.to_owned();
+    let cookie = first
+        .header("set-cookie")
+        .and_then(|c| c.split(';').next())
+        .ok_or_else(|| anyhow!("no sticky cookie set"))?
+        .to_owned();
+    let with_cookie = || async {
+        let mut who = Vec::new();
+        for _ in 0..10 {
+            let req =
+                keel_tests::client::empty(keel_tests::client::get(keel.proxy_addr(), "/").header("cookie", &cookie))?;
+            let r = keel.client().send(req).await?;
+            who.push(r.backend().unwrap_or_default().to_owned());
+        }
+        anyhow::Ok(who)
+    };
+    let who = with_cookie().await?;
+    ensure!(who.iter().all(|w| *w == server), "with {cookie}: {who:?}");
+
+    // A third address joins (nothing listens there): the pool is rebuilt, the cookie holds.
+    dns.set_a("app.test", &[A, B, Ipv4Addr::new(127, 0, 0, 4)]);
+    wait_until(ANSWER_CHANGE, "a third server", || async { servers(&keel).await.is_ok_and(|s| s.len() == 3) }).await?;
+    let who = with_cookie().await?;
+    ensure!(who.iter().all(|w| *w == server), "after the new answer, with {cookie}: {who:?}");
     Ok(())
 }
