@@ -479,6 +479,17 @@ fn stats_page(status: &Status) -> String {
             ));
         }
         html.push_str("</table>");
+        for n in &p.names {
+            let addresses: Vec<String> = n.addresses.iter().map(ToString::to_string).collect();
+            html.push_str(&format!(
+                "<p>{} = {}:{} resolves to {}{}</p>",
+                escape(&n.server),
+                escape(&n.host),
+                n.port,
+                if addresses.is_empty() { "nothing yet".to_owned() } else { addresses.join(", ") },
+                n.last_error.as_deref().map(|e| format!(" (last attempt failed: {})", escape(e))).unwrap_or_default(),
+            ));
+        }
     }
     html.push_str("</body></html>");
     html

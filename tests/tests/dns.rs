@@ -137,6 +137,8 @@ async fn answers_add_and_remove_servers_and_a_failure_keeps_the_last_good_set() 
     let failing = name_status(&keel).await?;
     eprintln!("while failing: {failing}");
     ensure!(failing["addresses"] == serde_json::json!([format!("{B}:{port}")]), "{failing}");
+    let page = keel.admin_get("/").await?.text();
+    ensure!(page.contains("app.test") && page.contains("last attempt failed"), "stats page:\n{page}");
     ensure!(servers(&keel).await? == std::slice::from_ref(&name_b));
     let who = keel.client().backends(keel.proxy_addr(), "/", 10).await?;
     ensure!(who.iter().all(|w| w == "b"), "{who:?}");
