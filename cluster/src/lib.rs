@@ -10,6 +10,9 @@
 //!   session stickiness, and where bindings are stored) and its validation.
 //! - [`header_rules`]: a listener's or route's `headers` table (set/add/remove on requests and
 //!   responses, `${variable}` values) and its validation.
+//! - [`server_address`]: a server's `address`, an IP literal or a DNS name with a port (written
+//!   as the same string an IP `SocketAddr` was, so stored configs still decode), and the
+//!   `ENTRY@IP:PORT` names of the servers a DNS name resolves to.
 //! - [`duration`]: the human duration strings ("500ms", "2s") config files use.
 //! - [`command`]: what a node may propose to Raft ([`Command`]) and what applying it answered
 //!   ([`Outcome`]).
@@ -45,6 +48,7 @@ pub mod model;
 pub mod network;
 pub mod node;
 pub mod retry_config;
+pub mod server_address;
 pub mod state;
 pub mod sticky_config;
 pub mod store;

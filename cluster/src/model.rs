@@ -21,6 +21,7 @@ pub use crate::edge::{
 };
 pub use crate::header_rules::HeaderRules;
 pub use crate::retry_config::{Percent, RetryOn};
+pub use crate::server_address::{entry_of, resolved_name, ServerAddress};
 pub use crate::sticky_config::{SameSite, Sticky, StickyMode, StickyStore};
 
 /// Highest server weight accepted, as in HAProxy (1–256).
@@ -268,6 +269,23 @@ pub struct Pool {
     /// Sticky sessions: keep a client on the server that served it before.
     #[serde(default)]
     pub sticky: Option<Sticky>,
+    /// How often servers given by DNS name are resolved again (nginx's `resolve` with
+    /// `valid=`, HAProxy's `hold valid`). Unused by IP literals.
+    #[serde(default = "defaults::resolve_interval")]
+    pub resolve_interval: HumanDuration,
+}
+
+impl Pool {
+    /// The configured server that the run-time server `server` comes from: the server of
+    /// that name with an IP literal, or the entry with a DNS name that `ENTRY@IP:PORT` was
+    /// resolved from. An entry with a DNS name is no server itself.
+    pub fn entry(&self, server: &str) -> Option<&Server> {
+        let entry = entry_of(server);
+        self.servers.iter().find(|s| match s.address {
+            ServerAddress::Name { .. } => entry != server && s.name == entry,
+            _ => s.name == server,
+        })
+    }
 }
 
 /// One backend server.
@@ -276,8 +294,9 @@ pub struct Pool {
 pub struct Server {
     /// Name unique within the pool; it appears in logs, metrics and the admin API.
     pub name: String,
-    /// Address, e.g. "10.0.1.1:8080".
-    pub address: SocketAddr,
+    /// Address: an IP literal ("10.0.1.1:8080") or a DNS name ("app.internal:8080") that the
+    /// node resolves every `resolve_interval`, each resolved address becoming a server.
+    pub address: ServerAddress,
     /// Relative share of traffic, 1–256.
     #[serde(default = "defaults::weight")]
     pub weight: u32,
@@ -308,7 +327,8 @@ pub struct HealthCheck {
     /// HTTP path (http checks).
     #[serde(default = "defaults::check_path")]
     pub path: String,
-    /// Host header to send (http checks); the server's address when absent.
+    /// Host header to send (http checks); when absent, the DNS name and port of a server
+    /// given by name, else the server's address.
     #[serde(default)]
     pub host: Option<String>,
     /// Accepted statuses: "200", or an inclusive range such as "200-399".
@@ -496,6 +516,11 @@ pub mod defaults {
     pub fn ejection() -> HumanDuration {
         HumanDuration::from_secs(10)
     }
+    /// 30s: nginx re-resolves by the answer's TTL, HAProxy every `hold valid` (10s); a fixed,
+    /// documented interval is predictable and cheap.
+    pub fn resolve_interval() -> HumanDuration {
+        HumanDuration::from_secs(30)
+    }
     /// 443.
     pub fn https_port() -> u16 {
         443
@@ -670,8 +695,21 @@ impl Config {
                 } else if !names.insert(server.name.as_str()) {
                     report(at.key("name"), format!("duplicate server name {:?} in pool {name:?}", server.name));
                 }
-                if !addrs.insert(server.address) {
-                    report(at.key("address"), format!("duplicate server address {} in pool {name:?}", server.address));
+                match &server.address {
+                    ServerAddress::Invalid(text) => report(
+                        at.key("address"),
+                        format!("{text:?} is not HOST:PORT (an IP address or a DNS name, and a port 1-65535)"),
+                    ),
+                    address if !addrs.insert(address) => {
+                        report(at.key("address"), format!("duplicate server address {address} in pool {name:?}"));
+                    }
+                    _ => {}
+                }
+                if server.name.contains('@') {
+                    report(
+                        at.key("name"),
+                        format!("{:?}: '@' is reserved for the servers a DNS name resolves to", server.name),
+                    );
                 }
                 if server.weight == 0 || server.weight > MAX_WEIGHT {
                     report(
@@ -725,6 +763,9 @@ impl Config {
                 if d.get().is_zero() {
                     report(at.key(key), "must be greater than zero".into());
                 }
+            }
+            if pool.resolve_interval.get().is_zero() {
+                report(at.key("resolve_interval"), "must be greater than zero".into());
             }
             if pool.slow_start.is_some_and(|d| d.get().is_zero()) {
                 report(at.key("slow_start"), "must be greater than zero (remove the key to turn it off)".into());
@@ -931,6 +972,34 @@ mod tests {
         let paths: Vec<String> = problems.iter().map(|p| p.path.to_string()).collect();
         assert_eq!(paths, ["listeners.web.default_pool", "pools.app.servers[0].weight", "pools.app.servers[1].name"]);
         assert!(problems[0].reason.contains("defined: app"), "{}", problems[0]);
+    }
+
+    #[test]
+    fn server_addresses_are_ip_literals_or_dns_names() {
+        let servers = |list: &[(&str, &str)]| {
+            let mut text = GOOD.split("[[pools.app.servers]]").next().expect("head").to_owned();
+            for (name, address) in list {
+                text.push_str(&format!("[[pools.app.servers]]\nname = \"{name}\"\naddress = \"{address}\"\n"));
+            }
+            parse(&text)
+        };
+        let c = servers(&[("a", "10.0.0.1:80"), ("b", "app.internal:8080")]);
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.pools["app"].resolve_interval, HumanDuration::from_secs(30));
+        assert_eq!(c.pools["app"].servers[1].address, ServerAddress::Name { host: "app.internal".into(), port: 8080 });
+        let problems = servers(&[("a", "10.0.0.1:80"), ("b", "10.0.0.1:80x"), ("c", "10.0.0.1:80"), ("d@x", "d:1")])
+            .validate()
+            .unwrap_err();
+        let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(shown.len(), 3, "{shown:?}");
+        assert!(shown[0].starts_with("pools.app.servers[1].address: \"10.0.0.1:80x\" is not HOST:PORT"), "{shown:?}");
+        assert!(
+            shown[1].starts_with("pools.app.servers[2].address: duplicate server address 10.0.0.1:80"),
+            "{shown:?}"
+        );
+        assert!(shown[2].starts_with("pools.app.servers[3].name: \"d@x\": '@' is reserved"), "{shown:?}");
+        let dup = servers(&[("a", "App.Internal:80"), ("b", "app.internal.:80")]).validate().unwrap_err();
+        assert_eq!(dup[0].path.to_string(), "pools.app.servers[1].address");
     }
 
     #[test]

@@ -244,9 +244,10 @@ impl ClusterState {
         ClusterState { sticky: StickyTable::with_capacity(capacity), ..Default::default() }
     }
 
-    /// Whether `pool` has a server named `server` in the config.
+    /// Whether `pool` has a server named `server` in the config: a configured one, or one a
+    /// DNS entry of the pool resolved to (`ENTRY@IP:PORT`, named the same on every node).
     pub fn has_server(&self, pool: &str, server: &str) -> bool {
-        self.config.pools.get(pool).is_some_and(|p| p.servers.iter().any(|s| s.name == server))
+        self.config.pools.get(pool).is_some_and(|p| p.entry(server).is_some())
     }
 
     /// Whether the server is in rotation by health (no verdict = up).
@@ -261,7 +262,7 @@ impl ClusterState {
 
     /// The weight to balance with: the override if any, else the configured weight.
     pub fn effective_weight(&self, pool: &str, server: &str) -> Option<u32> {
-        let configured = self.config.pools.get(pool)?.servers.iter().find(|s| s.name == server)?.weight;
+        let configured = self.config.pools.get(pool)?.entry(server)?.weight;
         Some(self.overrides.get(pool).and_then(|m| m.get(server)).and_then(|o| o.weight).unwrap_or(configured))
     }
 
@@ -297,8 +298,7 @@ impl ClusterState {
         }
         let old = std::mem::replace(&mut self.config, config.clone());
         let cfg = &self.config;
-        let exists =
-            |pool: &str, server: &str| cfg.pools.get(pool).is_some_and(|p| p.servers.iter().any(|s| s.name == server));
+        let exists = |pool: &str, server: &str| cfg.pools.get(pool).is_some_and(|p| p.entry(server).is_some());
         for (pool, servers) in self.overrides.iter_mut() {
             servers.retain(|s, _| exists(pool, s));
         }
@@ -454,6 +454,26 @@ mod tests {
 
     fn sticky(key: &str, server: &str, exp: u64) -> StickyEntry {
         StickyEntry { pool: "app".into(), key: key.into(), server: server.into(), expires_at_ms: exp }
+    }
+
+    #[test]
+    fn servers_resolved_from_a_dns_entry_take_verdicts_drains_and_weights() {
+        let mut cfg = config(&["a"]);
+        let named: crate::model::Server =
+            serde_json::from_str(r#"{"name":"web","address":"web.internal:80","weight":4}"#).unwrap();
+        cfg.pools.get_mut("app").unwrap().servers.push(named);
+        let mut s = ClusterState::default();
+        assert_eq!(s.apply(&Command::ApplyConfig(cfg.clone()), 1, 0), Outcome::Applied { changed: true });
+        let resolved = "web@10.0.0.5:80";
+        assert!(s.has_server("app", resolved));
+        assert!(!s.has_server("app", "a@10.0.0.5:80"), "an IP-literal entry resolves to nothing");
+        assert!(!s.has_server("app", "web"), "the entry itself is no server");
+        assert_eq!(s.effective_weight("app", resolved), Some(4));
+        assert!(!s.apply(&health(resolved, false, 1), 2, 0).is_rejected());
+        assert!(!s.is_up("app", resolved));
+        // The entry leaves the config: its resolved servers' verdicts go with it.
+        s.apply(&Command::ApplyConfig(config(&["a"])), 3, 0);
+        assert!(s.health.is_empty());
     }
 
     #[test]

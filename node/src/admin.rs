@@ -7,7 +7,7 @@
 //! | POST | `/reload-certs` | re-read every https listener's certificate files |
 //! | POST | `/config` | standalone: apply a node file's text, body `{"file": TEXT, "origin": NAME}` — what SIGHUP does with the node's own file (`daemon::apply`) |
 //! | GET | `/config` | the served config as TOML |
-//! | GET | `/status` | listeners, pools, servers with state, weight, effective weight (slow start), in-flight and counters, the last reload's outcome (JSON) |
+//! | GET | `/status` | listeners, pools, servers with state, weight, effective weight (slow start), in-flight and counters, DNS names with their last resolution and error, the last reload's outcome (JSON) |
 //! | GET | `/metrics` | Prometheus text format |
 //! | GET | `/` | the live dashboard (`dashboard`); the sign-in form to a browser without a session |
 //! | GET | `/dashboard.json` | the dashboard's document: rates, latency, cluster, events (one sample a second, shared) |
@@ -118,8 +118,12 @@ pub struct PoolStatus {
     pub retries: u64,
     /// Retries the retry budget refused since the pool was built.
     pub retry_budget_exhausted: u64,
-    /// Servers.
+    /// Servers (a server given by DNS name appears once per resolved address, as
+    /// `ENTRY@IP:PORT`).
     pub servers: Vec<ServerStatus>,
+    /// The pool's servers given by DNS name: addresses in use, last resolution, last error.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<crate::resolve::NameStatus>,
 }
 
 /// One server in `/status`.
@@ -190,6 +194,7 @@ pub fn status(snapshot: &Snapshot) -> Status {
                 retries: p.retries.total(),
                 retry_budget_exhausted: p.retries.exhausted(),
                 servers: p.servers.iter().map(|s| ServerStatus::of(s, p)).collect(),
+                names: snapshot.names.status(&p.name),
             })
             .collect(),
     }

@@ -92,6 +92,18 @@ fn no_leader(asked: SocketAddr) -> impl Fn(ClientError) -> CliError {
     }
 }
 
+/// Parses `--admin`: `IP:PORT`, or `HOST:PORT` resolved once with the system resolver (the
+/// first address it gives), so `--admin localhost:9090` works. A CLI call is one-shot, so a
+/// name is looked up here, not followed.
+pub fn admin_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    use std::net::ToSocketAddrs;
+    let mut found = text.to_socket_addrs().map_err(|e| format!("{text:?} is not HOST:PORT that resolves: {e}"))?;
+    found.next().ok_or_else(|| format!("{text:?} resolves to no address"))
+}
+
 /// Where and how to reach the admin API.
 #[derive(Clone, Debug)]
 pub struct Target {
@@ -498,4 +510,17 @@ async fn weightless_algorithm(target: &Target, pool: &str) -> Option<keel_cluste
     let entry = doc.get("pools")?.as_array()?.iter().find(|p| p.get("name").and_then(|n| n.as_str()) == Some(pool))?;
     let algorithm: keel_cluster::model::Algorithm = serde_json::from_value(entry.get("algorithm")?.clone()).ok()?;
     (!crate::balance::uses_weights(algorithm)).then_some(algorithm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Only inputs that need no lookup: tests never use the host's resolver.
+    #[test]
+    fn admin_addresses_take_ip_literals_and_refuse_what_is_no_host_port() {
+        assert_eq!(admin_addr("127.0.0.1:9090"), Ok(SocketAddr::from(([127, 0, 0, 1], 9090))));
+        let e = admin_addr("admin-without-port").unwrap_err();
+        assert!(e.contains("\"admin-without-port\" is not HOST:PORT"), "{e}");
+    }
 }

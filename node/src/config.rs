@@ -52,6 +52,17 @@ pub struct NodeSettings {
     /// that share a host (a lab, a test) or bind per-node addresses.
     #[serde(default)]
     pub listen: std::collections::BTreeMap<String, SocketAddr>,
+    /// DNS servers asked for the addresses of servers given by name (UDP, TCP when an answer
+    /// is truncated), e.g. `["10.0.0.2:53"]`. Empty: the system's (`/etc/resolv.conf`).
+    #[serde(default)]
+    pub resolvers: Vec<SocketAddr>,
+    /// Time one DNS query may take before it counts as a timeout (each query is tried twice).
+    #[serde(default = "default_resolve_timeout")]
+    pub resolve_timeout: HumanDuration,
+}
+
+fn default_resolve_timeout() -> HumanDuration {
+    HumanDuration::from_secs(2)
 }
 
 fn default_admin() -> SocketAddr {
@@ -71,6 +82,8 @@ impl Default for NodeSettings {
             admin_token_file: None,
             admin_token_env: None,
             listen: Default::default(),
+            resolvers: Vec::new(),
+            resolve_timeout: default_resolve_timeout(),
         }
     }
 }
@@ -511,6 +524,13 @@ fn node_problems(node: &NodeSettings, at: &dyn Fn(&[&str]) -> Option<usize>, pro
             ),
         });
     }
+    if node.resolve_timeout.get().is_zero() {
+        problems.push(Problem {
+            line: at(&["node", "resolve_timeout"]),
+            key: Some("node.resolve_timeout".into()),
+            reason: "must be greater than zero".into(),
+        });
+    }
     if node.admin_token_file.is_some() && node.admin_token_env.is_some() {
         problems.push(Problem {
             line: at(&["node", "admin_token_env"]),
@@ -877,11 +897,16 @@ mod tests {
     fn unknown_keys_and_bad_values_name_their_line() {
         let found = problems(&BASE.replace("[pools.app]\n", "[pools.app]\nalgoritm = \"random\"\n"));
         assert!(found[0].starts_with("k.toml:6: pools.app.algoritm: unknown field \"algoritm\""), "{found:?}");
-        let found = problems(&BASE.replace("127.0.0.1:9001", "127.0.0.1"));
+        let found = problems(&BASE.replace("127.0.0.1:9001", "127.0.0.1:90x"));
         assert_eq!(
             found,
-            ["k.toml:9: pools.app.servers[0].address: \"127.0.0.1\" is not IP:PORT (invalid socket address syntax)"]
+            ["k.toml:9: pools.app.servers[0].address: \"127.0.0.1:90x\" is not HOST:PORT (an IP address or a DNS \
+                 name, and a port 1-65535)"]
         );
+        let found = problems(&BASE.replace("127.0.0.1:9001", "app.internal:9001"));
+        assert!(found.is_empty(), "a DNS name is an address: {found:?}");
+        let found = problems(&format!("[node]\nresolvers = [\"127.0.0.1:5353\"]\nresolve_timeout = \"0s\"\n{BASE}"));
+        assert!(found[0].starts_with("k.toml:3: node.resolve_timeout: must be greater than zero"), "{found:?}");
         let found = problems(&format!("{BASE}[pools.app.health]\ninterval = \"5\"\n"));
         assert!(found[0].starts_with("k.toml:11: pools.app.health.interval: invalid duration \"5\""), "{found:?}");
     }

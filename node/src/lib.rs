@@ -9,6 +9,8 @@
 //!   in-flight count, counters), its selector, its connection pool to the servers.
 //! - [`snapshot`]: the routing table built from a config; the proxy reads it with one atomic
 //!   load per request, and a reload swaps it without touching open connections.
+//! - [`resolve`]: servers given by DNS name — resolved at start and every `resolve_interval`,
+//!   each address a server of the pool; a changed answer triggers a snapshot rebuild.
 //! - [`routing`]: first-match routing by host, path prefix and header.
 //! - [`slow_start`]: the weight ramp of a server back in rotation (HAProxy's `slowstart`).
 //! - [`health`]: active checks (HTTP, TCP) with rise/fall hysteresis, and passive outlier
@@ -43,6 +45,7 @@ pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod ratelimit;
+pub mod resolve;
 pub mod routing;
 pub mod slow_start;
 pub mod snapshot;

@@ -50,8 +50,8 @@ struct Cli {
 /// How to reach a node's admin API.
 #[derive(clap::Args, Clone)]
 struct AdminArgs {
-    /// Admin API address of any cluster member.
-    #[arg(long, default_value = "127.0.0.1:9090", global = true)]
+    /// Admin API address of any cluster member: IP:PORT, or HOST:PORT (first address).
+    #[arg(long, default_value = "127.0.0.1:9090", global = true, value_parser = cli::admin_addr)]
     admin: SocketAddr,
     /// Bearer token of the admin API.
     #[arg(long, env = "KEEL_ADMIN_TOKEN", global = true, hide_env_values = true)]

@@ -68,6 +68,14 @@ pub const RATELIMIT_TRACKED: &str = "keel_ratelimit_tracked_clients";
 /// Access log lines dropped because the log's writer fell behind (its queue was full).
 pub const ACCESS_LOG_DROPPED_TOTAL: &str = "keel_access_log_dropped_total";
 
+/// Resolutions of servers given by DNS name, by pool, server (the configured entry), name and
+/// outcome (`ok`, `nxdomain`, `no_records`, `timeout`, `error`).
+pub const DNS_RESOLUTIONS_TOTAL: &str = "keel_dns_resolutions_total";
+/// Addresses in use for a server given by DNS name (its last good answer).
+pub const DNS_ADDRESSES: &str = "keel_dns_addresses";
+/// When a server's DNS name last resolved, in seconds since the Unix epoch (0: never).
+pub const DNS_LAST_SUCCESS: &str = "keel_dns_last_success_timestamp_seconds";
+
 /// Sticky hits, by pool.
 pub const STICKY_HITS_TOTAL: &str = "keel_sticky_hits_total";
 /// Sticky misses, by pool.
@@ -329,11 +337,53 @@ pub fn render(snapshot: &Snapshot, rejections: &Rejections, listeners: &[Listene
     );
     render_listeners(&mut out, snapshot, listeners);
     render_sticky(&mut out, snapshot);
+    render_dns(&mut out, snapshot);
     header(&mut out, ACCESS_LOG_DROPPED_TOTAL, "counter", "Access log lines dropped because the writer fell behind.");
     let _ = writeln!(out, "{ACCESS_LOG_DROPPED_TOTAL} {}", crate::proxy::access_log::dropped());
     header(&mut out, BUILD_INFO, "gauge", "Always 1: the version and commit of this binary.");
     let _ = writeln!(out, "{BUILD_INFO}{{version=\"{}\",commit=\"{}\"}} 1", crate::VERSION, label(crate::COMMIT));
     out
+}
+
+fn render_dns(out: &mut String, snapshot: &Snapshot) {
+    let names: Vec<(&str, Vec<crate::resolve::NameStatus>)> =
+        snapshot.pools.keys().map(|p| (p.as_str(), snapshot.names.status(p))).filter(|(_, n)| !n.is_empty()).collect();
+    if names.is_empty() {
+        return;
+    }
+    let labels = |pool: &str, n: &crate::resolve::NameStatus| {
+        format!("pool=\"{}\",server=\"{}\",name=\"{}\"", label(pool), label(&n.server), label(&n.host))
+    };
+    let _ = writeln!(
+        out,
+        "# HELP {DNS_RESOLUTIONS_TOTAL} Resolutions of servers given by DNS name, by outcome.\n# TYPE {DNS_RESOLUTIONS_TOTAL} counter"
+    );
+    for (pool, list) in &names {
+        for n in list {
+            for (outcome, count) in &n.resolutions {
+                let _ = writeln!(out, "{DNS_RESOLUTIONS_TOTAL}{{{},outcome=\"{outcome}\"}} {count}", labels(pool, n));
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP {DNS_ADDRESSES} Addresses in use for a server given by DNS name.\n# TYPE {DNS_ADDRESSES} gauge"
+    );
+    for (pool, list) in &names {
+        for n in list {
+            let _ = writeln!(out, "{DNS_ADDRESSES}{{{}}} {}", labels(pool, n), n.addresses.len());
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP {DNS_LAST_SUCCESS} When the name last resolved (Unix seconds, 0: never).\n# TYPE {DNS_LAST_SUCCESS} gauge"
+    );
+    for (pool, list) in &names {
+        for n in list {
+            let secs = n.last_resolved_unix_ms.map_or(0.0, |ms| ms as f64 / 1000.0);
+            let _ = writeln!(out, "{DNS_LAST_SUCCESS}{{{}}} {secs}", labels(pool, n));
+        }
+    }
 }
 
 fn render_sticky(out: &mut String, snapshot: &Snapshot) {

@@ -72,6 +72,29 @@ impl ServerStats {
     }
 }
 
+/// One server of a pool as built: a configured server with an IP literal, or one address that
+/// a configured DNS name resolved to (named `ENTRY@IP:PORT`, see [`crate::resolve`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerSpec {
+    /// Name unique within the pool.
+    pub name: String,
+    /// Where it listens.
+    pub address: SocketAddr,
+    /// Configured weight (a resolved server has its entry's).
+    pub weight: u32,
+    /// `NAME:PORT` of the DNS name a resolved server comes from; `None` for an IP literal.
+    pub host: Option<String>,
+}
+
+impl ServerSpec {
+    /// The spec of a configured server with an IP literal; `None` for a DNS name, which only
+    /// the resolver can turn into servers.
+    pub fn literal(server: &model::Server) -> Option<ServerSpec> {
+        let address = server.address.ip()?;
+        Some(ServerSpec { name: server.name.clone(), address, weight: server.weight, host: None })
+    }
+}
+
 /// The live state of one backend server.
 #[derive(Debug)]
 pub struct ServerState {
@@ -79,9 +102,14 @@ pub struct ServerState {
     pub name: String,
     /// Where it listens.
     pub address: SocketAddr,
+    /// `NAME:PORT` of the DNS name it was resolved from (the default `Host` of HTTP checks).
+    pub host: Option<String>,
     /// Stable identity for consistent hashing: a fixed-seed hash of the name.
     pub id: u64,
     weight: AtomicU32,
+    /// The weight the config gave when the state was last built: a rebuild that does not
+    /// change it (a new DNS answer, another pool's change) keeps an operator's weight.
+    configured_weight: AtomicU32,
     checked_up: AtomicBool,
     draining: AtomicBool,
     /// Passive outlier detection's bookkeeping, including the ejection deadline.
@@ -107,12 +135,14 @@ pub struct ServerState {
 
 impl ServerState {
     /// A server as configured: up, not drained, not ejected.
-    pub fn new(server: &model::Server) -> Self {
+    pub fn new(server: &ServerSpec) -> Self {
         Self {
             name: server.name.clone(),
             address: server.address,
+            host: server.host.clone(),
             id: xxhash_rust::xxh3::xxh3_64_with_seed(server.name.as_bytes(), SERVER_ID_SEED),
             weight: AtomicU32::new(server.weight),
+            configured_weight: AtomicU32::new(server.weight),
             checked_up: AtomicBool::new(true),
             draining: AtomicBool::new(false),
             outlier: OutlierState::default(),
@@ -259,19 +289,33 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Builds a pool, reusing `existing` server states where the same name and address remain.
-    /// Fails when the pool's TLS settings (CA bundle) cannot be loaded.
+    /// Builds a pool of the configured servers with IP literals (DNS names contribute nothing;
+    /// see [`Pool::with_servers`]), reusing `existing` server states.
     pub fn new(
         name: &str,
         config: &model::Pool,
-        existing: impl Fn(&model::Server) -> Option<Arc<ServerState>>,
+        existing: impl Fn(&ServerSpec) -> Option<Arc<ServerState>>,
     ) -> Result<Arc<Self>, TlsError> {
-        let servers: Vec<Arc<ServerState>> = config
-            .servers
+        let servers = config.servers.iter().filter_map(ServerSpec::literal).collect();
+        Self::with_servers(name, config, servers, existing)
+    }
+
+    /// Builds a pool of `servers` (the config's, with DNS names expanded), reusing `existing`
+    /// server states where the same name and address remain. Fails when the pool's TLS
+    /// settings (CA bundle) cannot be loaded.
+    pub fn with_servers(
+        name: &str,
+        config: &model::Pool,
+        servers: Vec<ServerSpec>,
+        existing: impl Fn(&ServerSpec) -> Option<Arc<ServerState>>,
+    ) -> Result<Arc<Self>, TlsError> {
+        let servers: Vec<Arc<ServerState>> = servers
             .iter()
             .map(|s| {
                 let state = existing(s).unwrap_or_else(|| Arc::new(ServerState::new(s)));
-                state.weight.store(s.weight, Ordering::Relaxed);
+                if state.configured_weight.swap(s.weight, Ordering::Relaxed) != s.weight {
+                    state.weight.store(s.weight, Ordering::Relaxed);
+                }
                 state
             })
             .collect();

@@ -7,7 +7,9 @@
 //!
 //! Servers that keep their pool, name and address carry their live state (verdicts, in-flight
 //! count, counters) into the new snapshot, so an unrelated config change does not readmit an
-//! ejected server or zero the metrics.
+//! ejected server or zero the metrics. Servers given by DNS name are expanded here, from the
+//! [`Resolver`]'s last good answers, into one server per address (`ENTRY@IP:PORT`), so a new
+//! answer is applied by the same rebuild as a config change (see [`crate::resolve`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -16,6 +18,7 @@ use arc_swap::ArcSwap;
 use keel_cluster::Config;
 
 use crate::pool::Pool;
+use crate::resolve::Resolver;
 use crate::routing::Router;
 use crate::sticky::{StickyError, StickyPolicy, StickyRuntime};
 
@@ -39,19 +42,22 @@ pub struct Snapshot {
     pub routers: HashMap<String, Router>,
     /// Sticky-session policies, by pool name (pools without a `sticky` table have none).
     pub sticky: HashMap<String, Arc<StickyPolicy>>,
+    /// The resolved DNS names its pools were expanded from (shared by every snapshot).
+    pub names: Arc<Resolver>,
 }
 
 /// The published snapshot: one atomic load per request.
 pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
 
 impl Snapshot {
-    /// Builds the run-time objects for `config`, carrying over server state and rate-limit
-    /// tables from `previous`. Fails only when a pool's TLS settings cannot be loaded.
-    pub fn build(config: Config, previous: Option<&Snapshot>) -> Result<Snapshot, BuildError> {
+    /// Builds the run-time objects for `config`, its DNS-named servers expanded from `names`,
+    /// carrying over server state and rate-limit tables from `previous`. Fails only when a
+    /// pool's TLS settings cannot be loaded.
+    pub fn build(config: Config, previous: Option<&Snapshot>, names: &Arc<Resolver>) -> Result<Snapshot, BuildError> {
         let mut pools = BTreeMap::new();
         for (name, cfg) in &config.pools {
             let old = previous.and_then(|p| p.pools.get(name));
-            let pool = Pool::new(name, cfg, |server| {
+            let pool = Pool::with_servers(name, cfg, names.servers(name, cfg), |server| {
                 old?.servers.iter().find(|s| s.name == server.name && s.address == server.address).cloned()
             })
             .map_err(|source| BuildError { pool: name.clone(), source })?;
@@ -74,7 +80,7 @@ impl Snapshot {
                 (name.clone(), Router::new(name, l, |pool| pools.get(pool).cloned(), old))
             })
             .collect();
-        Ok(Snapshot { config: Arc::new(config), pools, routers, sticky: HashMap::new() })
+        Ok(Snapshot { config: Arc::new(config), pools, routers, sticky: HashMap::new(), names: names.clone() })
     }
 
     /// Attaches the sticky-session policy of every pool that has one; stores and counters are
@@ -82,7 +88,10 @@ impl Snapshot {
     /// published, `StickyRuntime::retain` lets go of what the previous one needed alone.
     pub fn attach_sticky(&mut self, runtime: &StickyRuntime) -> Result<(), StickyError> {
         for (name, pool) in &self.config.pools {
-            if let Some(policy) = runtime.policy(name, pool)? {
+            // Cookie ids name the servers as built: a DNS entry's resolved servers included.
+            let servers: Vec<&str> =
+                self.pools.get(name).map(|p| p.servers.iter().map(|s| s.name.as_str()).collect()).unwrap_or_default();
+            if let Some(policy) = runtime.policy(name, pool, &servers)? {
                 self.sticky.insert(name.clone(), policy);
             }
         }

@@ -74,7 +74,7 @@ pub fn run_keel_env(args: &[&str], env: &[(&str, &str)], deadline: Duration) -> 
 pub struct PoolSpec {
     name: String,
     lines: Vec<String>,
-    servers: Vec<(String, SocketAddr, Option<u32>)>,
+    servers: Vec<(String, String, Option<u32>)>,
     health: Option<Vec<String>>,
     outlier: Option<Vec<String>>,
 }
@@ -94,14 +94,20 @@ impl PoolSpec {
     /// Adds each backend as a server named like the backend, default weight.
     pub fn backends<'a>(mut self, backends: impl IntoIterator<Item = &'a Backend>) -> PoolSpec {
         for b in backends {
-            self.servers.push((b.name().to_owned(), b.addr(), None));
+            self.servers.push((b.name().to_owned(), b.addr().to_string(), None));
         }
         self
     }
 
     /// Adds a server.
     pub fn server(mut self, name: &str, addr: SocketAddr, weight: Option<u32>) -> PoolSpec {
-        self.servers.push((name.to_owned(), addr, weight));
+        self.servers.push((name.to_owned(), addr.to_string(), weight));
+        self
+    }
+
+    /// Adds a server whose address is written as given, e.g. a DNS name `"app.test:8080"`.
+    pub fn server_named(mut self, name: &str, address: &str, weight: Option<u32>) -> PoolSpec {
+        self.servers.push((name.to_owned(), address.to_owned(), weight));
         self
     }
 

@@ -6,6 +6,8 @@
 //!   switch, slow/status/echo/WebSocket/streaming endpoints and a request log; stopping it closes
 //!   the listener and every open connection, so it is as dead as a crashed server.
 //!   [`backend::Blackhole`] accepts connections and drops them without answering.
+//! - [`dns`]: [`dns::DnsServer`], a tiny authoritative DNS server on loopback UDP whose answers
+//!   (A records, SERVFAIL, NXDOMAIN, silence) a test changes at run time.
 //! - [`ports`]: free loopback ports for keel's listeners.
 //! - [`keel`]: [`Keel`], a running `keel run` process with a generated config ([`KeelBuilder`],
 //!   [`PoolSpec`]), its captured log, its admin API and signal/exit handling; it is killed on
@@ -42,6 +44,7 @@ pub mod backend;
 pub mod browser;
 pub mod client;
 pub mod cluster;
+pub mod dns;
 pub mod exchange;
 pub mod keel;
 pub mod ports;

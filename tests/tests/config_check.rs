@@ -195,10 +195,22 @@ fn empty_server_list() -> Result<()> {
 #[test]
 fn bad_server_address() -> Result<()> {
     expect_problem(
-        &broken("address = \"127.0.0.1:9001\"", 0, "address = \"127.0.0.1\""),
-        None,
-        &["invalid socket address"],
+        &broken("address = \"127.0.0.1:9001\"", 0, "address = \"127.0.0.1:80x\""),
+        Some("pools.app.servers[0].address"),
+        &["\"127.0.0.1:80x\" is not HOST:PORT"],
     )
+}
+
+#[test]
+fn a_dns_name_is_an_address() -> Result<()> {
+    let dir = TempDir::new("keel-check")?;
+    let text = GOOD
+        .replace("127.0.0.1:9002", "app.internal:9002")
+        .replace("retries = 2", "retries = 2\nresolve_interval = \"5s\"");
+    let file = dir.write("named.toml", &text)?;
+    let c = check(&[&file])?;
+    ensure!(c.code == Some(0), "exit {:?}; stderr:\n{}", c.code, c.stderr);
+    Ok(())
 }
 
 #[test]
@@ -602,7 +614,7 @@ const MANY: &[(&str, &[&str])] = &[
     ("listeners.web.access_log.destination", &["does not exist"]),
     ("listeners.web.routes[0].path_prefix", &["'/'"]),
     ("listeners.sec.tls.certificates[0].cert", &["gone.pem", "no such file"]),
-    ("pools.app.servers[1].address", &["\"127.0.0.1:90x2\"", "IP:PORT"]),
+    ("pools.app.servers[1].address", &["\"127.0.0.1:90x2\"", "HOST:PORT"]),
     ("pools.spare", &["missing field \"servers\""]),
 ];
 

@@ -134,9 +134,21 @@ impl Applier {
         let config_changed = *current.config != config;
         let pools = PoolChanges::between(&current.config, &config);
         let next = if config_changed {
-            let mut next = Snapshot::build(config.clone(), Some(&current)).map_err(|e| vec![e.to_string()])?;
-            next.attach_sticky(&self.sticky).map_err(|e| vec![e.to_string()])?;
-            Some(next)
+            // Names the new config adds start resolving (their first answer awaited, bounded);
+            // names it drops stop. Undone below if the change is refused.
+            current.names.update(&config).await;
+            let built = Snapshot::build(config.clone(), Some(&current), &current.names)
+                .map_err(|e| e.to_string())
+                .and_then(|mut next| next.attach_sticky(&self.sticky).map(|()| next).map_err(|e| e.to_string()));
+            match built {
+                Ok(next) => Some(next),
+                Err(e) => {
+                    if mode == Mode::AllOrNothing {
+                        current.names.update(&current.config).await;
+                    }
+                    return Err(vec![e]);
+                }
+            }
         } else {
             None
         };
@@ -144,6 +156,9 @@ impl Applier {
         let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
         if mode == Mode::AllOrNothing && !errors.is_empty() {
             // Dropping the plan closes what it bound; nothing was published.
+            if config_changed {
+                current.names.update(&current.config).await;
+            }
             return Err(errors);
         }
         for e in &errors {
@@ -151,17 +166,7 @@ impl Applier {
         }
         let listeners = plan.summary();
         if let Some(next) = next {
-            if let Some(reporter) = &self.reporter {
-                for pool in next.pools.values() {
-                    pool.set_reporter(reporter.clone());
-                }
-            }
-            before_publish(&next);
-            self.snapshot.store(Arc::new(next));
-            self.sticky.retain(&config);
-            for pool in self.snapshot.load().pools.values() {
-                crate::health::spawn(pool);
-            }
+            self.publish(next, before_publish);
         }
         let listeners_changed = !plan.is_empty();
         if listeners_changed {
@@ -169,6 +174,39 @@ impl Applier {
         }
         self.node = node;
         Ok(Change { listeners, pools, changed: config_changed || listeners_changed })
+    }
+
+    /// Rebuilds the snapshot from the config it serves, for a new DNS answer (`crate::resolve`):
+    /// servers whose address is still in the answer keep their state; listeners are untouched.
+    pub fn rebuild(&mut self, before_publish: impl FnOnce(&Snapshot)) -> Result<(), String> {
+        let current = self.snapshot.load_full();
+        let mut next =
+            Snapshot::build((*current.config).clone(), Some(&current), &current.names).map_err(|e| e.to_string())?;
+        next.attach_sticky(&self.sticky).map_err(|e| e.to_string())?;
+        self.publish(next, before_publish);
+        Ok(())
+    }
+
+    /// Ticks on every new DNS answer of the served config's names.
+    pub fn answers(&self) -> watch::Receiver<u64> {
+        self.snapshot.load().names.changed()
+    }
+
+    /// Makes `next` the served snapshot: the reporter set on its pools, `before_publish`
+    /// run, stored, what only the old one needed let go, health checks started.
+    fn publish(&mut self, next: Snapshot, before_publish: impl FnOnce(&Snapshot)) {
+        if let Some(reporter) = &self.reporter {
+            for pool in next.pools.values() {
+                pool.set_reporter(reporter.clone());
+            }
+        }
+        before_publish(&next);
+        let config = next.config.clone();
+        self.snapshot.store(Arc::new(next));
+        self.sticky.retain(&config);
+        for pool in self.snapshot.load().pools.values() {
+            crate::health::spawn(pool);
+        }
     }
 
     /// Stops every listener and drains; see [`ListenerSet::shutdown`].
@@ -318,9 +356,23 @@ impl Standalone {
     /// Serves reloads until `stop`, then hands the applier back for the final drain.
     pub async fn run(mut self, mut requests: mpsc::Receiver<Request>, mut stop: watch::Receiver<bool>) -> Applier {
         let mut hup = sighup();
+        // A new DNS answer rebuilds the snapshot (crate::resolve). An answer that changed
+        // between the first snapshot and this subscription would otherwise wait for the next
+        // change: one rebuild at start covers it.
+        let mut answers = self.applier.answers();
+        answers.mark_changed();
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
+                changed = answers.changed() => {
+                    if changed.is_err() {
+                        answers = self.applier.answers();
+                        continue;
+                    }
+                    if let Err(e) = self.applier.rebuild(|_| {}) {
+                        tracing::error!(target: "keel::dns", error = %e, "cannot apply a new DNS answer; keeping the previous servers");
+                    }
+                }
                 Some(()) = next_hup(&mut hup) => {
                     tracing::info!(target: "keel::config", "received SIGHUP: reloading the config");
                     match self.path.clone() {

@@ -204,21 +204,32 @@ pub async fn follow(
     mut stop: watch::Receiver<bool>,
 ) -> Applier {
     let mut state_rx = handle.state();
+    // A new DNS answer rebuilds the snapshot like a config change (crate::resolve). The
+    // snapshot holds the resolver, so its channel cannot close under this loop.
+    let mut answers = applier.answers();
+    let mut rebuild = false;
     loop {
         let state = state_rx.borrow_and_update().clone();
-        apply(&state, &mut applier, &status).await;
+        apply(&state, &mut applier, &status, rebuild).await;
         tokio::select! {
-            changed = state_rx.changed() => if changed.is_err() { break },
+            changed = state_rx.changed() => { rebuild = false; if changed.is_err() { break } },
+            _ = answers.changed() => rebuild = true,
             _ = stop.changed() => break,
         }
     }
     applier
 }
 
-async fn apply(state: &ClusterState, applier: &mut Applier, status: &ReloadStatus) {
+async fn apply(state: &ClusterState, applier: &mut Applier, status: &ReloadStatus, rebuild: bool) {
     let current = applier.snapshot().load_full();
     if *current.config == state.config {
-        push_facts(state, &current);
+        if rebuild {
+            if let Err(e) = applier.rebuild(|next| push_facts(state, next)) {
+                tracing::error!(target: "keel::dns", error = %e, "cannot apply a new DNS answer; keeping the previous servers");
+            }
+        } else {
+            push_facts(state, &current);
+        }
         return;
     }
     let result = applier.apply(state.config.clone(), None, Mode::BestEffort, |next| push_facts(state, next)).await;

@@ -41,6 +41,7 @@ use crate::admin::{self, AdminState};
 use crate::config::NodeFile;
 use crate::metrics::Rejections;
 use crate::proxy::BindError;
+use crate::resolve::Resolver;
 use crate::snapshot::{BuildError, SharedSnapshot, Snapshot};
 use crate::sticky::{StickyDeps, StickyRuntime};
 use crate::tls::{CertStore, ReloadSummary, TlsError};
@@ -176,7 +177,9 @@ impl Daemon {
             None => StickyDeps::standalone(),
         }));
         let seed = if file.cluster.is_some() { Config::default() } else { file.config.clone() };
-        let mut first = Snapshot::build(seed, None)?;
+        let names = Resolver::new(&file.node);
+        names.update(&seed).await;
+        let mut first = Snapshot::build(seed, None, &names)?;
         first.attach_sticky(&sticky).map_err(|e| DaemonError::Sticky(e.to_string()))?;
         let snapshot = Arc::new(ArcSwap::from_pointee(first));
         let rejections = Arc::new(Rejections::default());

@@ -334,6 +334,7 @@ impl Sampler {
                 "algorithm": pool.config.algorithm.to_string(),
                 "available": pool.servers.iter().filter(|s| s.is_eligible()).count(),
                 "sticky": sticky,
+                "names": snapshot.names.status(&pool.name),
                 "servers": servers,
             }));
         }

@@ -63,16 +63,19 @@ impl HttpHealthCheck {
         Ok(Self { method, path, host, expect: config.expect_status, timeout: config.timeout.get() })
     }
 
-    async fn exchange(&self, address: SocketAddr, deadline: Instant) -> Result<(), CheckError> {
+    async fn exchange(&self, address: SocketAddr, named: Option<&str>, deadline: Instant) -> Result<(), CheckError> {
         let stream = timeout_at(deadline, TcpStream::connect(address))
             .await
             .map_err(|_| CheckError::ConnectTimeout(self.timeout))?
             .map_err(CheckError::Connect)?;
         // Nagle would only delay our single small write.
         let _ = stream.set_nodelay(true);
-        let host = match &self.host {
-            Some(h) => h.clone(),
-            None => {
+        // The configured `host`, else the DNS name the server was resolved from (what a
+        // name-routing server expects), else its address.
+        let host = match (&self.host, named) {
+            (Some(h), _) => h.clone(),
+            (None, Some(name)) => HeaderValue::try_from(name).map_err(|e| CheckError::InvalidRequest(e.to_string()))?,
+            (None, None) => {
                 HeaderValue::try_from(address.to_string()).map_err(|e| CheckError::InvalidRequest(e.to_string()))?
             }
         };
@@ -105,7 +108,11 @@ impl HttpHealthCheck {
 
 impl HealthCheck for HttpHealthCheck {
     async fn check(&self, address: SocketAddr) -> Result<(), CheckError> {
-        self.exchange(address, Instant::now() + self.timeout).await
+        self.exchange(address, None, Instant::now() + self.timeout).await
+    }
+
+    async fn check_named(&self, address: SocketAddr, host: Option<&str>) -> Result<(), CheckError> {
+        self.exchange(address, host, Instant::now() + self.timeout).await
     }
 }
 
@@ -226,6 +233,10 @@ mod tests {
         assert!(head.contains("user-agent: keel-health-check\r\n"), "{head}");
         assert!(head.contains("connection: close\r\n"), "{head}");
 
+        // A server resolved from a DNS name is checked under that name.
+        check.check_named(address, Some("app.internal:8080")).await.expect("passes");
+        let head = rx.recv().await.expect("a request").to_ascii_lowercase();
+        assert!(head.contains("host: app.internal:8080\r\n"), "{head}");
         cfg.host = Some("app.example".into());
         HttpHealthCheck::new(&cfg).expect("valid").check(address).await.expect("passes");
         let head = rx.recv().await.expect("request head").to_ascii_lowercase();

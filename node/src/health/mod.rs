@@ -70,6 +70,17 @@ pub enum CheckError {
 pub trait HealthCheck: Send + Sync + 'static {
     /// Probes the server listening at `address`; `Ok` means healthy.
     fn check(&self, address: SocketAddr) -> impl Future<Output = Result<(), CheckError>> + Send;
+
+    /// Probes a server that `host` (`NAME:PORT`, the configured DNS name it was resolved from)
+    /// names: an HTTP check sends it as the default `Host`. Others ignore the name.
+    fn check_named(
+        &self,
+        address: SocketAddr,
+        host: Option<&str>,
+    ) -> impl Future<Output = Result<(), CheckError>> + Send {
+        let _ = host;
+        self.check(address)
+    }
 }
 
 /// Starts active health checking of `pool`'s servers when its config has a `health` section:
@@ -128,6 +139,7 @@ fn spawn_with<C: HealthCheck>(pool: &Arc<Pool>, config: &model::HealthCheck, che
                 index,
                 server: server.name.clone(),
                 address: server.address,
+                host: server.host.clone(),
                 check: Arc::clone(&check),
                 interval,
                 timeout: config.timeout.get(),
@@ -145,6 +157,8 @@ struct Checker<C> {
     index: usize,
     server: String,
     address: SocketAddr,
+    /// The DNS name and port the server was resolved from, if it was.
+    host: Option<String>,
     check: Arc<C>,
     interval: Duration,
     timeout: Duration,
@@ -165,13 +179,15 @@ impl<C: HealthCheck> Checker<C> {
                 return;
             }
             // The pool is not held across the check, so a reload can free it meanwhile.
-            let result =
-                match tokio::time::timeout(self.timeout.saturating_add(GUARD_SLACK), self.check.check(self.address))
-                    .await
-                {
-                    Ok(result) => result,
-                    Err(_) => Err(CheckError::Timeout(self.timeout)),
-                };
+            let result = match tokio::time::timeout(
+                self.timeout.saturating_add(GUARD_SLACK),
+                self.check.check_named(self.address, self.host.as_deref()),
+            )
+            .await
+            {
+                Ok(result) => result,
+                Err(_) => Err(CheckError::Timeout(self.timeout)),
+            };
             let Some(pool) = self.pool.upgrade() else { return };
             if let Some(server) = pool.servers.get(self.index) {
                 server.set_last_check(result.as_ref().map(|_| ()).map_err(ToString::to_string));
@@ -239,7 +255,7 @@ mod tests {
     fn pool_config(address: SocketAddr, rise: u32, fall: u32) -> model::Pool {
         model::Pool {
             algorithm: model::Algorithm::RoundRobin,
-            servers: vec![model::Server { name: "s1".into(), address, weight: 1 }],
+            servers: vec![model::Server { name: "s1".into(), address: address.into(), weight: 1 }],
             health: Some(model::HealthCheck {
                 kind: CheckKind::Http,
                 method: "GET".into(),
@@ -256,6 +272,7 @@ mod tests {
             response_timeout: HumanDuration::from_secs(1),
             total_timeout: None,
             slow_start: None,
+            resolve_interval: model::defaults::resolve_interval(),
             retry_on: model::defaults::retry_on(),
             retry_budget: model::defaults::retry_budget(),
             retry_budget_min: model::defaults::retry_budget_min(),

@@ -555,7 +555,8 @@ mod tests {
         }
         let config: Config = toml::from_str(&toml).unwrap();
         config.validate().unwrap();
-        let snapshot: SharedSnapshot = Arc::new(ArcSwap::from_pointee(Snapshot::build(config, None).unwrap()));
+        let snapshot: SharedSnapshot =
+            Arc::new(ArcSwap::from_pointee(Snapshot::build(config, None, &crate::resolve::Resolver::none()).unwrap()));
         let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = socket.local_addr().unwrap();
         let rejections = Arc::new(Rejections::default());

@@ -63,11 +63,13 @@ pub struct StickyPolicy {
 }
 
 impl StickyPolicy {
-    /// The policy for pool `pool` (its config `pool_config`, whose `sticky` must be set) using
+    /// The policy for pool `pool` (its config `pool_config`, whose `sticky` must be set, and
+    /// the names of its servers as built — servers resolved from a DNS name included) using
     /// `store` for source_ip / learn modes (ignored in cookie mode, required otherwise).
     pub fn new(
         pool: &str,
         pool_config: &model::Pool,
+        servers: &[&str],
         store: Option<Arc<dyn SessionStore>>,
         counters: Arc<StickyCounters>,
     ) -> Result<Self, StickyError> {
@@ -76,11 +78,7 @@ impl StickyPolicy {
         let mode = match sticky.mode {
             StickyMode::Cookie => Mode::Cookie {
                 name: sticky.cookie_name().to_owned(),
-                ids: ServerIds::new(
-                    sticky.cookie_secret.as_deref(),
-                    pool,
-                    pool_config.servers.iter().map(|s| s.name.as_str()),
-                )?,
+                ids: ServerIds::new(sticky.cookie_secret.as_deref(), pool, servers.iter().copied())?,
                 attributes: cookie::attributes(sticky),
             },
             StickyMode::SourceIp => Mode::SourceIp,
@@ -314,7 +312,10 @@ mod tests {
     }
 
     fn servers(cfg: &model::Pool) -> Vec<Arc<ServerState>> {
-        cfg.servers.iter().map(|s: &Server| Arc::new(ServerState::new(s))).collect()
+        cfg.servers
+            .iter()
+            .map(|s: &Server| Arc::new(ServerState::new(&crate::pool::ServerSpec::literal(s).expect("an IP literal"))))
+            .collect()
     }
 
     fn req(name: http::header::HeaderName, value: &str) -> HeaderMap {
@@ -333,7 +334,7 @@ mod tests {
     async fn cookie_round_trip_and_reissue_on_unknown_or_down_server() {
         let cfg = pool_config("mode = \"cookie\"\ncookie_secret = \"test-secret-0123456789\"\ncookie_max_age = \"1h\"");
         let srv = servers(&cfg);
-        let p = StickyPolicy::new("app", &cfg, None, Arc::default()).unwrap();
+        let p = StickyPolicy::new("app", &cfg, &["a", "b", "c"], None, Arc::default()).unwrap();
 
         // First visit: no cookie → miss; the response to server b carries keel's cookie.
         let none = HeaderMap::new();
@@ -377,7 +378,7 @@ mod tests {
     async fn cookie_is_not_duplicated_when_the_response_sets_it() {
         let cfg = pool_config("mode = \"cookie\"\ncookie = \"SRV\"\ncookie_http_only = false\ncookie_secure = true");
         let srv = servers(&cfg);
-        let p = StickyPolicy::new("app", &cfg, None, Arc::default()).unwrap();
+        let p = StickyPolicy::new("app", &cfg, &["a", "b", "c"], None, Arc::default()).unwrap();
         let mut resp = req(SET_COOKIE, "SRV=fromapp; Path=/");
         p.on_response(0, false, &HeaderMap::new(), &IP.into(), &mut resp, &srv);
         assert_eq!(set_cookies(&resp), ["SRV=fromapp; Path=/"]);
@@ -392,7 +393,7 @@ mod tests {
         let srv = servers(&cfg);
         let (clock, now) = manual(1_000_000);
         let store: Arc<dyn SessionStore> = Arc::new(MemorySessionStore::new(clock));
-        let p = StickyPolicy::new("app", &cfg, Some(store), Arc::default()).unwrap();
+        let p = StickyPolicy::new("app", &cfg, &["a", "b", "c"], Some(store), Arc::default()).unwrap();
         let h = HeaderMap::new();
         assert_eq!(p.lookup(&h, &IP.into(), &srv).await, None);
         p.on_response(2, false, &h, &IP.into(), &mut HeaderMap::new(), &srv);
@@ -415,7 +416,7 @@ mod tests {
         let srv = servers(&cfg);
         let (clock, _) = manual(1_000);
         let store: Arc<dyn SessionStore> = Arc::new(MemorySessionStore::new(clock));
-        let p = StickyPolicy::new("app", &cfg, Some(store), Arc::default()).unwrap();
+        let p = StickyPolicy::new("app", &cfg, &["a", "b", "c"], Some(store), Arc::default()).unwrap();
         let none = HeaderMap::new();
         assert_eq!(p.lookup(&none, &IP.into(), &srv).await, None);
         let mut resp = req(SET_COOKIE, "JSESSIONID=s3ss10n; Path=/; HttpOnly");
@@ -441,7 +442,14 @@ mod tests {
     fn lookup_is_send_for_hyper_services() {
         let cfg = pool_config("mode = \"source_ip\"");
         let (clock, _) = manual(0);
-        let p = StickyPolicy::new("app", &cfg, Some(Arc::new(MemorySessionStore::new(clock))), Arc::default()).unwrap();
+        let p = StickyPolicy::new(
+            "app",
+            &cfg,
+            &["a", "b", "c"],
+            Some(Arc::new(MemorySessionStore::new(clock))),
+            Arc::default(),
+        )
+        .unwrap();
         let srv = servers(&cfg);
         let h = HeaderMap::new();
         assert_send(&p.lookup(&h, &IP.into(), &srv));
@@ -453,7 +461,7 @@ mod tests {
         let srv = servers(&cfg);
         let (clock, _) = manual(1_000);
         let store: Arc<dyn SessionStore> = Arc::new(MemorySessionStore::new(clock));
-        let p = StickyPolicy::new("app", &cfg, Some(store), Arc::default()).unwrap();
+        let p = StickyPolicy::new("app", &cfg, &["a", "b", "c"], Some(store), Arc::default()).unwrap();
         let name = HeaderName::from_static("x-session-id");
         let mut resp = req(name.clone(), "abc123");
         p.on_response(2, false, &HeaderMap::new(), &IP.into(), &mut resp, &srv);
@@ -480,7 +488,7 @@ mod tests {
     async fn a_failing_store_falls_back_and_counts() {
         let cfg = pool_config("mode = \"source_ip\"");
         let srv = servers(&cfg);
-        let p = StickyPolicy::new("app", &cfg, Some(Arc::new(Failing)), Arc::default()).unwrap();
+        let p = StickyPolicy::new("app", &cfg, &["a", "b", "c"], Some(Arc::new(Failing)), Arc::default()).unwrap();
         assert_eq!(p.lookup(&HeaderMap::new(), &IP.into(), &srv).await, None);
         assert_eq!((p.store_errors(), p.misses()), (1, 1));
     }

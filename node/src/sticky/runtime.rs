@@ -86,7 +86,12 @@ impl StickyRuntime {
 
     /// The policy of pool `name`, or `None` when its config has no `sticky` table. Must be
     /// called inside a Tokio runtime (stores spawn their background tasks on first use).
-    pub fn policy(&self, name: &str, pool: &model::Pool) -> Result<Option<Arc<StickyPolicy>>, StickyError> {
+    pub fn policy(
+        &self,
+        name: &str,
+        pool: &model::Pool,
+        servers: &[&str],
+    ) -> Result<Option<Arc<StickyPolicy>>, StickyError> {
         let Some(sticky) = &pool.sticky else { return Ok(None) };
         let counters = lock(&self.counters).entry(name.to_owned()).or_default().clone();
         let store: Option<Arc<dyn SessionStore>> = match sticky.mode {
@@ -110,7 +115,7 @@ impl StickyRuntime {
                 }
             }),
         };
-        Ok(Some(Arc::new(StickyPolicy::new(name, pool, store, counters)?)))
+        Ok(Some(Arc::new(StickyPolicy::new(name, pool, servers, store, counters)?)))
     }
 
     fn local_store(&self, pool: &str) -> Arc<dyn SessionStore> {
@@ -182,16 +187,18 @@ mod tests {
         let rt = StickyRuntime::new(StickyDeps::standalone());
         let cfg = config("mode = \"source_ip\"");
         let pool = &cfg.pools["app"];
-        let servers = vec![Arc::new(ServerState::new(&pool.servers[0]))];
+        let servers = vec![Arc::new(ServerState::new(
+            &crate::pool::ServerSpec::literal(&pool.servers[0]).expect("an IP literal"),
+        ))];
         let ip: IpAddr = "10.1.1.1".parse().unwrap();
-        let p = rt.policy("app", pool).unwrap().unwrap();
+        let p = rt.policy("app", pool, &["a"]).unwrap().unwrap();
         assert_eq!(p.store_kind(), Some("local"), "raft without a cluster falls back to memory");
         p.on_response(0, false, &HeaderMap::new(), &ip.into(), &mut HeaderMap::new(), &servers);
-        let rebuilt = rt.policy("app", pool).unwrap().unwrap();
+        let rebuilt = rt.policy("app", pool, &["a"]).unwrap().unwrap();
         assert_eq!(rebuilt.lookup(&HeaderMap::new(), &ip.into(), &servers).await, Some(0));
         assert_eq!(p.hits(), 1, "counters are shared across rebuilds");
         rt.retain(&config("mode = \"cookie\""));
-        let p = rt.policy("app", &config("mode = \"source_ip\"").pools["app"]).unwrap().unwrap();
+        let p = rt.policy("app", &config("mode = \"source_ip\"").pools["app"], &["a"]).unwrap().unwrap();
         assert_eq!(p.lookup(&HeaderMap::new(), &ip.into(), &servers).await, None, "a dropped store starts empty");
     }
 
@@ -200,6 +207,6 @@ mod tests {
         let rt = StickyRuntime::new(StickyDeps::standalone());
         let mut cfg = config("mode = \"cookie\"");
         cfg.pools.get_mut("app").unwrap().sticky = None;
-        assert!(rt.policy("app", &cfg.pools["app"]).unwrap().is_none());
+        assert!(rt.policy("app", &cfg.pools["app"], &["a"]).unwrap().is_none());
     }
 }
