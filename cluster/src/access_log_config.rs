@@ -351,6 +351,7 @@ pub(crate) fn check(log: &AccessLog, at: &KeyPath, report: &mut impl FnMut(KeyPa
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use AccessLogField as F;
 
     #[test]
@@ -415,6 +416,40 @@ mod tests {
         assert!(Destination::parse("unix:relative").unwrap_err().contains("absolute"));
         assert!(Destination::parse("tcp://127.0.0.1:514").unwrap_err().contains("unknown scheme \"tcp\""));
         assert!(Destination::parse(" ").is_err());
+    }
+
+    fn arb_piece() -> impl Strategy<Value = TemplatePiece> {
+        prop_oneof![
+            "[a-z0-9 :\\[\\]\"/_{}$-]{1,8}".prop_map(TemplatePiece::Literal),
+            prop::sample::select(AccessLogField::ALL.to_vec()).prop_map(TemplatePiece::Field),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn parsing_any_text_never_panics(text in "\\PC{0,40}") {
+            let _ = parse_template(&text);
+        }
+
+        #[test]
+        fn a_written_template_parses_back_to_its_pieces(pieces in prop::collection::vec(arb_piece(), 1..12)) {
+            // Written with braces (a literal may start with a name character), `$` doubled.
+            let text: String = pieces
+                .iter()
+                .map(|p| match p {
+                    TemplatePiece::Literal(l) => l.replace('$', "$$"),
+                    TemplatePiece::Field(f) => format!("${{{}}}", f.name()),
+                })
+                .collect();
+            let mut expected: Vec<TemplatePiece> = Vec::new();
+            for p in pieces {
+                match (expected.last_mut(), p) {
+                    (Some(TemplatePiece::Literal(prev)), TemplatePiece::Literal(l)) => prev.push_str(&l),
+                    (_, p) => expected.push(p),
+                }
+            }
+            prop_assert_eq!(parse_template(&text), Ok(expected));
+        }
     }
 
     #[test]
