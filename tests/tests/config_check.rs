@@ -427,3 +427,29 @@ fn slow_start_zero() -> Result<()> {
         &["greater than zero"],
     )
 }
+
+#[test]
+fn unknown_access_log_template_field() -> Result<()> {
+    expect_problem(
+        &broken(
+            "default_pool = \"app\"",
+            0,
+            "default_pool = \"app\"\naccess_log = { destination = \"stdout\", format = \"template\", template = \"$client $foo\" }",
+        ),
+        Some("listeners.web.access_log.template"),
+        &["unknown field \"$foo\"", "known: time, listener, client,", "request_id"],
+    )
+}
+
+#[test]
+fn syslog_facility_on_a_file() -> Result<()> {
+    expect_problem(
+        &broken(
+            "default_pool = \"app\"",
+            0,
+            "default_pool = \"app\"\naccess_log = { destination = \"/tmp/a.log\", facility = \"local1\" }",
+        ),
+        Some("listeners.web.access_log.facility"),
+        &["syslog destinations"],
+    )
+}
