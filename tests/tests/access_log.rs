@@ -2,7 +2,8 @@
 //! session, checked field by field through the `json` format; the termination cause, side and
 //! timings of a server slower than `response_timeout`, of a refused connect and of a connect
 //! that times out; a `template` line; syslog messages over UDP and a unix datagram socket,
-//! their RFC 5424 header parsed field by field; a file reopened on SIGUSR1 after logrotate
+//! their RFC 5424 header parsed field by field, and a receiver that is gone costing dropped
+//! lines (counted, warned about once) rather than requests; a file reopened on SIGUSR1 after logrotate
 //! renamed it; and request ids generated, passed through, returned, or turned off.
 
 use std::net::SocketAddr;
@@ -501,5 +502,29 @@ async fn a_client_leaving_mid_response_is_client_gone() -> Result<()> {
     ensure!(e["status"] == 200 && e["termination"] == "client_gone", "termination: {e}");
     ensure!(e["authority"] == "drip.test" && e["path"] == "/drip?chunks=200&ms=10", "request: {e}");
     ensure!(e["bytes_out"].as_u64().is_some_and(|b| b < 200 * 8), "bytes_out: {e}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_syslog_receiver_that_is_gone_costs_dropped_lines_not_requests() -> Result<()> {
+    // A UDP port nothing listens on: the kernel answers ICMP port unreachable, and the next
+    // send on keel's connected socket fails with "connection refused".
+    let gone = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
+    let backend = Backend::start("app")?;
+    let keel = syslog_keel(&backend, &format!("udp://{gone}"), None).start().await?;
+    let addr = keel.proxy_addr();
+    wait_for(LINE, "a dropped access log line", || async {
+        let r = Client::new().get(addr, "/").await.ok()?;
+        (r.status == 200).then_some(())?;
+        let dropped = keel.metric("keel_access_log_dropped_total", &[], None).await.ok()??;
+        (dropped >= 1.0).then_some(())
+    })
+    .await?;
+    let log = wait_for(LINE, "the throttled warning", || async {
+        let log = keel.log();
+        log.contains("syslog did not take an access log line").then_some(log)
+    })
+    .await?;
+    ensure!(log.matches("syslog did not take an access log line").count() == 1, "one warning per 10 s:\n{log}");
     Ok(())
 }
