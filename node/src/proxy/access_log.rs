@@ -25,7 +25,7 @@
 //! and `template` because both render them through [`Entry::value`], an exhaustive match over
 //! the field list the config is validated against. Text a client chose (path, authority, a
 //! request id it sent) cannot forge a field or a line in `human` or `template`: spaces,
-//! quotes and control characters become `?` ([`escape`]); `json` escapes them as JSON does.
+//! quotes and control characters become `?` ([`escape_into`]); `json` escapes them as JSON does.
 //!
 //! # Destinations
 //!
@@ -59,6 +59,10 @@ use keel_cluster::throttle::{LogThrottle, EVERY};
 pub const QUEUE: usize = 8192;
 /// How often an idle writer looks for a reopen request.
 pub const REOPEN_CHECK: Duration = Duration::from_millis(200);
+/// How long a busy writer lets lines gather before it writes them ([`write_lines`]).
+pub const BATCH: Duration = Duration::from_millis(5);
+/// A file's write buffer: a busy batch is written in few `write` calls.
+const FILE_BUFFER: usize = 64 * 1024;
 /// Longest a syslog send may wait for room in the receiver's queue before the line is dropped.
 pub const SYSLOG_SEND_TIMEOUT: Duration = Duration::from_millis(100);
 /// RFC 5424 APP-NAME.
@@ -118,7 +122,7 @@ enum Sink {
 
 /// An opened sink.
 enum Output {
-    /// Lines appended to a byte stream, flushed whenever the queue is empty.
+    /// Lines appended to a byte stream, flushed after each batch.
     Stream(BufWriter<Box<dyn Write + Send>>),
     /// One datagram per line.
     Syslog(Syslog),
@@ -126,7 +130,7 @@ enum Output {
 
 impl Sink {
     fn open(&self) -> Result<Output, AccessLogError> {
-        let stream = |w: Box<dyn Write + Send>| Output::Stream(BufWriter::new(w));
+        let stream = |w: Box<dyn Write + Send>| Output::Stream(BufWriter::with_capacity(FILE_BUFFER, w));
         match self {
             Sink::Stdout => Ok(stream(Box::new(io::stdout()))),
             Sink::File(path) => OpenOptions::new()
@@ -212,32 +216,49 @@ impl AccessLog {
     }
 }
 
-/// The writer thread: lines as they come, flushed whenever the queue is empty, the file reopened
-/// (the syslog socket reconnected) when [`reopen_all`] was called.
+/// The writer thread. Idle, it blocks on the queue (waking every [`REOPEN_CHECK`] to see a
+/// reopen request). Once a line comes it is busy: it sleeps [`BATCH`], takes every line queued
+/// meanwhile, writes and flushes them, and goes on so until a batch comes back empty. A sender
+/// then never has a parked writer to wake, so a busy log costs one wake-up and one `write` per
+/// batch instead of a futex wake and a `write` per line (the bench measured that at most of the
+/// log's cost). A line waits at most about [`BATCH`] before it is written.
 fn write_lines(sink: &Sink, mut out: Output, rx: &mpsc::Receiver<String>) {
     let mut generation = GENERATION.load(Ordering::Relaxed);
+    // The file reopened (the syslog socket reconnected) when [`reopen_all`] was called.
+    let mut reopen = |out: &mut Output| {
+        let now = GENERATION.load(Ordering::Relaxed);
+        if now != generation {
+            generation = now;
+            out.flush();
+            match sink.open() {
+                Ok(new) => *out = new,
+                // Keep writing to the old file rather than lose lines.
+                Err(e) => tracing::warn!(target: "keel::proxy", error = %e, "cannot reopen access log"),
+            }
+        }
+    };
     loop {
         let first = match rx.recv_timeout(REOPEN_CHECK) {
             Ok(line) => Some(line),
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => break,
         };
-        let now = GENERATION.load(Ordering::Relaxed);
-        if now != generation {
-            generation = now;
-            out.flush();
-            match sink.open() {
-                Ok(new) => out = new,
-                // Keep writing to the old file rather than lose lines.
-                Err(e) => tracing::warn!(target: "keel::proxy", error = %e, "cannot reopen access log"),
-            }
-        }
+        reopen(&mut out);
         let Some(first) = first else { continue };
         out.write(&first);
-        while let Ok(line) = rx.try_recv() {
-            out.write(&line);
+        loop {
+            std::thread::sleep(BATCH);
+            let mut taken = 0usize;
+            while let Ok(line) = rx.try_recv() {
+                out.write(&line);
+                taken += 1;
+            }
+            out.flush();
+            reopen(&mut out);
+            if taken == 0 {
+                break;
+            }
         }
-        out.flush();
     }
     out.flush();
 }
@@ -515,21 +536,7 @@ impl Entry {
         for piece in pieces {
             match piece {
                 TemplatePiece::Literal(text) => line.push_str(text),
-                TemplatePiece::Field(field) => match self.value(*field) {
-                    Value::Text(s) => line.push_str(s),
-                    Value::Untrusted(s) => escape_into(&mut line, s),
-                    Value::Number(n) => {
-                        let _ = write!(line, "{n}");
-                    }
-                    Value::Ms(d) => {
-                        let _ = write!(line, "{}", ms(d));
-                    }
-                    Value::Time(t) => line.push_str(&rfc3339(t)),
-                    Value::Addr(a) => {
-                        let _ = write!(line, "{a}");
-                    }
-                    Value::None => line.push('-'),
-                },
+                TemplatePiece::Field(field) => self.put(&mut line, *field),
             }
         }
         line.push('\n');
@@ -540,47 +547,61 @@ impl Entry {
     /// `client [time] listener pool/server wait_ms/connect_ms/server_ms/total_ms status
     /// in/out termination retries authority id "METHOD path VERSION"`, `-` for what is missing.
     pub fn human(&self) -> String {
-        fn or_dash(v: Option<&str>) -> &str {
-            v.unwrap_or("-")
-        }
-        let opt_ms = |d: Option<Duration>| d.map_or_else(|| "-".to_owned(), |d| ms(d).to_string());
-        let status = self.status.map_or_else(|| "-".to_owned(), |s| s.to_string());
-        let request = if self.method.is_empty() {
-            self.version.to_owned()
-        } else {
-            format!("{} {} {}", self.method, escape(&self.path), self.version)
+        use AccessLogField as F;
+        let mut line = String::with_capacity(256);
+        let put = |line: &mut String, before: &str, field: F| {
+            line.push_str(before);
+            self.put(line, field);
         };
-        format!(
-            "{} [{}] {} {}/{} {}/{}/{}/{} {} {}/{} {} {} {} {} \"{}\"\n",
-            self.client,
-            rfc3339(self.time),
-            self.listener,
-            or_dash(self.pool.as_deref()),
-            or_dash(self.server.as_deref()),
-            opt_ms(self.wait),
-            opt_ms(self.connect),
-            opt_ms(self.server_time),
-            ms(self.total),
-            status,
-            self.bytes_in,
-            self.bytes_out,
-            or_dash(self.termination),
-            self.retries,
-            escape(or_dash(self.authority.as_deref())),
-            escape(or_dash(self.request_id.as_deref())),
-            request,
-        )
+        put(&mut line, "", F::Client);
+        put(&mut line, " [", F::Time);
+        put(&mut line, "] ", F::Listener);
+        put(&mut line, " ", F::Pool);
+        put(&mut line, "/", F::Server);
+        put(&mut line, " ", F::WaitMs);
+        put(&mut line, "/", F::ConnectMs);
+        put(&mut line, "/", F::ServerMs);
+        put(&mut line, "/", F::TotalMs);
+        put(&mut line, " ", F::Status);
+        put(&mut line, " ", F::BytesIn);
+        put(&mut line, "/", F::BytesOut);
+        put(&mut line, " ", F::Termination);
+        put(&mut line, " ", F::Retries);
+        put(&mut line, " ", F::Authority);
+        put(&mut line, " ", F::RequestId);
+        if self.method.is_empty() {
+            put(&mut line, " \"", F::Version);
+        } else {
+            put(&mut line, " \"", F::Method);
+            put(&mut line, " ", F::Path);
+            put(&mut line, " ", F::Version);
+        }
+        line.push_str("\"\n");
+        line
+    }
+
+    /// `field`'s value as `human` and `template` write it: `-` for none, client text escaped.
+    fn put(&self, line: &mut String, field: AccessLogField) {
+        match self.value(field) {
+            Value::Text(s) => line.push_str(s),
+            Value::Untrusted(s) => escape_into(line, s),
+            Value::Number(n) => {
+                let _ = write!(line, "{n}");
+            }
+            Value::Ms(d) => {
+                let _ = write!(line, "{}", ms(d));
+            }
+            Value::Time(t) => line.push_str(&rfc3339(t)),
+            Value::Addr(a) => {
+                let _ = write!(line, "{a}");
+            }
+            Value::None => line.push('-'),
+        }
     }
 }
 
 /// A client's bytes in a human or template line: no quotes, spaces or control characters that
 /// would let a request forge a field or a line.
-fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    escape_into(&mut out, s);
-    out
-}
-
 fn escape_into(out: &mut String, s: &str) {
     out.extend(s.chars().map(|c| if c.is_ascii_graphic() && c != '"' { c } else { '?' }));
 }
