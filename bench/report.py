@@ -3,7 +3,8 @@
 
 usage: report.py RAW.tsv META.txt OUT.md OUT.svg
 RAW.tsv columns: case contender round rps p50_ms p99_ms cpu_s rss_kib errors requests extra
-(extra: MiB/s for case 3, KiB per idle connection for case 7). Standard library only."""
+(extra: MiB/s for case 3, KiB per idle connection for case 7, access log lines dropped for
+keel-log). Standard library only."""
 import statistics, sys
 from collections import defaultdict
 
@@ -17,12 +18,13 @@ CASES = {
     "7": "idle keep-alive connections: RSS per connection",
     "8": "POST 4 KiB body, keep-alive, 64 conns",
 }
-ORDER = ["direct", "haproxy", "nginx", "keel", "keel-base", "keel-2w", "keel-cluster"]
+ORDER = ["direct", "haproxy", "nginx", "keel", "keel-log", "keel-base", "keel-2w", "keel-cluster"]
 LABEL = {"direct": "direct", "haproxy": "HAProxy", "nginx": "nginx", "keel": "keel",
+         "keel-log": "keel + access log, human, to a file",
          "keel-base": "keel baseline, the --baseline-keel binary",
          "keel-2w": "keel, 2 workers, unpinned",
          "keel-cluster": "keel, active node of a 3-node cluster, sticky source_ip over Raft"}
-COLOR = {"direct": "#9e9e9e", "haproxy": "#1f77b4", "nginx": "#2ca02c", "keel": "#d62728",
+COLOR = {"direct": "#9e9e9e", "haproxy": "#1f77b4", "nginx": "#2ca02c", "keel": "#d62728", "keel-log": "#e377c2",
          "keel-base": "#8c564b", "keel-2w": "#ff7f0e", "keel-cluster": "#9467bd"}
 
 raw, meta, out_md, out_svg = sys.argv[1:5]
@@ -98,6 +100,12 @@ for who in ("keel-2w", "keel-cluster"):
     m, k = key_metric("1", who), key_metric("1", "keel")
     if m and k:
         lines.append(f"\n{LABEL[who]}: {m / k:.2f}× standalone keel's req/s in case 1")
+# The access log's cost: the same keel with and without it, case 1.
+k, l = agg.get(("1", "keel")), agg.get(("1", "keel-log"))
+if k and l and k["rps"] and l["rps"]:
+    dropped = sum(int(num(r[10]) or 0) for r in rows[("1", "keel-log")])
+    lines.append(f"\n{LABEL['keel-log']}: {l['rps'] / k['rps']:.2f}× keel's req/s in case 1, CPU µs/req "
+                 f"{fmt(k['us'], 1)} off → {fmt(l['us'], 1)} on; {dropped:,} lines dropped")
 # keel against the baseline binary, case by case: req/s ratio and CPU per request.
 base_lines = []
 for case in cases:

@@ -5,6 +5,8 @@
 //! - [`model`]: the configuration every node serves — listeners, routes, pools, servers,
 //!   health-check and outlier settings — as plain serde data, with [`model::Config::validate`]
 //!   checking the invariants that span fields ("a route names a pool that exists").
+//! - [`access_log_config`]: a listener's `access_log` table (destination, format, template,
+//!   syslog facility), the names of a line's fields, and their validation.
 //! - [`edge`]: TLS, rate-limit and protection settings of listeners and pools.
 //! - [`sticky_config`]: a pool's `[pools.NAME.sticky]` table (cookie, source_ip or learned
 //!   session stickiness, and where bindings are stored) and its validation.
@@ -37,6 +39,7 @@
 // traits; boxing them at every internal helper would only add noise.
 #![allow(clippy::result_large_err)]
 
+pub mod access_log_config;
 pub mod api;
 pub mod codec;
 pub mod command;

@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::access_log_config::{AccessLog, AccessLogField, AccessLogFormat, Destination, Facility, SyslogTarget};
 use crate::duration::HumanDuration;
 pub use crate::edge::{
     BackendTls, CertificateFiles, Limits, ListenerTls, ProxyProtocol, RateLimit, TlsVersion, MAX_REQUEST_BUFFER,
@@ -106,28 +107,6 @@ pub struct Listener {
     /// Headers set, added or removed on every request and response of this listener.
     #[serde(default)]
     pub headers: Option<HeaderRules>,
-}
-
-/// A listener's access log: where its lines go and how they look.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AccessLog {
-    /// `"stdout"`, or the path of a file appended to (reopened on SIGUSR1, for logrotate).
-    pub destination: String,
-    /// Line format.
-    #[serde(default)]
-    pub format: AccessLogFormat,
-}
-
-/// How access log lines look.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AccessLogFormat {
-    /// One human line per request, in the spirit of HAProxy's `httplog`.
-    #[default]
-    Human,
-    /// One JSON object per line.
-    Json,
 }
 
 /// A routing rule: every condition given must hold.
@@ -617,9 +596,7 @@ impl Config {
                 _ => {}
             }
             if let Some(log) = &listener.access_log {
-                if log.destination.trim().is_empty() {
-                    report(at.key("access_log").key("destination"), "must be \"stdout\" or a file path".into());
-                }
+                crate::access_log_config::check(log, &at.key("access_log"), &mut report);
             }
             if !listener.request_id_header.is_empty()
                 && http::header::HeaderName::from_bytes(listener.request_id_header.as_bytes()).is_err()
@@ -1014,7 +991,15 @@ mod tests {
         ));
         assert_eq!(c.validate(), Ok(()));
         let web = &c.listeners["web"];
-        assert_eq!(web.access_log, Some(AccessLog { destination: "stdout".into(), format: AccessLogFormat::Json }));
+        assert_eq!(
+            web.access_log,
+            Some(AccessLog {
+                destination: "stdout".into(),
+                format: AccessLogFormat::Json,
+                template: None,
+                facility: None
+            })
+        );
         assert_eq!(web.request_id_header, "");
         let c = parse(&GOOD.replace(
             "default_pool = \"app\"\n",
@@ -1022,6 +1007,38 @@ mod tests {
         ));
         let paths: Vec<String> = c.validate().unwrap_err().iter().map(|p| p.path.to_string()).collect();
         assert_eq!(paths, ["listeners.web.access_log.destination", "listeners.web.request_id_header"]);
+    }
+
+    #[test]
+    fn access_log_templates_and_syslog_are_checked_at_their_keys() {
+        let with =
+            |log: &str| parse(&GOOD.replace("default_pool = \"app\"\n", &format!("default_pool = \"app\"\n{log}\n")));
+        let c = with(
+            "access_log = { destination = \"udp://127.0.0.1:514\", format = \"template\", \
+             template = \"$client ${status}\", facility = \"local3\" }",
+        );
+        assert_eq!(c.validate(), Ok(()));
+        let log = c.listeners["web"].access_log.clone().unwrap();
+        assert_eq!(log.facility(), Facility::Local3);
+        assert_eq!(log.target(), Ok(Destination::Syslog(SyslogTarget::Udp("127.0.0.1:514".parse().unwrap()))));
+        assert_eq!(parse(&toml::to_string(&c).unwrap()), c);
+
+        let c = with("access_log = { destination = \"stdout\", format = \"template\", template = \"$client $foo\" }");
+        let problems = c.validate().unwrap_err();
+        assert_eq!(problems.len(), 1);
+        let shown = problems[0].to_string();
+        assert!(
+            shown.starts_with("listeners.web.access_log.template: unknown field \"$foo\"; known: time, listener,"),
+            "{shown}"
+        );
+
+        let c = with("access_log = { destination = \"/tmp/a.log\", format = \"json\", template = \"$client\", facility = \"local1\" }");
+        let paths: Vec<String> = c.validate().unwrap_err().iter().map(|p| p.path.to_string()).collect();
+        assert_eq!(paths, ["listeners.web.access_log.facility", "listeners.web.access_log.template"]);
+
+        let c = with("access_log = { destination = \"tcp://127.0.0.1:514\", format = \"template\" }");
+        let paths: Vec<String> = c.validate().unwrap_err().iter().map(|p| p.path.to_string()).collect();
+        assert_eq!(paths, ["listeners.web.access_log.destination", "listeners.web.access_log.template"]);
     }
 
     #[test]

@@ -747,8 +747,11 @@ fn io_reason(e: &std::io::Error) -> String {
 /// directory that opens for appending. The file is opened the way the log opens it (append,
 /// never truncated); if the check had to create it, it removes it again.
 fn check_log_destination(destination: &str) -> Result<(), String> {
-    if matches!(destination, "stdout" | "-") || destination.trim().is_empty() {
-        return Ok(()); // an empty destination is validate's to report
+    // Only files are opened here: stdout always is, a syslog receiver may come and go (lines
+    // are dropped and counted meanwhile), and a malformed value is validate's to report.
+    match keel_cluster::model::Destination::parse(destination) {
+        Ok(keel_cluster::model::Destination::File(_)) => {}
+        _ => return Ok(()),
     }
     let path = Path::new(destination);
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -65,7 +65,8 @@ pub const RATELIMIT_EVICTIONS_TOTAL: &str = "keel_ratelimit_evictions_total";
 /// Clients tracked by rate limits, by listener.
 pub const RATELIMIT_TRACKED: &str = "keel_ratelimit_tracked_clients";
 
-/// Access log lines dropped because the log's writer fell behind (its queue was full).
+/// Access log lines dropped: the log's writer fell behind (its queue was full), or a syslog
+/// receiver did not take them.
 pub const ACCESS_LOG_DROPPED_TOTAL: &str = "keel_access_log_dropped_total";
 
 /// Resolutions of servers given by DNS name, by pool, server (the configured entry), name and

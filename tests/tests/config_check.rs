@@ -676,3 +676,29 @@ fn the_deploy_examples_check_ok_when_their_files_exist() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn unknown_access_log_template_field() -> Result<()> {
+    expect_problem(
+        &broken(
+            "default_pool = \"app\"",
+            0,
+            "default_pool = \"app\"\naccess_log = { destination = \"stdout\", format = \"template\", template = \"$client $foo\" }",
+        ),
+        Some("listeners.web.access_log.template"),
+        &["unknown field \"$foo\"", "known: time, listener, client,", "request_id"],
+    )
+}
+
+#[test]
+fn syslog_facility_on_a_file() -> Result<()> {
+    expect_problem(
+        &broken(
+            "default_pool = \"app\"",
+            0,
+            "default_pool = \"app\"\naccess_log = { destination = \"/tmp/a.log\", facility = \"local1\" }",
+        ),
+        Some("listeners.web.access_log.facility"),
+        &["syslog destinations"],
+    )
+}

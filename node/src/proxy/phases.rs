@@ -289,7 +289,7 @@ impl HttpProxy {
         entry.status = Some(resp.status().as_u16());
         entry.termination = match &routed {
             Ok(_) => None,
-            Err(Some(kind)) => Some(termination(*kind)),
+            Err(Some(cause)) => Some(*cause),
             Err(None) => match resp.status().as_u16() {
                 404 => Some("no_route"),
                 429 => Some("rate_limited"),
@@ -302,8 +302,9 @@ impl HttpProxy {
             entry.server = pool.servers.get(trace.server.load(Ordering::Relaxed)).map(|s| s.name.clone());
         }
         entry.retries = trace.attempts.load(Ordering::Relaxed).saturating_sub(1);
-        let server_us = trace.server_us.load(Ordering::Relaxed);
-        entry.server_time = (server_us != u64::MAX).then(|| std::time::Duration::from_micros(server_us));
+        entry.wait = trace.wait_us.get();
+        entry.connect = trace.connect_us.get();
+        entry.server_time = trace.server_us.get();
         match resp.body() {
             // The session runs the tunnel on this body as it is: the line is written now.
             ProxyBody::Upgrade(_) => resp,
@@ -312,7 +313,8 @@ impl HttpProxy {
     }
 
     /// Phases 2–8 of [`HttpProxy::handle`]: the response, and how the request ended for its log
-    /// line (`Err(None)`: answered before a pool was chosen; `Err(Some(kind))`: failed).
+    /// line (`Err(None)`: answered before a pool was chosen; `Err(Some(cause))`: failed, the
+    /// access log's word for why).
     async fn phases<B>(
         &self,
         parts: http::request::Parts,
@@ -320,7 +322,7 @@ impl HttpProxy {
         peer: &Peer,
         started: Instant,
         trace: &Trace,
-    ) -> (Response<ProxyBody>, Result<(), Option<ErrorKind>>, Option<Arc<Pool>>)
+    ) -> (Response<ProxyBody>, Result<(), Option<&'static str>>, Option<Arc<Pool>>)
     where
         B: Body<Data = Bytes> + Send + Unpin,
         B::Error: Into<BoxError>,
@@ -345,7 +347,7 @@ impl HttpProxy {
                 .unwrap_or_else(|_| Err(ProxyError::new(ErrorKind::TotalTimeout, Some(&routed.pool.name), None))),
             None => forwarded.await,
         };
-        let outcome = result.as_ref().map(|_| ()).map_err(|e| Some(e.kind));
+        let outcome = result.as_ref().map(|_| ()).map_err(|e| Some(termination(e)));
         (self.log(&routed.pool, result), outcome, Some(routed.pool.clone()))
     }
 
@@ -495,17 +497,22 @@ impl HttpProxy {
             trace.attempts.fetch_add(1, Ordering::Relaxed);
             trace.server.store(index, Ordering::Relaxed);
             let sent_at = Instant::now();
+            // The line's timings are the last attempt's: this one's, from here on.
+            trace.wait_us.set(sent_at.duration_since(started));
+            trace.connect_us.clear();
             let server = &pool.servers[index];
             let in_flight = InFlight::start(server);
             server.stats.requests.fetch_add(1, Ordering::Relaxed);
             let sent = {
                 let mut body = outgoing.attempt();
-                send(pool, server, &head, &mut body).await
+                send(pool, server, &head, &mut body, &trace.connect_us.0).await
             };
             let more = attempt + 1 < attempts;
             match sent {
                 Ok(resp) => {
-                    trace.server_us.store(sent_at.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    // The server's time starts once it has a connection.
+                    let connect = trace.connect_us.get().unwrap_or_default();
+                    trace.server_us.set(sent_at.elapsed().saturating_sub(connect));
                     let status = resp.status();
                     server.stats.count_status(status.as_u16());
                     pool.observe(index, !status.is_server_error());
@@ -564,8 +571,12 @@ struct Trace {
     attempts: std::sync::atomic::AtomicU32,
     /// The index of the last server tried (`usize::MAX`: none).
     server: std::sync::atomic::AtomicUsize,
-    /// Microseconds from the request sent to the response head (`u64::MAX`: no answer).
-    server_us: AtomicU64,
+    /// From the head received to the last attempt's start.
+    wait_us: Micros,
+    /// The last attempt's connect (0: a reused connection).
+    connect_us: Micros,
+    /// From the last attempt's connection ready to its response head.
+    server_us: Micros,
 }
 
 impl Default for Trace {
@@ -573,17 +584,50 @@ impl Default for Trace {
         Trace {
             attempts: Default::default(),
             server: std::sync::atomic::AtomicUsize::new(usize::MAX),
-            server_us: AtomicU64::new(u64::MAX),
+            wait_us: Micros::default(),
+            connect_us: Micros::default(),
+            server_us: Micros::default(),
         }
     }
 }
 
-/// The access log's word for how a failed request ended.
-fn termination(kind: ErrorKind) -> &'static str {
-    match kind {
+/// A duration in microseconds that may not be known yet (`u64::MAX`). Atomic because the
+/// request future that fills it in must be `Send`.
+struct Micros(AtomicU64);
+
+impl Default for Micros {
+    fn default() -> Self {
+        Micros(AtomicU64::new(u64::MAX))
+    }
+}
+
+impl Micros {
+    fn set(&self, d: std::time::Duration) {
+        self.0.store(u64::try_from(d.as_micros()).unwrap_or(u64::MAX - 1), Ordering::Relaxed);
+    }
+
+    fn clear(&self) {
+        self.0.store(u64::MAX, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Option<std::time::Duration> {
+        let us = self.0.load(Ordering::Relaxed);
+        (us != u64::MAX).then(|| std::time::Duration::from_micros(us))
+    }
+}
+
+/// The access log's word for how a failed request ended: who ended it (`client_`, `server_`,
+/// else keel) and, for a timeout, which one.
+fn termination(error: &ProxyError) -> &'static str {
+    match error.kind {
         ErrorKind::NoRoute => "no_route",
         ErrorKind::NoServer => "no_server",
-        ErrorKind::Connect => "server_refused",
+        ErrorKind::Connect => match error.source.as_deref().and_then(|e| e.downcast_ref::<SendError>()) {
+            Some(SendError::Connect { source, .. }) if source.kind() == io::ErrorKind::TimedOut => {
+                "server_connect_timeout"
+            }
+            _ => "server_refused",
+        },
         ErrorKind::Timeout => "server_timeout",
         ErrorKind::Broken => "server_broken",
         ErrorKind::PayloadTooLarge => "client_too_large",
@@ -840,6 +884,7 @@ async fn send<B>(
     server: &ServerState,
     head: &RequestHead<'_>,
     body: &mut AttemptBody<'_, B>,
+    connect_us: &AtomicU64,
 ) -> Result<Response<ResponseBody>, SendError>
 where
     B: Body<Data = Bytes> + Send + Unpin,
@@ -852,6 +897,7 @@ where
         connect_timeout: pool.config.connect_timeout.get(),
         response_timeout: pool.config.response_timeout.get(),
         tls: pool.tls.as_ref(),
+        connect_us: Some(connect_us),
     };
     client::send(&up, head, body).await
 }

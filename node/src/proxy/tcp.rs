@@ -122,27 +122,18 @@ impl Connection {
     async fn serve(self, client: TcpStream, peer: SocketAddr) {
         // Written when the session ends, whichever way; a drain that aborts this task drops it
         // with the cause it starts with.
+        let accepted = Instant::now();
         let mut pending = self.access_log.as_ref().map(|log| {
             let mut entry = Entry::new(self.listener.clone(), peer, "TCP");
             entry.termination = Some("aborted");
-            Pending::new(log.clone(), Instant::now(), entry)
+            Pending::new(log.clone(), accepted, entry)
         });
-        let traffic = self.traffic.clone();
-        let mut end = |cause: Option<&'static str>, pool: Option<&Pool>, server: Option<&str>, bytes: (u64, u64)| {
-            traffic.requests.fetch_add(1, Ordering::Relaxed);
-            traffic.bytes_in.fetch_add(bytes.0, Ordering::Relaxed);
-            traffic.bytes_out.fetch_add(bytes.1, Ordering::Relaxed);
-            if let Some(p) = pending.as_mut() {
-                p.entry.termination = cause;
-                p.entry.pool = pool.map(|p| p.name.clone());
-                p.entry.server = server.map(str::to_owned);
-                (p.entry.bytes_in, p.entry.bytes_out) = bytes;
-            }
-        };
+        // One session in the listener's counters, whichever way it ends (a drain's abort too).
+        let mut tally = Tally { traffic: self.traffic.clone(), bytes: (0, 0) };
         let (pool, idle_timeout) = {
             let snapshot = self.snapshot.load();
             let Some(listener) = snapshot.config.listeners.get(&*self.listener) else {
-                end(Some("no_route"), None, None, (0, 0));
+                end(&mut pending, Some("no_route"), None, None, (0, 0));
                 self.rejections.no_route.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(target: "keel::proxy", listener = %self.listener, client = %peer,
                     "listener no longer configured; closing client");
@@ -152,7 +143,7 @@ impl Connection {
             (pool, listener.limits.idle_timeout.get())
         };
         let Some(pool) = pool else {
-            end(Some("no_route"), None, None, (0, 0));
+            end(&mut pending, Some("no_route"), None, None, (0, 0));
             self.rejections.no_route.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(target: "keel::proxy", listener = %self.listener, client = %peer,
                 "listener has no default pool; closing client");
@@ -161,13 +152,27 @@ impl Connection {
         let local = match client.local_addr() {
             Ok(local) => local,
             Err(e) => {
-                end(Some("client_gone"), Some(&pool), None, (0, 0));
+                end(&mut pending, Some("client_gone"), Some(&pool), None, (0, 0));
                 tracing::debug!(target: "keel::proxy", client = %peer, error = %e, "client connection unusable");
                 return;
             }
         };
-        let Some((index, upstream)) = connect(&pool, peer, local).await else {
-            end(Some("no_server"), Some(&pool), None, (0, 0));
+        let mut tried = Tried::default();
+        let connected = connect(&pool, peer, local, &mut tried).await;
+        if let Some(p) = pending.as_mut() {
+            p.entry.retries = tried.attempts.saturating_sub(1);
+            p.entry.wait = tried.last_start.map(|t| t.duration_since(accepted));
+            p.entry.connect = tried.connect;
+        }
+        let Some((index, upstream)) = connected else {
+            let (cause, server) = match tried.last_failure {
+                Some((index, timed_out)) => (
+                    if timed_out { "server_connect_timeout" } else { "server_refused" },
+                    pool.servers.get(index).map(|s| s.name.as_str()),
+                ),
+                None => ("no_server", None),
+            };
+            end(&mut pending, Some(cause), Some(&pool), server, (0, 0));
             self.rejections.no_server.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(target: "keel::proxy", listener = %self.listener, pool = %pool.name, client = %peer,
                 "no server could be connected; closing client");
@@ -175,7 +180,7 @@ impl Connection {
         };
         let Some(server) = pool.servers.get(index) else { return };
         // Until the splice reports, a drain's abort is what ends it.
-        end(Some("aborted"), Some(&pool), Some(&server.name), (0, 0));
+        end(&mut pending, Some("aborted"), Some(&pool), Some(&server.name), (0, 0));
         let _ = client.set_nodelay(true);
         server.stats.requests.fetch_add(1, Ordering::Relaxed);
         let _active = InFlight::start(server);
@@ -186,17 +191,21 @@ impl Connection {
         let spliced = tokio::select! {
             r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, SPLICE_BUFFER, SPLICE_BUFFER) => r,
             () = idle_expired(&activity, idle_timeout) => {
-                end(Some("idle_timeout"), Some(&pool), Some(&server.name), (client.read, client.written));
+                tally.bytes = (client.read, client.written);
+                end(&mut pending, Some("idle_timeout"), Some(&pool), Some(&server.name), (client.read, client.written));
                 tracing::debug!(target: "keel::proxy", pool = %pool.name, server = %server.name, client = %peer,
                     idle_timeout = ?idle_timeout, "connection idle; closing");
                 return;
             }
         };
         let moved = (client.read, client.written);
+        tally.bytes = moved;
         match &spliced {
-            Ok(_) => end(None, Some(&pool), Some(&server.name), moved),
-            Err(_) if upstream.failed => end(Some("server_broken"), Some(&pool), Some(&server.name), moved),
-            Err(_) => end(Some("client_gone"), Some(&pool), Some(&server.name), moved),
+            Ok(_) => end(&mut pending, None, Some(&pool), Some(&server.name), moved),
+            Err(_) if upstream.failed => {
+                end(&mut pending, Some("server_broken"), Some(&pool), Some(&server.name), moved)
+            }
+            Err(_) => end(&mut pending, Some("client_gone"), Some(&pool), Some(&server.name), moved),
         }
         match spliced {
             Ok((sent, received)) => tracing::debug!(target: "keel::proxy", pool = %pool.name, server = %server.name,
@@ -213,9 +222,56 @@ impl Connection {
     }
 }
 
+/// Counts a session and its bytes in the listener's counters when dropped.
+struct Tally {
+    traffic: Arc<ListenerTraffic>,
+    bytes: (u64, u64),
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        self.traffic.requests.fetch_add(1, Ordering::Relaxed);
+        self.traffic.bytes_in.fetch_add(self.bytes.0, Ordering::Relaxed);
+        self.traffic.bytes_out.fetch_add(self.bytes.1, Ordering::Relaxed);
+    }
+}
+
+/// Notes how a session ended (so far) in its line, if it has one.
+fn end(
+    pending: &mut Option<Pending>,
+    cause: Option<&'static str>,
+    pool: Option<&Pool>,
+    server: Option<&str>,
+    bytes: (u64, u64),
+) {
+    if let Some(p) = pending.as_mut() {
+        p.entry.termination = cause;
+        p.entry.pool = pool.map(|p| p.name.clone());
+        p.entry.server = server.map(str::to_owned);
+        (p.entry.bytes_in, p.entry.bytes_out) = bytes;
+    }
+}
+
+/// What [`connect`]'s attempts did, for the session's access log line.
+#[derive(Default)]
+struct Tried {
+    attempts: u32,
+    /// When the last attempt started.
+    last_start: Option<Instant>,
+    /// How long the successful connect took.
+    connect: Option<Duration>,
+    /// The last failed server, and whether it timed out (rather than refused).
+    last_failure: Option<(usize, bool)>,
+}
+
 /// Selects and connects a server for `peer`, retrying other servers after connect failures.
 /// Returns the server's index and the connection, with the PROXY header already sent.
-async fn connect(pool: &Pool, peer: SocketAddr, local: SocketAddr) -> Option<(usize, TcpStream)> {
+async fn connect(
+    pool: &Pool,
+    peer: SocketAddr,
+    local: SocketAddr,
+    tried_log: &mut Tried,
+) -> Option<(usize, TcpStream)> {
     let hash = if pool.config.algorithm == Algorithm::IpHash { client_hash(peer) } else { 0 };
     let header = pool.config.proxy_protocol.map(|version| proxy_protocol::encode(version, peer, local));
     let attempts = pool.config.retries.min(MAX_RETRIES) as usize + 1;
@@ -225,13 +281,23 @@ async fn connect(pool: &Pool, peer: SocketAddr, local: SocketAddr) -> Option<(us
         tried[attempt] = index;
         let server = pool.servers.get(index)?;
         let timeout = pool.config.connect_timeout.get();
+        let start = Instant::now();
+        tried_log.attempts += 1;
+        tried_log.last_start = Some(start);
         let error = match tokio::time::timeout(timeout, open(server.address, header.as_deref())).await {
             Ok(Ok(stream)) => {
+                tried_log.connect = Some(start.elapsed());
                 pool.observe(index, true);
                 return Some((index, stream));
             }
-            Ok(Err(e)) => e,
-            Err(_elapsed) => io::Error::new(io::ErrorKind::TimedOut, format!("no connection within {timeout:?}")),
+            Ok(Err(e)) => {
+                tried_log.last_failure = Some((index, false));
+                e
+            }
+            Err(_elapsed) => {
+                tried_log.last_failure = Some((index, true));
+                io::Error::new(io::ErrorKind::TimedOut, format!("no connection within {timeout:?}"))
+            }
         };
         server.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
         pool.observe(index, false);

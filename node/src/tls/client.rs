@@ -153,6 +153,7 @@ mod tests {
             connect_timeout: TIMEOUT,
             response_timeout: TIMEOUT,
             tls: tls.as_ref(),
+            connect_us: None,
         };
         let headers = http::HeaderMap::new();
         let head = RequestHead {

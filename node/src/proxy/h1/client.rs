@@ -43,6 +43,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
@@ -84,6 +85,9 @@ pub struct Upstream<'a> {
     pub response_timeout: Duration,
     /// The pool's TLS settings; `None` for a plain-HTTP pool.
     pub tls: Option<&'a Arc<UpstreamTls>>,
+    /// Where to note how long the connection used took to make, in µs (0: a kept-alive one
+    /// was reused), for the access log's `connect_ms`; `None` when nobody asks.
+    pub connect_us: Option<&'a AtomicU64>,
 }
 
 /// The request as it goes on the wire, minus its body.
@@ -344,8 +348,20 @@ where
     // new connection. A fresh connection gets one try.
     loop {
         let (mut conn, reused) = match up.idle.take(up.max_idle) {
-            Some(conn) => (conn, true),
-            None => (connect(up).await?, false),
+            Some(conn) => {
+                if let Some(us) = up.connect_us {
+                    us.store(0, Ordering::Relaxed);
+                }
+                (conn, true)
+            }
+            None => {
+                let connecting = Instant::now();
+                let conn = connect(up).await?;
+                if let Some(us) = up.connect_us {
+                    us.store(connecting.elapsed().as_micros() as u64, Ordering::Relaxed);
+                }
+                (conn, false)
+            }
         };
         let retry = |polled: bool| reused && !polled;
         conn.buf.clear();
@@ -980,7 +996,15 @@ mod tests {
 
     fn upstream(addr: SocketAddr, idle: &Arc<IdleConns>) -> Upstream<'_> {
         let second = Duration::from_secs(1);
-        Upstream { addr, idle, max_idle: second * 5, connect_timeout: second, response_timeout: second, tls: None }
+        Upstream {
+            addr,
+            idle,
+            max_idle: second * 5,
+            connect_timeout: second,
+            response_timeout: second,
+            tls: None,
+            connect_us: None,
+        }
     }
 
     async fn collect(resp: Response<ResponseBody>) -> (Vec<u8>, Option<HeaderMap>) {
