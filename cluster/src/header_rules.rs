@@ -1,6 +1,6 @@
 //! Header rules of a listener or a route (`[listeners.NAME.headers]`, a route's `headers`):
 //! headers set, added or removed on the request keel sends to a server and on the response the
-//! client gets, with values that may name a few variables (`${client_ip}`, `${node}`,
+//! client gets, with values that may name a few variables (`${client_ip}`, `${request_id}`, `${node}`,
 //! `${listener}`, `${pool}`, `${server}`).
 //!
 //! Kept apart from [`crate::model`] because the value syntax and the headers no rule may touch
@@ -67,15 +67,18 @@ pub enum Variable {
     /// The chosen server's name (responses only: the server is chosen after the request
     /// headers are written).
     Server,
+    /// The request's id (the listener's `request_id_header`; empty when ids are off).
+    RequestId,
 }
 
 impl Variable {
-    const ALL: [(&'static str, Variable); 5] = [
+    const ALL: [(&'static str, Variable); 6] = [
         ("client_ip", Variable::ClientIp),
         ("node", Variable::Node),
         ("listener", Variable::Listener),
         ("pool", Variable::Pool),
         ("server", Variable::Server),
+        ("request_id", Variable::RequestId),
     ];
 
     /// The name written between `${` and `}`.

@@ -28,7 +28,7 @@ async fn keel_with_rules(app: &RawHttpBackend, api: &RawHttpBackend) -> Result<K
     Keel::builder()
         .default_pool("app")
         .listener_line(
-            r#"headers = { request_set = { "X-Served-By" = "${node}", "X-Client" = "${client_ip}", "X-Via" = "${listener}/${pool}" }, request_add = { "X-Tag" = "edge" }, request_remove = ["X-Secret"], response_set = { "Strict-Transport-Security" = "max-age=63072000", "X-Tier" = "listener" }, response_remove = ["Server"] }"#,
+            r#"headers = { request_set = { "X-Served-By" = "${node}", "X-Client" = "${client_ip}", "X-Via" = "${listener}/${pool}", "X-Trace" = "req-${request_id}" }, request_add = { "X-Tag" = "edge" }, request_remove = ["X-Secret"], response_set = { "Strict-Transport-Security" = "max-age=63072000", "X-Tier" = "listener", "X-Trace" = "resp-${request_id}" }, response_remove = ["Server"] }"#,
         )
         .route(
             "path_prefix = \"/api\"\npool = \"api\"\n\
@@ -63,6 +63,11 @@ async fn listener_rules_rewrite_both_directions_with_variables() -> Result<()> {
     let node = values(s, "x-served-by");
     ensure!(node.len() == 1 && !node[0].is_empty() && !node[0].contains("${"), "X-Served-By {node:?}");
     ensure!(api.requests().is_empty(), "api saw {:?}", api.requests());
+    // ${request_id} is the id the request carries, the same both ways.
+    let id = r.header("x-request-id").unwrap_or_default().to_owned();
+    ensure!(id.len() == 32, "no request id returned: {:?}", r.headers);
+    ensure!(values(s, "x-trace") == [format!("req-{id}")], "request ${{request_id}}: {:?}", s.headers);
+    ensure!(r.header("x-trace") == Some(format!("resp-{id}").as_str()), "response ${{request_id}}: {:?}", r.headers);
     Ok(())
 }
 

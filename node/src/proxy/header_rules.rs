@@ -50,6 +50,8 @@ pub struct Vars<'a> {
     pub pool: &'a str,
     /// The chosen server's name; `None` on requests.
     pub server: Option<&'a str>,
+    /// The request's id, when the listener gives requests one.
+    pub request_id: Option<&'a HeaderValue>,
 }
 
 /// A rule's value.
@@ -68,6 +70,7 @@ enum Part {
     ClientIp,
     Pool,
     Server,
+    RequestId,
 }
 
 impl Value {
@@ -91,6 +94,10 @@ impl Value {
                 }
                 Piece::Variable(Variable::Server) => {
                     parts.push(Part::Server);
+                    continue;
+                }
+                Piece::Variable(Variable::RequestId) => {
+                    parts.push(Part::RequestId);
                     continue;
                 }
             };
@@ -120,6 +127,7 @@ impl Value {
                         Part::ClientIp => out.extend_from_slice(vars.client_ip.as_bytes()),
                         Part::Pool => out.extend_from_slice(vars.pool.as_bytes()),
                         Part::Server => out.extend_from_slice(vars.server.unwrap_or("").as_bytes()),
+                        Part::RequestId => out.extend_from_slice(vars.request_id.map_or(&b""[..], |v| v.as_bytes())),
                     }
                 }
                 HeaderValue::from_maybe_shared(Bytes::from(out)).ok()
@@ -254,7 +262,7 @@ mod tests {
         let mut req = HeaderMap::new();
         req.insert("x-secret", HeaderValue::from_static("s"));
         req.insert("x-client", HeaderValue::from_static("spoofed"));
-        chain.on_request(&mut req, &Vars { client_ip: &ip, pool: "api", server: None });
+        chain.on_request(&mut req, &Vars { client_ip: &ip, pool: "api", server: None, request_id: None });
         assert!(req.get("x-secret").is_none());
         assert_eq!(req["x-via"], "web/api");
         assert_eq!(req["x-client"], "10.1.2.3");
@@ -262,7 +270,7 @@ mod tests {
         let mut resp = HeaderMap::new();
         resp.insert("server", HeaderValue::from_static("nginx"));
         resp.insert("x-extra", HeaderValue::from_static("one"));
-        chain.on_response(&mut resp, &Vars { client_ip: &ip, pool: "api", server: Some("a1") });
+        chain.on_response(&mut resp, &Vars { client_ip: &ip, pool: "api", server: Some("a1"), request_id: None });
         assert!(resp.get("server").is_none());
         assert_eq!(resp["x-tier"], "route");
         assert_eq!(resp["x-server"], "a1");

@@ -425,7 +425,8 @@ impl HttpProxy {
             None => Framing::Empty,
             Some(b) => b.size_hint().exact().map_or(Framing::Chunked, Framing::Length),
         };
-        rewrite_request(&mut parts, routed, peer, self.proto, upgrade);
+        let request_id = self.request_id.as_ref().and_then(|name| parts.headers.get(name)).cloned();
+        rewrite_request(&mut parts, routed, peer, self.proto, upgrade, request_id.as_ref());
         let mut outgoing = match body {
             None => Outgoing::Buffered(Buffered::default()),
             Some(body) => {
@@ -476,7 +477,7 @@ impl HttpProxy {
                 request_headers: sticky_headers.as_ref(),
                 source: &peer.source,
             });
-            let rules = (!routed.rules.is_empty()).then(|| (&routed.rules, peer, &**pool));
+            let rules = (!routed.rules.is_empty()).then(|| (&routed.rules, peer, &**pool, request_id.as_ref()));
             respond(resp, in_flight, learn, &pool.servers[index], rules, &pool.servers)
         };
         for attempt in 0..attempts {
@@ -706,7 +707,14 @@ fn choose(pool: &Pool, bound: Option<usize>, hash: u64, attempt: usize, tried: &
 /// `Expect` (the client's `100 Continue` is keel's to send) and
 /// no framing headers (keel's client states the framing it sends). Then the operator's header
 /// rules, listener before route; validation keeps them off framing headers and `Host`.
-fn rewrite_request(parts: &mut http::request::Parts, routed: &Routed, peer: &Peer, proto: &'static str, upgrade: bool) {
+fn rewrite_request(
+    parts: &mut http::request::Parts,
+    routed: &Routed,
+    peer: &Peer,
+    proto: &'static str,
+    upgrade: bool,
+    request_id: Option<&HeaderValue>,
+) {
     let authority = routed.authority.as_ref();
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.headers.remove(header::EXPECT);
@@ -719,7 +727,7 @@ fn rewrite_request(parts: &mut http::request::Parts, routed: &Routed, peer: &Pee
         parts.headers.insert(header::HOST, a.clone());
     }
     if !routed.rules.is_empty() {
-        let vars = Vars { client_ip: &peer.forwarded_for, pool: &routed.pool.name, server: None };
+        let vars = Vars { client_ip: &peer.forwarded_for, pool: &routed.pool.name, server: None, request_id };
         routed.rules.on_request(&mut parts.headers, &vars);
     }
 }
@@ -920,7 +928,7 @@ fn respond(
     in_flight: InFlight,
     learn: Option<Learn<'_>>,
     server: &ServerState,
-    rules: Option<(&RuleChain, &Peer, &Pool)>,
+    rules: Option<(&RuleChain, &Peer, &Pool, Option<&HeaderValue>)>,
     servers: &[Arc<ServerState>],
 ) -> Response<ProxyBody> {
     let (mut head, body) = resp.into_parts();
@@ -937,8 +945,8 @@ fn respond(
             servers,
         );
     }
-    if let Some((rules, peer, pool)) = rules {
-        let vars = Vars { client_ip: &peer.forwarded_for, pool: &pool.name, server: Some(&server.name) };
+    if let Some((rules, peer, pool, request_id)) = rules {
+        let vars = Vars { client_ip: &peer.forwarded_for, pool: &pool.name, server: Some(&server.name), request_id };
         rules.on_response(&mut head.headers, &vars);
     }
     let body = if upgraded {
