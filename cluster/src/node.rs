@@ -12,7 +12,14 @@
 //! # Elections
 //!
 //! Data nodes run with openraft's `enable_elect = false`; [`election_watchdog`] decides when to
-//! stand. openraft's own timer let a follower stand after lease + a random election timeout,
+//! stand, and stands only after a **pre-vote** (which openraft 0.9 lacks): it asks every other
+//! voter over the Raft connection whether it would grant its vote now — yes only if that voter
+//! has not heard from a leader for the lease less one heartbeat and the candidate's log is as
+//! long as its own — and stands only with a majority of yeses. Asking changes no term and no
+//! vote, so a node cut off from the others never raises the term while it is away and deposes
+//! no healthy leader when its link returns (chaos `heal`: a 5 s cut left the term at 1; without
+//! the pre-vote it came back at 16). A peer that cannot be asked (a cut link, a node of an older
+//! version that does not know the request) counts as a no. openraft's own timer let a follower stand after lease + a random election timeout,
 //! checked on its 1.5-heartbeat tick; the two followers of a three-node cluster often stood on
 //! the same tick and split the vote (`fast` used to lose 100–250 ms that way in 1 run of 4). The
 //! watchdog notes every AppendEntries and every granted vote (`noting_leader_contact`), polls
@@ -167,8 +174,20 @@ const NEVER: u64 = u64::MAX;
 /// Wraps `inner` so that `contact` learns of every AppendEntries a current leader sent (any
 /// answer but "your vote is stale"), of every vote granted, of every vote refused because this
 /// node's log is longer than the candidate's, and of every candidate whose log is longer.
-fn noting_leader_contact(inner: Dispatch, contact: Arc<LeaderContact>) -> Dispatch {
+///
+/// It also answers keel's pre-vote (the node's own election rule, which openraft 0.9 lacks): a
+/// candidate's pre-vote is granted only when this node has not heard from a leader for
+/// `quiet` (the lease less one heartbeat) and the candidate's log is at least as long as its
+/// own. Granting changes nothing here; a candidate that cannot gather a majority of grants does
+/// not stand, so a node cut off for a while comes back with the term it left with and deposes
+/// no healthy leader.
+fn noting_leader_contact(inner: Dispatch, contact: Arc<LeaderContact>, raft: Raft, quiet: Duration) -> Dispatch {
     Arc::new(move |req: RpcRequest| -> Pin<Box<dyn Future<Output = RpcResponse> + Send>> {
+        if let RpcRequest::PreVote { last_log_index, .. } = &req {
+            let mine = raft.metrics().borrow().last_log_index;
+            let grant = contact.silence() >= quiet && *last_log_index >= mine;
+            return Box::pin(async move { RpcResponse::PreVote(grant) });
+        }
         let candidate_log = match &req {
             RpcRequest::Vote(v) => Some(v.last_log_id),
             _ => None,
@@ -352,7 +371,7 @@ fn stand_rank(me: u64, voters: impl Iterator<Item = (u64, bool)>, silent_leader:
 /// once (it is the one that can win); a node that saw a candidate with a longer log stays out
 /// for two leases (it cannot win, and its higher terms would only get in the way). openraft's
 /// own timer is off on data nodes; [`TimerFallback`] switches it back on should this task end.
-async fn election_watchdog(raft: Raft, contact: Arc<LeaderContact>, times: StandTimes) {
+async fn election_watchdog(raft: Raft, contact: Arc<LeaderContact>, times: StandTimes, mut asker: PreVoter) {
     let _fallback = TimerFallback(raft.clone());
     let mut tick = tokio::time::interval(times.poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -401,11 +420,58 @@ async fn election_watchdog(raft: Raft, contact: Arc<LeaderContact>, times: Stand
             None => retry = times.stagger * candidates,
         }
         acted_on_refusal = refused_at;
-        tracing::info!(target: "keel::raft", silent_ms = silent.as_millis(), rank, "no leader heard from: standing for election");
+        let (granted, voters) = asker.ask(&raft).await;
+        if granted * 2 <= voters {
+            // Not a majority would vote: standing would only raise the term (and depose a leader
+            // the others still hear from, once this node's link is back).
+            static LOST: crate::throttle::LogThrottle = crate::throttle::LogThrottle::new(crate::throttle::EVERY);
+            crate::throttled!(LOST, info, target: "keel::raft", silent_ms = silent.as_millis(), granted, voters,
+                "no leader heard from, but the pre-vote found no majority: not standing (the others still hear a leader, or are unreachable)");
+            next_attempt = Some(now + retry);
+            continue;
+        }
+        tracing::info!(target: "keel::raft", silent_ms = silent.as_millis(), rank, granted, voters, "no leader heard from: standing for election");
         if raft.trigger().elect().await.is_err() {
             return;
         }
         next_attempt = Some(now + retry);
+    }
+}
+
+/// Asks the other voters for their pre-votes.
+struct PreVoter {
+    network: NetworkFactory,
+    ttl: Duration,
+}
+
+impl PreVoter {
+    /// Pre-votes granted (this node's own included) and the number of voters.
+    async fn ask(&mut self, raft: &Raft) -> (usize, usize) {
+        use openraft::network::RaftNetworkFactory;
+        let (me, last_log_index, voters) = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            let voters: Vec<(u64, NodeInfo)> =
+                membership.voter_ids().filter_map(|id| membership.get_node(&id).map(|n| (id, n.clone()))).collect();
+            (m.id, m.last_log_index, voters)
+        };
+        let total = voters.len();
+        let mut asks = tokio::task::JoinSet::new();
+        for (id, node) in voters.into_iter().filter(|(id, _)| *id != me) {
+            let mut client = self.network.new_client(id, &node).await;
+            let ttl = self.ttl;
+            asks.spawn(async move {
+                tokio::time::timeout(ttl, client.pre_vote(me, last_log_index, ttl)).await.unwrap_or(false)
+            });
+        }
+        let mut granted = 1; // this node's own
+        while let Some(answer) = asks.join_next().await {
+            if answer.unwrap_or(false) {
+                granted += 1;
+            }
+        }
+        (granted, total)
     }
 }
 
@@ -736,12 +802,17 @@ impl ClusterNode {
             .await
             .map_err(|e| ClusterError::Raft(e.to_string()))?;
         let contact = Arc::new(LeaderContact::new());
-        let dispatch = noting_leader_contact(dispatch_to(raft.clone()), contact.clone());
+        let quiet = settings.election_max.saturating_sub(settings.heartbeat);
+        let dispatch = noting_leader_contact(dispatch_to(raft.clone()), contact.clone(), raft.clone(), quiet);
         if settings.witness {
             tokio::spawn(witness_watchdog(raft.clone(), contact, settings.election_max));
         } else {
             let times = StandTimes::new(settings.heartbeat, settings.election_max);
-            tokio::spawn(election_watchdog(raft.clone(), contact, times));
+            let asker = PreVoter {
+                network: NetworkFactory::new(settings.cluster_id.clone(), settings.node_id, Duration::from_secs(30)),
+                ttl: (settings.heartbeat * 2).max(Duration::from_millis(20)),
+            };
+            tokio::spawn(election_watchdog(raft.clone(), contact, times, asker));
         }
         let server = RaftServer::start(listener, settings.node_id, settings.cluster_id.clone(), dispatch)
             .map_err(|source| ClusterError::Bind { addr: raft_addr, source })?;

@@ -246,6 +246,13 @@ pub enum CallError {
 }
 
 impl PeerClient {
+    /// Asks the peer whether it would grant `candidate` its vote now (keel's pre-vote);
+    /// `false` for any failure: a peer that cannot be asked is not a vote.
+    pub async fn pre_vote(&mut self, candidate: u64, last_log_index: Option<u64>, ttl: Duration) -> bool {
+        let req = RpcRequest::PreVote { candidate, last_log_index };
+        matches!(self.call(super::KIND_RPC, &req, ttl).await, Ok(RpcResponse::PreVote(true)))
+    }
+
     async fn connect(&mut self, limit: Duration) -> Result<TcpStream, FrameError> {
         let limit = limit.min(CONNECT_TIMEOUT);
         let mut stream = tokio::time::timeout(limit, TcpStream::connect(self.addr))

@@ -97,6 +97,14 @@ pub enum RpcRequest {
     AppendEntries(AppendEntriesRequest<TypeConfig>),
     /// Election.
     Vote(VoteRequest<u64>),
+    /// keel's pre-vote: would the receiver grant `candidate` its vote now? Changes nothing on
+    /// the receiver (no term, no vote): a node that cannot win never raises the term.
+    PreVote {
+        /// Who asks.
+        candidate: u64,
+        /// The candidate's last log index (a receiver with a longer log says no).
+        last_log_index: Option<u64>,
+    },
     /// A whole snapshot, sent in one [`KIND_SNAPSHOT`] frame.
     FullSnapshot {
         /// The leader's vote.
@@ -117,6 +125,8 @@ pub enum RpcResponse {
     Vote(VoteResponse<u64>),
     /// Answer to FullSnapshot.
     Snapshot(SnapshotResponse<u64>),
+    /// Answer to PreVote: whether the receiver would grant the vote.
+    PreVote(bool),
     /// The receiving Raft failed (e.g. it is shutting down).
     Error(String),
 }

@@ -44,6 +44,9 @@ pub fn dispatch_to(raft: Raft) -> Dispatch {
                     Ok(resp) => RpcResponse::Vote(resp),
                     Err(e) => RpcResponse::Error(e.to_string()),
                 },
+                // Answered by the wrapper that knows when a leader was last heard from
+                // (`node::noting_leader_contact`); without it, never grant.
+                RpcRequest::PreVote { .. } => RpcResponse::PreVote(false),
                 RpcRequest::FullSnapshot { vote, meta, data } => {
                     let snapshot = Snapshot { meta, snapshot: Box::new(Cursor::new(data)) };
                     match raft.install_full_snapshot(vote, snapshot).await {
