@@ -206,6 +206,35 @@ impl Lab {
         format!("{}-{name}", self.prefix)
     }
 
+    /// A formed three-node lab with `backends` backends and default timings, stable (one
+    /// leader holding the VIP); returns it and the leader's index. Prints the nodes' logs
+    /// before failing.
+    pub fn three_nodes(bins: Bins, backends: usize) -> Result<(Lab, usize), String> {
+        let spec = LabSpec {
+            nodes: 3,
+            witness_last: false,
+            backends,
+            cluster_extra: String::new(),
+            witness_extra: String::new(),
+        };
+        let mut lab = Lab::build(&spec, bins)?;
+        let formed = lab.form_cluster().and_then(|()| lab.wait_stable(Duration::from_secs(20)));
+        match formed {
+            Ok(leader) => Ok((lab, leader)),
+            Err(e) => {
+                lab.dump_logs(30);
+                Err(e)
+            }
+        }
+    }
+
+    /// Prints the last `lines` of every node's log (for a failing test's output).
+    pub fn dump_logs(&self, lines: usize) {
+        for i in 0..self.nodes.len() {
+            eprintln!("--- node {} log tail ---\n{}", i + 1, self.log_tail(i, lines));
+        }
+    }
+
     /// The client namespace (prober, admin calls, load generators).
     pub fn client_ns(&self) -> String {
         self.ns("c")

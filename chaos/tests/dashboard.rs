@@ -9,18 +9,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use keel_chaos::lab::{Bins, Lab, LabSpec};
+use keel_chaos::lab::{Bins, Lab};
 use keel_tests::browser::{artifact, Browser};
 
 /// Time for the page to show what the node knows (it polls every second, and asks the other
 /// members every two).
 const PAGE: Duration = Duration::from_secs(15);
-
-fn dump_logs(lab: &Lab) {
-    for i in 0..lab.nodes.len() {
-        eprintln!("--- node {} log tail ---\n{}", i + 1, lab.log_tail(i, 30));
-    }
-}
 
 #[test]
 fn the_cluster_panel_shows_the_vip_holder_and_follows_a_leader_kill() {
@@ -28,19 +22,7 @@ fn the_cluster_panel_shows_the_vip_holder_and_follows_a_leader_kill() {
         return;
     }
     let bins = Bins::new(PathBuf::from(env!("CARGO_BIN_EXE_chaos-probe")));
-    let spec = LabSpec {
-        nodes: 3,
-        witness_last: false,
-        backends: 2,
-        cluster_extra: String::new(),
-        witness_extra: String::new(),
-    };
-    let mut lab = Lab::build(&spec, bins).unwrap();
-    if let Err(e) = lab.form_cluster() {
-        dump_logs(&lab);
-        panic!("forming the cluster: {e}");
-    }
-    let leader = lab.wait_stable(Duration::from_secs(20)).unwrap();
+    let (mut lab, leader) = Lab::three_nodes(bins, 2).unwrap();
     let leader_id = lab.nodes[leader].id;
     let watcher = (0..3).find(|&i| i != leader).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -53,7 +35,7 @@ fn the_cluster_panel_shows_the_vip_holder_and_follows_a_leader_kill() {
     let token = serde_json::to_string(&lab.token).unwrap();
     let shows = |browser: &mut Browser, lab: &Lab, condition: String, what: &str| {
         runtime.block_on(browser.wait_for(&condition, PAGE, what)).unwrap_or_else(|e| {
-            dump_logs(lab);
+            lab.dump_logs(30);
             panic!("{e:#}")
         })
     };
@@ -90,7 +72,7 @@ fn the_cluster_panel_shows_the_vip_holder_and_follows_a_leader_kill() {
 
     lab.kill(leader).unwrap();
     let next = lab.wait_stable(Duration::from_secs(20)).unwrap_or_else(|e| {
-        dump_logs(&lab);
+        lab.dump_logs(30);
         panic!("after the kill: {e}")
     });
     let next_id = lab.nodes[next].id;

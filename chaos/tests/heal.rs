@@ -11,17 +11,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use keel_chaos::http::now_ms;
-use keel_chaos::lab::{Bins, Lab, LabSpec};
+use keel_chaos::lab::{Bins, Lab};
 use keel_chaos::report::overlap;
 
 /// How long the follower is cut off.
 const CUT: Duration = Duration::from_secs(5);
-
-fn dump_logs(lab: &Lab) {
-    for i in 0..lab.nodes.len() {
-        eprintln!("--- node {} log tail ---\n{}", i + 1, lab.log_tail(i, 40));
-    }
-}
 
 /// Each running node's (leader, term) from `/cluster/status`.
 fn views(lab: &Lab) -> Vec<(usize, Option<u64>, Option<u64>)> {
@@ -41,16 +35,7 @@ fn a_healed_follower_deposes_no_one() {
         return;
     }
     let bins = Bins::new(PathBuf::from(env!("CARGO_BIN_EXE_chaos-probe")));
-    let spec = LabSpec {
-        nodes: 3,
-        witness_last: false,
-        backends: 1,
-        cluster_extra: String::new(),
-        witness_extra: String::new(),
-    };
-    let mut lab = Lab::build(&spec, bins).unwrap();
-    lab.form_cluster().unwrap();
-    let leader = lab.wait_stable(Duration::from_secs(20)).unwrap();
+    let (lab, leader) = Lab::three_nodes(bins, 1).unwrap();
     let leader_id = lab.nodes[leader].id;
     let before = views(&lab);
     let term = before[leader].2.unwrap();
@@ -68,7 +53,7 @@ fn a_healed_follower_deposes_no_one() {
             break;
         }
         if Instant::now() > deadline {
-            dump_logs(&lab);
+            lab.dump_logs(30);
             panic!("the healed follower does not follow node {leader_id}: {v:?}");
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -78,7 +63,7 @@ fn a_healed_follower_deposes_no_one() {
     println!("cut node {} for {CUT:?}: before {before:?}, after {after:?}", follower + 1);
     let o = overlap(&lab.samples(), t0, now_ms());
     if stable != leader || after.iter().any(|(_, l, t)| *l != Some(leader_id) || *t != Some(term)) {
-        dump_logs(&lab);
+        lab.dump_logs(30);
     }
     assert_eq!(stable, leader, "the VIP moved: node {} holds it now", stable + 1);
     for (i, l, t) in &after {

@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use keel_chaos::lab::{Bins, Lab, LabSpec};
+use keel_chaos::lab::{Bins, Lab};
 
 /// `[vip] lifetime`'s default.
 const LIFETIME: Duration = Duration::from_secs(2);
@@ -20,16 +20,7 @@ fn a_killed_holder_loses_the_vip_within_its_lifetime_without_a_stop_hook() {
         return;
     }
     let bins = Bins::new(PathBuf::from(env!("CARGO_BIN_EXE_chaos-probe")));
-    let spec = LabSpec {
-        nodes: 3,
-        witness_last: false,
-        backends: 1,
-        cluster_extra: String::new(),
-        witness_extra: String::new(),
-    };
-    let mut lab = Lab::build(&spec, bins).unwrap();
-    lab.form_cluster().unwrap();
-    let leader = lab.wait_stable(Duration::from_secs(20)).unwrap();
+    let (mut lab, leader) = Lab::three_nodes(bins, 1).unwrap();
     assert!(lab.vip_on(leader));
     lab.kill_without_hook(leader).unwrap();
     let killed = Instant::now();

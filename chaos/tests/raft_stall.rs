@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use keel_chaos::http::now_ms;
-use keel_chaos::lab::{Bins, Lab, LabSpec};
+use keel_chaos::lab::{Bins, Lab};
 use keel_chaos::report::overlap;
 
 /// How long the failpoint blocks the leader's Raft thread.
@@ -20,35 +20,20 @@ const STALL_MS: u64 = 800;
 /// The default profile's lease (election max).
 const LEASE_MS: u64 = 150;
 
-fn dump_logs(lab: &Lab) {
-    for i in 0..lab.nodes.len() {
-        eprintln!("--- node {} log tail ---\n{}", i + 1, lab.log_tail(i, 30));
-    }
-}
-
 #[test]
 fn a_stalled_raft_thread_releases_the_vip_by_the_lease_deadline() {
     if !keel_chaos::netns_tests_enabled("raft_stall") {
         return;
     }
     let bins = Bins::new(PathBuf::from(env!("CARGO_BIN_EXE_chaos-probe")));
-    let spec = LabSpec {
-        nodes: 3,
-        witness_last: false,
-        backends: 1,
-        cluster_extra: String::new(),
-        witness_extra: String::new(),
-    };
-    let mut lab = Lab::build(&spec, bins).unwrap();
-    lab.form_cluster().unwrap();
-    let leader = lab.wait_stable(Duration::from_secs(20)).unwrap();
+    let (lab, leader) = Lab::three_nodes(bins, 1).unwrap();
     let url = format!("{}/debug/stall-raft?ms={STALL_MS}", lab.nodes[leader].admin());
     let t0 = now_ms();
     let (status, body) = lab.request("POST", &url, Some("{}")).unwrap();
     assert_eq!(status, 200, "failpoint: {body}");
     std::thread::sleep(Duration::from_millis(STALL_MS + 300));
     let after = lab.wait_stable(Duration::from_secs(20)).unwrap_or_else(|e| {
-        dump_logs(&lab);
+        lab.dump_logs(30);
         panic!("after the stall: {e}")
     });
     let t1 = now_ms();
@@ -65,7 +50,7 @@ fn a_stalled_raft_thread_releases_the_vip_by_the_lease_deadline() {
         o.possible
     );
     if o.certain != 0 {
-        dump_logs(&lab);
+        lab.dump_logs(30);
     }
     assert_eq!(o.certain, 0, "two nodes held the VIP while the leader's raft thread was stalled");
     let released = released.expect("the stalled leader never released the VIP");
