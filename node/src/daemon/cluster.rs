@@ -45,22 +45,32 @@ const REPORT_BACKOFF: Duration = Duration::from_millis(200);
 /// delays a heartbeat past the lease. Raft uses little CPU, and the kernel's real-time
 /// throttling (`sched_rt_runtime_us`) bounds it even if it spun.
 fn raft_runtime(realtime: bool) -> Result<&'static tokio::runtime::Runtime, DaemonError> {
-    // Built inside `get_or_init`: a runtime dropped in async context panics, so none may be
-    // built and then thrown away.
-    RAFT_RT
-        .get_or_init(|| {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(1).thread_name("keel-raft").enable_all();
-            if realtime {
-                b.on_thread_start(set_realtime);
-            }
-            b.build().map_err(|e| e.to_string())
-        })
-        .as_ref()
+    dedicated_runtime(&RAFT_RT, "keel-raft", realtime)
         .map_err(|e| DaemonError::Cluster(format!("cannot start the raft runtime: {e}")))
 }
 
-static RAFT_RT: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+type RuntimeCell = OnceLock<Result<tokio::runtime::Runtime, String>>;
+static RAFT_RT: RuntimeCell = OnceLock::new();
+
+/// A one-worker runtime of its own named `name`, built on first use and kept for the process;
+/// its threads under `SCHED_RR` when `realtime`.
+fn dedicated_runtime(
+    cell: &'static RuntimeCell,
+    name: &'static str,
+    realtime: bool,
+) -> Result<&'static tokio::runtime::Runtime, &'static String> {
+    // Built inside `get_or_init`: a runtime dropped in async context panics, so none may be
+    // built and then thrown away.
+    cell.get_or_init(|| {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(1).thread_name(name).enable_all();
+        if realtime {
+            b.on_thread_start(set_realtime);
+        }
+        b.build().map_err(|e| e.to_string())
+    })
+    .as_ref()
+}
 
 /// Environment variable that turns on the test-only failpoints (`POST /debug/stall-raft`).
 pub const FAILPOINTS_ENV: &str = "KEEL_TEST_FAILPOINTS";
@@ -88,17 +98,9 @@ pub fn stall_raft(d: Duration) -> bool {
 /// data-plane workers busy with thousands of connections can then delay a release past the
 /// lease (see `keel_cluster::lease`). Under `SCHED_RR` like Raft's when `realtime`.
 pub fn vip_runtime(realtime: bool) -> Result<&'static tokio::runtime::Runtime, DaemonError> {
-    static RT: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
-    RT.get_or_init(|| {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(1).thread_name("keel-vip").enable_all();
-        if realtime {
-            b.on_thread_start(set_realtime);
-        }
-        b.build().map_err(|e| e.to_string())
-    })
-    .as_ref()
-    .map_err(|e| DaemonError::Vip(format!("cannot start the VIP runtime: {e}")))
+    static RT: RuntimeCell = OnceLock::new();
+    dedicated_runtime(&RT, "keel-vip", realtime)
+        .map_err(|e| DaemonError::Vip(format!("cannot start the VIP runtime: {e}")))
 }
 
 /// The `SCHED_RR` priority of the Raft threads: the lowest band (1–99) with room below for
