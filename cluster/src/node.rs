@@ -185,7 +185,14 @@ fn noting_leader_contact(inner: Dispatch, contact: Arc<LeaderContact>, raft: Raf
     Arc::new(move |req: RpcRequest| -> Pin<Box<dyn Future<Output = RpcResponse> + Send>> {
         if let RpcRequest::PreVote { last_log_index, .. } = &req {
             let mine = raft.metrics().borrow().last_log_index;
-            let grant = contact.silence() >= quiet && *last_log_index >= mine;
+            let silent = contact.silence() >= quiet;
+            if silent && *last_log_index < mine {
+                // As for a real vote refused for a shorter log: this node is the one that can
+                // win, and its watchdog stands at once (a witness holding the only copy of an
+                // entry stands to hand it on).
+                contact.note(&contact.last_refused_by_log_us);
+            }
+            let grant = silent && *last_log_index >= mine;
             return Box::pin(async move { RpcResponse::PreVote(grant) });
         }
         let candidate_log = match &req {
