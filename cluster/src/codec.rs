@@ -72,3 +72,82 @@ pub mod config_field {
         }
     }
 }
+
+/// `#[serde(with = ...)]` adapter for large byte buffers (a snapshot in a Raft frame).
+///
+/// Why: serde writes a plain `Vec<u8>` as a sequence, and bincode then visits it one byte at a
+/// time — ≈ 0.1–0.5 s for a 25 MB snapshot, on the Raft runtime that also sends heartbeats.
+/// As bytes it is one length and one copy. The encoding is the same (bincode writes a sequence
+/// of `u8` as its length then the raw bytes), so peers of either kind read each other's frames.
+pub mod bytes_field {
+    use std::fmt;
+
+    use serde::de::{SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    /// Serializes the buffer as bytes.
+    pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(bytes)
+    }
+
+    /// Deserializes a buffer written as bytes or as a sequence of `u8`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        deserializer.deserialize_byte_buf(BytesVisitor)
+    }
+
+    struct BytesVisitor;
+
+    impl<'de> Visitor<'de> for BytesVisitor {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a byte buffer")
+        }
+
+        fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+
+        fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            // The size hint comes from the peer: cap the pre-allocation, let the data grow it.
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+            while let Some(b) = seq.next_element::<u8>()? {
+                out.push(b);
+            }
+            Ok(out)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Serialize, Deserialize, PartialEq, Debug)]
+    struct AsSeq {
+        data: Vec<u8>,
+    }
+
+    #[derive(Serialize, Deserialize, PartialEq, Debug)]
+    struct AsBytes {
+        #[serde(with = "super::bytes_field")]
+        data: Vec<u8>,
+    }
+
+    /// A peer that still writes snapshots as a sequence and one that writes bytes read each
+    /// other's frames: the encoding is the same.
+    #[test]
+    fn bytes_field_encodes_like_a_sequence_of_u8() -> Result<(), super::CodecError> {
+        let data: Vec<u8> = (0..=255).cycle().take(1000).collect();
+        let seq = super::encode(&AsSeq { data: data.clone() })?;
+        let bytes = super::encode(&AsBytes { data: data.clone() })?;
+        assert_eq!(seq, bytes);
+        assert_eq!(super::decode::<AsBytes>(&seq)?.data, data);
+        assert_eq!(super::decode::<AsSeq>(&bytes)?.data, data);
+        Ok(())
+    }
+}

@@ -757,6 +757,7 @@ struct Inner {
     raft: Raft,
     server: RaftServer,
     state: watch::Receiver<Arc<ClusterState>>,
+    snapshot_stats: Arc<store::SnapshotStats>,
     leadership: watch::Receiver<bool>,
     leadership_task: JoinHandle<()>,
     lease: Duration,
@@ -779,6 +780,7 @@ impl ClusterNode {
         settings.validate()?;
         let (log, sm) = store::open(&settings.data_dir).map_err(|e| ClusterError::Storage(e.to_string()))?;
         let state = sm.subscribe();
+        let snapshot_stats = sm.stats();
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         // A witness must not end up leading while a data node could: it never holds the VIP, so
         // a witness leader leaves the service without an address, and openraft 0.9 cannot
@@ -838,6 +840,7 @@ impl ClusterNode {
                 raft,
                 server,
                 state,
+                snapshot_stats,
                 leadership,
                 leadership_task,
                 lease: settings.election_max,
@@ -1025,6 +1028,11 @@ impl ClusterHandle {
     /// The applied state; a new `Arc` is published only when it changed.
     pub fn state(&self) -> watch::Receiver<Arc<ClusterState>> {
         self.inner.state.clone()
+    }
+
+    /// Figures of the snapshots this node built and installed (for `/metrics`).
+    pub fn snapshot_figures(&self) -> store::SnapshotFigures {
+        self.inner.snapshot_stats.figures()
     }
 
     /// True only while this node is leader and a quorum acknowledged it within the lease.

@@ -111,7 +111,8 @@ pub enum RpcRequest {
         vote: Vote,
         /// Snapshot metadata.
         meta: SnapshotMeta,
-        /// Snapshot bytes (bincode of [`crate::ClusterState`]).
+        /// Snapshot bytes (bincode of [`crate::ClusterState`]), written as one byte string.
+        #[serde(with = "crate::codec::bytes_field")]
         data: Vec<u8>,
     },
 }

@@ -3,9 +3,11 @@
 //! - [`log`]: the Raft log, the vote and the committed/purged markers ([`LogStore`]).
 //! - [`state_machine`]: [`crate::ClusterState`], the applied index and membership, and the
 //!   latest snapshot ([`StateMachineStore`]).
+//! - [`snapshot_file`]: the latest snapshot in its own file (`snapshot.bin`), so writing it never
+//!   holds the database's write lock that log appends need, and the build/install figures.
 //!
 //! Why redb: pure Rust, one file, ACID transactions whose commit is durable when it returns
-//! (≈ 0.2 ms here, the cost of one fdatasync); no C++ build. Both halves share one
+//! (≈ 0.2 ms here, the cost of one fdatasync); no C++ build. The log is one
 //! [`redb::Database`]: redb serializes write transactions, which is what openraft asks of log IO.
 //!
 //! Crash safety: every log append, truncate, purge and vote is a durable transaction; openraft
@@ -14,8 +16,12 @@
 //! committed marker lets openraft re-apply up to the last known commit immediately). Snapshots
 //! are taken by openraft's policy (every [`SNAPSHOT_EVERY`] entries) and the log before them is
 //! purged, so neither the file nor the restart replay grows without bound.
+//!
+//! Only the log and its markers live in redb; the snapshot is a separate file written off the
+//! Raft runtime (see [`snapshot_file`] for why).
 
 pub mod log;
+pub mod snapshot_file;
 pub mod state_machine;
 
 use std::path::Path;
@@ -24,6 +30,7 @@ use std::sync::Arc;
 use redb::{Database, TableDefinition};
 
 pub use self::log::LogStore;
+pub use self::snapshot_file::{SnapshotFigures, SnapshotFile, SnapshotStats};
 pub use self::state_machine::StateMachineStore;
 use crate::types::StorageError;
 
@@ -31,7 +38,8 @@ use crate::types::StorageError;
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 /// Small records: "vote", "committed", "purged" → bincode.
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-/// The latest snapshot: "meta" → bincode(SnapshotMeta), "data" → bincode(ClusterState).
+/// Where the previous version kept the latest snapshot ("meta", "data"); now only read once, to
+/// move it into [`snapshot_file`].
 pub(crate) const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 
 /// Build a snapshot every this many applied entries (openraft `SnapshotPolicy::LogsSinceLast`).
@@ -51,8 +59,10 @@ pub fn open(data_dir: &Path) -> Result<(LogStore, StateMachineStore), StorageErr
         tx.open_table(SNAPSHOT).map_err(write_err)?;
     }
     tx.commit().map_err(write_err)?;
+    let file = SnapshotFile::in_dir(data_dir);
+    snapshot_file::migrate_legacy(&db, &file)?;
     let db = Arc::new(db);
-    let sm = StateMachineStore::open(db.clone())?;
+    let sm = StateMachineStore::open(file)?;
     Ok((LogStore::new(db), sm))
 }
 

@@ -9,18 +9,29 @@
 //! is paid per batch, not per session.
 //!
 //! Snapshots are bincode of [`ClusterState`] (which includes the voter set), with the openraft
-//! [`SnapshotMeta`] stored beside it; both are written in one durable redb transaction. On start
-//! the latest snapshot is loaded and openraft replays the log after it.
+//! [`SnapshotMeta`] in front, in one file ([`super::snapshot_file`]). On start the latest
+//! snapshot is loaded and openraft replays the log after it.
+//!
+//! # Off the Raft runtime
+//!
+//! openraft builds snapshots in a task and installs them from its state-machine task, both on
+//! the Raft runtime — one worker that also sends heartbeats and answers votes. At 1M sticky
+//! entries a build (encode 25 MB + write + fsync) stalled that worker for 0.4–0.6 s, past the
+//! lease, and leadership moved. So the builder takes the state as an `Arc` (the sticky table is a
+//! persistent map: the copy the builder holds shares structure with the live one and costs
+//! nothing), and the encoding, decoding, file IO and freeing of replaced states all run on
+//! tokio's blocking pool; the Raft task only awaits them.
 
 use std::io::Cursor;
 use std::sync::Arc;
+use std::time::Instant;
 
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta as Meta};
-use redb::{Database, ReadableDatabase};
 use tokio::sync::watch;
 
-use super::{read_err, write_err, SNAPSHOT};
+use super::snapshot_file::{SnapshotFile, SnapshotStats};
+use super::write_err;
 use crate::codec;
 use crate::command::Outcome;
 use crate::state::ClusterState;
@@ -28,7 +39,8 @@ use crate::types::{Entry, LogId, NodeInfo, SnapshotMeta, StorageError, StoredMem
 
 /// The state machine half of the storage.
 pub struct StateMachineStore {
-    db: Arc<Database>,
+    file: SnapshotFile,
+    stats: Arc<SnapshotStats>,
     state: Arc<ClusterState>,
     last_applied: Option<LogId>,
     membership: StoredMembership,
@@ -37,17 +49,18 @@ pub struct StateMachineStore {
 }
 
 impl StateMachineStore {
-    pub(crate) fn open(db: Arc<Database>) -> Result<Self, StorageError> {
+    pub(crate) fn open(file: SnapshotFile) -> Result<Self, StorageError> {
         let mut sm = StateMachineStore {
-            db,
+            file,
+            stats: Arc::default(),
             state: Arc::new(ClusterState::default()),
             last_applied: None,
             membership: StoredMembership::default(),
             publish: watch::Sender::new(Arc::new(ClusterState::default())),
             snapshots_built: 0,
         };
-        if let Some((meta, data)) = sm.read_snapshot()? {
-            let state: ClusterState = codec::decode(&data).map_err(read_err)?;
+        if let Some((meta, data)) = sm.file.read()? {
+            let state = decode_state(&data, &meta)?;
             tracing::info!(target: "keel::raft", last_log_id = ?meta.last_log_id, "state restored from snapshot");
             sm.last_applied = meta.last_log_id;
             sm.membership = meta.last_membership;
@@ -62,32 +75,31 @@ impl StateMachineStore {
         self.publish.subscribe()
     }
 
-    fn read_snapshot(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StorageError> {
-        let tx = self.db.begin_read().map_err(read_err)?;
-        let table = tx.open_table(SNAPSHOT).map_err(read_err)?;
-        let (Some(meta), Some(data)) = (table.get("meta").map_err(read_err)?, table.get("data").map_err(read_err)?)
-        else {
-            return Ok(None);
-        };
-        let meta: SnapshotMeta = codec::decode(meta.value()).map_err(read_err)?;
-        Ok(Some((meta, data.value().to_vec())))
+    /// The figures of this node's snapshot builds and installs (shared, live).
+    pub fn stats(&self) -> Arc<SnapshotStats> {
+        self.stats.clone()
     }
 }
 
-fn write_snapshot(db: &Database, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
-    let meta_bytes = codec::encode(meta).map_err(write_err)?;
-    let tx = db.begin_write().map_err(write_err)?;
-    {
-        let mut table = tx.open_table(SNAPSHOT).map_err(write_err)?;
-        table.insert("meta", meta_bytes.as_slice()).map_err(write_err)?;
-        table.insert("data", data).map_err(write_err)?;
-    }
-    tx.commit().map_err(write_err)
+/// Decodes a snapshot's state, naming the snapshot when the bytes are not a state this version
+/// can read (an incompatible encoding is an error, never an empty state).
+fn decode_state(data: &[u8], meta: &SnapshotMeta) -> Result<ClusterState, StorageError> {
+    codec::decode(data).map_err(|e| openraft::StorageIOError::read_snapshot(Some(meta.signature()), &e).into())
+}
+
+/// Runs blocking storage work (encode, decode, file IO) on tokio's blocking pool. The Raft
+/// runtime has one worker that also sends heartbeats and answers votes: a snapshot of a large
+/// sticky table takes 0.1–1 s to encode and write, longer than the lease.
+async fn off_raft_thread<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
+    tokio::task::spawn_blocking(work).await.map_err(write_err)?
 }
 
 /// Builds a snapshot from a frozen copy of the state (an `Arc` clone: no copying).
 pub struct SnapshotBuilder {
-    db: Arc<Database>,
+    file: SnapshotFile,
+    stats: Arc<SnapshotStats>,
     state: Arc<ClusterState>,
     last_applied: Option<LogId>,
     membership: StoredMembership,
@@ -96,14 +108,25 @@ pub struct SnapshotBuilder {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let data = codec::encode(&*self.state).map_err(write_err)?;
         let snapshot_id = match self.last_applied {
             Some(id) => format!("{}-{}-{}", id.leader_id, id.index, self.seq),
             None => format!("none-{}", self.seq),
         };
         let meta = Meta { last_log_id: self.last_applied, last_membership: self.membership.clone(), snapshot_id };
-        write_snapshot(&self.db, &meta, &data)?;
-        tracing::info!(target: "keel::raft", last_log_id = ?meta.last_log_id, bytes = data.len(), "snapshot built");
+        let (state, file, stats) = (self.state.clone(), self.file.clone(), self.stats.clone());
+        let (meta, data) = off_raft_thread(move || {
+            let started = Instant::now();
+            let data = codec::encode(&*state).map_err(write_err)?;
+            file.write(&meta, &data)?;
+            let took = started.elapsed();
+            stats.built(data.len(), u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
+            tracing::info!(target: "keel::raft", last_log_id = ?meta.last_log_id, bytes = data.len(), ms = took.as_millis() as u64, "snapshot built");
+            // The last reference to an old version of the state may be this one: freeing a large
+            // table is work too, done here rather than on the Raft runtime.
+            drop(state);
+            Ok((meta, data))
+        })
+        .await?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
@@ -157,7 +180,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         self.snapshots_built += 1;
         SnapshotBuilder {
-            db: self.db.clone(),
+            file: self.file.clone(),
+            stats: self.stats.clone(),
             state: self.state.clone(),
             last_applied: self.last_applied,
             membership: self.membership.clone(),
@@ -175,19 +199,31 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let state: ClusterState =
-            codec::decode(&data).map_err(|e| openraft::StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
-        write_snapshot(&self.db, meta, &data)?;
+        let (file, stats, for_io) = (self.file.clone(), self.stats.clone(), meta.clone());
+        // Decode and persist off the Raft runtime, then swap in one step: until the swap the
+        // old state stays served and applied.
+        let state = off_raft_thread(move || {
+            let started = Instant::now();
+            let state = decode_state(&data, &for_io)?;
+            file.write(&for_io, &data)?;
+            stats.installed(data.len(), u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+            Ok(state)
+        })
+        .await?;
         tracing::info!(target: "keel::raft", last_log_id = ?meta.last_log_id, "snapshot installed");
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
-        self.state = Arc::new(state);
-        self.publish.send_replace(self.state.clone());
+        let old = std::mem::replace(&mut self.state, Arc::new(state));
+        let published = self.publish.send_replace(self.state.clone());
+        // Freeing the replaced table is as large a job as decoding it: not on the Raft runtime.
+        tokio::task::spawn_blocking(move || drop((old, published)));
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        Ok(self.read_snapshot()?.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+        let file = self.file.clone();
+        let found = off_raft_thread(move || file.read()).await?;
+        Ok(found.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
     }
 }
 
