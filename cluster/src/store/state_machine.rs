@@ -19,8 +19,8 @@
 //! entries a build (encode 25 MB + write + fsync) stalled that worker for 0.4–0.6 s, past the
 //! lease, and leadership moved. So the builder takes the state as an `Arc` (the sticky table is a
 //! persistent map: the copy the builder holds shares structure with the live one and costs
-//! nothing), and the encoding, decoding, file IO and freeing of replaced states all run on
-//! tokio's blocking pool; the Raft task only awaits them.
+//! nothing), and the encoding, decoding, file IO and freeing of replaced states all run on the
+//! snapshot thread ([`super::snapshot_worker`]); the Raft task only awaits them.
 
 use std::io::Cursor;
 use std::sync::Arc;
@@ -31,6 +31,7 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot, Snapsh
 use tokio::sync::watch;
 
 use super::snapshot_file::{SnapshotFile, SnapshotStats};
+use super::snapshot_worker::SnapshotWorker;
 use super::write_err;
 use crate::codec;
 use crate::command::Outcome;
@@ -40,6 +41,7 @@ use crate::types::{Entry, LogId, NodeInfo, SnapshotMeta, StorageError, StoredMem
 /// The state machine half of the storage.
 pub struct StateMachineStore {
     file: SnapshotFile,
+    worker: SnapshotWorker,
     stats: Arc<SnapshotStats>,
     state: Arc<ClusterState>,
     last_applied: Option<LogId>,
@@ -52,6 +54,7 @@ impl StateMachineStore {
     pub(crate) fn open(file: SnapshotFile) -> Result<Self, StorageError> {
         let mut sm = StateMachineStore {
             file,
+            worker: SnapshotWorker::start()?,
             stats: Arc::default(),
             state: Arc::new(ClusterState::default()),
             last_applied: None,
@@ -87,18 +90,10 @@ fn decode_state(data: &[u8], meta: &SnapshotMeta) -> Result<ClusterState, Storag
     codec::decode(data).map_err(|e| openraft::StorageIOError::read_snapshot(Some(meta.signature()), &e).into())
 }
 
-/// Runs blocking storage work (encode, decode, file IO) on tokio's blocking pool. The Raft
-/// runtime has one worker that also sends heartbeats and answers votes: a snapshot of a large
-/// sticky table takes 0.1–1 s to encode and write, longer than the lease.
-async fn off_raft_thread<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
-) -> Result<T, StorageError> {
-    tokio::task::spawn_blocking(work).await.map_err(write_err)?
-}
-
 /// Builds a snapshot from a frozen copy of the state (an `Arc` clone: no copying).
 pub struct SnapshotBuilder {
     file: SnapshotFile,
+    worker: SnapshotWorker,
     stats: Arc<SnapshotStats>,
     state: Arc<ClusterState>,
     last_applied: Option<LogId>,
@@ -114,7 +109,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         };
         let meta = Meta { last_log_id: self.last_applied, last_membership: self.membership.clone(), snapshot_id };
         let (state, file, stats) = (self.state.clone(), self.file.clone(), self.stats.clone());
-        let (meta, data) = off_raft_thread(move || {
+        let (meta, data) = self.worker.run(move || {
             let started = Instant::now();
             let data = codec::encode(&*state).map_err(write_err)?;
             file.write(&meta, &data)?;
@@ -181,6 +176,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.snapshots_built += 1;
         SnapshotBuilder {
             file: self.file.clone(),
+            worker: self.worker.clone(),
             stats: self.stats.clone(),
             state: self.state.clone(),
             last_applied: self.last_applied,
@@ -202,27 +198,29 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let (file, stats, for_io) = (self.file.clone(), self.stats.clone(), meta.clone());
         // Decode and persist off the Raft runtime, then swap in one step: until the swap the
         // old state stays served and applied.
-        let state = off_raft_thread(move || {
-            let started = Instant::now();
-            let state = decode_state(&data, &for_io)?;
-            file.write(&for_io, &data)?;
-            stats.installed(data.len(), u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
-            Ok(state)
-        })
-        .await?;
+        let state = self
+            .worker
+            .run(move || {
+                let started = Instant::now();
+                let state = decode_state(&data, &for_io)?;
+                file.write(&for_io, &data)?;
+                stats.installed(data.len(), u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+                Ok(state)
+            })
+            .await?;
         tracing::info!(target: "keel::raft", last_log_id = ?meta.last_log_id, "snapshot installed");
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         let old = std::mem::replace(&mut self.state, Arc::new(state));
         let published = self.publish.send_replace(self.state.clone());
         // Freeing the replaced table is as large a job as decoding it: not on the Raft runtime.
-        tokio::task::spawn_blocking(move || drop((old, published)));
+        self.worker.discard((old, published));
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
         let file = self.file.clone();
-        let found = off_raft_thread(move || file.read()).await?;
+        let found = self.worker.run(move || file.read()).await?;
         Ok(found.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
     }
 }
