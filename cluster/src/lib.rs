@@ -10,6 +10,8 @@
 //! - [`edge`]: TLS, rate-limit and protection settings of listeners and pools.
 //! - [`sticky_config`]: a pool's `[pools.NAME.sticky]` table (cookie, source_ip or learned
 //!   session stickiness, and where bindings are stored) and its validation.
+//! - [`sticky_table`]: the replicated sticky-session table — compact keys, per-pool bound,
+//!   least-recently-used eviction — and its snapshot form.
 //! - [`header_rules`]: a listener's or route's `headers` table (set/add/remove on requests and
 //!   responses, `${variable}` values) and its validation.
 //! - [`server_address`]: a server's `address`, an IP literal or a DNS name with a port (written
@@ -54,6 +56,7 @@ pub mod retry_config;
 pub mod server_address;
 pub mod state;
 pub mod sticky_config;
+pub mod sticky_table;
 pub mod store;
 pub mod throttle;
 pub mod types;

@@ -28,34 +28,21 @@
 //! remaining voters' reports. With no known voters (unit tests, a state before the first
 //! membership entry) the latest single report decides.
 //!
-//! # Sticky table bound
+//! # Sticky table
 //!
-//! At most [`STICKY_CAPACITY`] entries (1,000,000 ≈ 100–150 MB worst case with short keys):
-//! enough for a large site's live sessions, small enough that a flood of new clients cannot
-//! exhaust memory. Each [`Command::PutStickyBatch`] first prunes entries that expired at the
-//! proposer's time, then inserts, then — if still over the bound — evicts the entries that
-//! expire soonest. Reads ([`StickyTable::get`]) ignore expired entries even before pruning.
-//!
-//! # Why persistent maps
-//!
-//! The state machine publishes an `Arc<ClusterState>` after every applied batch and mutates it
-//! with `Arc::make_mut`; readers hold the published copy, so every batch used to clone the whole
-//! state — a cost that grew with the sticky table (1M entries: hundreds of ms per batch, which
-//! also delayed every config change behind it). The sticky table is therefore kept in `imbl`'s
-//! B-tree maps, whose clones share structure: a clone is O(1) and an insert copies only the
-//! O(log n) nodes on its path.
+//! [`StickyTable`] (its own module, [`crate::sticky_table`]): per pool at most
+//! `[pools.NAME.sticky] max_entries` entries, least recently used evicted first; each
+//! [`Command::PutStickyBatch`] first drops expired entries, then inserts, then evicts. Reads
+//! ignore expired entries even before they are dropped. A config change that lowers a pool's
+//! `max_entries` evicts down to it at once.
 
 use std::collections::{BTreeMap, BTreeSet};
-
-use imbl::{OrdMap, OrdSet};
 
 use serde::{Deserialize, Serialize};
 
 use crate::command::{Command, NodeId, Outcome, StickyEntry};
 use crate::model::{Config, MAX_WEIGHT};
-
-/// Default bound on sticky entries (see the module doc).
-pub const STICKY_CAPACITY: usize = 1_000_000;
+pub use crate::sticky_table::{PoolSummary, StickyHit, StickyKey, StickyTable, DEFAULT_MAX_ENTRIES};
 
 /// Operator overrides for one server.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,143 +72,6 @@ pub struct HealthVerdict {
     pub reports: BTreeMap<NodeId, bool>,
 }
 
-/// Where one sticky key goes.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StickyBinding {
-    /// Server name.
-    pub server: String,
-    /// Expiry, unix ms.
-    pub expires_at_ms: u64,
-}
-
-#[derive(Serialize, Deserialize)]
-struct StickyRepr {
-    capacity: usize,
-    entries: OrdMap<String, OrdMap<String, StickyBinding>>,
-}
-
-/// The sticky-session table: pool → key → binding, with a TTL per entry and a size bound.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(from = "StickyRepr", into = "StickyRepr")]
-pub struct StickyTable {
-    capacity: usize,
-    entries: OrdMap<String, OrdMap<String, StickyBinding>>,
-    /// (expires_at_ms, pool, key): the order in which entries are pruned and evicted.
-    by_expiry: OrdSet<(u64, String, String)>,
-}
-
-impl From<StickyRepr> for StickyTable {
-    fn from(r: StickyRepr) -> Self {
-        let by_expiry = r
-            .entries
-            .iter()
-            .flat_map(|(pool, keys)| keys.iter().map(move |(k, b)| (b.expires_at_ms, pool.clone(), k.clone())))
-            .collect();
-        StickyTable { capacity: r.capacity, entries: r.entries, by_expiry }
-    }
-}
-
-impl From<StickyTable> for StickyRepr {
-    fn from(t: StickyTable) -> Self {
-        StickyRepr { capacity: t.capacity, entries: t.entries }
-    }
-}
-
-impl Default for StickyTable {
-    fn default() -> Self {
-        Self::with_capacity(STICKY_CAPACITY)
-    }
-}
-
-impl StickyTable {
-    /// An empty table holding at most `capacity` entries.
-    pub fn with_capacity(capacity: usize) -> Self {
-        StickyTable { capacity, entries: OrdMap::new(), by_expiry: OrdSet::new() }
-    }
-
-    /// Number of entries (expired ones not yet pruned included).
-    pub fn len(&self) -> usize {
-        self.by_expiry.len()
-    }
-
-    /// Whether the table is empty.
-    pub fn is_empty(&self) -> bool {
-        self.by_expiry.is_empty()
-    }
-
-    /// The bound on entries.
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    /// The server `key` is bound to in `pool`, unless the binding expired at `now_ms`.
-    pub fn get(&self, pool: &str, key: &str, now_ms: u64) -> Option<&StickyBinding> {
-        self.entries.get(pool)?.get(key).filter(|b| b.expires_at_ms > now_ms)
-    }
-
-    /// Every entry: (pool, key, binding).
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &str, &StickyBinding)> {
-        self.entries.iter().flat_map(|(p, keys)| keys.iter().map(move |(k, b)| (p.as_str(), k.as_str(), b)))
-    }
-
-    fn remove(&mut self, pool: &str, key: &str) {
-        if let Some(keys) = self.entries.get_mut(pool) {
-            if let Some(old) = keys.remove(key) {
-                self.by_expiry.remove(&(old.expires_at_ms, pool.to_owned(), key.to_owned()));
-            }
-            if keys.is_empty() {
-                self.entries.remove(pool);
-            }
-        }
-    }
-
-    fn insert(&mut self, pool: &str, key: &str, binding: StickyBinding) {
-        self.remove(pool, key);
-        self.by_expiry.insert((binding.expires_at_ms, pool.to_owned(), key.to_owned()));
-        self.entries.entry(pool.to_owned()).or_default().insert(key.to_owned(), binding);
-    }
-
-    /// Removes entries expired at `now_ms`; returns how many.
-    fn prune(&mut self, now_ms: u64) -> usize {
-        let mut n = 0;
-        while let Some((exp, _, _)) = self.by_expiry.get_min() {
-            if *exp > now_ms {
-                break;
-            }
-            if let Some((_, pool, key)) = self.by_expiry.remove_min() {
-                self.remove(&pool, &key);
-                n += 1;
-            }
-        }
-        n
-    }
-
-    /// Evicts the soonest-expiring entries until within capacity; returns how many.
-    fn shrink_to_capacity(&mut self) -> usize {
-        let mut n = 0;
-        while self.by_expiry.len() > self.capacity {
-            match self.by_expiry.remove_min() {
-                Some((_, pool, key)) => {
-                    self.remove(&pool, &key);
-                    n += 1;
-                }
-                None => break,
-            }
-        }
-        n
-    }
-
-    /// Drops the entries of `pool` bound to a server for which `gone(server)` is true. Only
-    /// that pool's entries are scanned.
-    fn forget_servers(&mut self, pool: &str, gone: impl Fn(&str) -> bool) {
-        let Some(keys) = self.entries.get(pool) else { return };
-        let doomed: Vec<String> = keys.iter().filter(|(_, b)| gone(&b.server)).map(|(k, _)| k.clone()).collect();
-        for k in doomed {
-            self.remove(pool, &k);
-        }
-    }
-}
-
 /// Everything Raft replicates, as the data plane reads it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClusterState {
@@ -239,9 +89,9 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
-    /// An empty state whose sticky table holds at most `capacity` entries.
-    pub fn with_sticky_capacity(capacity: usize) -> Self {
-        ClusterState { sticky: StickyTable::with_capacity(capacity), ..Default::default() }
+    /// The most sticky entries `pool` keeps: its `max_entries`, else [`DEFAULT_MAX_ENTRIES`].
+    pub fn sticky_limit(&self, pool: &str) -> u64 {
+        self.config.pools.get(pool).and_then(|p| p.sticky.as_ref()).map_or(DEFAULT_MAX_ENTRIES, |s| s.max_entries())
     }
 
     /// Whether `pool` has a server named `server` in the config: a configured one, or one a
@@ -313,6 +163,11 @@ impl ClusterState {
             if pool.servers.iter().any(|s| !exists(name, &s.name)) {
                 self.sticky.forget_servers(name, |server| !exists(name, server));
             }
+        }
+        // A lowered bound holds from this entry on.
+        for pool in self.sticky.pool_names() {
+            let limit = self.sticky_limit(&pool);
+            self.sticky.shrink_pool(&pool, limit);
         }
         Outcome::Applied { changed: true }
     }
@@ -391,19 +246,21 @@ impl ClusterState {
         }
         let mut evicted = self.sticky.prune(now_ms);
         let (mut stored, mut skipped) = (0, 0);
+        let mut touched: Vec<&str> = Vec::new();
         for e in entries {
             if e.expires_at_ms <= now_ms || !self.has_server(&e.pool, &e.server) {
                 skipped += 1;
                 continue;
             }
-            self.sticky.insert(
-                &e.pool,
-                &e.key,
-                StickyBinding { server: e.server.clone(), expires_at_ms: e.expires_at_ms },
-            );
+            self.sticky.put(&e.pool, &e.key, &e.server, e.expires_at_ms, now_ms);
+            if !touched.contains(&e.pool.as_str()) {
+                touched.push(&e.pool);
+            }
             stored += 1;
         }
-        evicted += self.sticky.shrink_to_capacity();
+        for pool in touched {
+            evicted += self.sticky.shrink_pool(pool, self.sticky_limit(pool));
+        }
         Outcome::StickyStored { stored, skipped, evicted }
     }
 }
@@ -440,6 +297,14 @@ mod tests {
             list.join(",")
         ))
         .unwrap()
+    }
+
+    /// `config(servers)` with a source_ip sticky table of at most `max` entries.
+    fn limited(servers: &[&str], max: u64) -> Config {
+        let mut c = config(servers);
+        let sticky = serde_json::json!({"mode": "source_ip", "max_entries": max});
+        c.pools.get_mut("app").unwrap().sticky = Some(serde_json::from_value(sticky).unwrap());
+        c
     }
 
     fn with(servers: &[&str]) -> ClusterState {
@@ -544,17 +409,23 @@ mod tests {
     }
 
     #[test]
-    fn sticky_ttl_prunes_and_evicts_soonest_expiring() {
-        let mut s = with(&["a"]);
-        s.sticky = StickyTable::with_capacity(2);
-        s.apply(&Command::PutStickyBatch(vec![sticky("x", "a", 50), sticky("y", "a", 300)]), 2, 10);
+    fn sticky_ttl_prunes_and_evicts_least_recently_used() {
+        let mut s = ClusterState::default();
+        s.apply(&Command::ApplyConfig(limited(&["a"], 2)), 1, 0);
+        s.apply(&Command::PutStickyBatch(vec![sticky("x", "a", 50_000), sticky("y", "a", 300_000)]), 2, 10_000);
         assert_eq!(s.sticky.len(), 2);
-        assert!(s.sticky.get("app", "x", 60).is_none(), "expired entries are not served");
-        let out = s.apply(&Command::PutStickyBatch(vec![sticky("z", "a", 200), sticky("w", "a", 250)]), 3, 100);
-        // x pruned (expired at 100), then z evicted as the soonest to expire.
+        assert!(s.sticky.get("app", "x", 60_000).is_none(), "expired entries are not served");
+        let out =
+            s.apply(&Command::PutStickyBatch(vec![sticky("z", "a", 200_000), sticky("w", "a", 250_000)]), 3, 100_000);
+        // x dropped (expired at 100 s), then y evicted: used at 10 s, the least recently, though
+        // it expires last.
         assert_eq!(out, Outcome::StickyStored { stored: 2, skipped: 0, evicted: 2 });
-        let keys: Vec<&str> = s.sticky.iter().map(|(_, k, _)| k).collect();
-        assert_eq!(keys, ["w", "y"]);
+        let keys: Vec<String> = s.sticky.iter().map(|(_, k, _)| k).collect();
+        assert_eq!(keys, ["w", "z"]);
+        assert_eq!(s.sticky.summary()["app"], PoolSummary { entries: 2, evictions: 1 });
+        // A lower bound applies with the config change that sets it.
+        s.apply(&Command::ApplyConfig(limited(&["a"], 1)), 4, 100_000);
+        assert_eq!(s.sticky.summary()["app"], PoolSummary { entries: 1, evictions: 2 });
     }
 
     #[test]
@@ -568,6 +439,9 @@ mod tests {
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<ClusterState>(&json).unwrap(), s);
     }
+
+    /// The bound the property tests' configs set.
+    const CAP: u64 = 5;
 
     fn arb_command() -> impl Strategy<Value = Command> {
         let server = prop::sample::select(vec!["a", "b", "c", "zz"]).prop_map(String::from);
@@ -588,22 +462,22 @@ mod tests {
                 server,
                 weight
             }),
-            prop::collection::vec((0u32..40, server, 0u64..400), 0..30).prop_map(|v| Command::PutStickyBatch(
+            prop::collection::vec((0u32..40, server, 0u64..400_000), 0..30).prop_map(|v| Command::PutStickyBatch(
                 v.into_iter().map(|(k, s, e)| sticky(&format!("k{k}"), &s, e)).collect()
             )),
             prop::sample::select(vec![vec!["a"], vec!["a", "b"], vec!["a", "b", "c"], vec![]])
-                .prop_map(|s| Command::ApplyConfig(if s.is_empty() { Config::default() } else { config(&s) })),
+                .prop_map(|s| Command::ApplyConfig(if s.is_empty() { Config::default() } else { limited(&s, CAP) })),
         ]
     }
 
     proptest! {
         #[test]
-        fn sticky_table_never_exceeds_its_bound(cap in 1usize..20, cmds in prop::collection::vec(arb_command(), 1..40)) {
-            let mut s = with(&["a", "b", "c"]);
-            s.sticky = StickyTable::with_capacity(cap);
+        fn sticky_table_never_exceeds_its_bound(cmds in prop::collection::vec(arb_command(), 1..40)) {
+            let mut s = ClusterState::default();
+            s.apply(&Command::ApplyConfig(limited(&["a", "b", "c"], CAP)), 1, 0);
             for (i, c) in cmds.iter().enumerate() {
-                s.apply(c, i as u64 + 2, i as u64 * 10);
-                prop_assert!(s.sticky.len() <= cap);
+                s.apply(c, i as u64 + 2, i as u64 * 10_000);
+                prop_assert!(s.sticky.len() as u64 <= CAP);
                 prop_assert_eq!(s.sticky.len(), s.sticky.iter().count());
             }
         }
@@ -615,11 +489,11 @@ mod tests {
             let mut replica = s.clone();
             for (i, c) in cmds.iter().enumerate() {
                 let before = s.clone();
-                let out = s.apply(c, i as u64 + 2, i as u64 * 10);
+                let out = s.apply(c, i as u64 + 2, i as u64 * 10_000);
                 if out.is_rejected() {
                     prop_assert_eq!(&s, &before);
                 }
-                replica.apply(c, i as u64 + 2, i as u64 * 10);
+                replica.apply(c, i as u64 + 2, i as u64 * 10_000);
                 // Every server with a verdict or override exists in the config.
                 for (pool, m) in s.health.iter() {
                     for server in m.keys() { prop_assert!(s.has_server(pool, server)); }

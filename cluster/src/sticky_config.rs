@@ -63,6 +63,12 @@ pub struct Sticky {
     /// source_ip / learn: where bindings are kept (default raft).
     #[serde(default)]
     pub store: Option<StickyStore>,
+    /// source_ip / learn with `store = "raft"` or `"local"`: the most entries the pool's table
+    /// keeps; past it the least recently used go (default
+    /// [`DEFAULT_MAX_ENTRIES`](crate::sticky_table::DEFAULT_MAX_ENTRIES), at most
+    /// [`MAX_ENTRIES_LIMIT`](crate::sticky_table::MAX_ENTRIES_LIMIT)).
+    #[serde(default)]
+    pub max_entries: Option<u64>,
     /// source_ip / learn with `store = "redis"`: the server, e.g. "redis://127.0.0.1:6379".
     #[serde(default)]
     pub redis: Option<String>,
@@ -86,6 +92,7 @@ impl fmt::Debug for Sticky {
             .field("cookie_secret", &self.cookie_secret.as_ref().map(|_| "<redacted>"))
             .field("ttl", &self.ttl)
             .field("store", &self.store)
+            .field("max_entries", &self.max_entries)
             .field("redis", &self.redis)
             .field("learn_cookie", &self.learn_cookie)
             .field("learn_header", &self.learn_header)
@@ -194,6 +201,11 @@ impl Sticky {
     pub fn store(&self) -> StickyStore {
         self.store.unwrap_or_default()
     }
+
+    /// The bound on the pool's table in effect.
+    pub fn max_entries(&self) -> u64 {
+        self.max_entries.unwrap_or(crate::sticky_table::DEFAULT_MAX_ENTRIES)
+    }
 }
 
 fn child(at: &KeyPath, key: &str) -> KeyPath {
@@ -221,8 +233,12 @@ pub fn check(s: &Sticky, at: &KeyPath, tcp_users: &[&str], report: &mut impl FnM
         ("cookie_same_site", s.cookie_same_site.is_some()),
         ("cookie_secret", s.cookie_secret.is_some()),
     ];
-    let store_keys: [(&str, bool); 3] =
-        [("ttl", s.ttl.is_some()), ("store", s.store.is_some()), ("redis", s.redis.is_some())];
+    let store_keys: [(&str, bool); 4] = [
+        ("ttl", s.ttl.is_some()),
+        ("store", s.store.is_some()),
+        ("redis", s.redis.is_some()),
+        ("max_entries", s.max_entries.is_some()),
+    ];
     let learn_keys: [(&str, bool); 2] =
         [("learn_cookie", s.learn_cookie.is_some()), ("learn_header", s.learn_header.is_some())];
 
@@ -285,6 +301,7 @@ pub fn check(s: &Sticky, at: &KeyPath, tcp_users: &[&str], report: &mut impl FnM
                 ),
                 (_, None) => {}
             }
+            check_max_entries(s, at, report);
             if s.mode == StickyMode::SourceIp {
                 for (key, set) in &learn_keys {
                     if *set {
@@ -312,6 +329,28 @@ pub fn check(s: &Sticky, at: &KeyPath, tcp_users: &[&str], report: &mut impl FnM
                 }
             }
         }
+    }
+}
+
+fn check_max_entries(s: &Sticky, at: &KeyPath, report: &mut impl FnMut(KeyPath, String)) {
+    use crate::sticky_table::MAX_ENTRIES_LIMIT;
+    let Some(n) = s.max_entries else { return };
+    if s.store() == StickyStore::Redis {
+        report(
+            child(at, "max_entries"),
+            "max_entries bounds keel's own table (store = \"raft\" or \"local\"); Redis drops bindings by their ttl"
+                .into(),
+        );
+    } else if n == 0 {
+        report(child(at, "max_entries"), "must be at least 1".into());
+    } else if n > MAX_ENTRIES_LIMIT {
+        report(
+            child(at, "max_entries"),
+            format!(
+                "{n} is above the limit of {MAX_ENTRIES_LIMIT}: every node keeps every entry in memory \
+                 (about 100 bytes each, so {MAX_ENTRIES_LIMIT} ≈ 1 GB); use store = \"redis\" for more sessions"
+            ),
+        );
     }
 }
 
@@ -390,6 +429,23 @@ mod tests {
         assert!(p[0].contains("not a Redis URL"), "{p:?}");
         let p = problems("mode = \"source_ip\"\ncookie = \"X\"\nlearn_header = \"x-a\"");
         assert_eq!(p.len(), 2, "{p:?}");
+    }
+
+    #[test]
+    fn max_entries_is_bounded_and_only_for_keels_own_tables() {
+        assert_eq!(problems("mode = \"source_ip\"\nmax_entries = 300000"), Vec::<String>::new());
+        assert_eq!(
+            problems("mode = \"learn\"\nlearn_header = \"x-s\"\nstore = \"local\"\nmax_entries = 1"),
+            Vec::<String>::new()
+        );
+        let p = problems("mode = \"source_ip\"\nmax_entries = 0");
+        assert!(p[0].starts_with("pools.app.sticky.max_entries:") && p[0].contains("at least 1"), "{p:?}");
+        let p = problems("mode = \"source_ip\"\nmax_entries = 10000001");
+        assert!(p[0].contains("above the limit of 10000000") && p[0].contains("memory"), "{p:?}");
+        let p = problems("mode = \"source_ip\"\nstore = \"redis\"\nredis = \"redis://r:6379\"\nmax_entries = 5");
+        assert!(p[0].contains("Redis drops bindings"), "{p:?}");
+        let p = problems("mode = \"cookie\"\nmax_entries = 5");
+        assert!(p[0].starts_with("pools.app.sticky.max_entries:") && p[0].contains("only to mode"), "{p:?}");
     }
 
     #[test]

@@ -165,7 +165,7 @@ async fn three_node_cluster_fails_over_and_loses_nothing() {
         let s = rx.borrow().clone();
         assert_eq!(s.config, cfg2);
         assert_eq!(s.sticky.len(), 50);
-        assert_eq!(s.sticky.get("app", "10.0.0.7", now_ms()).map(|b| b.server.as_str()), Some("c"));
+        assert_eq!(s.sticky.get("app", "10.0.0.7", now_ms()).map(|b| b.server), Some("c"));
         assert!(!s.is_up("app", "b"));
         assert!(s.is_draining("app", "a"));
     }

@@ -419,6 +419,9 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
                 let (leader, _) = cluster.leader();
                 obj.insert("node_id".into(), serde_json::json!(cluster.id()));
                 obj.insert("leader_id".into(), serde_json::json!(leader));
+                // Replicated sticky table size per pool (entries, evictions), as /metrics has it.
+                let sticky = cluster.state().borrow().sticky.summary();
+                obj.insert("sticky_tables".into(), serde_json::to_value(sticky).unwrap_or_default());
             }
             if let Some(obj) = doc.as_object_mut() {
                 obj.insert("reload".into(), serde_json::to_value(state.reloads.get()).unwrap_or_default());
@@ -429,6 +432,9 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
             let mut text = metrics::render(&state.snapshot.load(), &state.rejections, &state.listeners.load());
             if let Some(vip) = &state.vip {
                 metrics::render_vip(&mut text, &vip.borrow());
+            }
+            if let Some(cluster) = &state.cluster {
+                metrics::render_cluster(&mut text, cluster);
             }
             metrics::render_reloads(&mut text, &state.reloads.get());
             let mut resp = Response::new(Full::new(Bytes::from(text)));

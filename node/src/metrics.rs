@@ -85,6 +85,20 @@ pub const STICKY_MISSES_TOTAL: &str = "keel_sticky_misses_total";
 pub const STICKY_STORE_ERRORS_TOTAL: &str = "keel_sticky_store_errors_total";
 /// Dropped session writes, by pool.
 pub const STICKY_DROPPED_WRITES_TOTAL: &str = "keel_sticky_dropped_writes_total";
+/// Entries in the replicated sticky table, by pool (cluster mode).
+pub const STICKY_ENTRIES: &str = "keel_sticky_entries";
+/// The pool's bound on entries (`max_entries`), by pool (cluster mode).
+pub const STICKY_MAX_ENTRIES: &str = "keel_sticky_max_entries";
+/// Entries evicted (least recently used) because the pool was at its bound, by pool.
+pub const STICKY_EVICTIONS_TOTAL: &str = "keel_sticky_evictions_total";
+/// Size of the latest Raft snapshot this node built or installed, in bytes.
+pub const RAFT_SNAPSHOT_BYTES: &str = "keel_raft_snapshot_bytes";
+/// Time to build a Raft snapshot (encode + durable write, off the Raft thread).
+pub const RAFT_SNAPSHOT_BUILD_SECONDS: &str = "keel_raft_snapshot_build_seconds";
+/// Time to install a received Raft snapshot (decode + durable write, off the Raft thread).
+pub const RAFT_SNAPSHOT_INSTALL_SECONDS: &str = "keel_raft_snapshot_install_seconds";
+/// Time the latest snapshot build took.
+pub const RAFT_SNAPSHOT_LAST_BUILD_SECONDS: &str = "keel_raft_snapshot_last_build_seconds";
 
 /// 1 while this node holds the VIP.
 pub const VIP_HOLDING: &str = "keel_vip_holding";
@@ -226,6 +240,62 @@ pub fn render_vip(out: &mut String, vip: &keel_vrrp::VipStatus) {
             "# HELP {name} When the VIP last moved to or from this node.\n# TYPE {name} gauge\n{name} {}",
             ms as f64 / 1000.0
         );
+    }
+}
+
+/// Renders the replicated sticky table's size per pool and the Raft snapshot figures (cluster
+/// mode). The entries and evictions are the replicated state's: every node reports the same.
+pub fn render_cluster(out: &mut String, cluster: &keel_cluster::ClusterHandle) {
+    let (summary, limits): (Vec<_>, Vec<u64>) = {
+        let state = cluster.state();
+        let s = state.borrow();
+        let mut pools: std::collections::BTreeMap<String, keel_cluster::state::PoolSummary> = s.sticky.summary();
+        // Pools with a Raft sticky table and no entry yet are reported too (at 0).
+        for (name, pool) in &s.config.pools {
+            if pool.sticky.as_ref().is_some_and(|st| st.store() == keel_cluster::sticky_config::StickyStore::Raft) {
+                pools.entry(name.clone()).or_default();
+            }
+        }
+        let limits = pools.keys().map(|p| s.sticky_limit(p)).collect();
+        (pools.into_iter().collect(), limits)
+    };
+    let header = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    header(out, STICKY_ENTRIES, "gauge", "Entries in the replicated sticky table.");
+    for (pool, p) in &summary {
+        let _ = writeln!(out, "{STICKY_ENTRIES}{{pool=\"{}\"}} {}", label(pool), p.entries);
+    }
+    header(out, STICKY_MAX_ENTRIES, "gauge", "The pool's bound on sticky entries (max_entries).");
+    for ((pool, _), max) in summary.iter().zip(&limits) {
+        let _ = writeln!(out, "{STICKY_MAX_ENTRIES}{{pool=\"{}\"}} {max}", label(pool));
+    }
+    header(out, STICKY_EVICTIONS_TOTAL, "counter", "Sticky entries evicted, least recently used first, at the bound.");
+    for (pool, p) in &summary {
+        let _ = writeln!(out, "{STICKY_EVICTIONS_TOTAL}{{pool=\"{}\"}} {}", label(pool), p.evictions);
+    }
+    let f = cluster.snapshot_figures();
+    let secs = |micros: u64| micros as f64 / 1e6;
+    header(out, RAFT_SNAPSHOT_BYTES, "gauge", "Size of the latest Raft snapshot built or installed.");
+    let _ = writeln!(out, "{RAFT_SNAPSHOT_BYTES} {}", f.last_bytes);
+    header(out, RAFT_SNAPSHOT_LAST_BUILD_SECONDS, "gauge", "Time the latest snapshot build took.");
+    let _ = writeln!(out, "{RAFT_SNAPSHOT_LAST_BUILD_SECONDS} {}", secs(f.last_build_micros));
+    for (name, help, sum, count) in [
+        (
+            RAFT_SNAPSHOT_BUILD_SECONDS,
+            "Raft snapshot builds (encode + durable write, off the Raft thread).",
+            f.build_micros_total,
+            f.builds,
+        ),
+        (
+            RAFT_SNAPSHOT_INSTALL_SECONDS,
+            "Raft snapshots installed (decode + durable write, off the Raft thread).",
+            f.install_micros_total,
+            f.installs,
+        ),
+    ] {
+        header(out, name, "summary", help);
+        let _ = writeln!(out, "{name}_sum {}\n{name}_count {count}", secs(sum));
     }
 }
 

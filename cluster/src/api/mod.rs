@@ -80,8 +80,8 @@ pub struct StateView {
     pub health: BTreeMap<String, BTreeMap<String, HealthVerdict>>,
     /// Sticky entries stored.
     pub sticky_entries: usize,
-    /// Bound on sticky entries.
-    pub sticky_capacity: usize,
+    /// Per pool: sticky entries held and evicted for the pool's `max_entries`.
+    pub sticky_pools: BTreeMap<String, crate::sticky_table::PoolSummary>,
     /// Voters (the health electorate).
     pub voters: BTreeSet<NodeId>,
 }
@@ -190,7 +190,7 @@ where
                     overrides: s.overrides.clone(),
                     health: s.health.clone(),
                     sticky_entries: s.sticky.len(),
-                    sticky_capacity: s.sticky.capacity(),
+                    sticky_pools: s.sticky.summary(),
                     voters: s.voters.clone(),
                 },
             )

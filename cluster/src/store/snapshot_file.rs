@@ -209,8 +209,7 @@ mod tests {
     {
         let dir = tempfile::tempdir()?;
         drop(crate::store::open(dir.path())?);
-        let mut state = crate::ClusterState::default();
-        state.voters = [7].into();
+        let state = crate::ClusterState { voters: [7].into(), ..Default::default() };
         let meta = SnapshotMeta { snapshot_id: "old".into(), ..Default::default() };
         {
             let db = Database::create(dir.path().join(crate::store::DB_FILE))?;
@@ -218,7 +217,7 @@ mod tests {
             {
                 let mut table = tx.open_table(SNAPSHOT)?;
                 table.insert("meta", codec::encode(&meta)?.as_slice())?;
-                table.insert("data", codec::encode(&state)?.as_slice())?;
+                table.insert("data", crate::store::state_machine::encode_state(&state)?.as_slice())?;
             }
             tx.commit()?;
         }

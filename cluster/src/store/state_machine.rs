@@ -84,10 +84,31 @@ impl StateMachineStore {
     }
 }
 
-/// Decodes a snapshot's state, naming the snapshot when the bytes are not a state this version
-/// can read (an incompatible encoding is an error, never an empty state).
+/// Opens a snapshot in this version's form. `0xFF` never starts the previous version's bytes
+/// (their first byte is a bincode varint length, 0–253), so the two cannot be confused.
+const FORMAT_V2: [u8; 4] = [0xFF, b'K', b'S', 2];
+
+/// Encodes the state as a snapshot: [`FORMAT_V2`], then bincode.
+pub(crate) fn encode_state(state: &ClusterState) -> Result<Vec<u8>, StorageError> {
+    let body = codec::encode(state).map_err(write_err)?;
+    let mut data = Vec::with_capacity(FORMAT_V2.len() + body.len());
+    data.extend_from_slice(&FORMAT_V2);
+    data.extend_from_slice(&body);
+    Ok(data)
+}
+
+/// Decodes a snapshot's state: this version's form, or the previous version's (string keys;
+/// converted, nothing lost). Anything else is an error naming the snapshot, never an empty state.
 fn decode_state(data: &[u8], meta: &SnapshotMeta) -> Result<ClusterState, StorageError> {
-    codec::decode(data).map_err(|e| openraft::StorageIOError::read_snapshot(Some(meta.signature()), &e).into())
+    let decoded = match data.strip_prefix(&FORMAT_V2) {
+        Some(body) => codec::decode(body),
+        None => crate::sticky_table::legacy::decode(data),
+    };
+    decoded.map_err(|e| {
+        let e =
+            std::io::Error::other(format!("snapshot {} is not a state this version can read: {e}", meta.snapshot_id));
+        openraft::StorageIOError::read_snapshot(Some(meta.signature()), &e).into()
+    })
 }
 
 /// Builds a snapshot from a frozen copy of the state (an `Arc` clone: no copying).
@@ -111,7 +132,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let (state, file, stats) = (self.state.clone(), self.file.clone(), self.stats.clone());
         let (meta, data) = self.worker.run(move || {
             let started = Instant::now();
-            let data = codec::encode(&*state).map_err(write_err)?;
+            let data = encode_state(&state)?;
             file.write(&meta, &data)?;
             let took = started.elapsed();
             stats.built(data.len(), u64::try_from(took.as_micros()).unwrap_or(u64::MAX));

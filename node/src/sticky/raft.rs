@@ -42,7 +42,7 @@ pub type StickyProposer = Arc<dyn Fn(Vec<StickyEntry>) -> BoxFuture<'static, Res
 
 /// A reader over the cluster's applied state (one read lock of the watch per lookup).
 pub fn reader_from_watch(state: watch::Receiver<Arc<ClusterState>>) -> StickyReader {
-    Arc::new(move |pool, key, now| state.borrow().sticky.get(pool, key, now).map(|b| b.server.clone()))
+    Arc::new(move |pool, key, now| state.borrow().sticky.get(pool, key, now).map(|b| b.server.to_owned()))
 }
 
 /// A proposer that proposes on this node through `handle`. It succeeds only on the leader: in an
