@@ -8,10 +8,18 @@
 //! that the term never moved, the leader never changed and its VIP lease never lapsed. Then every
 //! node restarts from its own data dir and must hold exactly what was committed.
 //!
-//! Heavy (≈ 1–3 min in a debug build, ≈ 1 GB of memory): runs only with `KEEL_HEAVY_TESTS=1`,
-//! and says that it skipped otherwise.
+//! As in `keel run` with `[cluster] realtime` (the default), the Raft runtime's threads run under
+//! `SCHED_RR` (when the test may set it: root or CAP_SYS_NICE); the snapshot thread drops back to
+//! normal scheduling by itself. On this shared 2-core box (load 6 from other builds) a Raft
+//! thread at normal priority lost its lease to plain CPU starvation, snapshot or not.
+//!
+//! Heavy (≈ 1 GB of memory, ≈ 1 min in a release build; a debug build is too slow to keep the
+//! default profile's 150 ms lease while applying 10,000-entry batches): runs only with
+//! `KEEL_HEAVY_TESTS=1`, and says that it skipped otherwise:
+//! `KEEL_HEAVY_TESTS=1 cargo nextest run --release -p keel-cluster --test million_sticky`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed assertion
+#![allow(unsafe_code)] // one libc call, as keel-node's raft runtime makes it
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -69,6 +77,16 @@ async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) -> Duration {
     panic!("timed out after {CONVERGE:?} waiting for: {what}");
 }
 
+/// keel-node's `[cluster] realtime`: the Raft runtime's threads under `SCHED_RR`, priority 10.
+fn realtime() {
+    let param = libc::sched_param { sched_priority: 10 };
+    // SAFETY: `pthread_self` is valid for the calling thread and `param` outlives the call.
+    let rc = unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_RR, &param) };
+    if rc != 0 {
+        eprintln!("raft thread stays at normal priority: {}", std::io::Error::from_raw_os_error(rc));
+    }
+}
+
 struct Slot {
     id: u64,
     dir: PathBuf,
@@ -90,6 +108,7 @@ impl Member {
         let raft_rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name(format!("raft-{}", slot.id))
+            .on_thread_start(realtime)
             .enable_all()
             .build()
             .unwrap();
@@ -111,11 +130,27 @@ impl Member {
         let (lapses, holding) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
         let (l, h) = (lapses.clone(), holding.clone());
         vip_rt.spawn(follow);
+        let id = slot.id;
         vip_rt.spawn(async move {
             while lease.changed().await.is_ok() {
                 let now = *lease.borrow_and_update();
                 if h.swap(now, Ordering::SeqCst) && !now {
+                    eprintln!("node {id}: VIP lease lapsed at {:?}", std::time::SystemTime::now());
                     l.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        });
+        // Records how late this node's Raft runtime gets to run (its worst stall).
+        let probe = Instant::now();
+        raft_rt.spawn(async move {
+            let mut worst = Duration::ZERO;
+            loop {
+                let asked = Instant::now();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                let late = asked.elapsed().saturating_sub(Duration::from_millis(2));
+                if late > worst.max(Duration::from_millis(20)) {
+                    worst = late;
+                    eprintln!("node {id}: raft runtime {late:?} late, {:?} after start", probe.elapsed());
                 }
             }
         });
@@ -172,7 +207,13 @@ async fn propose_batches(leader: &ClusterHandle, from: usize, to: usize, server:
             inflight.push(tokio::spawn(async move { leader.propose(Command::PutStickyBatch(batch)).await }));
         }
         for p in inflight {
-            p.await.unwrap().unwrap();
+            if let Err(e) = p.await.unwrap() {
+                let st = leader.status();
+                panic!(
+                    "proposal failed: {e}; leader term {} role {:?} last_log {:?} applied {:?} snapshot {:?} members {:?} ack {:?}",
+                    st.term, st.role, st.last_log_index, st.applied_index, st.snapshot_index, st.members, st.millis_since_quorum_ack
+                );
+            }
         }
     }
 }
@@ -228,10 +269,19 @@ async fn a_million_sticky_entries_snapshot_install_and_restart_without_a_leader_
         filled = next;
         for m in &members {
             let rx = m.handle.state();
-            wait_for("every node applied the batch", || rx.borrow().sticky.len() == filled).await;
+            let h = m.handle.clone();
+            let mut last = Instant::now();
+            wait_for("every node applied the batch", || {
+                if last.elapsed() > Duration::from_secs(5) {
+                    last = Instant::now();
+                    eprintln!("node {}: {} entries, {:?}", h.id(), rx.borrow().sticky.len(), h.status());
+                }
+                rx.borrow().sticky.len() == filled
+            })
+            .await;
             snapshot(&m.handle).await;
         }
-        println!("{filled} entries committed and snapshotted after {:.1}s", filling.elapsed().as_secs_f64());
+        eprintln!("{filled} entries committed and snapshotted after {:.1}s", filling.elapsed().as_secs_f64());
     }
     let f = leader.snapshot_figures();
     println!(
@@ -241,6 +291,7 @@ async fn a_million_sticky_entries_snapshot_install_and_restart_without_a_leader_
         f.builds
     );
 
+    eprintln!("node 3 stops at {:?}", std::time::SystemTime::now());
     // Node 3 goes down; the leader moves on, snapshots and purges the log node 3 would need.
     let n3 = members.pop().unwrap();
     n3.stop().await;
@@ -252,6 +303,7 @@ async fn a_million_sticky_entries_snapshot_install_and_restart_without_a_leader_
     wait_for("the leader purged its log", || leader.raft().metrics().borrow().purged.is_some_and(|p| p.index >= snap))
         .await;
 
+    eprintln!("node 3 restarts at {:?}", std::time::SystemTime::now());
     // Node 3 restarts and can only catch up by installing the leader's snapshot.
     let n3 = Member::start(&slots[2], &vip_rt).await;
     let rx = n3.handle.state();

@@ -304,6 +304,33 @@ impl PeerClient {
     }
 }
 
+/// What an AppendEntries frame may use, leaving room for the enum tag around the request.
+const APPEND_BUDGET: usize = super::MAX_RPC as usize - 4096;
+
+/// Cuts `rpc` to the longest prefix (halving) whose frame fits [`super::MAX_RPC`]. A follower
+/// that fell behind is sent up to openraft's `max_payload_entries` (300) log entries at once,
+/// and one sticky batch is up to ≈ 0.5 MB: together more than a frame may carry, and the
+/// receiver would drop every such frame, so the follower would never catch up. The rest goes in
+/// the next request (openraft takes `PartialSuccess` for the prefix). The commit index sent is
+/// capped at the last entry sent: the follower must not commit entries of its own beyond them
+/// that the leader has not confirmed. Returns `Some(last log id sent)` when it cut.
+fn fit_in_a_frame(rpc: &mut AppendEntriesRequest<TypeConfig>) -> Option<Option<crate::types::LogId>> {
+    let mut trimmed = false;
+    while rpc.entries.len() > 1 && crate::codec::encoded_len(rpc).is_ok_and(|n| n > APPEND_BUDGET) {
+        rpc.entries.truncate(rpc.entries.len() / 2);
+        trimmed = true;
+    }
+    if !trimmed {
+        return None;
+    }
+    let last = rpc.entries.last().map(|e| e.log_id);
+    if rpc.leader_commit > last {
+        rpc.leader_commit = last;
+    }
+    tracing::debug!(target: "keel::raft", entries = rpc.entries.len(), ?last, "append entries cut to fit a frame");
+    Some(last)
+}
+
 fn unexpected(what: &str) -> CallError {
     CallError::Network {
         addr: SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -321,10 +348,14 @@ fn to_rpc_error<E: std::error::Error>(e: CallError) -> RPCError<u64, NodeInfo, E
 impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, NodeInfo, RaftError<u64>>> {
+        let trimmed = fit_in_a_frame(&mut rpc);
         match self.call(super::KIND_RPC, &RpcRequest::AppendEntries(rpc), option.hard_ttl()).await {
+            Ok(RpcResponse::AppendEntries(AppendEntriesResponse::Success)) if trimmed.is_some() => {
+                Ok(AppendEntriesResponse::PartialSuccess(trimmed.flatten()))
+            }
             Ok(RpcResponse::AppendEntries(r)) => Ok(r),
             Ok(_) => Err(to_rpc_error(unexpected("append_entries"))),
             Err(e) => Err(to_rpc_error(e)),

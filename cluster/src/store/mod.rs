@@ -5,8 +5,8 @@
 //!   latest snapshot ([`StateMachineStore`]).
 //! - [`snapshot_file`]: the latest snapshot in its own file (`snapshot.bin`), so writing it never
 //!   holds the database's write lock that log appends need, and the build/install figures.
-//! - [`snapshot_worker`]: the thread, at normal priority, that encodes, decodes, reads and writes
-//!   snapshots so the Raft runtime never does.
+//! - [`worker`]: the store's threads — one at normal priority that encodes, decodes, reads and
+//!   writes snapshots, one that applies committed entries — so the Raft runtime does neither.
 //!
 //! Why redb: pure Rust, one file, ACID transactions whose commit is durable when it returns
 //! (≈ 0.2 ms here, the cost of one fdatasync); no C++ build. The log is one
@@ -24,8 +24,8 @@
 
 pub mod log;
 pub mod snapshot_file;
-pub mod snapshot_worker;
 pub mod state_machine;
+pub mod worker;
 
 use std::path::Path;
 use std::sync::Arc;

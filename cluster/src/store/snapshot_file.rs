@@ -37,6 +37,9 @@ pub const SNAPSHOT_FILE: &str = "snapshot.bin";
 
 const MAGIC: &[u8; 8] = b"KEELSNP1";
 
+/// How much of a snapshot is written before it is flushed (see [`SnapshotFile::write`]).
+const WRITE_SLICE: usize = 1 << 20;
+
 /// Where the snapshot file lives.
 #[derive(Clone, Debug)]
 pub struct SnapshotFile {
@@ -82,7 +85,13 @@ impl SnapshotFile {
             file.write_all(MAGIC).map_err(write_err)?;
             file.write_all(&meta_len.to_be_bytes()).map_err(write_err)?;
             file.write_all(&meta_bytes).map_err(write_err)?;
-            file.write_all(data).map_err(write_err)?;
+            // In slices, each flushed before the next: one fsync of 16–25 MB of dirty pages makes
+            // every other fsync on the filesystem wait behind it (ext4 commits the journal with
+            // the data it orders), and the Raft log's appends are fsynced on the Raft thread.
+            for chunk in data.chunks(WRITE_SLICE) {
+                file.write_all(chunk).map_err(write_err)?;
+                file.sync_data().map_err(write_err)?;
+            }
             file.sync_all().map_err(write_err)?;
         }
         fs::rename(&tmp, &self.path).map_err(write_err)?;

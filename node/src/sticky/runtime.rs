@@ -64,7 +64,8 @@ pub struct StickyRuntime {
     deps: StickyDeps,
     raft: Mutex<Option<Arc<RaftSessionStore>>>,
     redis: Mutex<HashMap<String, Arc<RedisSessionStore>>>,
-    local: Mutex<HashMap<String, Arc<MemorySessionStore>>>,
+    /// Per pool: the store and the `max_entries` it was built with.
+    local: Mutex<HashMap<String, (usize, Arc<MemorySessionStore>)>>,
     counters: Mutex<HashMap<String, Arc<StickyCounters>>>,
 }
 
@@ -97,13 +98,13 @@ impl StickyRuntime {
         let store: Option<Arc<dyn SessionStore>> = match sticky.mode {
             model::StickyMode::Cookie => None,
             model::StickyMode::SourceIp | model::StickyMode::Learn => Some(match sticky.store() {
-                StickyStore::Local => self.local_store(name),
+                StickyStore::Local => self.local_store(name, sticky.max_entries()),
                 StickyStore::Raft => match (&self.deps.reader, &self.deps.proposer) {
                     (Some(reader), Some(proposer)) => self.raft_store(reader, proposer)?,
                     _ => {
                         tracing::warn!(target: "keel::sticky", pool = %name,
                             "sticky store \"raft\" without a cluster: bindings are kept in this node's memory");
-                        self.local_store(name)
+                        self.local_store(name, sticky.max_entries())
                     }
                 },
                 StickyStore::Redis => {
@@ -118,9 +119,20 @@ impl StickyRuntime {
         Ok(Some(Arc::new(StickyPolicy::new(name, pool, servers, store, counters)?)))
     }
 
-    fn local_store(&self, pool: &str) -> Arc<dyn SessionStore> {
-        let clock = self.deps.clock.clone();
-        lock(&self.local).entry(pool.to_owned()).or_insert_with(|| Arc::new(MemorySessionStore::new(clock))).clone()
+    /// The pool's in-memory store, bounded to `max_entries`. A changed bound starts a new store
+    /// (the bindings of this node's memory are lost, as on a restart): the sharded map's bound is
+    /// fixed when it is built.
+    fn local_store(&self, pool: &str, max_entries: u64) -> Arc<dyn SessionStore> {
+        let capacity = usize::try_from(max_entries).unwrap_or(usize::MAX);
+        let mut local = lock(&self.local);
+        match local.get(pool) {
+            Some((cap, store)) if *cap == capacity => store.clone(),
+            _ => {
+                let store = Arc::new(MemorySessionStore::with_capacity(capacity, self.deps.clock.clone()));
+                local.insert(pool.to_owned(), (capacity, store.clone()));
+                store
+            }
+        }
     }
 
     fn raft_store(
