@@ -66,7 +66,7 @@ pub fn open(data_dir: &Path) -> Result<(LogStore, StateMachineStore), StorageErr
     snapshot_file::migrate_legacy(&db, &file)?;
     let db = Arc::new(db);
     let sm = StateMachineStore::open(file)?;
-    Ok((LogStore::new(db), sm))
+    Ok((LogStore::new(db)?, sm))
 }
 
 pub(crate) fn write_err(e: impl std::error::Error + Send + Sync + 'static) -> StorageError {

@@ -1,4 +1,4 @@
-//! The store's own threads ([`StoreWorker`]): one runs snapshot work (encoding and writing a
+//! The store's own threads ([`StoreWorker`]): one writes the Raft log, one runs snapshot work (encoding and writing a
 //! built snapshot, reading one to send, decoding and writing a received one, freeing replaced
 //! states), one applies committed entries to the state.
 //!
@@ -9,9 +9,9 @@
 //! (the blocking pool's included) under `SCHED_RR` (`[cluster] realtime`), and a real-time thread
 //! encoding for half a second would take a core from the data plane. A worker is created from
 //! the Raft runtime, so it inherits its scheduling; the snapshot worker puts itself back to
-//! normal scheduling first ([`Scheduling::Normal`]); the apply worker, on the commit path, stays
-//! real-time one priority below the Raft thread ([`Scheduling::BelowInherited`]), so Raft
-//! preempts it at once. Each worker runs its jobs one at a time, in order: a build and an
+//! normal scheduling first ([`Scheduling::Normal`]); the log and apply workers, on the commit
+//! path, stay real-time one priority below the Raft thread ([`Scheduling::BelowInherited`]), so
+//! Raft preempts them at once (a redb commit of a few MB is CPU work too, not only an fsync). Each worker runs its jobs one at a time, in order: a build and an
 //! install never write the file at once, and entries are applied in log order.
 
 use std::panic::AssertUnwindSafe;
@@ -27,6 +27,8 @@ type Job = Box<dyn FnOnce() + Send>;
 /// How a worker thread is scheduled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scheduling {
+    /// As the thread that started it.
+    Inherited,
     /// Just below the thread that started it: under a real-time policy (the Raft runtime's
     /// `SCHED_RR` with `[cluster] realtime`) one priority lower, so the Raft thread preempts it
     /// at once while it still runs before normal threads; else as inherited.
@@ -49,6 +51,7 @@ impl StoreWorker {
             .name(name.into())
             .spawn(move || {
                 match scheduling {
+                    Scheduling::Inherited => {}
                     Scheduling::Normal => normal_scheduling(),
                     Scheduling::BelowInherited => one_priority_lower(),
                 }
@@ -74,6 +77,15 @@ impl StoreWorker {
             }))
             .map_err(|_| write_err(std::io::Error::other("the store thread is gone")))?;
         rx.await.map_err(|_| write_err(std::io::Error::other("a store job panicked")))?
+    }
+
+    /// Runs `work` on the thread without waiting for it (it reports its outcome itself).
+    pub fn discard_with(&self, work: impl FnOnce() + Send + 'static) {
+        if let Err(mpsc::SendError(job)) = self.jobs.send(Box::new(work)) {
+            // The thread is gone (only when the store is being dropped): run it here rather than
+            // lose what it reports.
+            job();
+        }
     }
 
     /// Drops `value` on the thread: freeing a large state is work too.
