@@ -45,7 +45,7 @@ pub struct StateMachineStore {
     file: SnapshotFile,
     /// Snapshot work, at normal priority.
     worker: StoreWorker,
-    /// Applying committed entries, just below the Raft runtime's priority.
+    /// Applying committed entries, at normal priority: nothing the lease depends on waits for it.
     applier: StoreWorker,
     stats: Arc<SnapshotStats>,
     state: Arc<ClusterState>,
@@ -60,7 +60,7 @@ impl StateMachineStore {
         let mut sm = StateMachineStore {
             file,
             worker: StoreWorker::start("keel-snapshot", Scheduling::Normal)?,
-            applier: StoreWorker::start("keel-apply", Scheduling::BelowInherited)?,
+            applier: StoreWorker::start("keel-apply", Scheduling::Normal)?,
             stats: Arc::default(),
             state: Arc::new(ClusterState::default()),
             last_applied: None,

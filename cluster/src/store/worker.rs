@@ -9,9 +9,12 @@
 //! (the blocking pool's included) under `SCHED_RR` (`[cluster] realtime`), and a real-time thread
 //! encoding for half a second would take a core from the data plane. A worker is created from
 //! the Raft runtime, so it inherits its scheduling; the snapshot worker puts itself back to
-//! normal scheduling first ([`Scheduling::Normal`]); the log and apply workers, on the commit
-//! path, stay real-time one priority below the Raft thread ([`Scheduling::BelowInherited`]), so
-//! Raft preempts them at once (a redb commit of a few MB is CPU work too, not only an fsync). Each worker runs its jobs one at a time, in order: a build and an
+//! normal scheduling first ([`Scheduling::Normal`]), and so does the apply worker: a follower
+//! acknowledges entries once they are in its log, not once applied, so nothing the leader's lease
+//! depends on waits for applying (and four 10,000-entry batches of real-time work on each of three
+//! nodes sharing two cores starved the Raft threads in the million-entry test). The log worker
+//! is on that path — an entry is acknowledged after its fsync — so it stays real-time, one
+//! priority below the Raft thread ([`Scheduling::BelowInherited`]), which preempts it at once. Each worker runs its jobs one at a time, in order: a build and an
 //! install never write the file at once, and entries are applied in log order.
 
 use std::panic::AssertUnwindSafe;
