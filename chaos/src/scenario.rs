@@ -119,6 +119,16 @@ pub fn longest_gap(lab: &Lab, from: u64, to: u64) -> u64 {
     worst
 }
 
+/// The failed probes that started in `[from, to]`, as "start ms after `from`: error" lines.
+pub fn failed_probes(lab: &Lab, from: u64, to: u64) -> Vec<String> {
+    let mut failed: Vec<_> = lab.probes().into_iter().filter(|p| !p.ok && p.start >= from && p.start <= to).collect();
+    failed.sort_by_key(|p| p.start);
+    failed
+        .iter()
+        .map(|p| format!("+{} ms ({} ms long): {}", p.start.saturating_sub(from), p.end - p.start, p.detail))
+        .collect()
+}
+
 /// Waits until node `i` follows a leader other than itself and has applied `commit`.
 pub fn wait_rejoin(lab: &Lab, i: usize, commit: u64, within: Duration) -> Result<(), String> {
     let deadline = std::time::Instant::now() + within;
@@ -292,6 +302,9 @@ pub fn rolling_restart(lab: &mut Lab, run_no: usize, c: &Committed) -> Result<Ve
         problems: Vec::new(),
         warnings: Vec::new(),
     };
+    for failure in failed_probes(lab, t0, now_ms()) {
+        run.problems.push(format!("a request failed during the hand-over: {failure}"));
+    }
     finish(lab, &mut run, t0, c);
     let t1 = now_ms();
     lab.start(l)?;

@@ -25,6 +25,8 @@
 //! - [`network`]: Raft RPC over TCP (length-prefixed bincode frames, cluster-id handshake).
 //! - [`node`]: [`ClusterNode::start`] and the [`ClusterHandle`] the rest of keel uses: propose,
 //!   watch the state, watch leadership, status, membership.
+//! - [`handover`]: a planned leadership hand-over (stop, `cluster transfer`) that moves the VIP
+//!   on the old holder's confirmed release instead of a lease.
 //! - [`lease`]: the VIP's right to hold as a monotonic deadline, evaluated off the Raft thread.
 //! - [`api`]: the `/cluster/…` admin HTTP endpoints ([`api::handle`]) and their client
 //!   ([`api::client::ClusterClient`]).
@@ -45,6 +47,7 @@ pub mod codec;
 pub mod command;
 pub mod duration;
 pub mod edge;
+pub mod handover;
 pub mod header_rules;
 pub mod lease;
 pub mod model;

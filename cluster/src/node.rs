@@ -98,6 +98,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::command::{Command, Outcome, Proposal};
+use crate::handover::HandOver;
 use crate::model::Config;
 use crate::network::client::UNREACHABLE_BACKOFF;
 use crate::network::{dispatch_to, Dispatch, NetworkFactory, RaftServer, RpcRequest, RpcResponse};
@@ -181,11 +182,37 @@ const NEVER: u64 = u64::MAX;
 /// own. Granting changes nothing here; a candidate that cannot gather a majority of grants does
 /// not stand, so a node cut off for a while comes back with the term it left with and deposes
 /// no healthy leader.
-fn noting_leader_contact(inner: Dispatch, contact: Arc<LeaderContact>, raft: Raft, quiet: Duration) -> Dispatch {
+fn noting_leader_contact(
+    inner: Dispatch,
+    contact: Arc<LeaderContact>,
+    raft: Raft,
+    quiet: Duration,
+    handover: Arc<HandOver>,
+) -> Dispatch {
     Arc::new(move |req: RpcRequest| -> Pin<Box<dyn Future<Output = RpcResponse> + Send>> {
-        if let RpcRequest::PreVote { last_log_index, .. } = &req {
+        match req {
+            RpcRequest::HandOver { from, to, hold_ms } => {
+                // Only from the leader this node follows: a stale or stray notice binds no one.
+                let noted = raft.metrics().borrow().current_leader == Some(from);
+                if noted {
+                    let hold = Duration::from_millis(hold_ms).min(HANDOVER_HOLD_MAX);
+                    handover.noticed(from, to, hold);
+                    tracing::info!(target: "keel::raft", from, to, hold_ms, "leader hands over: only its successor stands");
+                }
+                return Box::pin(async move { RpcResponse::HandOver(noted) });
+            }
+            RpcRequest::Release { from } => {
+                // Letting go is always safe (it costs only availability), so the request is
+                // honoured whoever asks.
+                handover.release();
+                tracing::info!(target: "keel::raft", successor = from, "hand-over: the successor takes the VIP; letting go");
+                return Box::pin(async move { RpcResponse::Released(true) });
+            }
+            _ => {}
+        }
+        if let RpcRequest::PreVote { candidate, last_log_index } = &req {
             let mine = raft.metrics().borrow().last_log_index;
-            let silent = contact.silence() >= quiet;
+            let silent = contact.silence() >= quiet && handover.may_pre_vote(*candidate, std::time::Instant::now());
             if silent && *last_log_index < mine {
                 // As for a real vote refused for a shorter log: this node is the one that can
                 // win, and its watchdog stands at once (a witness holding the only copy of an
@@ -233,7 +260,7 @@ fn noting_leader_contact(inner: Dispatch, contact: Arc<LeaderContact>, raft: Raf
 /// grants a higher term its vote once its own election is a lease old). Retries back off from one to
 /// [`WITNESS_RETRY_MAX`] election-max periods: a retry soon after a lost attempt carries the
 /// higher term learned from it, so it beats a data node that keeps re-electing.
-async fn witness_watchdog(raft: Raft, contact: Arc<LeaderContact>, election_max: Duration) {
+async fn witness_watchdog(raft: Raft, contact: Arc<LeaderContact>, election_max: Duration, handover: Arc<HandOver>) {
     let stand_after = election_max * WITNESS_STAND_AFTER;
     let mut retry = election_max;
     let mut tick = tokio::time::interval(election_max);
@@ -255,7 +282,8 @@ async fn witness_watchdog(raft: Raft, contact: Arc<LeaderContact>, election_max:
         }
         let silent = contact.since(&contact.last_append_us);
         let refused = contact.since(&contact.last_refused_by_log_us);
-        if leader || !voter || silent < stand_after || refused > stand_after {
+        let handing_over = handover.successor(std::time::Instant::now()).is_some();
+        if leader || !voter || handing_over || silent < stand_after || refused > stand_after {
             retry = election_max;
             continue;
         }
@@ -378,7 +406,13 @@ fn stand_rank(me: u64, voters: impl Iterator<Item = (u64, bool)>, silent_leader:
 /// once (it is the one that can win); a node that saw a candidate with a longer log stays out
 /// for two leases (it cannot win, and its higher terms would only get in the way). openraft's
 /// own timer is off on data nodes; [`TimerFallback`] switches it back on should this task end.
-async fn election_watchdog(raft: Raft, contact: Arc<LeaderContact>, times: StandTimes, mut asker: PreVoter) {
+async fn election_watchdog(
+    raft: Raft,
+    contact: Arc<LeaderContact>,
+    times: StandTimes,
+    mut asker: PreVoter,
+    handover: Arc<HandOver>,
+) {
     let _fallback = TimerFallback(raft.clone());
     let mut tick = tokio::time::interval(times.poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -413,9 +447,16 @@ async fn election_watchdog(raft: Raft, contact: Arc<LeaderContact>, times: Stand
         let refused_at = contact.last_refused_by_log_us.load(Ordering::Relaxed);
         let fresh_refusal =
             refused_at != acted_on_refusal && contact.since(&contact.last_refused_by_log_us) < times.lease;
-        let rank = if fresh_refusal { 0 } else { rank };
-        let outranked = contact.since(&contact.last_better_candidate_us) < times.lease * 2;
-        let heard = contact.first_append_us.load(Ordering::Relaxed) != NEVER;
+        // A hand-over names the one node that stands: it goes first, the others stay out.
+        let successor = handover.successor(std::time::Instant::now());
+        if successor.is_some_and(|to| to != asker.me) {
+            next_attempt = None;
+            continue;
+        }
+        let chosen = successor.is_some();
+        let rank = if fresh_refusal || chosen { 0 } else { rank };
+        let outranked = !chosen && contact.since(&contact.last_better_candidate_us) < times.lease * 2;
+        let heard = chosen || contact.first_append_us.load(Ordering::Relaxed) != NEVER;
         if outranked || silent < times.stand_after(rank, heard) {
             next_attempt = None;
             continue;
@@ -447,6 +488,7 @@ async fn election_watchdog(raft: Raft, contact: Arc<LeaderContact>, times: Stand
 
 /// Asks the other voters for their pre-votes.
 struct PreVoter {
+    me: u64,
     network: NetworkFactory,
     ttl: Duration,
 }
@@ -479,6 +521,52 @@ impl PreVoter {
             }
         }
         (granted, total)
+    }
+}
+
+/// The longest hold a hand-over may announce or accept, whatever the timings: a notice can
+/// never bind a voter for long.
+const HANDOVER_HOLD_MAX: Duration = Duration::from_secs(5);
+
+/// How long a node that handed over waits for its VIP controller to let go before it goes on
+/// stopping (a netlink delete takes well under a millisecond).
+const RELEASE_WITHIN: Duration = Duration::from_secs(1);
+
+/// On a data node: once it leads with a quorum after another node handed over to it, asks that
+/// node to let go of the VIP (the claim is withheld until it confirms, or until the hand-over's
+/// hold has run out). Retries every few milliseconds while the hold lasts.
+async fn ask_for_release(
+    raft: Raft,
+    handover: Arc<HandOver>,
+    mut leadership: watch::Receiver<bool>,
+    mut peers: NetworkFactory,
+) {
+    use openraft::network::RaftNetworkFactory;
+    let me = raft.metrics().borrow().id;
+    let mut changes = handover.subscribe();
+    loop {
+        let pending = handover.pending_release(std::time::Instant::now());
+        let leading = *leadership.borrow();
+        if let (Some(from), true) = (pending, leading) {
+            let node = raft.metrics().borrow().membership_config.membership().get_node(&from).cloned();
+            let released = match node {
+                Some(node) => peers.new_client(from, &node).await.release(me, Duration::from_millis(500)).await,
+                None => false,
+            };
+            if released {
+                handover.released_by(from);
+                tracing::info!(target: "keel::raft", from, "hand-over: the previous holder lets go of the VIP; claiming it");
+            } else {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            continue;
+        }
+        tokio::select! {
+            r = leadership.changed() => if r.is_err() { return },
+            r = changes.changed() => if r.is_err() { return },
+            // A pending hand-over runs out by itself: look again now and then.
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
     }
 }
 
@@ -652,6 +740,9 @@ pub enum ClusterError {
     /// Proposing the seed config failed.
     #[error("seed config: {0}")]
     Propose(#[from] ProposeError),
+    /// A leadership hand-over could not be started or did not complete.
+    #[error("transfer: {0}")]
+    Transfer(String),
     /// Any other Raft failure.
     #[error("raft: {0}")]
     Raft(String),
@@ -761,6 +852,8 @@ struct Inner {
     leadership_task: JoinHandle<()>,
     lease: Duration,
     tick: Duration,
+    handover: Arc<HandOver>,
+    peers: NetworkFactory,
 }
 
 /// The handle to a running node; cheap to clone.
@@ -809,17 +902,21 @@ impl ClusterNode {
             .await
             .map_err(|e| ClusterError::Raft(e.to_string()))?;
         let contact = Arc::new(LeaderContact::new());
+        let handover = HandOver::new(settings.node_id);
         let quiet = settings.election_max.saturating_sub(settings.heartbeat);
-        let dispatch = noting_leader_contact(dispatch_to(raft.clone()), contact.clone(), raft.clone(), quiet);
+        let dispatch =
+            noting_leader_contact(dispatch_to(raft.clone()), contact.clone(), raft.clone(), quiet, handover.clone());
+        let peers = || NetworkFactory::new(settings.cluster_id.clone(), settings.node_id, Duration::from_secs(30));
         if settings.witness {
-            tokio::spawn(witness_watchdog(raft.clone(), contact, settings.election_max));
+            tokio::spawn(witness_watchdog(raft.clone(), contact, settings.election_max, handover.clone()));
         } else {
             let times = StandTimes::new(settings.heartbeat, settings.election_max);
             let asker = PreVoter {
-                network: NetworkFactory::new(settings.cluster_id.clone(), settings.node_id, Duration::from_secs(30)),
+                me: settings.node_id,
+                network: peers(),
                 ttl: (settings.heartbeat * 2).max(Duration::from_millis(20)),
             };
-            tokio::spawn(election_watchdog(raft.clone(), contact, times, asker));
+            tokio::spawn(election_watchdog(raft.clone(), contact, times, asker, handover.clone()));
         }
         let server = RaftServer::start(listener, settings.node_id, settings.cluster_id.clone(), dispatch)
             .map_err(|source| ClusterError::Bind { addr: raft_addr, source })?;
@@ -828,6 +925,7 @@ impl ClusterNode {
             tokio::spawn(watch_leadership(raft.clone(), lead_tx, settings.election_max, settings.heartbeat));
         if !settings.witness {
             tokio::spawn(reclaim_from_witness(raft.clone(), settings.node_id));
+            tokio::spawn(ask_for_release(raft.clone(), handover.clone(), leadership.clone(), peers()));
         }
         tracing::info!(target: "keel::raft", node = settings.node_id, %raft_addr, admin = %settings.admin_addr, "raft node started");
         let info = NodeInfo { raft_addr, admin_addr: settings.admin_addr, witness: settings.witness };
@@ -842,6 +940,8 @@ impl ClusterNode {
                 leadership_task,
                 lease: settings.election_max,
                 tick: settings.heartbeat,
+                handover,
+                peers: peers(),
             }),
         })
     }
@@ -1038,7 +1138,119 @@ impl ClusterHandle {
     /// future that drives it — spawn that on the thread the VIP controller runs on, not on the
     /// Raft runtime.
     pub fn vip_lease(&self) -> (watch::Receiver<bool>, impl std::future::Future<Output = ()> + Send) {
-        crate::lease::follow(self.inner.raft.metrics(), self.inner.lease, self.inner.tick)
+        crate::lease::follow(self.inner.raft.metrics(), self.inner.lease, self.inner.tick, self.inner.handover.clone())
+    }
+
+    /// Tells the hand-over whether the VIP controller holds the address now, so that a release
+    /// asked by a successor is confirmed only once the address is gone.
+    pub fn watch_vip(&self, holding: watch::Receiver<bool>) {
+        self.inner.handover.watch_vip(holding);
+    }
+
+    /// Hands leadership and the VIP over to `to`, or to the most caught-up data voter, and
+    /// waits until the successor leads and has the VIP (see [`crate::handover`]). This node
+    /// must be the leader; it keeps serving throughout. Returns the successor's id.
+    pub async fn transfer(&self, to: Option<u64>) -> Result<u64, ClusterError> {
+        let raft = &self.inner.raft;
+        let me = self.inner.id;
+        let m = raft.metrics().borrow().clone();
+        if m.state != ServerState::Leader {
+            return Err(ClusterError::NotLeader {
+                leader_id: m.current_leader,
+                leader_admin_addr: leader_hint(raft, m.current_leader),
+            });
+        }
+        let membership = m.membership_config.membership().clone();
+        let voters: Vec<(u64, NodeInfo)> =
+            membership.voter_ids().filter_map(|id| membership.get_node(&id).map(|n| (id, n.clone()))).collect();
+        let last = m.last_log_index.unwrap_or(0);
+        let matched = |id: u64| m.replication.as_ref().and_then(|r| r.get(&id).cloned().flatten()).map(|l| l.index);
+        // A successor must be a data voter with every entry this leader has: a shorter log
+        // would not win the votes.
+        let caught_up: Vec<u64> = voters
+            .iter()
+            .filter(|(id, n)| *id != me && !n.witness && matched(*id) == Some(last))
+            .map(|(id, _)| *id)
+            .collect();
+        let target = match to {
+            Some(t) if t == me => return Err(ClusterError::Transfer(format!("node {t} already leads"))),
+            Some(t) if !voters.iter().any(|(id, n)| *id == t && !n.witness) => {
+                return Err(ClusterError::Transfer(format!("node {t} is not a data voter of this cluster")))
+            }
+            Some(t) if !caught_up.contains(&t) => {
+                return Err(ClusterError::Transfer(format!(
+                    "node {t} is not caught up (matched {:?} of {last})",
+                    matched(t)
+                )))
+            }
+            Some(t) => t,
+            None => *caught_up
+                .first()
+                .ok_or_else(|| ClusterError::Transfer("no caught-up data voter to hand over to".into()))?,
+        };
+        let hold = (self.inner.lease * crate::handover::HOLD_LEASES).min(HANDOVER_HOLD_MAX);
+        let until = self.inner.handover.begin(target, hold);
+        let ttl = (self.inner.tick * 2).max(Duration::from_millis(20));
+        let mut notices = tokio::task::JoinSet::new();
+        for (id, node) in voters.iter().filter(|(id, _)| *id != me) {
+            let mut client = {
+                use openraft::network::RaftNetworkFactory;
+                let mut peers = self.inner.peers.clone();
+                peers.new_client(*id, node).await
+            };
+            let id = *id;
+            notices.spawn(async move { (id, client.hand_over(me, target, hold, ttl).await) });
+        }
+        let mut acked = 1; // this node
+        let mut successor_acked = false;
+        while let Some(Ok((id, ok))) = notices.join_next().await {
+            if ok {
+                acked += 1;
+                successor_acked |= id == target;
+            }
+        }
+        if acked * 2 <= voters.len() || !successor_acked {
+            self.inner.handover.end();
+            return Err(ClusterError::Transfer(format!(
+                "only {acked} of {} voters acknowledged the hand-over (successor {target}: {successor_acked}); nothing changed",
+                voters.len()
+            )));
+        }
+        tracing::info!(target: "keel::raft", to = target, hold_ms = hold.as_millis(), "handing leadership over: heartbeats stop, the VIP stays until the successor asks");
+        raft.runtime_config().heartbeat(false);
+        let mut changes = self.inner.handover.subscribe();
+        let done = loop {
+            if self.inner.handover.successor_asked() {
+                break true;
+            }
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break false;
+            }
+            if tokio::time::timeout(left, changes.changed()).await.is_ok_and(|r| r.is_err()) {
+                break false;
+            }
+        };
+        if done {
+            // The listeners may close only once the address is gone: a SYN still arriving
+            // here must find it served, not refused.
+            if !self.inner.handover.let_go(RELEASE_WITHIN).await {
+                tracing::warn!(target: "keel::raft", "hand-over: the VIP controller has not let go yet");
+            }
+        }
+        raft.runtime_config().heartbeat(true);
+        self.inner.handover.end();
+        let leader = raft.metrics().borrow().current_leader;
+        if done {
+            tracing::info!(target: "keel::raft", to = target, "leadership handed over; the successor has the VIP");
+            Ok(target)
+        } else {
+            tracing::warn!(target: "keel::raft", to = target, ?leader, "hand-over did not complete within its hold; the lease decides again");
+            Err(ClusterError::Transfer(format!(
+                "node {target} did not take over within {} ms (leader now {leader:?})",
+                hold.as_millis()
+            )))
+        }
     }
 
     /// The current leader's id and admin address, if known.

@@ -218,6 +218,16 @@ pub async fn cluster_remove(target: &Target, id: NodeId) -> Result<(), CliError>
     Ok(())
 }
 
+/// `keel cluster transfer [--to ID]`.
+pub async fn cluster_transfer(target: &Target, to: Option<NodeId>) -> Result<(), CliError> {
+    let answer = target.client().transfer(to).await?;
+    match answer.get("leader").and_then(serde_json::Value::as_u64) {
+        Some(id) => println!("leadership and the VIP handed over to node {id}"),
+        None => println!("{answer}"),
+    }
+    Ok(())
+}
+
 /// `keel cluster status [--json]`.
 pub async fn cluster_status(target: &Target, json: bool) -> Result<(), CliError> {
     let status = target.client().status().await?;

@@ -253,6 +253,19 @@ impl PeerClient {
         matches!(self.call(super::KIND_RPC, &req, ttl).await, Ok(RpcResponse::PreVote(true)))
     }
 
+    /// Tells the peer that `from` hands over to `to`, holding the VIP for at most `hold`;
+    /// `true` once it noted it.
+    pub async fn hand_over(&mut self, from: u64, to: u64, hold: Duration, ttl: Duration) -> bool {
+        let hold_ms = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX);
+        let req = RpcRequest::HandOver { from, to, hold_ms };
+        matches!(self.call(super::KIND_RPC, &req, ttl).await, Ok(RpcResponse::HandOver(true)))
+    }
+
+    /// Asks the peer that handed over to let go of the VIP; `true` once it confirmed it did.
+    pub async fn release(&mut self, from: u64, ttl: Duration) -> bool {
+        matches!(self.call(super::KIND_RPC, &RpcRequest::Release { from }, ttl).await, Ok(RpcResponse::Released(true)))
+    }
+
     async fn connect(&mut self, limit: Duration) -> Result<TcpStream, FrameError> {
         let limit = limit.min(CONNECT_TIMEOUT);
         let mut stream = tokio::time::timeout(limit, TcpStream::connect(self.addr))

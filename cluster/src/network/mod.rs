@@ -105,6 +105,22 @@ pub enum RpcRequest {
         /// The candidate's last log index (a receiver with a longer log says no).
         last_log_index: Option<u64>,
     },
+    /// A planned hand-over (`crate::handover`): `from`, the leader, hands leadership and the
+    /// VIP over to `to` and may keep the VIP for `hold_ms` from now.
+    HandOver {
+        /// The leader handing over.
+        from: u64,
+        /// Its chosen successor.
+        to: u64,
+        /// How long `from` may keep the VIP (ms).
+        hold_ms: u64,
+    },
+    /// From the successor of a hand-over, now leading: it takes the VIP over; the receiver lets
+    /// go a moment later (`crate::handover::LET_GO_AFTER`).
+    Release {
+        /// Who asks.
+        from: u64,
+    },
     /// A whole snapshot, sent in one [`KIND_SNAPSHOT`] frame.
     FullSnapshot {
         /// The leader's vote.
@@ -127,6 +143,10 @@ pub enum RpcResponse {
     Snapshot(SnapshotResponse<u64>),
     /// Answer to PreVote: whether the receiver would grant the vote.
     PreVote(bool),
+    /// Answer to HandOver: noted (only the successor and the other voters say yes).
+    HandOver(bool),
+    /// Answer to Release: go ahead and claim.
+    Released(bool),
     /// The receiving Raft failed (e.g. it is shutting down).
     Error(String),
 }
