@@ -491,7 +491,8 @@ fall = 2
         }
     }
 
-    fn keel_cli(&self, i: usize, args: &[&str]) -> Result<String, String> {
+    /// Runs the `keel` CLI with `args` inside node `i`'s namespace (bounded to 60 s).
+    pub fn keel_cli(&self, i: usize, args: &[&str]) -> Result<String, String> {
         let node = &self.nodes[i];
         run(Command::new("timeout").arg("60").args(["ip", "netns", "exec", &node.ns]).arg(&self.bins.keel).args(args))
     }

@@ -13,31 +13,33 @@
 //!    hand-over hold instead ([`HandOver::vip`]), so it goes on answering on the VIP.
 //! 3. Once the voters' leases have run out, `N` stands at once (its election watchdog treats it
 //!    as the first in line) and wins.
-//! 4. `N`, leading with a quorum, tells `L` it takes the VIP over ([`RpcRequest::Release`]).
-//!    `L` answers at once and deletes its address [`LET_GO_AFTER`] (5 ms) later; `N` claims
-//!    and announces on the answer. So the switch is *make-before-break*: every SYN a client
-//!    sends reaches a node that has the address, and answers `L` is writing when the
-//!    clients' ARP entries flip still leave from the address they belong to. Deleting first
-//!    (break-before-make) lost one probe in each of the first two trials: a SYN sent into the
-//!    sub-millisecond gap is dropped and retried only after the client's 1 s SYN timeout, and
-//!    a connection `L` had just accepted could no longer be answered.
+//! 4. `N`, leading with a quorum, asks `L` for the VIP ([`RpcRequest::Release`]). `L` *steps
+//!    aside*: the address goes onto `lo` (for a while; the kernel removes it by itself) and
+//!    off the interface, and `L` answers once it is off; `N` claims and announces on the
+//!    answer. From then on `L` answers no ARP for the VIP (it sets `arp_ignore = 1` on the
+//!    interface, as LVS direct routing does), but it still accepts what reaches it: a SYN that
+//!    clients send to its MAC before `N`'s announcement arrives, and the connections it has
+//!    open, which it finishes while it drains. So no request is lost in the switch, and at no
+//!    instant do two nodes have the VIP on their interfaces.
+//!
+//! Measured in the netns lab (a probe every 10 ms): deleting the address outright lost a
+//! probe in each of the first two trials — a SYN sent in the sub-millisecond gap was dropped
+//! and retried only after the client's 1 s SYN timeout, and a connection `L` had just accepted
+//! could no longer be answered. Keeping it on the interface 5 ms longer (make-before-break)
+//! lost none in 20, but then both nodes had it on their interfaces for those milliseconds.
 //!
 //! # Why no two nodes hold the VIP at once
 //!
-//! `L` holds under the hand-over until [`LET_GO_AFTER`] after `N` asked, or until `t0 + H` on
-//! its own monotonic clock, `t0` taken *before* the notices were sent, whichever comes first;
-//! it never holds past that. The one overlap is deliberate and bounded: for those 5 ms both
-//! `L` (no longer leading, with in-flight answers to finish) and `N` have the address, and `N`
-//! has just announced itself, so the LAN's ARP entries point at `N`; `N` re-announces four
-//! more times over the next 400 ms, which corrects any host that asked in those 5 ms and got
-//! `L`'s answer. Every other node that learns of the hand-over blocks its own claim until `L`
-//! said "go ahead" to it or until `H` after it heard of it (later than `t0 + H`). A node that never
-//! heard of it cannot lead before `t0 + H`: it needs a pre-vote majority, every majority shares
-//! a voter with the majority that acknowledged the notice, and that voter grants pre-votes to
-//! `N` alone until `H` after it acknowledged. (Data nodes stand only through the pre-vote; a
-//! witness stands after 4 leases of silence and also waits out the hand-over; witnesses never
-//! hold the VIP.) So the VIP moves either on `L`'s confirmed release, or after `L`'s hold has
-//! certainly ended — the two rules of any VIP move.
+//! `L` holds under the hand-over until `N` asked, or until `t0 + H` on its own monotonic
+//! clock, `t0` taken *before* the notices were sent, whichever comes first; it never holds
+//! past that. Every other node that learns of the hand-over blocks its own claim until `L`
+//! confirmed to it that the address is off its interface, or until `H` after it heard of it
+//! (later than `t0 + H`). A node that never heard of it cannot lead before `t0 + H`: it needs
+//! a pre-vote majority, every majority shares a voter with the majority that acknowledged the
+//! notice, and that voter grants pre-votes to `N` alone until `H` after it acknowledged. (Data
+//! nodes stand only through the pre-vote; a witness stands after 4 leases of silence and also
+//! waits out the hand-over; witnesses never hold the VIP.) So the VIP moves either on `L`'s
+//! confirmed release, or after `L`'s hold has certainly ended — the two rules of any VIP move.
 //!
 //! If `N` does not win within `H` (it died, the network split), the hold ends anyway: `L`
 //! switches its heartbeats back on, and the usual lease decides again.
@@ -66,8 +68,8 @@ struct State {
 struct Side {
     to: u64,
     until: Instant,
-    /// Outgoing: the successor asked, and this node lets go at this instant. Incoming: the
-    /// node handing over said "go ahead" (the instant it was heard).
+    /// Outgoing: when the successor asked. Incoming: when the node handing over confirmed
+    /// that it let go.
     released: Option<Instant>,
 }
 
@@ -80,12 +82,6 @@ impl Side {
         now < self.end()
     }
 }
-
-/// How long the node handing over keeps the address after its successor announced itself:
-/// answers it is writing on connections it accepted before the switch still reach their
-/// clients (a request already read is answered; the client's next packets go to the
-/// successor). Well below the VIP monitor's 10 ms sampling and a LAN host's ARP timers.
-pub const LET_GO_AFTER: Duration = Duration::from_millis(5);
 
 /// What the hand-over means for the VIP at one instant.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -104,6 +100,9 @@ pub struct HandOver {
     state: Mutex<State>,
     /// Bumped on every change, so the VIP gate re-evaluates at once.
     changed: watch::Sender<u64>,
+    /// True from the successor's request until the hand-over ends: the VIP controller lets go
+    /// by stepping aside (off the interface, kept on `lo`), not by deleting it.
+    aside: watch::Sender<bool>,
     /// Whether the VIP controller holds the address now (`None`: this node has no VIP), so a
     /// release is confirmed only once the address is gone.
     holding: Mutex<Option<watch::Receiver<bool>>>,
@@ -116,6 +115,7 @@ impl HandOver {
             me,
             state: Mutex::new(State::default()),
             changed: watch::channel(0).0,
+            aside: watch::channel(false).0,
             holding: Mutex::new(None),
         })
     }
@@ -126,6 +126,12 @@ impl HandOver {
 
     fn bump(&self) {
         self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// True while the VIP controller should let go by stepping aside (see
+    /// `VipController::with_step_aside`).
+    pub fn stepping_aside(&self) -> watch::Receiver<bool> {
+        self.aside.subscribe()
     }
 
     /// A receiver that changes whenever the hand-over state does.
@@ -151,6 +157,7 @@ impl HandOver {
     /// The hand-over this node started is over (done or given up): the hold ends now.
     pub fn end(&self) {
         self.state().outgoing = None;
+        self.aside.send_replace(false);
         self.bump();
     }
 
@@ -162,13 +169,22 @@ impl HandOver {
         self.bump();
     }
 
-    /// The successor takes the VIP over: this node's hold ends [`LET_GO_AFTER`] from now (or
-    /// now, if it is not handing over). Answered at once, so the successor claims while this
-    /// node still has the address: the switch is make-before-break, by [`LET_GO_AFTER`].
+    /// The successor takes the VIP over: this node's hold ends now, and the controller lets
+    /// go by stepping aside when this node was handing over. Follow with [`Self::let_go`].
     pub fn release(&self) {
-        let at = Instant::now() + LET_GO_AFTER;
-        if let Some(out) = self.state().outgoing.as_mut() {
-            out.released = Some(out.released.map_or(at, |t| t.min(at)));
+        let now = Instant::now();
+        let handing_over = {
+            let mut state = self.state();
+            match state.outgoing.as_mut() {
+                Some(out) => {
+                    out.released = Some(out.released.unwrap_or(now));
+                    true
+                }
+                None => false,
+            }
+        };
+        if handing_over {
+            self.aside.send_replace(true);
         }
         self.bump();
     }
@@ -247,11 +263,13 @@ mod tests {
         let until = h.begin(2, H);
         assert_eq!(h.vip(now).hold_until, Some(until));
         assert_eq!(h.vip(until).hold_until, None, "never past the deadline");
+        let aside = h.stepping_aside();
         h.release();
-        let let_go = h.vip(Instant::now()).hold_until.expect("still held a moment");
-        assert!(let_go <= Instant::now() + LET_GO_AFTER);
-        assert_eq!(h.vip(let_go).hold_until, None, "asked: let go right after");
+        assert_eq!(h.vip(Instant::now() + Duration::from_millis(1)).hold_until, None, "asked: let go");
         assert!(h.successor_asked());
+        assert!(*aside.borrow(), "handing over: step aside, not delete");
+        h.end();
+        assert!(!*aside.borrow(), "a later loss of the lease deletes as usual");
     }
 
     #[test]

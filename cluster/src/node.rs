@@ -100,8 +100,9 @@ use tokio::task::JoinHandle;
 use crate::command::{Command, Outcome, Proposal};
 use crate::handover::HandOver;
 use crate::model::Config;
-use crate::network::client::UNREACHABLE_BACKOFF;
+use crate::network::client::{PreVoteAnswer, UNREACHABLE_BACKOFF};
 use crate::network::{dispatch_to, Dispatch, NetworkFactory, RaftServer, RpcRequest, RpcResponse};
+use crate::removal;
 use crate::state::ClusterState;
 use crate::store;
 use crate::types::{NodeInfo, Raft};
@@ -188,9 +189,14 @@ fn noting_leader_contact(
     raft: Raft,
     quiet: Duration,
     handover: Arc<HandOver>,
+    removal: Arc<removal::Tracker>,
 ) -> Dispatch {
     Arc::new(move |req: RpcRequest| -> Pin<Box<dyn Future<Output = RpcResponse> + Send>> {
         match req {
+            RpcRequest::Removed { term } => {
+                removal.learned(term, "the leader".into());
+                return Box::pin(async move { RpcResponse::Noted });
+            }
             RpcRequest::HandOver { from, to, hold_ms } => {
                 // Only from the leader this node follows: a stale or stray notice binds no one.
                 let noted = raft.metrics().borrow().current_leader == Some(from);
@@ -203,15 +209,31 @@ fn noting_leader_contact(
             }
             RpcRequest::Release { from } => {
                 // Letting go is always safe (it costs only availability), so the request is
-                // honoured whoever asks.
+                // honoured whoever asks; the answer waits until the address is off.
                 handover.release();
-                tracing::info!(target: "keel::raft", successor = from, "hand-over: the successor takes the VIP; letting go");
-                return Box::pin(async move { RpcResponse::Released(true) });
+                let handover = handover.clone();
+                return Box::pin(async move {
+                    let done = handover.let_go(RELEASE_WITHIN).await;
+                    tracing::info!(target: "keel::raft", successor = from, released = done, "hand-over: VIP let go for the successor");
+                    RpcResponse::Released(done)
+                });
             }
             _ => {}
         }
         if let RpcRequest::PreVote { candidate, last_log_index } = &req {
-            let mine = raft.metrics().borrow().last_log_index;
+            let (mine, not_a_member) = {
+                let m = raft.metrics();
+                let m = m.borrow();
+                let membership = &m.membership_config;
+                let listed = membership.membership().nodes().any(|(id, _)| id == candidate);
+                // Only a membership newer than the asker's whole log is proof: a node being
+                // added asks with the entry that adds it, which a lagging peer lacks.
+                let newer = membership.log_id().is_some_and(|l| Some(l.index) > *last_log_index);
+                (m.last_log_index, (!listed && newer).then_some(m.current_term))
+            };
+            if let Some(term) = not_a_member {
+                return Box::pin(async move { RpcResponse::NotAMember { term } });
+            }
             let silent = contact.silence() >= quiet && handover.may_pre_vote(*candidate, std::time::Instant::now());
             if silent && *last_log_index < mine {
                 // As for a real vote refused for a shorter log: this node is the one that can
@@ -321,10 +343,14 @@ async fn reclaim_from_witness(raft: Raft, id: u64) {
 
 /// Turns openraft's own election timer back on when [`election_watchdog`] ends for any reason
 /// (Raft stopping, or a panic): a bug in the watchdog must not leave a node that never stands.
-struct TimerFallback(Raft);
+struct TimerFallback(Raft, Arc<removal::Tracker>);
 
 impl Drop for TimerFallback {
     fn drop(&mut self) {
+        if self.1.is_removed() {
+            // A removed node stands for nothing.
+            return;
+        }
         if self.0.metrics().borrow().running_state.is_ok() {
             tracing::warn!(target: "keel::raft", "the election watchdog stopped: openraft's election timer takes over");
         }
@@ -412,8 +438,9 @@ async fn election_watchdog(
     times: StandTimes,
     mut asker: PreVoter,
     handover: Arc<HandOver>,
+    removal: Arc<removal::Tracker>,
 ) {
-    let _fallback = TimerFallback(raft.clone());
+    let _fallback = TimerFallback(raft.clone(), removal.clone());
     let mut tick = tokio::time::interval(times.poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut next_attempt: Option<tokio::time::Instant> = None;
@@ -429,7 +456,7 @@ async fn election_watchdog(
             let voters = membership.voter_ids().map(|id| (id, membership.get_node(&id).is_some_and(|n| n.witness)));
             (m.running_state.is_ok(), m.state == ServerState::Leader, stand_rank(m.id, voters, m.current_leader))
         };
-        if !running {
+        if !running || removal.is_removed() {
             return;
         }
         if leader {
@@ -468,7 +495,11 @@ async fn election_watchdog(
             None => retry = times.stagger * candidates,
         }
         acted_on_refusal = refused_at;
-        let (granted, voters) = asker.ask(&raft).await;
+        let (granted, voters, not_a_member) = asker.ask(&raft).await;
+        if let Some((peer, term)) = not_a_member {
+            removal.learned(term, format!("node {peer}, asked for a pre-vote"));
+            return;
+        }
         if granted * 2 <= voters {
             // Not a majority would vote: standing would only raise the term (and depose a leader
             // the others still hear from, once this node's link is back).
@@ -494,8 +525,9 @@ struct PreVoter {
 }
 
 impl PreVoter {
-    /// Pre-votes granted (this node's own included) and the number of voters.
-    async fn ask(&mut self, raft: &Raft) -> (usize, usize) {
+    /// Pre-votes granted (this node's own included), the number of voters, and a peer that
+    /// says this node is no longer a member (with its term).
+    async fn ask(&mut self, raft: &Raft) -> (usize, usize, Option<(u64, u64)>) {
         use openraft::network::RaftNetworkFactory;
         let (me, last_log_index, voters) = {
             let m = raft.metrics();
@@ -511,16 +543,20 @@ impl PreVoter {
             let mut client = self.network.new_client(id, &node).await;
             let ttl = self.ttl;
             asks.spawn(async move {
-                tokio::time::timeout(ttl, client.pre_vote(me, last_log_index, ttl)).await.unwrap_or(false)
+                let answer = tokio::time::timeout(ttl, client.pre_vote(me, last_log_index, ttl)).await;
+                (id, answer.unwrap_or(PreVoteAnswer::Refused))
             });
         }
         let mut granted = 1; // this node's own
+        let mut not_a_member = None;
         while let Some(answer) = asks.join_next().await {
-            if answer.unwrap_or(false) {
-                granted += 1;
+            match answer {
+                Ok((_, PreVoteAnswer::Granted)) => granted += 1,
+                Ok((peer, PreVoteAnswer::NotAMember { term })) => not_a_member = Some((peer, term)),
+                _ => {}
             }
         }
-        (granted, total)
+        (granted, total, not_a_member)
     }
 }
 
@@ -528,8 +564,8 @@ impl PreVoter {
 /// never bind a voter for long.
 const HANDOVER_HOLD_MAX: Duration = Duration::from_secs(5);
 
-/// How long a node that handed over waits for its VIP controller to let go before it goes on
-/// stopping (a netlink delete takes well under a millisecond).
+/// How long a node that handed over waits for its VIP controller to let go before it answers
+/// the successor (two netlink calls take well under a millisecond).
 const RELEASE_WITHIN: Duration = Duration::from_secs(1);
 
 /// On a data node: once it leads with a quorum after another node handed over to it, asks that
@@ -555,7 +591,7 @@ async fn ask_for_release(
             };
             if released {
                 handover.released_by(from);
-                tracing::info!(target: "keel::raft", from, "hand-over: the previous holder lets go of the VIP; claiming it");
+                tracing::info!(target: "keel::raft", from, "hand-over: the previous holder let go of the VIP; claiming it");
             } else {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -566,6 +602,27 @@ async fn ask_for_release(
             r = changes.changed() => if r.is_err() { return },
             // A pending hand-over runs out by itself: look again now and then.
             () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+}
+
+/// Learns a removal from this node's own log: the membership it applied no longer lists it.
+async fn removed_by_the_log(raft: Raft, removal: Arc<removal::Tracker>) {
+    let mut metrics = raft.metrics();
+    loop {
+        let (gone, term) = {
+            let m = metrics.borrow_and_update();
+            let membership = &m.membership_config;
+            // A node that never joined has no membership yet: that is not a removal.
+            let gone = membership.log_id().is_some() && !membership.membership().nodes().any(|(id, _)| *id == m.id);
+            (gone && m.running_state.is_ok(), m.current_term)
+        };
+        if gone {
+            removal.learned(term, "its own log".into());
+            return;
+        }
+        if metrics.changed().await.is_err() {
+            return;
         }
     }
 }
@@ -740,6 +797,9 @@ pub enum ClusterError {
     /// Proposing the seed config failed.
     #[error("seed config: {0}")]
     Propose(#[from] ProposeError),
+    /// This node was removed from the cluster; it does not start as a member with that state.
+    #[error("{0}")]
+    Removed(String),
     /// A leadership hand-over could not be started or did not complete.
     #[error("transfer: {0}")]
     Transfer(String),
@@ -840,6 +900,9 @@ pub struct ClusterStatus {
     /// Leader and acknowledged by a quorum within the lease less one heartbeat: safe to hold
     /// the VIP.
     pub quorum_acked_within_lease: bool,
+    /// Set once this node learned it was removed from the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removed: Option<removal::Removed>,
 }
 
 struct Inner {
@@ -854,6 +917,7 @@ struct Inner {
     tick: Duration,
     handover: Arc<HandOver>,
     peers: NetworkFactory,
+    removal: Arc<removal::Tracker>,
 }
 
 /// The handle to a running node; cheap to clone.
@@ -870,6 +934,7 @@ impl ClusterNode {
     /// and the Raft RPC server.
     pub async fn start(settings: ClusterSettings) -> Result<ClusterHandle, ClusterError> {
         settings.validate()?;
+        removal::check_not_removed(&settings.data_dir).map_err(ClusterError::Removed)?;
         let (log, sm) = store::open(&settings.data_dir).map_err(|e| ClusterError::Storage(e.to_string()))?;
         let state = sm.subscribe();
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
@@ -903,9 +968,16 @@ impl ClusterNode {
             .map_err(|e| ClusterError::Raft(e.to_string()))?;
         let contact = Arc::new(LeaderContact::new());
         let handover = HandOver::new(settings.node_id);
+        let removal = removal::Tracker::new(settings.data_dir.clone(), settings.cluster_id.clone(), settings.node_id);
         let quiet = settings.election_max.saturating_sub(settings.heartbeat);
-        let dispatch =
-            noting_leader_contact(dispatch_to(raft.clone()), contact.clone(), raft.clone(), quiet, handover.clone());
+        let dispatch = noting_leader_contact(
+            dispatch_to(raft.clone()),
+            contact.clone(),
+            raft.clone(),
+            quiet,
+            handover.clone(),
+            removal.clone(),
+        );
         let peers = || NetworkFactory::new(settings.cluster_id.clone(), settings.node_id, Duration::from_secs(30));
         if settings.witness {
             tokio::spawn(witness_watchdog(raft.clone(), contact, settings.election_max, handover.clone()));
@@ -916,8 +988,9 @@ impl ClusterNode {
                 network: peers(),
                 ttl: (settings.heartbeat * 2).max(Duration::from_millis(20)),
             };
-            tokio::spawn(election_watchdog(raft.clone(), contact, times, asker, handover.clone()));
+            tokio::spawn(election_watchdog(raft.clone(), contact, times, asker, handover.clone(), removal.clone()));
         }
+        tokio::spawn(removed_by_the_log(raft.clone(), removal.clone()));
         let server = RaftServer::start(listener, settings.node_id, settings.cluster_id.clone(), dispatch)
             .map_err(|source| ClusterError::Bind { addr: raft_addr, source })?;
         let (lead_tx, leadership) = watch::channel(false);
@@ -942,6 +1015,7 @@ impl ClusterNode {
                 tick: settings.heartbeat,
                 handover,
                 peers: peers(),
+                removal,
             }),
         })
     }
@@ -1081,6 +1155,7 @@ impl ClusterHandle {
     /// Removes `id` from the cluster entirely (voter or learner).
     pub async fn remove(&self, id: u64) -> Result<(), ClusterError> {
         let membership = self.inner.raft.metrics().borrow().membership_config.clone();
+        let removed_node = membership.membership().get_node(&id).cloned();
         let voters: BTreeSet<u64> = membership.voter_ids().filter(|v| *v != id).collect();
         if voters.is_empty() {
             return Err(ClusterError::InvalidSettings("cannot remove the last voter".into()));
@@ -1091,6 +1166,19 @@ impl ClusterHandle {
             Ok(Err(e)) => Err(self.membership_error(e)),
             Ok(Ok(_)) => {
                 tracing::info!(target: "keel::raft", node = id, "node removed");
+                // openraft stops replicating to it once this commits, so it may never see the
+                // entry: tell it (best effort; it also learns it on its next pre-vote).
+                if let Some(node) = removed_node {
+                    use openraft::network::RaftNetworkFactory;
+                    let term = self.inner.raft.metrics().borrow().current_term;
+                    let mut client = self.inner.peers.clone().new_client(id, &node).await;
+                    tokio::spawn(async move {
+                        if !client.removed(term, Duration::from_secs(1)).await {
+                            tracing::info!(target: "keel::raft", node = id,
+                                "could not tell the removed node; it learns it when it next looks for a leader");
+                        }
+                    });
+                }
                 Ok(())
             }
         }
@@ -1145,6 +1233,17 @@ impl ClusterHandle {
     /// asked by a successor is confirmed only once the address is gone.
     pub fn watch_vip(&self, holding: watch::Receiver<bool>) {
         self.inner.handover.watch_vip(holding);
+    }
+
+    /// This node's removal from the cluster, once it learned it.
+    pub fn removed(&self) -> watch::Receiver<Option<removal::Removed>> {
+        self.inner.removal.subscribe()
+    }
+
+    /// True while the VIP controller should let go by stepping aside (a hand-over's release):
+    /// pass it to `VipController::with_step_aside`.
+    pub fn vip_stepping_aside(&self) -> watch::Receiver<bool> {
+        self.inner.handover.stepping_aside()
     }
 
     /// Hands leadership and the VIP over to `to`, or to the most caught-up data voter, and
@@ -1231,12 +1330,10 @@ impl ClusterHandle {
                 break false;
             }
         };
-        if done {
-            // The listeners may close only once the address is gone: a SYN still arriving
-            // here must find it served, not refused.
-            if !self.inner.handover.let_go(RELEASE_WITHIN).await {
-                tracing::warn!(target: "keel::raft", "hand-over: the VIP controller has not let go yet");
-            }
+        if done && !self.inner.handover.let_go(RELEASE_WITHIN).await {
+            // Ending the hand-over before the controller acted would make it delete the
+            // address instead of stepping aside.
+            tracing::warn!(target: "keel::raft", "hand-over: the VIP controller has not let go yet");
         }
         raft.runtime_config().heartbeat(true);
         self.inner.handover.end();
@@ -1323,6 +1420,7 @@ impl ClusterHandle {
             millis_since_quorum_ack: m.millis_since_quorum_ack,
             lease_ms,
             quorum_acked_within_lease,
+            removed: self.inner.removal.subscribe().borrow().clone(),
         }
     }
 

@@ -115,11 +115,16 @@ pub enum RpcRequest {
         /// How long `from` may keep the VIP (ms).
         hold_ms: u64,
     },
-    /// From the successor of a hand-over, now leading: it takes the VIP over; the receiver lets
-    /// go a moment later (`crate::handover::LET_GO_AFTER`).
+    /// From the successor of a hand-over, now leading: let go of the VIP. Answered once the
+    /// address is off the receiver's interface.
     Release {
         /// Who asks.
         from: u64,
+    },
+    /// From the leader, after a removal of the receiver committed: it is no longer a member.
+    Removed {
+        /// The leader's term.
+        term: u64,
     },
     /// A whole snapshot, sent in one [`KIND_SNAPSHOT`] frame.
     FullSnapshot {
@@ -143,9 +148,17 @@ pub enum RpcResponse {
     Snapshot(SnapshotResponse<u64>),
     /// Answer to PreVote: whether the receiver would grant the vote.
     PreVote(bool),
+    /// Answer to PreVote from a voter whose membership, newer than the asker's whole log, no
+    /// longer lists the asker: it was removed.
+    NotAMember {
+        /// The answering node's term.
+        term: u64,
+    },
+    /// Answer to Removed: noted.
+    Noted,
     /// Answer to HandOver: noted (only the successor and the other voters say yes).
     HandOver(bool),
-    /// Answer to Release: go ahead and claim.
+    /// Answer to Release: the VIP is off the receiver's interface; claim it.
     Released(bool),
     /// The receiving Raft failed (e.g. it is shutting down).
     Error(String),

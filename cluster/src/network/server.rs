@@ -50,6 +50,7 @@ pub fn dispatch_to(raft: Raft) -> Dispatch {
                 // Likewise answered by the node's wrapper, which holds the hand-over state.
                 RpcRequest::HandOver { .. } => RpcResponse::HandOver(false),
                 RpcRequest::Release { .. } => RpcResponse::Released(false),
+                RpcRequest::Removed { .. } => RpcResponse::Error("not handled here".into()),
                 RpcRequest::FullSnapshot { vote, meta, data } => {
                     let snapshot = Snapshot { meta, snapshot: Box::new(Cursor::new(data)) };
                     match raft.install_full_snapshot(vote, snapshot).await {

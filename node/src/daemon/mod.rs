@@ -291,7 +291,7 @@ impl Daemon {
                     reannounce_every: file.vip.as_ref().map(|v| v.reannounce.get()),
                     ..ControllerSettings::default()
                 };
-                let controller = VipController::new(announcer, settings);
+                let controller = VipController::new(announcer, settings).with_step_aside(handle.vip_stepping_aside());
                 let status = controller.status();
                 // The lease deadline and the controller run on the VIP's own thread.
                 let realtime = file.cluster.as_ref().is_none_or(|c| c.realtime);
@@ -362,7 +362,14 @@ impl Daemon {
             if handle.status().role == keel_cluster::Role::Leader {
                 tracing::info!(target: "keel::raft", "stopping the leader: handing over first");
                 match handle.transfer(None).await {
-                    Ok(to) => tracing::info!(target: "keel::raft", to, "handed over before stopping"),
+                    Ok(to) => {
+                        tracing::info!(target: "keel::raft", to, "handed over before stopping");
+                        // The VIP is still a local address here (on `lo`): go on accepting
+                        // while the LAN follows the successor's first announcement, so a
+                        // client that sent its SYN to this host a moment ago is served, not
+                        // reset when the listener closes.
+                        tokio::time::sleep(HANDOVER_LINGER).await;
+                    }
                     Err(e) => {
                         tracing::warn!(target: "keel::raft", error = %e, "no hand-over; the others take over when the lease ends")
                     }
@@ -399,6 +406,10 @@ impl Daemon {
         tracing::info!("exiting");
     }
 }
+
+/// How long a leader that handed over keeps accepting before it drains: its successor's first
+/// gratuitous ARP goes out as it claims, and hosts follow it within a millisecond or two.
+const HANDOVER_LINGER: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Cluster mode: reloads certificates on every SIGHUP (the config is the cluster's, changed
 /// with `keel config apply`).
