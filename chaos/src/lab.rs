@@ -613,7 +613,9 @@ fall = 2
     }
 
     fn exec_stop_post(&self, i: usize) {
-        let _ = ip(&["-n", &self.nodes[i].ns, "addr", "del", &format!("{VIP}/32"), "dev", "eth0"]);
+        for dev in ["eth0", "lo"] {
+            let _ = ip(&["-n", &self.nodes[i].ns, "addr", "del", &format!("{VIP}/32"), "dev", dev]);
+        }
     }
 
     /// SIGTERMs node `i` and waits (at most 10 s, then SIGKILL). Returns the Unix ms of the
