@@ -23,7 +23,6 @@ use keel_cluster::model;
 
 use crate::balance::{self, Member, Pick, Selector};
 use crate::health::outlier::OutlierState;
-use crate::metrics::Histogram;
 use crate::proxy::h1::client::IdleConns;
 use crate::proxy::retry::RetryBudget;
 use crate::slow_start;
@@ -278,8 +277,6 @@ pub struct Pool {
     selector: ArcSwap<Box<dyn Selector>>,
     /// TLS towards the servers, for a pool with `[pools.x.tls]`; `None` speaks plain HTTP.
     pub tls: Option<Arc<UpstreamTls>>,
-    /// Time to response head of requests served by this pool.
-    pub latency: Histogram,
     /// Retries in flight (the pool's retry budget) and retry counters.
     pub retries: RetryBudget,
     /// Self-reference handed to timers, so a pool dropped by a reload is not kept alive by them.
@@ -328,7 +325,6 @@ impl Pool {
             servers,
             selector: ArcSwap::from_pointee(balance::build(config.algorithm, &[])),
             tls,
-            latency: Histogram::default(),
             retries: RetryBudget::default(),
             this: this.clone(),
             reporter: OnceLock::new(),

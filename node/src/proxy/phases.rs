@@ -463,10 +463,9 @@ impl HttpProxy {
         let mut last: Option<Attempt> = None;
         // Phase 7 for the response the client gets.
         let finish = |resp: Response<ResponseBody>, index: usize, in_flight: InFlight| {
-            let took = started.elapsed();
-            pool.latency.observe(took);
+            // Observed once, by the server; the pool's histogram is their sum (metrics).
             if let Some(server) = pool.servers.get(index) {
-                server.stats.latency.observe(took);
+                server.stats.latency.observe(started.elapsed());
             }
             // A kept 502/503 may come from an earlier server than the last one tried.
             trace.server.store(index, Ordering::Relaxed);
