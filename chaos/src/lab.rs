@@ -550,6 +550,12 @@ fall = 2
             .unwrap_or(false)
     }
 
+    /// Sends `signal` (a `kill -s` name: `STOP`, `CONT`, …) to node `i`'s process.
+    pub fn signal(&self, i: usize, signal: &str) -> Result<(), String> {
+        let pid = self.nodes[i].child.as_ref().ok_or_else(|| format!("node {} is not running", i + 1))?.id();
+        run(Command::new("kill").args(["-s", signal, &pid.to_string()])).map(|_| ())
+    }
+
     /// Deletes the VIP from node `i`'s interface (a stop hook; "not there" is fine).
     pub fn remove_vip(&self, i: usize) {
         self.exec_stop_post(i);
