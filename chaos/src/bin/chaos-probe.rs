@@ -49,9 +49,14 @@ fn run(args: &[String]) -> Result<(), String> {
             let mut out = std::io::stdout().lock();
             while started.elapsed() < max {
                 let t0 = Instant::now();
-                let holding = pnet_datalink::interfaces()
-                    .iter()
-                    .any(|i| i.name == "eth0" && i.ips.iter().any(|n| n.ip() == std::net::IpAddr::V4(vip)));
+                // One getifaddrs call (a single netlink dump): the observation takes tens of
+                // microseconds, so the timestamp taken right after it is the time it describes.
+                let holding = nix::ifaddrs::getifaddrs().is_ok_and(|mut addrs| {
+                    addrs.any(|a| {
+                        a.interface_name == "eth0"
+                            && a.address.as_ref().and_then(|s| s.as_sockaddr_in()).is_some_and(|s| s.ip() == vip)
+                    })
+                });
                 writeln!(out, "W {} {}", now_ms(), u8::from(holding)).map_err(|e| e.to_string())?;
                 out.flush().map_err(|e| e.to_string())?;
                 std::thread::sleep(interval.saturating_sub(t0.elapsed()));
