@@ -33,6 +33,7 @@ pub mod error;
 pub mod guard;
 pub mod h1;
 pub mod h2;
+pub mod h2_client;
 pub mod header_rules;
 pub mod headers;
 pub mod lot;
