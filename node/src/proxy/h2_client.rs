@@ -330,10 +330,8 @@ pub struct Opened {
 /// A stream the connection cannot open (GOAWAY, closed) is tried once more on a new
 /// connection; failing that it counts as a connect failure: nothing was sent.
 pub async fn open(up: &Upstream<'_>, head: &RequestHead<'_>, end_of_stream: bool) -> Result<Opened, SendError> {
-    let request = build_request(up, head).map_err(|e| SendError::Server {
-        addr: up.addr,
-        source: io::Error::new(io::ErrorKind::InvalidInput, e),
-    })?;
+    let request = build_request(up, head)
+        .map_err(|e| SendError::Server { addr: up.addr, source: io::Error::new(io::ErrorKind::InvalidInput, e) })?;
     let mut tries = 0;
     loop {
         tries += 1;
@@ -357,7 +355,11 @@ pub async fn open(up: &Upstream<'_>, head: &RequestHead<'_>, end_of_stream: bool
 
 /// Sends the body of an [`Opened`] stream and returns its response, whose body streams from
 /// the server (and keeps the stream's place on its connection until it ends).
-pub async fn finish<B>(up: &Upstream<'_>, opened: Opened, body: RequestBody<'_, B>) -> Result<Response<H2Body>, SendError>
+pub async fn finish<B>(
+    up: &Upstream<'_>,
+    opened: Opened,
+    body: RequestBody<'_, B>,
+) -> Result<Response<H2Body>, SendError>
 where
     B: Body<Data = Bytes, Error = BodyError> + Unpin,
 {

@@ -63,8 +63,8 @@ use super::body::{
 };
 use super::error::{ErrorKind, ProxyError};
 use super::h1::client::{self, RequestHead, ResponseBody, SendError, Upstream};
-use super::h2_client::{self, H2Body, OwnedBody};
 use super::h1::codec::Framing;
+use super::h2_client::{self, H2Body, OwnedBody};
 use super::header_rules::{RuleChain, Vars};
 use super::headers;
 use super::retry::{self, Failure};
@@ -458,9 +458,11 @@ impl HttpProxy {
         };
         // `te: trailers` is the one `te` HTTP/2 allows, and gRPC servers insist on it.
         let te_trailers = h2
-            && parts.headers.get_all(header::TE).iter().any(|v| {
-                v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")))
-            });
+            && parts
+                .headers
+                .get_all(header::TE)
+                .iter()
+                .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
         let upgrade = parts.version == Version::HTTP_11 && headers::is_upgrade(&parts.headers);
         // A stated `Content-Length: 0` stays one (some servers refuse a `POST` without a length:
         // 411); a body of known size keeps its length; any other body goes chunked.
@@ -1054,7 +1056,8 @@ fn grpc_over_http1() -> Response<Full<Bytes>> {
     let why = "gRPC needs HTTP/2: connect with HTTP/2 (h2c by prior knowledge, or TLS with ALPN h2)";
     let mut resp = super::error::plain_response(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("{why}\n"));
     resp.headers_mut().insert("grpc-status", HeaderValue::from_static("13"));
-    resp.headers_mut().insert("grpc-message", HeaderValue::from_static("gRPC needs HTTP/2; this request came over HTTP/1.1"));
+    resp.headers_mut()
+        .insert("grpc-message", HeaderValue::from_static("gRPC needs HTTP/2; this request came over HTTP/1.1"));
     resp
 }
 
