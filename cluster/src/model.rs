@@ -1002,7 +1002,7 @@ mod tests {
     fn upstream_protocol_defaults_to_http1_and_h2_needs_tls() {
         let c = parse(GOOD);
         assert_eq!(c.pools["app"].protocol, UpstreamProtocol::Http1);
-        let h2c = GOOD.replace("weight = 5\n", "weight = 5\n").replace(
+        let h2c = GOOD.replace(
             "algorithm = \"weighted_round_robin\"",
             "algorithm = \"weighted_round_robin\"\nprotocol = \"h2c\"",
         );

@@ -189,13 +189,14 @@ pub trait ClientSource: Body<Data = Bytes> + Send + Unpin + Sized
 where
     Self::Error: Into<BoxError>,
 {
-    /// The streaming body as an owned one, or back as it was when it borrows anything.
-    fn detach(body: Streamed<Counted<Self>>) -> Result<OwnedBody, Streamed<Counted<Self>>>;
+    /// Takes the streaming body out of `slot` as an owned one; leaves it there (`None`) when
+    /// it borrows anything.
+    fn detach(slot: &mut Option<Streamed<Counted<Self>>>) -> Option<OwnedBody>;
 }
 
 impl ClientSource for hyper::body::Incoming {
-    fn detach(body: Streamed<Counted<Self>>) -> Result<OwnedBody, Streamed<Counted<Self>>> {
-        Ok(Box::pin(body))
+    fn detach(slot: &mut Option<Streamed<Counted<Self>>>) -> Option<OwnedBody> {
+        slot.take().map(|body| Box::pin(body) as OwnedBody)
     }
 }
 
@@ -452,10 +453,10 @@ impl HttpProxy {
         // no pause or rate limit, only the size limit. Its `grpc-timeout` bounds the wait for
         // the response head together with the pool's response timeout.
         let grpc = h2 && h2_client::is_grpc(&parts.headers);
-        let deadline = match grpc.then(|| h2_client::grpc_timeout(&parts.headers)).flatten() {
-            Some(t) => Some(tokio::time::Instant::from(started) + t),
-            None => None,
-        };
+        let deadline = grpc
+            .then(|| h2_client::grpc_timeout(&parts.headers))
+            .flatten()
+            .map(|t| tokio::time::Instant::from(started) + t);
         // `te: trailers` is the one `te` HTTP/2 allows, and gRPC servers insist on it.
         let te_trailers = h2
             && parts
@@ -1015,18 +1016,21 @@ where
         Outgoing::Streamed(_, verdict) | Outgoing::Detached(verdict) => verdict.clone(),
     };
     match std::mem::replace(outgoing, Outgoing::Detached(verdict.clone())) {
-        Outgoing::Streamed(streamed, _) => match B::detach(streamed) {
-            Ok(owned) => h2_client::finish::<Replay>(&up, opened, h2_client::RequestBody::Owned(owned)).await,
-            Err(streamed) => {
-                *outgoing = Outgoing::Streamed(streamed, verdict);
-                match outgoing {
-                    Outgoing::Streamed(streamed, _) => {
-                        h2_client::finish(&up, opened, h2_client::RequestBody::Borrowed(streamed)).await
-                    }
-                    _ => Err(SendError::Empty { addr: server.address, source: io::Error::other("request body lost") }),
-                }
+        Outgoing::Streamed(streamed, _) => {
+            let mut slot = Some(streamed);
+            if let Some(owned) = B::detach(&mut slot) {
+                return h2_client::finish::<Replay>(&up, opened, h2_client::RequestBody::Owned(owned)).await;
             }
-        },
+            if let Some(streamed) = slot {
+                *outgoing = Outgoing::Streamed(streamed, verdict);
+            }
+            match outgoing {
+                Outgoing::Streamed(streamed, _) => {
+                    h2_client::finish(&up, opened, h2_client::RequestBody::Borrowed(streamed)).await
+                }
+                _ => Err(SendError::Empty { addr: server.address, source: io::Error::other("request body lost") }),
+            }
+        }
         // Already sent once: nothing to send again (the retry policy never gets here).
         other => {
             *outgoing = other;

@@ -289,10 +289,9 @@ pub struct RequestBody<'a, T> {
 /// An HTTP/1 body borrows its connection: it is never handed to a task of its own.
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> crate::proxy::phases::ClientSource for RequestBody<'_, T> {
     fn detach(
-        body: crate::proxy::body::Streamed<crate::proxy::access_log::Counted<Self>>,
-    ) -> Result<crate::proxy::h2_client::OwnedBody, crate::proxy::body::Streamed<crate::proxy::access_log::Counted<Self>>>
-    {
-        Err(body)
+        _: &mut Option<crate::proxy::body::Streamed<crate::proxy::access_log::Counted<Self>>>,
+    ) -> Option<crate::proxy::h2_client::OwnedBody> {
+        None
     }
 }
 
