@@ -749,12 +749,7 @@ impl Config {
                 _ => {}
             }
             if pool.protocol.is_h2() {
-                let tcp_users: Vec<&str> = self
-                    .listeners
-                    .iter()
-                    .filter(|(_, l)| l.protocol == Protocol::Tcp && l.uses_pool(name))
-                    .map(|(n, _)| n.as_str())
-                    .collect();
+                let tcp_users = self.pool_users(name, true);
                 if !tcp_users.is_empty() {
                     report(
                         at.key("protocol"),
@@ -769,12 +764,7 @@ impl Config {
                 );
             }
             if pool.proxy_protocol.is_some() {
-                let http_users: Vec<&str> = self
-                    .listeners
-                    .iter()
-                    .filter(|(_, l)| l.protocol != Protocol::Tcp && l.uses_pool(name))
-                    .map(|(n, _)| n.as_str())
-                    .collect();
+                let http_users = self.pool_users(name, false);
                 if !http_users.is_empty() {
                     report(
                         at.key("proxy_protocol"),
@@ -786,12 +776,7 @@ impl Config {
                 }
             }
             if let Some(sticky) = &pool.sticky {
-                let tcp_users: Vec<&str> = self
-                    .listeners
-                    .iter()
-                    .filter(|(_, l)| l.protocol == Protocol::Tcp && l.uses_pool(name))
-                    .map(|(n, _)| n.as_str())
-                    .collect();
+                let tcp_users = self.pool_users(name, true);
                 crate::sticky_config::check(sticky, &at.key("sticky"), &tcp_users, &mut report);
             }
             if let Some(tls) = &pool.tls {
@@ -875,6 +860,15 @@ impl Config {
         } else {
             Err(problems)
         }
+    }
+
+    /// The listeners that send traffic to `pool`: the `tcp` ones, or the HTTP ones.
+    fn pool_users(&self, pool: &str, tcp: bool) -> Vec<&str> {
+        self.listeners
+            .iter()
+            .filter(|(_, l)| (l.protocol == Protocol::Tcp) == tcp && l.uses_pool(pool))
+            .map(|(n, _)| n.as_str())
+            .collect()
     }
 
     /// Whether any listener or route refers to `pool`.

@@ -103,13 +103,13 @@ pub struct Upstream<'a> {
 struct H2Conn {
     send: SendRequest<Bytes>,
     /// Streams open on it now (requests whose response body has not ended).
-    streams: AtomicUsize,
+    streams: Arc<AtomicUsize>,
     /// The server's SETTINGS_MAX_CONCURRENT_STREAMS, as last seen by the driving task.
     max_streams: Arc<AtomicUsize>,
     /// Set by the driving task when the connection has ended.
     closed: Arc<AtomicBool>,
     /// When its last stream ended ([`crate::pool::now_millis`]).
-    idle_since_ms: AtomicU64,
+    idle_since_ms: Arc<AtomicU64>,
 }
 
 impl H2Conn {
@@ -234,7 +234,7 @@ async fn checkout(up: &Upstream<'_>) -> Result<(Arc<H2Conn>, bool), SendError> {
         return Ok((conn, false));
     }
     let started = Instant::now();
-    let conn = tokio::time::timeout(up.connect_timeout, connect(up.addr, up.tls))
+    let conn = tokio::time::timeout(up.connect_timeout, connect(up.addr, up.tls, up.max_idle))
         .await
         .map_err(|_| SendError::Connect { addr: up.addr, source: io::Error::from(io::ErrorKind::TimedOut) })?
         .map_err(|source| SendError::Connect { addr: up.addr, source })?;
@@ -248,16 +248,18 @@ async fn checkout(up: &Upstream<'_>) -> Result<(Arc<H2Conn>, bool), SendError> {
 
 /// One connection of its own, for a health check: dropping the sender closes it.
 pub async fn connect_once(addr: SocketAddr, tls: Option<&Arc<UpstreamTls>>) -> io::Result<SendRequest<Bytes>> {
-    Ok(connect(addr, tls).await?.send)
+    // Its one stream ends with the check, and dropping the sender then closes it: the idle
+    // limit never comes into play.
+    Ok(connect(addr, tls, Duration::from_secs(60)).await?.send)
 }
 
 /// Opens a connection: TCP, TLS with ALPN h2 when the pool has it, the HTTP/2 handshake, and
 /// the task that drives it.
-async fn connect(addr: SocketAddr, tls: Option<&Arc<UpstreamTls>>) -> io::Result<H2Conn> {
+async fn connect(addr: SocketAddr, tls: Option<&Arc<UpstreamTls>>, max_idle: Duration) -> io::Result<H2Conn> {
     let tcp = TcpStream::connect(addr).await?;
     let _ = tcp.set_nodelay(true);
     match tls {
-        None => handshake(tcp).await,
+        None => handshake(tcp, max_idle).await,
         Some(tls) => {
             let stream = tls.connect(tcp).await?;
             if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
@@ -266,12 +268,15 @@ async fn connect(addr: SocketAddr, tls: Option<&Arc<UpstreamTls>>) -> io::Result
                     "the server did not agree to HTTP/2 (ALPN h2) in the TLS handshake",
                 ));
             }
-            handshake(stream).await
+            handshake(stream, max_idle).await
         }
     }
 }
 
-async fn handshake<T>(io: T) -> io::Result<H2Conn>
+/// The HTTP/2 handshake, and the task that drives the connection until it ends, or until it
+/// has carried no stream for `max_idle` (then the task closes it: a pool that has gone quiet
+/// keeps no connection open, as HTTP/1 idle connections are not kept past it either).
+async fn handshake<T>(io: T, max_idle: Duration) -> io::Result<H2Conn>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -283,26 +288,36 @@ where
         .map_err(io::Error::other)?;
     let max_streams = Arc::new(AtomicUsize::new(INITIAL_MAX_STREAMS));
     let closed = Arc::new(AtomicBool::new(false));
-    let (max, gone) = (max_streams.clone(), closed.clone());
+    let streams = Arc::new(AtomicUsize::new(0));
+    let idle_since_ms = Arc::new(AtomicU64::new(crate::pool::now_millis()));
+    let (max, gone, open, idle) = (max_streams.clone(), closed.clone(), streams.clone(), idle_since_ms.clone());
+    let idle_ms = u64::try_from(max_idle.as_millis()).unwrap_or(u64::MAX);
     tokio::spawn(async move {
-        let result = poll_fn(|cx| {
+        let mut driven = std::pin::pin!(poll_fn(|cx| {
             let polled = Pin::new(&mut connection).poll(cx);
             max.store(connection.max_concurrent_send_streams(), Ordering::Relaxed);
             polled
-        })
-        .await;
-        gone.store(true, Ordering::Release);
-        if let Err(e) = result {
-            tracing::debug!(target: "keel::proxy", error = %e, "HTTP/2 server connection ended");
+        }));
+        loop {
+            tokio::select! {
+                result = &mut driven => {
+                    if let Err(e) = result {
+                        tracing::debug!(target: "keel::proxy", error = %e, "HTTP/2 server connection ended");
+                    }
+                    break;
+                }
+                () = tokio::time::sleep(max_idle) => {
+                    let quiet = crate::pool::now_millis().saturating_sub(idle.load(Ordering::Relaxed));
+                    if open.load(Ordering::Acquire) == 0 && quiet >= idle_ms {
+                        break;
+                    }
+                }
+            }
         }
+        // Marked before the connection is dropped (closed), so no new stream picks it.
+        gone.store(true, Ordering::Release);
     });
-    Ok(H2Conn {
-        send,
-        streams: AtomicUsize::new(0),
-        max_streams,
-        closed,
-        idle_since_ms: AtomicU64::new(crate::pool::now_millis()),
-    })
+    Ok(H2Conn { send, streams, max_streams, closed, idle_since_ms })
 }
 
 /// The request as it goes on an HTTP/2 stream, minus its body.
