@@ -642,7 +642,106 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicU32;
+
+    use http_body_util::StreamBody;
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::net::TcpListener;
+
     use super::*;
+    use crate::proxy::body::Replay;
+
+    /// An h2c server allowing `max_streams` streams per connection, whose responses send their
+    /// head at once and end their body when `release` is notified; counts connections.
+    async fn server(max_streams: u32, release: Arc<tokio::sync::Notify>) -> (SocketAddr, Arc<AtomicU32>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicU32::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let release = release.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |_req| {
+                        let release = release.clone();
+                        async move {
+                            let body = futures_util::stream::once(async move {
+                                release.notified().await;
+                                Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"done")))
+                            });
+                            Ok::<_, std::convert::Infallible>(Response::new(StreamBody::new(body)))
+                        }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .max_concurrent_streams(max_streams)
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn upstream(addr: SocketAddr, conns: &Arc<H2Conns>) -> Upstream<'_> {
+        Upstream {
+            addr,
+            conns,
+            max_idle: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(5),
+            deadline: None,
+            tls: None,
+            connect_us: None,
+        }
+    }
+
+    async fn get(up: &Upstream<'_>) -> Response<H2Body> {
+        let headers = HeaderMap::new();
+        let head = RequestHead { method: &Method::GET, target: "/", headers: &headers };
+        let opened = open(up, &head, true).await.expect("stream opened");
+        finish::<Replay>(up, opened, RequestBody::Empty).await.expect("response head")
+    }
+
+    #[tokio::test]
+    async fn streams_share_a_connection_until_the_server_limit_then_open_another() {
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (addr, accepted) = server(2, release.clone()).await;
+        let conns = Arc::new(H2Conns::default());
+        let up = upstream(addr, &conns);
+        // Two streams fit on one connection (its limit is 2)...
+        let first = get(&up).await;
+        let second = get(&up).await;
+        assert_eq!((accepted.load(Ordering::SeqCst), conns.len()), (1, 1));
+        // ...a third needs another connection.
+        let third = get(&up).await;
+        assert_eq!((accepted.load(Ordering::SeqCst), conns.len()), (2, 2));
+        // Bodies ended (or dropped) give their room back: the next stream opens nothing new.
+        drop((first, second, third));
+        let fourth = get(&up).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        release.notify_waiters();
+        drop(fourth);
+    }
+
+    #[tokio::test]
+    async fn a_dead_connection_is_dropped_and_replaced() {
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (addr, accepted) = server(10, release.clone()).await;
+        let conns = Arc::new(H2Conns::default());
+        let up = upstream(addr, &conns);
+        drop(get(&up).await);
+        assert_eq!(conns.len(), 1);
+        // The connection dies under keel (as when a server is killed): its driving task notes
+        // it, and the next request goes on a new one.
+        if let Some(conn) = conns.lock().first() {
+            conn.closed.store(true, Ordering::Release);
+        }
+        drop(get(&up).await);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(conns.len(), 1, "the dead connection left the list");
+    }
 
     #[test]
     fn a_stream_goes_to_the_least_busy_connection_with_room() {
