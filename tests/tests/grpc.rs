@@ -7,7 +7,8 @@
 //! messages in trailers, `te: trailers` reaching the server, each call balanced on its own
 //! over one client connection, a client's cancel reaching the server, a server killed
 //! mid-stream failing only its own calls and leaving rotation (gRPC health check), a gRPC call
-//! over HTTP/1.1 refused with 415, and `keel config check` naming a bad `protocol`.
+//! over HTTP/1.1 refused with 415, the access log's `grpc_status`, and `keel config check` naming a
+//! bad `protocol`.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -19,7 +20,7 @@ use keel_tests::keel::run_keel;
 use keel_tests::tempdir::TempDir;
 use keel_tests::tls::TestCa;
 use keel_tests::wait::{HEALTH_CHANGE, REQUEST};
-use keel_tests::{tally, wait_until, Keel, KeelBuilder, PoolSpec};
+use keel_tests::{tally, wait_for, wait_until, Keel, KeelBuilder, PoolSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Time for a cancel or a reset to cross keel and show at the other end.
@@ -250,6 +251,29 @@ async fn a_grpc_call_over_http1_is_refused_with_415() -> Result<()> {
     ensure!(answer.starts_with("http/1.1 415"), "answer:\n{answer}");
     ensure!(answer.contains("grpc-status: 13") && answer.contains("grpc needs http/2"), "answer:\n{answer}");
     ensure!(server.calls() == 0, "the call reached the server");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_access_log_shows_each_calls_grpc_status() -> Result<()> {
+    let dir = TempDir::new("keel-grpc-log")?;
+    let log = dir.path().join("access.log");
+    let server = GrpcServer::start("a")?;
+    let keel = h2c_keel(&[&server])
+        .listener_line(&format!("access_log = {{ destination = \"{}\", format = \"json\" }}", log.display()))
+        .start()
+        .await?;
+    let mut client = GrpcClient::h2c(keel.proxy_addr()).await?;
+    client.unary("fine").await?.map_err(|s| anyhow::anyhow!("unary: {s:?}"))?;
+    ensure!(client.unary("not-found").await?.is_err(), "not-found succeeded");
+    let entries = wait_for(PROPAGATE, "two access log lines", || async {
+        let text = std::fs::read_to_string(&log).ok()?;
+        let lines: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        (lines.len() >= 2).then_some(lines)
+    })
+    .await?;
+    ensure!(entries[0]["grpc_status"] == 0 && entries[0]["status"] == 200, "first call: {}", entries[0]);
+    ensure!(entries[1]["grpc_status"] == 5, "NOT_FOUND call: {}", entries[1]);
     Ok(())
 }
 

@@ -313,6 +313,8 @@ impl HttpProxy {
         let Some(mut pending) = pending.take() else { return resp };
         let entry = &mut pending.entry;
         entry.status = Some(resp.status().as_u16());
+        // A trailers-only gRPC answer (an error before any message) has it in the head.
+        entry.grpc_status = super::access_log::grpc_status(resp.headers());
         entry.termination = match &routed {
             Ok(_) => None,
             Err(Some(cause)) => Some(*cause),
