@@ -11,6 +11,7 @@
 //! | `Join` | client streaming | `NAME:` + every message joined with `,` |
 //! | `Chat` | bidirectional | `NAME:M` for each message M, as it arrives |
 //! | `Hang` | server streaming | `NAME:open`, then nothing until the call is cancelled, which [`GrpcServer::cancelled`] counts |
+//! | `Reset` | server streaming | `NAME:first`, then (100 ms later) RST_STREAM with ENHANCE_YOUR_CALM |
 //!
 //! and `grpc.health.v1.Health/Check`, answering SERVING or NOT_SERVING
 //! ([`GrpcServer::set_serving`]) by hand-encoded protobuf.
@@ -252,8 +253,30 @@ async fn route(state: Arc<State>, req: http::Request<hyper::body::Incoming>) -> 
         "/test.Echo/Chat" => grpc.streaming(Chat(state), req).await,
         "/test.Echo/Hang" => grpc.server_streaming(Hang(state), req).await,
         "/grpc.health.v1.Health/Check" => grpc.unary(Health(state), req).await,
+        "/test.Echo/Reset" => reset_after_one(&state.name),
         _ => Status::unimplemented(format!("no method {path}")).into_http(),
     }
+}
+
+/// One message, then the stream reset: hyper's server resets a stream whose body fails with the
+/// reason of the `h2` error it fails with.
+fn reset_after_one(name: &str) -> http::Response<tonic::body::Body> {
+    let text = format!("{name}:first");
+    let mut framed = Vec::with_capacity(5 + text.len());
+    framed.push(0);
+    framed.extend_from_slice(&u32::try_from(text.len()).unwrap_or(0).to_be_bytes());
+    framed.extend_from_slice(text.as_bytes());
+    let first: Result<hyper::body::Frame<Bytes>, h2::Error> = Ok(hyper::body::Frame::data(Bytes::from(framed)));
+    // The reset comes a moment later: a stream reset at once would drop its queued head and
+    // message unsent (the `h2` crate clears a reset stream's send queue).
+    let reset = futures_util::stream::once(async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Err(h2::Error::from(h2::Reason::ENHANCE_YOUR_CALM))
+    });
+    let body = http_body_util::StreamBody::new(futures_util::stream::once(std::future::ready(first)).chain(reset));
+    let mut resp = http::Response::new(tonic::body::Body::new(body));
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+    resp
 }
 
 /// A named gRPC server; see the [module docs](self).
@@ -464,6 +487,14 @@ impl GrpcClient {
     pub async fn hang(&mut self) -> Result<Result<Streaming<Bytes>, Status>> {
         self.ready().await?;
         let path = PathAndQuery::from_static("/test.Echo/Hang");
+        let r = self.grpc.server_streaming(Request::new(Bytes::new()), path, BytesCodec).await;
+        Ok(r.map(Response::into_inner))
+    }
+
+    /// Starts `Reset` and returns its stream.
+    pub async fn reset(&mut self) -> Result<Result<Streaming<Bytes>, Status>> {
+        self.ready().await?;
+        let path = PathAndQuery::from_static("/test.Echo/Reset");
         let r = self.grpc.server_streaming(Request::new(Bytes::new()), path, BytesCodec).await;
         Ok(r.map(Response::into_inner))
     }

@@ -5,10 +5,10 @@
 //! Covered: the four call kinds (unary, server-, client- and bidirectional streaming, the last
 //! as a ping-pong that would deadlock if keel held the request stream back), statuses and
 //! messages in trailers, `te: trailers` reaching the server, each call balanced on its own
-//! over one client connection, a client's cancel reaching the server, a server killed
-//! mid-stream failing only its own calls and leaving rotation (gRPC health check), a gRPC call
-//! over HTTP/1.1 refused with 415, the access log's `grpc_status`, and `keel config check` naming a
-//! bad `protocol`.
+//! over one client connection, a client's cancel reaching the server, a server's RST_STREAM
+//! reaching the client with the server's reason, a server killed mid-stream failing only its
+//! own calls and leaving rotation (gRPC health check), a gRPC call over HTTP/1.1 refused with
+//! 415, the access log's `grpc_status`, and `keel config check` naming a bad `protocol`.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -181,6 +181,29 @@ async fn a_cancelled_call_is_cancelled_at_the_server() -> Result<()> {
     // The connection carries on.
     let r = client.unary("after").await?.map_err(|s| anyhow::anyhow!("unary after the cancel: {s:?}"))?;
     ensure!(r == "a:after", "{r:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_servers_reset_reaches_the_client_with_its_reason() -> Result<()> {
+    let server = GrpcServer::start("a")?;
+    let keel = h2c_keel(&[&server]).start().await?;
+    let mut client = GrpcClient::h2c(keel.proxy_addr()).await?;
+    let mut stream = client.reset().await?.map_err(|s| anyhow::anyhow!("Reset failed: {s:?}"))?;
+    let first = next_text(&mut stream).await.map_err(|s| anyhow::anyhow!("first message: {s:?}"))?;
+    ensure!(first.as_deref() == Some("a:first"), "first message {first:?}");
+    let end = tokio::time::timeout(REQUEST, next_text(&mut stream)).await.context("no reset")?;
+    // The client's stream is reset with the server's own reason, not one of keel's.
+    let status = end.err().context("the stream ended cleanly")?;
+    let mut source = std::error::Error::source(&status);
+    let mut reason = None;
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            reason = h2.reason();
+        }
+        source = e.source();
+    }
+    ensure!(reason == Some(h2::Reason::ENHANCE_YOUR_CALM), "the client saw {status:?}");
     Ok(())
 }
 
