@@ -8,6 +8,7 @@
 //! | --- | --- | --- |
 //! | `Unary` | unary | `NAME:REQUEST`; `not-found` → status NOT_FOUND, message `no such thing` |
 //! | `Count` | server streaming | request `N` or `N/MS`: N messages `NAME:I`, one every MS ms (default 0) |
+//! | `Slow` | unary | `NAME:MS` after sleeping MS ms before the answer's head |
 //! | `Join` | client streaming | `NAME:` + every message joined with `,` |
 //! | `Chat` | bidirectional | `NAME:M` for each message M, as it arrives |
 //! | `Hang` | server streaming | `NAME:open`, then nothing until the call is cancelled, which [`GrpcServer::cancelled`] counts |
@@ -116,6 +117,23 @@ impl UnaryService<Bytes> for Unary {
             if body == "not-found" {
                 return Err(Status::not_found("no such thing"));
             }
+            Ok(Response::new(msg(&state.name, body)))
+        })
+    }
+}
+
+struct Slow(Arc<State>);
+
+impl UnaryService<Bytes> for Slow {
+    type Response = Bytes;
+    type Future = BoxFuture<Response<Bytes>>;
+
+    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
+        let state = self.0.clone();
+        Box::pin(async move {
+            let body = text(request.get_ref());
+            let ms: u64 = body.parse().map_err(|_| Status::invalid_argument("Slow takes MS"))?;
+            tokio::time::sleep(Duration::from_millis(ms)).await;
             Ok(Response::new(msg(&state.name, body)))
         })
     }
@@ -249,6 +267,7 @@ async fn route(state: Arc<State>, req: http::Request<hyper::body::Incoming>) -> 
     match path.as_str() {
         "/test.Echo/Unary" => grpc.unary(Unary(state), req).await,
         "/test.Echo/Count" => grpc.server_streaming(Count(state), req).await,
+        "/test.Echo/Slow" => grpc.unary(Slow(state), req).await,
         "/test.Echo/Join" => grpc.client_streaming(Join(state), req).await,
         "/test.Echo/Chat" => grpc.streaming(Chat(state), req).await,
         "/test.Echo/Hang" => grpc.server_streaming(Hang(state), req).await,
@@ -465,11 +484,11 @@ impl GrpcClient {
         Ok(r.map(|r| text(r.get_ref())))
     }
 
-    /// `Unary` with a `grpc-timeout`.
-    pub async fn unary_with_timeout(&mut self, message: &str, timeout: Duration) -> Result<Result<String, Status>> {
+    /// `Slow` (an answer after `ms` ms) with a `grpc-timeout`.
+    pub async fn slow_with_timeout(&mut self, ms: u64, timeout: Duration) -> Result<Result<String, Status>> {
         self.ready().await?;
-        let path = PathAndQuery::from_static("/test.Echo/Unary");
-        let mut request = Request::new(Bytes::from(message.to_owned()));
+        let path = PathAndQuery::from_static("/test.Echo/Slow");
+        let mut request = Request::new(Bytes::from(ms.to_string()));
         request.set_timeout(timeout);
         let r = self.grpc.unary(request, path, BytesCodec).await;
         Ok(r.map(|r| text(r.get_ref())))

@@ -256,6 +256,44 @@ async fn a_server_killed_mid_stream_fails_only_its_calls_and_leaves_rotation() -
 }
 
 #[tokio::test]
+async fn grpc_timeout_cuts_the_wait_shorter_than_the_response_timeout() -> Result<()> {
+    let server = GrpcServer::start("a")?;
+    let keel = Keel::builder()
+        .default_pool("grpc")
+        .pool(PoolSpec::new("grpc", "round_robin").set("protocol = \"h2c\"").set("response_timeout = \"30s\"").server(
+            server.name(),
+            server.addr(),
+            None,
+        ))
+        .start()
+        .await?;
+    // A bare HTTP/2 client: tonic's channel would enforce the grpc-timeout itself.
+    let tcp = tokio::net::TcpStream::connect(keel.proxy_addr()).await?;
+    let (mut h2, connection) = h2::client::handshake(tcp).await?;
+    tokio::spawn(connection);
+    let request = http::Request::post(format!("http://{}/test.Echo/Slow", keel.proxy_addr()))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "300m")
+        .body(())?;
+    let started = std::time::Instant::now();
+    let (response, mut body) = h2.send_request(request, false)?;
+    body.send_data(Bytes::from_static(&[0, 0, 0, 0, 4, b'5', b'0', b'0', b'0']), true)?;
+    let response = tokio::time::timeout(REQUEST, response).await.context("no answer at all")??;
+    let took = started.elapsed();
+    let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    ensure!(response.status() == 504, "status {}", response.status());
+    // DEADLINE_EXCEEDED in keel's own words.
+    ensure!(header("grpc-status") == "4" && header("grpc-message").starts_with("keel: 504"), "{response:?}");
+    ensure!(took < Duration::from_secs(3), "took {took:?}: the pool's 30 s response timeout was used");
+    let mut client = GrpcClient::h2c(keel.proxy_addr()).await?;
+    // Within the pool's response timeout, a call without a grpc-timeout still waits.
+    let r = client.slow_with_timeout(200, Duration::from_secs(20)).await?;
+    ensure!(r.as_deref().ok() == Some("a:200"), "{r:?}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_grpc_call_over_http1_is_refused_with_415() -> Result<()> {
     let server = GrpcServer::start("a")?;
     let keel = h2c_keel(&[&server]).start().await?;

@@ -305,7 +305,11 @@ impl HttpProxy {
         });
         let body = body.map(|b| Counted::new(b, pending.as_ref().map(|p| p.bytes_in.clone())));
         let trace = Trace::default();
+        let grpc = h2_client::is_grpc(&parts.headers);
         let (mut resp, routed, pool) = self.phases(parts, body, peer, started, &trace).await;
+        if grpc && matches!(resp.body(), ProxyBody::Local(_)) {
+            with_grpc_status(&mut resp);
+        }
         self.traffic.count(resp.status().as_u16());
         if let (Some(name), Some(id)) = (&self.request_id, request_id) {
             resp.headers_mut().insert(name.clone(), id);
@@ -1065,6 +1069,31 @@ fn grpc_over_http1() -> Response<Full<Bytes>> {
     resp.headers_mut()
         .insert("grpc-message", HeaderValue::from_static("gRPC needs HTTP/2; this request came over HTTP/1.1"));
     resp
+}
+
+/// Gives keel's own answer to a gRPC call (a 504, a 503…) the `grpc-status` and `grpc-message`
+/// a gRPC client reads first, so the call fails with a code that says what happened rather than
+/// one inferred from the HTTP status. The mapping is gRPC's own ("HTTP to gRPC Status Code
+/// Mapping"), except 504: keel knows it was a deadline (its response timeout or the call's
+/// `grpc-timeout`), so DEADLINE_EXCEEDED rather than UNAVAILABLE.
+fn with_grpc_status(resp: &mut Response<ProxyBody>) {
+    if resp.headers().contains_key("grpc-status") {
+        return;
+    }
+    let code: &'static str = match resp.status().as_u16() {
+        400 => "13",
+        401 => "16",
+        403 => "7",
+        404 => "12",
+        429 | 502 | 503 => "14",
+        504 => "4",
+        _ => "2",
+    };
+    let message = format!("keel: {}", resp.status());
+    resp.headers_mut().insert("grpc-status", HeaderValue::from_static(code));
+    if let Ok(message) = HeaderValue::from_str(&message) {
+        resp.headers_mut().insert("grpc-message", message);
+    }
 }
 
 /// What sticky learning needs from the request once the response is in.
