@@ -338,6 +338,27 @@ async fn the_access_log_shows_each_calls_grpc_status() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test]
+async fn plain_http_rides_an_h2c_pool_from_http1_and_http2_clients() -> Result<()> {
+    let backend = keel_tests::Backend::start("web")?;
+    let keel = Keel::builder()
+        .default_pool("app")
+        .pool(PoolSpec::new("app", "round_robin").set("protocol = \"h2c\"").backends([&backend]))
+        .start()
+        .await?;
+    for (client, how) in [(keel_tests::Client::new(), "HTTP/1.1"), (keel_tests::Client::h2c(), "h2c")] {
+        let r = client.get(keel.proxy_addr(), "/headers").await?;
+        let doc = r.json()?;
+        ensure!(doc["version"] == "HTTP/2.0", "{how} client: the server saw {doc}");
+        ensure!(doc["headers"]["x-forwarded-for"].is_array(), "{how} client: {doc}");
+        // A body larger than request_buffer streams from an HTTP/1 client's connection.
+        let big = "x".repeat(300 * 1024);
+        let r = client.post(keel.proxy_addr(), "/", &big).await?;
+        ensure!(r.status == 200 && r.text() == "web", "{how} POST: {} {}", r.status, r.text());
+    }
+    Ok(())
+}
+
 #[test]
 fn config_check_names_a_bad_protocol_and_h2_without_tls() -> Result<()> {
     let dir = TempDir::new("keel-grpc-config")?;
