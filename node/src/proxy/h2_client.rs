@@ -23,7 +23,8 @@
 //!   client reset it first) drops the stream's handles, which makes the `h2` crate reset it with
 //!   `CANCEL`. A server's reset reaches the client through the response body's error, which
 //!   carries the `h2` reason (hyper's server resets the client's stream with it).
-//! - **Timeouts.** `connect_timeout` bounds TCP connect plus TLS; `response_timeout` starts once
+//! - **Timeouts.** `connect_timeout` bounds TCP connect plus TLS, and the wait for room on a
+//!   connection at its server's stream limit; `response_timeout` starts once
 //!   the whole request is sent (an upload in progress is the client's to pace, bounded by the
 //!   listener's body limits); a deadline from the caller (gRPC's `grpc-timeout`) bounds the wait
 //!   for the response head as well, whichever comes first.
@@ -352,7 +353,12 @@ pub async fn open(up: &Upstream<'_>, head: &RequestHead<'_>, end_of_stream: bool
         tries += 1;
         let (conn, _fresh) = checkout(up).await?;
         let mut sender = conn.send.clone();
-        let opened = match poll_fn(|cx| sender.poll_ready(cx)).await {
+        // Room for one more stream on a connection at its server's limit: waiting for it is
+        // waiting for a connection, bounded alike; nothing is sent meanwhile.
+        let ready = tokio::time::timeout(up.connect_timeout, poll_fn(|cx| sender.poll_ready(cx)))
+            .await
+            .map_err(|_| SendError::Connect { addr: up.addr, source: io::Error::from(io::ErrorKind::TimedOut) })?;
+        let opened = match ready {
             Ok(()) => sender.send_request(request.clone(), end_of_stream),
             Err(e) => Err(e),
         };
@@ -454,8 +460,12 @@ where
         }
     };
     if finish_pump && sent_at.is_none() {
-        if let Err(Pumped::Client(e)) = pumping.await {
-            return Err(SendError::RequestBody(Box::new(e)));
+        // A server that answered early but neither reads the rest nor resets the stream would
+        // hold this request (and its client's connection) forever: bounded like a stalled write.
+        match tokio::time::timeout(up.response_timeout, pumping).await {
+            Ok(Err(Pumped::Client(e))) => return Err(SendError::RequestBody(Box::new(e))),
+            Ok(_) => {}
+            Err(_) => return Err(SendError::Timeout { addr: up.addr, waiting: "request write" }),
         }
     }
     Ok(resp)
