@@ -494,28 +494,30 @@ impl GrpcClient {
         Ok(r.map(|r| text(r.get_ref())))
     }
 
+    /// Starts the server-streaming method at `path` with `message`; returns its stream.
+    async fn server_streaming(
+        &mut self,
+        path: &'static str,
+        message: Bytes,
+    ) -> Result<Result<Streaming<Bytes>, Status>> {
+        self.ready().await?;
+        let r = self.grpc.server_streaming(Request::new(message), PathAndQuery::from_static(path), BytesCodec).await;
+        Ok(r.map(Response::into_inner))
+    }
+
     /// Starts `Count` (`N` or `N/MS`) and returns its stream of messages.
     pub async fn count(&mut self, request: &str) -> Result<Result<Streaming<Bytes>, Status>> {
-        self.ready().await?;
-        let path = PathAndQuery::from_static("/test.Echo/Count");
-        let r = self.grpc.server_streaming(Request::new(Bytes::from(request.to_owned())), path, BytesCodec).await;
-        Ok(r.map(Response::into_inner))
+        self.server_streaming("/test.Echo/Count", Bytes::from(request.to_owned())).await
     }
 
     /// Starts `Hang` and returns its stream.
     pub async fn hang(&mut self) -> Result<Result<Streaming<Bytes>, Status>> {
-        self.ready().await?;
-        let path = PathAndQuery::from_static("/test.Echo/Hang");
-        let r = self.grpc.server_streaming(Request::new(Bytes::new()), path, BytesCodec).await;
-        Ok(r.map(Response::into_inner))
+        self.server_streaming("/test.Echo/Hang", Bytes::new()).await
     }
 
     /// Starts `Reset` and returns its stream.
     pub async fn reset(&mut self) -> Result<Result<Streaming<Bytes>, Status>> {
-        self.ready().await?;
-        let path = PathAndQuery::from_static("/test.Echo/Reset");
-        let r = self.grpc.server_streaming(Request::new(Bytes::new()), path, BytesCodec).await;
-        Ok(r.map(Response::into_inner))
+        self.server_streaming("/test.Echo/Reset", Bytes::new()).await
     }
 
     /// `Join` of `messages`.
