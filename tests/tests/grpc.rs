@@ -5,10 +5,12 @@
 //! Covered: the four call kinds (unary, server-, client- and bidirectional streaming, the last
 //! as a ping-pong that would deadlock if keel held the request stream back), statuses and
 //! messages in trailers, `te: trailers` reaching the server, each call balanced on its own
-//! over one client connection, a client's cancel reaching the server, a server's RST_STREAM
-//! reaching the client with the server's reason, a server killed mid-stream failing only its
-//! own calls and leaving rotation (gRPC health check), a gRPC call over HTTP/1.1 refused with
-//! 415, the access log's `grpc_status`, and `keel config check` naming a bad `protocol`.
+//! over one client connection, `source_ip` stickiness, a client's cancel reaching the server,
+//! a server's RST_STREAM reaching the client with the server's reason, a server killed
+//! mid-stream failing only its own calls and leaving rotation (gRPC health check),
+//! `grpc-timeout` beating a longer `response_timeout`, a gRPC call over HTTP/1.1 refused with
+//! 415, the access log's `grpc_status`, plain HTTP over an h2c pool, and `keel config check`
+//! naming a bad `protocol`.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -126,6 +128,25 @@ async fn all_four_call_kinds_statuses_and_balancing_over_h2c() -> Result<()> {
         let status = keel.server_status("grpc", s.name()).await?;
         ensure!(status["requests"].as_u64().unwrap_or(0) >= 10, "per-server counters: {status}");
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn source_ip_stickiness_holds_every_call_to_one_server() -> Result<()> {
+    let servers = [GrpcServer::start("a")?, GrpcServer::start("b")?, GrpcServer::start("c")?];
+    let refs: Vec<&GrpcServer> = servers.iter().collect();
+    let keel = h2c_keel(&refs).raw("[pools.grpc.sticky]\nmode = \"source_ip\"\n").start().await?;
+    let mut answered = Vec::new();
+    // Two client connections from one address: the stickiness is per client, not per connection.
+    for _ in 0..2 {
+        let mut client = GrpcClient::h2c(keel.proxy_addr()).await?;
+        for i in 0..6 {
+            let r = client.unary(&format!("s{i}")).await?.map_err(|s| anyhow::anyhow!("unary: {s:?}"))?;
+            answered.push(r.split_once(':').map(|(s, _)| s.to_owned()).unwrap_or(r));
+        }
+    }
+    let spread = tally(answered.iter().map(String::as_str));
+    ensure!(spread.len() == 1, "source_ip stickiness spread the calls: {spread:?}");
     Ok(())
 }
 
