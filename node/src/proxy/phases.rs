@@ -20,7 +20,9 @@
 //!    servers already tried.
 //! 6. **send** ([`send`]): header rewrite (hop-by-hop out, `X-Forwarded-*` in, then the
 //!    operator's [`super::header_rules`]), the exchange
-//!    through the server's connection pool, bounded by the pool's timeouts. A failure the
+//!    through the server's connection pool — keel's HTTP/1.1 client, or for a pool with
+//!    `protocol = "h2c"`/`"h2"` its HTTP/2 client ([`super::h2_client`], [`send_h2`]) — bounded
+//!    by the pool's timeouts (and a gRPC call's `grpc-timeout`). A failure the
 //!    pool's `retry_on` names is retried on another server when the request can be sent again
 //!    and the pool's retry budget allows ([`super::retry`]); [`blame`] decides whose failure
 //!    it was first.
