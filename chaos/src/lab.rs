@@ -491,7 +491,8 @@ fall = 2
         }
     }
 
-    fn keel_cli(&self, i: usize, args: &[&str]) -> Result<String, String> {
+    /// Runs the `keel` CLI with `args` inside node `i`'s namespace (bounded to 60 s).
+    pub fn keel_cli(&self, i: usize, args: &[&str]) -> Result<String, String> {
         let node = &self.nodes[i];
         run(Command::new("timeout").arg("60").args(["ip", "netns", "exec", &node.ns]).arg(&self.bins.keel).args(args))
     }
@@ -547,6 +548,12 @@ fall = 2
         ip(&["-n", &self.nodes[i].ns, "-o", "addr", "show", "dev", "eth0"])
             .map(|out| out.contains(&format!("inet {VIP}/32 ")))
             .unwrap_or(false)
+    }
+
+    /// Sends `signal` (a `kill -s` name: `STOP`, `CONT`, …) to node `i`'s process.
+    pub fn signal(&self, i: usize, signal: &str) -> Result<(), String> {
+        let pid = self.nodes[i].child.as_ref().ok_or_else(|| format!("node {} is not running", i + 1))?.id();
+        run(Command::new("kill").args(["-s", signal, &pid.to_string()])).map(|_| ())
     }
 
     /// Deletes the VIP from node `i`'s interface (a stop hook; "not there" is fine).
@@ -612,7 +619,9 @@ fall = 2
     }
 
     fn exec_stop_post(&self, i: usize) {
-        let _ = ip(&["-n", &self.nodes[i].ns, "addr", "del", &format!("{VIP}/32"), "dev", "eth0"]);
+        for dev in ["eth0", "lo"] {
+            let _ = ip(&["-n", &self.nodes[i].ns, "addr", "del", &format!("{VIP}/32"), "dev", dev]);
+        }
     }
 
     /// SIGTERMs node `i` and waits (at most 10 s, then SIGKILL). Returns the Unix ms of the

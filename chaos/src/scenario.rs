@@ -119,6 +119,16 @@ pub fn longest_gap(lab: &Lab, from: u64, to: u64) -> u64 {
     worst
 }
 
+/// The failed probes that started in `[from, to]`, as "start ms after `from`: error" lines.
+pub fn failed_probes(lab: &Lab, from: u64, to: u64) -> Vec<String> {
+    let mut failed: Vec<_> = lab.probes().into_iter().filter(|p| !p.ok && p.start >= from && p.start <= to).collect();
+    failed.sort_by_key(|p| p.start);
+    failed
+        .iter()
+        .map(|p| format!("+{} ms ({} ms long): {}", p.start.saturating_sub(from), p.end - p.start, p.detail))
+        .collect()
+}
+
 /// Waits until node `i` follows a leader other than itself and has applied `commit`.
 pub fn wait_rejoin(lab: &Lab, i: usize, commit: u64, within: Duration) -> Result<(), String> {
     let deadline = std::time::Instant::now() + within;
@@ -292,6 +302,9 @@ pub fn rolling_restart(lab: &mut Lab, run_no: usize, c: &Committed) -> Result<Ve
         problems: Vec::new(),
         warnings: Vec::new(),
     };
+    for failure in failed_probes(lab, t0, now_ms()) {
+        run.problems.push(format!("a request failed during the hand-over: {failure}"));
+    }
     finish(lab, &mut run, t0, c);
     let t1 = now_ms();
     lab.start(l)?;
@@ -442,5 +455,61 @@ pub fn under_load(lab: &mut Lab, leader: usize, secs: Duration) -> Result<Run, S
     };
     let o = overlap(&samples, t0, t1);
     run.overlap = o.certain;
+    Ok(run)
+}
+
+/// Scenario 5: remove a follower (`POST /cluster/remove`), wait until it reports its removal,
+/// stop it, `keel cluster leave --reset`, start it and join it again. No request may fail, and
+/// the leader, the term and the VIP holder must stay where they were throughout.
+pub fn remove_rejoin(lab: &mut Lab, run_no: usize, c: &Committed) -> Result<Run, String> {
+    let l = lab.wait_stable(SETTLE_BOUND)?;
+    let f = (0..lab.nodes.len()).find(|&i| i != l && !lab.nodes[i].witness).ok_or("no follower to remove")?;
+    let id = lab.nodes[f].id;
+    let term_before = cluster_u64(lab, l, "term");
+    let t0 = now_ms();
+    lab.admin_post(l, "/cluster/remove", &format!("{{\"id\":{id}}}"))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while lab.admin_json(f, "/cluster/status").ok().and_then(|s| s["removed"]["node_id"].as_u64()) != Some(id) {
+        if std::time::Instant::now() > deadline {
+            return Err(format!("node {id} did not report its removal within 10 s"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut problems = Vec::new();
+    let removed_term = cluster_u64(lab, f, "term");
+    lab.stop(f)?;
+    let config = lab.nodes[f].config.display().to_string();
+    lab.keel_cli(f, &["cluster", "leave", "--reset", "--config", &config])?;
+    lab.start(f)?;
+    lab.wait_admin(f, Duration::from_secs(30))?;
+    let via = lab.nodes[l].admin().trim_start_matches("http://").to_owned();
+    lab.keel_cli(f, &["cluster", "join", "--via", &via, "--config", &config])?;
+    wait_rejoin(lab, f, c.commit, SETTLE_BOUND)?;
+    let after = lab.wait_stable(SETTLE_BOUND)?;
+    let term_after = cluster_u64(lab, after, "term");
+    if after != l {
+        problems.push(format!("the leader moved from {} to {}", l + 1, after + 1));
+    }
+    if term_after != term_before {
+        problems.push(format!("term {term_before:?} -> {term_after:?} (the removed node raised it: {removed_term:?})"));
+    }
+    if lab.holders_now() != vec![l] {
+        problems.push(format!("VIP holders now {:?}, expected only node {}", lab.holders_now(), l + 1));
+    }
+    for failure in failed_probes(lab, t0, now_ms()) {
+        problems.push(format!("a request failed during remove/reset/re-join: {failure}"));
+    }
+    let mut run = Run {
+        scenario: "remove".into(),
+        run: run_no,
+        leader_before: lab.nodes[l].id,
+        leader_after: lab.nodes[after].id,
+        outage_ms: Some(longest_gap(lab, t0, now_ms())),
+        vip_ms: None,
+        overlap: 0,
+        problems,
+        warnings: Vec::new(),
+    };
+    finish(lab, &mut run, t0, c);
     Ok(run)
 }

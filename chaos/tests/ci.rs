@@ -1,5 +1,6 @@
 //! The bounded chaos pass CI runs: on a 3-node lab, 5 SIGKILLs of the leader, 1 partition of
-//! the leader (cut + heal) and 1 rolling restart, with a fixed seed. Fails on any split-brain
+//! the leader (cut + heal), 1 rolling restart (the leader's stop is a hand-over: no request may
+//! fail) and 1 removal + reset + re-join of a follower, with a fixed seed. Fails on any split-brain
 //! sample, any failover over 3 s, any committed state (weight, drain, health verdict, commit
 //! index) missing after a fault, or any request served by a drained/dead backend.
 //!
@@ -77,6 +78,8 @@ fn chaos_ci_pass() {
     step("partition", r, &lab);
     let r = scenario::rolling_restart(&mut lab, 1, &committed);
     step("rolling", r, &lab);
+    let r = scenario::remove_rejoin(&mut lab, 1, &committed).map(|r| vec![r]);
+    step("remove", r, &lab);
 
     let total = overlap(&lab.samples(), t_start, keel_chaos::http::now_ms());
     let excluded = scenario::served_by_excluded(&lab, &committed);

@@ -198,11 +198,13 @@ pub enum AccessLogField {
     Termination,
     ClosedBy,
     RequestId,
+    /// gRPC's `grpc-status` (trailers, or the head of a trailers-only answer).
+    GrpcStatus,
 }
 
 impl AccessLogField {
     /// Every field, in the order the `json` format writes them.
-    pub const ALL: [AccessLogField; 20] = [
+    pub const ALL: [AccessLogField; 21] = [
         AccessLogField::Time,
         AccessLogField::Listener,
         AccessLogField::Client,
@@ -223,6 +225,7 @@ impl AccessLogField {
         AccessLogField::Termination,
         AccessLogField::ClosedBy,
         AccessLogField::RequestId,
+        AccessLogField::GrpcStatus,
     ];
 
     /// The field's name: its JSON key and, after a `$`, its name in a template.
@@ -248,6 +251,7 @@ impl AccessLogField {
             AccessLogField::Termination => "termination",
             AccessLogField::ClosedBy => "closed_by",
             AccessLogField::RequestId => "request_id",
+            AccessLogField::GrpcStatus => "grpc_status",
         }
     }
 
@@ -383,7 +387,7 @@ mod tests {
     fn bad_templates_say_why() {
         let e = parse_template("$client $foo").unwrap_err();
         assert!(e.starts_with("unknown field \"$foo\"; known: time, listener, client,"), "{e}");
-        assert!(e.ends_with("closed_by, request_id"), "{e}");
+        assert!(e.ends_with("closed_by, request_id, grpc_status"), "{e}");
         assert!(parse_template("cost: $").unwrap_err().contains("$$"));
         assert!(parse_template("$ {status}").unwrap_err().contains("$$"));
         assert!(parse_template("${status").unwrap_err().contains("closing brace"));

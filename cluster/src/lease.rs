@@ -17,15 +17,23 @@
 //!   closing*: a stale metrics value published late (its age computed before the stall) cannot
 //!   reopen it.
 //!
+//! A planned hand-over ([`crate::handover`]) adds two deadlines of its own, evaluated the same
+//! way: the leader handing over keeps the VIP past its lease until its successor asks for it
+//! (or the hand-over's hold runs out), and every other node withholds its claim until that
+//! release is confirmed (or the hold has certainly run out).
+//!
 //! The deadline is computed when the value is *observed*, which is no earlier than when it was
 //! published: observed on a thread of its own, the two are microseconds apart. The age itself is
 //! openraft's: the time since the leader *sent* the request a quorum acknowledged.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::ServerState;
 use tokio::sync::watch;
+
+use crate::handover::HandOver;
 
 /// openraft's metrics for keel's type configuration.
 type RaftMetrics = openraft::RaftMetrics<u64, crate::types::NodeInfo>;
@@ -104,8 +112,10 @@ pub fn follow(
     mut metrics: watch::Receiver<RaftMetrics>,
     lease: Duration,
     margin: Duration,
+    handover: Arc<HandOver>,
 ) -> (watch::Receiver<bool>, impl Future<Output = ()> + Send) {
     let (tx, rx) = watch::channel(false);
+    let mut handover_changed = handover.subscribe();
     let run = async move {
         let mut gate = Gate::new(lease, margin);
         // Only a *new* metrics value is an observation: the same value looked at again later
@@ -118,18 +128,31 @@ pub fn follow(
                 let leader = m.state == ServerState::Leader;
                 gate.observe(leader, m.millis_since_quorum_ack.map(Duration::from_millis), now);
             }
-            let holds = gate.check(now);
+            let leased = gate.check(now);
+            let view = handover.vip(now);
+            let holds = view.hold_until.is_some() || (leased && view.block_until.is_none());
             tx.send_if_modified(|v| {
                 if *v != holds {
+                    let why = match (holds, view.hold_until.is_some(), leased) {
+                        (true, true, _) => "kept for a hand-over",
+                        (true, false, _) => "granted (quorum acknowledged)",
+                        (false, _, true) => "withheld: the previous holder has not released it yet",
+                        (false, _, false) => "ended",
+                    };
                     tracing::info!(target: "keel::raft", holds, until = ?gate.until().map(|u| u.saturating_duration_since(now)),
-                        "VIP lease {}", if holds { "granted (quorum acknowledged)" } else { "ended" });
+                        "VIP lease {why}");
                     *v = holds;
                     true
                 } else {
                     false
                 }
             });
-            let deadline = gate.until().map(tokio::time::Instant::from_std);
+            // Wake on whichever comes first: the lease's deadline or the hand-over's.
+            let deadline = [gate.until(), view.hold_until, view.block_until]
+                .into_iter()
+                .flatten()
+                .min()
+                .map(tokio::time::Instant::from_std);
             tokio::select! {
                 changed = metrics.changed() => {
                     if changed.is_err() {
@@ -138,6 +161,7 @@ pub fn follow(
                     }
                     fresh = true;
                 }
+                _ = handover_changed.changed() => fresh = false,
                 () = async { match deadline {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,

@@ -27,6 +27,10 @@
 //! - [`network`]: Raft RPC over TCP (length-prefixed bincode frames, cluster-id handshake).
 //! - [`node`]: [`ClusterNode::start`] and the [`ClusterHandle`] the rest of keel uses: propose,
 //!   watch the state, watch leadership, status, membership.
+//! - [`handover`]: a planned leadership hand-over (stop, `cluster transfer`) that moves the VIP
+//!   on the old holder's confirmed release instead of a lease.
+//! - [`removal`]: a removal that sticks — how a removed node learns it, the marker that keeps
+//!   it from rejoining with its old state, and `keel cluster leave --reset`.
 //! - [`lease`]: the VIP's right to hold as a monotonic deadline, evaluated off the Raft thread.
 //! - [`api`]: the `/cluster/…` admin HTTP endpoints ([`api::handle`]) and their client
 //!   ([`api::client::ClusterClient`]).
@@ -47,11 +51,13 @@ pub mod codec;
 pub mod command;
 pub mod duration;
 pub mod edge;
+pub mod handover;
 pub mod header_rules;
 pub mod lease;
 pub mod model;
 pub mod network;
 pub mod node;
+pub mod removal;
 pub mod retry_config;
 pub mod server_address;
 pub mod state;

@@ -239,6 +239,11 @@ pub struct Pool {
     /// …but always at least this many, so a quiet pool can still retry.
     #[serde(default = "defaults::retry_budget_min")]
     pub retry_budget_min: u32,
+    /// The HTTP version spoken to the servers: `http1` (keel's HTTP/1.1 client), `h2c`
+    /// (HTTP/2 by prior knowledge, clear text) or `h2` (HTTP/2 over TLS with ALPN `h2`, using
+    /// the pool's `tls` table). gRPC needs `h2c` or `h2`.
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
     /// Speak TLS to the servers.
     #[serde(default)]
     pub tls: Option<BackendTls>,
@@ -281,6 +286,35 @@ pub struct Server {
     pub weight: u32,
 }
 
+/// The HTTP version a pool speaks to its servers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1, plain or TLS (with a `tls` table), one request per connection at a time.
+    #[default]
+    Http1,
+    /// HTTP/2 by prior knowledge over clear text: streams multiplexed on shared connections.
+    H2c,
+    /// HTTP/2 over TLS, ALPN `h2`: needs the pool's `tls` table.
+    H2,
+}
+
+impl UpstreamProtocol {
+    /// The name used in config files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamProtocol::Http1 => "http1",
+            UpstreamProtocol::H2c => "h2c",
+            UpstreamProtocol::H2 => "h2",
+        }
+    }
+
+    /// Whether it is HTTP/2 (either form).
+    pub fn is_h2(self) -> bool {
+        !matches!(self, UpstreamProtocol::Http1)
+    }
+}
+
 /// Kind of active health check.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -290,6 +324,9 @@ pub enum CheckKind {
     Http,
     /// A TCP connect.
     Tcp,
+    /// gRPC's standard health service, `grpc.health.v1.Health/Check` (service ""), over the
+    /// pool's HTTP/2 (`h2c`, or `h2` with its TLS): healthy when it answers `SERVING`.
+    Grpc,
 }
 
 /// Active health check, with HAProxy's hysteresis: `fall` consecutive failures mark a server
@@ -297,7 +334,7 @@ pub enum CheckKind {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheck {
-    /// "http" or "tcp".
+    /// "http", "tcp" or "grpc".
     #[serde(rename = "type", default)]
     pub kind: CheckKind,
     /// HTTP method (http checks).
@@ -698,13 +735,36 @@ impl Config {
                     );
                 }
             }
+            match (pool.protocol, &pool.tls) {
+                (UpstreamProtocol::H2, None) => report(
+                    at.key("protocol"),
+                    "protocol = \"h2\" is HTTP/2 over TLS: add a [pools.NAME.tls] table, or use \"h2c\" for clear text"
+                        .into(),
+                ),
+                (UpstreamProtocol::H2c, Some(_)) => report(
+                    at.key("protocol"),
+                    "protocol = \"h2c\" is clear text, but the pool has a tls table: use \"h2\" for HTTP/2 over TLS"
+                        .into(),
+                ),
+                _ => {}
+            }
+            if pool.protocol.is_h2() {
+                let tcp_users = self.pool_users(name, true);
+                if !tcp_users.is_empty() {
+                    report(
+                        at.key("protocol"),
+                        format!("tcp listener(s) {} splice bytes and speak no HTTP/2 to servers", tcp_users.join(", ")),
+                    );
+                }
+            }
+            if pool.health.as_ref().is_some_and(|hc| hc.kind == CheckKind::Grpc) && !pool.protocol.is_h2() {
+                report(
+                    at.key("health").key("type"),
+                    "a grpc check speaks HTTP/2: set the pool's protocol = \"h2c\" or \"h2\"".into(),
+                );
+            }
             if pool.proxy_protocol.is_some() {
-                let http_users: Vec<&str> = self
-                    .listeners
-                    .iter()
-                    .filter(|(_, l)| l.protocol != Protocol::Tcp && l.uses_pool(name))
-                    .map(|(n, _)| n.as_str())
-                    .collect();
+                let http_users = self.pool_users(name, false);
                 if !http_users.is_empty() {
                     report(
                         at.key("proxy_protocol"),
@@ -716,12 +776,7 @@ impl Config {
                 }
             }
             if let Some(sticky) = &pool.sticky {
-                let tcp_users: Vec<&str> = self
-                    .listeners
-                    .iter()
-                    .filter(|(_, l)| l.protocol == Protocol::Tcp && l.uses_pool(name))
-                    .map(|(n, _)| n.as_str())
-                    .collect();
+                let tcp_users = self.pool_users(name, true);
                 crate::sticky_config::check(sticky, &at.key("sticky"), &tcp_users, &mut report);
             }
             if let Some(tls) = &pool.tls {
@@ -805,6 +860,15 @@ impl Config {
         } else {
             Err(problems)
         }
+    }
+
+    /// The listeners that send traffic to `pool`: the `tcp` ones, or the HTTP ones.
+    fn pool_users(&self, pool: &str, tcp: bool) -> Vec<&str> {
+        self.listeners
+            .iter()
+            .filter(|(_, l)| (l.protocol == Protocol::Tcp) == tcp && l.uses_pool(pool))
+            .map(|(n, _)| n.as_str())
+            .collect()
     }
 
     /// Whether any listener or route refers to `pool`.
@@ -926,6 +990,26 @@ mod tests {
         let hc = app.health.as_ref().expect("health");
         assert_eq!(hc.expect_status, StatusRange { min: 200, max: 299 });
         assert_eq!(hc.rise, 2);
+    }
+
+    #[test]
+    fn upstream_protocol_defaults_to_http1_and_h2_needs_tls() {
+        let c = parse(GOOD);
+        assert_eq!(c.pools["app"].protocol, UpstreamProtocol::Http1);
+        let h2c = GOOD.replace(
+            "algorithm = \"weighted_round_robin\"",
+            "algorithm = \"weighted_round_robin\"\nprotocol = \"h2c\"",
+        );
+        assert_eq!(parse(&h2c).validate(), Ok(()));
+        let h2 = h2c.replace("protocol = \"h2c\"", "protocol = \"h2\"");
+        let problems = parse(&h2).validate().unwrap_err();
+        assert_eq!(problems[0].path.to_string(), "pools.app.protocol");
+        assert!(problems[0].reason.contains("tls"), "{}", problems[0]);
+        let grpc_on_http1 = GOOD.replace("type = \"http\"", "type = \"grpc\"");
+        let problems = parse(&grpc_on_http1).validate().unwrap_err();
+        assert_eq!(problems[0].path.to_string(), "pools.app.health.type");
+        let bad = toml::from_str::<Config>(&h2c.replace("\"h2c\"", "\"http3\"")).unwrap_err().to_string();
+        assert!(bad.contains("unknown variant `http3`") && bad.contains("`h2c`"), "{bad}");
     }
 
     #[test]

@@ -98,9 +98,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::command::{Command, Outcome, Proposal};
+use crate::handover::HandOver;
 use crate::model::Config;
-use crate::network::client::UNREACHABLE_BACKOFF;
+use crate::network::client::{PreVoteAnswer, UNREACHABLE_BACKOFF};
 use crate::network::{dispatch_to, Dispatch, NetworkFactory, RaftServer, RpcRequest, RpcResponse};
+use crate::removal;
 use crate::state::ClusterState;
 use crate::store;
 use crate::types::{NodeInfo, Raft};
@@ -181,11 +183,58 @@ const NEVER: u64 = u64::MAX;
 /// own. Granting changes nothing here; a candidate that cannot gather a majority of grants does
 /// not stand, so a node cut off for a while comes back with the term it left with and deposes
 /// no healthy leader.
-fn noting_leader_contact(inner: Dispatch, contact: Arc<LeaderContact>, raft: Raft, quiet: Duration) -> Dispatch {
+fn noting_leader_contact(
+    inner: Dispatch,
+    contact: Arc<LeaderContact>,
+    raft: Raft,
+    quiet: Duration,
+    handover: Arc<HandOver>,
+    removal: Arc<removal::Tracker>,
+) -> Dispatch {
     Arc::new(move |req: RpcRequest| -> Pin<Box<dyn Future<Output = RpcResponse> + Send>> {
-        if let RpcRequest::PreVote { last_log_index, .. } = &req {
-            let mine = raft.metrics().borrow().last_log_index;
-            let silent = contact.silence() >= quiet;
+        match req {
+            RpcRequest::Removed { term } => {
+                removal.learned(term, "the leader".into());
+                return Box::pin(async move { RpcResponse::Noted });
+            }
+            RpcRequest::HandOver { from, to, hold_ms } => {
+                // Only from the leader this node follows: a stale or stray notice binds no one.
+                let noted = raft.metrics().borrow().current_leader == Some(from);
+                if noted {
+                    let hold = Duration::from_millis(hold_ms).min(HANDOVER_HOLD_MAX);
+                    handover.noticed(from, to, hold);
+                    tracing::info!(target: "keel::raft", from, to, hold_ms, "leader hands over: only its successor stands");
+                }
+                return Box::pin(async move { RpcResponse::HandOver(noted) });
+            }
+            RpcRequest::Release { from } => {
+                // Letting go is always safe (it costs only availability), so the request is
+                // honoured whoever asks; the answer waits until the address is off.
+                handover.release();
+                let handover = handover.clone();
+                return Box::pin(async move {
+                    let done = handover.let_go(RELEASE_WITHIN).await;
+                    tracing::info!(target: "keel::raft", successor = from, released = done, "hand-over: VIP let go for the successor");
+                    RpcResponse::Released(done)
+                });
+            }
+            _ => {}
+        }
+        if let RpcRequest::PreVote { candidate, last_log_index } = &req {
+            let (mine, not_a_member) = {
+                let m = raft.metrics();
+                let m = m.borrow();
+                let membership = &m.membership_config;
+                let listed = membership.membership().nodes().any(|(id, _)| id == candidate);
+                // Only a membership newer than the asker's whole log is proof: a node being
+                // added asks with the entry that adds it, which a lagging peer lacks.
+                let newer = membership.log_id().is_some_and(|l| Some(l.index) > *last_log_index);
+                (m.last_log_index, (!listed && newer).then_some(m.current_term))
+            };
+            if let Some(term) = not_a_member {
+                return Box::pin(async move { RpcResponse::NotAMember { term } });
+            }
+            let silent = contact.silence() >= quiet && handover.may_pre_vote(*candidate, std::time::Instant::now());
             if silent && *last_log_index < mine {
                 // As for a real vote refused for a shorter log: this node is the one that can
                 // win, and its watchdog stands at once (a witness holding the only copy of an
@@ -233,7 +282,7 @@ fn noting_leader_contact(inner: Dispatch, contact: Arc<LeaderContact>, raft: Raf
 /// grants a higher term its vote once its own election is a lease old). Retries back off from one to
 /// [`WITNESS_RETRY_MAX`] election-max periods: a retry soon after a lost attempt carries the
 /// higher term learned from it, so it beats a data node that keeps re-electing.
-async fn witness_watchdog(raft: Raft, contact: Arc<LeaderContact>, election_max: Duration) {
+async fn witness_watchdog(raft: Raft, contact: Arc<LeaderContact>, election_max: Duration, handover: Arc<HandOver>) {
     let stand_after = election_max * WITNESS_STAND_AFTER;
     let mut retry = election_max;
     let mut tick = tokio::time::interval(election_max);
@@ -255,7 +304,8 @@ async fn witness_watchdog(raft: Raft, contact: Arc<LeaderContact>, election_max:
         }
         let silent = contact.since(&contact.last_append_us);
         let refused = contact.since(&contact.last_refused_by_log_us);
-        if leader || !voter || silent < stand_after || refused > stand_after {
+        let handing_over = handover.successor(std::time::Instant::now()).is_some();
+        if leader || !voter || handing_over || silent < stand_after || refused > stand_after {
             retry = election_max;
             continue;
         }
@@ -293,10 +343,14 @@ async fn reclaim_from_witness(raft: Raft, id: u64) {
 
 /// Turns openraft's own election timer back on when [`election_watchdog`] ends for any reason
 /// (Raft stopping, or a panic): a bug in the watchdog must not leave a node that never stands.
-struct TimerFallback(Raft);
+struct TimerFallback(Raft, Arc<removal::Tracker>);
 
 impl Drop for TimerFallback {
     fn drop(&mut self) {
+        if self.1.is_removed() {
+            // A removed node stands for nothing.
+            return;
+        }
         if self.0.metrics().borrow().running_state.is_ok() {
             tracing::warn!(target: "keel::raft", "the election watchdog stopped: openraft's election timer takes over");
         }
@@ -378,8 +432,15 @@ fn stand_rank(me: u64, voters: impl Iterator<Item = (u64, bool)>, silent_leader:
 /// once (it is the one that can win); a node that saw a candidate with a longer log stays out
 /// for two leases (it cannot win, and its higher terms would only get in the way). openraft's
 /// own timer is off on data nodes; [`TimerFallback`] switches it back on should this task end.
-async fn election_watchdog(raft: Raft, contact: Arc<LeaderContact>, times: StandTimes, mut asker: PreVoter) {
-    let _fallback = TimerFallback(raft.clone());
+async fn election_watchdog(
+    raft: Raft,
+    contact: Arc<LeaderContact>,
+    times: StandTimes,
+    mut asker: PreVoter,
+    handover: Arc<HandOver>,
+    removal: Arc<removal::Tracker>,
+) {
+    let _fallback = TimerFallback(raft.clone(), removal.clone());
     let mut tick = tokio::time::interval(times.poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut next_attempt: Option<tokio::time::Instant> = None;
@@ -395,7 +456,7 @@ async fn election_watchdog(raft: Raft, contact: Arc<LeaderContact>, times: Stand
             let voters = membership.voter_ids().map(|id| (id, membership.get_node(&id).is_some_and(|n| n.witness)));
             (m.running_state.is_ok(), m.state == ServerState::Leader, stand_rank(m.id, voters, m.current_leader))
         };
-        if !running {
+        if !running || removal.is_removed() {
             return;
         }
         if leader {
@@ -413,9 +474,16 @@ async fn election_watchdog(raft: Raft, contact: Arc<LeaderContact>, times: Stand
         let refused_at = contact.last_refused_by_log_us.load(Ordering::Relaxed);
         let fresh_refusal =
             refused_at != acted_on_refusal && contact.since(&contact.last_refused_by_log_us) < times.lease;
-        let rank = if fresh_refusal { 0 } else { rank };
-        let outranked = contact.since(&contact.last_better_candidate_us) < times.lease * 2;
-        let heard = contact.first_append_us.load(Ordering::Relaxed) != NEVER;
+        // A hand-over names the one node that stands: it goes first, the others stay out.
+        let successor = handover.successor(std::time::Instant::now());
+        if successor.is_some_and(|to| to != asker.me) {
+            next_attempt = None;
+            continue;
+        }
+        let chosen = successor.is_some();
+        let rank = if fresh_refusal || chosen { 0 } else { rank };
+        let outranked = !chosen && contact.since(&contact.last_better_candidate_us) < times.lease * 2;
+        let heard = chosen || contact.first_append_us.load(Ordering::Relaxed) != NEVER;
         if outranked || silent < times.stand_after(rank, heard) {
             next_attempt = None;
             continue;
@@ -427,7 +495,11 @@ async fn election_watchdog(raft: Raft, contact: Arc<LeaderContact>, times: Stand
             None => retry = times.stagger * candidates,
         }
         acted_on_refusal = refused_at;
-        let (granted, voters) = asker.ask(&raft).await;
+        let (granted, voters, not_a_member) = asker.ask(&raft).await;
+        if let Some((peer, term)) = not_a_member {
+            removal.learned(term, format!("node {peer}, asked for a pre-vote"));
+            return;
+        }
         if granted * 2 <= voters {
             // Not a majority would vote: standing would only raise the term (and depose a leader
             // the others still hear from, once this node's link is back).
@@ -447,13 +519,15 @@ async fn election_watchdog(raft: Raft, contact: Arc<LeaderContact>, times: Stand
 
 /// Asks the other voters for their pre-votes.
 struct PreVoter {
+    me: u64,
     network: NetworkFactory,
     ttl: Duration,
 }
 
 impl PreVoter {
-    /// Pre-votes granted (this node's own included) and the number of voters.
-    async fn ask(&mut self, raft: &Raft) -> (usize, usize) {
+    /// Pre-votes granted (this node's own included), the number of voters, and a peer that
+    /// says this node is no longer a member (with its term).
+    async fn ask(&mut self, raft: &Raft) -> (usize, usize, Option<(u64, u64)>) {
         use openraft::network::RaftNetworkFactory;
         let (me, last_log_index, voters) = {
             let m = raft.metrics();
@@ -469,16 +543,87 @@ impl PreVoter {
             let mut client = self.network.new_client(id, &node).await;
             let ttl = self.ttl;
             asks.spawn(async move {
-                tokio::time::timeout(ttl, client.pre_vote(me, last_log_index, ttl)).await.unwrap_or(false)
+                let answer = tokio::time::timeout(ttl, client.pre_vote(me, last_log_index, ttl)).await;
+                (id, answer.unwrap_or(PreVoteAnswer::Refused))
             });
         }
         let mut granted = 1; // this node's own
+        let mut not_a_member = None;
         while let Some(answer) = asks.join_next().await {
-            if answer.unwrap_or(false) {
-                granted += 1;
+            match answer {
+                Ok((_, PreVoteAnswer::Granted)) => granted += 1,
+                Ok((peer, PreVoteAnswer::NotAMember { term })) => not_a_member = Some((peer, term)),
+                _ => {}
             }
         }
-        (granted, total)
+        (granted, total, not_a_member)
+    }
+}
+
+/// The longest hold a hand-over may announce or accept, whatever the timings: a notice can
+/// never bind a voter for long.
+const HANDOVER_HOLD_MAX: Duration = Duration::from_secs(5);
+
+/// How long a node that handed over waits for its VIP controller to let go before it answers
+/// the successor (two netlink calls take well under a millisecond).
+const RELEASE_WITHIN: Duration = Duration::from_secs(1);
+
+/// On a data node: once it leads with a quorum after another node handed over to it, asks that
+/// node to let go of the VIP (the claim is withheld until it confirms, or until the hand-over's
+/// hold has run out). Retries every few milliseconds while the hold lasts.
+async fn ask_for_release(
+    raft: Raft,
+    handover: Arc<HandOver>,
+    mut leadership: watch::Receiver<bool>,
+    mut peers: NetworkFactory,
+) {
+    use openraft::network::RaftNetworkFactory;
+    let me = raft.metrics().borrow().id;
+    let mut changes = handover.subscribe();
+    loop {
+        let pending = handover.pending_release(std::time::Instant::now());
+        let leading = *leadership.borrow();
+        if let (Some(from), true) = (pending, leading) {
+            let node = raft.metrics().borrow().membership_config.membership().get_node(&from).cloned();
+            let released = match node {
+                Some(node) => peers.new_client(from, &node).await.release(me, Duration::from_millis(500)).await,
+                None => false,
+            };
+            if released {
+                handover.released_by(from);
+                tracing::info!(target: "keel::raft", from, "hand-over: the previous holder let go of the VIP; claiming it");
+            } else {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            continue;
+        }
+        tokio::select! {
+            r = leadership.changed() => if r.is_err() { return },
+            r = changes.changed() => if r.is_err() { return },
+            // A pending hand-over runs out by itself: look again now and then.
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+}
+
+/// Learns a removal from this node's own log: the membership it applied no longer lists it.
+async fn removed_by_the_log(raft: Raft, removal: Arc<removal::Tracker>) {
+    let mut metrics = raft.metrics();
+    loop {
+        let (gone, term) = {
+            let m = metrics.borrow_and_update();
+            let membership = &m.membership_config;
+            // A node that never joined has no membership yet: that is not a removal.
+            let gone = membership.log_id().is_some() && !membership.membership().nodes().any(|(id, _)| *id == m.id);
+            (gone && m.running_state.is_ok(), m.current_term)
+        };
+        if gone {
+            removal.learned(term, "its own log".into());
+            return;
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
     }
 }
 
@@ -652,6 +797,12 @@ pub enum ClusterError {
     /// Proposing the seed config failed.
     #[error("seed config: {0}")]
     Propose(#[from] ProposeError),
+    /// This node was removed from the cluster; it does not start as a member with that state.
+    #[error("{0}")]
+    Removed(String),
+    /// A leadership hand-over could not be started or did not complete.
+    #[error("transfer: {0}")]
+    Transfer(String),
     /// Any other Raft failure.
     #[error("raft: {0}")]
     Raft(String),
@@ -749,6 +900,9 @@ pub struct ClusterStatus {
     /// Leader and acknowledged by a quorum within the lease less one heartbeat: safe to hold
     /// the VIP.
     pub quorum_acked_within_lease: bool,
+    /// Set once this node learned it was removed from the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removed: Option<removal::Removed>,
 }
 
 struct Inner {
@@ -762,6 +916,9 @@ struct Inner {
     leadership_task: JoinHandle<()>,
     lease: Duration,
     tick: Duration,
+    handover: Arc<HandOver>,
+    peers: NetworkFactory,
+    removal: Arc<removal::Tracker>,
 }
 
 /// The handle to a running node; cheap to clone.
@@ -778,6 +935,7 @@ impl ClusterNode {
     /// and the Raft RPC server.
     pub async fn start(settings: ClusterSettings) -> Result<ClusterHandle, ClusterError> {
         settings.validate()?;
+        removal::check_not_removed(&settings.data_dir).map_err(ClusterError::Removed)?;
         let (log, sm) = store::open(&settings.data_dir).map_err(|e| ClusterError::Storage(e.to_string()))?;
         let state = sm.subscribe();
         let snapshot_stats = sm.stats();
@@ -811,18 +969,30 @@ impl ClusterNode {
             .await
             .map_err(|e| ClusterError::Raft(e.to_string()))?;
         let contact = Arc::new(LeaderContact::new());
+        let handover = HandOver::new(settings.node_id);
+        let removal = removal::Tracker::new(settings.data_dir.clone(), settings.cluster_id.clone(), settings.node_id);
         let quiet = settings.election_max.saturating_sub(settings.heartbeat);
-        let dispatch = noting_leader_contact(dispatch_to(raft.clone()), contact.clone(), raft.clone(), quiet);
+        let dispatch = noting_leader_contact(
+            dispatch_to(raft.clone()),
+            contact.clone(),
+            raft.clone(),
+            quiet,
+            handover.clone(),
+            removal.clone(),
+        );
+        let peers = || NetworkFactory::new(settings.cluster_id.clone(), settings.node_id, Duration::from_secs(30));
         if settings.witness {
-            tokio::spawn(witness_watchdog(raft.clone(), contact, settings.election_max));
+            tokio::spawn(witness_watchdog(raft.clone(), contact, settings.election_max, handover.clone()));
         } else {
             let times = StandTimes::new(settings.heartbeat, settings.election_max);
             let asker = PreVoter {
-                network: NetworkFactory::new(settings.cluster_id.clone(), settings.node_id, Duration::from_secs(30)),
+                me: settings.node_id,
+                network: peers(),
                 ttl: (settings.heartbeat * 2).max(Duration::from_millis(20)),
             };
-            tokio::spawn(election_watchdog(raft.clone(), contact, times, asker));
+            tokio::spawn(election_watchdog(raft.clone(), contact, times, asker, handover.clone(), removal.clone()));
         }
+        tokio::spawn(removed_by_the_log(raft.clone(), removal.clone()));
         let server = RaftServer::start(listener, settings.node_id, settings.cluster_id.clone(), dispatch)
             .map_err(|source| ClusterError::Bind { addr: raft_addr, source })?;
         let (lead_tx, leadership) = watch::channel(false);
@@ -830,6 +1000,7 @@ impl ClusterNode {
             tokio::spawn(watch_leadership(raft.clone(), lead_tx, settings.election_max, settings.heartbeat));
         if !settings.witness {
             tokio::spawn(reclaim_from_witness(raft.clone(), settings.node_id));
+            tokio::spawn(ask_for_release(raft.clone(), handover.clone(), leadership.clone(), peers()));
         }
         tracing::info!(target: "keel::raft", node = settings.node_id, %raft_addr, admin = %settings.admin_addr, "raft node started");
         let info = NodeInfo { raft_addr, admin_addr: settings.admin_addr, witness: settings.witness };
@@ -845,6 +1016,9 @@ impl ClusterNode {
                 leadership_task,
                 lease: settings.election_max,
                 tick: settings.heartbeat,
+                handover,
+                peers: peers(),
+                removal,
             }),
         })
     }
@@ -984,6 +1158,7 @@ impl ClusterHandle {
     /// Removes `id` from the cluster entirely (voter or learner).
     pub async fn remove(&self, id: u64) -> Result<(), ClusterError> {
         let membership = self.inner.raft.metrics().borrow().membership_config.clone();
+        let removed_node = membership.membership().get_node(&id).cloned();
         let voters: BTreeSet<u64> = membership.voter_ids().filter(|v| *v != id).collect();
         if voters.is_empty() {
             return Err(ClusterError::InvalidSettings("cannot remove the last voter".into()));
@@ -994,6 +1169,19 @@ impl ClusterHandle {
             Ok(Err(e)) => Err(self.membership_error(e)),
             Ok(Ok(_)) => {
                 tracing::info!(target: "keel::raft", node = id, "node removed");
+                // openraft stops replicating to it once this commits, so it may never see the
+                // entry: tell it (best effort; it also learns it on its next pre-vote).
+                if let Some(node) = removed_node {
+                    use openraft::network::RaftNetworkFactory;
+                    let term = self.inner.raft.metrics().borrow().current_term;
+                    let mut client = self.inner.peers.clone().new_client(id, &node).await;
+                    tokio::spawn(async move {
+                        if !client.removed(term, Duration::from_secs(1)).await {
+                            tracing::info!(target: "keel::raft", node = id,
+                                "could not tell the removed node; it learns it when it next looks for a leader");
+                        }
+                    });
+                }
                 Ok(())
             }
         }
@@ -1046,7 +1234,128 @@ impl ClusterHandle {
     /// future that drives it — spawn that on the thread the VIP controller runs on, not on the
     /// Raft runtime.
     pub fn vip_lease(&self) -> (watch::Receiver<bool>, impl std::future::Future<Output = ()> + Send) {
-        crate::lease::follow(self.inner.raft.metrics(), self.inner.lease, self.inner.tick)
+        crate::lease::follow(self.inner.raft.metrics(), self.inner.lease, self.inner.tick, self.inner.handover.clone())
+    }
+
+    /// Tells the hand-over whether the VIP controller holds the address now, so that a release
+    /// asked by a successor is confirmed only once the address is gone.
+    pub fn watch_vip(&self, holding: watch::Receiver<bool>) {
+        self.inner.handover.watch_vip(holding);
+    }
+
+    /// This node's removal from the cluster, once it learned it.
+    pub fn removed(&self) -> watch::Receiver<Option<removal::Removed>> {
+        self.inner.removal.subscribe()
+    }
+
+    /// True while the VIP controller should let go by stepping aside (a hand-over's release):
+    /// pass it to `VipController::with_step_aside`.
+    pub fn vip_stepping_aside(&self) -> watch::Receiver<bool> {
+        self.inner.handover.stepping_aside()
+    }
+
+    /// Hands leadership and the VIP over to `to`, or to the most caught-up data voter, and
+    /// waits until the successor leads and has the VIP (see [`crate::handover`]). This node
+    /// must be the leader; it keeps serving throughout. Returns the successor's id.
+    pub async fn transfer(&self, to: Option<u64>) -> Result<u64, ClusterError> {
+        let raft = &self.inner.raft;
+        let me = self.inner.id;
+        let m = raft.metrics().borrow().clone();
+        if m.state != ServerState::Leader {
+            return Err(ClusterError::NotLeader {
+                leader_id: m.current_leader,
+                leader_admin_addr: leader_hint(raft, m.current_leader),
+            });
+        }
+        let membership = m.membership_config.membership().clone();
+        let voters: Vec<(u64, NodeInfo)> =
+            membership.voter_ids().filter_map(|id| membership.get_node(&id).map(|n| (id, n.clone()))).collect();
+        let last = m.last_log_index.unwrap_or(0);
+        let matched = |id: u64| m.replication.as_ref().and_then(|r| r.get(&id).cloned().flatten()).map(|l| l.index);
+        // A successor must be a data voter with every entry this leader has: a shorter log
+        // would not win the votes.
+        let caught_up: Vec<u64> = voters
+            .iter()
+            .filter(|(id, n)| *id != me && !n.witness && matched(*id) == Some(last))
+            .map(|(id, _)| *id)
+            .collect();
+        let target = match to {
+            Some(t) if t == me => return Err(ClusterError::Transfer(format!("node {t} already leads"))),
+            Some(t) if !voters.iter().any(|(id, n)| *id == t && !n.witness) => {
+                return Err(ClusterError::Transfer(format!("node {t} is not a data voter of this cluster")))
+            }
+            Some(t) if !caught_up.contains(&t) => {
+                return Err(ClusterError::Transfer(format!(
+                    "node {t} is not caught up (matched {:?} of {last})",
+                    matched(t)
+                )))
+            }
+            Some(t) => t,
+            None => *caught_up
+                .first()
+                .ok_or_else(|| ClusterError::Transfer("no caught-up data voter to hand over to".into()))?,
+        };
+        let hold = (self.inner.lease * crate::handover::HOLD_LEASES).min(HANDOVER_HOLD_MAX);
+        let until = self.inner.handover.begin(target, hold);
+        let ttl = (self.inner.tick * 2).max(Duration::from_millis(20));
+        let mut notices = tokio::task::JoinSet::new();
+        for (id, node) in voters.iter().filter(|(id, _)| *id != me) {
+            let mut client = {
+                use openraft::network::RaftNetworkFactory;
+                let mut peers = self.inner.peers.clone();
+                peers.new_client(*id, node).await
+            };
+            let id = *id;
+            notices.spawn(async move { (id, client.hand_over(me, target, hold, ttl).await) });
+        }
+        let mut acked = 1; // this node
+        let mut successor_acked = false;
+        while let Some(Ok((id, ok))) = notices.join_next().await {
+            if ok {
+                acked += 1;
+                successor_acked |= id == target;
+            }
+        }
+        if acked * 2 <= voters.len() || !successor_acked {
+            self.inner.handover.end();
+            return Err(ClusterError::Transfer(format!(
+                "only {acked} of {} voters acknowledged the hand-over (successor {target}: {successor_acked}); nothing changed",
+                voters.len()
+            )));
+        }
+        tracing::info!(target: "keel::raft", to = target, hold_ms = hold.as_millis(), "handing leadership over: heartbeats stop, the VIP stays until the successor asks");
+        raft.runtime_config().heartbeat(false);
+        let mut changes = self.inner.handover.subscribe();
+        let done = loop {
+            if self.inner.handover.successor_asked() {
+                break true;
+            }
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break false;
+            }
+            if tokio::time::timeout(left, changes.changed()).await.is_ok_and(|r| r.is_err()) {
+                break false;
+            }
+        };
+        if done && !self.inner.handover.let_go(RELEASE_WITHIN).await {
+            // Ending the hand-over before the controller acted would make it delete the
+            // address instead of stepping aside.
+            tracing::warn!(target: "keel::raft", "hand-over: the VIP controller has not let go yet");
+        }
+        raft.runtime_config().heartbeat(true);
+        self.inner.handover.end();
+        let leader = raft.metrics().borrow().current_leader;
+        if done {
+            tracing::info!(target: "keel::raft", to = target, "leadership handed over; the successor has the VIP");
+            Ok(target)
+        } else {
+            tracing::warn!(target: "keel::raft", to = target, ?leader, "hand-over did not complete within its hold; the lease decides again");
+            Err(ClusterError::Transfer(format!(
+                "node {target} did not take over within {} ms (leader now {leader:?})",
+                hold.as_millis()
+            )))
+        }
     }
 
     /// The current leader's id and admin address, if known.
@@ -1119,6 +1428,7 @@ impl ClusterHandle {
             millis_since_quorum_ack: m.millis_since_quorum_ack,
             lease_ms,
             quorum_acked_within_lease,
+            removed: self.inner.removal.subscribe().borrow().clone(),
         }
     }
 

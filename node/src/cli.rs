@@ -218,6 +218,49 @@ pub async fn cluster_remove(target: &Target, id: NodeId) -> Result<(), CliError>
     Ok(())
 }
 
+/// `keel cluster leave --reset --config FILE`: deletes a *stopped* node's Raft state (log,
+/// vote, state machine, removal record) so it can join again as a new member. Refused while
+/// the node's admin API answers: a running node's state is not deleted under it.
+pub async fn cluster_leave(path: &Path, reset: bool) -> Result<(), CliError> {
+    let (file, section) = cluster_file(path)?;
+    if !reset {
+        return Err(CliError::Other(
+            "`keel cluster leave` needs --reset: it deletes this stopped node's cluster state so it can join again              (to take a running node out, run `keel cluster remove ID` against any member)"
+                .into(),
+        ));
+    }
+    let admin = file.node.admin;
+    if tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(admin))
+        .await
+        .is_ok_and(|r| r.is_ok())
+    {
+        return Err(CliError::Other(format!(
+            "something answers at {admin}, this node's admin address: stop keel before resetting its state"
+        )));
+    }
+    let deleted = keel_cluster::removal::reset(&section.data_dir)
+        .map_err(|e| CliError::Other(format!("cannot reset {}: {e}", section.data_dir.display())))?;
+    if deleted.is_empty() {
+        println!("{}: no cluster state to delete", section.data_dir.display());
+    } else {
+        for p in &deleted {
+            println!("deleted {}", p.display());
+        }
+        println!("node {} can join again: keel cluster join --via ADMIN --config {}", section.node_id, path.display());
+    }
+    Ok(())
+}
+
+/// `keel cluster transfer [--to ID]`.
+pub async fn cluster_transfer(target: &Target, to: Option<NodeId>) -> Result<(), CliError> {
+    let answer = target.client().transfer(to).await?;
+    match answer.get("leader").and_then(serde_json::Value::as_u64) {
+        Some(id) => println!("leadership and the VIP handed over to node {id}"),
+        None => println!("{answer}"),
+    }
+    Ok(())
+}
+
 /// `keel cluster status [--json]`.
 pub async fn cluster_status(target: &Target, json: bool) -> Result<(), CliError> {
     let status = target.client().status().await?;
@@ -266,6 +309,12 @@ fn render_status(s: &ClusterStatus, vip: &std::collections::BTreeMap<NodeId, Opt
         s.last_log_index.map_or("-".to_owned(), |i| i.to_string()),
         s.commit_index.map_or("-".to_owned(), |i| i.to_string()),
     );
+    if let Some(removed) = &s.removed {
+        out.push_str(&format!(
+            "REMOVED: {}; it serves nothing and stands for nothing (`keel cluster leave --reset` to join again)\n\n",
+            removed.describe()
+        ));
+    }
     out.push_str(&format!(
         "{:<6} {:<8} {:<8} {:<22} {:<22} {:>8}  {}\n",
         "ID", "ROLE", "KIND", "RAFT", "ADMIN", "LAG", "VIP"

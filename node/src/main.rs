@@ -157,6 +157,23 @@ enum ClusterCommand {
         /// The node's id.
         id: u64,
     },
+    /// Clear this stopped node's cluster state (its Raft log and the record of a removal) so it
+    /// can join again: `keel cluster leave --reset --config FILE`.
+    Leave {
+        /// Delete the node's Raft state (required: leaving is a reset of a stopped node).
+        #[arg(long)]
+        reset: bool,
+        /// The node's TOML config (names its data dir and admin address).
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Hand leadership and the VIP over to another data node without a failover (the leader
+    /// keeps serving until the successor holds the VIP; a stop does this by itself).
+    Transfer {
+        /// The successor's id (default: the most caught-up data voter).
+        #[arg(long, value_name = "ID")]
+        to: Option<u64>,
+    },
     /// Members, leader, term, log indexes and replication lag.
     Status {
         /// Print the status document as JSON.
@@ -273,6 +290,8 @@ fn main() -> ExitCode {
                     cli::cluster_add(&target, AddNode { id, raft_addr: raft, admin_addr, witness }).await
                 }
                 ClusterCommand::Remove { id } => cli::cluster_remove(&target, id).await,
+                ClusterCommand::Transfer { to } => cli::cluster_transfer(&target, to).await,
+                ClusterCommand::Leave { reset, config } => cli::cluster_leave(&config, reset).await,
                 ClusterCommand::Status { json } => cli::cluster_status(&target, json).await,
             }
         }),

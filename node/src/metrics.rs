@@ -1,7 +1,7 @@
 //! Metric names and the Prometheus text rendering of the node's counters.
 //!
 //! The counters themselves live beside what they count (`pool::ServerStats`, one
-//! [`Histogram`] per pool) as plain atomics, so the request path never takes a lock or looks up
+//! [`Histogram`] per server) as plain atomics, so the request path never takes a lock or looks up
 //! a label set; this module turns them into the Prometheus text format at scrape time.
 //! prometheus-client's registry was considered: its label families hash a label set on every
 //! increment, and its histogram takes a lock per observation, both on the hot path, while the
@@ -145,15 +145,24 @@ impl Histogram {
     }
 
     fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let mut cumulative = 0;
-        for (i, bound) in BUCKETS.iter().map(|b| b.to_string()).chain(["+Inf".to_owned()]).enumerate() {
-            cumulative += self.buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
-        }
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
-        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count.load(Ordering::Relaxed));
+        render_sum(std::iter::once(self), out, name, labels);
     }
+}
+
+/// Renders the sum of `histograms` as one: a pool's latency is the sum of its servers', added
+/// at scrape time rather than observed twice on every request.
+fn render_sum<'a>(histograms: impl Iterator<Item = &'a Histogram> + Clone, out: &mut String, name: &str, labels: &str) {
+    let total = |get: &dyn Fn(&Histogram) -> &AtomicU64| -> u64 {
+        histograms.clone().map(|h| get(h).load(Ordering::Relaxed)).fold(0, u64::wrapping_add)
+    };
+    let mut cumulative = 0;
+    for (i, bound) in BUCKETS.iter().map(|b| b.to_string()).chain(["+Inf".to_owned()]).enumerate() {
+        cumulative += total(&|h| &h.buckets[i]);
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+    }
+    let sum = total(&|h| &h.sum_micros) as f64 / 1e6;
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+    let _ = writeln!(out, "{name}_count{{{labels}}} {}", total(&|h| &h.count));
 }
 
 /// Counters of requests that never reached a server.
@@ -375,7 +384,10 @@ pub fn render(snapshot: &Snapshot, rejections: &Rejections, listeners: &[Listene
     }
     header(&mut out, REQUEST_DURATION, "histogram", "Time from request to response head, by pool.");
     for pool in snapshot.pools.values() {
-        pool.latency.render(&mut out, REQUEST_DURATION, &format!("pool=\"{}\"", label(&pool.name)));
+        // The pool's servers' histograms summed (each request is observed once, by its server);
+        // a server a reload removed takes its counts along, which Prometheus reads as a reset.
+        let servers = pool.servers.iter().map(|s| &s.stats.latency);
+        render_sum(servers, &mut out, REQUEST_DURATION, &format!("pool=\"{}\"", label(&pool.name)));
     }
     header(&mut out, SERVER_REQUEST_DURATION, "histogram", "Time from request to response head, by server.");
     for pool in snapshot.pools.values() {
@@ -566,6 +578,23 @@ mod tests {
         assert!(out.contains("x_bucket{pool=\"p\",le=\"10\"} 2\n"), "{out}");
         assert!(out.contains("x_bucket{pool=\"p\",le=\"+Inf\"} 3\n"), "{out}");
         assert!(out.contains("x_count{pool=\"p\"} 3\n"), "{out}");
+    }
+
+    #[test]
+    fn a_pool_histogram_is_the_sum_of_its_servers() {
+        let (a, b) = (Histogram::default(), Histogram::default());
+        a.observe(Duration::from_micros(300));
+        b.observe(Duration::from_micros(400));
+        b.observe(Duration::from_millis(30));
+        let mut out = String::new();
+        render_sum([&a, &b].into_iter(), &mut out, "x", "pool=\"p\"");
+        assert!(out.contains("x_bucket{pool=\"p\",le=\"0.0005\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{pool=\"p\",le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_sum{pool=\"p\"} 0.0307\n"), "{out}");
+        assert!(out.contains("x_count{pool=\"p\"} 3\n"), "{out}");
+        let mut empty = String::new();
+        render_sum(std::iter::empty(), &mut empty, "x", "pool=\"q\"");
+        assert!(empty.contains("x_count{pool=\"q\"} 0\n"), "a pool without servers renders zeros: {empty}");
     }
 
     #[test]

@@ -23,8 +23,8 @@ use keel_cluster::model;
 
 use crate::balance::{self, Member, Pick, Selector};
 use crate::health::outlier::OutlierState;
-use crate::metrics::Histogram;
 use crate::proxy::h1::client::IdleConns;
+use crate::proxy::h2_client::H2Conns;
 use crate::proxy::retry::RetryBudget;
 use crate::slow_start;
 use crate::tls::{TlsError, UpstreamTls};
@@ -121,6 +121,9 @@ pub struct ServerState {
     /// Idle keep-alive connections to this server: the one connection pool of keel's HTTP/1.1
     /// client ([`crate::proxy::h1::client`]) for it.
     pub idle: Arc<IdleConns>,
+    /// Shared HTTP/2 connections to this server, for pools with `protocol = "h2c"`/`"h2"`
+    /// ([`crate::proxy::h2_client`]); empty otherwise.
+    pub h2: Arc<H2Conns>,
     /// Whether the last [`Pool::refresh`] found it eligible: a change to eligible starts a
     /// slow-start ramp.
     was_eligible: AtomicBool,
@@ -149,6 +152,7 @@ impl ServerState {
             active: AtomicUsize::new(0),
             stats: ServerStats::default(),
             idle: Arc::default(),
+            h2: Arc::default(),
             // Servers present at start-up are assumed up and take their full share at once
             // (as HAProxy's slowstart does not apply at start).
             was_eligible: AtomicBool::new(true),
@@ -278,8 +282,6 @@ pub struct Pool {
     selector: ArcSwap<Box<dyn Selector>>,
     /// TLS towards the servers, for a pool with `[pools.x.tls]`; `None` speaks plain HTTP.
     pub tls: Option<Arc<UpstreamTls>>,
-    /// Time to response head of requests served by this pool.
-    pub latency: Histogram,
     /// Retries in flight (the pool's retry budget) and retry counters.
     pub retries: RetryBudget,
     /// Self-reference handed to timers, so a pool dropped by a reload is not kept alive by them.
@@ -320,7 +322,8 @@ impl Pool {
             })
             .collect();
 
-        let tls = config.tls.as_ref().map(UpstreamTls::new).transpose()?.map(Arc::new);
+        let h2 = config.protocol == model::UpstreamProtocol::H2;
+        let tls = config.tls.as_ref().map(|tls| UpstreamTls::with_alpn(tls, h2)).transpose()?.map(Arc::new);
 
         let pool = Arc::new_cyclic(|this| Pool {
             name: name.to_owned(),
@@ -328,7 +331,6 @@ impl Pool {
             servers,
             selector: ArcSwap::from_pointee(balance::build(config.algorithm, &[])),
             tls,
-            latency: Histogram::default(),
             retries: RetryBudget::default(),
             this: this.clone(),
             reporter: OnceLock::new(),

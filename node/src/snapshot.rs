@@ -61,6 +61,11 @@ impl Snapshot {
                 old?.servers.iter().find(|s| s.name == server.name && s.address == server.address).cloned()
             })
             .map_err(|source| BuildError { pool: name.clone(), source })?;
+            // HTTP/2 connections made under another protocol or TLS setting must not carry
+            // the new config's streams (an h2c connection for an h2 pool, an old CA's).
+            if old.is_some_and(|o| o.config.protocol != cfg.protocol || o.config.tls != cfg.tls) {
+                pool.servers.iter().for_each(|s| s.h2.clear());
+            }
             // A server added to a running pool ramps up under slow_start like one coming back.
             if let (Some(old), Some(_)) = (old, cfg.slow_start) {
                 let added: Vec<_> =

@@ -25,6 +25,9 @@
 //! - [`exchange`]: one request described once ([`exchange::Req`]) and sent as hand-written
 //!   HTTP/1.1 or through hyper's h2c client, with the response in one shape for both
 //!   ([`exchange::Resp`]), for the differential test of keel's two front ends.
+//! - [`grpc`]: a real gRPC server ([`grpc::GrpcServer`], h2c or TLS, unary and streaming
+//!   methods, the standard health service, cancellation counted) and client
+//!   ([`grpc::GrpcClient`], tonic), with raw-bytes messages: no protoc, no prost.
 //! - [`wait`]: [`wait_until`]/[`wait_for`] polling with a deadline, and the named deadlines
 //!   every test uses instead of bare sleeps.
 //! - [`tempdir`]: a scratch directory removed on drop (kept when a test fails).
@@ -46,6 +49,7 @@ pub mod client;
 pub mod cluster;
 pub mod dns;
 pub mod exchange;
+pub mod grpc;
 pub mod keel;
 pub mod ports;
 pub mod raw;

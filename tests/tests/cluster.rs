@@ -837,3 +837,133 @@ async fn the_admin_token_guards_the_cluster_api_and_cli() -> Result<()> {
     c.wait_voters(&[1, 2, 3], REPLICATION).await?;
     Ok(())
 }
+
+/// `keel cluster transfer` hands leadership to the named data node in one election (the term
+/// moves by one) and answers once it leads; through a follower the CLI follows the leader. A
+/// node that is not a member, or the leader itself, is refused with a clear message and
+/// changes nothing.
+#[tokio::test]
+async fn cluster_transfer_hands_leadership_over_and_refuses_bad_targets() -> Result<()> {
+    let bs = Backend::start_many("", 2)?;
+    let mut c = Cluster::builder(seed(&bs), 3).start().await?;
+    c.form().await?;
+    let leader = c.leader(LEADER).await?;
+    let term = |v: &serde_json::Value| v["term"].as_u64().unwrap_or(0);
+    let before = term(&c.cluster_status(leader).await?);
+    let others: Vec<u64> = c.data_ids().into_iter().filter(|&id| id != leader).collect();
+    let (target, via) = (others[0], others[1]);
+    let out = c.cli(via, &["cluster", "transfer", "--to", &target.to_string()])?;
+    ensure_success("keel cluster transfer", &out)?;
+    ensure!(
+        output_text(&out).contains(&format!("node {target}")),
+        "the answer should name the successor: {}",
+        describe(&out)
+    );
+    let now = c.leader(LEADER).await?;
+    ensure!(now == target, "leader after the transfer is {now}, not {target}");
+    let after = term(&c.cluster_status(now).await?);
+    ensure!(after == before + 1, "one election expected: term {before} -> {after}");
+    wait_routed(&c, now, "/", &names(&bs)).await?;
+
+    for bad in ["99".to_owned(), target.to_string()] {
+        let out = c.cli(leader, &["cluster", "transfer", "--to", &bad])?;
+        ensure!(!out.status.success(), "transfer to {bad} succeeded: {}", describe(&out));
+        ensure!(
+            output_text(&out).contains(&format!("node {bad}")),
+            "the refusal should name node {bad}: {}",
+            describe(&out)
+        );
+    }
+    ensure!(c.leader(LEADER).await? == target, "a refused transfer moved the leader");
+    ensure!(term(&c.cluster_status(target).await?) == after, "a refused transfer changed the term");
+    Ok(())
+}
+
+/// `keel cluster remove 3`: node 3 learns it (its status says so, it stops serving the
+/// cluster's listener and stands for nothing: the term stays), refuses to start as a member
+/// again, and after `keel cluster leave --reset` joins as new — without moving the leader or
+/// the term.
+#[tokio::test]
+async fn a_removed_node_knows_it_and_rejoins_only_after_a_reset() -> Result<()> {
+    let bs = Backend::start_many("", 2)?;
+    let mut c = Cluster::builder(seed(&bs), 3).start().await?;
+    c.form().await?;
+    let leader = c.leader(LEADER).await?;
+    let removed = c.data_ids().into_iter().find(|&id| id != leader).ok_or_else(|| anyhow!("no follower"))?;
+    let term = |v: &serde_json::Value| v["term"].as_u64().unwrap_or(0);
+    let before = term(&c.cluster_status(leader).await?);
+
+    ensure_success("keel cluster remove", &c.cli(leader, &["cluster", "remove", &removed.to_string()])?)?;
+    wait_until(REPLICATION, &format!("node {removed} reporting its removal"), || async {
+        c.cluster_status(removed).await.is_ok_and(|s| s["removed"]["node_id"].as_u64() == Some(removed))
+    })
+    .await?;
+    let proxy = c.proxy(removed);
+    wait_until(REPLICATION, &format!("node {removed} closing the cluster's listener {proxy}"), || async move {
+        tokio::net::TcpStream::connect(proxy).await.is_err()
+    })
+    .await?;
+    // Long enough for a node that still believed it was a voter to stand (several leases).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let survivors: Vec<u64> = c.data_ids().into_iter().filter(|&id| id != removed).collect();
+    ensure!(c.leader_among(&survivors, LEADER).await? == leader, "the removal moved the leader");
+    ensure!(term(&c.cluster_status(leader).await?) == before, "the removed node disturbed the term");
+    ensure!(term(&c.cluster_status(removed).await?) <= before, "the removed node raised its own term");
+
+    // A restart keeps it out, with a message saying what to do.
+    c.kill(removed)?;
+    let file = c.spec(removed).file.to_str().ok_or_else(|| anyhow!("path"))?.to_owned();
+    let out = keel(&["run", "--config", &file])?;
+    ensure!(!out.status.success(), "a removed node started as a member: {}", describe(&out));
+    let text = output_text(&out);
+    ensure!(
+        text.contains("was removed from cluster") && text.contains("leave --reset"),
+        "unclear refusal: {}",
+        describe(&out)
+    );
+
+    let out = keel(&["cluster", "leave", "--config", &file])?;
+    ensure!(
+        !out.status.success() && output_text(&out).contains("--reset"),
+        "leave without --reset: {}",
+        describe(&out)
+    );
+    ensure_success("keel cluster leave --reset", &keel(&["cluster", "leave", "--reset", "--config", &file])?)?;
+    c.restart(removed).await?;
+    ensure_success("keel cluster join after the reset", &c.join(removed, leader)?)?;
+    c.wait_voters(&[1, 2, 3], CATCH_UP).await?;
+    c.wait_serving(removed, CATCH_UP).await?;
+    wait_routed(&c, removed, "/", &names(&bs)).await?;
+    ensure!(c.leader(LEADER).await? == leader, "the re-join moved the leader");
+    ensure!(term(&c.cluster_status(leader).await?) == before, "the re-join changed the term");
+    Ok(())
+}
+
+/// A node removed while it was down (so the leader could not tell it) learns it on its next
+/// contact: when it looks for a leader, a voter whose membership no longer lists it says so.
+/// It then reports the removal and disturbs nothing.
+#[tokio::test]
+async fn a_node_removed_while_down_learns_it_when_it_comes_back() -> Result<()> {
+    let bs = Backend::start_many("", 2)?;
+    let mut c = Cluster::builder(seed(&bs), 3).start().await?;
+    c.form().await?;
+    let leader = c.leader(LEADER).await?;
+    let removed = c.data_ids().into_iter().find(|&id| id != leader).ok_or_else(|| anyhow!("no follower"))?;
+    let term = |v: &serde_json::Value| v["term"].as_u64().unwrap_or(0);
+    let before = term(&c.cluster_status(leader).await?);
+    c.kill(removed)?;
+    ensure_success("keel cluster remove (node down)", &c.cli(leader, &["cluster", "remove", &removed.to_string()])?)?;
+    c.restart(removed).await?;
+    let c = &c;
+    wait_until(CATCH_UP, &format!("node {removed} learning its removal"), || async move {
+        c.cluster_status(removed).await.is_ok_and(|s| s["removed"].is_object())
+    })
+    .await?;
+    let status = c.cluster_status(removed).await?;
+    let learned = status["removed"]["learned_from"].as_str().unwrap_or_default();
+    ensure!(learned.starts_with("node "), "expected a peer to say so, got {learned:?}");
+    let survivors: Vec<u64> = c.data_ids().into_iter().filter(|&id| id != removed).collect();
+    ensure!(c.leader_among(&survivors, LEADER).await? == leader, "the removed node moved the leader");
+    ensure!(term(&c.cluster_status(leader).await?) == before, "the removed node disturbed the term");
+    Ok(())
+}

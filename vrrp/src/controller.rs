@@ -86,6 +86,7 @@ enum Cause {
     ClusterGone,
     Restore,
     Shutdown,
+    HandedOver,
 }
 
 impl Cause {
@@ -97,6 +98,7 @@ impl Cause {
             Cause::ClusterGone => "cluster stopped publishing leadership",
             Cause::Restore => "address was removed from the interface by someone else",
             Cause::Shutdown => "shutting down",
+            Cause::HandedOver => "handed over: off the interface, kept on lo while the LAN follows the successor",
         }
     }
 }
@@ -107,12 +109,22 @@ pub struct VipController {
     announcer: Arc<dyn VipAnnouncer>,
     settings: ControllerSettings,
     status: watch::Sender<VipStatus>,
+    /// True once this node has handed the VIP over: letting go then steps aside (off the
+    /// interface, kept on `lo` for a while) instead of deleting it.
+    aside: Option<watch::Receiver<bool>>,
 }
 
 impl VipController {
     /// A controller for `announcer`; nothing happens until [`Self::run`].
     pub fn new(announcer: Arc<dyn VipAnnouncer>, settings: ControllerSettings) -> Self {
-        VipController { announcer, settings, status: watch::Sender::new(VipStatus::default()) }
+        VipController { announcer, settings, status: watch::Sender::new(VipStatus::default()), aside: None }
+    }
+
+    /// Lets go by [`VipAnnouncer::step_aside`] whenever `aside` is true (a planned hand-over:
+    /// the successor claims next).
+    pub fn with_step_aside(mut self, aside: watch::Receiver<bool>) -> Self {
+        self.aside = Some(aside);
+        self
     }
 
     /// Counters and the holding flag, updated after every call.
@@ -153,9 +165,18 @@ impl VipController {
             let target = want && !startup;
             let due = retry_at.is_none_or(|at| Instant::now() >= at);
             if (startup || held != Some(target)) && due {
-                let call_cause = if startup { Cause::Startup } else { cause };
+                let handing_over = !startup && !target && self.aside.as_ref().is_some_and(|a| *a.borrow());
+                let call_cause = match (startup, handing_over) {
+                    (true, _) => Cause::Startup,
+                    (false, true) => Cause::HandedOver,
+                    (false, false) => cause,
+                };
                 startup = false;
-                let call = if target { self.announcer.claim() } else { self.announcer.release() };
+                let call = match (target, handing_over) {
+                    (true, _) => self.announcer.claim(),
+                    (false, true) => self.announcer.step_aside(),
+                    (false, false) => self.announcer.release(),
+                };
                 let outcome = tokio::select! {
                     result = call => Some(result),
                     () = inputs.until_changed(want) => None,

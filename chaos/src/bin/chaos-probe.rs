@@ -5,12 +5,14 @@
 //!   `P START_MS END_MS ok|err DETAIL` per request (a client of the VIP). A new request starts
 //!   every INTERVAL_MS even while earlier ones hang, so lines come in completion order.
 //! - `watch VIP INTERVAL_MS MAX_SECS`: prints `W TS_MS 0|1` every INTERVAL_MS, 1 when VIP is an
-//!   address of this namespace (tested by binding a UDP socket to it).
+//!   address of this namespace's `eth0` — what makes a host answer ARP for it. (A node that
+//!   handed the VIP over keeps it on `lo` for a while, with `arp_ignore = 1`, to finish its
+//!   connections: a local address, but not one it announces.)
 //! - `get URL TIMEOUT_MS [TOKEN]` / `post URL TIMEOUT_MS TOKEN BODY`: one request; prints the
 //!   status code on the first line and the body after it.
 
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -47,7 +49,14 @@ fn run(args: &[String]) -> Result<(), String> {
             let mut out = std::io::stdout().lock();
             while started.elapsed() < max {
                 let t0 = Instant::now();
-                let holding = UdpSocket::bind(SocketAddr::from((vip, 0))).is_ok();
+                // One getifaddrs call (a single netlink dump): the observation takes tens of
+                // microseconds, so the timestamp taken right after it is the time it describes.
+                let holding = nix::ifaddrs::getifaddrs().is_ok_and(|mut addrs| {
+                    addrs.any(|a| {
+                        a.interface_name == "eth0"
+                            && a.address.as_ref().and_then(|s| s.as_sockaddr_in()).is_some_and(|s| s.ip() == vip)
+                    })
+                });
                 writeln!(out, "W {} {}", now_ms(), u8::from(holding)).map_err(|e| e.to_string())?;
                 out.flush().map_err(|e| e.to_string())?;
                 std::thread::sleep(interval.saturating_sub(t0.elapsed()));

@@ -73,7 +73,7 @@ fn parse() -> Result<Args, String> {
                 other => return Err(format!("--realtime wants true or false, got {other:?}")),
             },
             "-h" | "--help" => {
-                return Err("usage: chaos [--runs N] [--scenario kill|partition|rolling|pair|load|keepalived|all] \
+                return Err("usage: chaos [--runs N] [--scenario kill|partition|rolling|remove|pair|load|keepalived|all] \
                      [--profile default|fast] [--timings HB,MIN,MAX] [--witness-timings HB,MIN,MAX] [--keepalived-runs N] [--load-secs N] [--realtime true|false] [--seed N]"
                     .into())
             }
@@ -140,6 +140,7 @@ fn run_three_node(args: &Args, which: &str, runs: &mut Vec<Run>) -> Result<(), S
         let r = match which {
             "kill" => vec![scenario::kill_leader(&mut lab, k, &mut rng, &c)?],
             "partition" => vec![scenario::partition(&mut lab, k, &mut rng, &c)?],
+            "remove" => vec![scenario::remove_rejoin(&mut lab, k, &c)?],
             _ => scenario::rolling_restart(&mut lab, k, &c)?,
         };
         for run in &r {
@@ -221,8 +222,8 @@ fn main() -> ExitCode {
         }
     };
     let scenarios: Vec<&str> = match args.scenario.as_str() {
-        "all" => vec!["kill", "partition", "rolling", "pair", "keepalived"],
-        s @ ("kill" | "partition" | "rolling" | "pair" | "load" | "keepalived") => vec![s],
+        "all" => vec!["kill", "partition", "rolling", "remove", "pair", "keepalived"],
+        s @ ("kill" | "partition" | "rolling" | "remove" | "pair" | "load" | "keepalived") => vec![s],
         other => {
             eprintln!("chaos: unknown scenario {other}");
             return ExitCode::from(2);

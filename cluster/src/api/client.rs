@@ -18,7 +18,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{AddNode, ApiErrorBody, RemoveNode, StateView};
+use super::{AddNode, ApiErrorBody, RemoveNode, StateView, Transfer};
 use crate::command::{Command, NodeId, Outcome};
 use crate::model::Config;
 use crate::node::ClusterStatus;
@@ -152,6 +152,11 @@ impl ClusterClient {
     /// `POST /cluster/remove`, following the leader.
     pub async fn remove(&self, id: NodeId) -> Result<serde_json::Value, ClientError> {
         self.call(Method::POST, "/cluster/remove", Some(&RemoveNode { id }), MEMBERSHIP_REQUEST_TIMEOUT, true).await
+    }
+
+    /// `POST /cluster/transfer`, following the leader.
+    pub async fn transfer(&self, to: Option<NodeId>) -> Result<serde_json::Value, ClientError> {
+        self.call(Method::POST, "/cluster/transfer", Some(&Transfer { to }), MEMBERSHIP_REQUEST_TIMEOUT, true).await
     }
 
     /// `POST /cluster/propose`, following the leader.

@@ -9,6 +9,7 @@
 //! | `POST /cluster/init` | seed [`Config`] | [`Outcome`](crate::command::Outcome); 409 if already initialized |
 //! | `POST /cluster/add-node` | [`AddNode`] | `{"added": id}` once caught up and voting |
 //! | `POST /cluster/remove` | [`RemoveNode`] | `{"removed": id}` |
+//! | `POST /cluster/transfer` | [`Transfer`] | `{"leader": id}` once the successor leads and holds the VIP; 409 if it could not |
 //! | `POST /cluster/propose` | [`Command`] | [`Outcome`](crate::command::Outcome); 422 rejected, 503 no quorum |
 //!
 //! # Writes on a follower: 421 + leader address, not proxying
@@ -67,6 +68,15 @@ pub struct AddNode {
 pub struct RemoveNode {
     /// The node to remove.
     pub id: NodeId,
+}
+
+/// Body of `POST /cluster/transfer`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Transfer {
+    /// The successor; the most caught-up data voter when absent.
+    #[serde(default)]
+    pub to: Option<NodeId>,
 }
 
 /// Answer of `GET /cluster/state`.
@@ -157,6 +167,7 @@ fn cluster_error(e: ClusterError) -> Response<Full<Bytes>> {
         ClusterError::InvalidSettings(_) => error(StatusCode::BAD_REQUEST, "bad_request", e),
         ClusterError::Propose(p) => propose_error(p),
         ClusterError::Timeout(_) => error(StatusCode::GATEWAY_TIMEOUT, "timeout", e),
+        ClusterError::Transfer(_) => error(StatusCode::CONFLICT, "transfer_failed", e),
         other => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", other),
     }
 }
@@ -219,6 +230,13 @@ where
                 Err(e) => cluster_error(e),
             },
         },
+        (Method::POST, "transfer") => match read_json::<_, Transfer>(req.into_body()).await {
+            Err(r) => r,
+            Ok(t) => match cluster.transfer(t.to).await {
+                Ok(leader) => json(StatusCode::OK, &serde_json::json!({ "leader": leader })),
+                Err(e) => cluster_error(e),
+            },
+        },
         (Method::POST, "propose") => match read_json::<_, Command>(req.into_body()).await {
             Err(r) => r,
             Ok(cmd) => match cluster.propose(cmd).await {
@@ -226,7 +244,7 @@ where
                 Err(e) => propose_error(e),
             },
         },
-        (_, "status" | "state" | "init" | "add-node" | "remove" | "propose") => error(
+        (_, "status" | "state" | "init" | "add-node" | "remove" | "transfer" | "propose") => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             format!("{} is not allowed on {path}", req.method()),

@@ -216,6 +216,20 @@ impl std::fmt::Debug for Secs {
     }
 }
 
+/// A peer's answer to a pre-vote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PreVoteAnswer {
+    /// It would vote for the candidate.
+    Granted,
+    /// It would not (or could not be asked).
+    Refused,
+    /// Its membership, newer than the candidate's log, does not list the candidate.
+    NotAMember {
+        /// The peer's term.
+        term: u64,
+    },
+}
+
 /// Why a call failed: before a connection existed, or after.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
@@ -246,11 +260,33 @@ pub enum CallError {
 }
 
 impl PeerClient {
-    /// Asks the peer whether it would grant `candidate` its vote now (keel's pre-vote);
-    /// `false` for any failure: a peer that cannot be asked is not a vote.
-    pub async fn pre_vote(&mut self, candidate: u64, last_log_index: Option<u64>, ttl: Duration) -> bool {
+    /// Asks the peer whether it would grant `candidate` its vote now (keel's pre-vote); a
+    /// refusal for any failure: a peer that cannot be asked is not a vote.
+    pub async fn pre_vote(&mut self, candidate: u64, last_log_index: Option<u64>, ttl: Duration) -> PreVoteAnswer {
         let req = RpcRequest::PreVote { candidate, last_log_index };
-        matches!(self.call(super::KIND_RPC, &req, ttl).await, Ok(RpcResponse::PreVote(true)))
+        match self.call(super::KIND_RPC, &req, ttl).await {
+            Ok(RpcResponse::PreVote(true)) => PreVoteAnswer::Granted,
+            Ok(RpcResponse::NotAMember { term }) => PreVoteAnswer::NotAMember { term },
+            _ => PreVoteAnswer::Refused,
+        }
+    }
+
+    /// Tells the peer it was removed from the cluster (best effort).
+    pub async fn removed(&mut self, term: u64, ttl: Duration) -> bool {
+        matches!(self.call(super::KIND_RPC, &RpcRequest::Removed { term }, ttl).await, Ok(RpcResponse::Noted))
+    }
+
+    /// Tells the peer that `from` hands over to `to`, holding the VIP for at most `hold`;
+    /// `true` once it noted it.
+    pub async fn hand_over(&mut self, from: u64, to: u64, hold: Duration, ttl: Duration) -> bool {
+        let hold_ms = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX);
+        let req = RpcRequest::HandOver { from, to, hold_ms };
+        matches!(self.call(super::KIND_RPC, &req, ttl).await, Ok(RpcResponse::HandOver(true)))
+    }
+
+    /// Asks the peer that handed over to let go of the VIP; `true` once it confirmed it did.
+    pub async fn release(&mut self, from: u64, ttl: Duration) -> bool {
+        matches!(self.call(super::KIND_RPC, &RpcRequest::Release { from }, ttl).await, Ok(RpcResponse::Released(true)))
     }
 
     async fn connect(&mut self, limit: Duration) -> Result<TcpStream, FrameError> {

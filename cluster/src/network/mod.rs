@@ -105,6 +105,27 @@ pub enum RpcRequest {
         /// The candidate's last log index (a receiver with a longer log says no).
         last_log_index: Option<u64>,
     },
+    /// A planned hand-over (`crate::handover`): `from`, the leader, hands leadership and the
+    /// VIP over to `to` and may keep the VIP for `hold_ms` from now.
+    HandOver {
+        /// The leader handing over.
+        from: u64,
+        /// Its chosen successor.
+        to: u64,
+        /// How long `from` may keep the VIP (ms).
+        hold_ms: u64,
+    },
+    /// From the successor of a hand-over, now leading: let go of the VIP. Answered once the
+    /// address is off the receiver's interface.
+    Release {
+        /// Who asks.
+        from: u64,
+    },
+    /// From the leader, after a removal of the receiver committed: it is no longer a member.
+    Removed {
+        /// The leader's term.
+        term: u64,
+    },
     /// A whole snapshot, sent in one [`KIND_SNAPSHOT`] frame.
     FullSnapshot {
         /// The leader's vote.
@@ -128,6 +149,18 @@ pub enum RpcResponse {
     Snapshot(SnapshotResponse<u64>),
     /// Answer to PreVote: whether the receiver would grant the vote.
     PreVote(bool),
+    /// Answer to PreVote from a voter whose membership, newer than the asker's whole log, no
+    /// longer lists the asker: it was removed.
+    NotAMember {
+        /// The answering node's term.
+        term: u64,
+    },
+    /// Answer to Removed: noted.
+    Noted,
+    /// Answer to HandOver: noted (only the successor and the other voters say yes).
+    HandOver(bool),
+    /// Answer to Release: the VIP is off the receiver's interface; claim it.
+    Released(bool),
     /// The receiving Raft failed (e.g. it is shutting down).
     Error(String),
 }

@@ -47,6 +47,10 @@ pub fn dispatch_to(raft: Raft) -> Dispatch {
                 // Answered by the wrapper that knows when a leader was last heard from
                 // (`node::noting_leader_contact`); without it, never grant.
                 RpcRequest::PreVote { .. } => RpcResponse::PreVote(false),
+                // Likewise answered by the node's wrapper, which holds the hand-over state.
+                RpcRequest::HandOver { .. } => RpcResponse::HandOver(false),
+                RpcRequest::Release { .. } => RpcResponse::Released(false),
+                RpcRequest::Removed { .. } => RpcResponse::Error("not handled here".into()),
                 RpcRequest::FullSnapshot { vote, meta, data } => {
                     let snapshot = Snapshot { meta, snapshot: Box::new(Cursor::new(data)) };
                     match raft.install_full_snapshot(vote, snapshot).await {

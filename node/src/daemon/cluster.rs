@@ -206,16 +206,29 @@ pub async fn follow(
     mut stop: watch::Receiver<bool>,
 ) -> Applier {
     let mut state_rx = handle.state();
+    let mut removed = handle.removed();
     // A new DNS answer rebuilds the snapshot like a config change (crate::resolve). The
     // snapshot holds the resolver, so its channel cannot close under this loop.
     let mut answers = applier.answers();
     let mut rebuild = false;
     loop {
+        if removed.borrow_and_update().is_some() {
+            // Removed from the cluster: its listeners are the cluster's, not this node's.
+            let empty = keel_cluster::model::Config::default();
+            let result = applier.apply(empty, None, Mode::BestEffort, |_| {}).await;
+            if result.is_ok() {
+                tracing::warn!(target: "keel::raft", "removed from the cluster: no longer serving its listeners");
+            }
+            status.record_cluster(result);
+            let _ = stop.wait_for(|stopped| *stopped).await;
+            break;
+        }
         let state = state_rx.borrow_and_update().clone();
         apply(&state, &mut applier, &status, rebuild).await;
         tokio::select! {
             changed = state_rx.changed() => { rebuild = false; if changed.is_err() { break } },
             _ = answers.changed() => rebuild = true,
+            _ = removed.changed() => {}
             _ = stop.changed() => break,
         }
     }

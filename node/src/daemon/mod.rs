@@ -12,7 +12,8 @@
 //! replicated config changes, where a listener that cannot start is logged rather than fatal
 //! (the rest of the cluster serves it). Listeners are reconciled by [`listeners`].
 //!
-//! Shutdown order: stop accepting (listening sockets close, new connections are refused), ask
+//! Shutdown order: a leader first hands leadership and the VIP over to a caught-up data node
+//! (`keel_cluster::handover`) while it still serves; then stop accepting (listening sockets close, new connections are refused), ask
 //! open connections to finish (HTTP/1.1 closes after the in-flight response, HTTP/2 sends
 //! GOAWAY; [`drain`]), wait for them up to the drain deadline, leave the cluster's Raft
 //! cleanly, then return.
@@ -290,7 +291,7 @@ impl Daemon {
                     reannounce_every: file.vip.as_ref().map(|v| v.reannounce.get()),
                     ..ControllerSettings::default()
                 };
-                let controller = VipController::new(announcer, settings);
+                let controller = VipController::new(announcer, settings).with_step_aside(handle.vip_stepping_aside());
                 let status = controller.status();
                 // The lease deadline and the controller run on the VIP's own thread.
                 let realtime = file.cluster.as_ref().is_none_or(|c| c.realtime);
@@ -298,6 +299,19 @@ impl Daemon {
                     Ok(rt) => {
                         let (lease, follow) = handle.vip_lease();
                         rt.spawn(follow);
+                        // A hand-over confirms its release only once the address is gone.
+                        let (held_tx, held_rx) = watch::channel(false);
+                        let mut held = status.clone();
+                        rt.spawn(async move {
+                            loop {
+                                let holding = held.borrow_and_update().holding;
+                                held_tx.send_replace(holding);
+                                if held.changed().await.is_err() {
+                                    return;
+                                }
+                            }
+                        });
+                        handle.watch_vip(held_rx);
                         (Some(rt.spawn(controller.run(lease, vip_stop_rx))), Some(status))
                     }
                     // Cannot happen: bind built the announcer on this runtime.
@@ -342,6 +356,26 @@ impl Daemon {
         let admin_loop = tokio::spawn(admin::serve(admin, admin_state, stop_rx));
 
         shutdown.await;
+        // A leader hands leadership and the VIP over first, still serving, so a planned stop
+        // costs no failover; the drain below then only finishes what this node has open.
+        if let Some(handle) = cluster.as_ref().filter(|_| !witness) {
+            if handle.status().role == keel_cluster::Role::Leader {
+                tracing::info!(target: "keel::raft", "stopping the leader: handing over first");
+                match handle.transfer(None).await {
+                    Ok(to) => {
+                        tracing::info!(target: "keel::raft", to, "handed over before stopping");
+                        // The VIP is still a local address here (on `lo`): go on accepting
+                        // while the LAN follows the successor's first announcement, so a
+                        // client that sent its SYN to this host a moment ago is served, not
+                        // reset when the listener closes.
+                        tokio::time::sleep(HANDOVER_LINGER).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(target: "keel::raft", error = %e, "no hand-over; the others take over when the lease ends")
+                    }
+                }
+            }
+        }
         tracing::info!(target: "keel::proxy", "shutting down: no longer accepting connections");
         if let Some(task) = sighup {
             task.abort();
@@ -372,6 +406,10 @@ impl Daemon {
         tracing::info!("exiting");
     }
 }
+
+/// How long a leader that handed over keeps accepting before it drains: its successor's first
+/// gratuitous ARP goes out as it claims, and hosts follow it within a millisecond or two.
+const HANDOVER_LINGER: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Cluster mode: reloads certificates on every SIGHUP (the config is the cluster's, changed
 /// with `keel config apply`).

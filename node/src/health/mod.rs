@@ -10,8 +10,12 @@
 //! dropped. A config reload builds new pools and drops the old ones, so reload needs no
 //! shutdown plumbing: calling [`spawn`] on each new pool is the whole protocol.
 //!
+//! Check types: [`http`] (an HTTP/1.1 request judged by status), [`tcp`] (a connect) and
+//! [`grpc`] (`grpc.health.v1.Health/Check` over HTTP/2).
+//!
 //! Passive detection ([`outlier`]) is driven by the request path through [`Pool::observe`].
 
+pub mod grpc;
 pub mod http;
 pub mod hysteresis;
 pub mod outlier;
@@ -29,6 +33,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::pool::Pool;
 
+pub use self::grpc::GrpcHealthCheck;
 pub use self::http::HttpHealthCheck;
 pub use self::hysteresis::Hysteresis;
 pub use self::tcp::TcpHealthCheck;
@@ -61,6 +66,9 @@ pub enum CheckError {
     /// The server's answer was not valid HTTP/1.1, or it closed the connection mid-answer.
     #[error("protocol error: {0}")]
     Protocol(#[source] hyper::Error),
+    /// A gRPC health check's call failed or did not answer `SERVING`.
+    #[error("gRPC health check: {0}")]
+    Grpc(String),
     /// The configured method, path or host cannot be put in a request.
     #[error("cannot build the check request: {0}")]
     InvalidRequest(String),
@@ -106,6 +114,7 @@ fn spawn_tasks(pool: &Arc<Pool>) -> Vec<JoinHandle<()>> {
     };
     match config.kind {
         CheckKind::Tcp => spawn_with(pool, config, TcpHealthCheck::new(config.timeout.get())),
+        CheckKind::Grpc => spawn_with(pool, config, GrpcHealthCheck::new(config, pool.tls.clone())),
         CheckKind::Http => match HttpHealthCheck::new(config) {
             Ok(check) => spawn_with(pool, config, check),
             Err(err) => {
@@ -278,6 +287,7 @@ mod tests {
             retry_budget_min: model::defaults::retry_budget_min(),
             idle_timeout: HumanDuration::from_secs(1),
             retries: 0,
+            protocol: model::UpstreamProtocol::Http1,
             tls: None,
             proxy_protocol: None,
             sticky: None,

@@ -406,6 +406,8 @@ pub struct Entry {
     pub termination: Option<&'static str>,
     /// The request's id.
     pub request_id: Option<String>,
+    /// A gRPC call's `grpc-status`, from the trailers (or a trailers-only head).
+    pub grpc_status: Option<u32>,
 }
 
 /// One field's value, before a format writes it.
@@ -457,6 +459,7 @@ impl Entry {
             total: Duration::ZERO,
             termination: None,
             request_id: None,
+            grpc_status: None,
         }
     }
 
@@ -493,6 +496,7 @@ impl Entry {
             F::Termination => text(self.termination),
             F::ClosedBy => text(self.termination.map(closed_by)),
             F::RequestId => untrusted(self.request_id.as_deref()),
+            F::GrpcStatus => self.grpc_status.map_or(Value::None, |s| Value::Number(s.into())),
         }
     }
 
@@ -752,6 +756,10 @@ impl http_body::Body for Logged {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.pending.entry.bytes_out += data.len() as u64;
+                } else if let Some(trailers) = frame.trailers_ref() {
+                    if let Some(status) = grpc_status(trailers) {
+                        this.pending.entry.grpc_status = Some(status);
+                    }
                 }
             }
             Poll::Ready(Some(Err(_))) => {
@@ -771,6 +779,11 @@ impl http_body::Body for Logged {
     fn size_hint(&self) -> http_body::SizeHint {
         http_body::Body::size_hint(&self.inner)
     }
+}
+
+/// The `grpc-status` in `headers`, if it is a number.
+pub fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
 }
 
 impl Drop for Logged {

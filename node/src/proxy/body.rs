@@ -266,6 +266,11 @@ impl Buffered {
         self.data.len() as u64
     }
 
+    /// Whether it ended with trailers.
+    pub fn has_trailers(&self) -> bool {
+        self.trailers.is_some()
+    }
+
     /// Whether it has no bytes.
     pub fn is_empty(&self) -> bool {
         self.data.is_empty()

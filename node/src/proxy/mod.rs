@@ -9,6 +9,9 @@
 //!   codec ([`h1::codec`]), the server half for clients ([`h1::server`]) and the client half
 //!   for servers, with one connection pool per server ([`h1::client`]).
 //! - [`h2`]: the HTTP/2 front end (h2c by prior knowledge, h2 by ALPN), on hyper's h2 server.
+//! - [`h2_client`]: the HTTP/2 client half for pools with `protocol = "h2c"`/`"h2"`: streams
+//!   multiplexed on a few shared connections per server, gRPC's streaming, trailers, resets
+//!   and `grpc-timeout`.
 //! - [`phases`]: the request path in named phases: authority → route → admit → choose → send
 //!   → respond → log.
 //! - [`guard`]: the client stream's framing gate and deadlines between requests.
@@ -33,6 +36,7 @@ pub mod error;
 pub mod guard;
 pub mod h1;
 pub mod h2;
+pub mod h2_client;
 pub mod header_rules;
 pub mod headers;
 pub mod lot;

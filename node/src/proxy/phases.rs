@@ -20,7 +20,9 @@
 //!    servers already tried.
 //! 6. **send** ([`send`]): header rewrite (hop-by-hop out, `X-Forwarded-*` in, then the
 //!    operator's [`super::header_rules`]), the exchange
-//!    through the server's connection pool, bounded by the pool's timeouts. A failure the
+//!    through the server's connection pool — keel's HTTP/1.1 client, or for a pool with
+//!    `protocol = "h2c"`/`"h2"` its HTTP/2 client ([`super::h2_client`], [`send_h2`]) — bounded
+//!    by the pool's timeouts (and a gRPC call's `grpc-timeout`). A failure the
 //!    pool's `retry_on` names is retried on another server when the request can be sent again
 //!    and the pool's retry budget allows ([`super::retry`]); [`blame`] decides whose failure
 //!    it was first.
@@ -64,6 +66,7 @@ use super::body::{
 use super::error::{ErrorKind, ProxyError};
 use super::h1::client::{self, RequestHead, ResponseBody, SendError, Upstream};
 use super::h1::codec::Framing;
+use super::h2_client::{self, H2Body, OwnedBody};
 use super::header_rules::{RuleChain, Vars};
 use super::headers;
 use super::retry::{self, Failure};
@@ -85,6 +88,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum ProxyBody {
     /// A server's body, streamed; the server counts the request in flight until it ends.
     Upstream(Tracked<ResponseBody, InFlight>),
+    /// An HTTP/2 server's body (an h2 pool's): its error is the `h2` crate's, so a server's
+    /// reset reaches an HTTP/2 client's stream with its reason.
+    Upstream2(Tracked<H2Body, InFlight>),
     /// A short body keel wrote itself (errors, redirects, 429).
     Local(Full<Bytes>),
     /// A `101`: no body; the session turns the connection into a tunnel to this server side.
@@ -100,6 +106,7 @@ impl Body for ProxyBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ProxyBody::Upstream2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             ProxyBody::Local(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
             ProxyBody::Upgrade(_) => Poll::Ready(None),
             ProxyBody::Logged(b) => Pin::new(&mut **b).poll_frame(cx),
@@ -109,6 +116,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Upstream(b) => b.is_end_stream(),
+            ProxyBody::Upstream2(b) => b.is_end_stream(),
             ProxyBody::Local(b) => b.is_end_stream(),
             ProxyBody::Upgrade(_) => true,
             ProxyBody::Logged(b) => b.is_end_stream(),
@@ -118,6 +126,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Upstream(b) => b.size_hint(),
+            ProxyBody::Upstream2(b) => b.size_hint(),
             ProxyBody::Local(b) => b.size_hint(),
             ProxyBody::Upgrade(_) => SizeHint::with_exact(0),
             ProxyBody::Logged(b) => b.size_hint(),
@@ -171,6 +180,25 @@ impl Peer {
 
     fn ip(&self) -> std::net::IpAddr {
         self.addr.ip()
+    }
+}
+
+/// A client session's request body type, as the request path needs it: a body, and whether a
+/// streaming one can be handed to a task of its own. An HTTP/2 stream's body owns itself and
+/// can (an h2 pool then keeps it flowing after the response head: gRPC's streaming calls); an
+/// HTTP/1 body borrows its connection and cannot.
+pub trait ClientSource: Body<Data = Bytes> + Send + Unpin + Sized
+where
+    Self::Error: Into<BoxError>,
+{
+    /// Takes the streaming body out of `slot` as an owned one; leaves it there (`None`) when
+    /// it borrows anything.
+    fn detach(slot: &mut Option<Streamed<Counted<Self>>>) -> Option<OwnedBody>;
+}
+
+impl ClientSource for hyper::body::Incoming {
+    fn detach(slot: &mut Option<Streamed<Counted<Self>>>) -> Option<OwnedBody> {
+        slot.take().map(|body| Box::pin(body) as OwnedBody)
     }
 }
 
@@ -250,7 +278,7 @@ impl HttpProxy {
     /// Answers one request from `peer`: the whole request path, phase by phase.
     pub async fn handle<B>(&self, mut parts: http::request::Parts, body: Option<B>, peer: &Peer) -> Response<ProxyBody>
     where
-        B: Body<Data = Bytes> + Send + Unpin,
+        B: ClientSource,
         B::Error: Into<BoxError>,
     {
         let started = Instant::now();
@@ -279,7 +307,11 @@ impl HttpProxy {
         });
         let body = body.map(|b| Counted::new(b, pending.as_ref().map(|p| p.bytes_in.clone())));
         let trace = Trace::default();
+        let grpc = h2_client::is_grpc(&parts.headers);
         let (mut resp, routed, pool) = self.phases(parts, body, peer, started, &trace).await;
+        if grpc && matches!(resp.body(), ProxyBody::Local(_)) {
+            with_grpc_status(&mut resp);
+        }
         self.traffic.count(resp.status().as_u16());
         if let (Some(name), Some(id)) = (&self.request_id, request_id) {
             resp.headers_mut().insert(name.clone(), id);
@@ -287,6 +319,8 @@ impl HttpProxy {
         let Some(mut pending) = pending.take() else { return resp };
         let entry = &mut pending.entry;
         entry.status = Some(resp.status().as_u16());
+        // A trailers-only gRPC answer (an error before any message) has it in the head.
+        entry.grpc_status = super::access_log::grpc_status(resp.headers());
         entry.termination = match &routed {
             Ok(_) => None,
             Err(Some(cause)) => Some(*cause),
@@ -318,13 +352,13 @@ impl HttpProxy {
     async fn phases<B>(
         &self,
         parts: http::request::Parts,
-        body: Option<B>,
+        body: Option<Counted<B>>,
         peer: &Peer,
         started: Instant,
         trace: &Trace,
     ) -> (Response<ProxyBody>, Result<(), Option<&'static str>>, Option<Arc<Pool>>)
     where
-        B: Body<Data = Bytes> + Send + Unpin,
+        B: ClientSource,
         B::Error: Into<BoxError>,
     {
         let authority = match authority(&parts) {
@@ -337,6 +371,10 @@ impl HttpProxy {
         };
         if let Err(answer) = self.admit(&routed, &parts, body.as_ref(), peer, started) {
             return ((*answer).map(ProxyBody::Local), Err(None), Some(routed.pool.clone()));
+        }
+        if routed.pool.config.protocol.is_h2() && parts.version < Version::HTTP_2 && h2_client::is_grpc(&parts.headers)
+        {
+            return (grpc_over_http1().map(ProxyBody::Local), Err(None), Some(routed.pool.clone()));
         }
         let forwarded = self.forward(&routed, parts, body, peer, started, trace);
         // The total timeout counts from the head received: the upload, every attempt, every
@@ -407,16 +445,33 @@ impl HttpProxy {
         &self,
         routed: &Routed,
         mut parts: http::request::Parts,
-        body: Option<B>,
+        body: Option<Counted<B>>,
         peer: &Peer,
         started: Instant,
         trace: &Trace,
     ) -> Result<Response<ProxyBody>, ProxyError>
     where
-        B: Body<Data = Bytes> + Send + Unpin,
+        B: ClientSource,
         B::Error: Into<BoxError>,
     {
         let pool = &routed.pool;
+        let h2 = pool.config.protocol.is_h2();
+        // gRPC streams in both directions and may pause for as long as the call lives: its
+        // body is never buffered (a bidirectional call would wait for its own reply) and has
+        // no pause or rate limit, only the size limit. Its `grpc-timeout` bounds the wait for
+        // the response head together with the pool's response timeout.
+        let grpc = h2 && h2_client::is_grpc(&parts.headers);
+        let deadline = grpc
+            .then(|| h2_client::grpc_timeout(&parts.headers))
+            .flatten()
+            .map(|t| tokio::time::Instant::from(started) + t);
+        // `te: trailers` is the one `te` HTTP/2 allows, and gRPC servers insist on it.
+        let te_trailers = h2
+            && parts
+                .headers
+                .get_all(header::TE)
+                .iter()
+                .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
         let upgrade = parts.version == Version::HTTP_11 && headers::is_upgrade(&parts.headers);
         // A stated `Content-Length: 0` stays one (some servers refuse a `POST` without a length:
         // 411); a body of known size keeps its length; any other body goes chunked.
@@ -427,15 +482,22 @@ impl HttpProxy {
         };
         let request_id = self.request_id.as_ref().and_then(|name| parts.headers.get(name)).cloned();
         rewrite_request(&mut parts, routed, peer, self.proto, upgrade, request_id.as_ref());
+        if te_trailers {
+            parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         let mut outgoing = match body {
             None => Outgoing::Buffered(Buffered::default()),
             Some(body) => {
                 // The verdict exists only where a body does: most requests have none and need
                 // not pay an allocation for it.
                 let verdict = Arc::new(BodyVerdict::default());
-                let body = ClientBody::new(body, self.body_limits, verdict.clone());
+                let limits = match grpc {
+                    true => BodyLimits { timeout: GRPC_BODY_PAUSE, min_rate: 0, ..self.body_limits },
+                    false => self.body_limits,
+                };
+                let body = ClientBody::new(body, limits, verdict.clone());
                 // An upgrade's body is the start of a tunnel, never something to wait for.
-                let limit = if upgrade { 0 } else { self.request_buffer };
+                let limit = if upgrade || grpc { 0 } else { self.request_buffer };
                 match body::buffer(body, limit).await {
                     Ok(Payload::Buffered(buffered)) => Outgoing::Buffered(buffered),
                     Ok(Payload::Streamed(streamed)) => Outgoing::Streamed(streamed, verdict),
@@ -462,11 +524,10 @@ impl HttpProxy {
         // kept while another server is tried.
         let mut last: Option<Attempt> = None;
         // Phase 7 for the response the client gets.
-        let finish = |resp: Response<ResponseBody>, index: usize, in_flight: InFlight| {
-            let took = started.elapsed();
-            pool.latency.observe(took);
+        let finish = |resp: Response<ServerBody>, index: usize, in_flight: InFlight| {
+            // Observed once, by the server; the pool's histogram is their sum (metrics).
             if let Some(server) = pool.servers.get(index) {
-                server.stats.latency.observe(took);
+                server.stats.latency.observe(started.elapsed());
             }
             // A kept 502/503 may come from an earlier server than the last one tried.
             trace.server.store(index, Ordering::Relaxed);
@@ -504,9 +565,14 @@ impl HttpProxy {
             let server = &pool.servers[index];
             let in_flight = InFlight::start(server);
             server.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let sent = {
-                let mut body = outgoing.attempt();
-                send(pool, server, &head, &mut body, &trace.connect_us.0).await
+            let sent = match h2 {
+                false => {
+                    let mut body = outgoing.attempt();
+                    send(pool, server, &head, &mut body, &trace.connect_us.0).await.map(|r| r.map(ServerBody::H1))
+                }
+                true => send_h2(pool, server, &head, &mut outgoing, deadline, &trace.connect_us.0)
+                    .await
+                    .map(|r| r.map(ServerBody::H2)),
             };
             let more = attempt + 1 < attempts;
             match sent {
@@ -736,7 +802,7 @@ fn rewrite_request(
 enum Attempt {
     /// A 502/503 from server `index`, kept while another server is tried (boxed: the rare
     /// path).
-    Answered(Box<Response<ResponseBody>>, usize, InFlight),
+    Answered(Box<Response<ServerBody>>, usize, InFlight),
     /// A failure, already blamed.
     Failed(ProxyError),
 }
@@ -748,6 +814,8 @@ enum Outgoing<B> {
     /// Streaming from the client: one attempt can send it, and its verdict says whether the
     /// client broke a limit or went away.
     Streamed(Streamed<B>, Arc<BodyVerdict>),
+    /// Streamed, and handed to an HTTP/2 stream's own task: no attempt can send it again.
+    Detached(Arc<BodyVerdict>),
 }
 
 impl<B> Outgoing<B> {
@@ -756,6 +824,8 @@ impl<B> Outgoing<B> {
         match self {
             Outgoing::Buffered(buffered) => AttemptBody::Replay(buffered.replay()),
             Outgoing::Streamed(streamed, _) => AttemptBody::Stream(streamed),
+            // Never reached: a failure after the body left is not retried (not replayable).
+            Outgoing::Detached(_) => AttemptBody::Replay(Buffered::default().replay()),
         }
     }
 
@@ -768,7 +838,7 @@ impl<B> Outgoing<B> {
     fn client_fault(&self) -> Option<BodyFault> {
         match self {
             Outgoing::Buffered(_) => None,
-            Outgoing::Streamed(_, verdict) => verdict.fault(),
+            Outgoing::Streamed(_, verdict) | Outgoing::Detached(verdict) => verdict.fault(),
         }
     }
 }
@@ -910,6 +980,123 @@ where
     client::send(&up, head, body).await
 }
 
+/// Phase 6 for an HTTP/2 pool: one stream to `server` on its shared connections. The stream is
+/// opened before the body is handed over, so a connect failure leaves a streaming body intact
+/// for another server; then an owned body (buffered, or an HTTP/2 client's stream) goes to the
+/// stream's own task, a borrowed one is sent by this task.
+async fn send_h2<B>(
+    pool: &Pool,
+    server: &ServerState,
+    head: &RequestHead<'_>,
+    outgoing: &mut Outgoing<Counted<B>>,
+    deadline: Option<tokio::time::Instant>,
+    connect_us: &AtomicU64,
+) -> Result<Response<H2Body>, SendError>
+where
+    B: ClientSource,
+    B::Error: Into<BoxError>,
+{
+    let up = h2_client::Upstream {
+        addr: server.address,
+        conns: &server.h2,
+        max_idle: pool.config.idle_timeout.get(),
+        connect_timeout: pool.config.connect_timeout.get(),
+        response_timeout: pool.config.response_timeout.get(),
+        deadline,
+        tls: pool.tls.as_ref(),
+        connect_us: Some(connect_us),
+    };
+    let h2_head = h2_client::RequestHead { method: head.method, target: head.target, headers: head.headers };
+    let empty = match &*outgoing {
+        Outgoing::Buffered(b) => b.is_empty() && !b.has_trailers(),
+        Outgoing::Streamed(..) | Outgoing::Detached(_) => false,
+    };
+    let opened = h2_client::open(&up, &h2_head, empty).await?;
+    if empty {
+        return h2_client::finish::<Replay>(&up, opened, h2_client::RequestBody::Empty).await;
+    }
+    let verdict = match &*outgoing {
+        Outgoing::Buffered(b) => {
+            let body: OwnedBody = Box::pin(b.replay());
+            return h2_client::finish::<Replay>(&up, opened, h2_client::RequestBody::Owned(body)).await;
+        }
+        Outgoing::Streamed(_, verdict) | Outgoing::Detached(verdict) => verdict.clone(),
+    };
+    match std::mem::replace(outgoing, Outgoing::Detached(verdict.clone())) {
+        Outgoing::Streamed(streamed, _) => {
+            let mut slot = Some(streamed);
+            if let Some(owned) = B::detach(&mut slot) {
+                return h2_client::finish::<Replay>(&up, opened, h2_client::RequestBody::Owned(owned)).await;
+            }
+            if let Some(streamed) = slot {
+                *outgoing = Outgoing::Streamed(streamed, verdict);
+            }
+            match outgoing {
+                Outgoing::Streamed(streamed, _) => {
+                    h2_client::finish(&up, opened, h2_client::RequestBody::Borrowed(streamed)).await
+                }
+                _ => Err(SendError::Empty { addr: server.address, source: io::Error::other("request body lost") }),
+            }
+        }
+        // Already sent once: nothing to send again (the retry policy never gets here).
+        other => {
+            *outgoing = other;
+            Err(SendError::Empty { addr: server.address, source: io::Error::other("request body already sent") })
+        }
+    }
+}
+
+/// A server's response body: from keel's HTTP/1.1 client or its HTTP/2 client.
+pub enum ServerBody {
+    /// From an HTTP/1.1 server (or a 101's tunnel).
+    H1(ResponseBody),
+    /// From an HTTP/2 server.
+    H2(H2Body),
+}
+
+/// How long a gRPC call's request stream may pause: as long as the call lives (its deadline
+/// and the pool's timeouts bound it), which a body pause limit would cut short.
+const GRPC_BODY_PAUSE: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+
+/// 415 for a gRPC call that came over HTTP/1.x to a pool whose servers speak HTTP/2: gRPC is
+/// defined on HTTP/2 only, and keel does not translate. Not 426: that status must name a
+/// protocol to switch to on this connection (`Upgrade`), and keel offers HTTP/2 only by prior
+/// knowledge or ALPN, never by upgrade. The `grpc-status` (13, INTERNAL) and `grpc-message`
+/// headers are there for gRPC-aware tools; the body says it in words.
+fn grpc_over_http1() -> Response<Full<Bytes>> {
+    let why = "gRPC needs HTTP/2: connect with HTTP/2 (h2c by prior knowledge, or TLS with ALPN h2)";
+    let mut resp = super::error::plain_response(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("{why}\n"));
+    resp.headers_mut().insert("grpc-status", HeaderValue::from_static("13"));
+    resp.headers_mut()
+        .insert("grpc-message", HeaderValue::from_static("gRPC needs HTTP/2; this request came over HTTP/1.1"));
+    resp
+}
+
+/// Gives keel's own answer to a gRPC call (a 504, a 503…) the `grpc-status` and `grpc-message`
+/// a gRPC client reads first, so the call fails with a code that says what happened rather than
+/// one inferred from the HTTP status. The mapping is gRPC's own ("HTTP to gRPC Status Code
+/// Mapping"), except 504: keel knows it was a deadline (its response timeout or the call's
+/// `grpc-timeout`), so DEADLINE_EXCEEDED rather than UNAVAILABLE.
+fn with_grpc_status(resp: &mut Response<ProxyBody>) {
+    if resp.headers().contains_key("grpc-status") {
+        return;
+    }
+    let code: &'static str = match resp.status().as_u16() {
+        400 => "13",
+        401 => "16",
+        403 => "7",
+        404 => "12",
+        429 | 502 | 503 => "14",
+        504 => "4",
+        _ => "2",
+    };
+    let message = format!("keel: {}", resp.status());
+    resp.headers_mut().insert("grpc-status", HeaderValue::from_static(code));
+    if let Ok(message) = HeaderValue::from_str(&message) {
+        resp.headers_mut().insert("grpc-message", message);
+    }
+}
+
 /// What sticky learning needs from the request once the response is in.
 struct Learn<'a> {
     policy: &'a StickyPolicy,
@@ -924,7 +1111,7 @@ struct Learn<'a> {
 /// into the server side of a tunnel for the session to run. The operator's response rules
 /// (listener, then route) come after the sticky cookie, so a rule has the last word.
 fn respond(
-    resp: Response<ResponseBody>,
+    resp: Response<ServerBody>,
     in_flight: InFlight,
     learn: Option<Learn<'_>>,
     server: &ServerState,
@@ -932,7 +1119,7 @@ fn respond(
     servers: &[Arc<ServerState>],
 ) -> Response<ProxyBody> {
     let (mut head, body) = resp.into_parts();
-    let upgraded = body.is_upgraded();
+    let upgraded = matches!(&body, ServerBody::H1(b) if b.is_upgraded());
     headers::strip_hop_by_hop(&mut head.headers, upgraded);
     if let Some(learn) = learn {
         let no_headers = HeaderMap::new();
@@ -949,13 +1136,13 @@ fn respond(
         let vars = Vars { client_ip: &peer.forwarded_for, pool: &pool.name, server: Some(&server.name), request_id };
         rules.on_response(&mut head.headers, &vars);
     }
-    let body = if upgraded {
-        match body.into_upgraded() {
+    let body = match body {
+        ServerBody::H1(body) if upgraded => match body.into_upgraded() {
             Some(server) => ProxyBody::Upgrade(Upgrade { server, _in_flight: in_flight }),
             None => ProxyBody::Local(Full::new(Bytes::new())),
-        }
-    } else {
-        ProxyBody::Upstream(Tracked::new(body, in_flight))
+        },
+        ServerBody::H1(body) => ProxyBody::Upstream(Tracked::new(body, in_flight)),
+        ServerBody::H2(body) => ProxyBody::Upstream2(Tracked::new(body, in_flight)),
     };
     Response::from_parts(head, body)
 }

@@ -10,8 +10,8 @@
 //! address: with `server_name` configured, that name is sent as SNI *and* the certificate is
 //! verified against it; without it, the server's IP address is verified (rustls checks IP SANs,
 //! and sends no SNI for an IP). Server certificates must chain to the `ca` bundle, or to the
-//! system roots when `ca` is absent. ALPN offers `http/1.1` only (keel speaks HTTP/1.1 to
-//! servers); TLS 1.2 and 1.3.
+//! system roots when `ca` is absent. ALPN offers `http/1.1` only, or `h2` only for a pool with
+//! `protocol = "h2"` (keel's HTTP/2 client, [`crate::proxy::h2_client`]); TLS 1.2 and 1.3.
 
 use std::io;
 use std::path::Path;
@@ -47,6 +47,12 @@ impl UpstreamTls {
     /// Builds a pool's TLS settings. Errors name the CA file or the invalid `server_name`; the
     /// system roots are read once per process.
     pub fn new(tls: &BackendTls) -> Result<Self, TlsError> {
+        Self::with_alpn(tls, false)
+    }
+
+    /// [`UpstreamTls::new`] offering ALPN `h2` instead of `http/1.1`, for pools with
+    /// `protocol = "h2"` (keel's HTTP/2 client checks that the server agreed).
+    pub fn with_alpn(tls: &BackendTls, h2: bool) -> Result<Self, TlsError> {
         let roots = match &tls.ca {
             Some(path) => ca_roots(path)?,
             None => system_roots()?,
@@ -55,7 +61,7 @@ impl UpstreamTls {
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = vec![if h2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
         let server_name = tls.server_name.as_deref().map(server_name).transpose()?;
         Ok(UpstreamTls { connector: TlsConnector::from(Arc::new(config)), server_name })
     }

@@ -44,6 +44,15 @@ pub trait VipAnnouncer: Send + Sync {
     /// Removes the VIP from the interface. "Not present" is success.
     fn release(&self) -> VipFuture<'_, ()>;
 
+    /// Hands the VIP over: takes it off the interface (so this host no longer answers ARP for
+    /// it) but keeps it as a local address for a while, so that connections already open to it
+    /// are finished and packets still addressed to this host's MAC are served rather than
+    /// dropped, until the LAN has followed the successor's announcement. Defaults to
+    /// [`release`](Self::release).
+    fn step_aside(&self) -> VipFuture<'_, ()> {
+        self.release()
+    }
+
     /// Sends the gratuitous-ARP burst again, without touching the address.
     fn announce(&self) -> VipFuture<'_, ()>;
 

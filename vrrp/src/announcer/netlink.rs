@@ -81,9 +81,14 @@ impl NetlinkAnnouncer {
 
     /// The VIP's address entries on the interface (normally zero or one).
     async fn query(&self) -> Result<Vec<AddressMessage>, VipError> {
+        self.query_on(&self.config.interface).await
+    }
+
+    /// The VIP's address entries on interface `name`.
+    async fn query_on(&self, name: &str) -> Result<Vec<AddressMessage>, VipError> {
         // Any state of the link will do (a down interface still carries addresses); a gone
         // interface carries none.
-        let Ok(iface) = find_interface(&self.config.interface) else { return Ok(Vec::new()) };
+        let Ok(iface) = find_interface(name) else { return Ok(Vec::new()) };
         let mut request = self
             .handle
             .address()
@@ -122,8 +127,28 @@ impl NetlinkAnnouncer {
         request.execute().await.map_err(|e| self.netlink_error("add", e))
     }
 
+    /// Removes the VIP from the interface and from `lo` (where a hand-over left it).
     async fn do_release(&self) -> Result<(), VipError> {
-        for message in self.query().await? {
+        self.delete_from(&self.config.interface).await?;
+        self.delete_from(LOOPBACK).await
+    }
+
+    /// `ip addr add VIP/32 dev lo valid_lft ASIDE preferred_lft ASIDE`, then off the interface.
+    async fn do_step_aside(&self) -> Result<(), VipError> {
+        quiet_arp(&self.config.interface);
+        let lo = find_interface(LOOPBACK)?;
+        let mut request = self.handle.address().add(lo.index, IpAddr::V4(self.config.address), 32).replace();
+        let secs = u32::try_from(ASIDE_LIFETIME.as_secs()).unwrap_or(u32::MAX);
+        let mut info = CacheInfo::default();
+        info.ifa_preferred = secs;
+        info.ifa_valid = secs;
+        request.message_mut().attributes.push(AddressAttribute::CacheInfo(info));
+        request.execute().await.map_err(|e| self.netlink_error("add to lo", e))?;
+        self.delete_from(&self.config.interface).await
+    }
+
+    async fn delete_from(&self, name: &str) -> Result<(), VipError> {
+        for message in self.query_on(name).await? {
             match self.handle.address().del(message).execute().await {
                 Ok(()) => {}
                 // Removed by someone else between the query and the delete: still success.
@@ -186,6 +211,10 @@ impl VipAnnouncer for NetlinkAnnouncer {
         Box::pin(self.do_claim())
     }
 
+    fn step_aside(&self) -> VipFuture<'_, ()> {
+        Box::pin(self.do_step_aside())
+    }
+
     fn release(&self) -> VipFuture<'_, ()> {
         Box::pin(self.do_release())
     }
@@ -208,6 +237,35 @@ impl VipAnnouncer for NetlinkAnnouncer {
 }
 
 /// Finds `name` among this namespace's interfaces, in whatever state it is.
+/// Where a hand-over keeps the VIP while the LAN follows the successor.
+const LOOPBACK: &str = "lo";
+
+/// How long a handed-over VIP stays on `lo`: the kernel removes it then, whatever keel does
+/// (a stop removes it at once, after the drain). Long enough for the successor's announcements
+/// (400 ms) and for the requests this node is finishing.
+const ASIDE_LIFETIME: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Makes the interface answer ARP only for addresses configured on it
+/// (`net.ipv4.conf.IF.arp_ignore = 1`, as for LVS direct routing), so the VIP kept on `lo`
+/// after a hand-over is not announced by this host. Best effort: without the right to write
+/// the sysctl (keel under `DynamicUser=`; the unit sets it instead), this host goes on
+/// answering ARP for the VIP on `lo` until it leaves, which the successor's repeated
+/// announcements override; logged once.
+fn quiet_arp(interface: &str) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    let path = format!("/proc/sys/net/ipv4/conf/{interface}/arp_ignore");
+    let current = std::fs::read_to_string(&path).ok().and_then(|v| v.trim().parse::<u32>().ok());
+    if current.is_some_and(|v| v >= 1) {
+        return;
+    }
+    if let Err(e) = std::fs::write(&path, "1") {
+        WARNED.call_once(|| {
+            tracing::warn!(target: "keel::vip", %path, error = %e,
+                "cannot set arp_ignore=1: after a hand-over this host still answers ARP for the VIP kept on lo (set it with sysctl)");
+        });
+    }
+}
+
 fn find_interface(name: &str) -> Result<NetworkInterface, VipError> {
     pnet_datalink::interfaces()
         .into_iter()

@@ -286,6 +286,15 @@ pub struct RequestBody<'a, T> {
     owe_continue: Option<usize>,
 }
 
+/// An HTTP/1 body borrows its connection: it is never handed to a task of its own.
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> crate::proxy::phases::ClientSource for RequestBody<'_, T> {
+    fn detach(
+        _: &mut Option<crate::proxy::body::Streamed<crate::proxy::access_log::Counted<Self>>>,
+    ) -> Option<crate::proxy::h2_client::OwnedBody> {
+        None
+    }
+}
+
 impl<T: AsyncRead + AsyncWrite + Unpin> RequestBody<'_, T> {
     /// Writes the owed `100 Continue`, unless the client already sent body bytes.
     fn poll_continue(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
