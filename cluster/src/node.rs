@@ -249,6 +249,12 @@ fn noting_leader_contact(
             _ => None,
         };
         let append = matches!(req, RpcRequest::AppendEntries(_));
+        let snapshot = matches!(req, RpcRequest::FullSnapshot { .. });
+        if snapshot {
+            // Only a leader sends snapshots, and installing a large one takes a while: that
+            // time is contact, not silence, or the follower would stand in the middle of it.
+            contact.note_append();
+        }
         let fut = inner(req);
         let contact = contact.clone();
         Box::pin(async move {
@@ -257,6 +263,7 @@ fn noting_leader_contact(
                 (RpcResponse::AppendEntries(r), _) if append && !matches!(r, AppendEntriesResponse::HigherVote(_)) => {
                     contact.note_append();
                 }
+                (RpcResponse::Snapshot(_), _) if snapshot => contact.note_append(),
                 (RpcResponse::Vote(v), Some(_)) if v.vote_granted => contact.note(&contact.last_granted_us),
                 (RpcResponse::Vote(v), Some(theirs)) => {
                     if v.last_log_id > theirs {
