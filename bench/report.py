@@ -17,6 +17,7 @@ CASES = {
     "6": "HTTP/2 front end (h2c), h2load",
     "7": "idle keep-alive connections: RSS per connection",
     "8": "POST 4 KiB body, keep-alive, 64 conns",
+    "9": "gRPC unary (h2c to the proxy, h2c to the servers), h2load",
 }
 ORDER = ["direct", "haproxy", "nginx", "keel", "keel-log", "keel-base", "keel-2w", "keel-cluster"]
 LABEL = {"direct": "direct", "haproxy": "HAProxy", "nginx": "nginx", "keel": "keel",
