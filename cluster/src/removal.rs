@@ -135,11 +135,14 @@ pub fn check_not_removed(data_dir: &Path) -> Result<(), String> {
     ))
 }
 
-/// Clears a removed (or any stopped) node's Raft state: the files keel keeps in `data_dir`.
-/// Returns what was deleted. Other files are left alone.
+/// Clears a removed (or any stopped) node's Raft state: the files keel keeps in `data_dir` (the
+/// log and vote in `raft.redb`, the state machine's `snapshot.bin`, the removal marker, and any
+/// half-written temporary of them). Returns what was deleted. Other files are left alone.
 pub fn reset(data_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut deleted = Vec::new();
-    for name in [crate::store::DB_FILE, MARKER] {
+    let snapshot = crate::store::snapshot_file::SNAPSHOT_FILE;
+    let names = [crate::store::DB_FILE, snapshot, &format!("{snapshot}.tmp"), MARKER, &format!("{MARKER}.tmp")];
+    for name in names {
         let path = data_dir.join(name);
         match std::fs::remove_file(&path) {
             Ok(()) => deleted.push(path),
@@ -167,9 +170,10 @@ mod tests {
         assert!(e.contains("node 3 was removed from cluster \"c\" at term 4"), "{e}");
         assert!(e.contains("keel cluster leave --reset"), "{e}");
         std::fs::write(dir.path().join(crate::store::DB_FILE), b"x").expect("db");
+        std::fs::write(dir.path().join(crate::store::snapshot_file::SNAPSHOT_FILE), b"x").expect("snapshot");
         std::fs::write(dir.path().join("keep.txt"), b"x").expect("other");
         let gone = reset(dir.path()).expect("reset");
-        assert_eq!(gone.len(), 2);
+        assert_eq!(gone.len(), 3, "the log, the snapshot and the marker: {gone:?}");
         assert!(check_not_removed(dir.path()).is_ok());
         assert!(dir.path().join("keep.txt").exists(), "only keel's files are deleted");
     }
