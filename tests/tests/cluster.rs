@@ -838,6 +838,28 @@ async fn the_admin_token_guards_the_cluster_api_and_cli() -> Result<()> {
     Ok(())
 }
 
+/// A formed 3-node cluster: the leader, its followers, and the leader's term.
+struct Formed {
+    c: Cluster,
+    leader: u64,
+    followers: Vec<u64>,
+    term: u64,
+}
+
+/// A node's term from its `/cluster/status`.
+fn term_of(status: &serde_json::Value) -> u64 {
+    status["term"].as_u64().unwrap_or(0)
+}
+
+async fn formed(bs: &[Backend]) -> Result<Formed> {
+    let mut c = Cluster::builder(seed(bs), 3).start().await?;
+    c.form().await?;
+    let leader = c.leader(LEADER).await?;
+    let term = term_of(&c.cluster_status(leader).await?);
+    let followers = c.data_ids().into_iter().filter(|&id| id != leader).collect();
+    Ok(Formed { c, leader, followers, term })
+}
+
 /// `keel cluster transfer` hands leadership to the named data node in one election (the term
 /// moves by one) and answers once it leads; through a follower the CLI follows the leader. A
 /// node that is not a member, or the leader itself, is refused with a clear message and
@@ -845,13 +867,9 @@ async fn the_admin_token_guards_the_cluster_api_and_cli() -> Result<()> {
 #[tokio::test]
 async fn cluster_transfer_hands_leadership_over_and_refuses_bad_targets() -> Result<()> {
     let bs = Backend::start_many("", 2)?;
-    let mut c = Cluster::builder(seed(&bs), 3).start().await?;
-    c.form().await?;
-    let leader = c.leader(LEADER).await?;
-    let term = |v: &serde_json::Value| v["term"].as_u64().unwrap_or(0);
-    let before = term(&c.cluster_status(leader).await?);
-    let others: Vec<u64> = c.data_ids().into_iter().filter(|&id| id != leader).collect();
-    let (target, via) = (others[0], others[1]);
+    let Formed { mut c, leader, followers, term: before } = formed(&bs).await?;
+    let term = term_of;
+    let (target, via) = (followers[0], followers[1]);
     let out = c.cli(via, &["cluster", "transfer", "--to", &target.to_string()])?;
     ensure_success("keel cluster transfer", &out)?;
     ensure!(
@@ -886,12 +904,9 @@ async fn cluster_transfer_hands_leadership_over_and_refuses_bad_targets() -> Res
 #[tokio::test]
 async fn a_removed_node_knows_it_and_rejoins_only_after_a_reset() -> Result<()> {
     let bs = Backend::start_many("", 2)?;
-    let mut c = Cluster::builder(seed(&bs), 3).start().await?;
-    c.form().await?;
-    let leader = c.leader(LEADER).await?;
-    let removed = c.data_ids().into_iter().find(|&id| id != leader).ok_or_else(|| anyhow!("no follower"))?;
-    let term = |v: &serde_json::Value| v["term"].as_u64().unwrap_or(0);
-    let before = term(&c.cluster_status(leader).await?);
+    let Formed { mut c, leader, followers, term: before } = formed(&bs).await?;
+    let term = term_of;
+    let removed = followers[0];
 
     ensure_success("keel cluster remove", &c.cli(leader, &["cluster", "remove", &removed.to_string()])?)?;
     wait_until(REPLICATION, &format!("node {removed} reporting its removal"), || async {
@@ -945,12 +960,9 @@ async fn a_removed_node_knows_it_and_rejoins_only_after_a_reset() -> Result<()> 
 #[tokio::test]
 async fn a_node_removed_while_down_learns_it_when_it_comes_back() -> Result<()> {
     let bs = Backend::start_many("", 2)?;
-    let mut c = Cluster::builder(seed(&bs), 3).start().await?;
-    c.form().await?;
-    let leader = c.leader(LEADER).await?;
-    let removed = c.data_ids().into_iter().find(|&id| id != leader).ok_or_else(|| anyhow!("no follower"))?;
-    let term = |v: &serde_json::Value| v["term"].as_u64().unwrap_or(0);
-    let before = term(&c.cluster_status(leader).await?);
+    let Formed { mut c, leader, followers, term: before } = formed(&bs).await?;
+    let term = term_of;
+    let removed = followers[0];
     c.kill(removed)?;
     ensure_success("keel cluster remove (node down)", &c.cli(leader, &["cluster", "remove", &removed.to_string()])?)?;
     c.restart(removed).await?;
