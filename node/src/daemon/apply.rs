@@ -18,7 +18,6 @@
 //!
 //! Every outcome is recorded in [`ReloadStatus`], which `/status` and `/metrics` show.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -469,15 +468,14 @@ fn log(outcome: &Outcome) {
 fn needs_restart(old: &NodeFile, new: &NodeFile) -> Vec<String> {
     let mut out = Vec::new();
     let (a, b) = (&old.node, &new.node);
-    let node: BTreeMap<&str, bool> = [
+    // In key order, as the status lists them.
+    let node = [
         ("node.admin", a.admin != b.admin),
-        ("node.workers", a.workers != b.workers),
-        ("node.drain_timeout", a.drain_timeout != b.drain_timeout),
-        ("node.admin_token_file", a.admin_token_file != b.admin_token_file),
         ("node.admin_token_env", a.admin_token_env != b.admin_token_env),
-    ]
-    .into_iter()
-    .collect();
+        ("node.admin_token_file", a.admin_token_file != b.admin_token_file),
+        ("node.drain_timeout", a.drain_timeout != b.drain_timeout),
+        ("node.workers", a.workers != b.workers),
+    ];
     out.extend(node.into_iter().filter(|(_, changed)| *changed).map(|(k, _)| k.to_owned()));
     // `listen` (per-node bind addresses) is applied with the listeners.
     if (NodeSettings { listen: b.listen.clone(), ..a.clone() }) != *b && out.is_empty() {

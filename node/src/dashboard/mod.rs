@@ -11,7 +11,8 @@
 //! Prometheus' `histogram_quantile` does); sparklines keep [`HISTORY`] points. In a cluster the
 //! sampler also asks every other member's admin API for its `/status` (with this node's
 //! token, in tasks of their own so a dead member never delays a tick): that gives each member's
-//! reachability, last contact and whether it holds the VIP.
+//! reachability, last contact and whether it holds the VIP — only while someone fetched the
+//! document within [`WATCHED_FOR`]: an idle node does not call its peers every other second.
 //!
 //! The page itself ([`PAGE`]) is one HTML file with its script and styles inline, embedded in
 //! the binary: no CDN, no build step, no framework — a few hundred lines of plain DOM code are
@@ -21,7 +22,7 @@ pub mod session;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -45,6 +46,9 @@ pub const LOGIN: &str = include_str!("login.html");
 
 /// How often the sampler samples.
 pub const TICK: Duration = Duration::from_secs(1);
+/// How long after the last fetch the dashboard counts as watched (members are asked for their
+/// status only then).
+pub const WATCHED_FOR: Duration = Duration::from_secs(60);
 /// Ticks a rate is averaged over.
 pub const RATE_WINDOW: usize = 5;
 /// Ticks the latency quantiles cover (one minute).
@@ -73,12 +77,21 @@ pub struct Inputs {
 /// The published document.
 pub struct Dashboard {
     frame: ArcSwap<Bytes>,
+    /// When a viewer last fetched the document (Unix ms; 0: never).
+    last_read_ms: AtomicU64,
 }
 
 impl Dashboard {
     /// The latest document, as JSON.
     pub fn frame(&self) -> Bytes {
+        self.last_read_ms.store(unix_ms(), Ordering::Relaxed);
         (**self.frame.load()).clone()
+    }
+
+    /// Whether anyone fetched the document within [`WATCHED_FOR`].
+    fn watched(&self) -> bool {
+        let last = self.last_read_ms.load(Ordering::Relaxed);
+        last != 0 && unix_ms().saturating_sub(last) < WATCHED_FOR.as_millis() as u64
     }
 }
 
@@ -125,7 +138,10 @@ struct Sampler {
 
 /// Starts the sampler; it runs until `stop`.
 pub fn spawn(inputs: Inputs, mut stop: watch::Receiver<bool>) -> Arc<Dashboard> {
-    let dashboard = Arc::new(Dashboard { frame: ArcSwap::from_pointee(Bytes::from_static(b"{}")) });
+    let dashboard = Arc::new(Dashboard {
+        frame: ArcSwap::from_pointee(Bytes::from_static(b"{}")),
+        last_read_ms: AtomicU64::new(0),
+    });
     let published = dashboard.clone();
     let contacts: Arc<Mutex<BTreeMap<u64, Contact>>> = Arc::default();
     tokio::spawn(async move {
@@ -135,16 +151,25 @@ pub fn spawn(inputs: Inputs, mut stop: watch::Receiver<bool>) -> Arc<Dashboard> 
         let mut ticks = tokio::time::interval(TICK);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut n: u64 = 0;
+        let mut was_watched = false;
         loop {
             tokio::select! {
                 _ = ticks.tick() => {}
                 _ = stop.changed() => return,
             }
+            // Asking every member for its status costs a request per member every other tick:
+            // only while someone looks. The local counters are sampled always (a pass over the
+            // pools), so the histories are there when a viewer arrives.
+            let watched = published.watched();
             if let Some(cluster) = &inputs.cluster {
-                if n.is_multiple_of(2) {
+                if watched && (!was_watched || n.is_multiple_of(2)) {
                     probe_members(cluster, inputs.token.clone(), contacts.clone());
+                } else if !watched && was_watched {
+                    // What members said a minute ago is not shown as current when one returns.
+                    contacts.lock().unwrap_or_else(|p| p.into_inner()).clear();
                 }
             }
+            was_watched = watched;
             n += 1;
             let frame = sampler.sample(&inputs, started, started_unix_ms, &contacts);
             match serde_json::to_vec(&frame) {
