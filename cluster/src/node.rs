@@ -604,11 +604,11 @@ async fn ask_for_release(
             }
             continue;
         }
+        // Nothing to do until leadership or the hand-over changes (a hand-over that runs out
+        // needs nothing: there is no one left to ask).
         tokio::select! {
             r = leadership.changed() => if r.is_err() { return },
             r = changes.changed() => if r.is_err() { return },
-            // A pending hand-over runs out by itself: look again now and then.
-            () = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
     }
 }
@@ -1435,7 +1435,7 @@ impl ClusterHandle {
             millis_since_quorum_ack: m.millis_since_quorum_ack,
             lease_ms,
             quorum_acked_within_lease,
-            removed: self.inner.removal.subscribe().borrow().clone(),
+            removed: self.inner.removal.current(),
         }
     }
 

@@ -73,6 +73,11 @@ impl Tracker {
         self.tx.borrow().is_some()
     }
 
+    /// The removal, if known.
+    pub fn current(&self) -> Option<Removed> {
+        self.tx.borrow().clone()
+    }
+
     /// The removal, once known.
     pub fn subscribe(&self) -> watch::Receiver<Option<Removed>> {
         self.tx.subscribe()
