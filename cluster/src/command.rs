@@ -70,6 +70,18 @@ pub enum Command {
     PutStickyBatch(Vec<StickyEntry>),
     /// Changes nothing; commits an entry (useful to confirm a fresh leader can commit).
     Noop,
+    /// Names the node that holds one of the spread VIPs (`holder`), or takes it from its
+    /// holder (`None`: suspended until the old holder's lease has certainly ended, see
+    /// [`crate::vips`]). A VIP goes from one holder to another only through a suspension:
+    /// naming a holder while another is named is rejected.
+    SetVipHolder {
+        /// The VIP.
+        vip: std::net::IpAddr,
+        /// Its new holder, or `None` to suspend it.
+        holder: Option<NodeId>,
+        /// With a suspension: the node to name next (an operator's `vip move`).
+        move_to: Option<NodeId>,
+    },
 }
 
 /// Largest sticky batch accepted in one command: bounds the size of one log entry.
@@ -103,6 +115,7 @@ impl Command {
             Command::SetServerWeight { .. } => "set_server_weight",
             Command::PutStickyBatch(_) => "put_sticky_batch",
             Command::Noop => "noop",
+            Command::SetVipHolder { .. } => "set_vip_holder",
         }
     }
 }
@@ -181,6 +194,7 @@ mod tests {
                 expires_at_ms: 5,
             }]),
             Command::Noop,
+            Command::SetVipHolder { vip: "10.0.0.100".parse().unwrap(), holder: Some(2), move_to: None },
         ];
         for cmd in cmds {
             let json = serde_json::to_string(&cmd).unwrap();

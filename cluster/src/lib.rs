@@ -66,6 +66,7 @@ pub mod sticky_table;
 pub mod store;
 pub mod throttle;
 pub mod types;
+pub mod vips;
 
 pub use command::{Command, NodeId, Outcome, Proposal, StickyEntry};
 pub use duration::HumanDuration;

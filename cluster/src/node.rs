@@ -106,6 +106,7 @@ use crate::removal;
 use crate::state::ClusterState;
 use crate::store;
 use crate::types::{NodeInfo, Raft};
+use crate::vips;
 
 /// A witness stands for election only after this many election-max periods without hearing
 /// from any leader (see [`witness_watchdog`]).
@@ -190,9 +191,27 @@ fn noting_leader_contact(
     quiet: Duration,
     handover: Arc<HandOver>,
     removal: Arc<removal::Tracker>,
+    vips: (Arc<vips::Ledger>, watch::Receiver<Arc<ClusterState>>),
 ) -> Dispatch {
     Arc::new(move |req: RpcRequest| -> Pin<Box<dyn Future<Output = RpcResponse> + Send>> {
         match req {
+            RpcRequest::VipRenew(renewal) => {
+                let state = vips.1.borrow().clone();
+                let acked = vips.0.renew(&renewal, &state, std::time::Instant::now());
+                return Box::pin(async move { RpcResponse::VipRenewed(acked) });
+            }
+            RpcRequest::VipLastAck { node, vip } => {
+                let state = vips.1.borrow().clone();
+                let ago = vips.0.last_ack(node, vip, &state, std::time::Instant::now());
+                let us = ago.map(|d| {
+                    if d == Duration::MAX {
+                        u64::MAX
+                    } else {
+                        u64::try_from(d.as_micros()).unwrap_or(u64::MAX - 1)
+                    }
+                });
+                return Box::pin(async move { RpcResponse::VipLastAck(us) });
+            }
             RpcRequest::Removed { term } => {
                 removal.learned(term, "the leader".into());
                 return Box::pin(async move { RpcResponse::Noted });
@@ -674,6 +693,8 @@ impl Profile {
 /// How long [`ClusterHandle::propose`] waits for a commit before answering
 /// [`ProposeError::NoQuorum`].
 pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long [`ClusterHandle::move_vip`] waits for the target to be named.
+pub const VIP_MOVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a membership change (including a learner's catch-up) may take.
 pub const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long [`ClusterHandle::initialize`] waits to become leader of the fresh cluster.
@@ -701,6 +722,10 @@ pub struct ClusterSettings {
     pub election_max: Duration,
     /// A witness votes and stores the log but runs no data plane and never holds the VIP.
     pub witness: bool,
+    /// While leading: move spread VIPs back to an even spread when a node comes back
+    /// (`[vip] preempt`; see [`crate::vips`]).
+    #[serde(default)]
+    pub vip_preempt: bool,
 }
 
 impl ClusterSettings {
@@ -722,6 +747,7 @@ impl ClusterSettings {
             election_min: DEFAULT_ELECTION_MIN,
             election_max: DEFAULT_ELECTION_MAX,
             witness: false,
+            vip_preempt: false,
         }
     }
 
@@ -807,6 +833,9 @@ pub enum ClusterError {
     /// This node was removed from the cluster; it does not start as a member with that state.
     #[error("{0}")]
     Removed(String),
+    /// A spread VIP could not be moved.
+    #[error("vip move: {0}")]
+    VipMove(String),
     /// A leadership hand-over could not be started or did not complete.
     #[error("transfer: {0}")]
     Transfer(String),
@@ -910,6 +939,9 @@ pub struct ClusterStatus {
     /// Set once this node learned it was removed from the cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub removed: Option<removal::Removed>,
+    /// The spread VIPs (`[vip] addresses`) and who holds each, as this node applied it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vips: BTreeMap<std::net::IpAddr, vips::VipSlot>,
 }
 
 struct Inner {
@@ -926,6 +958,8 @@ struct Inner {
     handover: Arc<HandOver>,
     peers: NetworkFactory,
     removal: Arc<removal::Tracker>,
+    ledger: Arc<vips::Ledger>,
+    vip_timings: vips::Timings,
 }
 
 /// The handle to a running node; cheap to clone.
@@ -978,6 +1012,7 @@ impl ClusterNode {
         let contact = Arc::new(LeaderContact::new());
         let handover = HandOver::new(settings.node_id);
         let removal = removal::Tracker::new(settings.data_dir.clone(), settings.cluster_id.clone(), settings.node_id);
+        let ledger = vips::Ledger::new();
         let quiet = settings.election_max.saturating_sub(settings.heartbeat);
         let dispatch = noting_leader_contact(
             dispatch_to(raft.clone()),
@@ -986,6 +1021,7 @@ impl ClusterNode {
             quiet,
             handover.clone(),
             removal.clone(),
+            (ledger.clone(), state.clone()),
         );
         let peers = || NetworkFactory::new(settings.cluster_id.clone(), settings.node_id, Duration::from_secs(30));
         if settings.witness {
@@ -1000,6 +1036,15 @@ impl ClusterNode {
             tokio::spawn(election_watchdog(raft.clone(), contact, times, asker, handover.clone(), removal.clone()));
         }
         tokio::spawn(removed_by_the_log(raft.clone(), removal.clone()));
+        let vip_timings = vips::Timings { tick: settings.heartbeat, lease: settings.election_max };
+        tokio::spawn(vips::run_planner(
+            raft.clone(),
+            state.clone(),
+            ledger.clone(),
+            peers(),
+            vip_timings,
+            settings.vip_preempt,
+        ));
         let server = RaftServer::start(listener, settings.node_id, settings.cluster_id.clone(), dispatch)
             .map_err(|source| ClusterError::Bind { addr: raft_addr, source })?;
         let (lead_tx, leadership) = watch::channel(false);
@@ -1026,6 +1071,8 @@ impl ClusterNode {
                 handover,
                 peers: peers(),
                 removal,
+                ledger,
+                vip_timings,
             }),
         })
     }
@@ -1250,6 +1297,74 @@ impl ClusterHandle {
         self.inner.handover.watch_vip(holding);
     }
 
+    /// This node's leases on the spread VIPs it `carries` (its `[vip] addresses`): one verdict
+    /// per VIP, and the future that renews them — spawn it on the VIP's own thread.
+    pub fn vip_leases(
+        &self,
+        carries: Vec<std::net::IpAddr>,
+    ) -> (Vec<vips::VipLease>, impl std::future::Future<Output = ()> + Send) {
+        vips::holder(
+            self.inner.id,
+            carries,
+            self.inner.raft.clone(),
+            self.inner.state.clone(),
+            self.inner.ledger.clone(),
+            self.inner.peers.clone(),
+            self.inner.vip_timings,
+        )
+    }
+
+    /// Moves a spread VIP to node `to` (`keel cluster vip move`): suspends it with `to` as the
+    /// next holder and waits until `to` is named. This node must lead; `to` must be a live data
+    /// voter that lists the VIP.
+    pub async fn move_vip(&self, vip: std::net::IpAddr, to: u64) -> Result<(), ClusterError> {
+        let m = self.inner.raft.metrics().borrow().clone();
+        if m.state != ServerState::Leader {
+            return Err(ClusterError::NotLeader {
+                leader_id: m.current_leader,
+                leader_admin_addr: leader_hint(&self.inner.raft, m.current_leader),
+            });
+        }
+        let slot = self.inner.state.borrow().vips.get(&vip).cloned();
+        let Some(slot) = slot else {
+            return Err(ClusterError::VipMove(format!("{vip} is not one of the cluster's VIPs")));
+        };
+        if slot.holder == Some(to) {
+            return Ok(());
+        }
+        let dead_after = self.inner.vip_timings.tick * vips::DEAD_AFTER_TICKS;
+        let live =
+            self.inner.ledger.seen().get(&to).is_some_and(|s| s.at.elapsed() < dead_after && s.carries.contains(&vip));
+        let data_voter = m.membership_config.membership().get_node(&to).is_some_and(|n| !n.witness)
+            && m.membership_config.voter_ids().any(|v| v == to);
+        if !data_voter {
+            return Err(ClusterError::VipMove(format!("node {to} is not a data voter of this cluster")));
+        }
+        if !live {
+            return Err(ClusterError::VipMove(format!(
+                "node {to} is not renewing a lease on {vip} (down, or {vip} is not in its [vip] addresses)"
+            )));
+        }
+        self.propose(Command::SetVipHolder { vip, holder: None, move_to: Some(to) }).await?;
+        let mut state = self.inner.state.clone();
+        let deadline = tokio::time::Instant::now() + VIP_MOVE_TIMEOUT;
+        loop {
+            let held = state.borrow_and_update().vips.get(&vip).map(|s| s.holder);
+            match held {
+                Some(Some(h)) if h == to => return Ok(()),
+                Some(Some(h)) => {
+                    return Err(ClusterError::VipMove(format!(
+                        "{vip} went to node {h} instead (node {to} stopped renewing?)"
+                    )))
+                }
+                _ => {}
+            }
+            if tokio::time::timeout_at(deadline, state.changed()).await.map_or(true, |r| r.is_err()) {
+                return Err(ClusterError::VipMove(format!("{vip} was not named to node {to} within {VIP_MOVE_TIMEOUT:?}; it is suspended and the leader keeps trying")));
+            }
+        }
+    }
+
     /// This node's removal from the cluster, once it learned it.
     pub fn removed(&self) -> watch::Receiver<Option<removal::Removed>> {
         self.inner.removal.subscribe()
@@ -1436,6 +1551,7 @@ impl ClusterHandle {
             lease_ms,
             quorum_acked_within_lease,
             removed: self.inner.removal.current(),
+            vips: self.inner.state.borrow().vips.clone(),
         }
     }
 

@@ -5,7 +5,8 @@
 //! - the served [`Config`];
 //! - per-server operator overrides (drain, weight) — dropped when a server leaves the config;
 //! - health verdicts per (pool, server);
-//! - the sticky table ([`StickyTable`]).
+//! - the sticky table ([`StickyTable`]);
+//! - who holds each spread VIP ([`VipSlot`], [`crate::vips`]).
 //!
 //! # Determinism
 //!
@@ -37,12 +38,14 @@
 //! `max_entries` evicts down to it at once.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
 use crate::command::{Command, NodeId, Outcome, StickyEntry};
 use crate::model::{Config, MAX_WEIGHT};
 pub use crate::sticky_table::{PoolSummary, StickyHit, StickyKey, StickyTable, DEFAULT_MAX_ENTRIES};
+pub use crate::vips::VipSlot;
 
 /// Operator overrides for one server.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,6 +89,9 @@ pub struct ClusterState {
     pub sticky: StickyTable,
     /// Current voters, from the last applied membership: the electorate for health verdicts.
     pub voters: BTreeSet<NodeId>,
+    /// The spread VIPs (`[vip] addresses`) and who holds each.
+    #[serde(default)]
+    pub vips: BTreeMap<IpAddr, VipSlot>,
 }
 
 impl ClusterState {
@@ -136,7 +142,37 @@ impl ClusterState {
             }
             Command::PutStickyBatch(entries) => self.put_sticky(entries, now_ms),
             Command::Noop => Outcome::Applied { changed: false },
+            Command::SetVipHolder { vip, holder, move_to } => self.set_vip_holder(*vip, *holder, *move_to, index),
         }
+    }
+
+    fn set_vip_holder(&mut self, vip: IpAddr, holder: Option<NodeId>, move_to: Option<NodeId>, index: u64) -> Outcome {
+        let current = self.vips.get(&vip).cloned().unwrap_or_default();
+        let mut next = current.clone();
+        match holder {
+            None => {
+                if let Some(old) = next.holder.take() {
+                    next.released_by = Some(old);
+                    next.suspended_at = index;
+                }
+                next.move_to = move_to;
+            }
+            Some(node) => {
+                if let Some(old) = current.holder.filter(|&old| old != node) {
+                    return rejected(format!(
+                        "VIP {vip} is held by node {old}: it must be suspended (and its lease run out) before node {node} takes it"
+                    ));
+                }
+                if !self.voters.is_empty() && !self.voters.contains(&node) {
+                    return rejected(format!("node {node} is not a voter of this cluster: it cannot hold VIP {vip}"));
+                }
+                next.holder = Some(node);
+                next.move_to = None;
+            }
+        }
+        let changed = self.vips.get(&vip) != Some(&next);
+        self.vips.insert(vip, next);
+        Outcome::Applied { changed }
     }
 
     fn apply_config(&mut self, config: &Config) -> Outcome {

@@ -73,6 +73,8 @@ pub struct AdminState {
     pub cluster: Option<ClusterHandle>,
     /// The VIP controller's status, when this node manages a VIP.
     pub vip: Option<watch::Receiver<VipStatus>>,
+    /// The spread VIPs this node carries (`[vip] addresses`), each with its controller's status.
+    pub vips: Vec<(std::net::IpAddr, watch::Receiver<VipStatus>)>,
     /// A witness serves only `/healthz` and `/cluster/*`: it has no data plane to report on.
     pub witness: bool,
     /// Where `POST /config` sends a standalone node's reloads; `None` in cluster mode.
@@ -415,6 +417,20 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
                     }),
                 );
             }
+            if let (false, Some(obj)) = (state.vips.is_empty(), doc.as_object_mut()) {
+                let vips: Vec<serde_json::Value> = state
+                    .vips
+                    .iter()
+                    .map(|(address, rx)| {
+                        let v = rx.borrow().clone();
+                        serde_json::json!({
+                            "address": address, "holding": v.holding, "claims": v.claims, "releases": v.releases,
+                            "failures": v.failures, "last_change_unix_ms": v.last_change_unix_ms,
+                        })
+                    })
+                    .collect();
+                obj.insert("vips".into(), serde_json::Value::Array(vips));
+            }
             if let (Some(cluster), Some(obj)) = (&state.cluster, doc.as_object_mut()) {
                 let (leader, _) = cluster.leader();
                 obj.insert("node_id".into(), serde_json::json!(cluster.id()));
@@ -432,6 +448,11 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
             let mut text = metrics::render(&state.snapshot.load(), &state.rejections, &state.listeners.load());
             if let Some(vip) = &state.vip {
                 metrics::render_vip(&mut text, &vip.borrow());
+            }
+            if !state.vips.is_empty() {
+                let vips: Vec<(std::net::IpAddr, VipStatus)> =
+                    state.vips.iter().map(|(a, rx)| (*a, rx.borrow().clone())).collect();
+                metrics::render_spread_vips(&mut text, &vips);
             }
             if let Some(cluster) = &state.cluster {
                 metrics::render_cluster(&mut text, cluster);

@@ -261,6 +261,13 @@ pub async fn cluster_transfer(target: &Target, to: Option<NodeId>) -> Result<(),
     Ok(())
 }
 
+/// `keel cluster vip move ADDRESS --to ID`.
+pub async fn cluster_vip_move(target: &Target, vip: std::net::IpAddr, to: NodeId) -> Result<(), CliError> {
+    target.client().move_vip(vip, to).await?;
+    println!("VIP {vip} moved to node {to}");
+    Ok(())
+}
+
 /// `keel cluster status [--json]`.
 pub async fn cluster_status(target: &Target, json: bool) -> Result<(), CliError> {
     let status = target.client().status().await?;
@@ -270,16 +277,10 @@ pub async fn cluster_status(target: &Target, json: bool) -> Result<(), CliError>
     for m in &status.members {
         let client = ClusterClient::new(m.node.admin_addr).with_token(target.token.clone());
         let holding = if m.node.witness {
-            Some("false".to_owned()) // a witness never holds it (and serves no /status)
+            Some(Held::default()) // a witness never holds one (and serves no /status)
         } else {
             match tokio::time::timeout(Duration::from_secs(2), client.get_json("/status")).await {
-                Ok(Ok(doc)) => Some(
-                    doc.get("vip")
-                        .and_then(|v| v.get("holding"))
-                        .and_then(|h| h.as_bool())
-                        .unwrap_or(false)
-                        .to_string(),
-                ),
+                Ok(Ok(doc)) => Some(Held::from_status(&doc)),
                 _ => None,
             }
         };
@@ -289,8 +290,15 @@ pub async fn cluster_status(target: &Target, json: bool) -> Result<(), CliError>
         let mut doc = serde_json::to_value(&status).map_err(|e| CliError::Other(e.to_string()))?;
         if let Some(obj) = doc.as_object_mut() {
             let holders: Vec<NodeId> =
-                vip.iter().filter(|(_, h)| h.as_deref() == Some("true")).map(|(id, _)| *id).collect();
+                vip.iter().filter(|(_, h)| h.as_ref().is_some_and(|h| h.leader_vip)).map(|(id, _)| *id).collect();
             obj.insert("vip_holders".into(), serde_json::json!(holders));
+            let spread: std::collections::BTreeMap<String, Vec<String>> = vip
+                .iter()
+                .filter_map(|(id, h)| {
+                    h.as_ref().filter(|h| !h.spread.is_empty()).map(|h| (id.to_string(), h.spread.clone()))
+                })
+                .collect();
+            obj.insert("vips_on_interface".into(), serde_json::json!(spread));
         }
         println!("{}", serde_json::to_string_pretty(&doc).map_err(|e| CliError::Other(e.to_string()))?);
         return Ok(());
@@ -299,7 +307,34 @@ pub async fn cluster_status(target: &Target, json: bool) -> Result<(), CliError>
     Ok(())
 }
 
-fn render_status(s: &ClusterStatus, vip: &std::collections::BTreeMap<NodeId, Option<String>>) -> String {
+/// What one member's `/status` says it has on its interface.
+#[derive(Clone, Debug, Default)]
+struct Held {
+    /// The leader's single VIP.
+    leader_vip: bool,
+    /// Spread VIPs.
+    spread: Vec<String>,
+}
+
+impl Held {
+    fn from_status(doc: &serde_json::Value) -> Self {
+        let leader_vip =
+            doc.get("vip").and_then(|v| v.get("holding")).and_then(serde_json::Value::as_bool).unwrap_or(false);
+        let spread = doc
+            .get("vips")
+            .and_then(serde_json::Value::as_array)
+            .map(|list| {
+                list.iter()
+                    .filter(|v| v.get("holding").and_then(serde_json::Value::as_bool) == Some(true))
+                    .filter_map(|v| v.get("address").and_then(serde_json::Value::as_str).map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Held { leader_vip, spread }
+    }
+}
+
+fn render_status(s: &ClusterStatus, vip: &std::collections::BTreeMap<NodeId, Option<Held>>) -> String {
     let mut out = format!(
         "node {} ({:?}), term {}, leader {}, last log {}, commit {}\n\n",
         s.id,
@@ -328,10 +363,11 @@ fn render_status(s: &ClusterStatus, vip: &std::collections::BTreeMap<NodeId, Opt
             "learner"
         };
         let kind = if m.node.witness { "witness" } else { "data" };
-        let holds = match vip.get(&m.id).cloned().flatten().as_deref() {
-            Some("true") => "holds",
-            Some(_) => "-",
-            None => "?",
+        let holds = match vip.get(&m.id).cloned().flatten() {
+            Some(h) if h.leader_vip => "holds".to_owned(),
+            Some(h) if !h.spread.is_empty() => h.spread.join(","),
+            Some(_) => "-".to_owned(),
+            None => "?".to_owned(),
         };
         out.push_str(&format!(
             "{:<6} {:<8} {:<8} {:<22} {:<22} {:>8}  {}\n",
@@ -343,6 +379,29 @@ fn render_status(s: &ClusterStatus, vip: &std::collections::BTreeMap<NodeId, Opt
             m.lag.map_or("-".to_owned(), |l| l.to_string()),
             holds
         ));
+    }
+    if !s.vips.is_empty() {
+        out.push_str(&format!("\n{:<40} {:<8} {}\n", "VIP", "HOLDER", "STATE"));
+        for (address, slot) in &s.vips {
+            let (holder, state) = match (slot.holder, slot.move_to, slot.released_by) {
+                (Some(h), _, _) => {
+                    let on = vip.get(&h).cloned().flatten().map(|held| held.spread.contains(&address.to_string()));
+                    (
+                        h.to_string(),
+                        match on {
+                            Some(true) => "held",
+                            Some(false) => "named, not on its interface yet",
+                            None => "named (node unreachable from here)",
+                        }
+                        .to_owned(),
+                    )
+                }
+                (None, Some(to), Some(from)) => ("-".to_owned(), format!("moving from node {from} to node {to}")),
+                (None, _, Some(from)) => ("-".to_owned(), format!("moving: waiting out node {from}'s lease")),
+                (None, _, None) => ("-".to_owned(), "unassigned: no live node lists it".to_owned()),
+            };
+            out.push_str(&format!("{:<40} {:<8} {}\n", address.to_string(), holder, state));
+        }
     }
     out
 }

@@ -209,12 +209,22 @@ impl ClusterSection {
     }
 }
 
-/// `[vip]`: the virtual IP this node claims while it is the cluster's leader.
+/// `[vip]`: the virtual IP this node claims while it is the cluster's leader (`address`), or
+/// the VIPs the cluster spreads over its data nodes (`addresses`, see `keel_cluster::vips`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VipSection {
-    /// The address, IPv4, claimed as a /32.
-    pub address: std::net::Ipv4Addr,
+    /// The leader's one VIP, claimed as a /32.
+    #[serde(default)]
+    pub address: Option<std::net::IpAddr>,
+    /// VIPs spread over the data nodes, each held by one node at a time. List the same set on
+    /// every data node; a node is named only for addresses its own list has.
+    #[serde(default)]
+    pub addresses: Vec<std::net::IpAddr>,
+    /// With `addresses`, on the leader: move VIPs back to an even spread when a node comes
+    /// back (off: a returning node takes only VIPs that have no holder).
+    #[serde(default)]
+    pub preempt: bool,
     /// Interface to add it on and announce it from.
     pub interface: String,
     /// Gratuitous ARPs of each form sent per announcement.
@@ -460,6 +470,32 @@ fn analyse(text: &str, files: bool) -> Result<NodeFile, Vec<Problem>> {
                 reason: "a VIP follows cluster leadership: it needs a [cluster] section on a data node (not a witness)"
                     .into(),
             });
+        }
+        let mut vip_problem = |key: &str, reason: String| {
+            problems.push(Problem { line: at(&["vip", key]), key: Some(format!("vip.{key}")), reason })
+        };
+        match (&v.address, v.addresses.as_slice()) {
+            (Some(_), [_, ..]) => vip_problem(
+                "addresses",
+                "set either address (the leader's one VIP) or addresses (VIPs spread over the nodes), not both".into(),
+            ),
+            (None, []) => vip_problem("address", "missing: set address or addresses".into()),
+            (None, list) => {
+                let mut seen = std::collections::BTreeSet::new();
+                if let Some(dup) = list.iter().find(|a| !seen.insert(**a)) {
+                    vip_problem("addresses", format!("{dup} is listed twice"));
+                }
+                if list.len() > keel_cluster::vips::MAX_VIPS {
+                    vip_problem(
+                        "addresses",
+                        format!("{} addresses; at most {}", list.len(), keel_cluster::vips::MAX_VIPS),
+                    );
+                }
+            }
+            (Some(_), []) => {}
+        }
+        if v.preempt && v.addresses.is_empty() {
+            vip_problem("preempt", "only means something with addresses".into());
         }
         if v.interface.is_empty() {
             problems.push(Problem {

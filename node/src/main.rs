@@ -174,11 +174,29 @@ enum ClusterCommand {
         #[arg(long, value_name = "ID")]
         to: Option<u64>,
     },
+    /// The VIPs spread over the nodes (`[vip] addresses`).
+    Vip {
+        #[command(subcommand)]
+        command: VipCommand,
+    },
     /// Members, leader, term, log indexes and replication lag.
     Status {
         /// Print the status document as JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum VipCommand {
+    /// Move one VIP to another data node: its holder steps aside (still serving what reaches
+    /// it), and the node named takes it once the old holder's lease has ended.
+    Move {
+        /// The VIP, as listed in `[vip] addresses`.
+        address: std::net::IpAddr,
+        /// The node to hold it.
+        #[arg(long, value_name = "ID")]
+        to: u64,
     },
 }
 
@@ -291,6 +309,9 @@ fn main() -> ExitCode {
                 }
                 ClusterCommand::Remove { id } => cli::cluster_remove(&target, id).await,
                 ClusterCommand::Transfer { to } => cli::cluster_transfer(&target, to).await,
+                ClusterCommand::Vip { command: VipCommand::Move { address, to } } => {
+                    cli::cluster_vip_move(&target, address, to).await
+                }
                 ClusterCommand::Leave { reset, config } => cli::cluster_leave(&config, reset).await,
                 ClusterCommand::Status { json } => cli::cluster_status(&target, json).await,
             }

@@ -252,6 +252,23 @@ pub fn render_vip(out: &mut String, vip: &keel_vrrp::VipStatus) {
     }
 }
 
+/// Renders the spread VIPs' controller counters, one series per VIP (`vip` label), under the
+/// same names as the leader's single VIP.
+pub fn render_spread_vips(out: &mut String, vips: &[(std::net::IpAddr, keel_vrrp::VipStatus)]) {
+    let rows: [(&str, &str, &str, fn(&keel_vrrp::VipStatus) -> u64); 4] = [
+        (VIP_HOLDING, "gauge", "1 while this node holds the VIP.", |v| u64::from(v.holding)),
+        (VIP_CLAIMS_TOTAL, "counter", "Times this node claimed the VIP.", |v| v.claims),
+        (VIP_RELEASES_TOTAL, "counter", "Times this node released the VIP.", |v| v.releases),
+        (VIP_FAILURES_TOTAL, "counter", "Failed VIP operations (retried).", |v| v.failures),
+    ];
+    for (name, kind, help, value) in rows {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (address, status) in vips {
+            let _ = writeln!(out, "{name}{{vip=\"{address}\"}} {}", value(status));
+        }
+    }
+}
+
 /// Renders the replicated sticky table's size per pool and the Raft snapshot figures (cluster
 /// mode). The entries and evictions are the replicated state's: every node reports the same.
 pub fn render_cluster(out: &mut String, cluster: &keel_cluster::ClusterHandle) {

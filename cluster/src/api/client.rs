@@ -159,6 +159,18 @@ impl ClusterClient {
         self.call(Method::POST, "/cluster/transfer", Some(&Transfer { to }), MEMBERSHIP_REQUEST_TIMEOUT, true).await
     }
 
+    /// `POST /cluster/vip/move`, following the leader.
+    pub async fn move_vip(&self, vip: std::net::IpAddr, to: NodeId) -> Result<serde_json::Value, ClientError> {
+        self.call(
+            Method::POST,
+            "/cluster/vip/move",
+            Some(&super::VipMove { vip, to }),
+            MEMBERSHIP_REQUEST_TIMEOUT,
+            true,
+        )
+        .await
+    }
+
     /// `POST /cluster/propose`, following the leader.
     pub async fn propose(&self, command: &Command) -> Result<Outcome, ClientError> {
         self.call(Method::POST, "/cluster/propose", Some(command), REQUEST_TIMEOUT, true).await

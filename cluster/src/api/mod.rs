@@ -10,6 +10,7 @@
 //! | `POST /cluster/add-node` | [`AddNode`] | `{"added": id}` once caught up and voting |
 //! | `POST /cluster/remove` | [`RemoveNode`] | `{"removed": id}` |
 //! | `POST /cluster/transfer` | [`Transfer`] | `{"leader": id}` once the successor leads and holds the VIP; 409 if it could not |
+//! | `POST /cluster/vip/move` | [`VipMove`] | `{"vip": addr, "holder": id}` once `to` is named; 409 if it could not |
 //! | `POST /cluster/propose` | [`Command`] | [`Outcome`](crate::command::Outcome); 422 rejected, 503 no quorum |
 //!
 //! # Writes on a follower: 421 + leader address, not proxying
@@ -77,6 +78,16 @@ pub struct Transfer {
     /// The successor; the most caught-up data voter when absent.
     #[serde(default)]
     pub to: Option<NodeId>,
+}
+
+/// Body of `POST /cluster/vip/move`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipMove {
+    /// The spread VIP.
+    pub vip: std::net::IpAddr,
+    /// Its next holder.
+    pub to: NodeId,
 }
 
 /// Answer of `GET /cluster/state`.
@@ -168,6 +179,7 @@ fn cluster_error(e: ClusterError) -> Response<Full<Bytes>> {
         ClusterError::Propose(p) => propose_error(p),
         ClusterError::Timeout(_) => error(StatusCode::GATEWAY_TIMEOUT, "timeout", e),
         ClusterError::Transfer(_) => error(StatusCode::CONFLICT, "transfer_failed", e),
+        ClusterError::VipMove(_) => error(StatusCode::CONFLICT, "vip_move_failed", e),
         other => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", other),
     }
 }
@@ -237,6 +249,13 @@ where
                 Err(e) => cluster_error(e),
             },
         },
+        (Method::POST, "vip/move") => match read_json::<_, VipMove>(req.into_body()).await {
+            Err(r) => r,
+            Ok(m) => match cluster.move_vip(m.vip, m.to).await {
+                Ok(()) => json(StatusCode::OK, &serde_json::json!({ "vip": m.vip, "holder": m.to })),
+                Err(e) => cluster_error(e),
+            },
+        },
         (Method::POST, "propose") => match read_json::<_, Command>(req.into_body()).await {
             Err(r) => r,
             Ok(cmd) => match cluster.propose(cmd).await {
@@ -244,7 +263,7 @@ where
                 Err(e) => propose_error(e),
             },
         },
-        (_, "status" | "state" | "init" | "add-node" | "remove" | "transfer" | "propose") => error(
+        (_, "status" | "state" | "init" | "add-node" | "remove" | "transfer" | "vip/move" | "propose") => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             format!("{} is not allowed on {path}", req.method()),

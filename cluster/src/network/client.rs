@@ -289,6 +289,24 @@ impl PeerClient {
         matches!(self.call(super::KIND_RPC, &RpcRequest::Release { from }, ttl).await, Ok(RpcResponse::Released(true)))
     }
 
+    /// Sends a VIP renewal; the VIPs the peer acknowledged (none if it did not answer).
+    pub async fn renew_vips(&mut self, renewal: crate::vips::Renewal, ttl: Duration) -> Vec<std::net::IpAddr> {
+        match self.call(super::KIND_RPC, &RpcRequest::VipRenew(renewal), ttl).await {
+            Ok(RpcResponse::VipRenewed(acked)) => acked,
+            _ => Vec::new(),
+        }
+    }
+
+    /// Asks when the peer last acknowledged `node` for `vip`: `Some(elapsed)` once its answer
+    /// is final (`Duration::MAX`: never), `None` if it is not yet or did not answer.
+    pub async fn vip_last_ack(&mut self, node: u64, vip: std::net::IpAddr, ttl: Duration) -> Option<Duration> {
+        match self.call(super::KIND_RPC, &RpcRequest::VipLastAck { node, vip }, ttl).await {
+            Ok(RpcResponse::VipLastAck(Some(us))) if us == u64::MAX => Some(Duration::MAX),
+            Ok(RpcResponse::VipLastAck(Some(us))) => Some(Duration::from_micros(us)),
+            _ => None,
+        }
+    }
+
     async fn connect(&mut self, limit: Duration) -> Result<TcpStream, FrameError> {
         let limit = limit.min(CONNECT_TIMEOUT);
         let mut stream = tokio::time::timeout(limit, TcpStream::connect(self.addr))

@@ -126,6 +126,16 @@ pub enum RpcRequest {
         /// The leader's term.
         term: u64,
     },
+    /// A data node renews its lease on the spread VIPs its state names it for
+    /// (`crate::vips`); every voter answers.
+    VipRenew(crate::vips::Renewal),
+    /// From the leader moving a VIP: when did you last acknowledge `node` for `vip`?
+    VipLastAck {
+        /// The previous holder.
+        node: u64,
+        /// The VIP.
+        vip: std::net::IpAddr,
+    },
     /// A whole snapshot, sent in one [`KIND_SNAPSHOT`] frame.
     FullSnapshot {
         /// The leader's vote.
@@ -161,6 +171,11 @@ pub enum RpcResponse {
     HandOver(bool),
     /// Answer to Release: the VIP is off the receiver's interface; claim it.
     Released(bool),
+    /// Answer to VipRenew: the VIPs acknowledged.
+    VipRenewed(Vec<std::net::IpAddr>),
+    /// Answer to VipLastAck: microseconds since the last acknowledgement (`u64::MAX`: never),
+    /// or `None` while the receiver's state still names that node for the VIP.
+    VipLastAck(Option<u64>),
     /// The receiving Raft failed (e.g. it is shutting down).
     Error(String),
 }

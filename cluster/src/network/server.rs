@@ -51,6 +51,9 @@ pub fn dispatch_to(raft: Raft) -> Dispatch {
                 RpcRequest::HandOver { .. } => RpcResponse::HandOver(false),
                 RpcRequest::Release { .. } => RpcResponse::Released(false),
                 RpcRequest::Removed { .. } => RpcResponse::Error("not handled here".into()),
+                // The VIP ledger lives in the node's wrapper too; without it, acknowledge nothing.
+                RpcRequest::VipRenew(_) => RpcResponse::VipRenewed(Vec::new()),
+                RpcRequest::VipLastAck { .. } => RpcResponse::VipLastAck(None),
                 RpcRequest::FullSnapshot { vote, meta, data } => {
                     let snapshot = Snapshot { meta, snapshot: Box::new(Cursor::new(data)) };
                     match raft.install_full_snapshot(vote, snapshot).await {

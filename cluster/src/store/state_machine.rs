@@ -90,25 +90,48 @@ impl StateMachineStore {
     }
 }
 
-/// Opens a snapshot in this version's form. `0xFF` never starts the previous version's bytes
-/// (their first byte is a bincode varint length, 0–253), so the two cannot be confused.
+/// Opens a snapshot in this version's form. `0xFF` never starts the first version's bytes
+/// (their first byte is a bincode varint length, 0–253), so the forms cannot be confused.
+const FORMAT_V3: [u8; 4] = [0xFF, b'K', b'S', 3];
+/// The previous form: the same state without the spread VIPs.
 const FORMAT_V2: [u8; 4] = [0xFF, b'K', b'S', 2];
 
-/// Encodes the state as a snapshot: [`FORMAT_V2`], then bincode.
+/// Encodes the state as a snapshot: [`FORMAT_V3`], then bincode.
 pub(crate) fn encode_state(state: &ClusterState) -> Result<Vec<u8>, StorageError> {
     let body = codec::encode(state).map_err(write_err)?;
-    let mut data = Vec::with_capacity(FORMAT_V2.len() + body.len());
-    data.extend_from_slice(&FORMAT_V2);
+    let mut data = Vec::with_capacity(FORMAT_V3.len() + body.len());
+    data.extend_from_slice(&FORMAT_V3);
     data.extend_from_slice(&body);
     Ok(data)
 }
 
-/// Decodes a snapshot's state: this version's form, or the previous version's (string keys;
-/// converted, nothing lost). Anything else is an error naming the snapshot, never an empty state.
+/// [`ClusterState`] as [`FORMAT_V2`] wrote it (bincode has no optional trailing fields).
+#[derive(serde::Deserialize)]
+struct StateV2 {
+    #[serde(with = "crate::codec::config_field")]
+    config: crate::model::Config,
+    overrides: std::collections::BTreeMap<String, std::collections::BTreeMap<String, crate::state::ServerOverride>>,
+    health: std::collections::BTreeMap<String, std::collections::BTreeMap<String, crate::state::HealthVerdict>>,
+    sticky: crate::state::StickyTable,
+    voters: std::collections::BTreeSet<u64>,
+}
+
+/// Decodes a snapshot's state: this version's form, or an earlier one (converted, nothing
+/// lost). Anything else is an error naming the snapshot, never an empty state.
 fn decode_state(data: &[u8], meta: &SnapshotMeta) -> Result<ClusterState, StorageError> {
-    let decoded = match data.strip_prefix(&FORMAT_V2) {
-        Some(body) => codec::decode(body),
-        None => crate::sticky_table::legacy::decode(data),
+    let decoded = if let Some(body) = data.strip_prefix(&FORMAT_V3) {
+        codec::decode(body)
+    } else if let Some(body) = data.strip_prefix(&FORMAT_V2) {
+        codec::decode::<StateV2>(body).map(|v2| ClusterState {
+            config: v2.config,
+            overrides: v2.overrides,
+            health: v2.health,
+            sticky: v2.sticky,
+            voters: v2.voters,
+            vips: Default::default(),
+        })
+    } else {
+        crate::sticky_table::legacy::decode(data)
     };
     decoded.map_err(|e| {
         let e =

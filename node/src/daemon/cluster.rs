@@ -126,11 +126,12 @@ fn set_realtime() {
 }
 
 /// Opens the store and starts this node's Raft member (on [`raft_runtime`]).
-pub async fn start(section: &ClusterSection, node: &NodeSettings) -> Result<ClusterHandle, DaemonError> {
+pub async fn start(section: &ClusterSection, node: &NodeSettings, preempt: bool) -> Result<ClusterHandle, DaemonError> {
     let mut settings =
         ClusterSettings::new(section.node_id, section.raft, node.admin, section.data_dir.clone(), &section.cluster_id);
     (settings.heartbeat, settings.election_min, settings.election_max) = section.timings();
     settings.witness = section.witness;
+    settings.vip_preempt = preempt;
     // Everything `ClusterNode::start` spawns (the Raft core, replication, the RPC server, the
     // leadership watch) lands on the runtime it runs on.
     let handle = raft_runtime(section.realtime)?

@@ -151,7 +151,8 @@ pub struct Daemon {
     listeners: ListenerSet,
     certs: Arc<CertReloader>,
     cluster: Option<ClusterHandle>,
-    vip: Option<Arc<dyn VipAnnouncer>>,
+    /// The leader's one VIP (`[vip] address`), or one announcer per spread VIP (`addresses`).
+    vip: Vec<Arc<dyn VipAnnouncer>>,
     sticky: Arc<StickyRuntime>,
     source: Option<PathBuf>,
 }
@@ -170,7 +171,9 @@ impl Daemon {
             .await
             .map_err(|source| DaemonError::AdminBind { addr: file.node.admin, source })?;
         let cluster = match &file.cluster {
-            Some(section) => Some(cluster::start(section, &file.node).await?),
+            Some(section) => {
+                Some(cluster::start(section, &file.node, file.vip.as_ref().is_some_and(|v| v.preempt)).await?)
+            }
             None => None,
         };
         let sticky = Arc::new(StickyRuntime::new(match &cluster {
@@ -195,26 +198,30 @@ impl Daemon {
         let vip = match (&file.vip, file.cluster.as_ref().is_some_and(|c| c.witness)) {
             (Some(_), true) => {
                 tracing::warn!(target: "keel::vip", "witness mode: the [vip] section is ignored");
-                None
+                Vec::new()
             }
             (Some(v), false) => {
-                let config = VipConfig {
-                    address: v.address,
-                    interface: v.interface.clone(),
-                    arp_count: v.arp_count,
-                    arp_interval: v.arp_interval.get(),
-                    lifetime: Some(v.lifetime.get()).filter(|l| !l.is_zero()),
-                };
-                // Built on the VIP's own runtime, so its netlink connection task lives there.
                 let realtime = file.cluster.as_ref().is_none_or(|c| c.realtime);
-                let announcer = cluster::vip_runtime(realtime)?
-                    .spawn(NetlinkAnnouncer::new(config))
-                    .await
-                    .map_err(|e| DaemonError::Vip(format!("VIP start task: {e}")))?
-                    .map_err(|e| DaemonError::Vip(e.to_string()))?;
-                Some(Arc::new(announcer) as Arc<dyn VipAnnouncer>)
+                let mut announcers = Vec::new();
+                for address in v.address.iter().chain(&v.addresses) {
+                    let config = VipConfig {
+                        address: vip_address(*address)?,
+                        interface: v.interface.clone(),
+                        arp_count: v.arp_count,
+                        arp_interval: v.arp_interval.get(),
+                        lifetime: Some(v.lifetime.get()).filter(|l| !l.is_zero()),
+                    };
+                    // Built on the VIP's own runtime, so its netlink connection task lives there.
+                    let announcer = cluster::vip_runtime(realtime)?
+                        .spawn(NetlinkAnnouncer::new(config))
+                        .await
+                        .map_err(|e| DaemonError::Vip(format!("VIP start task: {e}")))?
+                        .map_err(|e| DaemonError::Vip(e.to_string()))?;
+                    announcers.push(Arc::new(announcer) as Arc<dyn VipAnnouncer>);
+                }
+                announcers
             }
-            (None, _) => None,
+            (None, _) => Vec::new(),
         };
         Ok(Daemon {
             file,
@@ -283,46 +290,60 @@ impl Daemon {
             }
         };
 
-        // The VIP follows leadership-with-a-live-lease, never plain "state == Leader".
+        // The VIP follows leadership-with-a-live-lease, never plain "state == Leader"; spread
+        // VIPs follow their own leases (`keel_cluster::vips`).
         let (vip_stop_tx, vip_stop_rx) = watch::channel(false);
-        let (vip_task, vip_status) = match (vip, &cluster) {
-            (Some(announcer), Some(handle)) => {
-                let settings = ControllerSettings {
-                    reannounce_every: file.vip.as_ref().map(|v| v.reannounce.get()),
-                    ..ControllerSettings::default()
-                };
-                let controller = VipController::new(announcer, settings).with_step_aside(handle.vip_stepping_aside());
-                let status = controller.status();
-                // The lease deadline and the controller run on the VIP's own thread.
-                let realtime = file.cluster.as_ref().is_none_or(|c| c.realtime);
-                match cluster::vip_runtime(realtime) {
-                    Ok(rt) => {
-                        let (lease, follow) = handle.vip_lease();
-                        rt.spawn(follow);
-                        // A hand-over confirms its release only once the address is gone.
-                        let (held_tx, held_rx) = watch::channel(false);
-                        let mut held = status.clone();
-                        rt.spawn(async move {
-                            loop {
-                                let holding = held.borrow_and_update().holding;
-                                held_tx.send_replace(holding);
-                                if held.changed().await.is_err() {
-                                    return;
-                                }
-                            }
-                        });
-                        handle.watch_vip(held_rx);
-                        (Some(rt.spawn(controller.run(lease, vip_stop_rx))), Some(status))
-                    }
-                    // Cannot happen: bind built the announcer on this runtime.
-                    Err(e) => {
-                        tracing::error!(target: "keel::vip", error = %e, "no VIP runtime; the VIP is not managed");
-                        (None, None)
-                    }
+        let realtime = file.cluster.as_ref().is_none_or(|c| c.realtime);
+        let settings = ControllerSettings {
+            reannounce_every: file.vip.as_ref().map(|v| v.reannounce.get()),
+            ..ControllerSettings::default()
+        };
+        let spread = file.vip.as_ref().is_some_and(|v| !v.addresses.is_empty());
+        let mut vip_tasks = Vec::new();
+        let mut vip_status = None;
+        let mut spread_status = Vec::new();
+        match (cluster.as_ref().filter(|_| !vip.is_empty()), cluster::vip_runtime(realtime)) {
+            (Some(handle), Ok(rt)) if spread => {
+                let carries: Vec<std::net::IpAddr> = vip.iter().map(|a| std::net::IpAddr::from(a.address())).collect();
+                let (leases, renew) = handle.vip_leases(carries);
+                rt.spawn(renew);
+                for (announcer, lease) in vip.into_iter().zip(leases) {
+                    let controller = VipController::new(announcer, settings.clone()).with_step_aside(lease.aside);
+                    spread_status.push((lease.vip, controller.status()));
+                    vip_tasks.push(rt.spawn(controller.run(lease.hold, vip_stop_rx.clone())));
                 }
             }
-            _ => (None, None),
-        };
+            (Some(handle), Ok(rt)) => {
+                for announcer in vip {
+                    let controller =
+                        VipController::new(announcer, settings.clone()).with_step_aside(handle.vip_stepping_aside());
+                    let status = controller.status();
+                    // The lease deadline and the controller run on the VIP's own thread.
+                    let (lease, follow) = handle.vip_lease();
+                    rt.spawn(follow);
+                    // A hand-over confirms its release only once the address is gone.
+                    let (held_tx, held_rx) = watch::channel(false);
+                    let mut held = status.clone();
+                    rt.spawn(async move {
+                        loop {
+                            let holding = held.borrow_and_update().holding;
+                            held_tx.send_replace(holding);
+                            if held.changed().await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                    handle.watch_vip(held_rx);
+                    vip_tasks.push(rt.spawn(controller.run(lease, vip_stop_rx.clone())));
+                    vip_status = Some(status);
+                }
+            }
+            (Some(_), Err(e)) => {
+                // Cannot happen: bind built the announcers on this runtime.
+                tracing::error!(target: "keel::vip", error = %e, "no VIP runtime; the VIP is not managed");
+            }
+            (None, _) => {}
+        }
 
         let sigusr1 = tokio::spawn(reopen_logs_on_sigusr1());
 
@@ -347,6 +368,7 @@ impl Daemon {
             token,
             cluster: cluster.clone(),
             vip: vip_status,
+            vips: spread_status,
             witness,
             reload: reload_requests,
             reloads,
@@ -397,13 +419,22 @@ impl Daemon {
         // The VIP goes after the drain (releasing it would cut the connections being drained)
         // and before Raft stops (so it is gone before another node can be elected).
         let _ = vip_stop_tx.send(true);
-        if let Some(task) = vip_task {
+        for task in vip_tasks {
             let _ = task.await;
         }
         if let Some(handle) = cluster {
             handle.shutdown().await;
         }
         tracing::info!("exiting");
+    }
+}
+
+/// The VIP as the announcer takes it. IPv6 VIPs come with the announcer's unsolicited
+/// Neighbor Advertisements; until then a clear refusal at start.
+fn vip_address(address: std::net::IpAddr) -> Result<std::net::Ipv4Addr, DaemonError> {
+    match address {
+        std::net::IpAddr::V4(v4) => Ok(v4),
+        std::net::IpAddr::V6(v6) => Err(DaemonError::Vip(format!("{v6}: IPv6 VIPs are not supported by this build"))),
     }
 }
 
