@@ -52,7 +52,14 @@ pub struct LabSpec {
     /// When not empty, the witness's extra `[cluster]` lines instead of `cluster_extra`: to
     /// measure a witness with other timings than the data nodes.
     pub witness_extra: String,
+    /// When not empty: these VIPs spread over the data nodes (`[vip] addresses`) instead of the
+    /// leader's single [`VIP`], each with a watcher per node and a prober of its own.
+    pub spread: Vec<Ipv4Addr>,
 }
+
+/// The spread VIPs of [`Lab::three_spread`]: one per node.
+pub const SPREAD: [Ipv4Addr; 3] =
+    [Ipv4Addr::new(10, 88, 0, 121), Ipv4Addr::new(10, 88, 0, 122), Ipv4Addr::new(10, 88, 0, 123)];
 
 /// Paths of the binaries the lab runs.
 #[derive(Clone, Debug)]
@@ -135,6 +142,8 @@ pub struct Lab {
     extra: Vec<Child>,
     watch: Vec<Samples>,
     probes: Arc<Mutex<Vec<Probe>>>,
+    /// Spread mode: per VIP, a watcher per node and the VIP's prober.
+    spread: BTreeMap<Ipv4Addr, (Vec<Samples>, Arc<Mutex<Vec<Probe>>>)>,
 }
 
 fn run(cmd: &mut Command) -> Result<String, String> {
@@ -197,6 +206,7 @@ impl Lab {
             extra: Vec::new(),
             watch: Vec::new(),
             probes: Arc::new(Mutex::new(Vec::new())),
+            spread: spec.spread.iter().map(|v| (*v, (Vec::new(), Arc::new(Mutex::new(Vec::new()))))).collect(),
         };
         lab.build_inner(spec)?;
         Ok(lab)
@@ -216,6 +226,7 @@ impl Lab {
             backends,
             cluster_extra: String::new(),
             witness_extra: String::new(),
+            spread: Vec::new(),
         };
         let mut lab = Lab::build(&spec, bins)?;
         let formed = lab.form_cluster().and_then(|()| lab.wait_stable(Duration::from_secs(20)));
@@ -344,25 +355,24 @@ fall = 2
                 // keel refuses a [vip] section on a witness.
                 vip = if witness {
                     String::new()
-                } else {
+                } else if spec.spread.is_empty() {
                     format!("[vip]\naddress = \"{VIP}\"\ninterface = \"eth0\"\n\n")
+                } else {
+                    let list: Vec<String> = spec.spread.iter().map(|v| format!("\"{v}\"")).collect();
+                    format!("[vip]\naddresses = [{}]\ninterface = \"eth0\"\n\n", list.join(", "))
                 },
             );
             fs::write(&config, text).map_err(|e| e.to_string())?;
-            let samples: Samples = Arc::new(Mutex::new(Vec::new()));
-            let mut w =
-                self.spawn_helper(&ns, &["watch".into(), VIP.to_string(), "10".into(), MAX_LIFE_SECS.to_string()])?;
-            let s = samples.clone();
-            pump(&mut w, move |line| {
-                let mut it = line.split_whitespace().skip(1);
-                if let (Some(Ok(t)), Some(v)) = (it.next().map(str::parse::<u64>), it.next()) {
-                    if let Ok(mut s) = s.lock() {
-                        s.push((t, v == "1"));
-                    }
+            if spec.spread.is_empty() {
+                let samples = self.watcher(&ns, VIP)?;
+                self.watch.push(samples);
+            }
+            for vip in &spec.spread {
+                let samples = self.watcher(&ns, *vip)?;
+                if let Some((watch, _)) = self.spread.get_mut(vip) {
+                    watch.push(samples);
                 }
-            });
-            self.helpers.push(w);
-            self.watch.push(samples);
+            }
             self.nodes.push(Node {
                 id: i as u64,
                 ns,
@@ -373,17 +383,60 @@ fall = 2
                 child: None,
             });
         }
+        if spec.spread.is_empty() {
+            let probes = self.probes.clone();
+            self.prober(&client, VIP, probes)?;
+        }
+        for vip in &spec.spread {
+            if let Some((_, probes)) = self.spread.get(vip) {
+                let probes = probes.clone();
+                self.prober(&client, *vip, probes)?;
+            }
+        }
+        // Backends must answer before keel's first health checks.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for i in 1..=spec.backends {
+            let url = format!("http://{SUBNET}.{}:{WEB_PORT}/", 100 + i);
+            while self.get(&url).is_err() {
+                if Instant::now() > deadline {
+                    return Err(format!("backend b{i} did not answer within 10 s"));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts a watcher of `vip` on `ns`'s `eth0`; its samples land in the returned list.
+    fn watcher(&mut self, ns: &str, vip: Ipv4Addr) -> Result<Samples, String> {
+        let samples: Samples = Arc::new(Mutex::new(Vec::new()));
+        let mut w =
+            self.spawn_helper(ns, &["watch".into(), vip.to_string(), "10".into(), MAX_LIFE_SECS.to_string()])?;
+        let s = samples.clone();
+        pump(&mut w, move |line| {
+            let mut it = line.split_whitespace().skip(1);
+            if let (Some(Ok(t)), Some(v)) = (it.next().map(str::parse::<u64>), it.next()) {
+                if let Ok(mut s) = s.lock() {
+                    s.push((t, v == "1"));
+                }
+            }
+        });
+        self.helpers.push(w);
+        Ok(samples)
+    }
+
+    /// Starts a prober of `vip` (a GET every 10 ms from the client namespace) feeding `probes`.
+    fn prober(&mut self, client: &str, vip: Ipv4Addr, probes: Arc<Mutex<Vec<Probe>>>) -> Result<(), String> {
         let mut p = self.spawn_helper(
-            &client,
+            client,
             &[
                 "probe".into(),
-                format!("http://{VIP}:{WEB_PORT}/"),
+                format!("http://{vip}:{WEB_PORT}/"),
                 "10".into(),
                 "150".into(),
                 MAX_LIFE_SECS.to_string(),
             ],
         )?;
-        let probes = self.probes.clone();
         pump(&mut p, move |line| {
             let parts: Vec<&str> = line.splitn(5, ' ').collect();
             if parts.len() >= 4 {
@@ -397,17 +450,6 @@ fall = 2
             }
         });
         self.helpers.push(p);
-        // Backends must answer before keel's first health checks.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for i in 1..=spec.backends {
-            let url = format!("http://{SUBNET}.{}:{WEB_PORT}/", 100 + i);
-            while self.get(&url).is_err() {
-                if Instant::now() > deadline {
-                    return Err(format!("backend b{i} did not answer within 10 s"));
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
         Ok(())
     }
 
@@ -619,8 +661,10 @@ fall = 2
     }
 
     fn exec_stop_post(&self, i: usize) {
-        for dev in ["eth0", "lo"] {
-            let _ = ip(&["-n", &self.nodes[i].ns, "addr", "del", &format!("{VIP}/32"), "dev", dev]);
+        for vip in std::iter::once(VIP).chain(self.spread.keys().copied()) {
+            for dev in ["eth0", "lo"] {
+                let _ = ip(&["-n", &self.nodes[i].ns, "addr", "del", &format!("{vip}/32"), "dev", dev]);
+            }
         }
     }
 
@@ -680,6 +724,99 @@ fall = 2
             .filter(|(_, s)| s.lock().ok().and_then(|v| v.last().map(|(_, h)| *h)).unwrap_or(false))
             .map(|(i, _)| i)
             .collect()
+    }
+
+    /// The spread VIPs of this lab.
+    pub fn spread_vips(&self) -> Vec<Ipv4Addr> {
+        self.spread.keys().copied().collect()
+    }
+
+    /// Spread mode: `vip`'s prober results so far, in completion order.
+    pub fn spread_probes(&self, vip: Ipv4Addr) -> Vec<Probe> {
+        self.spread.get(&vip).and_then(|(_, p)| p.lock().ok().map(|v| v.clone())).unwrap_or_default()
+    }
+
+    /// Spread mode: `vip`'s watcher samples per node.
+    pub fn spread_samples(&self, vip: Ipv4Addr) -> Vec<Vec<(u64, bool)>> {
+        self.spread
+            .get(&vip)
+            .map(|(w, _)| w.iter().map(|s| s.lock().map(|v| v.clone()).unwrap_or_default()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Spread mode: the nodes (0-based) whose `eth0` carries `vip` by the latest sample.
+    pub fn spread_holders_now(&self, vip: Ipv4Addr) -> Vec<usize> {
+        let Some((watch, _)) = self.spread.get(&vip) else { return Vec::new() };
+        watch
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.lock().ok().and_then(|v| v.last().map(|(_, h)| *h)).unwrap_or(false))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Spread mode: waits until every running node names the same leader, every VIP is on
+    /// exactly one node's interface (which its `/status` confirms), and each VIP's prober
+    /// succeeds. Returns each VIP's holder (0-based).
+    pub fn wait_spread_stable(&self, within: Duration) -> Result<BTreeMap<Ipv4Addr, usize>, String> {
+        let deadline = Instant::now() + within;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            let leaders = self.leaders();
+            let agreed =
+                leaders.values().next().copied().flatten().is_some_and(|l| leaders.values().all(|x| *x == Some(l)));
+            let mut holders = BTreeMap::new();
+            let mut problems = Vec::new();
+            let since = now_ms().saturating_sub(300);
+            for vip in self.spread.keys() {
+                match self.spread_holders_now(*vip).as_slice() {
+                    [h] => {
+                        let says = self.admin_json(*h, "/status").ok().is_some_and(|v| {
+                            v["vips"].as_array().is_some_and(|list| {
+                                list.iter().any(|e| e["address"] == vip.to_string() && e["holding"] == true)
+                            })
+                        });
+                        let probing = self.spread.get(vip).is_some_and(|(_, p)| {
+                            p.lock().is_ok_and(|v| v.iter().rev().take(5).any(|p| p.ok && p.start >= since))
+                        });
+                        if !says || !probing {
+                            problems
+                                .push(format!("{vip}: on node {} (status agrees {says}, probe ok {probing})", h + 1));
+                        }
+                        holders.insert(*vip, *h);
+                    }
+                    other => problems.push(format!("{vip} on {other:?}")),
+                }
+            }
+            if agreed && problems.is_empty() {
+                return Ok(holders);
+            }
+            last = format!("leaders {leaders:?}; {}", problems.join("; "));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(format!("spread VIPs not stable within {within:?}: {last}"))
+    }
+
+    /// A formed three-node lab with the [`SPREAD`] VIPs, stable (each VIP held by one node);
+    /// returns it and each VIP's holder.
+    pub fn three_spread(bins: Bins, cluster_extra: &str) -> Result<(Lab, BTreeMap<Ipv4Addr, usize>), String> {
+        let spec = LabSpec {
+            nodes: 3,
+            witness_last: false,
+            backends: 3,
+            cluster_extra: cluster_extra.to_owned(),
+            witness_extra: String::new(),
+            spread: SPREAD.to_vec(),
+        };
+        let mut lab = Lab::build(&spec, bins)?;
+        let formed = lab.form_cluster().and_then(|()| lab.wait_spread_stable(Duration::from_secs(30)));
+        match formed {
+            Ok(holders) => Ok((lab, holders)),
+            Err(e) => {
+                lab.dump_logs(30);
+                Err(e)
+            }
+        }
     }
 
     /// Runs `f` on the prober results so far, without copying them.

@@ -42,6 +42,7 @@ fn chaos_ci_pass() {
             backends: 3,
             cluster_extra: String::new(),
             witness_extra: String::new(),
+            spread: Vec::new(),
         },
         bins,
     )

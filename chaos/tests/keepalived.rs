@@ -37,6 +37,7 @@ fn keepalived_pair_side_by_side() {
             backends: 1,
             cluster_extra: String::new(),
             witness_extra: String::new(),
+            spread: Vec::new(),
         };
         let mut lab = Lab::build(&spec, bins).unwrap();
         let pair = Pair { bin: bin.clone(), advert_ms };

@@ -32,6 +32,7 @@ fn chaos_pair_with_witness() {
             backends: 3,
             cluster_extra: String::new(),
             witness_extra: String::new(),
+            spread: Vec::new(),
         },
         bins,
     )

@@ -63,6 +63,10 @@ use crate::types::{NodeInfo, Raft};
 /// A leader counts a data node as gone after this many heartbeats without a renewal from it.
 pub const DEAD_AFTER_TICKS: u32 = 3;
 
+/// For this long after a data node joins, the leader moves VIPs to it until it holds its
+/// share, `preempt` or not.
+pub const JOINED_SHARE_WITHIN: Duration = Duration::from_secs(60);
+
 /// One spread VIP in the replicated state.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VipSlot {
@@ -197,6 +201,9 @@ pub struct View {
     pub data_voters: BTreeSet<NodeId>,
     /// Move VIPs back to an even spread.
     pub preempt: bool,
+    /// Data voters that joined while this leader led: they take their share even without
+    /// `preempt` (a node added to scale out is not a node coming back).
+    pub joined: BTreeSet<NodeId>,
 }
 
 /// The leader's next steps for the spread VIPs: empty when every VIP that some live node can
@@ -243,20 +250,21 @@ pub fn plan(view: &View) -> Vec<Action> {
             actions.push(Action::Name { vip, to, after });
         }
     }
-    // 3. With preempt, once nothing else is to do: one VIP from the busiest node to the idlest
-    //    one that carries it.
-    if view.preempt && actions.is_empty() {
+    // 3. Once nothing else is to do: one VIP from the busiest node to the idlest one that
+    //    carries it — any node with preempt, else only a node that joined.
+    if actions.is_empty() {
         for (vip, slot) in &view.slots {
             let Some(from) = slot.holder else { continue };
             let count = |n: NodeId| counts.get(&n).copied().unwrap_or(0);
             let idlest = view
                 .live
                 .iter()
-                .filter(|(n, c)| **n != from && c.contains(vip))
+                .filter(|(n, c)| **n != from && c.contains(vip) && (view.preempt || view.joined.contains(n)))
                 .map(|(n, _)| *n)
                 .min_by_key(|n| (count(*n), *n));
             if let Some(to) = idlest.filter(|to| count(from) > count(*to) + 1) {
-                actions.push(Action::Suspend { vip: *vip, from, move_to: Some(to), why: "preempt: spreading evenly" });
+                let why = if view.preempt { "preempt: spreading evenly" } else { "a node joined: giving it its share" };
+                actions.push(Action::Suspend { vip: *vip, from, move_to: Some(to), why });
                 break;
             }
         }
@@ -493,6 +501,10 @@ pub async fn run_planner(
     // (VIP, previous holder) → when its lease has certainly ended; found by asking the voters.
     let mut cleared: HashMap<(IpAddr, NodeId), Instant> = HashMap::new();
     let mut was_leader = false;
+    // Data voters as of the last tick, and the ones that joined since this node leads (with
+    // when): they take their share of VIPs, for a while.
+    let mut known: BTreeSet<NodeId> = BTreeSet::new();
+    let mut joined: HashMap<NodeId, Instant> = HashMap::new();
     loop {
         tick.tick().await;
         let (running, leader, data_voters) = {
@@ -509,10 +521,19 @@ pub async fn run_planner(
         if !leader {
             if was_leader {
                 cleared.clear(); // a later term asks again
+                joined.clear();
             }
             was_leader = false;
+            known = data_voters;
             continue;
         }
+        if was_leader {
+            for n in data_voters.difference(&known) {
+                joined.insert(*n, Instant::now());
+            }
+        }
+        joined.retain(|n, at| data_voters.contains(n) && at.elapsed() < JOINED_SHARE_WITHIN);
+        known = data_voters.clone();
         was_leader = true;
         let st = state.borrow().clone();
         if st.vips.is_empty() && ledger.seen().values().all(|s| s.carries.is_empty()) {
@@ -526,7 +547,8 @@ pub async fn run_planner(
             .filter(|(n, s)| data_voters.contains(n) && now.saturating_duration_since(s.at) < dead_after)
             .map(|(n, s)| (n, s.carries.into_iter().collect()))
             .collect();
-        let view = View { slots: st.vips.clone(), live, data_voters, preempt };
+        let view =
+            View { slots: st.vips.clone(), live, data_voters, preempt, joined: joined.keys().copied().collect() };
         for action in plan(&view) {
             let command = match action {
                 Action::Suspend { vip, from, move_to, why } => {
@@ -623,6 +645,7 @@ mod tests {
             live: live.iter().map(|(n, c)| (*n, c.iter().map(|v| ip(v)).collect())).collect(),
             data_voters: live.iter().map(|(n, _)| *n).collect(),
             preempt: false,
+            joined: BTreeSet::new(),
         }
     }
 
@@ -668,6 +691,18 @@ mod tests {
         assert_eq!(
             plan(&v),
             vec![Action::Suspend { vip: ip("10.0.0.1"), from: 2, move_to: Some(1), why: "preempt: spreading evenly" }]
+        );
+        // A node that joined (scaling out) takes its share without preempt.
+        v.preempt = false;
+        v.joined.insert(1);
+        assert_eq!(
+            plan(&v),
+            vec![Action::Suspend {
+                vip: ip("10.0.0.1"),
+                from: 2,
+                move_to: Some(1),
+                why: "a node joined: giving it its share"
+            }]
         );
     }
 

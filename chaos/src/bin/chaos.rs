@@ -127,7 +127,10 @@ fn lab(witness: bool, cluster_extra: String, witness_extra: String) -> Result<La
     if std::env::var_os("KEEL_BIN").is_none() && keel_default.exists() {
         bins.keel = keel_default;
     }
-    Lab::build(&LabSpec { nodes: 3, witness_last: witness, backends: 3, cluster_extra, witness_extra }, bins)
+    Lab::build(
+        &LabSpec { nodes: 3, witness_last: witness, backends: 3, cluster_extra, witness_extra, spread: Vec::new() },
+        bins,
+    )
 }
 
 fn run_three_node(args: &Args, which: &str, runs: &mut Vec<Run>) -> Result<(), String> {
