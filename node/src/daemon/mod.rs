@@ -199,7 +199,7 @@ impl Daemon {
             }
             (Some(v), false) => {
                 let config = VipConfig {
-                    address: v.address,
+                    address: v.address.into(),
                     interface: v.interface.clone(),
                     arp_count: v.arp_count,
                     arp_interval: v.arp_interval.get(),
