@@ -1,13 +1,15 @@
 //! `VipConfig`: which address, on which interface, announced how often. Parsing and checking
 //! happen here, once, so a bad VIP is refused when the node starts rather than when it first
-//! becomes leader.
+//! becomes leader. The VIP may be IPv4 (a /32, announced by gratuitous ARP) or IPv6 (a /128,
+//! announced by unsolicited Neighbor Advertisements); the burst settings serve both.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use crate::VipError;
 
-/// Default number of gratuitous ARP rounds per announcement (each round sends both forms).
+/// Default number of announcement rounds: for IPv4 each round sends both gratuitous-ARP forms,
+/// for IPv6 one unsolicited Neighbor Advertisement.
 pub const DEFAULT_ARP_COUNT: u32 = 5;
 /// Default spacing between rounds. The first round goes out at once.
 pub const DEFAULT_ARP_INTERVAL: Duration = Duration::from_millis(100);
@@ -17,12 +19,15 @@ const MAX_IFNAME: usize = 15;
 /// The VIP this node may hold, and how it is announced.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VipConfig {
-    /// The virtual IP. Always added as a /32, so it never becomes a secondary of (and is never
-    /// deleted along with) the interface's own address.
-    pub address: Ipv4Addr,
+    /// The virtual IP. Always added as a host address ([`host_prefix_len`]: /32 or /128), so an
+    /// IPv4 VIP never becomes a secondary of (and is never deleted along with) the interface's
+    /// own address, and an IPv6 VIP brings no prefix route with it.
+    pub address: IpAddr,
     /// The interface that carries it, e.g. `eth0`.
     pub interface: String,
-    /// Gratuitous ARP rounds per announcement; each round sends a request and a reply form.
+    /// Rounds per announcement: for IPv4 each sends a gratuitous-ARP request and reply form, for
+    /// IPv6 one unsolicited Neighbor Advertisement. (The name predates IPv6 and is the config
+    /// key operators know.)
     pub arp_count: u32,
     /// Time between rounds; the first round is sent immediately.
     pub arp_interval: Duration,
@@ -35,7 +40,9 @@ impl VipConfig {
     /// A config with the default ARP burst and a permanent address, from the address as
     /// written in a config file.
     ///
-    /// The address must be a plain IPv4 host address: `10.0.0.100`, not `10.0.0.100/24`.
+    /// The address must be a plain host address: `10.0.0.100` or `fd00::100`, not
+    /// `10.0.0.100/24`. IPv6 VIPs must be global or unique-local unicast: a link-local VIP would
+    /// need a zone and is not reachable through a router.
     pub fn new(address: &str, interface: impl Into<String>) -> Result<Self, VipError> {
         let config = VipConfig {
             address: parse_vip(address)?,
@@ -91,32 +98,63 @@ impl VipConfig {
     }
 }
 
-fn parse_vip(input: &str) -> Result<Ipv4Addr, VipError> {
-    let bad = |reason: &str| VipError::BadAddress { input: input.to_string(), reason: reason.to_string() };
-    let trimmed = input.trim();
-    if trimmed.contains('/') {
-        return Err(bad("write the address without a prefix length: keel always adds the VIP as a /32"));
-    }
-    match trimmed.parse::<IpAddr>() {
-        Ok(IpAddr::V4(v4)) => check_host(v4, input).map(|()| v4),
-        Ok(IpAddr::V6(_)) => Err(bad("IPv6 VIPs are not supported yet (see keel-vrrp's crate docs)")),
-        Err(e) => Err(bad(&format!("not an IPv4 address ({e})"))),
+/// The prefix length keel adds `address` with: a single host, /32 or /128.
+pub fn host_prefix_len(address: IpAddr) -> u8 {
+    match address {
+        IpAddr::V4(_) => 32,
+        IpAddr::V6(_) => 128,
     }
 }
 
-fn check_host(ip: Ipv4Addr, input: &str) -> Result<(), VipError> {
-    let reason = if ip.is_unspecified() {
-        "0.0.0.0 is not a host address"
-    } else if ip.is_loopback() {
-        "a loopback address cannot be reached from other hosts"
-    } else if ip.is_multicast() {
-        "a multicast address cannot be a VIP"
-    } else if ip.is_broadcast() {
-        "the broadcast address cannot be a VIP"
-    } else {
-        return Ok(());
+fn parse_vip(input: &str) -> Result<IpAddr, VipError> {
+    let bad = |reason: &str| VipError::BadAddress { input: input.to_string(), reason: reason.to_string() };
+    let trimmed = input.trim();
+    if trimmed.contains('/') {
+        return Err(bad("write the address without a prefix length: keel always adds the VIP as a /32 (IPv6: /128)"));
+    }
+    let ip = trimmed.parse::<IpAddr>().map_err(|e| bad(&format!("not an IPv4 or IPv6 address ({e})")))?;
+    check_host(ip, input).map(|()| ip)
+}
+
+fn check_host(ip: IpAddr, input: &str) -> Result<(), VipError> {
+    let reason = match ip {
+        IpAddr::V4(v4) => v4_reason(v4),
+        IpAddr::V6(v6) => v6_reason(v6),
     };
-    Err(VipError::BadAddress { input: input.to_string(), reason: reason.to_string() })
+    match reason {
+        None => Ok(()),
+        Some(reason) => Err(VipError::BadAddress { input: input.to_string(), reason: reason.to_string() }),
+    }
+}
+
+fn v4_reason(ip: Ipv4Addr) -> Option<&'static str> {
+    if ip.is_unspecified() {
+        Some("0.0.0.0 is not a host address")
+    } else if ip.is_loopback() {
+        Some("a loopback address cannot be reached from other hosts")
+    } else if ip.is_multicast() {
+        Some("a multicast address cannot be a VIP")
+    } else if ip.is_broadcast() {
+        Some("the broadcast address cannot be a VIP")
+    } else {
+        None
+    }
+}
+
+fn v6_reason(ip: Ipv6Addr) -> Option<&'static str> {
+    if ip.is_unspecified() {
+        Some(":: is not a host address")
+    } else if ip.is_loopback() {
+        Some("a loopback address cannot be reached from other hosts")
+    } else if ip.is_multicast() {
+        Some("a multicast address cannot be a VIP")
+    } else if ip.is_unicast_link_local() {
+        Some("a link-local (fe80::/10) address cannot be a VIP: it is valid on one link only and needs a zone; use a global or unique-local (fc00::/7) address")
+    } else if ip.to_ipv4_mapped().is_some() {
+        Some("an IPv4-mapped address (::ffff:a.b.c.d) is not an IPv6 host address: write the IPv4 address itself")
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]
@@ -126,20 +164,39 @@ mod tests {
     #[test]
     fn parses_plain_ipv4_with_defaults() {
         let c = VipConfig::new(" 10.0.0.100 ", "eth0").unwrap();
-        assert_eq!(c.address, Ipv4Addr::new(10, 0, 0, 100));
+        assert_eq!(c.address, IpAddr::V4(Ipv4Addr::new(10, 0, 0, 100)));
         assert_eq!(c.arp_count, DEFAULT_ARP_COUNT);
         assert_eq!(c.arp_interval, DEFAULT_ARP_INTERVAL);
+        assert_eq!(host_prefix_len(c.address), 32);
+    }
+
+    #[test]
+    fn parses_global_and_unique_local_ipv6() {
+        for input in ["2001:db8::100", " fd88::100 ", "2a00:1450:4001:82a::200e"] {
+            let c = VipConfig::new(input, "eth0").unwrap();
+            assert_eq!(c.address, input.trim().parse::<IpAddr>().unwrap());
+            assert_eq!(host_prefix_len(c.address), 128);
+        }
     }
 
     #[test]
     fn refuses_malformed_addresses_with_a_reason() {
         for (input, needle) in [
             ("10.0.0.100/24", "without a prefix"),
-            ("10.0.0", "not an IPv4 address"),
-            ("fe80::1", "IPv6"),
+            ("10.0.0", "not an IPv4 or IPv6 address"),
             ("127.0.0.1", "loopback"),
             ("0.0.0.0", "not a host"),
             ("224.0.0.18", "multicast"),
+            ("fd88::100/64", "without a prefix"),
+            ("fd88::100/128", "without a prefix"),
+            ("fd88::1::2", "not an IPv4 or IPv6 address"),
+            ("fe80::1", "link-local"),
+            ("febf::1", "link-local"),
+            ("::", "not a host"),
+            ("::1", "loopback"),
+            ("ff02::1", "multicast"),
+            ("ff05::1:3", "multicast"),
+            ("::ffff:10.0.0.1", "IPv4-mapped"),
         ] {
             let err = VipConfig::new(input, "eth0").unwrap_err().to_string();
             assert!(err.contains(needle) && err.contains(input.trim()), "{input}: {err}");

@@ -30,6 +30,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::config::host_prefix_len;
 use crate::{VipAnnouncer, VipError};
 
 const TARGET: &str = "keel::vip";
@@ -310,10 +311,11 @@ impl VipController {
             vip = %self.announcer.address(),
             interface = self.announcer.interface(),
             "VIP {} may still be on {}: release failed {attempts} times at shutdown; \
-             remove it with `ip addr del {}/32 dev {}`",
+             remove it with `ip addr del {}/{} dev {}`",
             self.announcer.address(),
             self.announcer.interface(),
             self.announcer.address(),
+            host_prefix_len(self.announcer.address()),
             self.announcer.interface(),
         );
     }

@@ -3,12 +3,12 @@
 //! "permission denied" alone never tells anyone what to fix.
 
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 /// Why a VIP operation (or setting one up) failed.
 #[derive(Debug, thiserror::Error)]
 pub enum VipError {
-    /// The configured VIP is not a usable IPv4 host address.
+    /// The configured VIP is not a usable IPv4 or IPv6 host address.
     #[error("invalid VIP address {input:?}: {reason}")]
     BadAddress {
         /// What the configuration said.
@@ -30,8 +30,11 @@ pub enum VipError {
         /// The interface that was asked for.
         interface: String,
     },
-    /// The interface exists but has no Ethernet address, so ARP cannot announce the VIP on it.
-    #[error("interface {interface:?} has no MAC address: gratuitous ARP needs an Ethernet interface")]
+    /// The interface exists but has no Ethernet address, so neither gratuitous ARP nor a
+    /// Neighbor Advertisement can announce the VIP on it.
+    #[error(
+        "interface {interface:?} has no MAC address: announcing the VIP (gratuitous ARP, IPv6 neighbour advertisement) needs an Ethernet interface"
+    )]
     NoMac {
         /// The interface at fault.
         interface: String,
@@ -39,6 +42,15 @@ pub enum VipError {
     /// The interface is administratively down: announcements would fail (ENETDOWN).
     #[error("interface {interface:?} is down (bring it up with `ip link set {interface} up`)")]
     InterfaceDown {
+        /// The interface at fault.
+        interface: String,
+    },
+    /// The VIP is IPv6 but the interface has IPv6 switched off, so the kernel would refuse the
+    /// address (with a bare "permission denied").
+    #[error(
+        "interface {interface:?} has IPv6 disabled, so it cannot carry an IPv6 VIP (set net.ipv6.conf.{interface}.disable_ipv6=0)"
+    )]
+    Ipv6Disabled {
         /// The interface at fault.
         interface: String,
     },
@@ -56,24 +68,33 @@ pub enum VipError {
         /// "add", "delete", "query" or "connect".
         action: &'static str,
         /// The VIP.
-        address: Ipv4Addr,
+        address: IpAddr,
         /// The interface.
         interface: String,
         /// What the kernel (or the socket) said.
         #[source]
         source: io::Error,
     },
-    /// Sending the gratuitous ARP burst failed.
-    #[error("gratuitous ARP for VIP {address} on {interface:?} failed: {source}")]
-    Arp {
+    /// Sending the announcement burst failed: gratuitous ARP for an IPv4 VIP, unsolicited
+    /// Neighbor Advertisements for an IPv6 one.
+    #[error("{} for VIP {address} on {interface:?} failed: {source}", announcement_kind(address))]
+    Announce {
         /// The VIP.
-        address: Ipv4Addr,
+        address: IpAddr,
         /// The interface.
         interface: String,
         /// What the socket said.
         #[source]
         source: io::Error,
     },
+}
+
+/// What an announcement of `address` is called, for the operator reading the error.
+fn announcement_kind(address: &IpAddr) -> &'static str {
+    match address {
+        IpAddr::V4(_) => "gratuitous ARP",
+        IpAddr::V6(_) => "unsolicited neighbour advertisement",
+    }
 }
 
 /// errno values the announcer maps to named errors.

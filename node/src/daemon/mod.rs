@@ -205,7 +205,7 @@ impl Daemon {
                 let mut announcers = Vec::new();
                 for address in v.address.iter().chain(&v.addresses) {
                     let config = VipConfig {
-                        address: vip_address(*address)?,
+                        address: *address,
                         interface: v.interface.clone(),
                         arp_count: v.arp_count,
                         arp_interval: v.arp_interval.get(),
@@ -304,7 +304,7 @@ impl Daemon {
         let mut spread_status = Vec::new();
         match (cluster.as_ref().filter(|_| !vip.is_empty()), cluster::vip_runtime(realtime)) {
             (Some(handle), Ok(rt)) if spread => {
-                let carries: Vec<std::net::IpAddr> = vip.iter().map(|a| std::net::IpAddr::from(a.address())).collect();
+                let carries: Vec<std::net::IpAddr> = vip.iter().map(|a| a.address()).collect();
                 let (leases, renew) = handle.vip_leases(carries);
                 rt.spawn(renew);
                 for (announcer, lease) in vip.into_iter().zip(leases) {
@@ -426,15 +426,6 @@ impl Daemon {
             handle.shutdown().await;
         }
         tracing::info!("exiting");
-    }
-}
-
-/// The VIP as the announcer takes it. IPv6 VIPs come with the announcer's unsolicited
-/// Neighbor Advertisements; until then a clear refusal at start.
-fn vip_address(address: std::net::IpAddr) -> Result<std::net::Ipv4Addr, DaemonError> {
-    match address {
-        std::net::IpAddr::V4(v4) => Ok(v4),
-        std::net::IpAddr::V6(v6) => Err(DaemonError::Vip(format!("{v6}: IPv6 VIPs are not supported by this build"))),
     }
 }
 

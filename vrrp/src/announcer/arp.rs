@@ -1,5 +1,5 @@
-//! Gratuitous ARP: the two frame forms Linux receivers accept as an announcement, and the burst
-//! that sends them through a pnet datalink channel.
+//! Gratuitous ARP: the two frame forms Linux receivers accept as the announcement of an IPv4
+//! VIP. They go out through [`super::datalink`]; [`super::ndp`] is the IPv6 counterpart.
 //!
 //! With the default `arp_accept=0` a Linux host only *updates* an existing neighbour entry from
 //! an unsolicited ARP, and it bypasses its 1 s neighbour lock only for a true gratuitous packet:
@@ -8,12 +8,9 @@
 //! ff:ff:ff:ff:ff:ff was ignored when measured). Other stacks and switches differ in which form
 //! they honour, so every round sends both, to the Ethernet broadcast address.
 
-use std::io;
 use std::net::Ipv4Addr;
-use std::time::Duration;
 
 use pnet_datalink::MacAddr;
-use pnet_datalink::{Channel, Config, DataLinkSender, NetworkInterface};
 use pnet_packet::arp::{ArpHardwareTypes, ArpOperations, MutableArpPacket};
 use pnet_packet::ethernet::{EtherTypes, MutableEthernetPacket};
 
@@ -62,39 +59,6 @@ pub fn gratuitous_arp_frame(mac: [u8; 6], ip: Ipv4Addr, form: ArpForm) -> [u8; A
         eth.set_payload(&arp_bytes);
     }
     frame
-}
-
-/// Opens a layer-2 sender on `iface`, not promiscuous (pnet's default config turns promiscuous
-/// mode on, which a load balancer has no business doing). The receiving half is dropped at once
-/// so no packets queue up for a reader that never reads.
-pub(crate) fn open_sender(iface: &NetworkInterface) -> io::Result<Box<dyn DataLinkSender>> {
-    let config = Config { promiscuous: false, ..Config::default() };
-    match pnet_datalink::channel(iface, config)? {
-        Channel::Ethernet(tx, _rx) => Ok(tx),
-        _ => Err(io::Error::other("pnet returned a non-Ethernet channel")),
-    }
-}
-
-/// Sends `count` rounds (request form, then reply form), the first at once and the rest
-/// `interval` apart.
-pub(crate) async fn send_burst(
-    iface: &NetworkInterface,
-    mac: [u8; 6],
-    ip: Ipv4Addr,
-    count: u32,
-    interval: Duration,
-) -> io::Result<()> {
-    let mut tx = open_sender(iface)?;
-    let frames = [gratuitous_arp_frame(mac, ip, ArpForm::Request), gratuitous_arp_frame(mac, ip, ArpForm::Reply)];
-    for round in 0..count {
-        if round > 0 {
-            tokio::time::sleep(interval).await;
-        }
-        for frame in &frames {
-            tx.send_to(frame, None).unwrap_or_else(|| Err(io::Error::other("pnet send buffer too small")))?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

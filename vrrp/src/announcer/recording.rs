@@ -3,7 +3,7 @@
 //! to fail the next N calls of a kind or to take a while, so the controller's ordering, retries
 //! and cancellation can be tested with paused time and no network.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -41,7 +41,7 @@ struct State {
 /// Records calls instead of touching the network. Cheap to clone; clones share state.
 #[derive(Clone)]
 pub struct RecordingAnnouncer {
-    address: Ipv4Addr,
+    address: IpAddr,
     interface: String,
     state: Arc<Mutex<State>>,
 }
@@ -53,9 +53,9 @@ impl Default for RecordingAnnouncer {
 }
 
 impl RecordingAnnouncer {
-    /// A double for `address` on `interface`, not holding it.
-    pub fn new(address: Ipv4Addr, interface: &str) -> Self {
-        RecordingAnnouncer { address, interface: interface.to_string(), state: Arc::default() }
+    /// A double for `address` (IPv4 or IPv6) on `interface`, not holding it.
+    pub fn new(address: impl Into<IpAddr>, interface: &str) -> Self {
+        RecordingAnnouncer { address: address.into(), interface: interface.to_string(), state: Arc::default() }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -110,7 +110,7 @@ impl RecordingAnnouncer {
     }
 
     fn injected(&self, what: &str) -> VipError {
-        VipError::Arp {
+        VipError::Announce {
             address: self.address,
             interface: self.interface.clone(),
             source: std::io::Error::other(format!("injected {what} failure")),
@@ -146,7 +146,7 @@ impl RecordingAnnouncer {
 }
 
 impl VipAnnouncer for RecordingAnnouncer {
-    fn address(&self) -> Ipv4Addr {
+    fn address(&self) -> IpAddr {
         self.address
     }
 
