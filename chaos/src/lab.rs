@@ -123,6 +123,7 @@ impl Node {
 }
 
 type Samples = Arc<Mutex<Vec<(u64, bool)>>>;
+type Probes = Arc<Mutex<Vec<Probe>>>;
 
 /// A running lab. Dropping it removes everything it made.
 pub struct Lab {
@@ -143,7 +144,7 @@ pub struct Lab {
     watch: Vec<Samples>,
     probes: Arc<Mutex<Vec<Probe>>>,
     /// Spread mode: per VIP, a watcher per node and the VIP's prober.
-    spread: BTreeMap<Ipv4Addr, (Vec<Samples>, Arc<Mutex<Vec<Probe>>>)>,
+    spread: BTreeMap<Ipv4Addr, (Vec<Samples>, Probes)>,
 }
 
 fn run(cmd: &mut Command) -> Result<String, String> {

@@ -358,6 +358,28 @@ mod tests {
     }
 
     #[test]
+    fn a_vip_moves_only_through_a_suspension_and_only_to_a_voter() {
+        let vip: IpAddr = "10.0.0.100".parse().unwrap();
+        let hold = |h: Option<NodeId>, to: Option<NodeId>| Command::SetVipHolder { vip, holder: h, move_to: to };
+        let mut s = ClusterState { voters: [1, 2, 3].into(), ..Default::default() };
+        assert_eq!(s.apply(&hold(Some(1), None), 5, 0), Outcome::Applied { changed: true });
+        assert_eq!(s.apply(&hold(Some(1), None), 6, 0), Outcome::Applied { changed: false });
+        let before = s.clone();
+        assert!(s.apply(&hold(Some(2), None), 7, 0).is_rejected(), "a holder replaced without a suspension");
+        assert!(s.apply(&hold(Some(9), None), 7, 0).is_rejected(), "a non-voter named");
+        assert_eq!(s, before, "a rejected command changed the state");
+        assert_eq!(s.apply(&hold(None, Some(3)), 8, 0), Outcome::Applied { changed: true });
+        assert_eq!(
+            s.vips[&vip],
+            VipSlot { holder: None, released_by: Some(1), suspended_at: 8, move_to: Some(3) },
+            "the suspension records who let go, when, and where it goes next"
+        );
+        assert_eq!(s.apply(&hold(Some(3), None), 9, 0), Outcome::Applied { changed: true });
+        assert_eq!(s.vips[&vip].holder, Some(3));
+        assert_eq!(s.vips[&vip].move_to, None);
+    }
+
+    #[test]
     fn servers_resolved_from_a_dns_entry_take_verdicts_drains_and_weights() {
         let mut cfg = config(&["a"]);
         let named: crate::model::Server =

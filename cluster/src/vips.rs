@@ -373,7 +373,8 @@ pub fn holder(
                 let hold = named && deadlines.holds(*vip, now);
                 if let Some((hold_tx, aside_tx)) = channels.get(vip) {
                     // Moved away by the cluster while this node is alive: step aside.
-                    aside_tx.send_if_modified(|a| std::mem::replace(a, !named) != !named);
+                    let aside = !named;
+                    aside_tx.send_if_modified(|a| std::mem::replace(a, aside) != aside);
                     hold_tx.send_if_modified(|h| {
                         if *h == hold {
                             return false;

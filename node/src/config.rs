@@ -981,6 +981,26 @@ mod tests {
     }
 
     #[test]
+    fn vip_sections_take_one_address_or_a_spread_list_of_v4_and_v6() {
+        let cluster = "[cluster]\nnode_id = 1\nraft = \"127.0.0.1:7000\"\ndata_dir = \"d\"\n";
+        let with = |vip: &str| format!("{cluster}[vip]\ninterface = \"eth0\"\n{vip}\n{BASE}");
+        let file =
+            parse(&with("addresses = [\"10.0.0.101\", \"fd00::101\"]\npreempt = true"), "k.toml").expect("valid");
+        let vip = file.vip.expect("a [vip] section");
+        assert_eq!(vip.addresses.len(), 2);
+        assert!(vip.preempt && vip.address.is_none());
+        assert!(parse(&with("address = \"fd00::100\""), "k.toml").is_ok(), "an IPv6 leader VIP");
+        let both = problems(&with("address = \"10.0.0.100\"\naddresses = [\"10.0.0.101\"]"));
+        assert!(both.iter().any(|p| p.contains("vip.addresses: set either address")), "{both:?}");
+        let none = problems(&with(""));
+        assert!(none.iter().any(|p| p.contains("vip.address: missing")), "{none:?}");
+        let twice = problems(&with("addresses = [\"10.0.0.101\", \"10.0.0.101\"]"));
+        assert!(twice.iter().any(|p| p.contains("10.0.0.101 is listed twice")), "{twice:?}");
+        let lone = problems(&with("address = \"10.0.0.100\"\npreempt = true"));
+        assert!(lone.iter().any(|p| p.contains("vip.preempt")), "{lone:?}");
+    }
+
+    #[test]
     fn unknown_sections_are_named() {
         let found = problems(&format!("{BASE}[pool.x]\n"));
         assert_eq!(

@@ -231,16 +231,21 @@ impl ListenerMetrics {
     }
 }
 
+/// Reads one counter of a VIP controller's status.
+type VipField = fn(&keel_vrrp::VipStatus) -> u64;
+
+/// The VIP controller's series: name, type, help, value.
+const VIP_SERIES: [(&str, &str, &str, VipField); 4] = [
+    (VIP_HOLDING, "gauge", "1 while this node holds the VIP.", |v| u64::from(v.holding)),
+    (VIP_CLAIMS_TOTAL, "counter", "Times this node claimed the VIP.", |v| v.claims),
+    (VIP_RELEASES_TOTAL, "counter", "Times this node released the VIP.", |v| v.releases),
+    (VIP_FAILURES_TOTAL, "counter", "Failed VIP operations (retried).", |v| v.failures),
+];
+
 /// Renders the VIP controller's counters.
 pub fn render_vip(out: &mut String, vip: &keel_vrrp::VipStatus) {
-    let rows: [(&str, &str, &str, u64); 4] = [
-        (VIP_HOLDING, "gauge", "1 while this node holds the VIP.", u64::from(vip.holding)),
-        (VIP_CLAIMS_TOTAL, "counter", "Times this node claimed the VIP.", vip.claims),
-        (VIP_RELEASES_TOTAL, "counter", "Times this node released the VIP.", vip.releases),
-        (VIP_FAILURES_TOTAL, "counter", "Failed VIP operations (retried).", vip.failures),
-    ];
-    for (name, kind, help, value) in rows {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    for (name, kind, help, value) in VIP_SERIES {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", value(vip));
     }
     if let Some(ms) = vip.last_change_unix_ms {
         let name = VIP_LAST_CHANGE;
@@ -255,13 +260,7 @@ pub fn render_vip(out: &mut String, vip: &keel_vrrp::VipStatus) {
 /// Renders the spread VIPs' controller counters, one series per VIP (`vip` label), under the
 /// same names as the leader's single VIP.
 pub fn render_spread_vips(out: &mut String, vips: &[(std::net::IpAddr, keel_vrrp::VipStatus)]) {
-    let rows: [(&str, &str, &str, fn(&keel_vrrp::VipStatus) -> u64); 4] = [
-        (VIP_HOLDING, "gauge", "1 while this node holds the VIP.", |v| u64::from(v.holding)),
-        (VIP_CLAIMS_TOTAL, "counter", "Times this node claimed the VIP.", |v| v.claims),
-        (VIP_RELEASES_TOTAL, "counter", "Times this node released the VIP.", |v| v.releases),
-        (VIP_FAILURES_TOTAL, "counter", "Failed VIP operations (retried).", |v| v.failures),
-    ];
-    for (name, kind, help, value) in rows {
+    for (name, kind, help, value) in VIP_SERIES {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for (address, status) in vips {
             let _ = writeln!(out, "{name}{{vip=\"{address}\"}} {}", value(status));

@@ -326,4 +326,41 @@ mod tests {
     fn redb_store_passes_openraft_conformance_suite() -> Result<(), StorageError> {
         Suite::test_all(RedbBuilder)
     }
+
+    /// A snapshot written before the spread VIPs (format 2) reads back whole, with no VIPs;
+    /// one of this version keeps them.
+    #[test]
+    fn a_format_2_snapshot_still_decodes_and_format_3_keeps_the_vips() -> Result<(), Box<dyn std::error::Error>> {
+        #[derive(serde::Serialize)]
+        struct V2<'a> {
+            #[serde(with = "crate::codec::config_field")]
+            config: &'a crate::model::Config,
+            overrides: &'a std::collections::BTreeMap<
+                String,
+                std::collections::BTreeMap<String, crate::state::ServerOverride>,
+            >,
+            health:
+                &'a std::collections::BTreeMap<String, std::collections::BTreeMap<String, crate::state::HealthVerdict>>,
+            sticky: &'a crate::state::StickyTable,
+            voters: &'a std::collections::BTreeSet<u64>,
+        }
+        let mut state = ClusterState::default();
+        state.voters = [1, 2, 3].into();
+        state.sticky.put("app", "10.0.0.1", "a", 5_000_000, 1);
+        let old = V2 {
+            config: &state.config,
+            overrides: &state.overrides,
+            health: &state.health,
+            sticky: &state.sticky,
+            voters: &state.voters,
+        };
+        let mut data = FORMAT_V2.to_vec();
+        data.extend(codec::encode(&old)?);
+        let meta = SnapshotMeta::default();
+        assert_eq!(decode_state(&data, &meta)?, state);
+
+        state.vips.insert("10.0.0.100".parse()?, crate::vips::VipSlot { holder: Some(2), ..Default::default() });
+        assert_eq!(decode_state(&encode_state(&state)?, &meta)?, state);
+        Ok(())
+    }
 }

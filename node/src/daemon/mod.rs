@@ -355,6 +355,7 @@ impl Daemon {
                 listeners: listener_metrics.clone(),
                 cluster: if witness { None } else { cluster.clone() },
                 vip: vip_status.clone(),
+                vips: spread_status.clone(),
                 reloads: reloads.clone(),
                 token: token.clone(),
             },

@@ -68,6 +68,8 @@ pub struct Inputs {
     pub cluster: Option<ClusterHandle>,
     /// This node's VIP controller.
     pub vip: Option<watch::Receiver<VipStatus>>,
+    /// The spread VIPs this node carries, each with its controller's status.
+    pub vips: Vec<(std::net::IpAddr, watch::Receiver<VipStatus>)>,
     /// Reload outcomes.
     pub reloads: Arc<ReloadStatus>,
     /// This node's admin token, to ask the other members.
@@ -120,6 +122,8 @@ struct Contact {
     last_contact_unix_ms: Option<u64>,
     holds_vip: Option<bool>,
     vip_since_unix_ms: Option<u64>,
+    /// Spread VIPs on its interface.
+    vips: Vec<String>,
 }
 
 /// A server, by pool and name.
@@ -205,6 +209,7 @@ fn probe_members(cluster: &ClusterHandle, token: Option<Arc<str>>, contacts: Arc
                     entry.last_contact_unix_ms = Some(unix_ms());
                     entry.holds_vip = doc["vip"]["holding"].as_bool();
                     entry.vip_since_unix_ms = doc["vip"]["last_change_unix_ms"].as_u64();
+                    entry.vips = held_spread(&doc);
                 }
                 // A witness has no /status (404): it answered, so it is reachable.
                 Ok(Err(e)) if e.is_application() => {
@@ -216,6 +221,7 @@ fn probe_members(cluster: &ClusterHandle, token: Option<Arc<str>>, contacts: Arc
                 _ => {
                     entry.reachable = false;
                     entry.holds_vip = None;
+                    entry.vips.clear();
                 }
             }
         });
@@ -374,7 +380,9 @@ impl Sampler {
             }
             self.holding = Some(v.holding);
         }
-        let cluster = inputs.cluster.as_ref().map(|c| self.cluster(c, vip.as_ref(), contacts));
+        let spread: Vec<(std::net::IpAddr, bool)> =
+            inputs.vips.iter().map(|(a, rx)| (*a, rx.borrow().holding)).collect();
+        let cluster = inputs.cluster.as_ref().map(|c| self.cluster(c, vip.as_ref(), &spread, contacts));
         let reload = inputs.reloads.get();
         json!({
             "node": {
@@ -398,6 +406,7 @@ impl Sampler {
         &mut self,
         handle: &ClusterHandle,
         vip: Option<&VipStatus>,
+        spread: &[(std::net::IpAddr, bool)],
         contacts: &Mutex<BTreeMap<u64, Contact>>,
     ) -> Value {
         let status = handle.status();
@@ -428,6 +437,7 @@ impl Sampler {
                         last_contact_unix_ms: Some(unix_ms()),
                         holds_vip: vip.map(|v| v.holding),
                         vip_since_unix_ms: vip.and_then(|v| v.last_change_unix_ms),
+                        vips: spread.iter().filter(|(_, h)| *h).map(|(a, _)| a.to_string()).collect(),
                     }
                 } else {
                     contacts.get(&m.id).cloned().unwrap_or_default()
@@ -445,6 +455,7 @@ impl Sampler {
                     "last_contact_unix_ms": contact.last_contact_unix_ms,
                     "holds_vip": contact.holds_vip,
                     "vip_since_unix_ms": contact.vip_since_unix_ms,
+                    "vips": contact.vips,
                 })
             })
             .collect();
@@ -460,8 +471,27 @@ impl Sampler {
             "members": members,
             "vip_holder": holder,
             "vip_since_unix_ms": since,
+            // The spread VIPs as the replicated state names them.
+            "vips": status.vips.iter().map(|(address, slot)| json!({
+                "address": address,
+                "holder": slot.holder,
+                "moving_to": slot.move_to,
+            })).collect::<Vec<_>>(),
         })
     }
+}
+
+/// The spread VIPs a member's `/status` says are on its interface.
+fn held_spread(doc: &Value) -> Vec<String> {
+    doc["vips"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .filter(|v| v["holding"] == true)
+                .filter_map(|v| v["address"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
