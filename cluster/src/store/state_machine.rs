@@ -344,8 +344,7 @@ mod tests {
             sticky: &'a crate::state::StickyTable,
             voters: &'a std::collections::BTreeSet<u64>,
         }
-        let mut state = ClusterState::default();
-        state.voters = [1, 2, 3].into();
+        let mut state = ClusterState { voters: [1, 2, 3].into(), ..Default::default() };
         state.sticky.put("app", "10.0.0.1", "a", 5_000_000, 1);
         let old = V2 {
             config: &state.config,
