@@ -97,3 +97,58 @@ fn the_cluster_panel_shows_the_vip_holder_and_follows_a_leader_kill() {
     );
     runtime.block_on(browser.screenshot(&artifact("dashboard-vip.png"))).unwrap();
 }
+
+/// Spread VIPs: the panel lists every VIP with its holder and each member's row names the VIPs
+/// on its interface; after a holder is SIGKILLed its VIP shows on another node.
+#[test]
+fn the_cluster_panel_lists_spread_vips_and_follows_a_kill() {
+    if !keel_chaos::netns_tests_enabled("dashboard") {
+        return;
+    }
+    let bins = Bins::new(PathBuf::from(env!("CARGO_BIN_EXE_chaos-probe")));
+    let (mut lab, holders) = Lab::three_spread(bins, "").unwrap();
+    let (&vip, &victim) = holders.iter().next().unwrap();
+    let watcher = (0..3).find(|&i| i != victim).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut browser = runtime
+        .block_on(Browser::launch_in(Some(&lab.client_ns())))
+        .unwrap()
+        .expect("KEEL_NETNS_TESTS is set, so a browser is required");
+    let url = format!("{}/", lab.nodes[watcher].admin());
+    let token = serde_json::to_string(&lab.token).unwrap();
+    runtime.block_on(browser.goto(&url)).unwrap();
+    runtime
+        .block_on(browser.eval(&format!(
+            "window.__before = true; document.querySelector('#token').value = {token}; document.querySelector('#login').submit(); 1"
+        )))
+        .unwrap();
+    let mut shows = |lab: &Lab, condition: String, what: &str| {
+        runtime.block_on(browser.wait_for(&condition, PAGE, what)).unwrap_or_else(|e| {
+            lab.dump_logs(30);
+            panic!("{e:#}")
+        })
+    };
+    shows(&lab, "!window.__before && document.body.dataset.ready === '1'".into(), "the dashboard after sign-in");
+    for (v, h) in &holders {
+        let id = lab.nodes[*h].id;
+        shows(
+            &lab,
+            format!("document.querySelector('tr[data-vip=\"{v}\"] td.holder')?.textContent === 'node {id}'"),
+            "each VIP's holder named",
+        );
+        shows(
+            &lab,
+            format!("document.querySelector('tr[data-member=\"{id}\"] td.vip').textContent.split(' ').includes('{v}')"),
+            "each member's row naming the VIP on its interface",
+        );
+    }
+    let victim_id = lab.nodes[victim].id;
+    lab.kill(victim).unwrap();
+    shows(
+        &lab,
+        format!(
+            "(t => t && t !== 'node {victim_id}' && t.startsWith('node '))(document.querySelector('tr[data-vip=\"{vip}\"] td.holder')?.textContent)"
+        ),
+        "the killed holder's VIP on another node",
+    );
+}

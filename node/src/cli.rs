@@ -631,4 +631,33 @@ mod tests {
         let e = admin_addr("admin-without-port").unwrap_err();
         assert!(e.contains("\"admin-without-port\" is not HOST:PORT"), "{e}");
     }
+
+    #[test]
+    fn status_lists_each_spread_vip_with_its_holder_and_what_each_member_carries() {
+        let doc = serde_json::json!({
+            "id": 1, "role": "leader", "leader_id": 1, "term": 3, "last_log_index": 9, "commit_index": 9,
+            "applied_index": 9, "snapshot_index": null, "millis_since_quorum_ack": 5, "lease_ms": 150,
+            "quorum_acked_within_lease": true,
+            "members": [
+                {"id": 1, "node": {"raft_addr": "10.0.0.11:7000", "admin_addr": "10.0.0.11:9090"}, "voter": true, "matched_index": 9, "lag": 0},
+                {"id": 2, "node": {"raft_addr": "10.0.0.12:7000", "admin_addr": "10.0.0.12:9090"}, "voter": true, "matched_index": 9, "lag": 0}
+            ],
+            "vips": {
+                "10.0.0.101": {"holder": 1, "released_by": null, "suspended_at": 0, "move_to": null},
+                "10.0.0.102": {"holder": null, "released_by": 2, "suspended_at": 8, "move_to": 1},
+                "fd00::103": {"holder": 2, "released_by": null, "suspended_at": 0, "move_to": null}
+            }
+        });
+        let status: ClusterStatus = serde_json::from_value(doc).unwrap();
+        let held =
+            |list: &[&str]| Some(Held { leader_vip: false, spread: list.iter().map(|s| s.to_string()).collect() });
+        let members = std::collections::BTreeMap::from([(1, held(&["10.0.0.101"])), (2, None)]);
+        let text = render_status(&status, &members);
+        let line = |start: &str| text.lines().find(|l| l.starts_with(start)).unwrap_or_default().to_owned();
+        assert!(line("1 ").ends_with("10.0.0.101"), "{text}");
+        assert!(line("2 ").ends_with('?'), "{text}");
+        assert!(line("10.0.0.101 ").contains(" 1 ") && line("10.0.0.101 ").ends_with("held"), "{text}");
+        assert!(line("10.0.0.102 ").ends_with("moving from node 2 to node 1"), "{text}");
+        assert!(line("fd00::103 ").ends_with("named (node unreachable from here)"), "{text}");
+    }
 }
