@@ -247,6 +247,8 @@ async fn the_cluster_panel_names_the_leader_and_follows_a_leader_kill() -> Resul
     ] {
         ensure!(metrics.contains(&line), "/metrics on node {watcher} lacks {line:?}");
     }
+    let table = cluster.status(watcher).await?["sticky_tables"]["app"].clone();
+    ensure!(table == json!({ "entries": STICKY_MAX, "max_entries": STICKY_MAX, "evictions": 2 }), "/status: {table}");
 
     cluster.kill(leader)?;
     let survivors: Vec<u64> = cluster.ids().into_iter().filter(|&id| id != leader).collect();
