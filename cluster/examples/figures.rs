@@ -1,12 +1,14 @@
 //! Cluster figures for a large sticky table (issue #16), printed as README's table rows.
 //!
-//! `cargo run --release -p keel-cluster --example figures [ENTRIES]` (default 1,000,000) — a
-//! measurement, not a test: it prints figures and asserts nothing about them (the machine is
-//! shared and noisy).
+//! `cargo run --release -p keel-cluster --example figures [ENTRIES] [memory]` (default
+//! 1,000,000) — a measurement, not a test: it prints figures and asserts nothing about them (the
+//! machine is shared and noisy). With `memory`, only the first figure is measured.
 //!
 //! 1. **Memory per entry**: ENTRIES source-IP bindings applied to a `ClusterState` as a
 //!    follower applies them (batches of `MAX_STICKY_BATCH`), counted by a counting allocator
-//!    (live heap) and by RSS.
+//!    (live heap) and by RSS; once with addresses in ascending order, once in a scrambled order
+//!    (as clients arrive), since a B-tree's nodes fill differently under the two; and once with
+//!    32-character session ids (`learn` mode).
 //! 2. **A three-node loopback cluster** (real Raft over TCP, real redb stores), each node on a
 //!    one-worker runtime of its own as `keel run` runs Raft, with a probe task on each runtime
 //!    that records how late it got to run (the Raft thread's worst stall). Config apply latency
@@ -98,8 +100,20 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// The keys of the memory figure, and the order they arrive in.
+#[derive(Clone, Copy, Debug)]
+enum Keys {
+    /// IPv4 addresses 10.0.0.0, 10.0.0.1, …
+    Ascending,
+    /// IPv4 addresses spread over the whole space by an odd multiplier (a bijection, so all
+    /// distinct).
+    Scrambled,
+    /// 32-character session ids (`learn` mode), scrambled likewise.
+    SessionIds,
+}
+
 /// Memory of ENTRIES bindings in a follower's state.
-fn memory_per_entry(entries: usize) -> anyhow::Result<()> {
+fn memory_per_entry(entries: usize, keys: Keys) -> anyhow::Result<()> {
     let mut state = ClusterState::default();
     state.apply(&Command::ApplyConfig(config(2)?), 1, now_ms());
     let (live0, rss0) = (LIVE.load(Ordering::Relaxed), rss_bytes());
@@ -108,14 +122,23 @@ fn memory_per_entry(entries: usize) -> anyhow::Result<()> {
     let mut index = 2;
     while from < entries {
         let to = (from + MAX_STICKY_BATCH).min(entries);
-        state.apply(&Command::PutStickyBatch(batch(from, to)), index, now_ms());
+        let mut b = batch(from, to);
+        for (i, e) in (from..to).zip(b.iter_mut()) {
+            let scrambled = (i as u32).wrapping_mul(0x9e37_79b1);
+            match keys {
+                Keys::Ascending => {}
+                Keys::Scrambled => e.key = std::net::Ipv4Addr::from(scrambled).to_string(),
+                Keys::SessionIds => e.key = format!("{scrambled:032x}"),
+            }
+        }
+        state.apply(&Command::PutStickyBatch(b), index, now_ms());
         from = to;
         index += 1;
     }
     let took = started.elapsed();
     let (live, rss) = (LIVE.load(Ordering::Relaxed), rss_bytes());
     println!(
-        "| memory per entry (IPv4 key, {entries} entries) | {:.0} B live heap, {:.0} B RSS | applied at {:.0} entries/s |",
+        "| memory per entry ({entries} entries, {keys:?}) | {:.0} B live heap, {:.0} B RSS | applied at {:.0} entries/s |",
         (live - live0) as f64 / entries as f64,
         rss.saturating_sub(rss0) as f64 / entries as f64,
         entries as f64 / took.as_secs_f64()
@@ -123,15 +146,17 @@ fn memory_per_entry(entries: usize) -> anyhow::Result<()> {
     let started = Instant::now();
     let bytes = keel_cluster::codec::encode(&state)?;
     let encode = started.elapsed();
+    let before_decode = LIVE.load(Ordering::Relaxed);
     let started = Instant::now();
     let back: ClusterState = keel_cluster::codec::decode(&bytes)?;
     let decode = started.elapsed();
     println!(
-        "| snapshot encode / decode, {entries} entries, one thread | {:.0} / {:.0} ms | {:.1} MB, {:.1} B/entry |",
+        "| snapshot encode / decode, {entries} entries, one thread | {:.0} / {:.0} ms | {:.1} MB, {:.1} B/entry; decoded state {:.0} B/entry live heap |",
         ms(encode),
         ms(decode),
         bytes.len() as f64 / 1e6,
-        bytes.len() as f64 / entries as f64
+        bytes.len() as f64 / entries as f64,
+        LIVE.load(Ordering::Relaxed).saturating_sub(before_decode) as f64 / entries as f64
     );
     drop((state, back));
     Ok(())
@@ -278,7 +303,12 @@ fn worst_stall(members: &[Member]) -> Duration {
 async fn main() -> anyhow::Result<()> {
     let entries: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(1_000_000).max(10_000);
     println!("| figure | value | note |\n|---|---|---|");
-    memory_per_entry(entries)?;
+    memory_per_entry(entries, Keys::Ascending)?;
+    memory_per_entry(entries, Keys::Scrambled)?;
+    memory_per_entry(entries, Keys::SessionIds)?;
+    if std::env::args().nth(2).as_deref() == Some("memory") {
+        return Ok(());
+    }
 
     let tmp = tempfile::tempdir()?;
     let mut members = Vec::new();

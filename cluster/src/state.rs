@@ -94,10 +94,40 @@ pub struct ClusterState {
     pub vips: BTreeMap<IpAddr, VipSlot>,
 }
 
+/// One pool's replicated sticky table, for metrics and the dashboard.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct StickyTableFigures {
+    /// Entries held (expired ones not yet dropped included).
+    pub entries: u64,
+    /// The pool's bound (`max_entries`).
+    pub max_entries: u64,
+    /// Entries evicted for the bound since the table began.
+    pub evictions: u64,
+}
+
 impl ClusterState {
     /// The most sticky entries `pool` keeps: its `max_entries`, else [`DEFAULT_MAX_ENTRIES`].
     pub fn sticky_limit(&self, pool: &str) -> u64 {
         self.config.pools.get(pool).and_then(|p| p.sticky.as_ref()).map_or(DEFAULT_MAX_ENTRIES, |s| s.max_entries())
+    }
+
+    /// Per pool, its replicated sticky table's size, bound and evictions: every pool that holds
+    /// an entry or is configured with `store = "raft"` (at 0 before its first binding), as
+    /// `/metrics` and the dashboard show them.
+    pub fn sticky_tables(&self) -> BTreeMap<String, StickyTableFigures> {
+        let mut pools = self.sticky.summary();
+        for (name, pool) in &self.config.pools {
+            if pool.sticky.as_ref().is_some_and(|st| st.store() == crate::sticky_config::StickyStore::Raft) {
+                pools.entry(name.clone()).or_default();
+            }
+        }
+        pools
+            .into_iter()
+            .map(|(name, p)| {
+                let max_entries = self.sticky_limit(&name);
+                (name, StickyTableFigures { entries: p.entries, max_entries, evictions: p.evictions })
+            })
+            .collect()
     }
 
     /// Whether `pool` has a server named `server` in the config: a configured one, or one a

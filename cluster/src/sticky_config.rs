@@ -348,7 +348,7 @@ fn check_max_entries(s: &Sticky, at: &KeyPath, report: &mut impl FnMut(KeyPath, 
             child(at, "max_entries"),
             format!(
                 "{n} is above the limit of {MAX_ENTRIES_LIMIT}: every node keeps every entry in memory \
-                 (about 100 bytes each, so {MAX_ENTRIES_LIMIT} ≈ 1 GB); use store = \"redis\" for more sessions"
+                 (65 bytes an IPv4 key to 250 a session id, so {MAX_ENTRIES_LIMIT} ≈ 0.65–2.5 GB); use store = \"redis\" for more sessions"
             ),
         );
     }

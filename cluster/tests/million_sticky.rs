@@ -268,6 +268,16 @@ async fn a_million_sticky_entries_snapshot_install_and_restart_without_a_leader_
     // is measured starts now.
     members[0].lapses.store(0, Ordering::SeqCst);
     let term = leader.status().term;
+    // A voter that just joined may still report term 0 with no leader (its own view lags the
+    // leader's): the watch below would count that as a contested term. It starts once every
+    // node knows the leader at its term.
+    wait_for("every node knows node 1 leads", || {
+        members.iter().all(|m| {
+            let s = m.handle.status();
+            s.term == term && s.leader_id == Some(1)
+        })
+    })
+    .await;
 
     let watch = Arc::new(Watch::default());
     let watcher = tokio::spawn(watch_terms(watch.clone(), members.iter().map(|m| m.handle.clone()).collect()));

@@ -435,8 +435,9 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
                 let (leader, _) = cluster.leader();
                 obj.insert("node_id".into(), serde_json::json!(cluster.id()));
                 obj.insert("leader_id".into(), serde_json::json!(leader));
-                // Replicated sticky table size per pool (entries, evictions), as /metrics has it.
-                let sticky = cluster.state().borrow().sticky.summary();
+                // Replicated sticky table per pool (entries, max_entries, evictions), as /metrics
+                // and the dashboard have it.
+                let sticky = cluster.state().borrow().sticky_tables();
                 obj.insert("sticky_tables".into(), serde_json::to_value(sticky).unwrap_or_default());
             }
             if let Some(obj) = doc.as_object_mut() {

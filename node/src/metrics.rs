@@ -271,33 +271,21 @@ pub fn render_spread_vips(out: &mut String, vips: &[(std::net::IpAddr, keel_vrrp
 /// Renders the replicated sticky table's size per pool and the Raft snapshot figures (cluster
 /// mode). The entries and evictions are the replicated state's: every node reports the same.
 pub fn render_cluster(out: &mut String, cluster: &keel_cluster::ClusterHandle) {
-    let (summary, limits): (Vec<_>, Vec<u64>) = {
-        let state = cluster.state();
-        let s = state.borrow();
-        let mut pools: std::collections::BTreeMap<String, keel_cluster::state::PoolSummary> = s.sticky.summary();
-        // Pools with a Raft sticky table and no entry yet are reported too (at 0).
-        for (name, pool) in &s.config.pools {
-            if pool.sticky.as_ref().is_some_and(|st| st.store() == keel_cluster::sticky_config::StickyStore::Raft) {
-                pools.entry(name.clone()).or_default();
-            }
-        }
-        let limits = pools.keys().map(|p| s.sticky_limit(p)).collect();
-        (pools.into_iter().collect(), limits)
-    };
+    let tables = cluster.state().borrow().sticky_tables();
     let header = |out: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     };
     header(out, STICKY_ENTRIES, "gauge", "Entries in the replicated sticky table.");
-    for (pool, p) in &summary {
-        let _ = writeln!(out, "{STICKY_ENTRIES}{{pool=\"{}\"}} {}", label(pool), p.entries);
+    for (pool, t) in &tables {
+        let _ = writeln!(out, "{STICKY_ENTRIES}{{pool=\"{}\"}} {}", label(pool), t.entries);
     }
     header(out, STICKY_MAX_ENTRIES, "gauge", "The pool's bound on sticky entries (max_entries).");
-    for ((pool, _), max) in summary.iter().zip(&limits) {
-        let _ = writeln!(out, "{STICKY_MAX_ENTRIES}{{pool=\"{}\"}} {max}", label(pool));
+    for (pool, t) in &tables {
+        let _ = writeln!(out, "{STICKY_MAX_ENTRIES}{{pool=\"{}\"}} {}", label(pool), t.max_entries);
     }
     header(out, STICKY_EVICTIONS_TOTAL, "counter", "Sticky entries evicted, least recently used first, at the bound.");
-    for (pool, p) in &summary {
-        let _ = writeln!(out, "{STICKY_EVICTIONS_TOTAL}{{pool=\"{}\"}} {}", label(pool), p.evictions);
+    for (pool, t) in &tables {
+        let _ = writeln!(out, "{STICKY_EVICTIONS_TOTAL}{{pool=\"{}\"}} {}", label(pool), t.evictions);
     }
     let f = cluster.snapshot_figures();
     let secs = |micros: u64| micros as f64 / 1e6;

@@ -1,6 +1,7 @@
 //! The live dashboard, checked in a real headless Chromium: sign-in with the admin token, the
 //! rendered rows, rates and latency, a drain from the page, a dead backend going down, the
-//! cluster panel following a leader kill, and the cross-site protections of the session.
+//! cluster panel following a leader kill, a pool's replicated sticky table (entries, bound,
+//! evictions), and the cross-site protections of the session.
 
 use std::time::Duration;
 
@@ -14,6 +15,8 @@ use keel_tests::{Backend, Keel, PoolSpec};
 use serde_json::json;
 
 const TOKEN: &str = "dashboard-test-token-0123456789";
+/// The cluster test's sticky table bound.
+const STICKY_MAX: u64 = 3;
 /// Time for the page to show what the node knows (it polls every second).
 const PAGE: Duration = Duration::from_secs(10);
 
@@ -180,7 +183,10 @@ async fn the_dashboard_signs_in_shows_live_figures_and_drains_from_the_page() ->
 async fn the_cluster_panel_names_the_leader_and_follows_a_leader_kill() -> Result<()> {
     let Some(mut browser) = Browser::launch().await? else { return Ok(()) };
     let backends = Backend::start_many("c", 2)?;
-    let seed = Keel::builder().default_pool("app").pool(PoolSpec::new("app", "round_robin").backends(&backends));
+    let seed = Keel::builder()
+        .default_pool("app")
+        .pool(PoolSpec::new("app", "round_robin").backends(&backends))
+        .raw(&format!("[pools.app.sticky]\nmode = \"source_ip\"\nstore = \"raft\"\nmax_entries = {STICKY_MAX}"));
     let mut cluster = Cluster::builder(seed, 3).start().await?;
     cluster.form().await?;
     let leader = cluster.leader(LEADER).await?;
@@ -210,6 +216,39 @@ async fn the_cluster_panel_names_the_leader_and_follows_a_leader_kill() -> Resul
             )
             .await?;
     }
+
+    // Five bindings into a table bounded at three: the follower's page shows the replicated
+    // table full, and the two least recently used evicted.
+    let expires_at_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64 + 3_600_000;
+    let entries: Vec<serde_json::Value> = (1..=5)
+        .map(
+            |i| json!({ "pool": "app", "key": format!("192.0.2.{i}"), "server": "ca", "expires_at_ms": expires_at_ms }),
+        )
+        .collect();
+    let body = json!({ "put_sticky_batch": entries }).to_string();
+    let r = cluster.client().post(cluster.admin(leader), "/cluster/propose", &body).await?;
+    ensure!(r.status == 200, "proposing sticky entries answered {} {}", r.status, r.text());
+    browser
+        .wait_for(
+            &format!(
+                "(t => t && t.querySelector('.entries').textContent === '{STICKY_MAX}' && t.querySelector('.max').textContent === '{STICKY_MAX}' \
+                 && t.querySelector('.evictions').textContent === '2')(document.querySelector('section[data-pool=\"app\"] .sticky-table'))"
+            ),
+            PAGE,
+            "the sticky table's entries, bound and evictions",
+        )
+        .await?;
+    let metrics = cluster.metrics(watcher).await?;
+    for line in [
+        format!("keel_sticky_entries{{pool=\"app\"}} {STICKY_MAX}\n"),
+        format!("keel_sticky_max_entries{{pool=\"app\"}} {STICKY_MAX}\n"),
+        "keel_sticky_evictions_total{pool=\"app\"} 2\n".to_owned(),
+    ] {
+        ensure!(metrics.contains(&line), "/metrics on node {watcher} lacks {line:?}");
+    }
+    let table = cluster.status(watcher).await?["sticky_tables"]["app"].clone();
+    ensure!(table == json!({ "entries": STICKY_MAX, "max_entries": STICKY_MAX, "evictions": 2 }), "/status: {table}");
 
     cluster.kill(leader)?;
     let survivors: Vec<u64> = cluster.ids().into_iter().filter(|&id| id != leader).collect();

@@ -6,6 +6,9 @@
 //! `GET /dashboard.json` returns that shared document: a hundred open tabs cost the node one
 //! sample a second, not a hundred.
 //!
+//! A pool with a replicated (`store = "raft"`) sticky table also shows its entries, its
+//! `max_entries` and its evictions, read from the cluster state as `/metrics` reads them.
+//!
 //! Rates are taken over the last [`RATE_WINDOW`] ticks; latency quantiles from the per-server
 //! histogram's bucket counts over the last [`LATENCY_WINDOW`] ticks (linear inside a bucket, as
 //! Prometheus' `histogram_quantile` does); sparklines keep [`HISTORY`] points. In a cluster the
@@ -310,6 +313,8 @@ impl Sampler {
         }
         self.listeners.retain(|name, _| listener_metrics.iter().any(|l| &l.name == name));
 
+        // The replicated tables' figures (cluster mode): the same on every node, as /metrics has them.
+        let sticky_tables = inputs.cluster.as_ref().map(|c| c.state().borrow().sticky_tables()).unwrap_or_default();
         let mut pools = Vec::new();
         let mut live = Vec::new();
         for pool in snapshot.pools.values() {
@@ -365,6 +370,7 @@ impl Sampler {
                 "algorithm": pool.config.algorithm.to_string(),
                 "available": pool.servers.iter().filter(|s| s.is_eligible()).count(),
                 "sticky": sticky,
+                "sticky_table": sticky_tables.get(&pool.name),
                 "names": snapshot.names.status(&pool.name),
                 "servers": servers,
             }));
