@@ -960,6 +960,8 @@ struct Inner {
     removal: Arc<removal::Tracker>,
     ledger: Arc<vips::Ledger>,
     vip_timings: vips::Timings,
+    /// Set on a planned stop: this node hands its spread VIPs to the others.
+    vips_leaving: watch::Sender<bool>,
 }
 
 /// The handle to a running node; cheap to clone.
@@ -1073,6 +1075,7 @@ impl ClusterNode {
                 removal,
                 ledger,
                 vip_timings,
+                vips_leaving: watch::Sender::new(false),
             }),
         })
     }
@@ -1311,7 +1314,34 @@ impl ClusterHandle {
             self.inner.ledger.clone(),
             self.inner.peers.clone(),
             self.inner.vip_timings,
+            self.inner.vips_leaving.subscribe(),
         )
+    }
+
+    /// A planned stop of a node holding spread VIPs: stops listing them, so the leader moves
+    /// each to another node (this node steps aside, still serving what reaches it, while the
+    /// next holder waits out its lease), and waits until every VIP the state named this node
+    /// for is named to another node, or `within` passed. Returns whether all moved (false
+    /// too when no other node could take one: the VIP then goes when the node stops).
+    pub async fn hand_off_vips(&self, within: Duration) -> bool {
+        let me = self.inner.id;
+        let mut state = self.inner.state.clone();
+        let mine: Vec<std::net::IpAddr> =
+            state.borrow().vips.iter().filter(|(_, s)| s.holder == Some(me)).map(|(v, _)| *v).collect();
+        if mine.is_empty() {
+            return true;
+        }
+        tracing::info!(target: "keel::vip", vips = ?mine, "stopping: handing the spread VIPs to the other nodes");
+        self.inner.vips_leaving.send_replace(true);
+        let moved =
+            |st: &ClusterState| mine.iter().all(|v| st.vips.get(v).is_some_and(|s| s.holder.is_some_and(|h| h != me)));
+        let done = tokio::time::timeout(within, state.wait_for(|st| moved(st))).await.is_ok_and(|r| r.is_ok());
+        if done {
+            tracing::info!(target: "keel::vip", "spread VIPs handed off");
+        } else {
+            tracing::warn!(target: "keel::vip", waited = ?within, "not every spread VIP found another holder; the rest go when this node stops");
+        }
+        done
     }
 
     /// Moves a spread VIP to node `to` (`keel cluster vip move`): suspends it with `to` as the

@@ -346,6 +346,7 @@ pub fn holder(
     ledger: Arc<Ledger>,
     peers: NetworkFactory,
     timings: Timings,
+    mut leaving: watch::Receiver<bool>,
 ) -> (Vec<VipLease>, impl std::future::Future<Output = ()> + Send) {
     let mut channels = BTreeMap::new();
     let mut leases = Vec::new();
@@ -360,6 +361,7 @@ pub fn holder(
         let mut clients: HashMap<NodeId, PeerClient> = HashMap::new();
         let mut round: Option<Round> = None;
         let mut next_round = tokio::time::Instant::now();
+        let mut leaving_gone = false;
         loop {
             let st = state.borrow_and_update().clone();
             let mine: Vec<IpAddr> =
@@ -393,7 +395,10 @@ pub fn holder(
             if round.is_none() && tokio::time::Instant::now() >= next_round {
                 let voters = voters(&raft);
                 let sent = Instant::now();
-                let renewal = Renewal { from: me, holds: mine.clone(), carries: carries.clone() };
+                // Leaving (a planned stop): list nothing, so the leader moves every VIP away,
+                // while the renewals keep the lease until each move is applied here.
+                let listed = if *leaving.borrow() { Vec::new() } else { carries.clone() };
+                let renewal = Renewal { from: me, holds: mine.clone(), carries: listed };
                 let mut r =
                     Round { sent, acks: HashMap::new(), voters: voters.len(), calls: tokio::task::JoinSet::new() };
                 if voters.iter().any(|(id, _)| *id == me) {
@@ -454,6 +459,12 @@ pub fn holder(
                     Some(Err(_)) => {}
                     None => round = None,
                 },
+                r = leaving.changed(), if round.is_none() && !leaving_gone => {
+                    match r {
+                        Ok(()) => next_round = tokio::time::Instant::now(), // tell the leader at once
+                        Err(_) => leaving_gone = true,
+                    }
+                }
                 () = tokio::time::sleep_until(round_end) => {
                     // Unanswered calls of this round count for nothing; their clients reconnect.
                     round = None;

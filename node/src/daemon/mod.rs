@@ -379,6 +379,13 @@ impl Daemon {
         let admin_loop = tokio::spawn(admin::serve(admin, admin_state, stop_rx));
 
         shutdown.await;
+        // Spread VIPs go to the other nodes first, while this one still serves (it steps aside
+        // and serves what still reaches it until the next holder announces).
+        if let Some(handle) = cluster.as_ref().filter(|_| spread) {
+            if handle.hand_off_vips(SPREAD_HANDOFF_WITHIN).await {
+                tokio::time::sleep(HANDOVER_LINGER).await;
+            }
+        }
         // A leader hands leadership and the VIP over first, still serving, so a planned stop
         // costs no failover; the drain below then only finishes what this node has open.
         if let Some(handle) = cluster.as_ref().filter(|_| !witness) {
@@ -429,6 +436,10 @@ impl Daemon {
         tracing::info!("exiting");
     }
 }
+
+/// How long a stopping node waits for its spread VIPs to be named to other nodes: a lease and
+/// two commits normally, far less than this.
+const SPREAD_HANDOFF_WITHIN: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// How long a leader that handed over keeps accepting before it drains: its successor's first
 /// gratuitous ARP goes out as it claims, and hosts follow it within a millisecond or two.
