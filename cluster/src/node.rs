@@ -1306,16 +1306,15 @@ impl ClusterHandle {
         &self,
         carries: Vec<std::net::IpAddr>,
     ) -> (Vec<vips::VipLease>, impl std::future::Future<Output = ()> + Send) {
-        vips::holder(
-            self.inner.id,
-            carries,
-            self.inner.raft.clone(),
-            self.inner.state.clone(),
-            self.inner.ledger.clone(),
-            self.inner.peers.clone(),
-            self.inner.vip_timings,
-            self.inner.vips_leaving.subscribe(),
-        )
+        let inputs = vips::HolderInputs {
+            raft: self.inner.raft.clone(),
+            state: self.inner.state.clone(),
+            ledger: self.inner.ledger.clone(),
+            peers: self.inner.peers.clone(),
+            timings: self.inner.vip_timings,
+            leaving: self.inner.vips_leaving.subscribe(),
+        };
+        vips::holder(self.inner.id, carries, inputs)
     }
 
     /// A planned stop of a node holding spread VIPs: stops listing them, so the leader moves

@@ -334,6 +334,23 @@ pub struct Timings {
     pub lease: Duration,
 }
 
+/// What [`holder`] reads: the node's Raft, its applied state, its ledger (for its own
+/// acknowledgement), its peers, the timings, and the planned-stop flag.
+pub struct HolderInputs {
+    /// The node's Raft (membership).
+    pub raft: Raft,
+    /// The applied state.
+    pub state: watch::Receiver<Arc<ClusterState>>,
+    /// This node's ledger.
+    pub ledger: Arc<Ledger>,
+    /// Clients to the other voters.
+    pub peers: NetworkFactory,
+    /// Tick and lease.
+    pub timings: Timings,
+    /// True on a planned stop: list no VIP, so the leader moves them all away.
+    pub leaving: watch::Receiver<bool>,
+}
+
 /// On a data node with `[vip] addresses`: renews this node's leases every heartbeat and
 /// publishes, per VIP it carries, whether it may hold it now. Spawn the future on the VIP's own
 /// thread (as [`crate::lease::follow`]): a stalled Raft thread must not keep a VIP. It ends when
@@ -341,13 +358,9 @@ pub struct Timings {
 pub fn holder(
     me: NodeId,
     carries: Vec<IpAddr>,
-    raft: Raft,
-    mut state: watch::Receiver<Arc<ClusterState>>,
-    ledger: Arc<Ledger>,
-    peers: NetworkFactory,
-    timings: Timings,
-    mut leaving: watch::Receiver<bool>,
+    inputs: HolderInputs,
 ) -> (Vec<VipLease>, impl std::future::Future<Output = ()> + Send) {
+    let HolderInputs { raft, mut state, ledger, peers, timings, mut leaving } = inputs;
     let mut channels = BTreeMap::new();
     let mut leases = Vec::new();
     for vip in &carries {
