@@ -137,7 +137,10 @@ impl Ledger {
             .collect();
         let mut inner = self.lock();
         let carries = renewal.carries.iter().copied().take(MAX_VIPS).collect();
-        inner.seen.insert(renewal.from, Seen { at: now, carries });
+        // A bound on what peers can make a voter remember (a cluster has a handful of nodes).
+        if inner.seen.len() < MAX_NODES || inner.seen.contains_key(&renewal.from) {
+            inner.seen.insert(renewal.from, Seen { at: now, carries });
+        }
         for vip in &acked {
             inner.acked.insert((renewal.from, *vip), now);
         }
@@ -163,6 +166,9 @@ impl Ledger {
 /// The most VIPs a renewal may name (anything beyond is ignored): a bound on what a peer's
 /// message can make a voter store.
 pub const MAX_VIPS: usize = 256;
+
+/// The most data nodes a voter keeps renewals of.
+const MAX_NODES: usize = 1024;
 
 /// One step [`plan`] decides.
 #[derive(Clone, Debug, PartialEq, Eq)]
