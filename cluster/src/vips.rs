@@ -63,8 +63,8 @@ use crate::types::{NodeInfo, Raft};
 /// A leader counts a data node as gone after this many heartbeats without a renewal from it.
 pub const DEAD_AFTER_TICKS: u32 = 3;
 
-/// For this long after a data node joins, the leader moves VIPs to it until it holds its
-/// share, `preempt` or not.
+/// For at most this long after a data node joins, the leader moves VIPs to it until it holds
+/// its share (an even spread's), `preempt` or not.
 pub const JOINED_SHARE_WITHIN: Duration = Duration::from_secs(60);
 
 /// One spread VIP in the replicated state.
@@ -459,7 +459,9 @@ pub fn holder(
                     let newly = carries.iter().any(|v| {
                         st.vips.get(v).is_some_and(|s| s.holder == Some(me)) && !mine.contains(v)
                     });
-                    if newly && round.is_none() {
+                    if newly {
+                        // A round in flight asked for the old set: start over with the new one.
+                        round = None;
                         next_round = tokio::time::Instant::now();
                     }
                 }
@@ -536,8 +538,26 @@ pub async fn run_planner(
     // when): they take their share of VIPs, for a while.
     let mut known: BTreeSet<NodeId> = BTreeSet::new();
     let mut joined: HashMap<NodeId, Instant> = HashMap::new();
+    // After a committed change the next step is planned at once (a suspension is followed by
+    // a naming), not a heartbeat later; bounded so a flapping plan still waits for the tick.
+    let mut again = 0u32;
+    let mut wake_at: Option<Instant> = None;
     loop {
-        tick.tick().await;
+        if again == 0 || again > 8 {
+            again = 0;
+            // A naming that waits out a lease is tried again the moment the lease ends.
+            match wake_at.take() {
+                Some(at) => tokio::select! {
+                    _ = tick.tick() => {}
+                    () = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {}
+                },
+                None => {
+                    tick.tick().await;
+                }
+            }
+        }
+        // Every path that does not commit waits for the next tick.
+        let streak = std::mem::take(&mut again);
         let (running, leader, data_voters) = {
             let m = raft.metrics();
             let m = m.borrow();
@@ -578,8 +598,15 @@ pub async fn run_planner(
             .filter(|(n, s)| data_voters.contains(n) && now.saturating_duration_since(s.at) < dead_after)
             .map(|(n, s)| (n, s.carries.into_iter().collect()))
             .collect();
+        // A node that joined is owed its share once, not for a minute: when it holds as many as
+        // an even spread gives it, it is a node like any other (one that restarts later takes
+        // nothing back).
+        let live: BTreeMap<NodeId, BTreeSet<IpAddr>> = live;
+        let share = st.vips.len().checked_div(live.len()).unwrap_or(0);
+        joined.retain(|n, _| st.vips.values().filter(|s| s.holder == Some(*n)).count() < share.max(1));
         let view =
             View { slots: st.vips.clone(), live, data_voters, preempt, joined: joined.keys().copied().collect() };
+        let mut committed = false;
         for action in plan(&view) {
             let command = match action {
                 Action::Suspend { vip, from, move_to, why } => {
@@ -599,6 +626,7 @@ pub async fn run_planner(
                         },
                     };
                     if Instant::now() < ended {
+                        wake_at = Some(wake_at.map_or(ended, |w| w.min(ended)));
                         continue;
                     }
                     tracing::info!(target: "keel::vip", %vip, from, to, "the previous holder's lease has ended: naming the next");
@@ -607,7 +635,7 @@ pub async fn run_planner(
             };
             let proposal = Proposal { command, proposed_at_ms: crate::node::now_ms() };
             match tokio::time::timeout(crate::node::PROPOSE_TIMEOUT, raft.client_write(proposal)).await {
-                Ok(Ok(resp)) if !resp.data.is_rejected() => {}
+                Ok(Ok(resp)) if !resp.data.is_rejected() => committed = true,
                 Ok(Ok(resp)) => {
                     tracing::warn!(target: "keel::vip", outcome = ?resp.data, "VIP change rejected");
                     break;
@@ -617,6 +645,7 @@ pub async fn run_planner(
         }
         // Entries for VIPs that moved on are not needed any more.
         cleared.retain(|(vip, _), _| st.vips.get(vip).is_some_and(|s| s.holder.is_none()));
+        again = if committed { streak + 1 } else { 0 };
     }
 }
 
