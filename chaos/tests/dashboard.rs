@@ -16,6 +16,33 @@ use keel_tests::browser::{artifact, Browser};
 /// members every two).
 const PAGE: Duration = Duration::from_secs(15);
 
+/// A headless Chromium in the lab's client namespace, signed in to node `watcher`'s dashboard.
+fn signed_in(runtime: &tokio::runtime::Runtime, lab: &Lab, watcher: usize) -> Browser {
+    let mut browser = runtime
+        .block_on(Browser::launch_in(Some(&lab.client_ns())))
+        .unwrap()
+        .expect("KEEL_NETNS_TESTS is set, so a browser is required");
+    let url = format!("{}/", lab.nodes[watcher].admin());
+    let token = serde_json::to_string(&lab.token).unwrap();
+    runtime.block_on(browser.goto(&url)).unwrap();
+    runtime
+        .block_on(browser.eval(&format!(
+            "window.__before = true; document.querySelector('#token').value = {token}; document.querySelector('#login').submit(); 1"
+        )))
+        .unwrap();
+    runtime
+        .block_on(browser.wait_for(
+            "!window.__before && document.body.dataset.ready === '1'",
+            PAGE,
+            "the dashboard after sign-in",
+        ))
+        .unwrap_or_else(|e| {
+            lab.dump_logs(30);
+            panic!("{e:#}")
+        });
+    browser
+}
+
 #[test]
 fn the_cluster_panel_shows_the_vip_holder_and_follows_a_leader_kill() {
     if !keel_chaos::netns_tests_enabled("dashboard") {
@@ -26,31 +53,13 @@ fn the_cluster_panel_shows_the_vip_holder_and_follows_a_leader_kill() {
     let leader_id = lab.nodes[leader].id;
     let watcher = (0..3).find(|&i| i != leader).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let mut browser = runtime
-        .block_on(Browser::launch_in(Some(&lab.client_ns())))
-        .unwrap()
-        .expect("KEEL_NETNS_TESTS is set, so a browser is required");
-
-    let url = format!("{}/", lab.nodes[watcher].admin());
-    let token = serde_json::to_string(&lab.token).unwrap();
+    let mut browser = signed_in(&runtime, &lab, watcher);
     let shows = |browser: &mut Browser, lab: &Lab, condition: String, what: &str| {
         runtime.block_on(browser.wait_for(&condition, PAGE, what)).unwrap_or_else(|e| {
             lab.dump_logs(30);
             panic!("{e:#}")
         })
     };
-    runtime.block_on(browser.goto(&url)).unwrap();
-    runtime
-        .block_on(browser.eval(&format!(
-            "window.__before = true; document.querySelector('#token').value = {token}; document.querySelector('#login').submit(); 1"
-        )))
-        .unwrap();
-    shows(
-        &mut browser,
-        &lab,
-        "!window.__before && document.body.dataset.ready === '1'".into(),
-        "the dashboard after sign-in",
-    );
     shows(
         &mut browser,
         &lab,
@@ -110,25 +119,13 @@ fn the_cluster_panel_lists_spread_vips_and_follows_a_kill() {
     let (&vip, &victim) = holders.iter().next().unwrap();
     let watcher = (0..3).find(|&i| i != victim).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let mut browser = runtime
-        .block_on(Browser::launch_in(Some(&lab.client_ns())))
-        .unwrap()
-        .expect("KEEL_NETNS_TESTS is set, so a browser is required");
-    let url = format!("{}/", lab.nodes[watcher].admin());
-    let token = serde_json::to_string(&lab.token).unwrap();
-    runtime.block_on(browser.goto(&url)).unwrap();
-    runtime
-        .block_on(browser.eval(&format!(
-            "window.__before = true; document.querySelector('#token').value = {token}; document.querySelector('#login').submit(); 1"
-        )))
-        .unwrap();
+    let mut browser = signed_in(&runtime, &lab, watcher);
     let mut shows = |lab: &Lab, condition: String, what: &str| {
         runtime.block_on(browser.wait_for(&condition, PAGE, what)).unwrap_or_else(|e| {
             lab.dump_logs(30);
             panic!("{e:#}")
         })
     };
-    shows(&lab, "!window.__before && document.body.dataset.ready === '1'".into(), "the dashboard after sign-in");
     for (v, h) in &holders {
         let id = lab.nodes[*h].id;
         shows(
