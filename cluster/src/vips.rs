@@ -103,9 +103,17 @@ pub struct Seen {
 
 /// A voter's side of the lease: which renewals it acknowledged and when. Every node keeps one
 /// (a leader plans from it; every voter answers from it).
-#[derive(Default)]
 pub struct Ledger {
     inner: Mutex<LedgerInner>,
+    /// When this process started listening: before a few heartbeats passed, silence proves
+    /// nothing.
+    started: Instant,
+}
+
+impl Default for Ledger {
+    fn default() -> Self {
+        Ledger { inner: Mutex::default(), started: Instant::now() }
+    }
 }
 
 #[derive(Default)]
@@ -155,6 +163,11 @@ impl Ledger {
             return None;
         }
         Some(self.lock().acked.get(&(node, vip)).map_or(Duration::MAX, |at| now.saturating_duration_since(*at)))
+    }
+
+    /// How long this ledger has been listening.
+    pub fn age(&self) -> Duration {
+        self.started.elapsed()
     }
 
     /// The last renewal seen from every data node.
@@ -592,6 +605,9 @@ pub async fn run_planner(
         }
         let now = Instant::now();
         let dead_after = timings.tick * DEAD_AFTER_TICKS;
+        if ledger.age() < dead_after {
+            continue; // a leader that just started has not heard the renewals yet
+        }
         let live = ledger
             .seen()
             .into_iter()
