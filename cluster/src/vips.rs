@@ -549,7 +549,14 @@ pub async fn run_planner(
             .collect();
         let view =
             View { slots: st.vips.clone(), live, data_voters, preempt, joined: joined.keys().copied().collect() };
-        for action in plan(&view) {
+        let actions = plan(&view);
+        if actions.is_empty() {
+            // Nothing to move: every live node that joined holds its share now. From here on it
+            // is a node like the others — one that dies and comes back takes nothing back
+            // without preempt, even within JOINED_SHARE_WITHIN of its join.
+            joined.retain(|n, _| !view.live.contains_key(n));
+        }
+        for action in actions {
             let command = match action {
                 Action::Suspend { vip, from, move_to, why } => {
                     tracing::info!(target: "keel::vip", %vip, from, ?move_to, "suspending VIP: {why}");
