@@ -434,7 +434,10 @@ pub fn holder(
                     let newly = carries.iter().any(|v| {
                         st.vips.get(v).is_some_and(|s| s.holder == Some(me)) && !mine.contains(v)
                     });
-                    if newly && round.is_none() {
+                    // A round still waiting for a cut-off voter (until its end) is dropped: the
+                    // new one names every VIP, the new one included.
+                    if newly {
+                        round = None;
                         next_round = tokio::time::Instant::now();
                     }
                 }
@@ -612,13 +615,13 @@ async fn lease_end(
     let me = raft.metrics().borrow().id;
     let voters = voters(raft);
     let mut answers: Vec<Instant> = Vec::new();
-    let mut latest = |received: Instant, ago: Duration| {
+    let latest = |answers: &mut Vec<Instant>, received: Instant, ago: Duration| {
         // "Never acknowledged" (or longer ago than the clock goes back) is as old as it gets.
         answers.push(received.checked_sub(ago).unwrap_or(received.checked_sub(timings.lease).unwrap_or(received)));
     };
     if voters.iter().any(|(id, _)| *id == me) {
         if let Some(ago) = ledger.last_ack(from, vip, state, Instant::now()) {
-            latest(Instant::now(), ago);
+            latest(&mut answers, Instant::now(), ago);
         }
     }
     let mut asks = tokio::task::JoinSet::new();
@@ -629,7 +632,12 @@ async fn lease_end(
     }
     while let Some(answer) = asks.join_next().await {
         if let Ok(Some((received, ago))) = answer {
-            latest(received, ago);
+            latest(&mut answers, received, ago);
+        }
+        // Any majority's answers will do (it shares a voter with every majority that could
+        // have acknowledged `from`): a cut-off voter's timeout is not waited out.
+        if answers.len() * 2 > voters.len() {
+            break;
         }
     }
     if answers.len() * 2 <= voters.len() {
