@@ -373,7 +373,7 @@ pub fn holder(
                 let hold = named && deadlines.holds(*vip, now);
                 if let Some((hold_tx, aside_tx)) = channels.get(vip) {
                     // Moved away by the cluster while this node is alive: step aside.
-                    aside_tx.send_if_modified(|a| std::mem::replace(a, !named) != !named);
+                    aside_tx.send_if_modified(|a| std::mem::replace(a, !named) == named);
                     hold_tx.send_if_modified(|h| {
                         if *h == hold {
                             return false;

@@ -255,7 +255,8 @@ pub fn render_vip(out: &mut String, vip: &keel_vrrp::VipStatus) {
 /// Renders the spread VIPs' controller counters, one series per VIP (`vip` label), under the
 /// same names as the leader's single VIP.
 pub fn render_spread_vips(out: &mut String, vips: &[(std::net::IpAddr, keel_vrrp::VipStatus)]) {
-    let rows: [(&str, &str, &str, fn(&keel_vrrp::VipStatus) -> u64); 4] = [
+    type Row = (&'static str, &'static str, &'static str, fn(&keel_vrrp::VipStatus) -> u64);
+    let rows: [Row; 4] = [
         (VIP_HOLDING, "gauge", "1 while this node holds the VIP.", |v| u64::from(v.holding)),
         (VIP_CLAIMS_TOTAL, "counter", "Times this node claimed the VIP.", |v| v.claims),
         (VIP_RELEASES_TOTAL, "counter", "Times this node released the VIP.", |v| v.releases),
