@@ -89,6 +89,7 @@ fn keel_cluster_vip_move_moves_a_vip_without_a_failed_request() {
         return;
     }
     let (lab, holders) = Lab::three_spread(bins(), "").unwrap();
+    let mut caught = Vec::new();
     // Move every VIP once, each to the next node: its holder steps aside, the target claims.
     for (k, (&vip, &from)) in holders.iter().enumerate() {
         let to = (from + 1) % lab.nodes.len();
@@ -119,7 +120,15 @@ fn keel_cluster_vip_move_moves_a_vip_without_a_failed_request() {
         let t1 = now_ms();
         println!("move {k}: {vip} node {} -> {} in {} ms ({})", from + 1, to + 1, at - t0, out.trim());
         for v in lab.spread_vips() {
-            let failed = scenario::spread_failed(&lab, v, t0, t1);
+            let mut failed = scenario::spread_failed(&lab, v, t0, t1);
+            // A connection already open when the clients' ARP entries switched is reset by the
+            // new holder: moving an address at L2 cannot carry a connection (the same holds for
+            // the single VIP's hand-over, tests/ci.rs). One such reset in the whole test is let
+            // through, and printed; a refused or timed-out request, or a second reset, fails.
+            if v == vip {
+                caught.extend(failed.iter().filter(|f| scenario::is_caught_mid_flight(f)).cloned());
+                failed.retain(|f| !scenario::is_caught_mid_flight(f));
+            }
             assert!(failed.is_empty(), "moving {vip}: {} failed request(s): {failed:?}", failed.len());
             let o = overlap(&lab.spread_samples(v), t0.saturating_sub(1000), t1);
             assert_eq!(o.certain, 0, "two holders of {v} while moving {vip}");
@@ -129,6 +138,10 @@ fn keel_cluster_vip_move_moves_a_vip_without_a_failed_request() {
             status["vips"].as_array().unwrap().iter().any(|e| e["address"] == vip.to_string() && e["holding"] == true);
         assert!(holding, "node {} does not report holding {vip}: {status}", to + 1);
     }
+    if !caught.is_empty() {
+        println!("tolerated: {caught:?}");
+    }
+    assert!(caught.len() <= 1, "{} connections reset by the moves: {caught:?}", caught.len());
 }
 
 #[test]
