@@ -2,7 +2,7 @@
 //! talking to keel's admin API and serving as a backend. Every call has a deadline.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 /// A response: status code and body.
@@ -38,9 +38,30 @@ pub fn request(
     body: Option<&str>,
     timeout: Duration,
 ) -> Result<Response, String> {
+    request_from(None, method, url, token, body, timeout)
+}
+
+/// [`request`] from the local address `src` (the kernel's choice when `None`).
+pub fn request_from(
+    src: Option<IpAddr>,
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+    timeout: Duration,
+) -> Result<Response, String> {
     let started = Instant::now();
     let (addr, path) = parse_url(url)?;
-    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+    let mut stream = match src {
+        None => TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?,
+        Some(src) => {
+            let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)
+                .map_err(|e| format!("socket: {e}"))?;
+            socket.bind(&SocketAddr::new(src, 0).into()).map_err(|e| format!("bind {src}: {e}"))?;
+            socket.connect_timeout(&addr.into(), timeout).map_err(|e| format!("connect: {e}"))?;
+            socket.into()
+        }
+    };
     let left = |started: Instant| timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(1));
     stream.set_write_timeout(Some(left(started))).map_err(|e| e.to_string())?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;

@@ -11,12 +11,16 @@
 //! | `P-bI` | `10.88.0.10I/24` | backend `bI` on `:8080` |
 //! | `P-c` | `10.88.0.200/24` | the client: the prober, and every admin call |
 //!
-//! The VIP is `10.88.0.100/32` on `eth0` of whichever node leads.
+//! The VIP is `10.88.0.100/32` on `eth0` of whichever node leads. With spread VIPs
+//! ([`LabSpec::spread`], e.g. [`SPREAD`]) each is on one node's `eth0`, watched on every node and
+//! probed on its own; an IPv6 one among them ([`SPREAD6`]) gives every namespace an `fd88::/64`
+//! address too (`nodad`, so nothing waits for duplicate address detection), and keel listens on
+//! `[::]` (dual-stack).
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufRead, BufReader};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -53,13 +57,54 @@ pub struct LabSpec {
     /// measure a witness with other timings than the data nodes.
     pub witness_extra: String,
     /// When not empty: these VIPs spread over the data nodes (`[vip] addresses`) instead of the
-    /// leader's single [`VIP`], each with a watcher per node and a prober of its own.
-    pub spread: Vec<Ipv4Addr>,
+    /// leader's single [`VIP`], each with a watcher per node and a prober of its own. With an
+    /// IPv6 VIP among them every namespace also gets an address in [`SUBNET6`] (`nodad`) and
+    /// keel listens on `[::]`.
+    pub spread: Vec<IpAddr>,
+    /// When set: the body of a `[pools.app.sticky]` table (e.g. `mode = "source_ip"`).
+    pub sticky: Option<String>,
+}
+
+impl Default for LabSpec {
+    /// Three data nodes, three backends, default timings, the leader's single VIP.
+    fn default() -> Self {
+        LabSpec {
+            nodes: 3,
+            witness_last: false,
+            backends: 3,
+            cluster_extra: String::new(),
+            witness_extra: String::new(),
+            spread: Vec::new(),
+            sticky: None,
+        }
+    }
 }
 
 /// The spread VIPs of [`Lab::three_spread`]: one per node.
-pub const SPREAD: [Ipv4Addr; 3] =
-    [Ipv4Addr::new(10, 88, 0, 121), Ipv4Addr::new(10, 88, 0, 122), Ipv4Addr::new(10, 88, 0, 123)];
+pub const SPREAD: [IpAddr; 3] = [
+    IpAddr::V4(Ipv4Addr::new(10, 88, 0, 121)),
+    IpAddr::V4(Ipv4Addr::new(10, 88, 0, 122)),
+    IpAddr::V4(Ipv4Addr::new(10, 88, 0, 123)),
+];
+
+/// The lab's IPv6 prefix (a ULA, `/64` on every `eth0`), used when a spread VIP is IPv6: node I
+/// is `fd88::1I`, backend I `fd88::10I`, the client `fd88::200`.
+pub const SUBNET6: &str = "fd88:";
+
+/// Spread VIPs mixing the families: two IPv4 and one IPv6 ([`SPREAD6_V6`]).
+pub const SPREAD6: [IpAddr; 3] =
+    [IpAddr::V4(Ipv4Addr::new(10, 88, 0, 121)), IpAddr::V4(Ipv4Addr::new(10, 88, 0, 122)), SPREAD6_V6];
+
+/// The IPv6 VIP of [`SPREAD6`]: `fd88::123`.
+pub const SPREAD6_V6: IpAddr = IpAddr::V6(std::net::Ipv6Addr::new(0xfd88, 0, 0, 0, 0, 0, 0, 0x123));
+
+/// `vip` with its host prefix length, as `ip addr` takes it.
+pub fn host_prefix(vip: IpAddr) -> String {
+    match vip {
+        IpAddr::V4(v) => format!("{v}/32"),
+        IpAddr::V6(v) => format!("{v}/128"),
+    }
+}
 
 /// Paths of the binaries the lab runs.
 #[derive(Clone, Debug)]
@@ -144,7 +189,9 @@ pub struct Lab {
     watch: Vec<Samples>,
     probes: Arc<Mutex<Vec<Probe>>>,
     /// Spread mode: per VIP, a watcher per node and the VIP's prober.
-    spread: BTreeMap<Ipv4Addr, (Vec<Samples>, Probes)>,
+    spread: BTreeMap<IpAddr, (Vec<Samples>, Probes)>,
+    /// The lab has IPv6 addresses (a spread VIP is IPv6).
+    v6: bool,
 }
 
 fn run(cmd: &mut Command) -> Result<String, String> {
@@ -208,6 +255,7 @@ impl Lab {
             watch: Vec::new(),
             probes: Arc::new(Mutex::new(Vec::new())),
             spread: spec.spread.iter().map(|v| (*v, (Vec::new(), Arc::new(Mutex::new(Vec::new()))))).collect(),
+            v6: spec.spread.iter().any(IpAddr::is_ipv6),
         };
         lab.build_inner(spec)?;
         Ok(lab)
@@ -221,14 +269,7 @@ impl Lab {
     /// leader holding the VIP); returns it and the leader's index. Prints the nodes' logs
     /// before failing.
     pub fn three_nodes(bins: Bins, backends: usize) -> Result<(Lab, usize), String> {
-        let spec = LabSpec {
-            nodes: 3,
-            witness_last: false,
-            backends,
-            cluster_extra: String::new(),
-            witness_extra: String::new(),
-            spread: Vec::new(),
-        };
+        let spec = LabSpec { backends, ..LabSpec::default() };
         let mut lab = Lab::build(&spec, bins)?;
         let formed = lab.form_cluster().and_then(|()| lab.wait_stable(Duration::from_secs(20)));
         match formed {
@@ -272,6 +313,11 @@ impl Lab {
         ip(&["-n", &sw, "link", "set", name, "master", "br0", "up"])?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        if self.v6 {
+            // `nodad`: usable at once, no second of duplicate address detection.
+            let host = addr.rsplit('.').next().unwrap_or("0");
+            ip(&["-n", &ns, "addr", "add", &format!("{SUBNET6}:{host}/64"), "dev", "eth0", "nodad"])?;
+        }
         Ok(ns)
     }
 
@@ -332,7 +378,7 @@ data_dir = "{data}"
 witness = {witness}
 {profile}
 {vip}[listeners.web]
-bind = "0.0.0.0:{WEB_PORT}"
+bind = "{bind}:{WEB_PORT}"
 default_pool = "app"
 
 [pools.app]
@@ -348,7 +394,9 @@ interval = "300ms"
 timeout = "200ms"
 rise = 2
 fall = 2
-{servers}"#,
+{sticky}{servers}"#,
+                bind = if self.v6 { "[::]" } else { "0.0.0.0" },
+                sticky = spec.sticky.as_ref().map_or(String::new(), |s| format!("\n[pools.app.sticky]\n{s}\n")),
                 token = self.dir.path().join("token").display(),
                 data = node_dir.join("data").display(),
                 profile =
@@ -365,7 +413,7 @@ fall = 2
             );
             fs::write(&config, text).map_err(|e| e.to_string())?;
             if spec.spread.is_empty() {
-                let samples = self.watcher(&ns, VIP)?;
+                let samples = self.watcher(&ns, IpAddr::V4(VIP))?;
                 self.watch.push(samples);
             }
             for vip in &spec.spread {
@@ -386,7 +434,7 @@ fall = 2
         }
         if spec.spread.is_empty() {
             let probes = self.probes.clone();
-            self.prober(&client, VIP, probes)?;
+            self.prober(&client, IpAddr::V4(VIP), probes)?;
         }
         for vip in &spec.spread {
             if let Some((_, probes)) = self.spread.get(vip) {
@@ -409,7 +457,7 @@ fall = 2
     }
 
     /// Starts a watcher of `vip` on `ns`'s `eth0`; its samples land in the returned list.
-    fn watcher(&mut self, ns: &str, vip: Ipv4Addr) -> Result<Samples, String> {
+    fn watcher(&mut self, ns: &str, vip: IpAddr) -> Result<Samples, String> {
         let samples: Samples = Arc::new(Mutex::new(Vec::new()));
         let mut w =
             self.spawn_helper(ns, &["watch".into(), vip.to_string(), "10".into(), MAX_LIFE_SECS.to_string()])?;
@@ -427,12 +475,12 @@ fall = 2
     }
 
     /// Starts a prober of `vip` (a GET every 10 ms from the client namespace) feeding `probes`.
-    fn prober(&mut self, client: &str, vip: Ipv4Addr, probes: Arc<Mutex<Vec<Probe>>>) -> Result<(), String> {
+    fn prober(&mut self, client: &str, vip: IpAddr, probes: Arc<Mutex<Vec<Probe>>>) -> Result<(), String> {
         let mut p = self.spawn_helper(
             client,
             &[
                 "probe".into(),
-                format!("http://{vip}:{WEB_PORT}/"),
+                format!("http://{}/", SocketAddr::new(vip, WEB_PORT)),
                 "10".into(),
                 "150".into(),
                 MAX_LIFE_SECS.to_string(),
@@ -468,6 +516,27 @@ fall = 2
             cmd.arg(b);
         }
         let out = run(&mut cmd)?;
+        let (status, body) = out.split_once('\n').unwrap_or((&out, ""));
+        let status = status.trim().parse::<u16>().map_err(|_| format!("bad output {out:?}"))?;
+        Ok((status, body.to_owned()))
+    }
+
+    /// Adds `addr` (`/24`) to the client namespace's `eth0`: another client host, for
+    /// [`Lab::get_from`].
+    pub fn add_client_address(&self, addr: Ipv4Addr) -> Result<(), String> {
+        ip(&["-n", &self.ns("c"), "addr", "add", &format!("{addr}/24"), "dev", "eth0"]).map(|_| ())
+    }
+
+    /// GET `url` from the client namespace with source address `src` (see
+    /// [`Lab::add_client_address`]); status and body.
+    pub fn get_from(&self, src: IpAddr, url: &str) -> Result<(u16, String), String> {
+        let client = self.ns("c");
+        let out = run(Command::new("ip").args(["netns", "exec", &client]).arg(&self.bins.probe).args([
+            "get-from",
+            &src.to_string(),
+            url,
+            "1000",
+        ]))?;
         let (status, body) = out.split_once('\n').unwrap_or((&out, ""));
         let status = status.trim().parse::<u16>().map_err(|_| format!("bad output {out:?}"))?;
         Ok((status, body.to_owned()))
@@ -662,9 +731,9 @@ fall = 2
     }
 
     fn exec_stop_post(&self, i: usize) {
-        for vip in std::iter::once(VIP).chain(self.spread.keys().copied()) {
+        for vip in std::iter::once(IpAddr::V4(VIP)).chain(self.spread.keys().copied()) {
             for dev in ["eth0", "lo"] {
-                let _ = ip(&["-n", &self.nodes[i].ns, "addr", "del", &format!("{vip}/32"), "dev", dev]);
+                let _ = ip(&["-n", &self.nodes[i].ns, "addr", "del", &host_prefix(vip), "dev", dev]);
             }
         }
     }
@@ -728,17 +797,17 @@ fall = 2
     }
 
     /// The spread VIPs of this lab.
-    pub fn spread_vips(&self) -> Vec<Ipv4Addr> {
+    pub fn spread_vips(&self) -> Vec<IpAddr> {
         self.spread.keys().copied().collect()
     }
 
     /// Spread mode: `vip`'s prober results so far, in completion order.
-    pub fn spread_probes(&self, vip: Ipv4Addr) -> Vec<Probe> {
+    pub fn spread_probes(&self, vip: IpAddr) -> Vec<Probe> {
         self.spread.get(&vip).and_then(|(_, p)| p.lock().ok().map(|v| v.clone())).unwrap_or_default()
     }
 
     /// Spread mode: `vip`'s watcher samples per node.
-    pub fn spread_samples(&self, vip: Ipv4Addr) -> Vec<Vec<(u64, bool)>> {
+    pub fn spread_samples(&self, vip: IpAddr) -> Vec<Vec<(u64, bool)>> {
         self.spread
             .get(&vip)
             .map(|(w, _)| w.iter().map(|s| s.lock().map(|v| v.clone()).unwrap_or_default()).collect())
@@ -746,7 +815,7 @@ fall = 2
     }
 
     /// Spread mode: the nodes (0-based) whose `eth0` carries `vip` by the latest sample.
-    pub fn spread_holders_now(&self, vip: Ipv4Addr) -> Vec<usize> {
+    pub fn spread_holders_now(&self, vip: IpAddr) -> Vec<usize> {
         let Some((watch, _)) = self.spread.get(&vip) else { return Vec::new() };
         watch
             .iter()
@@ -759,7 +828,7 @@ fall = 2
     /// Spread mode: waits until every running node names the same leader, every VIP is on
     /// exactly one node's interface (which its `/status` confirms), and each VIP's prober
     /// succeeds. Returns each VIP's holder (0-based).
-    pub fn wait_spread_stable(&self, within: Duration) -> Result<BTreeMap<Ipv4Addr, usize>, String> {
+    pub fn wait_spread_stable(&self, within: Duration) -> Result<BTreeMap<IpAddr, usize>, String> {
         let deadline = Instant::now() + within;
         let mut last = String::new();
         while Instant::now() < deadline {
@@ -800,16 +869,15 @@ fall = 2
 
     /// A formed three-node lab with the [`SPREAD`] VIPs, stable (each VIP held by one node);
     /// returns it and each VIP's holder.
-    pub fn three_spread(bins: Bins, cluster_extra: &str) -> Result<(Lab, BTreeMap<Ipv4Addr, usize>), String> {
-        let spec = LabSpec {
-            nodes: 3,
-            witness_last: false,
-            backends: 3,
-            cluster_extra: cluster_extra.to_owned(),
-            witness_extra: String::new(),
-            spread: SPREAD.to_vec(),
-        };
-        let mut lab = Lab::build(&spec, bins)?;
+    pub fn three_spread(bins: Bins, cluster_extra: &str) -> Result<(Lab, BTreeMap<IpAddr, usize>), String> {
+        let spec = LabSpec { cluster_extra: cluster_extra.to_owned(), spread: SPREAD.to_vec(), ..LabSpec::default() };
+        Lab::spread_with(&spec, bins)
+    }
+
+    /// A formed lab of `spec` (spread VIPs), stable; returns it and each VIP's holder. Prints the
+    /// nodes' logs before failing.
+    pub fn spread_with(spec: &LabSpec, bins: Bins) -> Result<(Lab, BTreeMap<IpAddr, usize>), String> {
+        let mut lab = Lab::build(spec, bins)?;
         let formed = lab.form_cluster().and_then(|()| lab.wait_spread_stable(Duration::from_secs(30)));
         match formed {
             Ok(holders) => Ok((lab, holders)),

@@ -6,7 +6,8 @@
 //! - [`lab`]: builds the lab (namespaces with a per-run unique prefix, bridge, backends, keel
 //!   nodes, prober, monitor) and tears it down on drop.
 //! - [`scenario`]: the faults — [`scenario::kill_leader`], [`scenario::partition`],
-//!   [`scenario::rolling_restart`], [`scenario::lose_witness`].
+//!   [`scenario::rolling_restart`], [`scenario::lose_witness`], and for spread VIPs
+//!   [`scenario::spread_round`].
 //! - [`report`]: outage percentiles and the split-brain analysis.
 //! - [`keepalived`]: the same faults against a keepalived pair, for figures side by side.
 //! - [`http`]: the tiny HTTP client/server the helper binary uses.

@@ -167,6 +167,106 @@ pub fn side_by_side(groups: &[(&str, &[Run])]) -> String {
     s
 }
 
+/// One fault of the spread-VIP scenario (`chaos --scenario spread`, [`crate::scenario::spread_round`]).
+#[derive(Clone, Debug, Default)]
+pub struct SpreadRun {
+    /// `kill-follower`, `kill-leader`, `restart`, `cut-follower`, `cut-leader`, `heal`, `move`.
+    pub fault: String,
+    /// Round number (1-based).
+    pub run: usize,
+    /// The node the fault hit (id), or the move's target.
+    pub node: u64,
+    /// The VIP that had to move (kill, cut, move), if any.
+    pub vip: Option<std::net::IpAddr>,
+    /// Fault → first monitor sample of `vip` on its new holder.
+    pub moved_ms: Option<u64>,
+    /// Fault → end of the first successful probe of `vip` that started after the fault.
+    pub first_ok_ms: Option<u64>,
+    /// Cut: fault → the cut node's own monitor shows `vip` gone from its `eth0`.
+    pub released_ms: Option<u64>,
+    /// Failed probes of `vip` (counted for moves, restarts and heals, where none may fail).
+    pub vip_failed: usize,
+    /// Failed probes of the VIPs the fault did not touch.
+    pub other_failed: usize,
+    /// Overlap samples over every VIP: certain / possible.
+    pub certain: usize,
+    /// See [`Overlap::possible`].
+    pub possible: usize,
+    /// What broke an invariant.
+    pub problems: Vec<String>,
+    /// What is worth a look but breaks none (a bound missed, a slow step).
+    pub warnings: Vec<String>,
+}
+
+impl std::fmt::Display for SpreadRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |v: Option<u64>| v.map_or("-".to_owned(), |v| format!("{v} ms"));
+        write!(
+            f,
+            "{:<13} #{:<3} node {} vip {}: moved {}, first ok {}, released {}, failed {} (vip) / {} (others), overlap {} certain / {} possible{}{}",
+            self.fault,
+            self.run,
+            self.node,
+            self.vip.map_or("-".to_owned(), |v| v.to_string()),
+            ms(self.moved_ms),
+            ms(self.first_ok_ms),
+            ms(self.released_ms),
+            self.vip_failed,
+            self.other_failed,
+            self.certain,
+            self.possible,
+            if self.problems.is_empty() { String::new() } else { format!(", PROBLEMS: {}", self.problems.join("; ")) },
+            if self.warnings.is_empty() { String::new() } else { format!(", warnings: {}", self.warnings.join("; ")) }
+        )
+    }
+}
+
+/// Per fault of the spread scenario: runs, p50/p99/max of the move and the first good probe,
+/// failed probes (the moved VIP's, the others'), overlap samples, problems.
+pub fn spread_summary(runs: &[SpreadRun]) -> String {
+    let mut s = format!(
+        "{:<13} {:>4}  {:<17} {:<17} {:<17} {:>9} {:>10} {:>13} {:>8}\n",
+        "fault",
+        "runs",
+        "moved p50/p99/max",
+        "1st ok p50/p99/mx",
+        "released p50/p99",
+        "vip fail",
+        "other fail",
+        "overlap c/p",
+        "problems"
+    );
+    let mut names: Vec<&str> = runs.iter().map(|r| r.fault.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    let cell = |v: &[u64]| match (percentile(v, 0.5), percentile(v, 0.99), v.iter().max()) {
+        (Some(a), Some(b), Some(c)) => format!("{a}/{b}/{c}"),
+        _ => "-".to_owned(),
+    };
+    for name in names {
+        let these: Vec<&SpreadRun> = runs.iter().filter(|r| r.fault == name).collect();
+        let moved: Vec<u64> = these.iter().filter_map(|r| r.moved_ms).collect();
+        let ok: Vec<u64> = these.iter().filter_map(|r| r.first_ok_ms).collect();
+        let rel: Vec<u64> = these.iter().filter_map(|r| r.released_ms).collect();
+        s.push_str(&format!(
+            "{name:<13} {:>4}  {:<17} {:<17} {:<17} {:>9} {:>10} {:>13} {:>8}\n",
+            these.len(),
+            cell(&moved),
+            cell(&ok),
+            cell(&rel),
+            these.iter().map(|r| r.vip_failed).sum::<usize>(),
+            these.iter().map(|r| r.other_failed).sum::<usize>(),
+            format!(
+                "{}/{}",
+                these.iter().map(|r| r.certain).sum::<usize>(),
+                these.iter().map(|r| r.possible).sum::<usize>()
+            ),
+            these.iter().map(|r| r.problems.len()).sum::<usize>(),
+        ));
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,11 +1,15 @@
 //! The scenarios: each injects one kind of fault into a formed [`Lab`] and returns a [`Run`]
-//! per fault with the outage, the split-brain samples and any problem found.
+//! per fault with the outage, the split-brain samples and any problem found. The spread-VIP
+//! faults ([`spread_round`]: kill a holder, restart it, cut and heal one, move by hand) return a
+//! [`SpreadRun`] each.
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::http::now_ms;
 use crate::lab::Lab;
-use crate::report::{overlap, Run};
+use crate::report::{overlap, Run, SpreadRun};
 
 /// How long a leader may take to appear after a fault before the run fails.
 pub const FAILOVER_BOUND: Duration = Duration::from_secs(10);
@@ -512,4 +516,367 @@ pub fn remove_rejoin(lab: &mut Lab, run_no: usize, c: &Committed) -> Result<Run,
     };
     finish(lab, &mut run, t0, c);
     Ok(run)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Spread VIPs (`[vip] addresses`): three VIPs on three nodes, a prober per VIP.
+
+/// How long a spread scenario watches after a VIP moved, for failures of the other VIPs.
+pub const SPREAD_WATCH: Duration = Duration::from_millis(500);
+/// How long a restarted or healed node is watched for a VIP moving back to it.
+pub const MOVE_BACK_WATCH: Duration = Duration::from_millis(1500);
+/// The spread VIPs' failover bound on the default profile (p99): today's single VIP's.
+pub const SPREAD_FAILOVER_MS: u64 = 200;
+
+/// The index of the leader every running node names.
+pub fn leader_index(lab: &Lab, within: Duration) -> Result<usize, String> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let leaders = lab.leaders();
+        let first = leaders.values().next().copied().flatten();
+        if let Some(l) = first.filter(|l| leaders.values().all(|x| *x == Some(*l))) {
+            return Ok((l - 1) as usize);
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("no agreed leader within {within:?}: {leaders:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until `vip` is on exactly one node's `eth0` other than `from` (by the monitor); returns
+/// that node and its first sample holding `vip` at or after `t0`.
+pub fn wait_moved(lab: &Lab, vip: IpAddr, from: usize, t0: u64, within: Duration) -> Option<(usize, u64)> {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if let [h] = lab.spread_holders_now(vip).as_slice() {
+            if *h != from {
+                let on =
+                    lab.spread_samples(vip).get(*h)?.iter().find(|(t, held)| *held && *t >= t0).map(|(t, _)| *t)?;
+                return Some((*h, on));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    None
+}
+
+/// The end of the first successful probe of `vip` that started at or after `t0`.
+pub fn first_ok(lab: &Lab, vip: IpAddr, t0: u64, within: Duration) -> Option<u64> {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        let ok = lab.spread_probes(vip).iter().filter(|p| p.ok && p.start >= t0).map(|p| p.end).min();
+        if ok.is_some() {
+            return ok;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+/// Failed probes of `vip` that started in `[from, to]`, as "+ms: error" lines.
+pub fn spread_failed(lab: &Lab, vip: IpAddr, from: u64, to: u64) -> Vec<String> {
+    let mut failed: Vec<_> =
+        lab.spread_probes(vip).into_iter().filter(|p| !p.ok && p.start >= from && p.start <= to).collect();
+    failed.sort_by_key(|p| p.start);
+    failed.iter().map(|p| format!("{vip} +{} ms: {}", p.start.saturating_sub(from), p.detail)).collect()
+}
+
+/// Overlap samples of every spread VIP in `[from, to]`; a problem per VIP with a certain one.
+fn spread_overlap(lab: &Lab, run: &mut SpreadRun, from: u64, to: u64) {
+    for vip in lab.spread_vips() {
+        let o = overlap(&lab.spread_samples(vip), from, to);
+        run.certain += o.certain;
+        run.possible += o.possible;
+        if o.certain > 0 {
+            run.problems.push(format!("split brain: {} samples with two holders of {vip}", o.certain));
+        }
+    }
+}
+
+/// The VIPs node `i` holds by the monitor's latest samples.
+fn held_by(lab: &Lab, i: usize) -> Vec<IpAddr> {
+    lab.spread_vips().into_iter().filter(|v| lab.spread_holders_now(*v).contains(&i)).collect()
+}
+
+/// A node holding exactly one VIP: the leader (`leader_case`) or a follower. The layout is one
+/// VIP per node at the start of each fault ([`spread_rebalance`]), so there is one.
+fn pick_holder(lab: &Lab, leader: usize, leader_case: bool) -> Result<(usize, IpAddr), String> {
+    (0..lab.nodes.len())
+        .filter(|&i| (i == leader) == leader_case && lab.nodes[i].running())
+        .find_map(|i| match held_by(lab, i).as_slice() {
+            [v] => Some((i, *v)),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            let layout: Vec<(usize, Vec<IpAddr>)> = (0..lab.nodes.len()).map(|i| (i + 1, held_by(lab, i))).collect();
+            format!("no {} holding exactly one VIP: {layout:?}", if leader_case { "leader" } else { "follower" })
+        })
+}
+
+/// SIGKILL a node holding one VIP — the leader (`leader_case`: the survivors elect) or a
+/// follower — after a seeded 0–300 ms jitter. Measures that VIP's move and first good probe;
+/// the other VIPs must fail nothing, and no VIP may have two holders. Returns the run and the
+/// killed node (restart it with [`spread_restart`]).
+pub fn spread_kill(
+    lab: &mut Lab,
+    run_no: usize,
+    rng: &mut fastrand::Rng,
+    leader_case: bool,
+) -> Result<(SpreadRun, usize), String> {
+    lab.wait_spread_stable(SETTLE_BOUND)?;
+    let leader = leader_index(lab, SETTLE_BOUND)?;
+    let (victim, vip) = pick_holder(lab, leader, leader_case)?;
+    std::thread::sleep(Duration::from_millis(rng.u64(0..300)));
+    let t0 = lab.kill(victim)?;
+    let mut run = SpreadRun {
+        fault: if leader_case { "kill-leader" } else { "kill-follower" }.into(),
+        run: run_no,
+        node: lab.nodes[victim].id,
+        vip: Some(vip),
+        ..SpreadRun::default()
+    };
+    let moved = wait_moved(lab, vip, victim, t0, FAILOVER_BOUND);
+    run.moved_ms = moved.map(|(_, on)| on.saturating_sub(t0));
+    run.first_ok_ms = first_ok(lab, vip, t0, FAILOVER_BOUND).map(|e| e.saturating_sub(t0));
+    if moved.is_none() {
+        run.problems.push(format!("{vip} not on one other node within {FAILOVER_BOUND:?}"));
+    }
+    std::thread::sleep(SPREAD_WATCH);
+    let t1 = now_ms();
+    for other in lab.spread_vips().into_iter().filter(|v| *v != vip) {
+        let failed = spread_failed(lab, other, t0, t1);
+        run.other_failed += failed.len();
+        run.problems.extend(failed.into_iter().map(|f| format!("another VIP failed a request: {f}")));
+    }
+    run.vip_failed = spread_failed(lab, vip, t0, t1).len();
+    spread_overlap(lab, &mut run, t0.saturating_sub(1000), t1);
+    if let Some(ms) = run.moved_ms.filter(|ms| *ms > SPREAD_FAILOVER_MS) {
+        run.warnings.push(format!("moved in {ms} ms, over the {SPREAD_FAILOVER_MS} ms bound"));
+    }
+    if leader_case {
+        let new = leader_index(lab, FAILOVER_BOUND)?;
+        run.warnings.extend((new == victim).then(|| "the killed leader still named as leader".to_owned()));
+    }
+    Ok((run, victim))
+}
+
+/// Restarts killed node `i` and waits until it is back (following a leader, admin answering);
+/// then, for [`MOVE_BACK_WATCH`], nothing may move: no VIP back to it (no `preempt`), no other
+/// holder change. A failed probe meanwhile is a warning. (That it is live — renewing its
+/// leases — shows right after: [`spread_rebalance`] can move a VIP to it, which the leader
+/// allows only for a node renewing.)
+pub fn spread_restart(lab: &mut Lab, run_no: usize, i: usize) -> Result<SpreadRun, String> {
+    let before = lab.wait_spread_stable(SETTLE_BOUND)?;
+    let t0 = now_ms();
+    lab.start(i)?;
+    lab.wait_admin(i, Duration::from_secs(30))?;
+    wait_rejoin(lab, i, 0, SETTLE_BOUND)?;
+    let mut run = SpreadRun { fault: "restart".into(), run: run_no, node: lab.nodes[i].id, ..SpreadRun::default() };
+    let back = now_ms();
+    std::thread::sleep(MOVE_BACK_WATCH);
+    let after = lab.wait_spread_stable(SETTLE_BOUND)?;
+    let t1 = now_ms();
+    if after != before {
+        run.problems.push(format!("VIPs moved after the restart: {before:?} -> {after:?}"));
+    }
+    for vip in lab.spread_vips() {
+        let took = lab.spread_samples(vip).get(i).is_some_and(|s| s.iter().any(|(t, h)| *h && *t >= back));
+        if took {
+            run.problems.push(format!("the restarted node {} took {vip} back (no preempt)", i + 1));
+        }
+        let failed = spread_failed(lab, vip, t0, t1);
+        run.other_failed += failed.len();
+        run.warnings.extend(failed.into_iter().map(|f| format!("a request failed while it rejoined: {f}")));
+    }
+    spread_overlap(lab, &mut run, t0, t1);
+    Ok(run)
+}
+
+/// Cuts the link of a node holding one VIP (the leader or a follower): it must drop the VIP from
+/// its `eth0` (its own monitor says so) before the new holder's first sample, with no overlap;
+/// the other VIPs fail nothing. Then heals: the node rejoins and, for [`MOVE_BACK_WATCH`],
+/// nothing moves back. Returns the cut run and the heal run.
+pub fn spread_cut(
+    lab: &mut Lab,
+    run_no: usize,
+    rng: &mut fastrand::Rng,
+    leader_case: bool,
+) -> Result<Vec<SpreadRun>, String> {
+    lab.wait_spread_stable(SETTLE_BOUND)?;
+    let leader = leader_index(lab, SETTLE_BOUND)?;
+    let (victim, vip) = pick_holder(lab, leader, leader_case)?;
+    std::thread::sleep(Duration::from_millis(rng.u64(0..300)));
+    let t0 = lab.link(victim, false)?;
+    let mut run = SpreadRun {
+        fault: if leader_case { "cut-leader" } else { "cut-follower" }.into(),
+        run: run_no,
+        node: lab.nodes[victim].id,
+        vip: Some(vip),
+        ..SpreadRun::default()
+    };
+    let moved = wait_moved(lab, vip, victim, t0, FAILOVER_BOUND);
+    run.moved_ms = moved.map(|(_, on)| on.saturating_sub(t0));
+    run.first_ok_ms = first_ok(lab, vip, t0, FAILOVER_BOUND).map(|e| e.saturating_sub(t0));
+    std::thread::sleep(SPREAD_WATCH);
+    let t1 = now_ms();
+    let own = lab.spread_samples(vip).get(victim).cloned().unwrap_or_default();
+    let released = own.iter().find(|(t, h)| *t >= t0 && !*h).map(|(t, _)| *t);
+    let last_held = own.iter().filter(|(t, h)| *t >= t0 && *h).map(|(t, _)| *t).max();
+    run.released_ms = released.map(|r| r.saturating_sub(t0));
+    match (moved, released) {
+        (None, _) => run.problems.push(format!("{vip} not on one other node within {FAILOVER_BOUND:?}")),
+        (_, None) => run.problems.push(format!("the cut-off node {} never let {vip} go", victim + 1)),
+        (Some((to, on)), Some(rel)) => {
+            if rel > on || last_held.is_some_and(|l| l >= on) {
+                run.problems.push(format!(
+                    "node {} had {vip} at +{} ms, before the cut-off node {} let go (+{} ms)",
+                    to + 1,
+                    on.saturating_sub(t0),
+                    victim + 1,
+                    rel.saturating_sub(t0)
+                ));
+            }
+        }
+    }
+    for other in lab.spread_vips().into_iter().filter(|v| *v != vip) {
+        let failed = spread_failed(lab, other, t0, t1);
+        run.other_failed += failed.len();
+        run.problems.extend(failed.into_iter().map(|f| format!("another VIP failed a request: {f}")));
+    }
+    run.vip_failed = spread_failed(lab, vip, t0, t1).len();
+    spread_overlap(lab, &mut run, t0.saturating_sub(1000), t1);
+    if let Some(ms) = run.moved_ms.filter(|ms| *ms > SPREAD_FAILOVER_MS) {
+        run.warnings.push(format!("moved in {ms} ms, over the {SPREAD_FAILOVER_MS} ms bound"));
+    }
+
+    // Heal: nothing moves back. (No admin call reaches the cut-off node: read the monitor.)
+    let before: BTreeMap<IpAddr, Vec<usize>> =
+        lab.spread_vips().into_iter().map(|v| (v, lab.spread_holders_now(v))).collect();
+    let heal = lab.link(victim, true)?;
+    let mut healed =
+        SpreadRun { fault: "heal".into(), run: run_no, node: lab.nodes[victim].id, ..SpreadRun::default() };
+    wait_rejoin(lab, victim, 0, SETTLE_BOUND)?;
+    lab.wait_spread_stable(SETTLE_BOUND)?;
+    std::thread::sleep(MOVE_BACK_WATCH);
+    let after: BTreeMap<IpAddr, Vec<usize>> =
+        lab.wait_spread_stable(SETTLE_BOUND)?.into_iter().map(|(v, h)| (v, vec![h])).collect();
+    let t2 = now_ms();
+    if after != before {
+        healed.problems.push(format!("VIPs moved after the heal: {before:?} -> {after:?}"));
+    }
+    for v in lab.spread_vips() {
+        if lab.spread_samples(v).get(victim).is_some_and(|s| s.iter().any(|(t, h)| *h && *t >= heal)) {
+            healed.problems.push(format!("the healed node {} took {v} back (no preempt)", victim + 1));
+        }
+        let failed = spread_failed(lab, v, heal, t2);
+        healed.other_failed += failed.len();
+        healed.warnings.extend(failed.into_iter().map(|f| format!("a request failed after the heal: {f}")));
+    }
+    spread_overlap(lab, &mut healed, heal, t2);
+    Ok(vec![run, healed])
+}
+
+/// `keel cluster vip move VIP --to N` run in node `via`'s namespace against its admin API.
+pub fn cli_vip_move(lab: &Lab, via: usize, vip: IpAddr, to: u64) -> Result<String, String> {
+    let admin = format!("{}:{}", lab.nodes[via].addr, crate::lab::ADMIN_PORT);
+    lab.keel_cli(
+        via,
+        &[
+            "cluster",
+            "vip",
+            "move",
+            &vip.to_string(),
+            "--to",
+            &to.to_string(),
+            "--admin",
+            &admin,
+            "--token",
+            &lab.token,
+        ],
+    )
+}
+
+/// Moves one VIP with `keel cluster vip move` from `from` to `to` and measures it: the VIP must
+/// end on `to`, fail no request, and never have two holders.
+pub fn spread_move(lab: &Lab, run_no: usize, vip: IpAddr, from: usize, to: usize) -> Result<SpreadRun, String> {
+    let t0 = now_ms();
+    let mut run =
+        SpreadRun { fault: "move".into(), run: run_no, node: lab.nodes[to].id, vip: Some(vip), ..SpreadRun::default() };
+    if let Err(e) = cli_vip_move(lab, from, vip, lab.nodes[to].id) {
+        run.problems.push(format!("keel cluster vip move {vip} --to {}: {e}", lab.nodes[to].id));
+    }
+    let moved = wait_moved(lab, vip, from, t0, FAILOVER_BOUND);
+    run.moved_ms = moved.map(|(_, on)| on.saturating_sub(t0));
+    match moved {
+        Some((h, _)) if h == to => {}
+        other => run.problems.push(format!("{vip} ended on {:?}, not node {}", other.map(|(h, _)| h + 1), to + 1)),
+    }
+    std::thread::sleep(SPREAD_WATCH);
+    let t1 = now_ms();
+    for v in lab.spread_vips() {
+        let failed = spread_failed(lab, v, t0, t1);
+        if v == vip {
+            run.vip_failed = failed.len();
+        } else {
+            run.other_failed += failed.len();
+        }
+        for f in failed {
+            // A connection open when the clients' ARP entries switch to the new holder is reset
+            // (its next segment reaches a node that never saw it): an L2 move cannot carry a
+            // connection. Counted, and reported apart; any other failure is a problem.
+            if v == vip && is_caught_mid_flight(&f) {
+                run.warnings.push(format!("a connection caught mid-flight by the ARP switch: {f}"));
+            } else {
+                run.problems.push(format!("a request failed during the move: {f}"));
+            }
+        }
+    }
+    spread_overlap(lab, &mut run, t0.saturating_sub(1000), t1);
+    Ok(run)
+}
+
+/// A failed probe line of [`spread_failed`] that is a reset of an established connection: one
+/// in flight when the VIP's ARP entry switched (see [`spread_move`]).
+pub fn is_caught_mid_flight(failed: &str) -> bool {
+    failed.contains("read: Connection reset by peer")
+}
+
+/// Puts the layout back to one VIP per node with [`spread_move`] (after a restart or a heal
+/// nothing moves back by itself); returns the moves made.
+pub fn spread_rebalance(lab: &Lab, run_no: usize) -> Result<Vec<SpreadRun>, String> {
+    let mut moves = Vec::new();
+    for _ in 0..lab.nodes.len() {
+        let holders = lab.wait_spread_stable(SETTLE_BOUND)?;
+        let mut counts: Vec<Vec<IpAddr>> = vec![Vec::new(); lab.nodes.len()];
+        for (vip, h) in &holders {
+            counts[*h].push(*vip);
+        }
+        let busiest = (0..counts.len()).max_by_key(|i| counts[*i].len()).ok_or("no nodes")?;
+        let idlest = (0..counts.len()).filter(|i| lab.nodes[*i].running()).min_by_key(|i| counts[*i].len());
+        let Some(idlest) = idlest.filter(|i| counts[busiest].len() > counts[*i].len() + 1) else {
+            return Ok(moves);
+        };
+        let Some(vip) = counts[busiest].first().copied() else { return Ok(moves) };
+        moves.push(spread_move(lab, run_no, vip, busiest, idlest)?);
+    }
+    Ok(moves)
+}
+
+/// One round of the spread scenario, on a lab with one VIP per node: kill a follower holder,
+/// restart it; kill the leader holder, restart it; cut a holder's link (the leader in even
+/// rounds), heal — with the layout put back to one VIP per node by `keel cluster vip move`
+/// between the faults (those moves are measured too).
+pub fn spread_round(lab: &mut Lab, run_no: usize, rng: &mut fastrand::Rng) -> Result<Vec<SpreadRun>, String> {
+    let mut runs = Vec::new();
+    runs.extend(spread_rebalance(lab, run_no)?);
+    for leader_case in [false, true] {
+        let (run, victim) = spread_kill(lab, run_no, rng, leader_case)?;
+        runs.push(run);
+        runs.push(spread_restart(lab, run_no, victim)?);
+        runs.extend(spread_rebalance(lab, run_no)?);
+    }
+    runs.extend(spread_cut(lab, run_no, rng, run_no.is_multiple_of(2))?);
+    runs.extend(spread_rebalance(lab, run_no)?);
+    Ok(runs)
 }

@@ -43,6 +43,7 @@ fn chaos_ci_pass() {
             cluster_extra: String::new(),
             witness_extra: String::new(),
             spread: Vec::new(),
+            sticky: None,
         },
         bins,
     )

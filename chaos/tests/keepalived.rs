@@ -38,6 +38,7 @@ fn keepalived_pair_side_by_side() {
             cluster_extra: String::new(),
             witness_extra: String::new(),
             spread: Vec::new(),
+            sticky: None,
         };
         let mut lab = Lab::build(&spec, bins).unwrap();
         let pair = Pair { bin: bin.clone(), advert_ms };

@@ -33,6 +33,7 @@ fn chaos_pair_with_witness() {
             cluster_extra: String::new(),
             witness_extra: String::new(),
             spread: Vec::new(),
+            sticky: None,
         },
         bins,
     )

@@ -472,8 +472,9 @@ pub fn holder(
                     let newly = carries.iter().any(|v| {
                         st.vips.get(v).is_some_and(|s| s.holder == Some(me)) && !mine.contains(v)
                     });
+                    // A round in flight asked for the old set (and may be waiting for a cut-off
+                    // voter until its end): start over with one that names the new VIP too.
                     if newly {
-                        // A round in flight asked for the old set: start over with the new one.
                         round = None;
                         next_round = tokio::time::Instant::now();
                     }
@@ -622,8 +623,15 @@ pub async fn run_planner(
         joined.retain(|n, _| st.vips.values().filter(|s| s.holder == Some(*n)).count() < share.max(1));
         let view =
             View { slots: st.vips.clone(), live, data_voters, preempt, joined: joined.keys().copied().collect() };
+        let actions = plan(&view);
+        if actions.is_empty() {
+            // Nothing to move: every live node that joined holds its share now. From here on it
+            // is a node like the others — one that dies and comes back takes nothing back
+            // without preempt, even within JOINED_SHARE_WITHIN of its join.
+            joined.retain(|n, _| !view.live.contains_key(n));
+        }
         let mut committed = false;
-        for action in plan(&view) {
+        for action in actions {
             let command = match action {
                 Action::Suspend { vip, from, move_to, why } => {
                     tracing::info!(target: "keel::vip", %vip, from, ?move_to, "suspending VIP: {why}");
@@ -681,13 +689,13 @@ async fn lease_end(
     let me = raft.metrics().borrow().id;
     let voters = voters(raft);
     let mut answers: Vec<Instant> = Vec::new();
-    let mut latest = |received: Instant, ago: Duration| {
+    let latest = |answers: &mut Vec<Instant>, received: Instant, ago: Duration| {
         // "Never acknowledged" (or longer ago than the clock goes back) is as old as it gets.
         answers.push(received.checked_sub(ago).unwrap_or(received.checked_sub(timings.lease).unwrap_or(received)));
     };
     if voters.iter().any(|(id, _)| *id == me) {
         if let Some(ago) = ledger.last_ack(from, vip, state, Instant::now()) {
-            latest(Instant::now(), ago);
+            latest(&mut answers, Instant::now(), ago);
         }
     }
     let mut asks = tokio::task::JoinSet::new();
@@ -698,7 +706,12 @@ async fn lease_end(
     }
     while let Some(answer) = asks.join_next().await {
         if let Ok(Some((received, ago))) = answer {
-            latest(received, ago);
+            latest(&mut answers, received, ago);
+        }
+        // Any majority's answers will do (it shares a voter with every majority that could
+        // have acknowledged `from`): a cut-off voter's timeout is not waited out.
+        if answers.len() * 2 > voters.len() {
+            break;
         }
     }
     if answers.len() * 2 <= voters.len() {

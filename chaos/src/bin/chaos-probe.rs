@@ -4,15 +4,18 @@
 //! - `probe URL INTERVAL_MS TIMEOUT_MS MAX_SECS`: GETs URL every INTERVAL_MS and prints
 //!   `P START_MS END_MS ok|err DETAIL` per request (a client of the VIP). A new request starts
 //!   every INTERVAL_MS even while earlier ones hang, so lines come in completion order.
-//! - `watch VIP INTERVAL_MS MAX_SECS`: prints `W TS_MS 0|1` every INTERVAL_MS, 1 when VIP is an
+//! - `watch VIP INTERVAL_MS MAX_SECS`: prints `W TS_MS 0|1` every INTERVAL_MS, 1 when VIP (IPv4 or
+//!   IPv6) is an
 //!   address of this namespace's `eth0` — what makes a host answer ARP for it. (A node that
 //!   handed the VIP over keeps it on `lo` for a while, with `arp_ignore = 1`, to finish its
 //!   connections: a local address, but not one it announces.)
 //! - `get URL TIMEOUT_MS [TOKEN]` / `post URL TIMEOUT_MS TOKEN BODY`: one request; prints the
 //!   status code on the first line and the body after it.
+//! - `get-from SRC URL TIMEOUT_MS`: `get` from the local address SRC (a second client of the
+//!   client namespace, as another client host would be: its own sticky binding).
 
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -42,7 +45,7 @@ fn run(args: &[String]) -> Result<(), String> {
             probe(&url, interval, timeout, max)
         }
         "watch" => {
-            let vip: Ipv4Addr = arg(args, 2, "VIP")?;
+            let vip: IpAddr = arg(args, 2, "VIP")?;
             let interval = Duration::from_millis(arg(args, 3, "INTERVAL_MS")?);
             let max = Duration::from_secs(arg(args, 4, "MAX_SECS")?);
             let started = Instant::now();
@@ -54,13 +57,24 @@ fn run(args: &[String]) -> Result<(), String> {
                 let holding = nix::ifaddrs::getifaddrs().is_ok_and(|mut addrs| {
                     addrs.any(|a| {
                         a.interface_name == "eth0"
-                            && a.address.as_ref().and_then(|s| s.as_sockaddr_in()).is_some_and(|s| s.ip() == vip)
+                            && a.address.as_ref().is_some_and(|s| match vip {
+                                IpAddr::V4(v) => s.as_sockaddr_in().is_some_and(|s| s.ip() == v),
+                                IpAddr::V6(v) => s.as_sockaddr_in6().is_some_and(|s| s.ip() == v),
+                            })
                     })
                 });
                 writeln!(out, "W {} {}", now_ms(), u8::from(holding)).map_err(|e| e.to_string())?;
                 out.flush().map_err(|e| e.to_string())?;
                 std::thread::sleep(interval.saturating_sub(t0.elapsed()));
             }
+            Ok(())
+        }
+        "get-from" => {
+            let src: IpAddr = arg(args, 2, "SRC")?;
+            let url: String = arg(args, 3, "URL")?;
+            let timeout = Duration::from_millis(arg(args, 4, "TIMEOUT_MS")?);
+            let r = http::request_from(Some(src), "GET", &url, None, None, timeout)?;
+            println!("{}\n{}", r.status, r.body);
             Ok(())
         }
         "get" | "post" => {
@@ -73,7 +87,7 @@ fn run(args: &[String]) -> Result<(), String> {
             println!("{}\n{}", r.status, r.body);
             Ok(())
         }
-        _ => Err("usage: chaos-probe serve|probe|watch|get|post …".into()),
+        _ => Err("usage: chaos-probe serve|probe|watch|get|get-from|post …".into()),
     }
 }
 

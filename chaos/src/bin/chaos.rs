@@ -13,7 +13,11 @@
 //! witness: kill the active, then kill the witness), `load` (no fault: full HTTP load through
 //! the VIP with `wrk` for `--load-secs`, counting leader and term changes), `keepalived` (the
 //! kill and link-cut faults against a keepalived pair, advert 1 s and 100 ms, when keepalived
-//! is on PATH), `all` (everything but `load`; `keepalived` when available). `--profile` sets
+//! is on PATH), `spread` (three spread VIPs on three nodes, a prober per VIP: per round, SIGKILL
+//! of a follower holding one VIP and of the leader holding one, each restarted; a holder's link
+//! cut and healed; the layout put back with `keel cluster vip move` between faults — see
+//! `scenario::spread_round`), `all` (everything but `load` and `spread`; `keepalived` when
+//! available). `--profile` sets
 //! `[cluster] profile` on every node, `--timings 10ms,30ms,40ms` explicit heartbeat and
 //! election timeouts, `--witness-timings` other ones for the witness of the `pair` lab,
 //! `--realtime true|false` `[cluster] realtime` (the Raft thread under `SCHED_RR`). Prints
@@ -27,7 +31,7 @@ use std::process::ExitCode;
 use keel_chaos::http::now_ms;
 use keel_chaos::keepalived;
 use keel_chaos::lab::{Bins, Lab, LabSpec};
-use keel_chaos::report::{overlap, side_by_side, summary, Run};
+use keel_chaos::report::{overlap, side_by_side, spread_summary, summary, Run, SpreadRun};
 use keel_chaos::scenario;
 
 struct Args {
@@ -73,7 +77,7 @@ fn parse() -> Result<Args, String> {
                 other => return Err(format!("--realtime wants true or false, got {other:?}")),
             },
             "-h" | "--help" => {
-                return Err("usage: chaos [--runs N] [--scenario kill|partition|rolling|remove|pair|load|keepalived|all] \
+                return Err("usage: chaos [--runs N] [--scenario kill|partition|rolling|remove|pair|load|keepalived|spread|all] \
                      [--profile default|fast] [--timings HB,MIN,MAX] [--witness-timings HB,MIN,MAX] [--keepalived-runs N] [--load-secs N] [--realtime true|false] [--seed N]"
                     .into())
             }
@@ -128,7 +132,15 @@ fn lab(witness: bool, cluster_extra: String, witness_extra: String) -> Result<La
         bins.keel = keel_default;
     }
     Lab::build(
-        &LabSpec { nodes: 3, witness_last: witness, backends: 3, cluster_extra, witness_extra, spread: Vec::new() },
+        &LabSpec {
+            nodes: 3,
+            witness_last: witness,
+            backends: 3,
+            cluster_extra,
+            witness_extra,
+            spread: Vec::new(),
+            sticky: None,
+        },
         bins,
     )
 }
@@ -175,6 +187,45 @@ fn run_pair(args: &Args, runs: &mut Vec<Run>) -> Result<(), String> {
         let w = scenario::lose_witness(&mut lab, k, &c)?;
         println!("{w}");
         runs.push(w);
+    }
+    Ok(())
+}
+
+/// Three spread VIPs on three nodes: `--runs` rounds of [`scenario::spread_round`].
+fn run_spread(args: &Args, runs: &mut Vec<SpreadRun>) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut bins = Bins::new(exe.with_file_name("chaos-probe"));
+    if std::env::var_os("KEEL_BIN").is_none() && exe.with_file_name("keel").exists() {
+        bins.keel = exe.with_file_name("keel");
+    }
+    let (mut lab, _) = Lab::three_spread(bins, &cluster_extra(args)?)?;
+    let t_start = now_ms();
+    let mut rng = fastrand::Rng::with_seed(args.seed);
+    for k in 1..=args.runs {
+        let round = scenario::spread_round(&mut lab, k, &mut rng);
+        let round = match round {
+            Ok(r) => r,
+            Err(e) => {
+                lab.dump_logs(30);
+                return Err(format!("round {k}: {e}"));
+            }
+        };
+        for r in &round {
+            println!("{r}");
+        }
+        runs.extend(round);
+    }
+    for vip in lab.spread_vips() {
+        let o = overlap(&lab.spread_samples(vip), t_start, now_ms());
+        let probes = lab.spread_probes(vip);
+        println!(
+            "{vip}: {} monitor samples, {} certain / {} possible overlap samples; {} probes, {} failed",
+            o.samples,
+            o.certain,
+            o.possible,
+            probes.len(),
+            probes.iter().filter(|p| !p.ok).count()
+        );
     }
     Ok(())
 }
@@ -226,7 +277,7 @@ fn main() -> ExitCode {
     };
     let scenarios: Vec<&str> = match args.scenario.as_str() {
         "all" => vec!["kill", "partition", "rolling", "remove", "pair", "keepalived"],
-        s @ ("kill" | "partition" | "rolling" | "remove" | "pair" | "load" | "keepalived") => vec![s],
+        s @ ("kill" | "partition" | "rolling" | "remove" | "pair" | "load" | "keepalived" | "spread") => vec![s],
         other => {
             eprintln!("chaos: unknown scenario {other}");
             return ExitCode::from(2);
@@ -242,8 +293,10 @@ fn main() -> ExitCode {
     }
     let mut runs = Vec::new();
     let mut reference = Vec::new();
+    let mut spread = Vec::new();
     for s in scenarios {
         let r = match s {
+            "spread" => run_spread(&args, &mut spread),
             "pair" => run_pair(&args, &mut runs),
             "load" => run_load(&args, &mut runs),
             "keepalived" => run_keepalived(&args, &mut reference),
@@ -252,8 +305,19 @@ fn main() -> ExitCode {
         if let Err(e) = r {
             eprintln!("chaos: {s}: {e}");
             print!("{}", summary(&runs));
+            if !spread.is_empty() {
+                print!("{}", spread_summary(&spread));
+            }
             return ExitCode::FAILURE;
         }
+    }
+    if !spread.is_empty() {
+        print!("\n{}", spread_summary(&spread));
+        return if spread.iter().any(|r| r.certain > 0 || !r.problems.is_empty()) {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        };
     }
     print!("{}", summary(&runs));
     if !reference.is_empty() {
