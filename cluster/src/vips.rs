@@ -556,18 +556,20 @@ pub async fn run_planner(
     // a naming), not a heartbeat later; bounded so a flapping plan still waits for the tick.
     let mut again = 0u32;
     let mut wake_at: Option<Instant> = None;
+    let mut metrics = raft.metrics();
     loop {
         if again == 0 || again > 8 {
             again = 0;
-            // A naming that waits out a lease is tried again the moment the lease ends.
-            match wake_at.take() {
-                Some(at) => tokio::select! {
-                    _ = tick.tick() => {}
-                    () = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {}
-                },
-                None => {
-                    tick.tick().await;
-                }
+            // A naming that waits out a lease is tried again the moment the lease ends, and a
+            // node that becomes leader plans at once (a dead leader's VIPs wait on it).
+            let at = wake_at.take();
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = async { match at {
+                    Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+                    None => std::future::pending().await,
+                } } => {}
+                r = metrics.changed(), if !was_leader => if r.is_err() { return },
             }
         }
         // Every path that does not commit waits for the next tick.
