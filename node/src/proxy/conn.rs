@@ -262,10 +262,8 @@ async fn after_response(
 /// once, where a `wait_for` per wait registered and unregistered twice per request (≈ 0.7 % of
 /// the keep-alive profile). It ends when draining starts (or the drainer is gone); every wait
 /// that sees it end closes the connection, so it is never polled again after that.
-fn stop_signal(mut draining: watch::Receiver<bool>) -> impl Future<Output = ()> {
-    async move {
-        let _ = draining.wait_for(|d| *d).await;
-    }
+async fn stop_signal(mut draining: watch::Receiver<bool>) {
+    let _ = draining.wait_for(|d| *d).await;
 }
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4), which h2c clients with prior knowledge send
