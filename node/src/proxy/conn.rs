@@ -18,8 +18,7 @@
 //!   the request path forwards them, responses go back; pipelined requests are served in
 //!   order. A new connection whose first bytes are the HTTP/2 preface (h2c), or a TLS connection
 //!   that negotiated `h2`, becomes an HTTP/2 session ([`super::h2`]) for the rest of its life.
-//! - **Idle**: every request answered, the connection kept alive with its read buffer (the next
-//!   head is read into it; parking drops it). A busy client's next request
+//! - **Idle**: every request answered, the connection kept alive. A busy client's next request
 //!   usually arrives within [`PARK_AFTER`] and is served by the same task.
 //! - **Parked**: a plain-TCP connection that stayed quiet leaves tokio for the listener's
 //!   parking lot ([`super::lot`]): its task ends, ~48 bytes of it remain, and the lot spawns a
@@ -32,7 +31,6 @@
 //! parked connection at once and lets in-flight requests finish (HTTP/2 sessions get GOAWAY).
 //! Deadlines between requests, and the framing scanner, are [`GuardedIo`]'s.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -99,23 +97,17 @@ pub async fn serve_plain(
 ) {
     // Counted by the drain, which waits for this task; None: draining already started.
     let Some(_held) = ctx.graceful.hold() else { return };
-    let draining = ctx.graceful.draining();
-    let stop = stop_signal(draining.clone());
-    tokio::pin!(stop);
+    let mut draining = ctx.graceful.draining();
     let activity = io.activity();
     let client = Peer::new(peer);
     let mut park_timer = None;
-    // The read buffer lives as long as the connection is busy: a keep-alive client's next head
-    // is read into what is left of it (or into the same allocation, once the last request's
-    // bytes are dropped) instead of a new 4 KiB buffer per request. Parking drops it.
-    let mut buf = BytesMut::new();
     let mut state = State::Waiting;
     loop {
         state = match state {
             State::Waiting => {
                 let readable = tokio::select! {
                     biased;
-                    () = stop.as_mut() => false,
+                    _ = draining.wait_for(|d| *d) => false,
                     r = std::future::poll_fn(|cx| io.poll_idle(cx)) => r,
                 };
                 if !readable {
@@ -124,9 +116,7 @@ pub async fn serve_plain(
                 State::Reading
             }
             State::Reading => {
-                if !next_read(&mut io, &mut buf, stop.as_mut(), peer).await {
-                    return;
-                }
+                let Some(mut buf) = next_read(&mut io, &mut draining, peer).await else { return };
                 if std::mem::take(&mut first) && maybe_h2(&buf) {
                     let io = Prefixed::new(io, buf.freeze());
                     ctx.h2.serve(io, ctx.proxy.clone(), Arc::new(client), activity, &ctx.graceful).await;
@@ -137,26 +127,22 @@ pub async fn serve_plain(
                     Outcome::Close => return,
                 }
             }
-            State::Idle => match after_response(&mut io, stop.as_mut(), &mut park_timer).await {
+            State::Idle => match after_response(&mut io, &mut draining, &mut park_timer).await {
                 Next::Request => State::Reading,
                 Next::Quiet => State::Park,
                 Next::Close => return,
             },
-            State::Park => {
-                // A parked connection holds no buffer (see `buf`).
-                buf = BytesMut::new();
-                match &ctx.lot {
-                    // The lot ends this task; it comes back (None) only if the lot has closed.
-                    Some(lot) => match lot.park(io, permit) {
-                        Some((back, kept)) => {
-                            (io, permit) = (back, kept);
-                            State::Waiting
-                        }
-                        None => return,
-                    },
-                    None => State::Waiting,
-                }
-            }
+            State::Park => match &ctx.lot {
+                // The lot ends this task; it comes back (None) only if the lot has closed.
+                Some(lot) => match lot.park(io, permit) {
+                    Some((back, kept)) => {
+                        (io, permit) = (back, kept);
+                        State::Waiting
+                    }
+                    None => return,
+                },
+                None => State::Waiting,
+            },
         };
     }
 }
@@ -182,16 +168,10 @@ pub async fn serve_tls<T>(
         ctx.h2.serve(io, ctx.proxy.clone(), Arc::new(client), activity, &ctx.graceful).await;
         return;
     }
-    let draining = ctx.graceful.draining();
-    let stop = stop_signal(draining.clone());
-    tokio::pin!(stop);
+    let mut draining = ctx.graceful.draining();
     let mut first = true;
     loop {
-        // A TLS connection never parks: a fresh buffer per request keeps an idle one small.
-        let mut buf = BytesMut::new();
-        if !next_read(&mut io, &mut buf, stop.as_mut(), peer).await {
-            return;
-        }
+        let Some(mut buf) = next_read(&mut io, &mut draining, peer).await else { return };
         if std::mem::take(&mut first) && maybe_h2(&buf) {
             drop(held);
             let io = Prefixed::new(io, buf.freeze());
@@ -239,7 +219,7 @@ enum Next {
 /// made on first use and moved on each wait.
 async fn after_response(
     io: &mut GuardedIo<TcpStream>,
-    stop: Pin<&mut impl Future<Output = ()>>,
+    draining: &mut watch::Receiver<bool>,
     timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
 ) -> Next {
     let deadline = tokio::time::Instant::now() + PARK_AFTER;
@@ -252,18 +232,10 @@ async fn after_response(
     };
     tokio::select! {
         biased;
-        () = stop => Next::Close,
+        _ = draining.wait_for(|d| *d) => Next::Close,
         readable = std::future::poll_fn(|cx| io.poll_idle(cx)) => if readable { Next::Request } else { Next::Close },
         _ = timer.as_mut() => Next::Quiet,
     }
-}
-
-/// The stop signal as one future for a connection's whole task: it registers with the channel
-/// once, where a `wait_for` per wait registered and unregistered twice per request (≈ 0.7 % of
-/// the keep-alive profile). It ends when draining starts (or the drainer is gone); every wait
-/// that sees it end closes the connection, so it is never polled again after that.
-async fn stop_signal(mut draining: watch::Receiver<bool>) {
-    let _ = draining.wait_for(|d| *d).await;
 }
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4), which h2c clients with prior knowledge send
@@ -275,29 +247,25 @@ fn maybe_h2(first: &[u8]) -> bool {
     H2_PREFACE.starts_with(&first[..first.len().min(H2_PREFACE.len())])
 }
 
-/// Reads what the client sent next into `buf`, one read for a whole head as a rule; `false`
-/// when the connection should close: the client closed it, it failed, its deadline passed, or
-/// draining started.
-async fn next_read<T>(
-    io: &mut GuardedIo<T>,
-    buf: &mut BytesMut,
-    stop: Pin<&mut impl Future<Output = ()>>,
-    peer: SocketAddr,
-) -> bool
+/// Reads what the client sent next, one read for a whole head as a rule; `None` when the
+/// connection should close: the client closed it, it failed, its deadline passed, or draining
+/// started.
+async fn next_read<T>(io: &mut GuardedIo<T>, draining: &mut watch::Receiver<bool>, peer: SocketAddr) -> Option<BytesMut>
 where
     T: AsyncRead + AsyncWrite + Unpin + 'static,
 {
+    let mut buf = BytesMut::new();
     let read = tokio::select! {
         biased;
-        () = stop => return false,
-        r = std::future::poll_fn(|cx| poll_fill(io, buf, cx, FIRST_READ)) => r,
+        _ = draining.wait_for(|d| *d) => return None,
+        r = std::future::poll_fn(|cx| poll_fill(io, &mut buf, cx, FIRST_READ)) => r,
     };
     match read {
-        Ok(0) => false,
-        Ok(_) => true,
+        Ok(0) => None,
+        Ok(_) => Some(buf),
         Err(e) => {
             tracing::debug!(target: "keel::proxy", client = %peer, error = %e, "client connection ended with an error");
-            false
+            None
         }
     }
 }
