@@ -252,7 +252,7 @@ fn maybe_h2(first: &[u8]) -> bool {
 /// started.
 async fn next_read<T>(io: &mut GuardedIo<T>, draining: &mut watch::Receiver<bool>, peer: SocketAddr) -> Option<BytesMut>
 where
-    T: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     let mut buf = BytesMut::new();
     let read = tokio::select! {

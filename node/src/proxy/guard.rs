@@ -375,10 +375,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedIo<T> {
     }
 }
 
-impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin + 'static> AsyncWrite for GuardedIo<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let written = Pin::new(&mut this.inner).poll_write(cx, buf);
+        let written = super::sock::poll_write_any(&mut this.inner, cx, &[io::IoSlice::new(buf)]);
         if let Poll::Ready(Ok(n)) = written {
             this.bytes.add(0, n);
         }
@@ -391,7 +391,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let written = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        let written = super::sock::poll_write_any(&mut this.inner, cx, bufs);
         if let Poll::Ready(Ok(n)) = written {
             this.bytes.add(0, n);
         }

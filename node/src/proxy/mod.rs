@@ -21,6 +21,7 @@
 //! - [`retry`]: which failures may be retried (`retry_on`, RFC 9110's idempotency rule) and
 //!   the pool's retry budget.
 //! - [`headers`]: hop-by-hop stripping and `X-Forwarded-*`.
+//! - [`sock`]: plain TCP writes with `send(2)`/`sendmsg(2)`, not the file layer's `writev(2)`.
 //! - [`access_log`]: one line per request or TCP session, written off the request path.
 //! - [`header_rules`]: the operator's header rules (set/add/remove, requests and responses),
 //!   compiled once per config.
@@ -43,6 +44,7 @@ pub mod lot;
 pub mod phases;
 pub mod proxy_protocol;
 pub mod retry;
+pub mod sock;
 pub mod tcp;
 
 use std::net::SocketAddr;

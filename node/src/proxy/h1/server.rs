@@ -84,7 +84,7 @@ pub async fn serve<T>(
     draining: &watch::Receiver<bool>,
 ) -> Outcome
 where
-    T: AsyncRead + AsyncWrite + Unpin + Send,
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     loop {
         if buf.is_empty() {
@@ -157,7 +157,7 @@ where
 }
 
 /// Answers `status` with a one-line reason and closes.
-async fn refuse<T: AsyncRead + AsyncWrite + Unpin>(io: &mut GuardedIo<T>, status: StatusCode, why: &str) {
+async fn refuse<T: AsyncRead + AsyncWrite + Unpin + 'static>(io: &mut GuardedIo<T>, status: StatusCode, why: &str) {
     let mut resp = plain_response(status, why.to_owned());
     resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     let resp = resp.map(ProxyBody::Local);
@@ -287,7 +287,7 @@ pub struct RequestBody<'a, T> {
 }
 
 /// An HTTP/1 body borrows its connection: it is never handed to a task of its own.
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> crate::proxy::phases::ClientSource for RequestBody<'_, T> {
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> crate::proxy::phases::ClientSource for RequestBody<'_, T> {
     fn detach(
         _: &mut Option<crate::proxy::body::Streamed<crate::proxy::access_log::Counted<Self>>>,
     ) -> Option<crate::proxy::h2_client::OwnedBody> {
@@ -295,7 +295,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> crate::proxy::phases::ClientSourc
     }
 }
 
-impl<T: AsyncRead + AsyncWrite + Unpin> RequestBody<'_, T> {
+impl<T: AsyncRead + AsyncWrite + Unpin + 'static> RequestBody<'_, T> {
     /// Writes the owed `100 Continue`, unless the client already sent body bytes.
     fn poll_continue(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while let Some(written) = self.owe_continue {
@@ -314,7 +314,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> RequestBody<'_, T> {
     }
 }
 
-impl<T: AsyncRead + AsyncWrite + Unpin> Body for RequestBody<'_, T> {
+impl<T: AsyncRead + AsyncWrite + Unpin + 'static> Body for RequestBody<'_, T> {
     type Data = Bytes;
     type Error = io::Error;
 
@@ -363,7 +363,7 @@ async fn write_response<T>(
     mut keep: bool,
 ) -> Result<(), codec::WriteBodyError>
 where
-    T: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     let (mut parts, mut body) = resp.into_parts();
     let status = parts.status;
@@ -447,7 +447,7 @@ async fn tunnel<T>(
     resp: Response<ProxyBody>,
 ) -> Result<bool, codec::WriteBodyError>
 where
-    T: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     let (parts, body) = resp.into_parts();
     let ProxyBody::Upgrade(mut server) = body else {
