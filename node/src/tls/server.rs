@@ -46,7 +46,7 @@ const HTTP11: &[u8] = b"http/1.1";
 ///   gets HTTP/1.1.
 /// - Cipher suites: the server's order decides, AES-128-GCM first (see [`server_provider`]).
 /// - Session resumption: stateless tickets under a key of this process, rotated every 6 hours
-///   (*ring*'s [`Ticketer`](rustls::crypto::ring::Ticketer)), one ticket per handshake. rustls'
+///   (aws-lc-rs' [`Ticketer`](rustls::crypto::aws_lc_rs::Ticketer)), one ticket per handshake. rustls'
 ///   default, a stateful cache of 256 sessions and two tickets per handshake, stops resuming
 ///   beyond 256 clients, and the second ticket is work on both sides that a client resuming one
 ///   connection at a time never uses (OpenSSL servers also send one after a resumption). Tickets
@@ -68,7 +68,7 @@ pub fn server_config(tls: &ListenerTls) -> Result<(Arc<ServerConfig>, Arc<CertSt
     // Server preference order decides in rustls, so h2 first means h2 whenever the client offers it.
     config.alpn_protocols = if tls.http2 { vec![H2.to_vec(), HTTP11.to_vec()] } else { vec![HTTP11.to_vec()] };
     config.ignore_client_order = true;
-    config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
     config.send_tls13_tickets = 1;
     Ok((Arc::new(config), store))
 }
@@ -77,9 +77,9 @@ pub fn server_config(tls: &ListenerTls) -> Result<(Arc<ServerConfig>, Arc<CertSt
 /// AES-128-GCM suites first (TLS 1.3's mandatory suite, SHA-256 key schedule), then AES-256-GCM,
 /// then ChaCha20-Poly1305.
 ///
-/// *ring* runs SHA-256 on the CPU's SHA extensions but SHA-384 in portable code: with the
-/// client's usual preference (AES-256-GCM-SHA384 first) SHA-384 alone was a tenth of keel's CPU
-/// time in the handshake benchmark. This is the order Go's and BoringSSL's servers use. A client
+/// SHA-384 costs more than SHA-256 (under *ring*, keel's provider when this was measured, it
+/// ran in portable code and was a tenth of keel's CPU time in the handshake benchmark with the
+/// client's usual preference, AES-256-GCM-SHA384 first). This is the order Go's and BoringSSL's servers use. A client
 /// that offers only ChaCha20 (no AES hardware) still gets it.
 fn server_provider() -> Arc<CryptoProvider> {
     let mut provider = (*provider()).clone();
