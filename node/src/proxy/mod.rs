@@ -164,14 +164,13 @@ pub async fn serve(listener: HttpListener, graceful: Arc<Drainer>, stop: watch::
         let (shared, stop) = (shared.clone(), stop.clone());
         others.push(worker.spawn(async move {
             match TcpListener::from_std(dup) {
-                Ok(socket) => accept_loop(&socket, &shared, stop, true).await,
+                Ok(socket) => accept_loop(&socket, &shared, stop).await,
                 Err(e) => tracing::warn!(target: "keel::proxy", listener = %shared.name, error = %e,
                     "a worker cannot watch the listening socket; fewer workers accept"),
             }
         }));
     }
-    let shared_socket = !others.is_empty();
-    accept_loop(&socket, &shared, stop, shared_socket).await;
+    accept_loop(&socket, &shared, stop).await;
     for other in others {
         let _ = other.await;
     }
@@ -192,13 +191,7 @@ struct Shared {
 
 /// One worker's accept loop: its own connection context and parking lot (the lot's task, and
 /// the tasks of connections it wakes, run on this worker), until `stop` turns true.
-///
-/// `shared_socket`: other workers accept from the same socket. Then this one takes one
-/// connection per turn and lets its other tasks (the new connection's first among them) run
-/// before the next: every worker is woken for a burst of new connections, and one that drained
-/// the whole queue at once would keep most of a burst's keep-alive clients to itself for their
-/// whole life (measured: 78 % of the CPU on one of two workers).
-async fn accept_loop(socket: &TcpListener, shared: &Shared, mut stop: watch::Receiver<bool>, shared_socket: bool) {
+async fn accept_loop(socket: &TcpListener, shared: &Shared, mut stop: watch::Receiver<bool>) {
     let Shared { name, proxy, limits, connections, tls, parked, traffic, graceful } = shared;
     let lot = match tls {
         Some(_) => None,
@@ -261,9 +254,6 @@ async fn accept_loop(socket: &TcpListener, shared: &Shared, mut stop: watch::Rec
                     conn::serve_tls(ctx, io, h2, peer, permit).await;
                 });
             }
-        }
-        if shared_socket {
-            tokio::task::yield_now().await;
         }
     }
     if let Some(lot) = &ctx.lot {
