@@ -28,7 +28,6 @@
 //! - [`demo`]: the self-contained demo: three named backends and a balancer.
 //! - [`cli`]: the operations commands (`keel cluster …`, `keel config apply`, `keel backend …`).
 //! - [`daemon`]: wiring for `keel run`: load config, start everything, shut down gracefully.
-//! - [`workers`]: the data-plane worker threads (thread-per-core) and which one a task runs on.
 //!
 //! The binary (`main.rs`) parses argv and installs the tracing subscriber; nothing else does.
 
@@ -52,7 +51,6 @@ pub mod slow_start;
 pub mod snapshot;
 pub mod sticky;
 pub mod tls;
-pub mod workers;
 
 /// This binary's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -417,19 +417,19 @@ fn serve(
     banner: Option<String>,
     source: Option<PathBuf>,
 ) -> ExitCode {
-    // Thread-per-core (see `keel_node::workers`): this thread runs a current-thread runtime,
-    // worker 0, which also carries the control side; the other workers are threads of their
-    // own. A multi-thread runtime's work stealing and cross-thread wake-ups cost CPU per
-    // request for nothing here: a connection never needs to move.
-    let workers = match workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
+    // One worker means one thread: a current-thread runtime runs every task on the thread that
+    // calls `block_on`. A one-worker multi-thread runtime would instead park the main thread in
+    // `block_on` and run the tasks on a second thread, and the two wake each other (futex,
+    // eventfd) all the time; measured here that costs CPU per request for nothing.
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if workers > 0 {
+            b.worker_threads(workers);
+        }
+        b
     };
-    if let Err(e) = keel_node::workers::start(workers - 1) {
-        eprintln!("cannot start the worker threads: {e}");
-        return ExitCode::FAILURE;
-    }
-    let mut builder = tokio::runtime::Builder::new_current_thread();
     builder.enable_all().thread_name("keel-worker");
     let runtime = match builder.build() {
         Ok(rt) => rt,

@@ -48,7 +48,6 @@ pub mod sock;
 pub mod tcp;
 
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
@@ -143,59 +142,11 @@ pub(crate) async fn accept(
 /// hands the listening socket back: a reload that restarts the listener with new settings on
 /// the same address serves from the same socket, so no connection attempt is refused in
 /// between. Dropping it closes the address.
-///
-/// With several [`workers`](crate::workers), every worker accepts from the same socket (a
-/// duplicate of its descriptor registered in that worker's reactor) with a connection context
-/// and parking lot of its own; the socket is handed back only once every worker has stopped
-/// accepting from it.
-pub async fn serve(listener: HttpListener, graceful: Arc<Drainer>, stop: watch::Receiver<bool>) -> TcpListener {
+pub async fn serve(listener: HttpListener, graceful: Arc<Drainer>, mut stop: watch::Receiver<bool>) -> TcpListener {
     let HttpListener { name, socket, proxy, limits, connections, tls, parked, traffic } = listener;
-    let shared = Arc::new(Shared { name, proxy, limits, connections, tls, parked, traffic, graceful });
-    let mut others = Vec::new();
-    for worker in crate::workers::extra() {
-        let dup = match socket.as_fd().try_clone_to_owned() {
-            Ok(fd) => std::net::TcpListener::from(fd),
-            Err(e) => {
-                tracing::warn!(target: "keel::proxy", listener = %shared.name, error = %e,
-                    "cannot share the listening socket with a worker; fewer workers accept");
-                break;
-            }
-        };
-        let (shared, stop) = (shared.clone(), stop.clone());
-        others.push(worker.spawn(async move {
-            match TcpListener::from_std(dup) {
-                Ok(socket) => accept_loop(&socket, &shared, stop).await,
-                Err(e) => tracing::warn!(target: "keel::proxy", listener = %shared.name, error = %e,
-                    "a worker cannot watch the listening socket; fewer workers accept"),
-            }
-        }));
-    }
-    accept_loop(&socket, &shared, stop).await;
-    for other in others {
-        let _ = other.await;
-    }
-    socket
-}
-
-/// What every worker's accept loop of one listener shares.
-struct Shared {
-    name: String,
-    proxy: Arc<HttpProxy>,
-    limits: Limits,
-    connections: ConnectionLimiter,
-    tls: Option<TlsAcceptor>,
-    parked: Arc<AtomicU64>,
-    traffic: Arc<crate::metrics::ListenerTraffic>,
-    graceful: Arc<Drainer>,
-}
-
-/// One worker's accept loop: its own connection context and parking lot (the lot's task, and
-/// the tasks of connections it wakes, run on this worker), until `stop` turns true.
-async fn accept_loop(socket: &TcpListener, shared: &Shared, mut stop: watch::Receiver<bool>) {
-    let Shared { name, proxy, limits, connections, tls, parked, traffic, graceful } = shared;
     let lot = match tls {
         Some(_) => None,
-        None => match Lot::new(limits.idle_timeout.get(), parked.clone()) {
+        None => match Lot::new(limits.idle_timeout.get(), parked) {
             Ok(lot) => Some(lot),
             Err(e) => {
                 tracing::warn!(target: "keel::proxy", listener = %name, error = %e, "no parking lot; idle connections wait in their own tasks");
@@ -204,17 +155,17 @@ async fn accept_loop(socket: &TcpListener, shared: &Shared, mut stop: watch::Rec
         },
     };
     let ctx = Arc::new(ConnContext {
-        h2: H2::new(limits),
-        proxy: proxy.clone(),
+        h2: H2::new(&limits),
+        proxy,
         deadlines: Deadlines { header_timeout: limits.header_timeout.get(), idle_timeout: limits.idle_timeout.get() },
         h1: conn::h1::Settings {
             max_requests: limits.max_requests_per_connection,
             max_head: limits.max_header_bytes as usize,
             max_headers: limits.max_headers as usize,
         },
-        graceful: graceful.clone(),
+        graceful,
         lot: lot.as_ref().map(|(lot, _)| lot.clone()),
-        traffic: traffic.clone(),
+        traffic,
     });
     if let Some((lot, poll)) = lot {
         let for_wake = ctx.clone();
@@ -222,7 +173,7 @@ async fn accept_loop(socket: &TcpListener, shared: &Shared, mut stop: watch::Rec
             lot.run(poll, ctx.graceful.hold(), ctx.graceful.draining(), move |woken| conn::resume(&for_wake, woken));
         tokio::spawn(run);
     }
-    while let Some((stream, peer, permit)) = accept(socket, name, connections, &mut stop).await {
+    while let Some((stream, peer, permit)) = accept(&socket, &name, &connections, &mut stop).await {
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         match &tls {
@@ -259,4 +210,5 @@ async fn accept_loop(socket: &TcpListener, shared: &Shared, mut stop: watch::Rec
     if let Some(lot) = &ctx.lot {
         lot.listener_stopped();
     }
+    socket
 }

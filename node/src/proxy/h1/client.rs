@@ -200,30 +200,18 @@ impl IdleConns {
         self.conns.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The calling worker's newest idle connection younger than `max_idle` that has not turned
-    /// readable. With one worker that is the newest of all; with several, the list is shared and
-    /// the others' connections are stepped over (it holds at most [`MAX_IDLE`]).
+    /// The newest idle connection younger than `max_idle` that has not turned readable.
     fn take(&self, max_idle: Duration) -> Option<Conn> {
-        self.take_for(crate::workers::index(), max_idle)
-    }
-
-    fn take_for(&self, me: usize, max_idle: Duration) -> Option<Conn> {
         let mut conns = self.lock();
         let now = Instant::now();
-        let mut i = conns.len();
-        while i > 0 {
-            i -= 1;
-            if now.duration_since(conns[i].since) >= max_idle {
-                // Everything older is older still, whichever worker's it is.
-                conns.drain(..=i);
+        while let Some(idle) = conns.pop_back() {
+            if now.duration_since(idle.since) >= max_idle {
+                // Everything older is older still.
+                conns.clear();
                 return None;
             }
-            if conns[i].conn.worker != me {
-                continue;
-            }
-            match conns.remove(i) {
-                Some(idle) if idle.conn.is_quiet() => return Some(idle.conn),
-                _ => {} // turned readable while idle: dropped, which closes it
+            if idle.conn.is_quiet() {
+                return Some(idle.conn);
             }
         }
         None
@@ -323,9 +311,6 @@ impl AsyncWrite for Stream {
 struct Conn {
     stream: Stream,
     buf: BytesMut,
-    /// The worker whose reactor watches the socket (the one that connected it): only its
-    /// requests reuse it, so no request waits on another thread's reactor.
-    worker: usize,
 }
 
 impl Conn {
@@ -461,7 +446,7 @@ async fn connect(up: &Upstream<'_>) -> Result<Conn, SendError> {
             })
         }
     };
-    Ok(Conn { stream, buf: BytesMut::with_capacity(HEAD_CHUNK), worker: crate::workers::index() })
+    Ok(Conn { stream, buf: BytesMut::with_capacity(HEAD_CHUNK) })
 }
 
 /// `METHOD target HTTP/1.1`, the headers, the framing line, the blank line. A request that
@@ -1020,27 +1005,6 @@ mod tests {
             tls: None,
             connect_us: None,
         }
-    }
-
-    #[tokio::test]
-    async fn each_worker_reuses_only_the_connections_it_opened() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut accepted = Vec::new();
-        let idle = IdleConns::default();
-        for worker in [0, 1, 0] {
-            let stream = TcpStream::connect(addr).await.unwrap();
-            accepted.push(listener.accept().await.unwrap());
-            idle.put(Conn { stream: Stream::Plain(stream), buf: BytesMut::new(), worker }, Duration::from_secs(5));
-        }
-        let port = |conn: Conn| conn.stream.tcp().local_addr().unwrap().port();
-        let ports: Vec<u16> = accepted.iter().map(|(_, peer)| peer.port()).collect();
-        let max_idle = Duration::from_secs(5);
-        assert_eq!(idle.take_for(1, max_idle).map(port), Some(ports[1]), "worker 1 steps over worker 0's newest");
-        assert!(idle.take_for(1, max_idle).is_none(), "worker 0's connections are not worker 1's");
-        assert_eq!(idle.take_for(0, max_idle).map(port), Some(ports[2]), "newest first");
-        assert_eq!(idle.take_for(0, max_idle).map(port), Some(ports[0]));
-        assert!(idle.is_empty());
     }
 
     async fn collect(resp: Response<ResponseBody>) -> (Vec<u8>, Option<HeaderMap>) {
