@@ -149,11 +149,15 @@ async fn witness_with_the_longer_log_brings_the_survivor_up_to_date() {
     wait_for("node 2 leads", CONVERGE, || leads(&n2), || Ok(())).await;
     assert!(n2.status().applied_index >= committed, "{:?}", n2.status());
     println!("node 2 caught up and leads {} ms after it started", started.elapsed().as_millis());
-    // The witness stays a follower from now on (watched for a second).
+    // The witness stays a follower from now on (watched for a second): node 2 keeps the role in
+    // the same term. (Not `leads`: a heartbeat acknowledged a few ms past the 150 ms lease on a
+    // loaded CI box is a lease lapse, not a lost leadership.)
+    let term = n2.status().term;
     let quiet = Instant::now();
     while quiet.elapsed() < Duration::from_secs(1) {
-        assert!(!leads(&w), "the witness took leadership back");
-        assert!(leads(&n2), "node 2 lost leadership: {:?}", n2.status());
+        assert!(w.status().role != Role::Leader, "the witness took leadership back: {:?}", w.status());
+        let s = n2.status();
+        assert!(s.role == Role::Leader && s.term == term, "node 2 lost leadership: {s:?}");
         tokio::time::sleep(POLL).await;
     }
     n2.shutdown().await;
