@@ -2,7 +2,7 @@
 """Aggregate bench/run's raw rows into one table: stdout, markdown and an SVG bar chart.
 
 usage: report.py RAW.tsv META.txt OUT.md OUT.svg
-RAW.tsv columns: case contender round rps p50_ms p99_ms cpu_s rss_kib errors requests extra
+RAW.tsv columns: case contender round rps p50_ms p99_ms cpu_s rss_kib errors requests extra sys_s
 (extra: MiB/s for case 3, KiB per idle connection for case 7, access log lines dropped for
 keel-log). Standard library only."""
 import statistics, sys
@@ -55,14 +55,16 @@ agg = {}
 for (case, who), rs in rows.items():
     rps = [num(r[3]) for r in rs]
     good = [v for v in rps if v is not None]
-    cpu_per_req = []
+    cpu_per_req, sys_per_req = [], []
     for r in rs:
         c, n = num(r[6]), num(r[9])
+        s = num(r[11]) if len(r) > 11 else None
         cpu_per_req.append(c * 1e6 / n if c is not None and n else None)
+        sys_per_req.append(s * 1e6 / n if s is not None and n else None)
     agg[(case, who)] = dict(
         rps=med(rps), lo=min(good) if good else None, hi=max(good) if good else None,
         p50=med(num(r[4]) for r in rs), p99=med(num(r[5]) for r in rs),
-        cpu=med(num(r[6]) for r in rs), us=med(cpu_per_req),
+        cpu=med(num(r[6]) for r in rs), us=med(cpu_per_req), sys_us=med(sys_per_req),
         rss=med(num(r[7]) for r in rs), err=sum(int(num(r[8]) or 0) for r in rs),
         # case 7: the first exposure (largest growth); a process's allocator keeps memory it
         # grew for idle connections, so later rounds measure reuse, not cost
@@ -119,6 +121,24 @@ if base_lines:
     lines.append("\nkeel against the baseline binary (same run):\n\n"
                  "| case | keel req/s vs baseline | CPU µs/req baseline → keel |\n|---|---|---|")
     lines.extend(base_lines)
+# Where each proxy's CPU goes: user space (its own code) against the kernel (sockets, TCP,
+# wake-ups), per request. The kernel part is what batching and fewer syscalls can win.
+split_lines = []
+for case in cases:
+    if case == "7":
+        continue
+    cells = []
+    for who in ORDER:
+        a = agg.get((case, who))
+        if a and a["us"] is not None and a["sys_us"] is not None:
+            cells.append(f"{LABEL[who] if who in ('haproxy', 'nginx', 'keel', 'direct') else who} "
+                         f"{fmt(a['us'] - a['sys_us'], 1)} + {fmt(a['sys_us'], 1)}")
+    if cells:
+        split_lines.append(f"| {case}. {CASES[case]} | " + "; ".join(cells) + " |")
+if split_lines:
+    lines.append("\nCPU µs/req split, user + kernel (medians of the rounds):\n\n"
+                 "| case | contender user + kernel |\n|---|---|")
+    lines.extend(split_lines)
 table = "\n".join(lines)
 meta_text = open(meta).read().strip()
 notes = ("Ratios compare the median req/s (case 7: KiB per idle connection, lower is better, "
