@@ -235,7 +235,9 @@ impl Head {
     /// `None` when a value or the target is not valid for the `http` crate.
     fn into_request(self, raw: &Bytes) -> Option<Parsed> {
         let uri = Uri::from_maybe_shared(raw.slice(self.target.0..self.target.1)).ok()?;
-        let mut headers = HeaderMap::with_capacity(self.headers.len());
+        // Room for what the request path adds (X-Forwarded-*, the request id): growing the map
+        // rehashes every field.
+        let mut headers = HeaderMap::with_capacity(self.headers.len() + 4);
         let mut framing = Framing::Empty;
         let mut expect_continue = false;
         let mut close = false;
