@@ -191,7 +191,8 @@ pub async fn serve_tls<T>(
 /// Serves a connection the client sent something on while it was in the parking lot.
 pub fn resume(ctx: &Arc<ConnContext>, woken: Woken) {
     let ctx = ctx.clone();
-    tokio::spawn(async move {
+    // Boxed like a new connection's task (see `proxy::serve`).
+    tokio::spawn(Box::pin(async move {
         let Woken { stream, requests, idle_since_ms, permit } = woken;
         let stream = match TcpStream::from_std(stream) {
             Ok(stream) => stream,
@@ -206,7 +207,7 @@ pub fn resume(ctx: &Arc<ConnContext>, woken: Woken) {
         let activity = ConnActivity::resumed(requests, idle_since_ms);
         let io = GuardedIo::new(stream, activity, ctx.deadlines, true, ctx.h1.max_head).counting(ctx.traffic.clone());
         serve_plain(ctx, io, peer, permit, false).await;
-    });
+    }));
 }
 
 /// What a connection does after every request it had was answered.

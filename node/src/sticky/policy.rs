@@ -26,7 +26,7 @@ pub struct SourceKey(String);
 
 impl From<IpAddr> for SourceKey {
     fn from(ip: IpAddr) -> Self {
-        SourceKey(ip.to_canonical().to_string())
+        SourceKey(crate::proxy::headers::ip_text(ip.to_canonical()))
     }
 }
 
