@@ -48,6 +48,8 @@ async fn an_enabled_server_ramps_from_a_small_share_to_its_full_share() -> Resul
     eprintln!("early weight {early_weight}, early share {early}/44, ramp over after {:?}", enabled.elapsed());
     let who = keel.client().backends(keel.proxy_addr(), "/", 40).await?;
     let late = tally(who.iter().map(String::as_str)).get("b").copied().unwrap_or(0);
-    ensure!(late == 20, "after the window b got {late} of 40: {who:?}");
+    // Even shares, give or take the one pick smooth weighted round robin carries over from the
+    // ramp ("a, a, b, a, b, …" gives b 19 of 40).
+    ensure!((19..=21).contains(&late), "after the window b got {late} of 40: {who:?}");
     Ok(())
 }
