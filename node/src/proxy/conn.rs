@@ -260,10 +260,14 @@ where
     T: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     let mut buf = BytesMut::new();
+    // The read first: it is called once the socket is readable, so it is ready as a rule and the
+    // drain signal is then never polled (polling it registers a waiter, and dropping it takes
+    // it out again: two locked list operations a request). A request that is already here when
+    // draining starts is served, and its response closes the connection.
     let read = tokio::select! {
         biased;
-        _ = draining.wait_for(|d| *d) => return None,
         r = std::future::poll_fn(|cx| poll_fill(io, &mut buf, cx, FIRST_READ)) => r,
+        _ = draining.wait_for(|d| *d) => return None,
     };
     match read {
         Ok(0) => None,
