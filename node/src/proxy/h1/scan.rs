@@ -81,7 +81,7 @@ enum ChunkState {
 
 #[derive(Debug)]
 enum Phase {
-    /// Accumulating a request head.
+    /// Between messages (empty), or accumulating a request head that arrived in parts.
     Head(Vec<u8>),
     /// Inside a body of known length: bytes left.
     Body(u64),
