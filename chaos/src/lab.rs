@@ -566,6 +566,12 @@ fall = 2
 
     /// Starts node `i` (0-based) if it is not running.
     pub fn start(&mut self, i: usize) -> Result<(), String> {
+        self.start_with_env(i, &[])
+    }
+
+    /// Starts node `i` as [`Lab::start`] does, with `env` added to its environment (the
+    /// failpoints, e.g. `KEEL_TEST_FIRST_APPLY_DELAY_MS`).
+    pub fn start_with_env(&mut self, i: usize, env: &[(&str, &str)]) -> Result<(), String> {
         let node = &mut self.nodes[i];
         if node.child.is_some() {
             return Ok(());
@@ -580,6 +586,7 @@ fall = 2
             .arg(&node.config)
             // The lab may inject faults (`POST /debug/stall-raft`); never set in production.
             .env("KEEL_TEST_FAILPOINTS", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)

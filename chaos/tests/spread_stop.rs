@@ -2,6 +2,11 @@
 //! the leader — hands its VIPs to the other nodes before it drains, so no probe of any VIP
 //! fails and no two nodes carry one VIP.
 //!
+//! Each stopped node comes back with its first apply of the replicated config held back
+//! (a failpoint), as on a loaded host where binding the listeners lags Raft's start; the next
+//! stop then hands VIPs over while that node does not serve yet. It must not be named for one
+//! until it does: a node named too early claims the VIP and refuses the connections.
+//!
 //! Gated like the other lab tests: runs only with `KEEL_NETNS_TESTS=1` as root (CI sets it).
 
 #![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed assertion
@@ -60,7 +65,7 @@ fn stopping_a_holder_hands_its_vips_over_without_a_failed_request() {
             assert_eq!(overlap(&lab.spread_samples(vip), t0, t1).certain, 0, "two holders of {vip}");
         }
         println!("stopped node {} (held {held:?}) in {} ms; VIPs now {now:?}", victim + 1, t1 - t0);
-        lab.start(victim).unwrap();
+        lab.start_with_env(victim, &[("KEEL_TEST_FIRST_APPLY_DELAY_MS", "1500")]).unwrap();
         lab.wait_admin(victim, Duration::from_secs(20)).unwrap();
         holders = lab.wait_spread_stable(Duration::from_secs(10)).unwrap();
     }

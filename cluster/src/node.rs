@@ -974,8 +974,8 @@ struct Inner {
     removal: Arc<removal::Tracker>,
     ledger: Arc<vips::Ledger>,
     vip_timings: vips::Timings,
-    /// Set on a planned stop: this node hands its spread VIPs to the others.
-    vips_leaving: watch::Sender<bool>,
+    /// Whether this node offers to carry its spread VIPs (serving, and not stopping).
+    vips_offer: watch::Sender<vips::Offer>,
 }
 
 /// The handle to a running node; cheap to clone.
@@ -1089,7 +1089,7 @@ impl ClusterNode {
                 removal,
                 ledger,
                 vip_timings,
-                vips_leaving: watch::Sender::new(false),
+                vips_offer: watch::Sender::new(vips::Offer::default()),
             }),
         })
     }
@@ -1314,8 +1314,16 @@ impl ClusterHandle {
         self.inner.handover.watch_vip(holding);
     }
 
+    /// Tells the spread-VIP holder that this node's data plane serves the replicated config:
+    /// from now on its renewals offer its VIPs (see [`vips::Offer`]). Until then the leader
+    /// names it for none, so a node that just started is never handed a VIP it would refuse.
+    pub fn serving(&self) {
+        self.inner.vips_offer.send_if_modified(|o| !std::mem::replace(&mut o.serving, true));
+    }
+
     /// This node's leases on the spread VIPs it `carries` (its `[vip] addresses`): one verdict
-    /// per VIP, and the future that renews them — spawn it on the VIP's own thread.
+    /// per VIP, and the future that renews them — spawn it on the VIP's own thread. They are
+    /// offered only once [`ClusterHandle::serving`] was called.
     pub fn vip_leases(
         &self,
         carries: Vec<std::net::IpAddr>,
@@ -1326,7 +1334,7 @@ impl ClusterHandle {
             ledger: self.inner.ledger.clone(),
             peers: self.inner.peers.clone(),
             timings: self.inner.vip_timings,
-            leaving: self.inner.vips_leaving.subscribe(),
+            offer: self.inner.vips_offer.subscribe(),
         };
         vips::holder(self.inner.id, carries, inputs)
     }
@@ -1345,7 +1353,7 @@ impl ClusterHandle {
             return true;
         }
         tracing::info!(target: "keel::vip", vips = ?mine, "stopping: handing the spread VIPs to the other nodes");
-        self.inner.vips_leaving.send_replace(true);
+        self.inner.vips_offer.send_modify(|o| o.leaving = true);
         let moved =
             |st: &ClusterState| mine.iter().all(|v| st.vips.get(v).is_some_and(|s| s.holder.is_some_and(|h| h != me)));
         let done = tokio::time::timeout(within, state.wait_for(|st| moved(st))).await.is_ok_and(|r| r.is_ok());

@@ -42,7 +42,9 @@
 //! # Spreading
 //!
 //! The leader names, for an unheld VIP, the live data voter that lists it in its own
-//! `[vip] addresses` and holds the fewest VIPs (ties: the lowest id). A node that comes back
+//! `[vip] addresses` and holds the fewest VIPs (ties: the lowest id). A node lists them in its
+//! renewals only while it offers to carry them ([`Offer`]): once its data plane serves the
+//! replicated config, and until a planned stop begins. A node that comes back
 //! takes nothing from others unless `preempt` is set on the leader; then the leader moves one
 //! VIP at a time from the busiest node to the idlest until they differ by at most one.
 //! Witnesses and learners never hold one.
@@ -366,8 +368,28 @@ pub struct HolderInputs {
     pub peers: NetworkFactory,
     /// Tick and lease.
     pub timings: Timings,
-    /// True on a planned stop: list no VIP, so the leader moves them all away.
-    pub leaving: watch::Receiver<bool>,
+    /// Whether this node offers to carry its VIPs now; while it does not, its renewals list
+    /// none, so the leader names it for nothing and moves away what it holds.
+    pub offer: watch::Receiver<Offer>,
+}
+
+/// Whether a data node offers to carry its spread VIPs: only once its data plane serves the
+/// replicated config, and no longer once a planned stop began. A node that lists its VIPs
+/// while its listeners are still being bound would be named, claim the address, and refuse
+/// the connections the LAN sends it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Offer {
+    /// The data plane serves the replicated config (its listeners are bound).
+    pub serving: bool,
+    /// A planned stop began: every VIP goes to the other nodes.
+    pub leaving: bool,
+}
+
+impl Offer {
+    /// Whether the renewals list this node's VIPs.
+    pub fn open(self) -> bool {
+        self.serving && !self.leaving
+    }
 }
 
 /// On a data node with `[vip] addresses`: renews this node's leases every heartbeat and
@@ -379,7 +401,7 @@ pub fn holder(
     carries: Vec<IpAddr>,
     inputs: HolderInputs,
 ) -> (Vec<VipLease>, impl std::future::Future<Output = ()> + Send) {
-    let HolderInputs { raft, mut state, ledger, peers, timings, mut leaving } = inputs;
+    let HolderInputs { raft, mut state, ledger, peers, timings, mut offer } = inputs;
     let mut channels = BTreeMap::new();
     let mut leases = Vec::new();
     for vip in &carries {
@@ -393,7 +415,7 @@ pub fn holder(
         let mut clients: HashMap<NodeId, PeerClient> = HashMap::new();
         let mut round: Option<Round> = None;
         let mut next_round = tokio::time::Instant::now();
-        let mut leaving_gone = false;
+        let mut offer_gone = false;
         loop {
             let st = state.borrow_and_update().clone();
             let mine: Vec<IpAddr> =
@@ -427,9 +449,10 @@ pub fn holder(
             if round.is_none() && tokio::time::Instant::now() >= next_round {
                 let voters = voters(&raft);
                 let sent = Instant::now();
-                // Leaving (a planned stop): list nothing, so the leader moves every VIP away,
-                // while the renewals keep the lease until each move is applied here.
-                let listed = if *leaving.borrow() { Vec::new() } else { carries.clone() };
+                // Not offering (not serving yet, or a planned stop): list nothing, so the leader
+                // names this node for nothing and moves away what it holds, while the renewals
+                // keep the lease until each move is applied here.
+                let listed = if offer.borrow().open() { carries.clone() } else { Vec::new() };
                 let renewal = Renewal { from: me, holds: mine.clone(), carries: listed };
                 let mut r =
                     Round { sent, acks: HashMap::new(), voters: voters.len(), calls: tokio::task::JoinSet::new() };
@@ -494,10 +517,10 @@ pub fn holder(
                     Some(Err(_)) => {}
                     None => round = None,
                 },
-                r = leaving.changed(), if round.is_none() && !leaving_gone => {
+                r = offer.changed(), if round.is_none() && !offer_gone => {
                     match r {
                         Ok(()) => next_round = tokio::time::Instant::now(), // tell the leader at once
-                        Err(_) => leaving_gone = true,
+                        Err(_) => offer_gone = true,
                     }
                 }
                 () = tokio::time::sleep_until(round_end) => {

@@ -4,7 +4,8 @@
 //! - [`start`] opens this node's Raft store and starts its Raft member.
 //! - [`follow`] watches the applied [`ClusterState`]: when its *config* changes, it applies it
 //!   through the same code as a standalone reload (`super::apply`: new snapshot carrying
-//!   server state over, health checkers for the new pools, listeners reconciled); on every
+//!   server state over, health checkers for the new pools, listeners reconciled), and once the
+//!   first one is served it lets this node offer its spread VIPs; on every
 //!   change it pushes the replicated per-server facts —
 //!   health verdicts, drains, weights — into the live pools. Sticky entries and other frequent
 //!   writes never rebuild anything.
@@ -91,6 +92,20 @@ pub fn stall_raft(d: Duration) -> bool {
     // Blocking on purpose: that is the fault being simulated.
     rt.spawn(async move { std::thread::sleep(d) });
     true
+}
+
+/// Environment variable of a failpoint: the first apply of the replicated config waits this
+/// many milliseconds, as on a loaded host where binding the listeners lags Raft's start.
+/// Honoured only with [`failpoints_enabled`].
+pub const FIRST_APPLY_DELAY_ENV: &str = "KEEL_TEST_FIRST_APPLY_DELAY_MS";
+
+/// Failpoint: how long the first apply waits ([`FIRST_APPLY_DELAY_ENV`]); zero unless set.
+fn first_apply_delay() -> Duration {
+    if !failpoints_enabled() {
+        return Duration::ZERO;
+    }
+    let ms = std::env::var(FIRST_APPLY_DELAY_ENV).ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    Duration::from_millis(ms)
 }
 
 /// The runtime the VIP lives on: one thread of its own for the lease deadline, the VIP controller
@@ -212,6 +227,11 @@ pub async fn follow(
     // snapshot holds the resolver, so its channel cannot close under this loop.
     let mut answers = applier.answers();
     let mut rebuild = false;
+    let delay = first_apply_delay();
+    if !delay.is_zero() {
+        tracing::warn!(target: "keel::raft", ?delay, "failpoint: delaying the first apply");
+        tokio::time::sleep(delay).await;
+    }
     loop {
         if removed.borrow_and_update().is_some() {
             // Removed from the cluster: its listeners are the cluster's, not this node's.
@@ -226,6 +246,9 @@ pub async fn follow(
         }
         let state = state_rx.borrow_and_update().clone();
         apply(&state, &mut applier, &status, rebuild).await;
+        // The listeners of the replicated config are bound now: only from here on may the
+        // leader name this node for a spread VIP (`keel_cluster::vips::Offer`).
+        handle.serving();
         tokio::select! {
             changed = state_rx.changed() => { rebuild = false; if changed.is_err() { break } },
             _ = answers.changed() => rebuild = true,
