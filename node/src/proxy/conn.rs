@@ -7,7 +7,7 @@
 //!  accept → Waiting ──► Reading ──► (h1 serving) ──► Idle ──quiet PARK_AFTER──► Parked (lot)
 //!             ▲           │  HTTP/2 preface             │ next request            │ client sends
 //!             │           ▼                             ▼                         │
-//!             │        HTTP/2 session ──► Done       Reading                      │
+//!             │        HTTP/2 session ──► Done       Resuming                     │
 //!             └───────────────────────────────────────────────────────────────────┘
 //!  draining (any state) ──► Done;  deadline / close / error (any state) ──► Done
 //! ```
@@ -20,6 +20,9 @@
 //!   that negotiated `h2`, becomes an HTTP/2 session ([`super::h2`]) for the rest of its life.
 //! - **Idle**: every request answered, the connection kept alive. A busy client's next request
 //!   usually arrives within [`PARK_AFTER`] and is served by the same task.
+//! - **Resuming**: readable again after Idle; one read without waiting, then Reading's serving
+//!   with what it got, or back to Idle if nothing was there (tokio's readiness can be stale,
+//!   and only Idle's wait ends in the lot).
 //! - **Parked**: a plain-TCP connection that stayed quiet leaves tokio for the listener's
 //!   parking lot ([`super::lot`]): its task ends, ~48 bytes of it remain, and the lot spawns a
 //!   task in state Waiting when the client sends again (or closes it at the idle timeout, or at
@@ -34,6 +37,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -86,6 +90,8 @@ pub struct ConnContext {
 enum State {
     Waiting,
     Reading,
+    /// Readable after a response: read without waiting, back to `Idle` if nothing was there.
+    Resuming,
     Idle,
     Park,
 }
@@ -119,8 +125,20 @@ pub async fn serve_plain(
                 }
                 State::Reading
             }
-            State::Reading => {
-                let Some(mut buf) = next_read(&mut io, &mut draining, peer).await else { return };
+            which @ (State::Reading | State::Resuming) => {
+                let buf = if matches!(which, State::Resuming) {
+                    match read_now(&mut io, peer).await {
+                        Ok(Some(buf)) => Some(buf),
+                        Ok(None) => {
+                            state = State::Idle;
+                            continue;
+                        }
+                        Err(()) => return,
+                    }
+                } else {
+                    next_read(&mut io, &mut draining, peer).await
+                };
+                let Some(mut buf) = buf else { return };
                 if std::mem::take(&mut first) && maybe_h2(&buf) {
                     let io = Prefixed::new(io, buf.freeze());
                     ctx.h2.serve(io, ctx.proxy.clone(), Arc::new(client), activity, &ctx.graceful).await;
@@ -132,7 +150,7 @@ pub async fn serve_plain(
                 }
             }
             State::Idle => match after_response(&mut io, &mut draining, &mut park_timer).await {
-                Next::Request => State::Reading,
+                Next::Request => State::Resuming,
                 Next::Quiet => State::Park,
                 Next::Close => return,
             },
@@ -250,6 +268,26 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Whether a new connection's first bytes may be the HTTP/2 preface (h2c with prior knowledge).
 fn maybe_h2(first: &[u8]) -> bool {
     H2_PREFACE.starts_with(&first[..first.len().min(H2_PREFACE.len())])
+}
+
+/// One read of what the client sent, without waiting, after its socket looked readable:
+/// `Ok(None)` when nothing was there after all. tokio's readiness can be stale (an edge the
+/// reactor delivers after the task already read what caused it; with a multi-thread runtime the
+/// reactor runs beside the task), and a connection that then waited in [`next_read`] would wait
+/// there with no park timer: never parked, seen in the parking tests. `Err` when the
+/// connection should close (the client closed it, or it failed).
+async fn read_now(io: &mut GuardedIo<TcpStream>, peer: SocketAddr) -> Result<Option<BytesMut>, ()> {
+    let mut buf = BytesMut::new();
+    // The failed attempt clears the stale readiness, so the wait that follows is a real one.
+    match std::future::poll_fn(|cx| Poll::Ready(poll_fill(io, &mut buf, cx, FIRST_READ))).await {
+        Poll::Pending => Ok(None),
+        Poll::Ready(Ok(0)) => Err(()),
+        Poll::Ready(Ok(_)) => Ok(Some(buf)),
+        Poll::Ready(Err(e)) => {
+            tracing::debug!(target: "keel::proxy", client = %peer, error = %e, "client connection ended with an error");
+            Err(())
+        }
+    }
 }
 
 /// Reads what the client sent next, one read for a whole head as a rule; `None` when the
