@@ -33,14 +33,18 @@ fn ephemeral_low() -> u16 {
         .unwrap_or(32768)
 }
 
-/// A free loopback address whose port lies *below* the kernel's ephemeral range.
+/// A free loopback address whose port lies *below* the kernel's ephemeral range, on an address
+/// of 127.0.0.0/8 other than 127.0.0.1.
 ///
 /// A port from [`free_addr`] comes from the ephemeral range, so between its release and keel's
 /// bind any outgoing connection on the machine (Raft peers dial each other all the time) or
 /// any `bind(:0)` may take it. Ports below that range are never handed out by the kernel, so
-/// only another test picking the same one at random can collide: the port is drawn at random
-/// from [10000, low) and checked bindable. Used for cluster nodes, whose addresses must stay
-/// the same across restarts and are recorded in the Raft membership.
+/// only another test picking the same one at random could collide: the address is drawn at
+/// random from 127.1.0.1–127.254.255.254 and the port from [10000, low), and checked bindable,
+/// so two picks meet only if both of ~10¹¹ draws agree (with ports alone, a full run's few
+/// hundred picks met now and then: a test's client reached another test's Raft port). Used for
+/// cluster nodes, whose addresses must stay the same across restarts and are recorded in the
+/// Raft membership.
 pub fn stable_addr() -> SocketAddr {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let low = 10_000u64;
@@ -52,7 +56,9 @@ pub fn stable_addr() -> SocketAddr {
         x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
         x ^= x >> 33;
         let port = (low + x % (high - low)) as u16;
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let y = x / (high - low);
+        let ip = Ipv4Addr::new(127, 1 + (y % 254) as u8, ((y >> 8) % 256) as u8, 1 + ((y >> 16) % 254) as u8);
+        let addr = SocketAddr::from((ip, port));
         if TcpListener::bind(addr).is_ok() {
             return addr;
         }
@@ -75,6 +81,7 @@ mod tests {
     fn stable_addrs_are_below_the_ephemeral_range() {
         let a = stable_addr();
         assert!(a.port() < ephemeral_low() && a.port() >= 10_000, "{a}");
+        assert!(a.ip().is_loopback() && a.ip() != std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), "{a}");
         TcpListener::bind(a).expect("bindable");
     }
 }

@@ -63,8 +63,9 @@ impl Redis {
         };
         self.runs += 1;
         let log = std::fs::File::create(self.dir.path().join(format!("redis.{}.log", self.runs)))?;
+        let (port, ip) = (self.addr.port().to_string(), self.addr.ip().to_string());
         let child = Command::new(bin)
-            .args(["--port", &self.addr.port().to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--port", &port, "--bind", &ip, "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
             .stdin(Stdio::null())
