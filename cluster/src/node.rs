@@ -454,7 +454,8 @@ fn stand_rank(me: u64, voters: impl Iterator<Item = (u64, bool)>, silent_leader:
 /// as soon as votes can be granted (a voter refuses until a lease after its last heartbeat).
 ///
 /// A node that loses retries every `stagger × candidates` (so the slots never meet), doubling up
-/// to [`StandTimes::retry_max`]. A node that refused a candidate for a shorter log stands at
+/// to [`StandTimes::retry_max`]; while its campaign is undecided (still a candidate) it waits at
+/// least a lease, as its vote answers may still be coming in. A node that refused a candidate for a shorter log stands at
 /// once (it is the one that can win); a node that saw a candidate with a longer log stays out
 /// for two leases (it cannot win, and its higher terms would only get in the way). openraft's
 /// own timer is off on data nodes; [`TimerFallback`] switches it back on should this task end.
@@ -473,14 +474,17 @@ async fn election_watchdog(
     let mut retry = times.stagger;
     // The refusal (by its time) this node last stood for, so that one refusal is one attempt.
     let mut acted_on_refusal = NEVER;
+    // When this node last stood: while its votes are still coming in it does not stand again.
+    let mut stood: Option<tokio::time::Instant> = None;
     loop {
         tick.tick().await;
-        let (running, leader, place) = {
+        let (running, leader, candidate, place) = {
             let m = raft.metrics();
             let m = m.borrow();
             let membership = m.membership_config.membership();
             let voters = membership.voter_ids().map(|id| (id, membership.get_node(&id).is_some_and(|n| n.witness)));
-            (m.running_state.is_ok(), m.state == ServerState::Leader, stand_rank(m.id, voters, m.current_leader))
+            let rank = stand_rank(m.id, voters, m.current_leader);
+            (m.running_state.is_ok(), m.state == ServerState::Leader, m.state == ServerState::Candidate, rank)
         };
         if !running || removal.is_removed() {
             return;
@@ -515,6 +519,12 @@ async fn election_watchdog(
             continue;
         }
         let now = tokio::time::Instant::now();
+        // A campaign in flight: its vote answers can take longer than a retry slot on a loaded
+        // host, and standing again raises the term under it (a hand-over then took two
+        // elections instead of one). Retry once a lease passed without a decision.
+        if candidate && stood.is_some_and(|at| now < at + times.lease) {
+            continue;
+        }
         match next_attempt {
             Some(at) if now < at && !fresh_refusal => continue,
             Some(_) => retry = (retry * 2).min(times.retry_max),
@@ -548,6 +558,7 @@ async fn election_watchdog(
         if raft.trigger().elect().await.is_err() {
             return;
         }
+        stood = Some(now);
         next_attempt = Some(now + retry);
     }
 }
