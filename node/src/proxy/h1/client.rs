@@ -605,15 +605,12 @@ struct Head {
 /// Reads and parses the response head, skipping interim (1xx) responses.
 async fn read_head(conn: &mut Conn, head_request: bool, upgrade: bool) -> Result<Head, HeadError> {
     loop {
-        match parse_head(&conn.buf, head_request, upgrade)? {
+        match parse_head(&mut conn.buf, head_request, upgrade)? {
             Some(Parsed::Interim(len)) => {
                 conn.buf.advance(len);
                 continue;
             }
-            Some(Parsed::Final(len, head)) => {
-                conn.buf.advance(len);
-                return Ok(head);
-            }
+            Some(Parsed::Final(head)) => return Ok(head),
             None => {}
         }
         if conn.buf.len() >= MAX_HEAD {
@@ -629,16 +626,19 @@ async fn read_head(conn: &mut Conn, head_request: bool, upgrade: bool) -> Result
 }
 
 enum Parsed {
-    /// A 1xx other than an accepted 101, `len` bytes long: skipped.
+    /// A 1xx other than an accepted 101, `len` bytes long: skipped (left in the buffer).
     Interim(usize),
-    /// A final head `len` bytes long.
-    Final(usize, Head),
+    /// A final head, split off the buffer.
+    Final(Head),
 }
 
-fn parse_head(buf: &[u8], head_request: bool, upgrade: bool) -> Result<Option<Parsed>, HeadError> {
+/// Parses the response head at the front of `buf`. A final head is split off `buf`, and its
+/// header values share that one buffer: copying each value into a fresh allocation was the
+/// largest single cost of building a response's `HeaderMap` (a typical server sends eight).
+fn parse_head(buf: &mut BytesMut, head_request: bool, upgrade: bool) -> Result<Option<Parsed>, HeadError> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut slots);
-    let len = match resp.parse(buf) {
+    let len = match resp.parse(&buf[..]) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::Invalid("too many headers")),
@@ -654,18 +654,25 @@ fn parse_head(buf: &[u8], head_request: bool, upgrade: bool) -> Result<Option<Pa
         return Ok(Some(Parsed::Interim(len)));
     }
     let version = if resp.version == Some(1) { Version::HTTP_11 } else { Version::HTTP_10 };
-    let mut headers = HeaderMap::with_capacity(resp.headers.len());
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut transfer_encoding = false;
     let mut close = version == Version::HTTP_10;
     // One length given more than once ("2, 2", or two lines): accepted, and passed on once.
     let mut repeated_length = false;
-    for h in resp.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| HeadError::Invalid("invalid header name"))?;
-        let value = HeaderValue::from_bytes(h.value).map_err(|_| HeadError::Invalid("invalid header value"))?;
-        if name == header::CONTENT_LENGTH {
-            for part in h.value.split(|&b| b == b',') {
+    // httparse's fields are slices of `buf`: their offsets survive the split below.
+    let base = buf.as_ptr() as usize;
+    let offset = |s: &[u8]| u32::try_from((s.as_ptr() as usize).wrapping_sub(base)).unwrap_or(u32::MAX);
+    // Per field: name start and end, value start and end.
+    let mut spans = [[0u32; 4]; MAX_HEADERS];
+    let fields = resp.headers.len();
+    for (h, span) in resp.headers.iter().zip(spans.iter_mut()) {
+        let (name, value) = (h.name.as_bytes(), h.value);
+        // An empty value need not point into the buffer at all.
+        let (n, v) = (offset(name), if value.is_empty() { 0 } else { offset(value) });
+        *span = [n, n.saturating_add(name.len() as u32), v, v.saturating_add(value.len() as u32)];
+        if name.eq_ignore_ascii_case(b"content-length") {
+            for part in value.split(|&b| b == b',') {
                 let n = parse_content_length(part.trim_ascii()).ok_or(HeadError::Invalid("invalid Content-Length"))?;
                 if length.is_some_and(|l| l != n) {
                     return Err(HeadError::Invalid("conflicting Content-Length"));
@@ -673,19 +680,32 @@ fn parse_head(buf: &[u8], head_request: bool, upgrade: bool) -> Result<Option<Pa
                 repeated_length |= length.is_some();
                 length = Some(n);
             }
-        } else if name == header::TRANSFER_ENCODING {
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             transfer_encoding = true;
             // Only the final coding decides the framing; it is re-checked on every header line.
-            chunked = h
-                .value
+            chunked = value
                 .rsplit(|&b| b == b',')
                 .next()
                 .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name == header::CONNECTION
-            && h.value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+        } else if name.eq_ignore_ascii_case(b"connection")
+            && value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
         {
             close = true;
         }
+    }
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(fields);
+    for &[ns, ne, vs, ve] in &spans[..fields] {
+        let (ns, ne, vs, ve) = (ns as usize, ne as usize, vs as usize, ve as usize);
+        let name = head
+            .get(ns..ne)
+            .and_then(|n| HeaderName::from_bytes(n).ok())
+            .ok_or(HeadError::Invalid("invalid header name"))?;
+        if vs > ve || ve > head.len() {
+            return Err(HeadError::Invalid("invalid header value"));
+        }
+        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
+            .map_err(|_| HeadError::Invalid("invalid header value"))?;
         headers.append(name, value);
     }
     if let (true, false, Some(n)) = (repeated_length, transfer_encoding, length) {
@@ -721,7 +741,7 @@ fn parse_head(buf: &[u8], head_request: bool, upgrade: bool) -> Result<Option<Pa
     parts.status = status;
     parts.version = version;
     parts.headers = headers;
-    Ok(Some(Parsed::Final(len, Head { parts, framing, keep: !close && !upgraded, upgraded })))
+    Ok(Some(Parsed::Final(Head { parts, framing, keep: !close && !upgraded, upgraded })))
 }
 
 /// Where a response's connection goes back to, and when it is too old to keep.
@@ -853,9 +873,13 @@ mod tests {
 
     use super::*;
 
-    fn parsed(raw: &[u8], head: bool) -> (usize, http::response::Parts, Framing, bool) {
+    fn parse_head(raw: &[u8], head_request: bool, upgrade: bool) -> Result<Option<Parsed>, HeadError> {
+        super::parse_head(&mut BytesMut::from(raw), head_request, upgrade)
+    }
+
+    fn parsed(raw: &[u8], head: bool) -> (http::response::Parts, Framing, bool) {
         match parse_head(raw, head, false) {
-            Ok(Some(Parsed::Final(len, h))) => (len, h.parts, h.framing, h.keep),
+            Ok(Some(Parsed::Final(h))) => (h.parts, h.framing, h.keep),
             Ok(Some(Parsed::Interim(_))) => panic!("interim"),
             Ok(None) => panic!("partial"),
             Err(e) => panic!("not a final head: {e:?}"),
@@ -864,28 +888,31 @@ mod tests {
 
     #[test]
     fn framing_follows_rfc_9112() {
-        let (_, parts, framing, keep) = parsed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false);
+        let (parts, framing, keep) = parsed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false);
         assert_eq!((parts.status, framing, keep), (StatusCode::OK, Framing::Length(2), true));
-        let (_, _, framing, _) = parsed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", true);
+        let (_, framing, _) = parsed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", true);
         assert_eq!(framing, Framing::Empty, "HEAD has no body whatever the length says");
-        let (_, _, framing, keep) = parsed(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", false);
+        let (_, framing, keep) = parsed(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", false);
         assert_eq!((framing, keep), (Framing::Empty, true));
-        let (_, _, framing, keep) = parsed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", false);
+        let (_, framing, keep) = parsed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", false);
         assert_eq!((framing, keep), (Framing::Chunked, true));
-        let (_, parts, framing, keep) =
+        let (parts, framing, keep) =
             parsed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", false);
         assert_eq!((framing, keep), (Framing::Chunked, false), "TE wins, and the connection is not reused");
         assert!(!parts.headers.contains_key(header::CONTENT_LENGTH));
-        let (_, _, framing, keep) = parsed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", false);
+        let (_, framing, keep) = parsed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", false);
         assert_eq!((framing, keep), (Framing::Close, false));
-        let (_, _, framing, keep) = parsed(b"HTTP/1.1 200 OK\r\n\r\n", false);
+        let (_, framing, keep) = parsed(b"HTTP/1.1 200 OK\r\n\r\n", false);
         assert_eq!((framing, keep), (Framing::Close, false));
-        let (_, _, _, keep) =
+        let (_, _, keep) =
             parsed(b"HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 0\r\n\r\n", false);
         assert!(!keep);
-        let (_, _, _, keep) = parsed(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", false);
+        let (_, _, keep) = parsed(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", false);
         assert!(!keep, "HTTP/1.0 responses end their connection");
-        let (_, parts, framing, _) =
+        let (parts, _, _) = parsed(b"HTTP/1.1 200 OK\r\nX-Empty:\r\nX-B: b\r\nContent-Length: 0\r\n\r\n", false);
+        assert_eq!(parts.headers["x-empty"], "", "an empty value is a value");
+        assert_eq!(parts.headers["x-b"], "b");
+        let (parts, framing, _) =
             parsed(b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\nContent-Length: 3\r\n\r\n", false);
         assert_eq!(framing, Framing::Length(3), "repeated identical lengths are one length");
         let lengths: Vec<_> = parts.headers.get_all(header::CONTENT_LENGTH).iter().collect();
@@ -914,9 +941,10 @@ mod tests {
     #[test]
     fn a_101_is_final_only_for_an_upgrade_request() {
         let raw = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nframes";
-        match parse_head(raw, false, true) {
-            Ok(Some(Parsed::Final(len, h))) => {
-                assert_eq!(&raw[len..], b"frames");
+        let mut buf = BytesMut::from(&raw[..]);
+        match super::parse_head(&mut buf, false, true) {
+            Ok(Some(Parsed::Final(h))) => {
+                assert_eq!(&buf[..], b"frames", "the head is split off the buffer");
                 assert!(h.upgraded && !h.keep && h.framing == Framing::Empty);
             }
             _ => panic!("a 101 to an upgrade request is its answer"),
