@@ -226,6 +226,14 @@ fn find_head_end(buf: &[u8]) -> Option<usize> {
 /// Early refusal of what can never become a valid head, so a client cannot park garbage in a
 /// buffer until the header timeout.
 fn check_partial_head(buf: &[u8]) -> Result<(), Refusal> {
+    if line_ends_are_clean(buf) {
+        return Ok(());
+    }
+    name_broken_line_end(buf)
+}
+
+/// The first NUL, bare CR or bare LF of `buf`, as a refusal.
+fn name_broken_line_end(buf: &[u8]) -> Result<(), Refusal> {
     for (i, &b) in buf.iter().enumerate() {
         match b {
             b'\n' if i == 0 || buf[i - 1] != b'\r' => return Err(bad("bare LF in request head")),
@@ -237,13 +245,49 @@ fn check_partial_head(buf: &[u8]) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// Whether `buf` has no NUL and no bare CR or LF (a CR last may still get its LF): the fast
+/// path of [`check_partial_head`], which finds which rule broke only when one did. Every byte
+/// after the first must be LF exactly when the byte before it is CR; written without branches,
+/// the compiler checks 32 bytes at a time (the byte-by-byte match was a third of a typical
+/// GET's validation).
+fn line_ends_are_clean(buf: &[u8]) -> bool {
+    let Some(&first) = buf.first() else { return true };
+    let broken = buf.iter().zip(&buf[1..]).fold(0u8, |broken, (&before, &b)| {
+        broken | (u8::from(before == b'\r') ^ u8::from(b == b'\n')) | u8::from(b == 0)
+    });
+    broken == 0 && first != b'\n' && first != 0
+}
+
 enum HeadKind {
     Body(BodyKind),
     Opaque,
 }
 
+/// `tchar` (RFC 9110 §5.6.2) by byte value: one load per byte of every name and method.
+static TCHAR: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        table[i] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~'
+            );
+        i += 1;
+    }
+    table
+};
+
 fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    TCHAR[usize::from(b)]
+}
+
+/// Whether `bytes` has a byte for which `bad` holds. It looks at every byte, without stopping
+/// at the first bad one, so that the compiler checks 16 or 32 at a time: a head is refused
+/// rarely and checked always.
+fn any_byte(bytes: &[u8], bad: impl Fn(u8) -> bool) -> bool {
+    bytes.iter().fold(false, |found, &b| found | bad(b))
 }
 
 /// 414: the request line (in practice its target) is longer than the scanner takes.
@@ -260,7 +304,13 @@ fn is_http_version(v: &[u8]) -> bool {
 fn validate_head(head: &[u8], max_line: usize) -> Result<HeadKind, Refusal> {
     check_partial_head(head)?;
     let body = &head[..head.len() - 4];
-    let mut lines = body.split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    // The lines between LFs (as `body.split`, found with memchr).
+    let mut start = 0;
+    let mut lines = memchr::memchr_iter(b'\n', body).chain(std::iter::once(body.len())).map(|end| {
+        let line = &body[start..end];
+        start = end + 1;
+        line.strip_suffix(b"\r").unwrap_or(line)
+    });
 
     let request_line = lines.next().ok_or("empty request")?;
     if request_line.len() > max_line {
@@ -273,7 +323,7 @@ fn validate_head(head: &[u8], max_line: usize) -> Result<HeadKind, Refusal> {
     if parts.next().is_some() {
         return Err(bad("malformed request line"));
     }
-    if target.iter().any(|&b| b <= b' ' || b == 0x7f) {
+    if any_byte(target, |b| (b <= b' ') | (b == 0x7f)) {
         return Err(bad("invalid byte in request target"));
     }
     let http10 = match version {
@@ -298,12 +348,12 @@ fn validate_head(head: &[u8], max_line: usize) -> Result<HeadKind, Refusal> {
         if line.first().is_some_and(|&b| b == b' ' || b == b'\t') {
             return Err(bad("obsolete line folding"));
         }
-        let colon = line.iter().position(|&b| b == b':').ok_or("header line without colon")?;
+        let colon = memchr::memchr(b':', line).ok_or("header line without colon")?;
         let (name, value) = (&line[..colon], &line[colon + 1..]);
         if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
             return Err(bad("invalid header name (or whitespace before the colon)"));
         }
-        if value.iter().any(|&b| (b < b' ' && b != b'\t') || b == 0x7f) {
+        if any_byte(value, |b| ((b < b' ') & (b != b'\t')) | (b == 0x7f)) {
             return Err(bad("control byte in header value"));
         }
         let value = value.trim_ascii();
@@ -630,6 +680,22 @@ mod tests {
             let mut s = H1Scanner::new(256);
             let split = s.feed(&data[..cut]).and_then(|a| s.feed(&data[cut..]).map(|b| a.heads + b.heads));
             proptest::prop_assert_eq!(whole.is_ok(), split.is_ok());
+        }
+    }
+
+    #[test]
+    fn the_fast_line_end_check_agrees_with_the_rules() {
+        // Every string of up to 7 bytes over the bytes that matter, and a letter.
+        const BYTES: [u8; 4] = [b'a', b'\r', b'\n', 0];
+        for len in 0..=7u32 {
+            for mut code in 0..4usize.pow(len) {
+                let mut s = Vec::new();
+                for _ in 0..len {
+                    s.push(BYTES[code % 4]);
+                    code /= 4;
+                }
+                assert_eq!(line_ends_are_clean(&s), name_broken_line_end(&s).is_ok(), "{s:?}");
+            }
         }
     }
 }
