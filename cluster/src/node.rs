@@ -455,10 +455,11 @@ fn stand_rank(me: u64, voters: impl Iterator<Item = (u64, bool)>, silent_leader:
 ///
 /// A node that loses retries every `stagger × candidates` (so the slots never meet), doubling up
 /// to [`StandTimes::retry_max`]; while its campaign is undecided (still a candidate) it waits at
-/// least a lease, as its vote answers may still be coming in. A node that refused a candidate for a shorter log stands at
-/// once (it is the one that can win); a node that saw a candidate with a longer log stays out
-/// for two leases (it cannot win, and its higher terms would only get in the way). openraft's
-/// own timer is off on data nodes; [`TimerFallback`] switches it back on should this task end.
+/// least a lease, as its vote answers may still be coming in. A node that refused a candidate
+/// for a shorter log stands at once (it is the one that can win); a node that saw a candidate
+/// with a longer log stays out for two leases (it cannot win, and its higher terms would only
+/// get in the way). openraft's own timer is off on data nodes; [`TimerFallback`] switches it
+/// back on should this task end.
 async fn election_watchdog(
     raft: Raft,
     contact: Arc<LeaderContact>,
