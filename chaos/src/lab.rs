@@ -211,6 +211,10 @@ fn ip(args: &[&str]) -> Result<String, String> {
     run(Command::new("ip").args(args))
 }
 
+/// Longest a watcher sample's observation plus timestamp may take to count (see
+/// [`Lab::watcher`]): a getifaddrs call takes tens of microseconds.
+pub const SHARP_SAMPLE_US: u64 = 2_000;
+
 /// Reads `child`'s stdout lines on a thread, handing each to `f`.
 fn pump(child: &mut Child, mut f: impl FnMut(&str) + Send + 'static) {
     if let Some(out) = child.stdout.take() {
@@ -457,6 +461,11 @@ fall = 2
     }
 
     /// Starts a watcher of `vip` on `ns`'s `eth0`; its samples land in the returned list.
+    ///
+    /// A sample whose observation and timestamp took longer than [`SHARP_SAMPLE_US`] together
+    /// (the helper was preempted in between) is left out: its time could be that much later
+    /// than what it saw, and a "held" stamped late reads as two holders at once. Its neighbours
+    /// still bound the change, so a real overlap longer than one interval still shows.
     fn watcher(&mut self, ns: &str, vip: IpAddr) -> Result<Samples, String> {
         let samples: Samples = Arc::new(Mutex::new(Vec::new()));
         let mut w =
@@ -464,7 +473,9 @@ fall = 2
         let s = samples.clone();
         pump(&mut w, move |line| {
             let mut it = line.split_whitespace().skip(1);
-            if let (Some(Ok(t)), Some(v)) = (it.next().map(str::parse::<u64>), it.next()) {
+            let (t, v) = (it.next().and_then(|t| t.parse::<u64>().ok()), it.next());
+            let sharp = it.next().and_then(|us| us.parse::<u64>().ok()).is_none_or(|us| us <= SHARP_SAMPLE_US);
+            if let (Some(t), Some(v), true) = (t, v, sharp) {
                 if let Ok(mut s) = s.lock() {
                     s.push((t, v == "1"));
                 }

@@ -81,23 +81,53 @@ pub fn overlap(samples: &[Vec<(u64, bool)>], from: u64, to: u64) -> Overlap {
             if !held {
                 continue;
             }
-            let mut certain = false;
-            let mut possible = false;
-            for (j, other) in samples.iter().enumerate() {
-                if i == j {
-                    continue;
-                }
-                let idx = other.partition_point(|(u, _)| *u <= t);
-                let before = idx.checked_sub(1).map(|k| other[k].1);
-                let after = other.get(idx).map(|s| s.1);
-                match (before, after) {
-                    (Some(true), Some(true)) | (Some(true), None) => certain = true,
-                    (Some(true), _) | (_, Some(true)) => possible = true,
-                    _ => {}
-                }
-            }
+            let (certain, possible) = others_at(samples, i, t);
             out.certain += usize::from(certain);
             out.possible += usize::from(certain || possible);
+        }
+    }
+    out
+}
+
+/// Whether another node than `i` certainly, or possibly, held at `t`.
+fn others_at(samples: &[Vec<(u64, bool)>], i: usize, t: u64) -> (bool, bool) {
+    let mut certain = false;
+    let mut possible = false;
+    for (j, other) in samples.iter().enumerate() {
+        if i == j {
+            continue;
+        }
+        let idx = other.partition_point(|(u, _)| *u <= t);
+        let before = idx.checked_sub(1).map(|k| other[k].1);
+        let after = other.get(idx).map(|s| s.1);
+        match (before, after) {
+            (Some(true), Some(true)) | (Some(true), None) => certain = true,
+            (Some(true), _) | (_, Some(true)) => possible = true,
+            _ => {}
+        }
+    }
+    (certain, possible)
+}
+
+/// For a failed run: every certain overlap sample in `from..=to` with each node's samples
+/// within 50 ms of it, one line each (`node N: t=held …`), to tell a real overlap from a
+/// measurement one.
+pub fn overlap_detail(samples: &[Vec<(u64, bool)>], from: u64, to: u64) -> String {
+    let mut out = String::new();
+    for (i, own) in samples.iter().enumerate() {
+        for &(t, _) in own.iter().filter(|(t, held)| *held && *t >= from && *t <= to) {
+            if !others_at(samples, i, t).0 {
+                continue;
+            }
+            out.push_str(&format!("node {} held at {t}, and so did another:\n", i + 1));
+            for (j, other) in samples.iter().enumerate() {
+                let near: Vec<String> = other
+                    .iter()
+                    .filter(|(u, _)| u.abs_diff(t) <= 50)
+                    .map(|(u, h)| format!("{u}={}", u8::from(*h)))
+                    .collect();
+                out.push_str(&format!("  node {}: {}\n", j + 1, near.join(" ")));
+            }
         }
     }
     out
@@ -286,7 +316,9 @@ mod tests {
         assert_eq!(overlap(&[a.clone(), b], 0, 100).certain, 0);
         // Split brain: both hold from 10 to 30.
         let c = vec![(5, false), (12, true), (22, true), (32, true)];
-        let o = overlap(&[a, c], 0, 100);
+        let o = overlap(&[a.clone(), c.clone()], 0, 100);
         assert!(o.certain >= 2, "{o:?}");
+        let detail = overlap_detail(&[a, c], 0, 100);
+        assert!(detail.contains("node 2 held at 12") && detail.contains("  node 1: 0=1 10=1 20=1 30=0"), "{detail}");
     }
 }

@@ -112,6 +112,10 @@ fn chaos_ci_pass() {
         println!("tolerated: one connection caught mid-flight by the hand-over's ARP switch");
         problems.retain(|p| !caught_mid_flight(p));
     }
+    if total.certain > 0 {
+        println!("{}", keel_chaos::report::overlap_detail(&lab.samples(), t_start, keel_chaos::http::now_ms()));
+        lab.dump_logs(60);
+    }
     assert_eq!(total.certain, 0, "split brain: two nodes held the VIP");
     for r in &runs {
         let o = r.outage_ms.unwrap_or(u64::MAX);

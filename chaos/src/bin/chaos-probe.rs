@@ -4,8 +4,8 @@
 //! - `probe URL INTERVAL_MS TIMEOUT_MS MAX_SECS`: GETs URL every INTERVAL_MS and prints
 //!   `P START_MS END_MS ok|err DETAIL` per request (a client of the VIP). A new request starts
 //!   every INTERVAL_MS even while earlier ones hang, so lines come in completion order.
-//! - `watch VIP INTERVAL_MS MAX_SECS`: prints `W TS_MS 0|1` every INTERVAL_MS, 1 when VIP (IPv4 or
-//!   IPv6) is an
+//! - `watch VIP INTERVAL_MS MAX_SECS`: prints `W TS_MS 0|1 SPAN_US` every INTERVAL_MS, 1 when VIP
+//!   (IPv4 or IPv6) is an
 //!   address of this namespace's `eth0` — what makes a host answer ARP for it. (A node that
 //!   handed the VIP over keeps it on `lo` for a while, with `arp_ignore = 1`, to finish its
 //!   connections: a local address, but not one it announces.)
@@ -53,7 +53,10 @@ fn run(args: &[String]) -> Result<(), String> {
             while started.elapsed() < max {
                 let t0 = Instant::now();
                 // One getifaddrs call (a single netlink dump): the observation takes tens of
-                // microseconds, so the timestamp taken right after it is the time it describes.
+                // microseconds, so the timestamp taken right after it is the time it describes —
+                // unless the helper was preempted in between, on a busy box for many
+                // milliseconds. SPAN_US says how long the observation and its stamp took
+                // together, so the lab can tell a sharp sample from a blurred one.
                 let holding = nix::ifaddrs::getifaddrs().is_ok_and(|mut addrs| {
                     addrs.any(|a| {
                         a.interface_name == "eth0"
@@ -63,7 +66,9 @@ fn run(args: &[String]) -> Result<(), String> {
                             })
                     })
                 });
-                writeln!(out, "W {} {}", now_ms(), u8::from(holding)).map_err(|e| e.to_string())?;
+                let stamp = now_ms();
+                let span = t0.elapsed().as_micros();
+                writeln!(out, "W {stamp} {} {span}", u8::from(holding)).map_err(|e| e.to_string())?;
                 out.flush().map_err(|e| e.to_string())?;
                 std::thread::sleep(interval.saturating_sub(t0.elapsed()));
             }
