@@ -12,8 +12,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// How many headers are always hop-by-hop.
 const HOP_COUNT: usize = 8;
-/// Headers that are always hop-by-hop, in the order of [`strip_hop_by_hop`]'s bits (its match
-/// must name them in this order; a test checks). A `static`, not a `const`: a `const` array is
+/// Headers that are always hop-by-hop, in the order of [`hop_bit`]'s bits (its match must name
+/// them in this order; a test checks). A `static`, not a `const`: a `const` array is
 /// built and dropped again at every use.
 static HOP_BY_HOP: [HeaderName; HOP_COUNT] = [
     header::CONNECTION,
@@ -42,31 +42,57 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
             .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
 }
 
+/// Bit of [`HOP_BY_HOP`]`[i]` is `1 << i`; these two follow.
+const UPGRADE_BIT: u16 = 1 << HOP_COUNT;
+/// A field named `close`: rare, but RFC 9110 §7.6.1 has it removed like any other named one.
+const CLOSE_BIT: u16 = 1 << (HOP_COUNT + 1);
+
+/// Which hop-by-hop name `name` is, in any case, as a bit: [`HOP_BY_HOP`]`[i]` is `1 << i`,
+/// then `Upgrade` and `close`; 0 for every other name. The length picks the candidates, so a
+/// usual name costs one comparison at most.
+fn hop_bit(name: &[u8]) -> u16 {
+    let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
+    match name.len() {
+        2 if is("te") => 1 << 5,
+        5 if is("close") => CLOSE_BIT,
+        7 if is("trailer") => 1 << 6,
+        7 if is("upgrade") => UPGRADE_BIT,
+        10 if is("connection") => 1 << 0,
+        10 if is("keep-alive") => 1 << 1,
+        16 if is("proxy-connection") => 1 << 2,
+        17 if is("transfer-encoding") => 1 << 7,
+        18 if is("proxy-authenticate") => 1 << 3,
+        19 if is("proxy-authorization") => 1 << 4,
+        _ => 0,
+    }
+}
+
+/// Whether a field named `name` is hop-by-hop whatever `Connection` says (or is `Upgrade`).
+pub fn is_fixed_hop_by_hop(name: &[u8]) -> bool {
+    hop_bit(name) & !CLOSE_BIT != 0
+}
+
+/// Whether a `Connection` value names a field other than ones [`is_fixed_hop_by_hop`] already
+/// covers. `close` names a field only when one of that name is there (`close_field`).
+pub fn connection_names_fields(value: &[u8], close_field: bool) -> bool {
+    value.split(|&b| b == b',').map(<[u8]>::trim_ascii).any(|token| {
+        !(token.is_empty()
+            || (token.eq_ignore_ascii_case(b"close") && !close_field)
+            || token.eq_ignore_ascii_case(b"keep-alive")
+            || token.eq_ignore_ascii_case(b"upgrade"))
+    })
+}
+
 /// Removes hop-by-hop headers; with `keep_upgrade`, leaves `Connection: upgrade` + `Upgrade`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // One pass over the few names marks which hop-by-hop fields are there (bit i: HOP_BY_HOP[i],
-    // bit 8: Upgrade); only those are removed. Most messages carry none, or only `Connection`
-    // (every nginx response does): hashing all eight names for removals that find nothing was
-    // a twelfth of keel's user-space instructions per keep-alive request (callgrind).
-    const UPGRADE_BIT: u16 = 1 << HOP_COUNT;
-    // A field named `close`: rare, but RFC 9110 §7.6.1 has it removed like any other named one.
-    const CLOSE_BIT: u16 = 1 << (HOP_COUNT + 1);
+    // then Upgrade and close); only those are removed. Most messages carry none, or only
+    // `Connection` (every nginx response does): hashing all eight names for removals that find
+    // nothing was a twelfth of keel's user-space instructions per keep-alive request
+    // (callgrind).
     let mut present = 0u16;
     for name in headers.keys() {
-        // A match on the text (lengths first) rather than eight `HeaderName` comparisons a name.
-        present |= match name.as_str() {
-            "connection" => 1 << 0,
-            "keep-alive" => 1 << 1,
-            "proxy-connection" => 1 << 2,
-            "proxy-authenticate" => 1 << 3,
-            "proxy-authorization" => 1 << 4,
-            "te" => 1 << 5,
-            "trailer" => 1 << 6,
-            "transfer-encoding" => 1 << 7,
-            "upgrade" => UPGRADE_BIT,
-            "close" => CLOSE_BIT,
-            _ => 0,
-        };
+        present |= hop_bit(name.as_str().as_bytes());
     }
     if present & !CLOSE_BIT == 0 {
         return;
@@ -75,23 +101,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // there (`close`), one removed below (`keep-alive`) or one decided below (`upgrade`); only
     // other tokens are collected (before Connection goes) and removed.
     let close_field = present & CLOSE_BIT != 0;
-    let names_fields = |token: &str| {
-        !(token.is_empty()
-            || (token.eq_ignore_ascii_case("close") && !close_field)
-            || token.eq_ignore_ascii_case("keep-alive")
-            || token.eq_ignore_ascii_case("upgrade"))
-    };
-    let tokens = || {
-        headers
+    if present & 1 != 0
+        && headers.get_all(header::CONNECTION).iter().any(|v| connection_names_fields(v.as_bytes(), close_field))
+    {
+        let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|s| s.split(','))
-            .map(str::trim)
-    };
-    if present & 1 != 0 && tokens().any(names_fields) {
-        let named: Vec<HeaderName> =
-            tokens().filter(|t| names_fields(t)).filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()).collect();
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| connection_names_fields(t, close_field))
+            .filter_map(|t| HeaderName::from_bytes(t).ok())
+            .collect();
         for name in &named {
             headers.remove(name);
         }
@@ -211,6 +231,22 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn hop_bits_follow_the_table_in_any_case() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_bit(name.as_str().as_bytes()), 1 << i, "{name}");
+            assert_eq!(hop_bit(name.as_str().to_ascii_uppercase().as_bytes()), 1 << i, "{name}");
+            assert!(is_fixed_hop_by_hop(name.as_str().as_bytes()));
+        }
+        assert!(is_fixed_hop_by_hop(b"Upgrade"));
+        for other in ["close", "x-te", "content-length", "", "connectionx"] {
+            assert!(!is_fixed_hop_by_hop(other.as_bytes()), "{other}");
+        }
+        assert!(!connection_names_fields(b"keep-alive, Close ,, upgrade", false));
+        assert!(connection_names_fields(b"keep-alive, close", true));
+        assert!(connection_names_fields(b"close, x-secret", false));
     }
 
     #[test]

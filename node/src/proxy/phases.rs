@@ -1132,7 +1132,9 @@ fn respond(
 ) -> Response<ProxyBody> {
     let (mut head, body) = resp.into_parts();
     let upgraded = matches!(&body, ServerBody::H1(b) if b.is_upgraded());
-    headers::strip_hop_by_hop(&mut head.headers, upgraded);
+    if !matches!(&body, ServerBody::H1(b) if b.hop_by_hop_removed()) {
+        headers::strip_hop_by_hop(&mut head.headers, upgraded);
+    }
     if let Some(learn) = learn {
         let no_headers = HeaderMap::new();
         learn.policy.on_response(

@@ -21,6 +21,10 @@
 //!   [`SendError::Server`]; a connection closed or reset before any response byte is
 //!   [`SendError::Empty`] (the caller's retry policy tells them apart). Interim responses (100,
 //!   103) are skipped.
+//! - The response's hop-by-hop fields (`Connection`, `Keep-Alive`, `Transfer-Encoding`, ...)
+//!   are left out of its header map at the parse when nothing unusual is among them
+//!   ([`ResponseBody::hop_by_hop_removed`]); a `Connection` naming other fields, or an upgrade,
+//!   leaves the head whole for the proxy's general strip.
 //! - Timeouts each mean one thing: `connect_timeout` bounds TCP connect plus TLS handshake;
 //!   `response_timeout` starts once the whole request is written (a slow but legitimate upload
 //!   is bounded by the caller's body limits, not by it), and also bounds how long a write may
@@ -57,6 +61,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use super::codec::{self, parse_content_length, poll_fill, Decoded, Decoder, Framing, Prefixed, WriteBodyError};
+use crate::proxy::headers;
 use crate::tls::UpstreamTls;
 
 /// Most headers accepted in a response head.
@@ -402,7 +407,7 @@ where
             Ok(response) => {
                 let keep = response.keep && complete;
                 let home = Home { idle: up.idle.clone(), max_idle: up.max_idle };
-                let body = ResponseBody::new(conn, response.framing, keep, response.upgraded, home);
+                let body = ResponseBody::new(conn, &response, keep, home);
                 return Ok(Response::from_parts(response.parts, body));
             }
             Err(HeadError::Closed) if retry(polled) => continue,
@@ -600,6 +605,8 @@ struct Head {
     keep: bool,
     /// A 101 to an upgrade request: the connection now carries the new protocol.
     upgraded: bool,
+    /// Its hop-by-hop fields were left out of `parts.headers`.
+    hop_free: bool,
 }
 
 /// Reads and parses the response head, skipping interim (1xx) responses.
@@ -677,11 +684,26 @@ fn parse_head(buf: &mut BytesMut, head_request: bool, upgrade: bool) -> Result<O
     // Per field: name start and end, value start and end.
     let mut spans = [[0u32; 4]; MAX_HEADERS];
     let fields = resp.headers.len();
-    for (h, span) in resp.headers.iter().zip(spans.iter_mut()) {
+    // Hop-by-hop fields (bit i: field i) are left out of the map here, when the usual ones are
+    // all there is, so `phases::respond` need not look for them again (`hop_by_hop_removed`).
+    // A `Connection` naming other fields, a field called `close` or an upgrade keep them all
+    // for the general strip.
+    const _: () = assert!(MAX_HEADERS <= 128);
+    let mut hop = 0u128;
+    let mut strip_here = !upgraded;
+    for (i, (h, span)) in resp.headers.iter().zip(spans.iter_mut()).enumerate() {
         let (name, value) = (h.name.as_bytes(), h.value);
         // An empty value need not point into the buffer at all.
         let (n, v) = (offset(name), if value.is_empty() { 0 } else { offset(value) });
         *span = [n, n.saturating_add(name.len() as u32), v, v.saturating_add(value.len() as u32)];
+        if headers::is_fixed_hop_by_hop(name) {
+            hop |= 1 << i;
+            if name.eq_ignore_ascii_case(b"connection") && headers::connection_names_fields(value, false) {
+                strip_here = false;
+            }
+        } else if name.eq_ignore_ascii_case(b"close") {
+            strip_here = false;
+        }
         if name.eq_ignore_ascii_case(b"content-length") {
             for part in value.split(|&b| b == b',') {
                 let n = parse_content_length(part.trim_ascii()).ok_or(HeadError::Invalid("invalid Content-Length"))?;
@@ -705,8 +727,12 @@ fn parse_head(buf: &mut BytesMut, head_request: bool, upgrade: bool) -> Result<O
         }
     }
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(fields);
-    for &[ns, ne, vs, ve] in &spans[..fields] {
+    let skip = if strip_here { hop } else { 0 };
+    let mut headers = HeaderMap::with_capacity(fields - skip.count_ones() as usize);
+    for (i, &[ns, ne, vs, ve]) in spans[..fields].iter().enumerate() {
+        if skip & (1 << i) != 0 {
+            continue;
+        }
         let (ns, ne, vs, ve) = (ns as usize, ne as usize, vs as usize, ve as usize);
         let name = head
             .get(ns..ne)
@@ -752,7 +778,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool, upgrade: bool) -> Result<O
     parts.status = status;
     parts.version = version;
     parts.headers = headers;
-    Ok(Some(Parsed::Final(Head { parts, framing, keep: !close && !upgraded, upgraded })))
+    Ok(Some(Parsed::Final(Head { parts, framing, keep: !close && !upgraded, upgraded, hop_free: strip_here })))
 }
 
 /// Where a response's connection goes back to, and when it is too old to keep.
@@ -770,12 +796,15 @@ pub struct ResponseBody {
     home: Home,
     /// The connection of a 101 answer, for [`ResponseBody::into_upgraded`].
     upgraded: Option<Conn>,
+    /// See [`ResponseBody::hop_by_hop_removed`].
+    hop_free: bool,
 }
 
 impl ResponseBody {
-    fn new(conn: Conn, framing: Framing, keep: bool, upgraded: bool, home: Home) -> Self {
-        let (conn, upgraded) = if upgraded { (None, Some(conn)) } else { (Some(conn), None) };
-        let mut body = ResponseBody { conn, decoder: Decoder::new(framing), keep, home, upgraded };
+    fn new(conn: Conn, head: &Head, keep: bool, home: Home) -> Self {
+        let (conn, upgraded) = if head.upgraded { (None, Some(conn)) } else { (Some(conn), None) };
+        let decoder = Decoder::new(head.framing);
+        let mut body = ResponseBody { conn, decoder, keep, home, upgraded, hop_free: head.hop_free };
         if body.decoder.is_done() {
             body.finish();
         }
@@ -785,6 +814,13 @@ impl ResponseBody {
     /// Whether this is the (empty) body of a 101 answering an upgrade request.
     pub fn is_upgraded(&self) -> bool {
         self.upgraded.is_some()
+    }
+
+    /// Whether the response's head came without its hop-by-hop fields: the parse left out the
+    /// usual ones (`Connection: keep-alive` on every nginx response), and there were no others.
+    /// Then the proxy has nothing to strip.
+    pub fn hop_by_hop_removed(&self) -> bool {
+        self.hop_free
     }
 
     /// For a 101 answering an upgrade request: the server connection, now carrying the new
@@ -895,6 +931,37 @@ mod tests {
             Ok(None) => panic!("partial"),
             Err(e) => panic!("not a final head: {e:?}"),
         }
+    }
+
+    fn head_of(raw: &[u8], upgrade: bool) -> Head {
+        match parse_head(raw, false, upgrade) {
+            Ok(Some(Parsed::Final(h))) => h,
+            _ => panic!("not a final head"),
+        }
+    }
+
+    #[test]
+    fn the_usual_hop_by_hop_fields_are_left_out_at_the_parse() {
+        let raw = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
+                    Transfer-Encoding: chunked\r\nProxy-Connection: x\r\nX-Kept: 1\r\n\r\n";
+        let head = head_of(raw, false);
+        let names: Vec<&str> = head.parts.headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["server", "x-kept"]);
+        assert!(head.hop_free);
+        assert_eq!(head.framing, Framing::Chunked, "framing is read before the fields go");
+        // Anything unusual is left whole for the general strip (`headers::strip_hop_by_hop`).
+        for raw in [
+            &b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nContent-Length: 0\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nClose: 1\r\nContent-Length: 0\r\n\r\n",
+        ] {
+            let head = head_of(raw, false);
+            assert!(!head.hop_free);
+            assert!(head.parts.headers.contains_key(header::CONNECTION));
+        }
+        let head =
+            head_of(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", true);
+        assert!(!head.hop_free && head.upgraded);
+        assert!(head.parts.headers.contains_key(header::UPGRADE), "an upgrade keeps its pair");
     }
 
     #[test]
