@@ -1,4 +1,5 @@
-//! Header rewriting between the two hops: hop-by-hop headers out, `X-Forwarded-*` in.
+//! Header rewriting between the two hops: hop-by-hop headers out, `X-Forwarded-*` in (into the
+//! request's map, or as head lines the HTTP/1 client writes: [`Forwarded`]).
 //!
 //! Hop-by-hop headers (RFC 9110 §7.6.1) describe one connection and must not be forwarded:
 //! the fixed list plus every header the `Connection` header names. An upgrade keeps its
@@ -178,31 +179,77 @@ pub fn ip_text(ip: IpAddr) -> String {
     out
 }
 
-/// Adds the client (a [`client_value`]) to `X-Forwarded-For` and sets `X-Forwarded-Proto` /
-/// `X-Forwarded-Host`.
-pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, proto: &'static str, host: Option<&HeaderValue>) {
-    // One lookup for the read and the write (the name is not a standard one: hashing it is
-    // per byte).
-    match headers.entry(X_FORWARDED_FOR) {
-        header::Entry::Occupied(mut entry) => {
-            let prior = entry.get().to_str().ok().filter(|p| !p.trim().is_empty());
-            let xff = match (prior, client.to_str()) {
-                (Some(prior), Ok(client)) => {
-                    HeaderValue::from_maybe_shared(Bytes::from(format!("{prior}, {client}"))).ok()
+/// The `X-Forwarded-*` keel adds to a request: the client (a [`client_value`]), the scheme
+/// it used, and the authority it asked for when it named one.
+#[derive(Clone, Copy)]
+pub struct Forwarded<'a> {
+    /// The client's address, added to `X-Forwarded-For`.
+    pub client: &'a HeaderValue,
+    /// `X-Forwarded-Proto`: `http` or `https`.
+    pub proto: &'static str,
+    /// `X-Forwarded-Host`, when the client named an authority.
+    pub host: Option<&'a HeaderValue>,
+}
+
+impl Forwarded<'_> {
+    /// Adds the client to `X-Forwarded-For` and sets `X-Forwarded-Proto` / `X-Forwarded-Host`
+    /// in `headers`.
+    pub fn add_to(&self, headers: &mut HeaderMap) {
+        // One lookup for the read and the write (the name is not a standard one: hashing it is
+        // per byte).
+        match headers.entry(X_FORWARDED_FOR) {
+            header::Entry::Occupied(mut entry) => {
+                let mut xff = Vec::new();
+                self.write_for(Some(entry.get()), &mut xff);
+                if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(xff)) {
+                    entry.insert(v);
                 }
-                _ => Some(client.clone()),
-            };
-            if let Some(v) = xff {
-                entry.insert(v);
+            }
+            header::Entry::Vacant(entry) => {
+                entry.insert(self.client.clone());
             }
         }
-        header::Entry::Vacant(entry) => {
-            entry.insert(client.clone());
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(self.proto));
+        if let Some(host) = self.host {
+            headers.insert(X_FORWARDED_HOST, host.clone());
         }
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    if let Some(host) = host {
-        headers.insert(X_FORWARDED_HOST, host.clone());
+
+    /// Whether `name` is a field [`Forwarded::add_to`] replaces (`X-Forwarded-For` itself is
+    /// extended, and is not one).
+    pub fn replaces(&self, name: &HeaderName) -> bool {
+        name == X_FORWARDED_PROTO || (self.host.is_some() && name == X_FORWARDED_HOST)
+    }
+
+    /// The `X-Forwarded-For` value after a `prior` one (the first field of that name): the
+    /// prior list, then the client. A blank prior or one that is not text is replaced.
+    pub fn write_for(&self, prior: Option<&HeaderValue>, out: &mut impl bytes::BufMut) {
+        let prior = prior.and_then(|p| p.to_str().ok()).filter(|p| !p.trim().is_empty());
+        if let (Some(prior), Ok(_)) = (prior, self.client.to_str()) {
+            out.put_slice(prior.as_bytes());
+            out.put_slice(b", ");
+        }
+        out.put_slice(self.client.as_bytes());
+    }
+
+    /// The three fields as [`Forwarded::add_to`] leaves them, as head lines, with `prior` the
+    /// request's first `X-Forwarded-For` (the HTTP/1 client writes them so, without a map).
+    pub fn write_lines(&self, prior: Option<&HeaderValue>, out: &mut impl bytes::BufMut) {
+        out.put_slice(b"x-forwarded-for: ");
+        self.write_for(prior, out);
+        out.put_slice(b"\r\nx-forwarded-proto: ");
+        out.put_slice(self.proto.as_bytes());
+        out.put_slice(b"\r\n");
+        if let Some(host) = self.host {
+            out.put_slice(b"x-forwarded-host: ");
+            out.put_slice(host.as_bytes());
+            out.put_slice(b"\r\n");
+        }
+    }
+
+    /// An upper bound of [`Forwarded::write_lines`]' length.
+    pub fn lines_len(&self, prior: Option<&HeaderValue>) -> usize {
+        60 + prior.map_or(0, HeaderValue::len) + self.client.len() + self.host.map_or(0, |h| h.len() + 20)
     }
 }
 
@@ -335,15 +382,43 @@ mod tests {
         let mut h = map(&[("x-forwarded-for", "10.0.0.1")]);
         let host = HeaderValue::from_static("example.com");
         let client = client_value("192.0.2.7".parse().expect("ip"));
-        add_forwarded(&mut h, &client, "http", Some(&host));
+        Forwarded { client: &client, proto: "http", host: Some(&host) }.add_to(&mut h);
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "example.com");
 
         let mut first = HeaderMap::new();
-        add_forwarded(&mut first, &client_value("2001:db8::1".parse().expect("ip")), "https", None);
+        let v6 = client_value("2001:db8::1".parse().expect("ip"));
+        Forwarded { client: &v6, proto: "https", host: None }.add_to(&mut first);
         assert_eq!(first["x-forwarded-for"], "2001:db8::1");
         assert_eq!(first["x-forwarded-proto"], "https");
         assert!(!first.contains_key("x-forwarded-host"));
+    }
+
+    #[test]
+    fn forwarded_lines_say_what_the_map_would() {
+        let client = client_value("192.0.2.7".parse().expect("ip"));
+        let host = HeaderValue::from_static("example.com");
+        let blank = HeaderValue::from_static("  ");
+        let prior = HeaderValue::from_static("10.0.0.1, 10.0.0.2");
+        let opaque = HeaderValue::from_bytes(b"\xff").expect("obs-text");
+        for host in [None, Some(&host)] {
+            for prior in [None, Some(&blank), Some(&prior), Some(&opaque)] {
+                let fwd = Forwarded { client: &client, proto: "https", host };
+                let mut h = HeaderMap::new();
+                if let Some(p) = prior {
+                    h.insert(X_FORWARDED_FOR, p.clone());
+                }
+                fwd.add_to(&mut h);
+                let mut lines = Vec::new();
+                fwd.write_lines(prior, &mut lines);
+                let expected: Vec<u8> = h
+                    .iter()
+                    .flat_map(|(n, v)| [n.as_str().as_bytes(), b": ", v.as_bytes(), b"\r\n"].concat())
+                    .collect();
+                assert_eq!(String::from_utf8_lossy(&lines), String::from_utf8_lossy(&expected), "{prior:?} {host:?}");
+                assert!(lines.len() <= fwd.lines_len(prior));
+            }
+        }
     }
 }

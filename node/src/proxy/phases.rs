@@ -68,7 +68,7 @@ use super::h1::client::{self, RequestHead, ResponseBody, SendError, Upstream};
 use super::h1::codec::Framing;
 use super::h2_client::{self, H2Body, OwnedBody};
 use super::header_rules::{RuleChain, Vars};
-use super::headers;
+use super::headers::{self, Forwarded};
 use super::retry::{self, Failure};
 use crate::metrics::{ListenerTraffic, Rejections};
 use crate::pool::{Pool, ServerState};
@@ -481,7 +481,9 @@ impl HttpProxy {
             Some(b) => b.size_hint().exact().map_or(Framing::Chunked, Framing::Length),
         };
         let request_id = self.request_id.as_ref().and_then(|name| parts.headers.get(name)).cloned();
-        rewrite_request(&mut parts, routed, peer, self.proto, upgrade, request_id.as_ref());
+        // A sticky policy may read any request header, so it sees them all in the map.
+        let defer = !h2 && routed.sticky.is_none();
+        let forwarded = rewrite_request(&mut parts, routed, peer, self.proto, upgrade, request_id.as_ref(), defer);
         if te_trailers {
             parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
         }
@@ -516,8 +518,14 @@ impl HttpProxy {
         };
         // The target is the client's path and query, shared, not copied.
         let target = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let head =
-            RequestHead { method: &parts.method, target: target.as_str(), headers: &parts.headers, framing, upgrade };
+        let head = RequestHead {
+            method: &parts.method,
+            target: target.as_str(),
+            headers: &parts.headers,
+            framing,
+            upgrade,
+            forwarded,
+        };
         let attempts = pool.config.retries.min(MAX_RETRIES) as usize + 1;
         let mut tried = [usize::MAX; MAX_RETRIES as usize + 1];
         // What the client gets if no later attempt does better: the last failure, or a 502/503
@@ -785,14 +793,20 @@ fn choose(pool: &Pool, bound: Option<usize>, hash: u64, attempt: usize, tried: &
 /// `Expect` (the client's `100 Continue` is keel's to send) and
 /// no framing headers (keel's client states the framing it sends). Then the operator's header
 /// rules, listener before route; validation keeps them off framing headers and `Host`.
-fn rewrite_request(
+///
+/// With `defer`, `X-Forwarded-*` are not added to the map but returned, for keel's HTTP/1
+/// client to write with the head ([`RequestHead::forwarded`]): the caller passes it only when
+/// nothing reads the headers after this (no header rules, no sticky policy) and the pool
+/// speaks HTTP/1.
+fn rewrite_request<'a>(
     parts: &mut http::request::Parts,
-    routed: &Routed,
-    peer: &Peer,
+    routed: &'a Routed,
+    peer: &'a Peer,
     proto: &'static str,
     upgrade: bool,
     request_id: Option<&HeaderValue>,
-) {
+    defer: bool,
+) -> Option<Forwarded<'a>> {
     let authority = routed.authority.as_ref();
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.headers.remove(header::EXPECT);
@@ -800,7 +814,11 @@ fn rewrite_request(
     if parts.version == Version::HTTP_2 {
         headers::join_cookie_crumbs(&mut parts.headers);
     }
-    headers::add_forwarded(&mut parts.headers, &peer.forwarded_for, proto, authority);
+    let forwarded = Forwarded { client: &peer.forwarded_for, proto, host: authority };
+    let deferred = (defer && routed.rules.is_empty()).then_some(forwarded);
+    if deferred.is_none() {
+        forwarded.add_to(&mut parts.headers);
+    }
     if let Some(a) = authority {
         parts.headers.insert(header::HOST, a.clone());
     }
@@ -808,6 +826,7 @@ fn rewrite_request(
         let vars = Vars { client_ip: &peer.forwarded_for, pool: &routed.pool.name, server: None, request_id };
         routed.rules.on_request(&mut parts.headers, &vars);
     }
+    deferred
 }
 
 /// How an attempt ended.
@@ -1018,6 +1037,8 @@ where
         tls: pool.tls.as_ref(),
         connect_us: Some(connect_us),
     };
+    // `rewrite_request` adds `X-Forwarded-*` to the map itself for an HTTP/2 pool.
+    debug_assert!(head.forwarded.is_none());
     let h2_head = h2_client::RequestHead { method: head.method, target: head.target, headers: head.headers };
     let empty = match &*outgoing {
         Outgoing::Buffered(b) => b.is_empty() && !b.has_trailers(),

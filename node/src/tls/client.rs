@@ -168,6 +168,7 @@ mod tests {
             headers: &headers,
             framing: Framing::Empty,
             upgrade: false,
+            forwarded: None,
         };
         let response = send(&up, &head, &mut Empty::new()).await.map_err(|e| chain(&e))?;
         let body = response.into_body().collect().await.map_err(|e| chain(&e))?.to_bytes();
