@@ -6,7 +6,9 @@
 //! HTTP/1: each stream's head and body go to the request path ([`super::phases`]) as
 //! `http::request::Parts` plus a streaming body, so nothing after the head knows which
 //! protocol the client spoke. A connection is registered with the listener's drain, which
-//! sends GOAWAY and lets open streams finish.
+//! sends GOAWAY and lets open streams finish. Each stream's request path is boxed (hyper spawns
+//! a task per stream), and response fields whose value changes every time stay out of HPACK's
+//! dynamic table ([`unindexed`]).
 //!
 //! A connection that ends in a protocol error (garbage frames, a flood of stream resets that
 //! the `h2` crate answers with GOAWAY) is logged through one throttle: a hostile client can end
@@ -64,7 +66,8 @@ impl H2 {
                 // future into its cell and moves it as it ends; unboxed, the request path's
                 // state was copied ten times a stream (a fifth of an h2c request's
                 // instructions in `bench/instructions --mode h2c`).
-                let resp = Box::pin(proxy.handle(parts, body, &peer)).await;
+                let mut resp = Box::pin(proxy.handle(parts, body, &peer)).await;
+                unindexed(resp.headers_mut(), proxy.request_id_header());
                 Ok::<_, std::convert::Infallible>(resp.map(|body| Tracked::new(body, guard)))
             }
         });
@@ -78,6 +81,21 @@ impl H2 {
                     error = %Chain(&e), "HTTP/2 connection ended with a protocol error");
             }
         }
+    }
+}
+
+/// Keeps the fields whose value changes with every response (`Date` each second, the request
+/// id each time) out of the connection's HPACK dynamic table: marked sensitive, they are sent
+/// as literals "never indexed" (RFC 7541 §6.2.3). Indexed, each new value was inserted and
+/// evicted others, and the `h2` crate's encoder compared every response's value with each
+/// older one of that name still in the table: up to a table's worth (≈ 60 `Date` values) on a
+/// connection that lives a minute.
+fn unindexed(headers: &mut http::HeaderMap, request_id: Option<&http::HeaderName>) {
+    if let Some(date) = headers.get_mut(http::header::DATE) {
+        date.set_sensitive(true);
+    }
+    if let Some(id) = request_id.and_then(|name| headers.get_mut(name)) {
+        id.set_sensitive(true);
     }
 }
 
@@ -112,3 +130,24 @@ impl std::fmt::Display for Chain<'_> {
 
 /// The response body type of an HTTP/2 stream: keel's, holding the connection's in-flight count.
 pub type StreamBody = Tracked<ProxyBody, RequestGuard>;
+
+#[cfg(test)]
+mod tests {
+    use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, DATE};
+
+    #[test]
+    fn values_that_change_every_response_stay_out_of_the_dynamic_table() {
+        let id = HeaderName::from_static("x-request-id");
+        let mut headers = HeaderMap::new();
+        headers.insert(DATE, HeaderValue::from_static("Thu, 03 Dec 2026 14:00:00 GMT"));
+        headers.insert(id.clone(), HeaderValue::from_static("0123456789abcdef0123456789abcdef"));
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        super::unindexed(&mut headers, Some(&id));
+        assert!(headers[DATE].is_sensitive());
+        assert!(headers[&id].is_sensitive());
+        assert!(!headers[CONTENT_TYPE].is_sensitive(), "a steady value is worth indexing");
+        let mut bare = HeaderMap::new();
+        super::unindexed(&mut bare, None);
+        assert!(bare.is_empty());
+    }
+}

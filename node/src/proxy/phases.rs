@@ -262,6 +262,11 @@ impl HttpProxy {
         }
     }
 
+    /// The header that carries request ids, when they are kept.
+    pub fn request_id_header(&self) -> Option<&HeaderName> {
+        self.request_id.as_ref()
+    }
+
     /// The same proxy writing `access_log` and keeping request ids in `request_id`.
     pub fn with_logging(mut self, access_log: Option<Arc<AccessLog>>, request_id: Option<HeaderName>) -> Self {
         self.access_log = access_log;
