@@ -76,6 +76,10 @@ pub fn is_fixed_hop_by_hop(name: &[u8]) -> bool {
 /// Whether a `Connection` value names a field other than ones [`is_fixed_hop_by_hop`] already
 /// covers. `close` names a field only when one of that name is there (`close_field`).
 pub fn connection_names_fields(value: &[u8], close_field: bool) -> bool {
+    // The one token nearly every message carries, without the split.
+    if value.eq_ignore_ascii_case(b"keep-alive") || (!close_field && value.eq_ignore_ascii_case(b"close")) {
+        return false;
+    }
     value.split(|&b| b == b',').map(<[u8]>::trim_ascii).any(|token| {
         !(token.is_empty()
             || (token.eq_ignore_ascii_case(b"close") && !close_field)
