@@ -8,7 +8,7 @@
 //! protocol the client spoke. A connection is registered with the listener's drain, which
 //! sends GOAWAY and lets open streams finish. Each stream's request path is boxed (hyper spawns
 //! a task per stream), and response fields whose value changes every time stay out of HPACK's
-//! dynamic table ([`unindexed`]).
+//! dynamic table (`unindexed`).
 //!
 //! A connection that ends in a protocol error (garbage frames, a flood of stream resets that
 //! the `h2` crate answers with GOAWAY) is logged through one throttle: a hostile client can end

@@ -28,6 +28,12 @@
 //!    it was first.
 //! 7. **respond** ([`respond`]): hop-by-hop headers out of the response, sticky learning, the
 //!    operator's response header rules, upgrades handed to the session as a tunnel.
+//!
+//!    When nothing in phases 6–7 reads or edits the headers (no header rules, no sticky
+//!    policy, an HTTP/1 pool and an HTTP/1 client), no map is made for them that would only be
+//!    encoded again: `X-Forwarded-*` are written by keel's client with the request head
+//!    ([`client::RequestHead::forwarded`]), and the server's response fields come back as the
+//!    lines keel's HTTP/1 server writes ([`client::ResponseFields::Raw`]).
 //! 8. **log** ([`HttpProxy::log`]): counters and latency; errors leave with the side they
 //!    belong to. With an access log, [`HttpProxy::handle`] wraps the response body so the
 //!    request's line ([`super::access_log`]) is written when the body ends or the client leaves;
@@ -64,7 +70,7 @@ use super::body::{
     self, BodyError, BodyFault, BodyLimits, BodyVerdict, Buffered, ClientBody, Payload, Replay, Streamed,
 };
 use super::error::{ErrorKind, ProxyError};
-use super::h1::client::{self, RequestHead, ResponseBody, SendError, Upstream};
+use super::h1::client::{self, RawFields, RequestHead, ResponseBody, ResponseFields, SendError, Upstream};
 use super::h1::codec::Framing;
 use super::h2_client::{self, H2Body, OwnedBody};
 use super::header_rules::{RuleChain, Vars};
@@ -97,6 +103,18 @@ pub enum ProxyBody {
     Upgrade(Upgrade),
     /// Either of the first two, counted, with the access log line written when it ends.
     Logged(Box<Logged>),
+}
+
+impl ProxyBody {
+    /// An HTTP/1 server's fields as head lines ([`ResponseBody::raw_fields`]), for keel's HTTP/1
+    /// server to write after the response's own (then nearly empty) map.
+    pub fn raw_fields(&self) -> Option<&RawFields> {
+        match self {
+            ProxyBody::Upstream(b) => b.inner().raw_fields(),
+            ProxyBody::Logged(b) => b.inner.raw_fields(),
+            _ => None,
+        }
+    }
 }
 
 impl Body for ProxyBody {
@@ -523,6 +541,14 @@ impl HttpProxy {
         };
         // The target is the client's path and query, shared, not copied.
         let target = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        // A response nothing here edits, for keel's own HTTP/1 server (an HTTP/2 client's goes
+        // through hyper, which needs a map), comes back as the lines that server writes.
+        let passed_on =
+            !h2 && !upgrade && parts.version != Version::HTTP_2 && routed.sticky.is_none() && routed.rules.is_empty();
+        let fields = match passed_on {
+            true => ResponseFields::Raw { replaced: self.request_id.as_ref() },
+            false => ResponseFields::Map,
+        };
         let head = RequestHead {
             method: &parts.method,
             target: target.as_str(),
@@ -530,6 +556,7 @@ impl HttpProxy {
             framing,
             upgrade,
             forwarded,
+            fields,
         };
         let attempts = pool.config.retries.min(MAX_RETRIES) as usize + 1;
         let mut tried = [usize::MAX; MAX_RETRIES as usize + 1];
@@ -1269,6 +1296,11 @@ impl<B, G> Tracked<B, G> {
     /// Attaches `guard` to `inner`.
     pub fn new(inner: B, guard: G) -> Self {
         Tracked { inner, guard }
+    }
+
+    /// The body itself.
+    pub fn inner(&self) -> &B {
+        &self.inner
     }
 }
 

@@ -169,6 +169,7 @@ mod tests {
             framing: Framing::Empty,
             upgrade: false,
             forwarded: None,
+            fields: Default::default(),
         };
         let response = send(&up, &head, &mut Empty::new()).await.map_err(|e| chain(&e))?;
         let body = response.into_body().collect().await.map_err(|e| chain(&e))?.to_bytes();

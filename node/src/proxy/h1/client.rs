@@ -25,6 +25,9 @@
 //!   are left out of its header map at the parse when nothing unusual is among them
 //!   ([`ResponseBody::hop_by_hop_removed`]); a `Connection` naming other fields, or an upgrade,
 //!   leaves the head whole for the proxy's general strip.
+//! - A caller that passes the response on untouched to an HTTP/1 client asks for its fields as
+//!   head lines ([`ResponseFields::Raw`]): no `HeaderMap` is built for a usual head, and keel's
+//!   HTTP/1 server writes the lines after its own fields.
 //! - Timeouts each mean one thing: `connect_timeout` bounds TCP connect plus TLS handshake;
 //!   `response_timeout` starts once the whole request is written (a slow but legitimate upload
 //!   is bounded by the caller's body limits, not by it), and also bounds how long a write may
@@ -95,6 +98,37 @@ pub struct Upstream<'a> {
     pub connect_us: Option<&'a AtomicU64>,
 }
 
+/// How [`send`] hands the response's fields back.
+#[derive(Clone, Copy, Debug, Default)]
+pub enum ResponseFields<'a> {
+    /// In the response's `HeaderMap`.
+    #[default]
+    Map,
+    /// As the head lines an HTTP/1 client will get ([`ResponseBody::raw_fields`]), with the
+    /// response's `HeaderMap` left empty, when the head is a usual one (no repeated or
+    /// overridden length, no unusual hop-by-hop field, not a 101); any other head comes as a
+    /// map. For a caller that passes the fields on untouched to a client of keel's own HTTP/1
+    /// server: building and hashing a map only to encode it again was a sixth of a keep-alive
+    /// request's instructions. `replaced` names a field the caller sets itself (the request
+    /// id): the server's is left out, as an insert into the map would replace it.
+    Raw {
+        /// The field the caller sets in the (otherwise empty) map.
+        replaced: Option<&'a HeaderName>,
+    },
+}
+
+/// A response's fields as HTTP/1 head lines ([`ResponseFields::Raw`]): hop-by-hop fields left
+/// out, names in lower case (as a `HeaderName` writes them), values as the server sent them.
+#[derive(Debug)]
+pub struct RawFields {
+    /// `name: value\r\n` lines.
+    pub lines: Bytes,
+    /// A `Date` is among them.
+    pub date: bool,
+    /// The `Content-Length` among them.
+    pub length: Option<u64>,
+}
+
 /// The request as it goes on the wire, minus its body.
 pub struct RequestHead<'a> {
     /// The method.
@@ -116,6 +150,8 @@ pub struct RequestHead<'a> {
     /// [`Forwarded::add_to`] would have left them. Each name is custom, so adding them to
     /// the map hashed them byte by byte: 3 % of a keep-alive request's instructions.
     pub forwarded: Option<Forwarded<'a>>,
+    /// How the response's fields come back.
+    pub fields: ResponseFields<'a>,
 }
 
 /// Why an exchange failed, with the side that failed.
@@ -402,17 +438,19 @@ where
                 complete = false;
             }
         }
-        let read = tokio::time::timeout(up.response_timeout, read_head(&mut conn, head_request, head.upgrade)).await;
+        let read =
+            tokio::time::timeout(up.response_timeout, read_head(&mut conn, head_request, head.upgrade, head.fields))
+                .await;
         let outcome = match read {
             Err(_elapsed) if complete => return Err(SendError::Timeout { addr, waiting: "response head" }),
             Err(_elapsed) => Err(HeadError::Closed),
             Ok(outcome) => outcome,
         };
         match outcome {
-            Ok(response) => {
+            Ok(mut response) => {
                 let keep = response.keep && complete;
                 let home = Home { idle: up.idle.clone(), max_idle: up.max_idle };
-                let body = ResponseBody::new(conn, &response, keep, home);
+                let body = ResponseBody::new(conn, &mut response, keep, home);
                 return Ok(Response::from_parts(response.parts, body));
             }
             Err(HeadError::Closed) if retry(polled) => continue,
@@ -621,10 +659,17 @@ struct Head {
     upgraded: bool,
     /// Its hop-by-hop fields were left out of `parts.headers`.
     hop_free: bool,
+    /// Its fields as lines, `parts.headers` left empty ([`ResponseFields::Raw`]).
+    raw: Option<Box<RawFields>>,
 }
 
 /// Reads and parses the response head, skipping interim (1xx) responses.
-async fn read_head(conn: &mut Conn, head_request: bool, upgrade: bool) -> Result<Head, HeadError> {
+async fn read_head(
+    conn: &mut Conn,
+    head_request: bool,
+    upgrade: bool,
+    fields: ResponseFields<'_>,
+) -> Result<Head, HeadError> {
     loop {
         // An empty buffer (the usual case: a reused connection) has nothing to parse yet.
         if conn.buf.is_empty() {
@@ -634,7 +679,7 @@ async fn read_head(conn: &mut Conn, head_request: bool, upgrade: bool) -> Result
                 Err(e) => return Err(HeadError::Io(e)),
             }
         }
-        match parse_head(&mut conn.buf, head_request, upgrade)? {
+        match parse_head(&mut conn.buf, head_request, upgrade, fields)? {
             Some(Parsed::Interim(len)) => {
                 conn.buf.advance(len);
                 continue;
@@ -666,7 +711,12 @@ enum Parsed {
 /// Measured alone, sharing saved no instructions over a copy per value (reference counting
 /// costs about what the small allocations did); what made this parse cheaper was parsing once
 /// and into uninitialised slots.
-fn parse_head(buf: &mut BytesMut, head_request: bool, upgrade: bool) -> Result<Option<Parsed>, HeadError> {
+fn parse_head(
+    buf: &mut BytesMut,
+    head_request: bool,
+    upgrade: bool,
+    fields_as: ResponseFields<'_>,
+) -> Result<Option<Parsed>, HeadError> {
     // Uninitialised slots, as for requests: zeroing 128 of them cost more than the parse.
     let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
@@ -740,7 +790,44 @@ fn parse_head(buf: &mut BytesMut, head_request: bool, upgrade: bool) -> Result<O
             close = true;
         }
     }
+    let framing = if upgraded || head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED
+    {
+        Framing::Empty
+    } else if transfer_encoding {
+        // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length (dropped below), and a
+        // message that had both must not be followed by another on the same connection.
+        if length.is_some() {
+            close = true;
+        }
+        if chunked {
+            Framing::Chunked
+        } else {
+            close = true;
+            Framing::Close
+        }
+    } else {
+        match length {
+            Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+            None => {
+                close = true;
+                Framing::Close
+            }
+        }
+    };
+    let overridden_length = transfer_encoding && length.is_some();
     let head = buf.split_to(len).freeze();
+    let mut parts = Response::new(()).into_parts().0;
+    parts.status = status;
+    parts.version = version;
+    let keep = !close && !upgraded;
+    if let ResponseFields::Raw { replaced } = fields_as {
+        // Only a usual head: the others need the map's edits below.
+        if strip_here && !repeated_length && !overridden_length {
+            let raw = Some(Box::new(raw_fields(&head, &spans[..fields], hop, replaced, length)));
+            return Ok(Some(Parsed::Final(Head { parts, framing, keep, upgraded, hop_free: true, raw })));
+        }
+    }
     let skip = if strip_here { hop } else { 0 };
     let mut headers = HeaderMap::with_capacity(fields - skip.count_ones() as usize);
     for (i, &[ns, ne, vs, ve]) in spans[..fields].iter().enumerate() {
@@ -759,40 +846,42 @@ fn parse_head(buf: &mut BytesMut, head_request: bool, upgrade: bool) -> Result<O
             .map_err(|_| HeadError::Invalid("invalid header value"))?;
         headers.append(name, value);
     }
-    if let (true, false, Some(n)) = (repeated_length, transfer_encoding, length) {
+    if overridden_length {
+        headers.remove(header::CONTENT_LENGTH);
+    } else if let (true, Some(n)) = (repeated_length, length) {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
-    let framing = if upgraded || head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED
-    {
-        Framing::Empty
-    } else if transfer_encoding {
-        // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, and a message that had
-        // both must not be followed by another on the same connection.
-        if length.is_some() {
-            close = true;
-            headers.remove(header::CONTENT_LENGTH);
-        }
-        if chunked {
-            Framing::Chunked
-        } else {
-            close = true;
-            Framing::Close
-        }
-    } else {
-        match length {
-            Some(0) => Framing::Empty,
-            Some(n) => Framing::Length(n),
-            None => {
-                close = true;
-                Framing::Close
-            }
-        }
-    };
-    let mut parts = Response::new(()).into_parts().0;
-    parts.status = status;
-    parts.version = version;
     parts.headers = headers;
-    Ok(Some(Parsed::Final(Head { parts, framing, keep: !close && !upgraded, upgraded, hop_free: strip_here })))
+    Ok(Some(Parsed::Final(Head { parts, framing, keep, upgraded, hop_free: strip_here, raw: None })))
+}
+
+/// The lines of [`RawFields`]: each field of `spans` (name start and end, value start and end
+/// in `head`) but the hop-by-hop ones (bit i of `hop`: field i) and `replaced`.
+fn raw_fields(
+    head: &[u8],
+    spans: &[[u32; 4]],
+    hop: u128,
+    replaced: Option<&HeaderName>,
+    length: Option<u64>,
+) -> RawFields {
+    let mut lines = BytesMut::with_capacity(head.len());
+    let mut date = false;
+    for (i, &[ns, ne, vs, ve]) in spans.iter().enumerate() {
+        let (Some(name), Some(value)) = (head.get(ns as usize..ne as usize), head.get(vs as usize..ve as usize)) else {
+            continue;
+        };
+        if hop & (1 << i) != 0 || replaced.is_some_and(|r| name.eq_ignore_ascii_case(r.as_str().as_bytes())) {
+            continue;
+        }
+        date |= name.eq_ignore_ascii_case(b"date");
+        let start = lines.len();
+        lines.extend_from_slice(name);
+        lines[start..].make_ascii_lowercase();
+        lines.extend_from_slice(b": ");
+        lines.extend_from_slice(value);
+        lines.extend_from_slice(b"\r\n");
+    }
+    RawFields { lines: lines.freeze(), date, length }
 }
 
 /// Where a response's connection goes back to, and when it is too old to keep.
@@ -812,13 +901,17 @@ pub struct ResponseBody {
     upgraded: Option<Conn>,
     /// See [`ResponseBody::hop_by_hop_removed`].
     hop_free: bool,
+    /// See [`ResponseBody::raw_fields`]. Boxed: the body is moved through the request path
+    /// several times, and most of its size is needed only for this.
+    raw: Option<Box<RawFields>>,
 }
 
 impl ResponseBody {
-    fn new(conn: Conn, head: &Head, keep: bool, home: Home) -> Self {
+    fn new(conn: Conn, head: &mut Head, keep: bool, home: Home) -> Self {
         let (conn, upgraded) = if head.upgraded { (None, Some(conn)) } else { (Some(conn), None) };
         let decoder = Decoder::new(head.framing);
-        let mut body = ResponseBody { conn, decoder, keep, home, upgraded, hop_free: head.hop_free };
+        let (hop_free, raw) = (head.hop_free, head.raw.take());
+        let mut body = ResponseBody { conn, decoder, keep, home, upgraded, hop_free, raw };
         if body.decoder.is_done() {
             body.finish();
         }
@@ -835,6 +928,12 @@ impl ResponseBody {
     /// Then the proxy has nothing to strip.
     pub fn hop_by_hop_removed(&self) -> bool {
         self.hop_free
+    }
+
+    /// The response's fields as head lines, when they were asked for so
+    /// ([`ResponseFields::Raw`]) and the head was a usual one; its `HeaderMap` is then empty.
+    pub fn raw_fields(&self) -> Option<&RawFields> {
+        self.raw.as_deref()
     }
 
     /// For a 101 answering an upgrade request: the server connection, now carrying the new
@@ -935,7 +1034,7 @@ mod tests {
     use super::*;
 
     fn parse_head(raw: &[u8], head_request: bool, upgrade: bool) -> Result<Option<Parsed>, HeadError> {
-        super::parse_head(&mut BytesMut::from(raw), head_request, upgrade)
+        super::parse_head(&mut BytesMut::from(raw), head_request, upgrade, ResponseFields::Map)
     }
 
     fn parsed(raw: &[u8], head: bool) -> (http::response::Parts, Framing, bool) {
@@ -976,6 +1075,45 @@ mod tests {
             head_of(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", true);
         assert!(!head.hop_free && head.upgraded);
         assert!(head.parts.headers.contains_key(header::UPGRADE), "an upgrade keeps its pair");
+    }
+
+    fn raw_head(raw: &[u8], head_request: bool, replaced: Option<&HeaderName>) -> Head {
+        match super::parse_head(&mut BytesMut::from(raw), head_request, false, ResponseFields::Raw { replaced }) {
+            Ok(Some(Parsed::Final(h))) => h,
+            _ => panic!("not a final head"),
+        }
+    }
+
+    #[test]
+    fn raw_fields_are_the_lines_a_client_gets() {
+        let id = HeaderName::from_static("x-request-id");
+        let raw = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Thu, 03 Dec 2026 14:00:00 GMT\r\n\
+                    Content-Length: 2\r\nConnection: keep-alive\r\nX-Request-Id: theirs\r\nX-Empty:\r\n\r\nok";
+        let head = raw_head(raw, false, Some(&id));
+        assert!(head.parts.headers.is_empty());
+        let fields = head.raw.expect("a usual head comes as lines");
+        assert_eq!(
+            String::from_utf8_lossy(&fields.lines),
+            "server: nginx\r\ndate: Thu, 03 Dec 2026 14:00:00 GMT\r\ncontent-length: 2\r\nx-empty: \r\n",
+            "names in lower case, hop-by-hop fields and the caller's own field left out"
+        );
+        assert!(fields.date);
+        assert_eq!((fields.length, head.framing, head.keep), (Some(2), Framing::Length(2), true));
+        let head = raw_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false, None);
+        let fields = head.raw.expect("lines");
+        assert_eq!((&fields.lines[..], fields.date, fields.length), (&b""[..], false, None));
+        assert_eq!(head.framing, Framing::Chunked);
+        let head = raw_head(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n", true, None);
+        assert_eq!(head.framing, Framing::Empty, "a HEAD answer keeps its length line and has no body");
+        assert_eq!(&head.raw.expect("lines").lines[..], b"content-length: 7\r\n");
+        // Heads the map path edits come as a map.
+        for unusual in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nConnection: x-hop\r\nX-Hop: 1\r\nContent-Length: 0\r\n\r\n",
+        ] {
+            assert!(raw_head(unusual, false, None).raw.is_none(), "{}", String::from_utf8_lossy(unusual));
+        }
     }
 
     #[test]
@@ -1034,7 +1172,7 @@ mod tests {
     fn a_101_is_final_only_for_an_upgrade_request() {
         let raw = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nframes";
         let mut buf = BytesMut::from(&raw[..]);
-        match super::parse_head(&mut buf, false, true) {
+        match super::parse_head(&mut buf, false, true, ResponseFields::Map) {
             Ok(Some(Parsed::Final(h))) => {
                 assert_eq!(&buf[..], b"frames", "the head is split off the buffer");
                 assert!(h.upgraded && !h.keep && h.framing == Framing::Empty);
@@ -1053,7 +1191,7 @@ mod tests {
     }
 
     fn head<'a>(method: &'a Method, target: &'a str, headers: &'a HeaderMap, framing: Framing) -> RequestHead<'a> {
-        RequestHead { method, target, headers, framing, upgrade: false, forwarded: None }
+        RequestHead { method, target, headers, framing, upgrade: false, forwarded: None, fields: ResponseFields::Map }
     }
 
     #[test]

@@ -40,6 +40,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
+use super::client::RawFields;
 use super::codec::{self, poll_fill, Decoded, Decoder, Framing, Prefixed};
 use crate::proxy::error::plain_response;
 use crate::proxy::guard::{ConnActivity, GuardedIo};
@@ -369,17 +370,19 @@ where
 {
     let (mut parts, mut body) = resp.into_parts();
     let status = parts.status;
+    let raw = body.raw_fields();
     // keel's client passes a server's repeated length ("2, 2") on as one value; should a
     // length ever arrive unparsable anyway, it is dropped and the body decides.
-    let declared = match parts.headers.get(header::CONTENT_LENGTH) {
-        Some(v) => match codec::parse_content_length(v.as_bytes()) {
+    let declared = match (raw, parts.headers.get(header::CONTENT_LENGTH)) {
+        (Some(raw), _) => raw.length,
+        (None, Some(v)) => match codec::parse_content_length(v.as_bytes()) {
             Some(n) => Some(n),
             None => {
                 parts.headers.remove(header::CONTENT_LENGTH);
                 None
             }
         },
-        None => None,
+        (None, None) => None,
     };
     let bodyless = head_request
         || status.is_informational()
@@ -398,9 +401,18 @@ where
         keep = false;
         (Framing::Close, None)
     };
-    let mut out = BytesMut::with_capacity(256 + codec::encoded_len(&parts.headers));
-    encode_head(&mut out, status, &parts.headers, add, keep, version);
+    let raw_len = body.raw_fields().map_or(0, |r| r.lines.len());
+    let mut out = BytesMut::with_capacity(256 + codec::encoded_len(&parts.headers) + raw_len);
+    encode_head(&mut out, status, Fields { map: &parts.headers, raw: body.raw_fields() }, add, keep, version);
     codec::write_body(io, &mut out, &mut body, framing).await.map(drop)
+}
+
+/// A response's fields: its map, and the server's fields as lines when they came so (the map
+/// then holds only what keel set: the request id).
+#[derive(Clone, Copy)]
+struct Fields<'a> {
+    map: &'a HeaderMap,
+    raw: Option<&'a RawFields>,
 }
 
 /// The status line and headers, plus the framing header `add`, `Date` when absent, and the
@@ -409,23 +421,27 @@ where
 fn encode_head(
     out: &mut BytesMut,
     status: StatusCode,
-    headers: &HeaderMap,
+    fields: Fields<'_>,
     add: Option<Framing>,
     keep: bool,
     version: Version,
 ) {
+    let headers = fields.map;
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.extend_from_slice(b" ");
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     codec::encode_fields(out, headers);
+    if let Some(raw) = fields.raw {
+        out.extend_from_slice(&raw.lines);
+    }
     match add {
         Some(Framing::Length(n)) => out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes()),
         Some(Framing::Chunked) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         _ => {}
     }
-    if !headers.contains_key(header::DATE) {
+    if !headers.contains_key(header::DATE) && !fields.raw.is_some_and(|r| r.date) {
         out.extend_from_slice(b"date: ");
         codec::with_date(|date| out.extend_from_slice(date));
         out.extend_from_slice(b"\r\n");
@@ -457,7 +473,7 @@ where
         return Err(codec::WriteBodyError::Sink(io::Error::other("101 without an upgraded server connection")));
     };
     let mut out = BytesMut::with_capacity(256);
-    encode_head(&mut out, parts.status, &parts.headers, None, true, Version::HTTP_11);
+    encode_head(&mut out, parts.status, Fields { map: &parts.headers, raw: None }, None, true, Version::HTTP_11);
     codec::write_out(io, &mut out).await.map_err(codec::WriteBodyError::Sink)?;
     io.flush().await.map_err(codec::WriteBodyError::Sink)?;
     let mut client = Prefixed::new(io, buf.split().freeze());
@@ -528,7 +544,14 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         let mut out = BytesMut::new();
-        encode_head(&mut out, StatusCode::OK, &headers, Some(Framing::Length(2)), false, Version::HTTP_11);
+        encode_head(
+            &mut out,
+            StatusCode::OK,
+            Fields { map: &headers, raw: None },
+            Some(Framing::Length(2)),
+            false,
+            Version::HTTP_11,
+        );
         let text = String::from_utf8(out.to_vec()).expect("ascii");
         assert!(
             text.starts_with("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\ndate: "),
@@ -539,14 +562,50 @@ mod tests {
         headers.insert(header::DATE, HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"));
         let mut out = BytesMut::new();
         let status = StatusCode::from_u16(599).expect("code");
-        encode_head(&mut out, status, &headers, Some(Framing::Chunked), true, Version::HTTP_11);
+        encode_head(
+            &mut out,
+            status,
+            Fields { map: &headers, raw: None },
+            Some(Framing::Chunked),
+            true,
+            Version::HTTP_11,
+        );
         let text = String::from_utf8(out.to_vec()).expect("ascii");
         assert_eq!(
             text,
             "HTTP/1.1 599 \r\ncontent-type: text/plain\r\ndate: Thu, 01 Jan 1970 00:00:00 GMT\r\ntransfer-encoding: chunked\r\n\r\n"
         );
         let mut out = BytesMut::new();
-        encode_head(&mut out, StatusCode::OK, &headers, None, true, Version::HTTP_10);
+        encode_head(&mut out, StatusCode::OK, Fields { map: &headers, raw: None }, None, true, Version::HTTP_10);
         assert!(String::from_utf8_lossy(&out).ends_with("connection: keep-alive\r\n\r\n"));
+    }
+
+    #[test]
+    fn a_servers_fields_as_lines_follow_keels_own() {
+        let mut keel = HeaderMap::new();
+        keel.insert("x-request-id", HeaderValue::from_static("ours"));
+        let lines =
+            Bytes::from_static(b"server: nginx\r\ndate: Thu, 01 Jan 1970 00:00:00 GMT\r\ncontent-length: 2\r\n");
+        let raw = RawFields { lines, date: true, length: Some(2) };
+        let mut out = BytesMut::new();
+        encode_head(&mut out, StatusCode::OK, Fields { map: &keel, raw: Some(&raw) }, None, true, Version::HTTP_11);
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "HTTP/1.1 200 OK\r\nx-request-id: ours\r\nserver: nginx\r\ndate: Thu, 01 Jan 1970 00:00:00 GMT\r\n\
+             content-length: 2\r\n\r\n",
+            "no second Date, no framing line of keel's beside the server's length"
+        );
+        let raw = RawFields { lines: Bytes::new(), date: false, length: None };
+        let mut out = BytesMut::new();
+        encode_head(
+            &mut out,
+            StatusCode::OK,
+            Fields { map: &HeaderMap::new(), raw: Some(&raw) },
+            None,
+            false,
+            Version::HTTP_11,
+        );
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\ndate: ") && text.ends_with("connection: close\r\n\r\n"), "{text}");
     }
 }
