@@ -189,7 +189,12 @@ pub async fn serve(listener: HttpListener, graceful: Arc<Drainer>, mut stop: wat
                 tokio::spawn(Box::pin(async move {
                     // The handshake is bounded like a request head: a client that connects and
                     // never finishes it must not hold the connection.
-                    let tls = match tokio::time::timeout(ctx.deadlines.header_timeout, acceptor.accept(stream)).await {
+                    let tls = match tokio::time::timeout(
+                        ctx.deadlines.header_timeout,
+                        acceptor.accept(sock::SendStream(stream)),
+                    )
+                    .await
+                    {
                         Ok(Ok(tls)) => tls,
                         Ok(Err(e)) => {
                             tracing::debug!(target: "keel::tls", client = %peer, error = %e, "TLS handshake failed");
