@@ -9,8 +9,8 @@
 //! a server's RST_STREAM reaching the client with the server's reason, a server killed
 //! mid-stream failing only its own calls and leaving rotation (gRPC health check),
 //! `grpc-timeout` beating a longer `response_timeout`, a gRPC call over HTTP/1.1 refused with
-//! 415, the access log's `grpc_status`, plain HTTP over an h2c pool, and `keel config check`
-//! naming a bad `protocol`.
+//! 415, the access log's `grpc_status`, plain HTTP over an h2c pool, a server's burst of small
+//! DATA frames passed on whole, and `keel config check` naming a bad `protocol`.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -395,5 +395,66 @@ fn config_check_names_a_bad_protocol_and_h2_without_tls() -> Result<()> {
         ensure!(out.status.code() == Some(1), "{line}: exit {:?}; stderr:\n{stderr}", out.status.code());
         ensure!(words.iter().all(|w| stderr.contains(w)), "{line}: stderr lacks {words:?}:\n{stderr}");
     }
+    Ok(())
+}
+
+/// An h2c server that answers every stream with `frames` gRPC messages of two bytes, each in
+/// its own DATA frame and all in one burst, then `grpc-status: 0`; returns its address.
+async fn small_frame_server(frames: usize) -> Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else { return };
+                while let Some(Ok((_request, mut respond))) = conn.accept().await {
+                    let head = http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(())
+                        .unwrap_or_default();
+                    let Ok(mut send) = respond.send_response(head, false) else { continue };
+                    for _ in 0..frames {
+                        let _ = send.send_data(Bytes::from_static(b"\0\0\0\0\x02ok"), false);
+                    }
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    let _ = send.send_trailers(trailers);
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// A server streaming many small messages at once: their DATA frames reach keel many to a
+/// read, faster than the call's task forwards them, and wait in keel's HTTP/2 client
+/// meanwhile. That is a busy server, not a flood (the `h2` crate's default allowance for
+/// small frames is ≈ 130 per connection, which closed the connection with
+/// ENHANCE_YOUR_CALM): every message comes through and the server is not blamed.
+#[tokio::test]
+async fn a_burst_of_small_data_frames_from_a_server_comes_through_whole() -> Result<()> {
+    const N: usize = 2000;
+    let addr = small_frame_server(N).await?;
+    let keel = Keel::builder()
+        .default_pool("grpc")
+        .pool(PoolSpec::new("grpc", "round_robin").set("protocol = \"h2c\"").server("s", addr, None))
+        .start()
+        .await?;
+    let mut client = GrpcClient::h2c(keel.proxy_addr()).await?;
+    for call in 0..3 {
+        let mut stream = client.count("1").await?.map_err(|s| anyhow::anyhow!("call {call} failed: {s:?}"))?;
+        let mut got = 0;
+        while let Some(m) = tokio::time::timeout(REQUEST, next_text(&mut stream))
+            .await
+            .context("the stream stalled")?
+            .map_err(|s| anyhow::anyhow!("call {call} broke after {got} messages: {s:?}"))?
+        {
+            ensure!(m == "ok", "message {got} was {m:?}");
+            got += 1;
+        }
+        ensure!(got == N, "call {call}: {got} of {N} messages");
+    }
+    let status = keel.server_status("grpc", "s").await?;
+    ensure!(status["broken"].as_u64() == Some(0), "the server was blamed: {status}");
     Ok(())
 }

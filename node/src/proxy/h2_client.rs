@@ -33,6 +33,9 @@
 //!   (nothing was sent); a stream reset or a connection lost before the response head →
 //!   [`SendError::Empty`]; no head in time → [`SendError::Timeout`]; the client's body failing →
 //!   [`SendError::RequestBody`].
+//! - **Small frames.** The `h2` crate closes a connection on which small DATA frames pile up
+//!   unread (a flood defence); keel allows a busy gRPC server's bursts
+//!   ([`SMALL_FRAME_BUDGET`]), not only the crate's default.
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -64,6 +67,17 @@ pub const MAX_CONNS_PER_SERVER: usize = 4;
 /// Streams assumed per connection before the server's SETTINGS arrive (RFC 9113 leaves it
 /// unlimited; 100 is what it recommends as a minimum for servers to allow).
 const INITIAL_MAX_STREAMS: usize = 100;
+
+/// How many small DATA frames (counted as 256 bytes less their payload each) may wait in a
+/// connection's receive queues before the `h2` crate takes the server for a flood and closes
+/// the connection with ENHANCE_YOUR_CALM. Its default, half the 64 KiB connection window, is
+/// ≈ 130 frames of a gRPC-sized message: a busy server answering a few hundred unary calls at
+/// once (each answer a small non-final DATA frame before its trailers) or streaming small
+/// messages in one burst crossed it whenever the streams' tasks were behind the connection's
+/// reader, and every stream on the connection failed with the server blamed. 1 MiB admits
+/// ≈ 4,000 waiting frames; the payload they carry stays bounded by the window, and a server
+/// that floods past it still loses the connection.
+const SMALL_FRAME_BUDGET: usize = 1 << 20;
 
 /// A request body keel owns outright: pumped by its own task, so it can outlive the request
 /// path's future (a gRPC stream keeps sending after the response head).
@@ -284,6 +298,7 @@ where
     let (send, mut connection) = h2::client::Builder::new()
         // Keel never accepts pushed streams: a server push has no client to go to.
         .enable_push(false)
+        .data_frame_budget(SMALL_FRAME_BUDGET)
         .handshake::<_, Bytes>(io)
         .await
         .map_err(io::Error::other)?;
