@@ -401,9 +401,9 @@ where
         keep = false;
         (Framing::Close, None)
     };
-    let raw_len = body.raw_fields().map_or(0, |r| r.lines.len());
+    let raw_len = raw.map_or(0, |r| r.lines.len());
     let mut out = BytesMut::with_capacity(256 + codec::encoded_len(&parts.headers) + raw_len);
-    encode_head(&mut out, status, Fields { map: &parts.headers, raw: body.raw_fields() }, add, keep, version);
+    encode_head(&mut out, status, Fields { map: &parts.headers, raw }, add, keep, version);
     codec::write_body(io, &mut out, &mut body, framing).await.map(drop)
 }
 
