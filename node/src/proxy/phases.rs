@@ -504,9 +504,11 @@ impl HttpProxy {
             Some(b) => b.size_hint().exact().map_or(Framing::Chunked, Framing::Length),
         };
         let request_id = self.request_id.as_ref().and_then(|name| parts.headers.get(name)).cloned();
-        // A sticky policy may read any request header, so it sees them all in the map.
-        let defer = !h2 && routed.sticky.is_none();
-        let forwarded = rewrite_request(&mut parts, routed, peer, self.proto, upgrade, request_id.as_ref(), defer);
+        // Nothing after the rewrite reads or edits the headers (a sticky policy may read any
+        // request header, header rules any field) and the pool speaks HTTP/1: then no map is
+        // built only to be encoded again, on either side (module doc, phase 7).
+        let untouched = !h2 && routed.sticky.is_none() && routed.rules.is_empty();
+        let forwarded = rewrite_request(&mut parts, routed, peer, self.proto, upgrade, request_id.as_ref(), untouched);
         if te_trailers {
             parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
         }
@@ -541,10 +543,9 @@ impl HttpProxy {
         };
         // The target is the client's path and query, shared, not copied.
         let target = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-        // A response nothing here edits, for keel's own HTTP/1 server (an HTTP/2 client's goes
-        // through hyper, which needs a map), comes back as the lines that server writes.
-        let passed_on =
-            !h2 && !upgrade && parts.version != Version::HTTP_2 && routed.sticky.is_none() && routed.rules.is_empty();
+        // The response goes to keel's own HTTP/1 server as the lines it writes (an HTTP/2
+        // client's goes through hyper, which needs a map; a 101 is a tunnel's).
+        let passed_on = untouched && !upgrade && parts.version != Version::HTTP_2;
         let fields = match passed_on {
             true => ResponseFields::Raw { replaced: self.request_id.as_ref() },
             false => ResponseFields::Map,
@@ -829,7 +830,7 @@ fn choose(pool: &Pool, bound: Option<usize>, hash: u64, attempt: usize, tried: &
 /// With `defer`, `X-Forwarded-*` are not added to the map but returned, for keel's HTTP/1
 /// client to write with the head ([`RequestHead::forwarded`]): the caller passes it only when
 /// nothing reads the headers after this (no header rules, no sticky policy) and the pool
-/// speaks HTTP/1.
+/// speaks HTTP/1, so no rule here runs either.
 fn rewrite_request<'a>(
     parts: &mut http::request::Parts,
     routed: &'a Routed,
@@ -847,7 +848,8 @@ fn rewrite_request<'a>(
         headers::join_cookie_crumbs(&mut parts.headers);
     }
     let forwarded = Forwarded { client: &peer.forwarded_for, proto, host: authority };
-    let deferred = (defer && routed.rules.is_empty()).then_some(forwarded);
+    debug_assert!(!defer || routed.rules.is_empty(), "rules would not see X-Forwarded-*");
+    let deferred = defer.then_some(forwarded);
     if deferred.is_none() {
         forwarded.add_to(&mut parts.headers);
     }
